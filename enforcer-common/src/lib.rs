@@ -1,0 +1,176 @@
+//! Kernel-visible layouts shared by the TC programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]`, padded explicitly and `Pod`, so the bytes
+//! the daemon writes into a map are exactly the bytes the program reads.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// IP protocol numbers the datapath matches on.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Names of the pinned maps (under the bpffs directory) and programs.
+pub const MAP_RULES: &str = "ENFORCER_RULES";
+pub const MAP_SLOTS: &str = "ENFORCER_SLOTS";
+pub const MAP_COUNTERS: &str = "ENFORCER_COUNTERS";
+pub const MAP_ROUTERS: &str = "ENFORCER_ROUTERS";
+pub const PROG_TAG: &str = "tag";
+pub const PROG_ENFORCE: &str = "enforce";
+/// Name of the load-time global that carries the mark layout.
+pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";
+
+/// Default capacity of the rules map (all routers together). The map is not
+/// preallocated, so capacity costs only its bucket array until used.
+pub const DEFAULT_MAX_RULES: u32 = 1 << 20;
+/// Slot 0 means "no slot" in a mark, so a router has `u16::MAX` usable slots.
+pub const MAX_SLOT: u32 = u16::MAX as u32;
+
+/// A router is identified in the kernel by its network namespace cookie:
+/// one program serves every router and finds the router with one helper call.
+pub type NetnsCookie = u64;
+
+/// Key of the rules map: which (router, protocol, destination port) is allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RuleKey {
+    pub netns: NetnsCookie,
+    /// Destination port in host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+impl RuleKey {
+    pub const fn new(netns: NetnsCookie, proto: u8, port: u16) -> Self {
+        Self { netns, port, proto, _pad: [0; 5] }
+    }
+}
+
+/// Value of the rules map: what the tag carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RuleValue {
+    /// Rule slot, unique per router, 1..=MAX_SLOT.
+    pub slot: u16,
+    /// Catalogue id of the helper (1..=15).
+    pub helper: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Key of the slots and counters maps: one rule slot of one router.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SlotKey {
+    pub netns: NetnsCookie,
+    pub slot: u32,
+    pub _pad: u32,
+}
+
+impl SlotKey {
+    pub const fn new(netns: NetnsCookie, slot: u32) -> Self {
+        Self { netns, slot, _pad: 0 }
+    }
+}
+
+/// Value of the slots map. Presence means "live": the egress program drops
+/// every packet whose mark names a slot that is absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SlotValue {
+    pub helper: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Per-CPU counters of one rule slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    /// Packets the ingress program tagged for this rule.
+    pub tagged: u64,
+    /// Packets the egress program dropped because the slot was revoked.
+    pub dropped: u64,
+}
+
+/// Value of the routers map: which router a namespace cookie belongs to.
+/// The datapath does not read it; it lets `maps dump` name routers while
+/// the daemon is down.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RouterValue {
+    /// The router's UUID, big-endian bytes.
+    pub id: [u8; 16],
+}
+
+/// Where the helper id and the rule slot live in `skb->mark` (and ct mark).
+/// Both fields are contiguous bit ranges; every write keeps the other bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct MarkLayout {
+    pub helper_mask: u32,
+    pub helper_shift: u32,
+    pub slot_mask: u32,
+    pub slot_shift: u32,
+}
+
+impl MarkLayout {
+    /// Helper id in bits 28-31, slot in bits 12-27; bits 0-11 stay free.
+    pub const DEFAULT: MarkLayout = MarkLayout::from_masks(0xf000_0000, 0x0fff_f000);
+
+    pub const fn from_masks(helper_mask: u32, slot_mask: u32) -> Self {
+        Self {
+            helper_mask,
+            helper_shift: helper_mask.trailing_zeros() % 32,
+            slot_mask,
+            slot_shift: slot_mask.trailing_zeros() % 32,
+        }
+    }
+
+    /// Both masks together: the bits this project owns.
+    #[inline(always)]
+    pub const fn mask(&self) -> u32 {
+        self.helper_mask | self.slot_mask
+    }
+
+    /// The mark value for (helper, slot), within `mask()`.
+    #[inline(always)]
+    pub const fn encode(&self, helper: u8, slot: u32) -> u32 {
+        (((helper as u32) << self.helper_shift) & self.helper_mask)
+            | ((slot << self.slot_shift) & self.slot_mask)
+    }
+
+    /// `mark` with our bits replaced by the tag, every other bit kept.
+    #[inline(always)]
+    pub const fn tag(&self, mark: u32, helper: u8, slot: u32) -> u32 {
+        (mark & !self.mask()) | self.encode(helper, slot)
+    }
+
+    #[inline(always)]
+    pub const fn slot(&self, mark: u32) -> u32 {
+        (mark & self.slot_mask) >> self.slot_shift
+    }
+
+    #[inline(always)]
+    pub const fn helper(&self, mark: u32) -> u8 {
+        ((mark & self.helper_mask) >> self.helper_shift) as u8
+    }
+}
+
+impl Default for MarkLayout {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), explicitly padded plain data.
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for RuleValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for SlotValue {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for RouterValue {}
+    unsafe impl aya::Pod for MarkLayout {}
+}

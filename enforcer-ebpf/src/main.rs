@@ -1,0 +1,105 @@
+//! TC programs of enforcer.
+//!
+//! `tag` (ingress) writes the helper id and rule slot of an allowed
+//! (router, protocol, destination port) into `skb->mark`; the netfilter glue
+//! turns that into the helper and saves it in the conntrack mark, which
+//! RELATED connections inherit. `enforce` (egress) drops every packet whose
+//! mark names a rule slot that is no longer live: deleting the slot revokes
+//! the control connection and every data connection it opened.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_get_netns_cookie,
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuHashMap},
+    programs::TcContext,
+};
+use enforcer_common::{
+    Counters, DEFAULT_MAX_RULES, MarkLayout, NetnsCookie, RouterValue, RuleKey, RuleValue,
+    SlotKey, SlotValue,
+};
+
+/// BPF_F_NO_PREALLOC: entries cost memory only when they exist.
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "ENFORCER_RULES")]
+static RULES: HashMap<RuleKey, RuleValue> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
+
+#[map(name = "ENFORCER_SLOTS")]
+static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
+
+#[map(name = "ENFORCER_COUNTERS")]
+static COUNTERS: PerCpuHashMap<SlotKey, Counters> =
+    PerCpuHashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
+
+/// Not read here: lets userspace name the router of a cookie from the pins.
+#[map(name = "ENFORCER_ROUTERS")]
+static ROUTERS: HashMap<NetnsCookie, RouterValue> = HashMap::pinned(65536, NO_PREALLOC);
+
+/// Set by the loader (`EbpfLoader::set_global`); read-only, so the verifier
+/// sees constants.
+#[unsafe(no_mangle)]
+static MARK_LAYOUT: MarkLayout = MarkLayout::DEFAULT;
+
+#[inline(always)]
+fn layout() -> MarkLayout {
+    // Volatile: keep the compiler from folding the default in.
+    unsafe { core::ptr::read_volatile(&MARK_LAYOUT) }
+}
+
+#[inline(always)]
+fn netns(ctx: &TcContext) -> NetnsCookie {
+    unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut _) }
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+#[inline(always)]
+fn count(key: &SlotKey, f: impl FnOnce(&mut Counters)) {
+    if let Some(c) = COUNTERS.get_ptr_mut(key) {
+        // Per-CPU value: no other writer.
+        f(unsafe { &mut *c });
+    }
+}
+
+#[classifier]
+pub fn tag(ctx: TcContext) -> i32 {
+    let Some(flow) = parse::flow(&ctx) else {
+        return TC_ACT_OK;
+    };
+    let netns = netns(&ctx);
+    let key = RuleKey::new(netns, flow.proto, flow.dport);
+    if let Some(rule) = unsafe { RULES.get(&key) } {
+        let layout = layout();
+        ctx.set_mark(layout.tag(mark(&ctx), rule.helper, rule.slot as u32));
+        count(&SlotKey::new(netns, rule.slot as u32), |c| c.tagged += 1);
+    }
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn enforce(ctx: TcContext) -> i32 {
+    let slot = layout().slot(mark(&ctx));
+    if slot == 0 {
+        return TC_ACT_OK;
+    }
+    let key = SlotKey::new(netns(&ctx), slot);
+    if unsafe { SLOTS.get(&key) }.is_some() {
+        return TC_ACT_OK;
+    }
+    count(&key, |c| c.dropped += 1);
+    TC_ACT_SHOT
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

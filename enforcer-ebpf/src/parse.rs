@@ -1,0 +1,123 @@
+//! The one packet parser both programs share.
+//!
+//! It reads through `bpf_skb_load_bytes` (`TcContext::load`), so it works on
+//! non-linear skbs and every read is bounds-checked by the kernel. Anything it
+//! does not fully understand yields `None`: the packet is then left untouched,
+//! never mis-tagged.
+
+use aya_ebpf::programs::TcContext;
+use enforcer_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_HLEN: usize = 4;
+
+const IPV6_HLEN: usize = 40;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked before giving up (the verifier needs a bound).
+const MAX_EXT_HEADERS: usize = 6;
+
+/// What the rule lookup needs from a packet.
+pub struct Flow {
+    pub proto: u8,
+    /// Destination port, host byte order.
+    pub dport: u16,
+}
+
+#[inline(always)]
+fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
+    ctx.load::<u16>(off).ok().map(u16::from_be)
+}
+
+#[inline(always)]
+fn byte(ctx: &TcContext, off: usize) -> Option<u8> {
+    ctx.load::<u8>(off).ok()
+}
+
+/// Parses Ethernet (with up to two VLAN tags), IPv4 or IPv6, TCP or UDP.
+#[inline(always)]
+pub fn flow(ctx: &TcContext) -> Option<Flow> {
+    let mut off = ETH_HLEN;
+    let mut proto = be16(ctx, 12)?;
+    // In-band VLAN tags (most drivers strip them into skb->vlan_tci, but a
+    // frame may still carry them, e.g. stacked QinQ).
+    for _ in 0..2 {
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            proto = be16(ctx, off + 2)?;
+            off += VLAN_HLEN;
+        }
+    }
+    let (l4proto, l4off) = match proto {
+        ETH_P_IP => ipv4(ctx, off)?,
+        ETH_P_IPV6 => ipv6(ctx, off)?,
+        _ => return None,
+    };
+    if l4proto != IPPROTO_TCP && l4proto != IPPROTO_UDP {
+        return None;
+    }
+    // Destination port sits at offset 2 for both TCP and UDP; reading the full
+    // 4 bytes of ports proves the header is not truncated there.
+    let ports = ctx.load::<u32>(l4off).ok()?;
+    let dport = u16::from_be((ports >> 16) as u16);
+    Some(Flow { proto: l4proto, dport })
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, off: usize) -> Option<(u8, usize)> {
+    let vihl = byte(ctx, off)?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    // Non-first fragments carry no L4 header: never tag them.
+    let frag = be16(ctx, off + 6)?;
+    if frag & 0x1fff != 0 {
+        return None;
+    }
+    let proto = byte(ctx, off + 9)?;
+    Some((proto, off + ihl))
+}
+
+#[inline(always)]
+fn ipv6(ctx: &TcContext, off: usize) -> Option<(u8, usize)> {
+    if byte(ctx, off)? >> 4 != 6 {
+        return None;
+    }
+    let mut next = byte(ctx, off + 6)?;
+    let mut off = off + IPV6_HLEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let len = (byte(ctx, off + 1)? as usize + 1) * 8;
+                next = byte(ctx, off)?;
+                off += len;
+            }
+            NEXTHDR_FRAGMENT => {
+                // Offset in the upper 13 bits: only the first fragment has ports.
+                if be16(ctx, off + 2)? & 0xfff8 != 0 {
+                    return None;
+                }
+                next = byte(ctx, off)?;
+                off += 8;
+            }
+            NEXTHDR_AUTH => {
+                let len = (byte(ctx, off + 1)? as usize + 2) * 4;
+                next = byte(ctx, off)?;
+                off += len;
+            }
+            _ => return Some((next, off)),
+        }
+    }
+    // Too many extension headers: do not guess.
+    None
+}
