@@ -1,0 +1,262 @@
+//! The control API shared by the daemon and the CLI: one JSON request per
+//! line on a Unix socket, one JSON response per line back.
+//!
+//! Field names follow Neutron's conntrack_helper resource (`id`, `router_id`,
+//! `project_id`, `protocol`, `port`, `helper`). Unknown fields are refused.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Default socket path; `--socket` or `ENFORCER_SOCKET` change it.
+pub const DEFAULT_SOCKET: &str = "/run/enforcer/enforcer.sock";
+/// Requests larger than this are refused before parsing.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => enforcer_common::IPPROTO_TCP,
+            Protocol::Udp => enforcer_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            enforcer_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            enforcer_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A router: a network namespace whose interfaces carry the TC programs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Router {
+    pub id: String,
+    pub project_id: String,
+    pub netns: String,
+    /// Interfaces the programs are attached to (runtime, not stored).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+}
+
+/// A conntrack helper rule of one router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Helper {
+    pub id: String,
+    pub router_id: String,
+    pub project_id: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub helper: String,
+}
+
+/// Requests, tagged by `op`. Values arrive as JSON strings and numbers and are
+/// validated by the daemon (`validate`), never trusted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    RouterAdd {
+        router_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        project_id: Option<String>,
+    },
+    RouterRemove {
+        router_id: String,
+    },
+    RouterList {},
+    HelperCreate {
+        router_id: String,
+        protocol: String,
+        port: i64,
+        helper: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        project_id: Option<String>,
+    },
+    HelperUpdate {
+        router_id: String,
+        helper_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        helper: Option<String>,
+    },
+    HelperDelete {
+        router_id: String,
+        helper_id: String,
+    },
+    HelperList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        router_id: Option<String>,
+    },
+    HelperShow {
+        router_id: String,
+        helper_id: String,
+    },
+}
+
+/// Stable error codes: scripts match on these, not on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    Conflict,
+    BadRequest,
+    Exhausted,
+    Kernel,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The field the error is about, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), field: None }
+    }
+
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::InvalidArgument, message: message.into(), field: Some(field.into()) }
+    }
+
+    pub fn not_found(what: &str, id: &str) -> Self {
+        Self::new(ErrorCode::NotFound, format!("{what} {id:?} not found"))
+    }
+
+    pub fn kernel(err: impl fmt::Display) -> Self {
+        Self::new(ErrorCode::Kernel, format!("kernel: {err:#}"))
+    }
+
+    pub fn internal(err: impl fmt::Display) -> Self {
+        Self::new(ErrorCode::Internal, format!("internal: {err:#}"))
+    }
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Router(Router),
+    Routers(Vec<Router>),
+    Helper(Helper),
+    Helpers(Vec<Helper>),
+    Done {},
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(Reply),
+    Error(ApiError),
+}
+
+impl From<Result<Reply, ApiError>> for Response {
+    fn from(r: Result<Reply, ApiError>) -> Self {
+        match r {
+            Ok(v) => Response::Ok(v),
+            Err(e) => Response::Error(e),
+        }
+    }
+}
+
+impl From<Response> for Result<Reply, ApiError> {
+    fn from(r: Response) -> Self {
+        match r {
+            Response::Ok(v) => Ok(v),
+            Response::Error(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_with_neutron_field_names() {
+        let req = Request::HelperCreate {
+            router_id: "r".into(),
+            protocol: "tcp".into(),
+            port: 21,
+            helper: "ftp".into(),
+            id: None,
+            project_id: Some("p".into()),
+        };
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"helper_create","router_id":"r","protocol":"tcp","port":21,"helper":"ftp","project_id":"p"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"router_list","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"drop_tables"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"helper_delete","router_id":"r","helper_id":"h","slot":3}"#)
+                .is_err(),
+            "slots are internal and never accepted"
+        );
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let ok = Response::Ok(Reply::Done {});
+        assert_eq!(serde_json::to_string(&ok).unwrap(), r#"{"ok":{}}"#);
+        let err = Response::Error(ApiError::invalid("port", "bad"));
+        let text = serde_json::to_string(&err).unwrap();
+        assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), err);
+        let helper = Helper {
+            id: "i".into(),
+            router_id: "r".into(),
+            project_id: "p".into(),
+            protocol: Protocol::Udp,
+            port: 69,
+            helper: "tftp".into(),
+        };
+        let text = serde_json::to_string(&Response::Ok(Reply::Helper(helper.clone()))).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Response>(&text).unwrap(),
+            Response::Ok(Reply::Helper(helper))
+        );
+    }
+}

@@ -1,0 +1,228 @@
+//! The `enforcer` command line: the daemon, and a client for its API.
+
+mod table;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use enforcer::{
+    api::{ApiError, DEFAULT_SOCKET, Request},
+    client,
+    config::Config,
+    daemon::{self, Daemon},
+    kernel::{self, dump},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "enforcer",
+    version,
+    about = "Conntrack helpers per router, enforced by eBPF in the kernel fast path",
+    long_about = "Enables netfilter conntrack helpers (ftp, tftp, sip, ...) per router, protocol and port. \
+A TC program on every router interface tags allowed flows; deleting a helper revokes it at once, \
+including the data connections it opened. Run `enforcer daemon` as root; the other commands talk to it."
+)]
+pub struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "ENFORCER_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (as root): load the programs, serve the API.
+    Daemon(DaemonArgs),
+    /// Manage routers (network namespaces whose interfaces are enforced).
+    #[command(subcommand)]
+    Router(RouterCmd),
+    /// Manage conntrack helper rules of routers.
+    #[command(subcommand)]
+    Helper(HelperCmd),
+    /// Inspect the kernel maps directly (works while the daemon is down).
+    #[command(subcommand)]
+    Maps(MapsCmd),
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    /// bpffs directory of the pinned maps [default: /sys/fs/bpf/enforcer].
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    /// Directory of the store [default: /var/lib/enforcer].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// TOML configuration file (socket, bpffs, state_dir, helper_mask, slot_mask, max_rules).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, Default)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum RouterCmd {
+    /// Start enforcing a router: install the glue, attach the programs.
+    Add {
+        /// Router UUID.
+        router_id: String,
+        /// Network namespace of the router [default: qrouter-ROUTER_ID].
+        #[arg(long)]
+        netns: Option<String>,
+        /// Project owning the router [default: default].
+        #[arg(long = "project")]
+        project_id: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Stop enforcing a router: revoke its helpers, detach, remove the glue.
+    Remove { router_id: String },
+    /// List routers.
+    List {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum HelperCmd {
+    /// Enable a helper for (protocol, port) on a router.
+    Create {
+        router_id: String,
+        /// tcp or udp.
+        #[arg(long)]
+        protocol: String,
+        /// Destination port of the control connection, 1-65535.
+        #[arg(long)]
+        port: i64,
+        /// Kernel helper name: ftp, tftp, sip, sane, amanda, Q.931, RAS, irc, pptp, snmp, netbios-ns.
+        #[arg(long)]
+        helper: String,
+        /// Helper UUID (administrators only; generated when absent).
+        #[arg(long)]
+        id: Option<String>,
+        /// Project [default: the router's].
+        #[arg(long = "project")]
+        project_id: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Change a helper; the old tuple's flows are revoked.
+    Update {
+        router_id: String,
+        helper_id: String,
+        #[arg(long)]
+        protocol: Option<String>,
+        #[arg(long)]
+        port: Option<i64>,
+        #[arg(long)]
+        helper: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete a helper; returns once the kernel no longer forwards its flows.
+    Delete { router_id: String, helper_id: String },
+    /// List helpers, of one router or of all.
+    List {
+        router_id: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one helper.
+    Show {
+        router_id: String,
+        helper_id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum MapsCmd {
+    /// Print every rule slot with its state and counters.
+    Dump {
+        /// bpffs directory of the pinned maps.
+        #[arg(long, default_value = kernel::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+/// Exit status of a refused request.
+pub const EXIT_REFUSED: i32 = 1;
+/// Exit status of a failure to reach the daemon or the kernel.
+pub const EXIT_FAILED: i32 = 2;
+
+pub fn run(cli: Cli) -> Result<i32> {
+    let (request, output) = match cli.command {
+        Command::Daemon(args) => return run_daemon(args, cli.socket).map(|_| 0),
+        Command::Maps(MapsCmd::Dump { bpffs, output }) => {
+            let dump = dump::read(&bpffs)?;
+            table::print_dump(&dump, output)?;
+            return Ok(0);
+        }
+        Command::Router(cmd) => match cmd {
+            RouterCmd::Add { router_id, netns, project_id, output } => {
+                (Request::RouterAdd { router_id, netns, project_id }, output)
+            }
+            RouterCmd::Remove { router_id } => (Request::RouterRemove { router_id }, Output::Table),
+            RouterCmd::List { output } => (Request::RouterList {}, output),
+        },
+        Command::Helper(cmd) => match cmd {
+            HelperCmd::Create { router_id, protocol, port, helper, id, project_id, output } => {
+                (Request::HelperCreate { router_id, protocol, port, helper, id, project_id }, output)
+            }
+            HelperCmd::Update { router_id, helper_id, protocol, port, helper, output } => {
+                (Request::HelperUpdate { router_id, helper_id, protocol, port, helper }, output)
+            }
+            HelperCmd::Delete { router_id, helper_id } => (Request::HelperDelete { router_id, helper_id }, Output::Table),
+            HelperCmd::List { router_id, output } => (Request::HelperList { router_id }, output),
+            HelperCmd::Show { router_id, helper_id, output } => (Request::HelperShow { router_id, helper_id }, output),
+        },
+    };
+    match client::call(&cli.socket, &request)? {
+        Ok(reply) => {
+            table::print_reply(&reply, output)?;
+            Ok(0)
+        }
+        Err(err) => {
+            print_error(&err, output);
+            Ok(EXIT_REFUSED)
+        }
+    }
+}
+
+fn print_error(err: &ApiError, output: Output) {
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "error": err })),
+        Output::Table => eprintln!("error ({}): {}", serde_json::to_value(err.code).unwrap_or_default().as_str().unwrap_or("error"), err.message),
+    }
+}
+
+fn run_daemon(args: DaemonArgs, socket: PathBuf) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    // Flags win over the file; the socket flag always has a value.
+    config.socket = socket;
+    if let Some(b) = args.bpffs {
+        config.bpffs = b;
+    }
+    if let Some(s) = args.state_dir {
+        config.state_dir = s;
+    }
+    let socket = config.socket.clone();
+    let daemon = Daemon::start(config).context("starting the daemon")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(daemon::serve(daemon, &socket))
+}
+

@@ -1,0 +1,26 @@
+//! The CLI's side of the control API.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+
+use crate::api::{ApiError, Reply, Request, Response};
+
+/// Sends one request and waits for its response. The outer error is a
+/// transport failure; the inner one is the daemon's answer.
+pub fn call(socket: &Path, req: &Request) -> Result<Result<Reply, ApiError>> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the daemon at {} (is `enforcer daemon` running?)", socket.display()))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).context("reading the daemon's answer")?;
+    let response: Response = serde_json::from_str(&answer).with_context(|| format!("bad answer from daemon: {answer:?}"))?;
+    Ok(response.into())
+}

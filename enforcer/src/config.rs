@@ -1,0 +1,107 @@
+//! Daemon configuration: a TOML file (`--config`), overridden by flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use enforcer_common::{DEFAULT_MAX_RULES, MarkLayout};
+use serde::Deserialize;
+
+use crate::catalogue::CATALOGUE;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub bpffs: PathBuf,
+    pub state_dir: PathBuf,
+    /// Bits of skb->mark / ct mark that carry the helper id (contiguous).
+    pub helper_mask: u32,
+    /// Bits that carry the rule slot (contiguous, at least 12 bits).
+    pub slot_mask: u32,
+    /// Capacity of the rules map, all routers together.
+    pub max_rules: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
+            bpffs: PathBuf::from(crate::kernel::DEFAULT_BPFFS),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            helper_mask: MarkLayout::DEFAULT.helper_mask,
+            slot_mask: MarkLayout::DEFAULT.slot_mask,
+            max_rules: DEFAULT_MAX_RULES,
+        }
+    }
+}
+
+fn contiguous(mask: u32) -> bool {
+    let run = (mask as u64) >> mask.trailing_zeros();
+    mask != 0 && run & (run + 1) == 0
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: Config = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The mark layout, checked: contiguous, disjoint, wide enough.
+    pub fn layout(&self) -> Result<MarkLayout> {
+        let (h, s) = (self.helper_mask, self.slot_mask);
+        if !contiguous(h) || !contiguous(s) {
+            bail!("helper_mask {h:#x} and slot_mask {s:#x} must each be one contiguous run of bits");
+        }
+        if h & s != 0 {
+            bail!("helper_mask {h:#x} and slot_mask {s:#x} overlap");
+        }
+        let max_id = CATALOGUE.iter().map(|k| k.id as u32).max().unwrap_or(1);
+        if (h >> h.trailing_zeros()) < max_id {
+            bail!("helper_mask {h:#x} is too narrow for helper id {max_id}");
+        }
+        if s.count_ones() < 12 {
+            bail!("slot_mask {s:#x} must have at least 12 bits (4,096 rules per router)");
+        }
+        if self.max_rules == 0 {
+            bail!("max_rules must be positive");
+        }
+        Ok(MarkLayout::from_masks(h, s))
+    }
+
+    /// Highest usable slot with this layout.
+    pub fn max_slot(&self) -> u16 {
+        let width = self.slot_mask.count_ones().min(16);
+        ((1u32 << width) - 1) as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_layout_is_valid() {
+        let c = Config::default();
+        assert_eq!(c.layout().unwrap(), MarkLayout::DEFAULT);
+        assert_eq!(c.max_slot(), u16::MAX);
+    }
+
+    #[test]
+    fn bad_masks_are_refused() {
+        for (h, s) in [(0, 0xffff), (0xf0000000, 0xf0000000), (0x0000_0003, 0xffff_0000), (0xf000_000f, 0x00ff_ff00), (0xf000_0000, 0xff)] {
+            let c = Config { helper_mask: h, slot_mask: s, ..Config::default() };
+            assert!(c.layout().is_err(), "{h:#x} {s:#x}");
+        }
+    }
+
+    #[test]
+    fn parses_toml() {
+        let c: Config = toml::from_str("helper_mask = 0x0000f000\nslot_mask = 0x0fff0000\n").unwrap();
+        assert_eq!(c.layout().unwrap().slot_shift, 16);
+        assert_eq!(c.max_slot(), 4095);
+        assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! Reading the pinned maps directly: works while the daemon is down.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use enforcer_common::{
+    Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, NetnsCookie, RouterValue, RuleKey,
+    RuleValue, SlotKey, SlotValue,
+};
+use serde::Serialize;
+
+use crate::{api::Protocol, catalogue};
+
+/// One rule slot as the kernel sees it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SlotEntry {
+    /// The router's id, if the routers map knows the namespace cookie.
+    pub router_id: Option<String>,
+    pub netns_cookie: NetnsCookie,
+    pub slot: u32,
+    /// Protocol and port of the rule that tags this slot (none once revoked).
+    pub protocol: Option<Protocol>,
+    pub port: Option<u16>,
+    pub helper: Option<String>,
+    /// `live`, or `revoked`: packets carrying it are dropped.
+    pub state: &'static str,
+    /// Summed over CPUs.
+    pub tagged: u64,
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Dump {
+    pub bpffs: String,
+    pub routers: usize,
+    pub slots: Vec<SlotEntry>,
+}
+
+fn open(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {} (is the daemon set up with this --bpffs?)", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+pub fn read(dir: &Path) -> Result<Dump> {
+    let rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(open(dir, MAP_RULES)?)?;
+    let slots: HashMap<_, SlotKey, SlotValue> = HashMap::try_from(open(dir, MAP_SLOTS)?)?;
+    let counters: PerCpuHashMap<_, SlotKey, Counters> = PerCpuHashMap::try_from(open(dir, MAP_COUNTERS)?)?;
+    let routers: HashMap<_, NetnsCookie, RouterValue> = HashMap::try_from(open(dir, MAP_ROUTERS)?)?;
+
+    let router_ids: std::collections::HashMap<NetnsCookie, String> = routers
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(cookie, v)| (cookie, uuid::Uuid::from_bytes(v.id).hyphenated().to_string()))
+        .collect();
+    let rule_of: std::collections::HashMap<SlotKey, (RuleKey, RuleValue)> = rules
+        .iter()
+        .filter_map(|r| r.ok())
+        .map(|(k, v)| (SlotKey::new(k.netns, v.slot as u32), (k, v)))
+        .collect();
+
+    let mut out = Vec::new();
+    for entry in counters.iter() {
+        let (key, per_cpu) = entry.context("reading counters")?;
+        let live = slots.get(&key, 0).ok();
+        let rule = rule_of.get(&key);
+        let helper_id = rule.map(|(_, v)| v.helper).or(live.map(|v| v.helper));
+        out.push(SlotEntry {
+            router_id: router_ids.get(&key.netns).cloned(),
+            netns_cookie: key.netns,
+            slot: key.slot,
+            protocol: rule.and_then(|(k, _)| Protocol::from_number(k.proto)),
+            port: rule.map(|(k, _)| k.port),
+            helper: helper_id.and_then(catalogue::by_id).map(|h| h.name.to_string()),
+            state: if live.is_some() { "live" } else { "revoked" },
+            tagged: per_cpu.iter().map(|c| c.tagged).sum(),
+            dropped: per_cpu.iter().map(|c| c.dropped).sum(),
+        });
+    }
+    out.sort_by(|a, b| (&a.router_id, a.netns_cookie, a.slot).cmp(&(&b.router_id, b.netns_cookie, b.slot)));
+    Ok(Dump { bpffs: dir.display().to_string(), routers: router_ids.len(), slots: out })
+}

@@ -1,0 +1,177 @@
+//! The static netfilter glue of a router namespace.
+//!
+//! One raw-table rule per (helper, protocol, family) turns the tag into the
+//! helper (the CT target exists only in raw, which runs before conntrack);
+//! two mangle rules save the tag into the conntrack mark of a new connection
+//! and restore it onto every packet, so RELATED connections (which inherit
+//! the master's ct mark) carry the slot too. The text is built from catalogue
+//! constants and the mark layout only: nothing a user typed.
+
+use std::{
+    io::Write,
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use enforcer_common::MarkLayout;
+
+use crate::catalogue::CATALOGUE;
+
+const HELPERS_CHAIN: &str = "ENFORCER-HELPERS";
+const CONNMARK_CHAIN: &str = "ENFORCER-CONNMARK";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn tool(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+}
+
+/// The iptables-restore input that installs the glue (chains flushed and
+/// refilled; `jumps` adds the jumps from PREROUTING).
+pub fn install_script(layout: &MarkLayout, family: Family, jumps: bool) -> String {
+    let mask = layout.mask();
+    let mut s = String::new();
+    s.push_str(&format!("*raw\n:{HELPERS_CHAIN} - [0:0]\n"));
+    for kind in CATALOGUE.iter().filter(|k| family == Family::V4 || k.ipv6) {
+        for proto in kind.protocols {
+            s.push_str(&format!(
+                "-A {HELPERS_CHAIN} -p {proto} -m mark --mark {:#x}/{:#x} -j CT --helper {}\n",
+                layout.encode(kind.id, 0),
+                layout.helper_mask,
+                kind.name
+            ));
+        }
+    }
+    if jumps {
+        s.push_str(&format!("-I PREROUTING 1 -j {HELPERS_CHAIN}\n"));
+    }
+    s.push_str("COMMIT\n*mangle\n");
+    s.push_str(&format!(":{CONNMARK_CHAIN} - [0:0]\n"));
+    // Save before restore: restoring first would wipe the fresh tag of a new
+    // connection with its still-empty ct mark.
+    s.push_str(&format!(
+        "-A {CONNMARK_CHAIN} -m conntrack --ctstate NEW -m mark ! --mark 0x0/{:#x} -j CONNMARK --save-mark --nfmask {mask:#x} --ctmask {mask:#x}\n",
+        layout.slot_mask
+    ));
+    s.push_str(&format!(
+        "-A {CONNMARK_CHAIN} -j CONNMARK --restore-mark --nfmask {mask:#x} --ctmask {mask:#x}\n"
+    ));
+    if jumps {
+        s.push_str(&format!("-I PREROUTING 1 -j {CONNMARK_CHAIN}\n"));
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
+/// The iptables-restore input that removes the glue.
+pub fn remove_script() -> String {
+    let mut s = String::new();
+    for (table, chain) in [("raw", HELPERS_CHAIN), ("mangle", CONNMARK_CHAIN)] {
+        s.push_str(&format!("*{table}\n-D PREROUTING -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"));
+    }
+    s
+}
+
+fn in_netns(ns: &Path, program: &str) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.display())).arg(program);
+    cmd
+}
+
+fn restore(ns: &Path, family: Family, script: &str) -> Result<()> {
+    let tool = format!("{}-restore", family.tool());
+    let mut child = in_netns(ns, &tool)
+        .args(["--noflush", "--wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool} (is iptables installed?)"))?;
+    child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{tool} in {} failed: {}", ns.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Whether the glue's jump is in place in `family`.
+fn installed(ns: &Path, family: Family) -> Result<bool> {
+    let status = in_netns(ns, family.tool())
+        .args(["--wait", "-t", "raw", "-C", "PREROUTING", "-j", HELPERS_CHAIN])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", family.tool()))?;
+    Ok(status.success())
+}
+
+/// Installs (or refreshes) the glue in both families, one transaction per
+/// family. Idempotent: an existing glue is rewritten, never duplicated.
+pub fn install(ns: &Path, layout: &MarkLayout) -> Result<()> {
+    for family in Family::ALL {
+        let jumps = !installed(ns, family)?;
+        restore(ns, family, &install_script(layout, family, jumps))?;
+    }
+    Ok(())
+}
+
+/// Removes the glue from both families; absent glue is not an error.
+pub fn remove(ns: &Path) -> Result<()> {
+    let mut errors = Vec::new();
+    for family in Family::ALL {
+        match installed(ns, family) {
+            Ok(true) => {
+                if let Err(e) = restore(ns, family, &remove_script()) {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+            Ok(false) => {}
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { bail!(errors.join("; ")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glue_has_one_rule_per_helper_and_protocol() {
+        let v4 = install_script(&MarkLayout::DEFAULT, Family::V4, true);
+        assert!(v4.contains("-A ENFORCER-HELPERS -p tcp -m mark --mark 0x10000000/0xf0000000 -j CT --helper ftp\n"));
+        assert!(v4.contains("-p udp -m mark --mark 0x30000000/0xf0000000 -j CT --helper sip\n"));
+        assert!(v4.contains("-p tcp -m mark --mark 0x30000000/0xf0000000 -j CT --helper sip\n"));
+        assert!(v4.contains("--helper irc"));
+        let v6 = install_script(&MarkLayout::DEFAULT, Family::V6, false);
+        assert!(!v6.contains("--helper irc"), "no IPv6 irc helper in the kernel");
+        assert!(!v6.contains("-I PREROUTING"));
+        let rules = v4.lines().filter(|l| l.contains("-j CT")).count();
+        let expected: usize = CATALOGUE.iter().map(|k| k.protocols.len()).sum();
+        assert_eq!(rules, expected);
+    }
+
+    #[test]
+    fn connmark_keeps_foreign_bits_and_saves_before_restoring() {
+        let layout = MarkLayout::from_masks(0x0000_f000, 0x0fff_0000);
+        let s = install_script(&layout, Family::V4, true);
+        let save = s.find("--save-mark --nfmask 0xffff000 --ctmask 0xffff000").expect("masked save");
+        let restore = s.find("--restore-mark --nfmask 0xffff000 --ctmask 0xffff000").expect("masked restore");
+        assert!(save < restore);
+        assert!(s.contains("! --mark 0x0/0xfff0000"));
+        assert!(s.contains("--mark 0x1000/0xf000 -j CT --helper ftp"));
+    }
+}

@@ -1,0 +1,10 @@
+//! enforcer: conntrack helpers per router, enforced in the kernel fast path.
+
+pub mod api;
+pub mod catalogue;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod kernel;
+pub mod store;
+pub mod validate;

@@ -1,0 +1,207 @@
+//! The desired state, in an embedded ACID store (redb) in the state
+//! directory. A change is written in one transaction that commits only after
+//! the kernel step succeeded.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::api::Helper;
+
+const ROUTERS: TableDefinition<&str, &str> = TableDefinition::new("routers");
+const HELPERS: TableDefinition<&str, &str> = TableDefinition::new("helpers");
+/// Revoked slots, kept out of reuse: an old connection must never come back
+/// to life under a new rule.
+const QUARANTINE: TableDefinition<&str, u64> = TableDefinition::new("quarantine");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    pub id: String,
+    pub project_id: String,
+    pub netns: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperRecord {
+    #[serde(flatten)]
+    pub helper: Helper,
+    pub slot: u16,
+}
+
+#[derive(Debug, Clone)]
+pub enum Change {
+    PutRouter(RouterRecord),
+    DeleteRouter(String),
+    PutHelper(HelperRecord),
+    DeleteHelper { router_id: String, helper_id: String },
+    Quarantine { router_id: String, slot: u16 },
+    Release { router_id: String, slot: u16 },
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct State {
+    pub routers: BTreeMap<String, RouterRecord>,
+    /// Keyed by (router id, helper id).
+    pub helpers: BTreeMap<(String, String), HelperRecord>,
+    pub quarantine: BTreeSet<(String, u16)>,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn helper_key(router: &str, helper: &str) -> String {
+    format!("{router}/{helper}")
+}
+
+fn slot_key(router: &str, slot: u16) -> String {
+    format!("{router}/{slot}")
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+        let path = dir.join("enforcer.redb");
+        let db = Database::create(&path).with_context(|| format!("opening store {}", path.display()))?;
+        let txn = db.begin_write()?;
+        txn.open_table(ROUTERS)?;
+        txn.open_table(HELPERS)?;
+        txn.open_table(QUARANTINE)?;
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    pub fn load(&self) -> Result<State> {
+        let txn = self.db.begin_read()?;
+        let mut state = State::default();
+        for row in txn.open_table(ROUTERS)?.iter()? {
+            let (_, v) = row?;
+            let r: RouterRecord = serde_json::from_str(v.value()).context("corrupt router record")?;
+            state.routers.insert(r.id.clone(), r);
+        }
+        for row in txn.open_table(HELPERS)?.iter()? {
+            let (_, v) = row?;
+            let h: HelperRecord = serde_json::from_str(v.value()).context("corrupt helper record")?;
+            state.helpers.insert((h.helper.router_id.clone(), h.helper.id.clone()), h);
+        }
+        for row in txn.open_table(QUARANTINE)?.iter()? {
+            let (k, _) = row?;
+            let (router, slot) = k.value().rsplit_once('/').context("corrupt quarantine key")?;
+            state.quarantine.insert((router.to_string(), slot.parse().context("corrupt quarantine slot")?));
+        }
+        Ok(state)
+    }
+
+    /// Writes `changes` in one transaction, runs `kernel` and commits only
+    /// if it succeeded. An error from `kernel` aborts the transaction.
+    pub fn apply<T>(&self, changes: &[Change], kernel: impl FnOnce() -> Result<T>) -> Result<T, ApplyError> {
+        let txn = self.db.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
+        write(&txn, changes).map_err(ApplyError::Store)?;
+        let out = kernel().map_err(ApplyError::Kernel)?;
+        txn.commit().map_err(|e| ApplyError::Commit(e.into()))?;
+        Ok(out)
+    }
+}
+
+fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
+    let mut routers = txn.open_table(ROUTERS)?;
+    let mut helpers = txn.open_table(HELPERS)?;
+    let mut quarantine = txn.open_table(QUARANTINE)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    for change in changes {
+        match change {
+            Change::PutRouter(r) => {
+                routers.insert(r.id.as_str(), serde_json::to_string(r)?.as_str())?;
+            }
+            Change::DeleteRouter(id) => {
+                routers.remove(id.as_str())?;
+            }
+            Change::PutHelper(h) => {
+                let key = helper_key(&h.helper.router_id, &h.helper.id);
+                helpers.insert(key.as_str(), serde_json::to_string(h)?.as_str())?;
+            }
+            Change::DeleteHelper { router_id, helper_id } => {
+                helpers.remove(helper_key(router_id, helper_id).as_str())?;
+            }
+            Change::Quarantine { router_id, slot } => {
+                quarantine.insert(slot_key(router_id, *slot).as_str(), now)?;
+            }
+            Change::Release { router_id, slot } => {
+                quarantine.remove(slot_key(router_id, *slot).as_str())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a change was not applied. `Commit` is the one case where the kernel
+/// step ran: the caller must undo it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("store: {0:#}")]
+    Store(anyhow::Error),
+    #[error("{0:#}")]
+    Kernel(anyhow::Error),
+    #[error("store commit: {0:#}")]
+    Commit(anyhow::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Protocol;
+
+    fn helper(router: &str, id: &str, slot: u16) -> HelperRecord {
+        HelperRecord {
+            helper: Helper {
+                id: id.into(),
+                router_id: router.into(),
+                project_id: "p".into(),
+                protocol: Protocol::Tcp,
+                port: 21,
+                helper: "ftp".into(),
+            },
+            slot,
+        }
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("enforcer-store-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn changes_survive_reopen() {
+        let dir = tempdir();
+        {
+            let store = Store::open(&dir).unwrap();
+            let r = RouterRecord { id: "r".into(), project_id: "p".into(), netns: "n".into() };
+            store
+                .apply(&[Change::PutRouter(r), Change::PutHelper(helper("r", "h", 3)), Change::Quarantine { router_id: "r".into(), slot: 2 }], || Ok(()))
+                .unwrap();
+        }
+        let state = Store::open(&dir).unwrap().load().unwrap();
+        assert_eq!(state.routers.len(), 1);
+        assert_eq!(state.helpers[&("r".to_string(), "h".to_string())].slot, 3);
+        assert!(state.quarantine.contains(&("r".to_string(), 2)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn failed_kernel_step_changes_nothing() {
+        let dir = tempdir();
+        let store = Store::open(&dir).unwrap();
+        let err = store
+            .apply(&[Change::PutHelper(helper("r", "h", 1))], || -> Result<()> { anyhow::bail!("no") })
+            .unwrap_err();
+        assert!(matches!(err, ApplyError::Kernel(_)));
+        assert!(store.load().unwrap().helpers.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,155 @@
+//! Validation of everything a caller sends. Each function turns raw input
+//! into a checked value or an error that names the field, the value and what
+//! is allowed; nothing unchecked reaches the kernel, a rule or a path.
+
+use uuid::Uuid;
+
+use crate::{
+    api::{ApiError, Protocol},
+    catalogue::{self, HelperKind},
+};
+
+/// Longest value echoed back in an error message.
+const ECHO_MAX: usize = 64;
+const PROJECT_MAX: usize = 64;
+/// Linux limits network namespace names to a file name; keep well below.
+const NETNS_MAX: usize = 64;
+
+/// The value as shown in an error: quoted, escaped, cut to a sane length.
+fn shown(value: &str) -> String {
+    let cut: String = value.chars().take(ECHO_MAX).collect();
+    let more = if cut.len() < value.len() { "..." } else { "" };
+    format!("{cut:?}{more}")
+}
+
+/// A router or helper id: a UUID, normalised to lowercase hyphenated form.
+pub fn uuid(field: &str, value: &str) -> Result<String, ApiError> {
+    Uuid::parse_str(value)
+        .ok()
+        .filter(|_| value.len() == 36)
+        .map(|u| u.hyphenated().to_string())
+        .ok_or_else(|| {
+            ApiError::invalid(field, format!("{field} {}: must be a UUID like 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", shown(value)))
+        })
+}
+
+pub fn protocol(value: &str) -> Result<Protocol, ApiError> {
+    match value {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        _ => Err(ApiError::invalid("protocol", format!("protocol {}: must be tcp or udp", shown(value)))),
+    }
+}
+
+pub fn port(value: i64) -> Result<u16, ApiError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ApiError::invalid("port", format!("port {value}: must be 1-65535")))
+}
+
+/// A helper name from the catalogue that supports `protocol`.
+pub fn helper(value: &str, protocol: Protocol) -> Result<&'static HelperKind, ApiError> {
+    let kind = catalogue::by_name(value).ok_or_else(|| {
+        ApiError::invalid(
+            "helper",
+            format!("helper {}: unknown; available: {}", shown(value), catalogue::names().join(", ")),
+        )
+    })?;
+    if !kind.supports(protocol) {
+        let supported: Vec<_> = kind.protocols.iter().map(|p| p.as_str()).collect();
+        return Err(ApiError::invalid(
+            "protocol",
+            format!("helper {} does not support protocol {protocol}; it supports {}", kind.name, supported.join(", ")),
+        ));
+    }
+    Ok(kind)
+}
+
+fn safe_name(field: &str, value: &str, max: usize, first_alnum: bool) -> Result<String, ApiError> {
+    let ok = !value.is_empty()
+        && value.len() <= max
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && (!first_alnum || value.as_bytes()[0].is_ascii_alphanumeric());
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "{field} {}: must be 1-{max} characters of A-Z a-z 0-9 . _ -{}",
+                shown(value),
+                if first_alnum { ", starting with a letter or digit" } else { "" }
+            ),
+        ))
+    }
+}
+
+/// A network namespace name: a plain file name under /run/netns.
+pub fn netns(value: &str) -> Result<String, ApiError> {
+    safe_name("netns", value, NETNS_MAX, true)
+}
+
+/// A project id (Neutron uses 32 hex digits; accept a bounded safe set).
+pub fn project(value: &str) -> Result<String, ApiError> {
+    safe_name("project_id", value, PROJECT_MAX, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+    #[test]
+    fn uuids() {
+        assert_eq!(uuid("router_id", ID).unwrap(), ID);
+        assert_eq!(uuid("router_id", &ID.to_uppercase()).unwrap(), ID);
+        for bad in ["", "x", "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}", "../etc"] {
+            let e = uuid("router_id", bad).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("router_id"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(port(1).unwrap(), 1);
+        assert_eq!(port(65535).unwrap(), 65535);
+        for bad in [0, -1, 65536, i64::MAX] {
+            let e = port(bad).unwrap_err();
+            assert!(e.message.contains("1-65535"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn protocols() {
+        assert_eq!(protocol("tcp").unwrap(), Protocol::Tcp);
+        assert_eq!(protocol("udp").unwrap(), Protocol::Udp);
+        for bad in ["TCP", "sctp", "", "tcp;rm -rf /"] {
+            assert!(protocol(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn helpers_and_their_protocols() {
+        assert_eq!(helper("ftp", Protocol::Tcp).unwrap().name, "ftp");
+        let e = helper("ftp", Protocol::Udp).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("protocol"));
+        assert!(e.message.contains("supports tcp"), "{}", e.message);
+        let e = helper("h323", Protocol::Tcp).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("helper"));
+        assert!(e.message.contains("Q.931"), "lists what is available: {}", e.message);
+        assert!(helper("ftp\n-j ACCEPT", Protocol::Tcp).is_err());
+    }
+
+    #[test]
+    fn names_refuse_hostile_strings() {
+        assert!(netns("qrouter-abc_1.2").is_ok());
+        let long = "a".repeat(10_000);
+        for bad in ["", "../x", "a/b", "a b", "$(reboot)", "a;b", "a\nb", ".hidden", "-rf", long.as_str()] {
+            let e = netns(bad).unwrap_err();
+            assert!(e.message.len() < 300, "error echoes a bounded value");
+            assert!(project(bad).is_err(), "{bad:?}");
+        }
+    }
+}
