@@ -17,8 +17,10 @@ pub const MAP_COUNTERS: &str = "ENFORCER_COUNTERS";
 pub const MAP_ROUTERS: &str = "ENFORCER_ROUTERS";
 pub const PROG_TAG: &str = "tag";
 pub const PROG_ENFORCE: &str = "enforce";
-/// Name of the load-time global that carries the mark layout.
+/// Names of the load-time globals: the mark layout, and the router the
+/// program instance serves.
 pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";
+pub const GLOBAL_ROUTER: &str = "ROUTER";
 
 /// Default capacity of the rules map (all routers together). The map is not
 /// preallocated, so capacity costs only its bucket array until used.
@@ -26,24 +28,28 @@ pub const DEFAULT_MAX_RULES: u32 = 1 << 20;
 /// Slot 0 means "no slot" in a mark, so a router has `u16::MAX` usable slots.
 pub const MAX_SLOT: u32 = u16::MAX as u32;
 
-/// A router is identified in the kernel by its network namespace cookie:
-/// one program serves every router and finds the router with one helper call.
-pub type NetnsCookie = u64;
+/// A router is identified in the kernel by a small index the daemon assigns.
+/// Each router gets its own instance of the programs with the index as a
+/// load-time constant (all instances share the pinned maps): a TC program
+/// cannot tell a forwarded packet's namespace, because
+/// `bpf_get_netns_cookie` answers from `skb->sk`, which forwarded packets
+/// lack. Index 0 is never a router.
+pub type RouterIndex = u32;
 
 /// Key of the rules map: which (router, protocol, destination port) is allowed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct RuleKey {
-    pub netns: NetnsCookie,
+    pub router: RouterIndex,
     /// Destination port in host byte order.
     pub port: u16,
     pub proto: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
 }
 
 impl RuleKey {
-    pub const fn new(netns: NetnsCookie, proto: u8, port: u16) -> Self {
-        Self { netns, port, proto, _pad: [0; 5] }
+    pub const fn new(router: RouterIndex, proto: u8, port: u16) -> Self {
+        Self { router, port, proto, _pad: 0 }
     }
 }
 
@@ -62,14 +68,13 @@ pub struct RuleValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct SlotKey {
-    pub netns: NetnsCookie,
+    pub router: RouterIndex,
     pub slot: u32,
-    pub _pad: u32,
 }
 
 impl SlotKey {
-    pub const fn new(netns: NetnsCookie, slot: u32) -> Self {
-        Self { netns, slot, _pad: 0 }
+    pub const fn new(router: RouterIndex, slot: u32) -> Self {
+        Self { router, slot }
     }
 }
 
@@ -92,7 +97,7 @@ pub struct Counters {
     pub dropped: u64,
 }
 
-/// Value of the routers map: which router a namespace cookie belongs to.
+/// Value of the routers map: which router an index belongs to.
 /// The datapath does not read it; it lets `maps dump` name routers while
 /// the daemon is down.
 #[repr(C)]

@@ -13,13 +13,12 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_netns_cookie,
     macros::{classifier, map},
     maps::{HashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use enforcer_common::{
-    Counters, DEFAULT_MAX_RULES, MarkLayout, NetnsCookie, RouterValue, RuleKey, RuleValue,
+    Counters, DEFAULT_MAX_RULES, MarkLayout, RouterIndex, RouterValue, RuleKey, RuleValue,
     SlotKey, SlotValue,
 };
 
@@ -36,14 +35,18 @@ static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(DEFAULT_MAX_RULES, N
 static COUNTERS: PerCpuHashMap<SlotKey, Counters> =
     PerCpuHashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
-/// Not read here: lets userspace name the router of a cookie from the pins.
+/// Not read here: lets userspace name the router of an index from the pins.
 #[map(name = "ENFORCER_ROUTERS")]
-static ROUTERS: HashMap<NetnsCookie, RouterValue> = HashMap::pinned(65536, NO_PREALLOC);
+static ROUTERS: HashMap<RouterIndex, RouterValue> = HashMap::pinned(65536, NO_PREALLOC);
 
-/// Set by the loader (`EbpfLoader::set_global`); read-only, so the verifier
-/// sees constants.
+/// Set by the loader (`EbpfLoader::override_global`); read-only, so the
+/// verifier sees constants.
 #[unsafe(no_mangle)]
 static MARK_LAYOUT: MarkLayout = MarkLayout::DEFAULT;
+
+/// The router this instance of the programs serves.
+#[unsafe(no_mangle)]
+static ROUTER: RouterIndex = 0;
 
 #[inline(always)]
 fn layout() -> MarkLayout {
@@ -52,8 +55,8 @@ fn layout() -> MarkLayout {
 }
 
 #[inline(always)]
-fn netns(ctx: &TcContext) -> NetnsCookie {
-    unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut _) }
+fn router() -> RouterIndex {
+    unsafe { core::ptr::read_volatile(&ROUTER) }
 }
 
 #[inline(always)]
@@ -74,12 +77,12 @@ pub fn tag(ctx: TcContext) -> i32 {
     let Some(flow) = parse::flow(&ctx) else {
         return TC_ACT_OK;
     };
-    let netns = netns(&ctx);
-    let key = RuleKey::new(netns, flow.proto, flow.dport);
+    let router = router();
+    let key = RuleKey::new(router, flow.proto, flow.dport);
     if let Some(rule) = unsafe { RULES.get(&key) } {
         let layout = layout();
         ctx.set_mark(layout.tag(mark(&ctx), rule.helper, rule.slot as u32));
-        count(&SlotKey::new(netns, rule.slot as u32), |c| c.tagged += 1);
+        count(&SlotKey::new(router, rule.slot as u32), |c| c.tagged += 1);
     }
     TC_ACT_OK
 }
@@ -90,7 +93,7 @@ pub fn enforce(ctx: TcContext) -> i32 {
     if slot == 0 {
         return TC_ACT_OK;
     }
-    let key = SlotKey::new(netns(&ctx), slot);
+    let key = SlotKey::new(router(), slot);
     if unsafe { SLOTS.get(&key) }.is_some() {
         return TC_ACT_OK;
     }

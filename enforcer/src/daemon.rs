@@ -87,23 +87,15 @@ impl Daemon {
         for key in keys {
             let h = daemon.helpers[&key].clone();
             if let Some(r) = daemon.routers.get(&key.0) {
-                let cookie = r.attachment.cookie;
-                if let Err(e) = daemon.allow(cookie, &h) {
+                let index = r.attachment.index;
+                let allowed = kind_of(&h.helper).and_then(|kind| allow_record(&mut daemon.datapath, index, &h, kind));
+                if let Err(e) = allowed {
                     warn!(helper = %h.helper.id, "rule not restored: {e:#}");
                 }
             }
         }
         info!(routers = daemon.routers.len(), helpers = daemon.helpers.len(), "state restored");
         Ok(daemon)
-    }
-
-    fn allow(&mut self, cookie: u64, h: &HelperRecord) -> Result<()> {
-        let kind = kind_of(&h.helper)?;
-        self.datapath.allow(cookie, h.helper.protocol.number(), h.helper.port, kind.id, h.slot)
-    }
-
-    fn revoke(&mut self, cookie: u64, h: &HelperRecord) -> Result<()> {
-        self.datapath.revoke(cookie, h.helper.protocol.number(), h.helper.port, h.slot)
     }
 
     pub fn handle(&mut self, req: Request) -> Result<Reply, ApiError> {
@@ -157,7 +149,10 @@ impl Daemon {
         if !netns::path(&netns).exists() {
             return Err(ApiError::invalid("netns", format!("network namespace {netns:?} does not exist (/run/netns/{netns})")));
         }
-        let record = RouterRecord { id: id.clone(), project_id: project, netns };
+        let index = (1..=u32::MAX)
+            .find(|i| !self.routers.values().any(|r| r.record.index == *i) && !self.detached.values().any(|r| r.index == *i))
+            .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
+        let record = RouterRecord { id: id.clone(), index, project_id: project, netns };
         let mut attachment = None;
         let datapath = &mut self.datapath;
         let result = self.store.apply(&[Change::PutRouter(record.clone())], || {
@@ -178,7 +173,7 @@ impl Daemon {
     }
 
     fn take_down(&mut self, record: &RouterRecord, attachment: Attachment) {
-        self.datapath.forget_router(attachment.cookie);
+        self.datapath.forget_router(attachment.index);
         drop(attachment);
         if let Err(e) = glue::remove(&netns::path(&record.netns)) {
             warn!(router = %record.id, "removing glue: {e:#}");
@@ -202,15 +197,15 @@ impl Daemon {
         let Some(live) = self.routers.remove(&id) else {
             return Err(ApiError::not_found("router", &id));
         };
-        let cookie = live.attachment.cookie;
+        let index = live.attachment.index;
         // Revoke first: flows stop the moment the maps change, before the
         // programs and glue go away.
         for h in &helpers {
-            let _ = self.revoke(cookie, h);
+            let _ = revoke_record(&mut self.datapath, index, h);
         }
         let result = self.store.apply(&changes, || Ok(()));
         for slot in helpers.iter().map(|h| h.slot).chain(slots) {
-            self.datapath.forget_slot(cookie, slot);
+            self.datapath.forget_slot(index, slot);
         }
         self.take_down(&live.record, live.attachment);
         self.forget(&id);
@@ -224,10 +219,10 @@ impl Daemon {
         self.quarantine.retain(|(r, _)| r != router);
     }
 
-    fn live_router(&self, id: &str) -> Result<(String, u64), ApiError> {
+    fn live_router(&self, id: &str) -> Result<(String, u32), ApiError> {
         let id = validate::uuid("router_id", id)?;
         match self.routers.get(&id) {
-            Some(r) => Ok((id, r.attachment.cookie)),
+            Some(r) => Ok((id, r.attachment.index)),
             None if self.detached.contains_key(&id) => {
                 Err(ApiError::new(ErrorCode::Kernel, format!("router {id} is not attached (its namespace is missing)")))
             }
@@ -237,14 +232,14 @@ impl Daemon {
 
     /// Helpers are addressed by (router, id): a helper of another router is
     /// "not found", exactly like an id that does not exist.
-    fn find_helper(&self, router: &str, helper: &str) -> Result<(u64, (String, String)), ApiError> {
-        let (router, cookie) = self.live_router(router)?;
+    fn find_helper(&self, router: &str, helper: &str) -> Result<(u32, (String, String)), ApiError> {
+        let (router, index) = self.live_router(router)?;
         let helper = validate::uuid("helper_id", helper).map_err(|_| ApiError::not_found("helper", helper))?;
         let key = (router, helper);
         if !self.helpers.contains_key(&key) {
             return Err(ApiError::not_found("helper", &key.1));
         }
-        Ok((cookie, key))
+        Ok((index, key))
     }
 
     fn check_tuple_free(&self, router: &str, protocol: crate::api::Protocol, port: u16, except: Option<&str>) -> Result<(), ApiError> {
@@ -285,7 +280,7 @@ impl Daemon {
         id: Option<String>,
         project: Option<String>,
     ) -> Result<Reply, ApiError> {
-        let (router, cookie) = self.live_router(router)?;
+        let (router, index) = self.live_router(router)?;
         let protocol = validate::protocol(protocol)?;
         let port = validate::port(port)?;
         let kind = validate::helper(helper, protocol)?;
@@ -308,12 +303,12 @@ impl Daemon {
         };
         let datapath = &mut self.datapath;
         let result = self.store.apply(&[Change::PutHelper(record.clone())], || {
-            datapath.allow(cookie, protocol.number(), port, kind.id, slot)
+            datapath.allow(index, protocol.number(), port, kind.id, slot)
         });
         if let Err(e) = result {
             if matches!(e, ApplyError::Commit(_) | ApplyError::Kernel(_)) {
-                let _ = self.datapath.revoke(cookie, protocol.number(), port, slot);
-                self.datapath.forget_slot(cookie, slot);
+                let _ = self.datapath.revoke(index, protocol.number(), port, slot);
+                self.datapath.forget_slot(index, slot);
             }
             return Err(e.into());
         }
@@ -330,7 +325,7 @@ impl Daemon {
         port: Option<i64>,
         name: Option<String>,
     ) -> Result<Reply, ApiError> {
-        let (cookie, key) = self.find_helper(router, helper)?;
+        let (index, key) = self.find_helper(router, helper)?;
         let old = self.helpers[&key].clone();
         let protocol = match protocol {
             Some(p) => validate::protocol(&p)?,
@@ -354,15 +349,15 @@ impl Daemon {
         let changes = [Change::PutHelper(new.clone()), Change::Quarantine { router_id: key.0.clone(), slot: old.slot }];
         let datapath = &mut self.datapath;
         let result = self.store.apply(&changes, || {
-            revoke_record(datapath, cookie, &old)?;
-            allow_record(datapath, cookie, &new, kind)
+            revoke_record(datapath, index, &old)?;
+            allow_record(datapath, index, &new, kind)
         });
         if let Err(e) = result {
             // Put the old rule back as it was.
-            let _ = revoke_record(&mut self.datapath, cookie, &new);
-            self.datapath.forget_slot(cookie, new.slot);
+            let _ = revoke_record(&mut self.datapath, index, &new);
+            self.datapath.forget_slot(index, new.slot);
             if let Ok(old_kind) = kind_of(&old.helper) {
-                let _ = allow_record(&mut self.datapath, cookie, &old, old_kind);
+                let _ = allow_record(&mut self.datapath, index, &old, old_kind);
             }
             return Err(e.into());
         }
@@ -373,17 +368,17 @@ impl Daemon {
     }
 
     fn helper_delete(&mut self, router: &str, helper: &str) -> Result<Reply, ApiError> {
-        let (cookie, key) = self.find_helper(router, helper)?;
+        let (index, key) = self.find_helper(router, helper)?;
         let old = self.helpers[&key].clone();
         let changes = [
             Change::DeleteHelper { router_id: key.0.clone(), helper_id: key.1.clone() },
             Change::Quarantine { router_id: key.0.clone(), slot: old.slot },
         ];
         let datapath = &mut self.datapath;
-        let result = self.store.apply(&changes, || revoke_record(datapath, cookie, &old));
+        let result = self.store.apply(&changes, || revoke_record(datapath, index, &old));
         if let Err(e) = result {
             if let Ok(kind) = kind_of(&old.helper) {
-                let _ = allow_record(&mut self.datapath, cookie, &old, kind);
+                let _ = allow_record(&mut self.datapath, index, &old, kind);
             }
             return Err(e.into());
         }
@@ -419,7 +414,7 @@ fn bring_up(datapath: &mut Datapath, record: &RouterRecord) -> Result<Attachment
     let path = netns::path(&record.netns);
     glue::install(&path, &datapath.layout())?;
     let id = uuid::Uuid::parse_str(&record.id)?;
-    datapath.attach_router(&path, id).inspect_err(|_| {
+    datapath.attach_router(&path, record.index, id).inspect_err(|_| {
         let _ = glue::remove(&path);
     })
 }
@@ -428,12 +423,12 @@ fn kind_of(h: &Helper) -> Result<&'static HelperKind> {
     crate::catalogue::by_name(&h.helper).with_context(|| format!("helper {} is not in the catalogue", h.helper))
 }
 
-fn allow_record(dp: &mut Datapath, cookie: u64, h: &HelperRecord, kind: &HelperKind) -> Result<()> {
-    dp.allow(cookie, h.helper.protocol.number(), h.helper.port, kind.id, h.slot)
+fn allow_record(dp: &mut Datapath, router: u32, h: &HelperRecord, kind: &HelperKind) -> Result<()> {
+    dp.allow(router, h.helper.protocol.number(), h.helper.port, kind.id, h.slot)
 }
 
-fn revoke_record(dp: &mut Datapath, cookie: u64, h: &HelperRecord) -> Result<()> {
-    dp.revoke(cookie, h.helper.protocol.number(), h.helper.port, h.slot)
+fn revoke_record(dp: &mut Datapath, router: u32, h: &HelperRecord) -> Result<()> {
+    dp.revoke(router, h.helper.protocol.number(), h.helper.port, h.slot)
 }
 
 /// Serves the API on `socket` until SIGTERM or SIGINT.

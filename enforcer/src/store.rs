@@ -22,6 +22,8 @@ const QUARANTINE: TableDefinition<&str, u64> = TableDefinition::new("quarantine"
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouterRecord {
     pub id: String,
+    /// The router's index in the kernel maps (`RuleKey::router`).
+    pub index: u32,
     pub project_id: String,
     pub netns: String,
 }
@@ -181,7 +183,7 @@ mod tests {
         let dir = tempdir();
         {
             let store = Store::open(&dir).unwrap();
-            let r = RouterRecord { id: "r".into(), project_id: "p".into(), netns: "n".into() };
+            let r = RouterRecord { id: "r".into(), index: 1, project_id: "p".into(), netns: "n".into() };
             store
                 .apply(&[Change::PutRouter(r), Change::PutHelper(helper("r", "h", 3)), Change::Quarantine { router_id: "r".into(), slot: 2 }], || Ok(()))
                 .unwrap();

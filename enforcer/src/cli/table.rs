@@ -66,13 +66,13 @@ pub fn print_dump(dump: &Dump, output: Output) -> Result<()> {
             println!("maps in {} ({} routers)", dump.bpffs, dump.routers);
             let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             print_table(
-                &["ROUTER", "NETNS_COOKIE", "SLOT", "PROTOCOL", "PORT", "HELPER", "STATE", "TAGGED", "DROPPED"],
+                &["ROUTER", "INDEX", "SLOT", "PROTOCOL", "PORT", "HELPER", "STATE", "TAGGED", "DROPPED"],
                 dump.slots
                     .iter()
                     .map(|s| {
                         vec![
                             opt(s.router_id.clone()),
-                            s.netns_cookie.to_string(),
+                            s.router_index.to_string(),
                             s.slot.to_string(),
                             opt(s.protocol.map(|p| p.to_string())),
                             opt(s.port.map(|p| p.to_string())),

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
 use enforcer_common::{
-    Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, NetnsCookie, RouterValue, RuleKey,
+    Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RouterIndex, RouterValue, RuleKey,
     RuleValue, SlotKey, SlotValue,
 };
 use serde::Serialize;
@@ -15,9 +15,9 @@ use crate::{api::Protocol, catalogue};
 /// One rule slot as the kernel sees it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct SlotEntry {
-    /// The router's id, if the routers map knows the namespace cookie.
+    /// The router's id, if the routers map knows the index.
     pub router_id: Option<String>,
-    pub netns_cookie: NetnsCookie,
+    pub router_index: RouterIndex,
     pub slot: u32,
     /// Protocol and port of the rule that tags this slot (none once revoked).
     pub protocol: Option<Protocol>,
@@ -48,17 +48,17 @@ pub fn read(dir: &Path) -> Result<Dump> {
     let rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(open(dir, MAP_RULES)?)?;
     let slots: HashMap<_, SlotKey, SlotValue> = HashMap::try_from(open(dir, MAP_SLOTS)?)?;
     let counters: PerCpuHashMap<_, SlotKey, Counters> = PerCpuHashMap::try_from(open(dir, MAP_COUNTERS)?)?;
-    let routers: HashMap<_, NetnsCookie, RouterValue> = HashMap::try_from(open(dir, MAP_ROUTERS)?)?;
+    let routers: HashMap<_, RouterIndex, RouterValue> = HashMap::try_from(open(dir, MAP_ROUTERS)?)?;
 
-    let router_ids: std::collections::HashMap<NetnsCookie, String> = routers
+    let router_ids: std::collections::HashMap<RouterIndex, String> = routers
         .iter()
         .filter_map(|r| r.ok())
-        .map(|(cookie, v)| (cookie, uuid::Uuid::from_bytes(v.id).hyphenated().to_string()))
+        .map(|(index, v)| (index, uuid::Uuid::from_bytes(v.id).hyphenated().to_string()))
         .collect();
     let rule_of: std::collections::HashMap<SlotKey, (RuleKey, RuleValue)> = rules
         .iter()
         .filter_map(|r| r.ok())
-        .map(|(k, v)| (SlotKey::new(k.netns, v.slot as u32), (k, v)))
+        .map(|(k, v)| (SlotKey::new(k.router, v.slot as u32), (k, v)))
         .collect();
 
     let mut out = Vec::new();
@@ -68,8 +68,8 @@ pub fn read(dir: &Path) -> Result<Dump> {
         let rule = rule_of.get(&key);
         let helper_id = rule.map(|(_, v)| v.helper).or(live.map(|v| v.helper));
         out.push(SlotEntry {
-            router_id: router_ids.get(&key.netns).cloned(),
-            netns_cookie: key.netns,
+            router_id: router_ids.get(&key.router).cloned(),
+            router_index: key.router,
             slot: key.slot,
             protocol: rule.and_then(|(k, _)| Protocol::from_number(k.proto)),
             port: rule.map(|(k, _)| k.port),
@@ -79,6 +79,6 @@ pub fn read(dir: &Path) -> Result<Dump> {
             dropped: per_cpu.iter().map(|c| c.dropped).sum(),
         });
     }
-    out.sort_by(|a, b| (&a.router_id, a.netns_cookie, a.slot).cmp(&(&b.router_id, b.netns_cookie, b.slot)));
+    out.sort_by(|a, b| (&a.router_id, a.router_index, a.slot).cmp(&(&b.router_id, b.router_index, b.slot)));
     Ok(Dump { bpffs: dir.display().to_string(), routers: router_ids.len(), slots: out })
 }

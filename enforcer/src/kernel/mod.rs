@@ -15,8 +15,9 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLink},
 };
 use enforcer_common::{
-    Counters, GLOBAL_MARK_LAYOUT, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, MarkLayout,
-    NetnsCookie, PROG_ENFORCE, PROG_TAG, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
+    Counters, GLOBAL_MARK_LAYOUT, GLOBAL_ROUTER, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS,
+    MarkLayout, PROG_ENFORCE, PROG_TAG, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
+    SlotValue,
 };
 
 /// The eBPF object, built by build.rs from enforcer-ebpf.
@@ -25,22 +26,27 @@ pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Default bpffs directory of the pinned maps.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/enforcer";
 
-/// The loaded programs and the maps they share with the daemon.
+/// The pinned maps, and an instance of the programs for router index 0
+/// (never a router; used for BPF_PROG_TEST_RUN).
 pub struct Datapath {
-    ebpf: Ebpf,
+    dir: PathBuf,
+    control: Ebpf,
     rules: HashMap<MapData, RuleKey, RuleValue>,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     counters: PerCpuHashMap<MapData, SlotKey, Counters>,
-    routers: HashMap<MapData, NetnsCookie, RouterValue>,
+    routers: HashMap<MapData, RouterIndex, RouterValue>,
     layout: MarkLayout,
+    max_rules: u32,
 }
 
-/// The programs attached to the interfaces of one router. Dropping it
-/// detaches them.
+/// One router's instance of the programs, attached to the interfaces of its
+/// namespace. Dropping it detaches them.
 pub struct Attachment {
-    pub cookie: NetnsCookie,
+    pub index: RouterIndex,
     pub interfaces: Vec<String>,
+    // Links before the programs: dropped first.
     _links: Vec<SchedClassifierLink>,
+    _programs: Ebpf,
 }
 
 fn mount_bpffs_if_needed(dir: &Path) -> Result<()> {
@@ -59,29 +65,15 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 impl Datapath {
-    /// Loads the programs; the maps are pinned in (or reused from) `dir`, so
-    /// they outlive the daemon and `maps dump` can read them.
+    /// Creates (or reuses) the maps pinned in `dir`, so they outlive the
+    /// daemon and `maps dump` can read them, and verifies the programs.
     pub fn load(dir: &Path, layout: MarkLayout, max_rules: u32) -> Result<Self> {
         mount_bpffs_if_needed(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if !is_bpffs(dir) {
             return Err(anyhow!("{} is not on a bpf filesystem", dir.display()));
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(dir)
-            .override_global(GLOBAL_MARK_LAYOUT, &layout, true)
-            .map_max_entries(MAP_RULES, max_rules)
-            .map_max_entries(MAP_SLOTS, max_rules)
-            .map_max_entries(MAP_COUNTERS, max_rules)
-            .load(PROGRAMS)
-            .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
-        for name in [PROG_TAG, PROG_ENFORCE] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load().with_context(|| format!("verifying program {name}"))?;
-        }
+        let mut control = load_instance(dir, layout, max_rules, 0)?;
         fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
         where
             T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -90,12 +82,14 @@ impl Datapath {
             T::try_from(map).with_context(|| format!("map {name}"))
         }
         Ok(Self {
-            rules: take(&mut ebpf, MAP_RULES)?,
-            slots: take(&mut ebpf, MAP_SLOTS)?,
-            counters: take(&mut ebpf, MAP_COUNTERS)?,
-            routers: take(&mut ebpf, MAP_ROUTERS)?,
-            ebpf,
+            rules: take(&mut control, MAP_RULES)?,
+            slots: take(&mut control, MAP_SLOTS)?,
+            counters: take(&mut control, MAP_COUNTERS)?,
+            routers: take(&mut control, MAP_ROUTERS)?,
+            control,
+            dir: dir.to_path_buf(),
             layout,
+            max_rules,
         })
     }
 
@@ -105,15 +99,16 @@ impl Datapath {
 
     /// A loaded program, for BPF_PROG_TEST_RUN.
     pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
-        Ok(self.ebpf.program(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?)
+        Ok(self.control.program(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?)
     }
 
-    /// Attaches tag (ingress) and enforce (egress) to every interface of the
-    /// namespace at `ns`, and records which router its cookie belongs to.
-    pub fn attach_router(&mut self, ns: &Path, router: uuid::Uuid) -> Result<Attachment> {
-        let ebpf = &mut self.ebpf;
-        let attachment = netns::run_in(ns, || {
-            let cookie = netns::current_cookie()?;
+    /// Loads an instance of the programs for router `index` and attaches tag
+    /// (ingress) and enforce (egress) to every interface of the namespace at
+    /// `ns`; records which router the index belongs to.
+    pub fn attach_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid) -> Result<Attachment> {
+        let mut programs = load_instance(&self.dir, self.layout, self.max_rules, index)?;
+        let ebpf = &mut programs;
+        let (interfaces, links) = netns::run_in(ns, || {
             let interfaces = netns::interfaces()?;
             let mut links = Vec::new();
             for iface in &interfaces {
@@ -130,29 +125,29 @@ impl Datapath {
                     links.push(prog.take_link(id)?);
                 }
             }
-            Ok(Attachment { cookie, interfaces, _links: links })
+            Ok((interfaces, links))
         })?;
         self.routers
-            .insert(attachment.cookie, RouterValue { id: *router.as_bytes() }, 0)
+            .insert(index, RouterValue { id: *router.as_bytes() }, 0)
             .context("recording router in map")?;
-        Ok(attachment)
+        Ok(Attachment { index, interfaces, _links: links, _programs: programs })
     }
 
-    /// Forgets a router's cookie; its links go when the Attachment drops.
-    pub fn forget_router(&mut self, cookie: NetnsCookie) {
-        let _ = self.routers.remove(&cookie);
+    /// Forgets a router's index; its links go when the Attachment drops.
+    pub fn forget_router(&mut self, index: RouterIndex) {
+        let _ = self.routers.remove(&index);
     }
 
     /// Allows (router, protocol, port) with `helper` under rule `slot`:
     /// counters first, then the live slot, then the rule, so a tagged packet
     /// always finds its slot live.
-    pub fn allow(&mut self, cookie: NetnsCookie, proto: u8, port: u16, helper: u8, slot: u16) -> Result<()> {
-        let key = SlotKey::new(cookie, slot as u32);
+    pub fn allow(&mut self, router: RouterIndex, proto: u8, port: u16, helper: u8, slot: u16) -> Result<()> {
+        let key = SlotKey::new(router, slot as u32);
         let zero = PerCpuValues::try_from(vec![Counters::default(); nr_cpus()?])?;
         self.counters.insert(key, zero, 0).context("creating rule counters")?;
         self.slots.insert(key, SlotValue { helper, _pad: [0; 7] }, 0).context("marking slot live")?;
         self.rules
-            .insert(RuleKey::new(cookie, proto, port), RuleValue { slot, helper, _pad: [0; 5] }, 0)
+            .insert(RuleKey::new(router, proto, port), RuleValue { slot, helper, _pad: [0; 5] }, 0)
             .context("inserting rule (is the rules map full? see max_rules)")?;
         Ok(())
     }
@@ -160,9 +155,9 @@ impl Datapath {
     /// Revokes a rule: stop tagging, then kill the slot, so every packet
     /// still carrying it (control and RELATED data flows) is dropped on egress.
     /// Returns once the maps say so: the next packet sees the change.
-    pub fn revoke(&mut self, cookie: NetnsCookie, proto: u8, port: u16, slot: u16) -> Result<()> {
-        remove_if_present(&mut self.rules, &RuleKey::new(cookie, proto, port))?;
-        remove_if_present(&mut self.slots, &SlotKey::new(cookie, slot as u32))?;
+    pub fn revoke(&mut self, router: RouterIndex, proto: u8, port: u16, slot: u16) -> Result<()> {
+        remove_if_present(&mut self.rules, &RuleKey::new(router, proto, port))?;
+        remove_if_present(&mut self.slots, &SlotKey::new(router, slot as u32))?;
         Ok(())
     }
 
@@ -188,9 +183,9 @@ impl Datapath {
     }
 
     /// Drops the counters of a slot that will never be seen again.
-    pub fn forget_slot(&mut self, cookie: NetnsCookie, slot: u16) {
-        let _ = self.counters.remove(&SlotKey::new(cookie, slot as u32));
-        let _ = self.slots.remove(&SlotKey::new(cookie, slot as u32));
+    pub fn forget_slot(&mut self, router: RouterIndex, slot: u16) {
+        let _ = self.counters.remove(&SlotKey::new(router, slot as u32));
+        let _ = self.slots.remove(&SlotKey::new(router, slot as u32));
     }
 }
 
@@ -200,6 +195,26 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>,
         Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// Loads the object with the given router index; maps are shared through
+/// their pins, so every instance sees the same rules.
+fn load_instance(dir: &Path, layout: MarkLayout, max_rules: u32, index: RouterIndex) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .override_global(GLOBAL_MARK_LAYOUT, &layout, true)
+        .override_global(GLOBAL_ROUTER, &index, true)
+        .map_max_entries(MAP_RULES, max_rules)
+        .map_max_entries(MAP_SLOTS, max_rules)
+        .map_max_entries(MAP_COUNTERS, max_rules)
+        .load(PROGRAMS)
+        .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+    for name in [PROG_TAG, PROG_ENFORCE] {
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+        prog.load().with_context(|| format!("verifying program {name}"))?;
+    }
+    Ok(ebpf)
 }
 
 fn nr_cpus() -> Result<usize> {
