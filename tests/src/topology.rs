@@ -1,0 +1,140 @@
+//! client — router — server in three network namespaces of this test.
+//!
+//! The router forwards with a stateful policy, as a real virtual router
+//! does: replies and RELATED connections pass, NEW connections only to the
+//! control ports (tcp/21, udp/69, udp+tcp/5060) from the client side. A data
+//! connection therefore passes only if a conntrack helper expected it.
+
+use std::process::Command;
+
+use crate::{run, unique};
+
+/// An address family of the test bed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Self {
+        run(Command::new("ip").args(["netns", "add", name]));
+        let ns = Self { name: name.to_string() };
+        run(ns.cmd("ip").args(["link", "set", "lo", "up"]));
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// A command run inside this namespace (nsenter, so /sys stays the
+    /// host's and bpffs stays visible).
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path())).arg(program);
+        c
+    }
+
+    /// Runs a command inside; panics on failure; returns stdout.
+    pub fn sh(&self, program: &str, args: &[&str]) -> String {
+        String::from_utf8_lossy(&run(self.cmd(program).args(args)).stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+pub struct Topology {
+    pub router_id: String,
+    pub client: Netns,
+    pub router: Netns,
+    pub server: Netns,
+}
+
+/// Policy of the router's FORWARD chain (same text for both families).
+const FORWARD_POLICY: &str = "*filter
+:FORWARD DROP [0:0]
+-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+-A FORWARD -i r0 -p tcp --dport 21 -m conntrack --ctstate NEW -j ACCEPT
+-A FORWARD -i r0 -p udp --dport 69 -m conntrack --ctstate NEW -j ACCEPT
+-A FORWARD -i r0 -p udp --dport 5060 -m conntrack --ctstate NEW -j ACCEPT
+-A FORWARD -i r0 -p tcp --dport 5060 -m conntrack --ctstate NEW -j ACCEPT
+COMMIT
+";
+
+impl Topology {
+    pub const CLIENT_V4: &str = "10.200.1.2";
+    pub const SERVER_V4: &str = "10.200.2.2";
+    pub const CLIENT_V6: &str = "fd00:200::1:2";
+    pub const SERVER_V6: &str = "fd00:200::2:2";
+
+    pub fn new() -> Self {
+        crate::require_root();
+        let router_id = uuid::Uuid::new_v4().to_string();
+        let tag = unique("");
+        let client = Netns::create(&format!("{tag}-c"));
+        let server = Netns::create(&format!("{tag}-s"));
+        let router = Netns::create(&format!("qrouter-{router_id}"));
+        let topo = Self { router_id, client, router, server };
+        topo.wire(&topo.client, "c0", "r0", "1");
+        topo.wire(&topo.server, "s0", "r1", "2");
+        topo.router.sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        topo.router.sh("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        for tool in ["iptables-restore", "ip6tables-restore"] {
+            let mut child = topo
+                .router
+                .cmd(tool)
+                .arg("--noflush")
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("iptables-restore");
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(FORWARD_POLICY.as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success(), "{tool} of the forward policy failed");
+        }
+        topo
+    }
+
+    /// A veth between `host` and the router, subnet number `n`.
+    fn wire(&self, host: &Netns, host_if: &str, router_if: &str, n: &str) {
+        run(Command::new("ip").args([
+            "link", "add", host_if, "netns", &host.name, "type", "veth", "peer", "name", router_if, "netns", &self.router.name,
+        ]));
+        host.sh("ip", &["addr", "add", &format!("10.200.{n}.2/24"), "dev", host_if]);
+        host.sh("ip", &["-6", "addr", "add", &format!("fd00:200::{n}:2/112"), "dev", host_if, "nodad"]);
+        self.router.sh("ip", &["addr", "add", &format!("10.200.{n}.1/24"), "dev", router_if]);
+        self.router.sh("ip", &["-6", "addr", "add", &format!("fd00:200::{n}:1/112"), "dev", router_if, "nodad"]);
+        host.sh("ip", &["link", "set", host_if, "up"]);
+        self.router.sh("ip", &["link", "set", router_if, "up"]);
+        host.sh("ip", &["route", "add", "default", "via", &format!("10.200.{n}.1")]);
+        host.sh("ip", &["-6", "route", "add", "default", "via", &format!("fd00:200::{n}:1")]);
+    }
+
+    pub fn server_addr(family: Family) -> &'static str {
+        match family {
+            Family::V4 => Self::SERVER_V4,
+            Family::V6 => Self::SERVER_V6,
+        }
+    }
+
+    /// `conntrack ARGS` in the router (stdout; the tool's summary line goes to stderr).
+    pub fn conntrack(&self, args: &[&str]) -> String {
+        let out = self.router.cmd("conntrack").args(args).output().expect("conntrack");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,275 @@
+//! BPF_PROG_TEST_RUN of both programs on crafted packets: the real verified
+//! programs run in the kernel on bytes this test builds.
+
+use aya::programs::{TestRun, TestRunOptions};
+use enforcer::kernel::Datapath;
+use enforcer_common::{IPPROTO_TCP, IPPROTO_UDP, MarkLayout, PROG_ENFORCE, PROG_TAG};
+use enforcer_tests::{require_root, unique};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+/// The control instance of the programs serves router index 0.
+const ROUTER: u32 = 0;
+const FTP: u8 = 1;
+const TFTP: u8 = 2;
+/// Offset of `mark` in struct __sk_buff.
+const MARK: usize = 8;
+const SKB_SIZE: usize = 192;
+
+struct Bed {
+    dp: Datapath,
+    dir: std::path::PathBuf,
+}
+
+impl Bed {
+    fn new(layout: MarkLayout) -> Self {
+        require_root();
+        let dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique("tr"));
+        let mut dp = Datapath::load(&dir, layout, 1024).expect("loading programs");
+        dp.allow(ROUTER, IPPROTO_TCP, 21, FTP, 7).unwrap();
+        dp.allow(ROUTER, IPPROTO_UDP, 69, TFTP, 8).unwrap();
+        Self { dp, dir }
+    }
+
+    /// Runs `prog` on `packet` with `mark`; returns (verdict, mark after).
+    fn run(&self, prog: &str, packet: &[u8], mark: u32) -> (u32, u32) {
+        let mut ctx_in = vec![0u8; SKB_SIZE];
+        ctx_in[MARK..MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = vec![0u8; SKB_SIZE];
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(packet);
+        opts.ctx_in = Some(&ctx_in);
+        opts.ctx_out = Some(&mut ctx_out);
+        let r = self.dp.program(prog).unwrap().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        (r.return_value, u32::from_ne_bytes(ctx_out[MARK..MARK + 4].try_into().unwrap()))
+    }
+
+    fn tag(&self, packet: &[u8], mark: u32) -> u32 {
+        let (verdict, mark) = self.run(PROG_TAG, packet, mark);
+        assert_eq!(verdict, TC_ACT_OK, "tag never drops");
+        mark
+    }
+
+    fn counters(&self, slot: u32) -> (u64, u64) {
+        let dump = enforcer::kernel::dump::read(&self.dir).unwrap();
+        let s = dump.slots.iter().find(|s| s.router_index == ROUTER && s.slot == slot).expect("slot counters");
+        (s.tagged, s.dropped)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut p = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p
+}
+
+fn l4(proto: u8, dport: u16) -> Vec<u8> {
+    let mut h = vec![0u8; if proto == IPPROTO_TCP { 20 } else { 8 }];
+    h[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == IPPROTO_TCP {
+        h[12] = 0x50;
+    }
+    h
+}
+
+/// IPv4 with `opt_words` 4-byte option words and the given fragment field.
+fn ipv4(proto: u8, dport: u16, opt_words: u8, frag: u16) -> Vec<u8> {
+    let mut p = eth(0x0800);
+    let l4 = l4(proto, dport);
+    let ihl = 5 + opt_words;
+    let total = ihl as u16 * 4 + l4.len() as u16;
+    p.extend_from_slice(&[0x40 | ihl, 0]);
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0, 1]);
+    p.extend_from_slice(&frag.to_be_bytes());
+    p.extend_from_slice(&[64, proto, 0, 0, 10, 200, 1, 2, 10, 200, 2, 2]);
+    for _ in 0..opt_words {
+        p.extend_from_slice(&[1, 1, 1, 1]); // NOP options
+    }
+    p.extend_from_slice(&l4);
+    p
+}
+
+/// IPv6 with the given chain of extension headers before `proto`.
+/// Each is (next-header number of this header, bytes).
+fn ipv6(proto: u8, dport: u16, ext: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let mut p = eth(0x86dd);
+    let l4 = l4(proto, dport);
+    let mut body = Vec::new();
+    for (i, (_, bytes)) in ext.iter().enumerate() {
+        let mut h = bytes.clone();
+        h[0] = ext.get(i + 1).map(|e| e.0).unwrap_or(proto);
+        body.extend_from_slice(&h);
+    }
+    body.extend_from_slice(&l4);
+    let first = ext.first().map(|e| e.0).unwrap_or(proto);
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[first, 64]);
+    p.extend_from_slice(&[0xfd, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2]);
+    p.extend_from_slice(&[0xfd, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 2]);
+    p.extend_from_slice(&body);
+    p
+}
+
+fn opts_header() -> Vec<u8> {
+    vec![0, 0, 1, 4, 0, 0, 0, 0] // next, len 0 (8 bytes), PadN
+}
+
+fn frag_header(offset: u16, more: bool) -> Vec<u8> {
+    let field = (offset << 3) | more as u16;
+    let mut h = vec![0, 0];
+    h.extend_from_slice(&field.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 9]);
+    h
+}
+
+fn vlan(inner: Vec<u8>, tpids: &[u16]) -> Vec<u8> {
+    let mut p = inner[..12].to_vec();
+    for tpid in tpids {
+        p.extend_from_slice(&tpid.to_be_bytes());
+        p.extend_from_slice(&100u16.to_be_bytes());
+    }
+    p.extend_from_slice(&inner[12..]);
+    p
+}
+
+#[test]
+fn tags_allowed_ipv4_and_ipv6_flows() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    let l = MarkLayout::DEFAULT;
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), l.encode(FTP, 7));
+    assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), l.encode(TFTP, 8));
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[]), 0), l.encode(FTP, 7));
+    assert_eq!(bed.tag(&ipv6(IPPROTO_UDP, 69, &[]), 0), l.encode(TFTP, 8));
+    assert_eq!(bed.counters(7).0, 2, "tagged packets are counted per rule");
+}
+
+#[test]
+fn leaves_other_flows_untouched() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    for packet in [
+        ipv4(IPPROTO_TCP, 22, 0, 0),
+        ipv4(IPPROTO_UDP, 21, 0, 0), // right port, wrong protocol
+        ipv4(IPPROTO_TCP, 69, 0, 0),
+        ipv6(IPPROTO_TCP, 2121, &[]),
+        ipv4(47, 21, 0, 0), // GRE
+    ] {
+        assert_eq!(bed.tag(&packet, 0x1234), 0x1234);
+    }
+}
+
+#[test]
+fn ipv4_options_are_skipped() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    for words in [1, 3, 10] {
+        assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, words, 0), 0), MarkLayout::DEFAULT.encode(FTP, 7), "{words} option words");
+    }
+    // A header length below 20 bytes is malformed: untouched.
+    let mut bad = ipv4(IPPROTO_TCP, 21, 0, 0);
+    bad[14] = 0x44;
+    assert_eq!(bed.tag(&bad, 0), 0);
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    let tagged = MarkLayout::DEFAULT.encode(FTP, 7);
+    let hop_dst = [(0u8, opts_header()), (60u8, opts_header())];
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &hop_dst), 0), tagged);
+    let routing = vec![0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[(0, opts_header()), (43, routing)]), 0), tagged);
+    // More extension headers than the parser walks: left alone, not guessed.
+    let many: Vec<_> = (0..7).map(|_| (60u8, opts_header())).collect();
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &many), 0), 0);
+    // ESP hides the ports.
+    let esp = ipv6(50, 21, &[]);
+    assert_eq!(bed.tag(&esp, 0), 0);
+}
+
+#[test]
+fn only_first_fragments_are_tagged() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    let tagged = MarkLayout::DEFAULT.encode(FTP, 7);
+    // IPv4: MF set, offset 0 is the first fragment; offset 185 is not.
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0x2000), 0), tagged);
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 185), 0), 0);
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0x2000 | 185), 0), 0);
+    // IPv6 fragment header.
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[(44, frag_header(0, true))]), 0), tagged);
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[(44, frag_header(100, false))]), 0), 0);
+}
+
+#[test]
+fn truncated_and_non_ip_packets_pass_untouched() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    let full = ipv4(IPPROTO_TCP, 21, 0, 0);
+    // Cut inside the ports, and right after the fixed IP header. (The
+    // kernel's test harness itself refuses a packet shorter than a fixed IP
+    // header, so a cut inside the options stands for that case.)
+    for len in [14 + 20 + 3, 14 + 20] {
+        assert_eq!(bed.tag(&full[..len], 0x77), 0x77, "cut at {len}");
+    }
+    let with_options = ipv4(IPPROTO_TCP, 21, 10, 0);
+    assert_eq!(bed.tag(&with_options[..14 + 30], 0x77), 0x77, "cut inside the options");
+    let v6 = ipv6(IPPROTO_TCP, 21, &[(0, opts_header())]);
+    assert_eq!(bed.tag(&v6[..14 + 40 + 4], 0), 0, "cut inside an extension header");
+    let mut arp = eth(0x0806);
+    arp.extend_from_slice(&[0u8; 28]);
+    assert_eq!(bed.tag(&arp, 0x77), 0x77);
+    // Says IPv4 in the ethertype, but version 6 inside.
+    let mut liar = ipv6(IPPROTO_TCP, 21, &[]);
+    liar[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    assert_eq!(bed.tag(&liar, 0), 0);
+}
+
+#[test]
+fn vlan_tags_are_looked_through() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    let tagged = MarkLayout::DEFAULT.encode(FTP, 7);
+    assert_eq!(bed.tag(&vlan(ipv4(IPPROTO_TCP, 21, 0, 0), &[0x8100]), 0), tagged);
+    assert_eq!(bed.tag(&vlan(ipv6(IPPROTO_TCP, 21, &[]), &[0x88a8, 0x8100]), 0), tagged);
+    assert_eq!(bed.tag(&vlan(ipv4(IPPROTO_TCP, 22, 0, 0), &[0x8100]), 0), 0);
+}
+
+#[test]
+fn foreign_mark_bits_are_kept() {
+    // Our bits in the middle of the mark, others' bits on both sides.
+    let layout = MarkLayout::from_masks(0x00f0_0000, 0x000f_ff00);
+    let bed = Bed::new(layout);
+    let foreign = 0xab00_00cc;
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), foreign), foreign | layout.encode(FTP, 7));
+    // A stale tag in our bits is replaced, not OR-ed.
+    let stale = foreign | layout.encode(0xf, 0xfff);
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), stale), foreign | layout.encode(FTP, 7));
+    // A miss leaves everything as it was.
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 22, 0, 0), stale), stale);
+    // Egress reads the slot through the same layout.
+    let (verdict, mark) = bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 21, 0, 0), foreign | layout.encode(FTP, 7));
+    assert_eq!((verdict, mark), (TC_ACT_OK, foreign | layout.encode(FTP, 7)));
+    assert_eq!(bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 21, 0, 0), foreign).0, TC_ACT_OK, "foreign bits alone are no slot");
+}
+
+#[test]
+fn enforce_drops_revoked_slots_only() {
+    let mut bed = Bed::new(MarkLayout::DEFAULT);
+    let l = MarkLayout::DEFAULT;
+    let packet = ipv4(IPPROTO_TCP, 40000, 0, 0); // a data connection: any port
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, 0).0, TC_ACT_OK);
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(FTP, 7)).0, TC_ACT_OK, "live slot");
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(FTP, 99)).0, TC_ACT_SHOT, "a slot that was never live");
+    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(FTP, 7)).0, TC_ACT_SHOT, "revoked slot");
+    assert_eq!(bed.run(PROG_ENFORCE, &ipv6(IPPROTO_UDP, 5000, &[]), l.encode(FTP, 7)).0, TC_ACT_SHOT);
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(TFTP, 8)).0, TC_ACT_OK, "other rules unaffected");
+    assert_eq!(bed.counters(7).1, 2, "drops after revocation are counted");
+    // And the revoked rule no longer tags.
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), 0);
+}
