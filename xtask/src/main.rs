@@ -1,1 +1,90 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, run, demo and tests of enforcer.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Set up, build, run, demo and test enforcer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, bpf-linker, the nightly
+    /// rust-src link) and mount bpffs. Idempotent; needs root.
+    Setup,
+    /// Build the eBPF object and the enforcer binary (release).
+    Build,
+    /// Build, then run the enforcer binary with ARGS (as root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and show enforcement end to end on a throwaway topology.
+    Demo,
+    /// Set up, build, and run every test (unit, datapath, integration).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build() -> Result<PathBuf> {
+    status(cargo().args(["build", "--release", "--locked", "-p", "enforcer"]))?;
+    Ok(root().join("target/release/enforcer"))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => build().map(|bin| println!("built {}", bin.display())),
+        Cmd::Run { args } => {
+            let bin = build()?;
+            status(Command::new(bin).args(args))
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            let bin = build()?;
+            status(cargo().args(["run", "--release", "--locked", "-p", "enforcer-tests", "--bin", "demo"]).env("ENFORCER_BIN", bin))
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            let bin = build()?;
+            status(
+                cargo()
+                    .args(["test", "--release", "--locked", "--workspace"])
+                    .args(args)
+                    .env("ENFORCER_BIN", bin)
+                    .env("RUST_TEST_THREADS", "2"),
+            )
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Idempotent machine set-up: says what it installs, is quick when all is
+//! there, and fails with a clear message when it cannot proceed.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::status;
+
+/// Debian packages: tools the daemon calls, and the real protocol peers the
+/// tests and the demo use.
+const PACKAGES: &[(&str, &str)] = &[
+    ("rust-web-src", "standard library source for build-std of the eBPF crate"),
+    ("iproute2", "ip netns, veth"),
+    ("util-linux", "nsenter"),
+    ("iptables", "netfilter glue (iptables-nft)"),
+    ("conntrack", "conntrack -L in tests and demo"),
+    ("python3-pyftpdlib", "FTP server"),
+    ("tftpd-hpa", "TFTP server"),
+    ("tftp-hpa", "TFTP client"),
+    ("sip-tester", "sipp, SIP peer"),
+];
+
+const BPF_LINKER: &str = "bpf-linker@0.10.0";
+
+pub fn run() -> Result<()> {
+    if !nix_is_root() {
+        bail!("`cargo xtask setup` needs root (apt-get, bpffs mount); run it with sudo -E");
+    }
+    nightly()?;
+    packages()?;
+    bpf_linker()?;
+    rust_src()?;
+    bpffs()?;
+    println!("setup: ready");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn nightly() -> Result<()> {
+    let list = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !list.lines().any(|l| l.starts_with("nightly")) {
+        bail!(
+            "the nightly Rust toolchain is missing; the eBPF crate needs it (build-std for bpfel-unknown-none).\n\
+             Install it with `rustup toolchain install nightly` and run `cargo xtask setup` again."
+        );
+    }
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg])).is_some_and(|s| s.ends_with("install ok installed"))
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(p, _)| !installed(p)).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        println!("setup: installing {p} ({why})");
+    }
+    status(Command::new("apt-get").arg("update").arg("-q"))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok(());
+    }
+    println!("setup: installing {BPF_LINKER} (a few minutes)");
+    status(Command::new("cargo").args(["+stable", "install", BPF_LINKER, "--locked"]))
+}
+
+fn version_of(text: &str) -> Option<(u32, u32)> {
+    let v = text.split(|c: char| !(c.is_ascii_digit() || c == '.')).find(|w| w.matches('.').count() >= 2)?;
+    let mut it = v.split('.');
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// Debian's standard library source (the rust-web-src package), made usable
+/// for the nightly toolchain's build-std. rustup cannot download rust-src
+/// here. When the nightly is newer than the source, a copy is patched for the
+/// few lang items the compiler renamed since.
+fn rust_src() -> Result<()> {
+    let files = output(Command::new("dpkg").args(["-L", "rust-web-src"])).context("listing rust-web-src")?;
+    let source = files
+        .lines()
+        .find(|l| Path::new(l).parent() == Some(Path::new("/usr/src")) && l.contains("rustc-"))
+        .map(PathBuf::from)
+        .context("rust-web-src has no /usr/src/rustc-* directory")?;
+    let source_version = version_of(&source.to_string_lossy()).context("version of rust-web-src")?;
+    let sysroot = PathBuf::from(output(Command::new("rustc").arg("+nightly").args(["--print", "sysroot"])).context("nightly sysroot")?);
+    let nightly_version = version_of(&output(Command::new("rustc").args(["+nightly", "--version"])).unwrap_or_default()).context("nightly version")?;
+    let link = sysroot.join("lib/rustlib/src/rust");
+
+    let target = if nightly_version > source_version {
+        let copy = PathBuf::from("/var/cache/enforcer").join(format!(
+            "rust-src-{}.{}-for-{}.{}",
+            source_version.0, source_version.1, nightly_version.0, nightly_version.1
+        ));
+        let marker = copy.join(".enforcer-patched");
+        if !marker.exists() {
+            println!("setup: patching a copy of {} for nightly {}.{} in {}", source.display(), nightly_version.0, nightly_version.1, copy.display());
+            let _ = std::fs::remove_dir_all(&copy);
+            std::fs::create_dir_all(&copy)?;
+            status(Command::new("cp").arg("-a").arg(format!("{}/.", source.display())).arg(&copy))?;
+            patch_core(&copy.join("library/core/src"))?;
+            std::fs::write(&marker, "patched by cargo xtask setup\n")?;
+        }
+        copy
+    } else {
+        source
+    };
+    if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        println!("setup: linking {} -> {}", link.display(), target.display());
+        std::fs::create_dir_all(link.parent().context("link parent")?)?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)?;
+    }
+    Ok(())
+}
+
+/// The compiler-facing differences between Debian's 1.96 core and the 1.97
+/// nightly, found by building core: each edit applies only where the old
+/// text is present.
+fn patch_core(core: &Path) -> Result<()> {
+    let edits: &[(&str, &str, &str)] = &[
+        // The compiler now wants one generic parameter on this lang item.
+        (
+            "ops/reborrow.rs",
+            "pub trait CoerceShared: Reborrow {\n    /// The type of this value when reborrowed as shared.\n    type Target: Copy;\n}",
+            "pub trait CoerceShared<T: Copy>: Reborrow {}",
+        ),
+        // The lang item was renamed.
+        ("ptr/mod.rs", "#[lang = \"drop_in_place\"]", "#[lang = \"drop_glue\"]"),
+        // The attribute is gone (only a niche optimisation, unused by eBPF).
+        ("ptr/non_null.rs", "#[rustc_layout_scalar_valid_range_start(1)]\n", ""),
+    ];
+    for (file, old, new) in edits {
+        let path = core.join(file);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        if text.contains(old) {
+            std::fs::write(&path, text.replace(old, new))?;
+        }
+    }
+    Ok(())
+}
+
+fn bpffs() -> Result<()> {
+    let fs = output(Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"])).unwrap_or_default();
+    if fs != "bpf_fs" {
+        println!("setup: mounting bpffs at /sys/fs/bpf");
+        std::fs::create_dir_all("/sys/fs/bpf")?;
+        status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
