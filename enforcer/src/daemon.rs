@@ -59,6 +59,7 @@ impl Daemon {
     /// with it: maps are rebuilt from the stored rules, routers re-attached.
     pub fn start(config: Config) -> Result<Self> {
         let layout = config.layout()?;
+        raise_fd_limit();
         let store = Store::open(&config.state_dir)?;
         let state = store.load().context("reading the store")?;
         let mut datapath = Datapath::load(&config.bpffs, layout, config.max_rules)?;
@@ -406,6 +407,17 @@ impl Daemon {
                 .map(|(_, h)| h.helper.clone())
                 .collect(),
         ))
+    }
+}
+
+/// Every router interface holds two link descriptors: lift the soft limit
+/// to the hard one so thousands of routers fit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            warn!("raising the open files limit: {e}");
+        }
     }
 }
 

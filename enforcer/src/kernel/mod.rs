@@ -40,13 +40,13 @@ pub struct Datapath {
 }
 
 /// One router's instance of the programs, attached to the interfaces of its
-/// namespace. Dropping it detaches them.
+/// namespace. Only the links are kept (they hold the programs in the kernel),
+/// so a router costs two file descriptors per interface. Dropping it
+/// detaches them.
 pub struct Attachment {
     pub index: RouterIndex,
     pub interfaces: Vec<String>,
-    // Links before the programs: dropped first.
     _links: Vec<SchedClassifierLink>,
-    _programs: Ebpf,
 }
 
 fn mount_bpffs_if_needed(dir: &Path) -> Result<()> {
@@ -130,7 +130,7 @@ impl Datapath {
         self.routers
             .insert(index, RouterValue { id: *router.as_bytes() }, 0)
             .context("recording router in map")?;
-        Ok(Attachment { index, interfaces, _links: links, _programs: programs })
+        Ok(Attachment { index, interfaces, _links: links })
     }
 
     /// Forgets a router's index; its links go when the Attachment drops.
