@@ -15,12 +15,19 @@ pub const MAP_RULES: &str = "ENFORCER_RULES";
 pub const MAP_SLOTS: &str = "ENFORCER_SLOTS";
 pub const MAP_COUNTERS: &str = "ENFORCER_COUNTERS";
 pub const MAP_ROUTERS: &str = "ENFORCER_ROUTERS";
+pub const MAP_REVOKED: &str = "ENFORCER_REVOKED";
 pub const PROG_TAG: &str = "tag";
 pub const PROG_ENFORCE: &str = "enforce";
 /// Names of the load-time globals: the mark layout, and the router the
 /// program instance serves.
 pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";
 pub const GLOBAL_ROUTER: &str = "ROUTER";
+pub const GLOBAL_QUIET_NS: &str = "QUIET_NS";
+
+/// Capacity of the revoked-flows map (LRU: the oldest go first when full).
+pub const MAX_REVOKED_FLOWS: u32 = 65536;
+/// Default quiet time after which a revoked flow may come back as new.
+pub const DEFAULT_QUIET_NS: u64 = 600 * 1_000_000_000;
 
 /// Default capacity of the rules map (all routers together). The map is not
 /// preallocated, so capacity costs only its bucket array until used.
@@ -95,6 +102,36 @@ pub struct Counters {
     pub tagged: u64,
     /// Packets the egress program dropped because the slot was revoked.
     pub dropped: u64,
+}
+
+/// One direction of a connection at a router, as the ingress program sees
+/// its packets. IPv4 addresses sit in the first word, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub router: RouterIndex,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// Value of the revoked-flows map: a connection whose conntrack entry was
+/// removed on revocation. Conntrack would pick it up again mid-stream as a
+/// fresh, unmarked entry; the ingress program drops its packets instead
+/// until it has been quiet for `QUIET_NS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RevokedFlow {
+    /// bpf_ktime_get_ns of the last packet seen (or of the revocation).
+    pub last_seen_ns: u64,
+    /// The revoked rule's slot, whose counters count these drops.
+    pub slot: u32,
+    pub _pad: u32,
 }
 
 /// Value of the routers map: which router an index belongs to.
@@ -177,5 +214,7 @@ mod user {
     unsafe impl aya::Pod for SlotValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for RouterValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for RevokedFlow {}
     unsafe impl aya::Pod for MarkLayout {}
 }

@@ -13,13 +13,14 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use enforcer_common::{
-    Counters, DEFAULT_MAX_RULES, MarkLayout, RouterIndex, RouterValue, RuleKey, RuleValue,
-    SlotKey, SlotValue,
+    Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout,
+    RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
 /// BPF_F_NO_PREALLOC: entries cost memory only when they exist.
@@ -35,6 +36,9 @@ static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(DEFAULT_MAX_RULES, N
 static COUNTERS: PerCpuHashMap<SlotKey, Counters> =
     PerCpuHashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
+#[map(name = "ENFORCER_REVOKED")]
+static REVOKED: LruHashMap<FlowKey, RevokedFlow> = LruHashMap::pinned(MAX_REVOKED_FLOWS, 0);
+
 /// Not read here: lets userspace name the router of an index from the pins.
 #[map(name = "ENFORCER_ROUTERS")]
 static ROUTERS: HashMap<RouterIndex, RouterValue> = HashMap::pinned(65536, NO_PREALLOC);
@@ -47,6 +51,10 @@ static MARK_LAYOUT: MarkLayout = MarkLayout::DEFAULT;
 /// The router this instance of the programs serves.
 #[unsafe(no_mangle)]
 static ROUTER: RouterIndex = 0;
+
+/// How long a revoked flow must be quiet before it may pass again.
+#[unsafe(no_mangle)]
+static QUIET_NS: u64 = DEFAULT_QUIET_NS;
 
 #[inline(always)]
 fn layout() -> MarkLayout {
@@ -78,6 +86,9 @@ pub fn tag(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let router = router();
+    if revoked(router, &flow) {
+        return TC_ACT_SHOT;
+    }
     let key = RuleKey::new(router, flow.proto, flow.dport);
     if let Some(rule) = unsafe { RULES.get(&key) } {
         let layout = layout();
@@ -85,6 +96,36 @@ pub fn tag(ctx: TcContext) -> i32 {
         count(&SlotKey::new(router, rule.slot as u32), |c| c.tagged += 1);
     }
     TC_ACT_OK
+}
+
+/// Whether the packet belongs to a revoked connection that is still
+/// talking; refreshes its quiet timer if so.
+#[inline(always)]
+fn revoked(router: RouterIndex, flow: &parse::Flow) -> bool {
+    let key = FlowKey {
+        router,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+        _pad: [0; 2],
+        src: flow.src,
+        dst: flow.dst,
+    };
+    let Some(entry) = REVOKED.get_ptr_mut(&key) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let quiet = unsafe { core::ptr::read_volatile(&QUIET_NS) };
+    // SAFETY: a map value pointer; a racing update only moves the timer.
+    let entry = unsafe { &mut *entry };
+    if now.saturating_sub(entry.last_seen_ns) > quiet {
+        let _ = REVOKED.remove(&key);
+        return false;
+    }
+    entry.last_seen_ns = now;
+    count(&SlotKey::new(router, entry.slot), |c| c.dropped += 1);
+    true
 }
 
 #[classifier]

@@ -24,11 +24,17 @@ const NEXTHDR_DEST: u8 = 60;
 /// Extension headers walked before giving up (the verifier needs a bound).
 const MAX_EXT_HEADERS: usize = 6;
 
-/// What the rule lookup needs from a packet.
+/// What the lookups need from a packet: the rule key and the flow.
 pub struct Flow {
     pub proto: u8,
-    /// Destination port, host byte order.
+    /// 4 or 6.
+    pub family: u8,
+    /// Ports in host byte order.
+    pub sport: u16,
     pub dport: u16,
+    /// Addresses as on the wire; IPv4 in the first word.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
 }
 
 #[inline(always)]
@@ -54,9 +60,21 @@ pub fn flow(ctx: &TcContext) -> Option<Flow> {
             off += VLAN_HLEN;
         }
     }
-    let (l4proto, l4off) = match proto {
-        ETH_P_IP => ipv4(ctx, off)?,
-        ETH_P_IPV6 => ipv6(ctx, off)?,
+    let mut src = [0u32; 4];
+    let mut dst = [0u32; 4];
+    let (family, l4proto, l4off) = match proto {
+        ETH_P_IP => {
+            let (p, l4) = ipv4(ctx, off)?;
+            src[0] = ctx.load::<u32>(off + 12).ok()?;
+            dst[0] = ctx.load::<u32>(off + 16).ok()?;
+            (4, p, l4)
+        }
+        ETH_P_IPV6 => {
+            let (p, l4) = ipv6(ctx, off)?;
+            src = ctx.load::<[u32; 4]>(off + 8).ok()?;
+            dst = ctx.load::<[u32; 4]>(off + 24).ok()?;
+            (6, p, l4)
+        }
         _ => return None,
     };
     if l4proto != IPPROTO_TCP && l4proto != IPPROTO_UDP {
@@ -66,7 +84,8 @@ pub fn flow(ctx: &TcContext) -> Option<Flow> {
     // 4 bytes of ports proves the header is not truncated there.
     let ports = ctx.load::<u32>(l4off).ok()?;
     let dport = u16::from_be((ports >> 16) as u16);
-    Some(Flow { proto: l4proto, dport })
+    let sport = u16::from_be(ports as u16);
+    Some(Flow { proto: l4proto, family, sport, dport, src, dst })
 }
 
 #[inline(always)]

@@ -122,6 +122,9 @@ pub enum Request {
         router_id: String,
         helper_id: String,
     },
+    Status {},
+    /// Removes every router and all enforcement, then stops the daemon.
+    Teardown {},
 }
 
 /// Stable error codes: scripts match on these, not on messages.
@@ -169,6 +172,94 @@ impl ApiError {
     }
 }
 
+/// What a revocation removed from the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeReport {
+    /// Conntrack entries that carried the rule (control connections and the
+    /// RELATED connections they spawned); deleting them also removed their
+    /// expectations.
+    pub conntrack_entries_removed: usize,
+    /// Connection directions the datapath keeps dropping until quiet.
+    pub flows_kept_dead: usize,
+    pub quiet_secs: u64,
+    /// Whether the rule slot is free again (no entry carries it any more).
+    pub slot_released: bool,
+    /// Why cleaning the conntrack table failed, if it did (the rule is
+    /// revoked in the datapath regardless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_error: Option<String>,
+}
+
+/// Differences between the kernel maps and the desired state.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapDrift {
+    pub rules_added: usize,
+    pub rules_removed: usize,
+    pub slots_added: usize,
+    pub slots_removed: usize,
+    pub counters_added: usize,
+    pub counters_removed: usize,
+    pub routers_added: usize,
+    pub routers_removed: usize,
+}
+
+impl MapDrift {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What a reconciliation changed (or, as drift, would change).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileReport {
+    pub glue_installed: usize,
+    pub links_attached: usize,
+    pub links_detached: usize,
+    pub orphan_routers_removed: usize,
+    /// Stored routers whose namespace is missing.
+    pub routers_detached: usize,
+    pub slots_released: usize,
+    pub maps: MapDrift,
+}
+
+impl ReconcileReport {
+    /// Nothing to change (a router whose namespace is missing is a fact,
+    /// not drift).
+    pub fn is_empty(&self) -> bool {
+        *self == Self { routers_detached: self.routers_detached, ..Self::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterStatus {
+    pub id: String,
+    pub netns: String,
+    pub attached: bool,
+    pub interfaces: Vec<String>,
+    pub helpers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    pub pid: u32,
+    pub bpffs: String,
+    pub state_dir: String,
+    pub uptime_secs: u64,
+    pub routers: Vec<RouterStatus>,
+    pub helpers: usize,
+    pub quarantined_slots: usize,
+    pub revoked_flows: usize,
+    /// What the start-up reconciliation changed.
+    pub started_with: ReconcileReport,
+    /// What differs now between the kernel and the store.
+    pub drift: ReconcileReport,
+}
+
 /// What a successful request returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -177,6 +268,8 @@ pub enum Reply {
     Routers(Vec<Router>),
     Helper(Helper),
     Helpers(Vec<Helper>),
+    Revoked(RevokeReport),
+    Status(Box<StatusReport>),
     Done {},
 }
 

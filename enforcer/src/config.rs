@@ -22,6 +22,9 @@ pub struct Config {
     pub slot_mask: u32,
     /// Capacity of the rules map, all routers together.
     pub max_rules: u32,
+    /// How long a revoked connection must be quiet before the datapath lets
+    /// its packets pass again (as a new, unmarked connection).
+    pub revoked_quiet_secs: u64,
 }
 
 impl Default for Config {
@@ -33,6 +36,7 @@ impl Default for Config {
             helper_mask: MarkLayout::DEFAULT.helper_mask,
             slot_mask: MarkLayout::DEFAULT.slot_mask,
             max_rules: DEFAULT_MAX_RULES,
+            revoked_quiet_secs: enforcer_common::DEFAULT_QUIET_NS / 1_000_000_000,
         }
     }
 }
@@ -65,10 +69,17 @@ impl Config {
         if s.count_ones() < 12 {
             bail!("slot_mask {s:#x} must have at least 12 bits (4,096 rules per router)");
         }
+        if self.revoked_quiet_secs == 0 {
+            bail!("revoked_quiet_secs must be positive");
+        }
         if self.max_rules == 0 {
             bail!("max_rules must be positive");
         }
         Ok(MarkLayout::from_masks(h, s))
+    }
+
+    pub fn quiet_ns(&self) -> u64 {
+        self.revoked_quiet_secs.saturating_mul(1_000_000_000)
     }
 
     /// Highest usable slot with this layout.

@@ -15,6 +15,8 @@ const TFTP: u8 = 2;
 /// Offset of `mark` in struct __sk_buff.
 const MARK: usize = 8;
 const SKB_SIZE: usize = 192;
+/// Quiet time of revoked flows in these tests.
+const QUIET_NS: u64 = 1_000_000_000;
 
 struct Bed {
     dp: Datapath,
@@ -25,7 +27,7 @@ impl Bed {
     fn new(layout: MarkLayout) -> Self {
         require_root();
         let dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique("tr"));
-        let mut dp = Datapath::load(&dir, layout, 1024).expect("loading programs");
+        let mut dp = Datapath::load(&dir, layout, 1024, QUIET_NS).expect("loading programs");
         dp.allow(ROUTER, IPPROTO_TCP, 21, FTP, 7).unwrap();
         dp.allow(ROUTER, IPPROTO_UDP, 69, TFTP, 8).unwrap();
         Self { dp, dir }
@@ -272,4 +274,53 @@ fn enforce_drops_revoked_slots_only() {
     assert_eq!(bed.counters(7).1, 2, "drops after revocation are counted");
     // And the revoked rule no longer tags.
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), 0);
+}
+
+fn tuple(src: &str, dst: &str, sport: u16, dport: u16) -> enforcer::kernel::conntrack::Tuple5 {
+    enforcer::kernel::conntrack::Tuple5 { proto: IPPROTO_TCP, src: src.parse().unwrap(), dst: dst.parse().unwrap(), sport, dport }
+}
+
+/// The reply direction of the packets `ipv4()`/`ipv6()` build.
+fn reply_packet(v6: bool, dport: u16) -> Vec<u8> {
+    let mut p = if v6 { ipv6(IPPROTO_TCP, dport, &[]) } else { ipv4(IPPROTO_TCP, dport, 0, 0) };
+    let (l3, alen) = if v6 { (14 + 8, 16) } else { (14 + 12, 4) };
+    let (src, dst) = (p[l3..l3 + alen].to_vec(), p[l3 + alen..l3 + 2 * alen].to_vec());
+    p[l3..l3 + alen].copy_from_slice(&dst);
+    p[l3 + alen..l3 + 2 * alen].copy_from_slice(&src);
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    p[l4..l4 + 2].copy_from_slice(&dport.to_be_bytes());
+    p[l4 + 2..l4 + 4].copy_from_slice(&40000u16.to_be_bytes());
+    p
+}
+
+#[test]
+fn revoked_flows_stay_dropped_until_quiet() {
+    let mut bed = Bed::new(MarkLayout::DEFAULT);
+    let entries = [
+        enforcer::kernel::conntrack::Entry {
+            orig: tuple("10.200.1.2", "10.200.2.2", 40000, 21),
+            reply: tuple("10.200.2.2", "10.200.1.2", 21, 40000),
+        },
+        enforcer::kernel::conntrack::Entry {
+            orig: tuple("fd00:200::1:2", "fd00:200::2:2", 40000, 2121),
+            reply: tuple("fd00:200::2:2", "fd00:200::1:2", 2121, 40000),
+        },
+    ];
+    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &entries).unwrap(), 4);
+    // Both directions of both flows are dropped at ingress, even unmarked.
+    for packet in [ipv4(IPPROTO_TCP, 21, 0, 0), reply_packet(false, 21), ipv6(IPPROTO_TCP, 2121, &[]), reply_packet(true, 2121)] {
+        assert_eq!(bed.run(PROG_TAG, &packet, 0).0, TC_ACT_SHOT);
+    }
+    // Other flows pass: another port, the same port over IPv6.
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 22, 0, 0), 0).0, TC_ACT_OK);
+    assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 21, &[]), 0).0, TC_ACT_OK);
+    assert_eq!(bed.counters(7).1, 4, "drops of revoked flows count for the revoked slot");
+
+    // Keep one flow talking; let the other go quiet past the quiet time.
+    for _ in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT, "still talking: still dropped");
+    }
+    assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 2121, &[]), 0).0, TC_ACT_OK, "quiet long enough: passes again");
+    assert_eq!(bed.dp.revoked_flows(), 3, "the quiet direction was forgotten");
 }

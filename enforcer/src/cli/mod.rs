@@ -45,6 +45,16 @@ enum Command {
     /// Inspect the kernel maps directly (works while the daemon is down).
     #[command(subcommand)]
     Maps(MapsCmd),
+    /// Show the daemon, routers, attachments, helpers and drift between the
+    /// kernel and the store.
+    Status {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Remove every router and all enforcement (links, glue, maps, conntrack
+    /// marks), then stop the daemon. Stopping the daemon otherwise (SIGTERM)
+    /// leaves enforcement in place.
+    Teardown,
 }
 
 #[derive(Args)]
@@ -127,8 +137,14 @@ enum HelperCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Delete a helper; returns once the kernel no longer forwards its flows.
-    Delete { router_id: String, helper_id: String },
+    /// Delete a helper; returns once the kernel no longer forwards its flows,
+    /// and reports what it removed from the router's conntrack table.
+    Delete {
+        router_id: String,
+        helper_id: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// List helpers, of one router or of all.
     List {
         router_id: Option<String>,
@@ -169,6 +185,8 @@ pub fn run(cli: Cli) -> Result<i32> {
             table::print_dump(&dump, output)?;
             return Ok(0);
         }
+        Command::Status { output } => (Request::Status {}, output),
+        Command::Teardown => (Request::Teardown {}, Output::Table),
         Command::Router(cmd) => match cmd {
             RouterCmd::Add { router_id, netns, project_id, output } => {
                 (Request::RouterAdd { router_id, netns, project_id }, output)
@@ -183,7 +201,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             HelperCmd::Update { router_id, helper_id, protocol, port, helper, output } => {
                 (Request::HelperUpdate { router_id, helper_id, protocol, port, helper }, output)
             }
-            HelperCmd::Delete { router_id, helper_id } => (Request::HelperDelete { router_id, helper_id }, Output::Table),
+            HelperCmd::Delete { router_id, helper_id, output } => (Request::HelperDelete { router_id, helper_id }, output),
             HelperCmd::List { router_id, output } => (Request::HelperList { router_id }, output),
             HelperCmd::Show { router_id, helper_id, output } => (Request::HelperShow { router_id, helper_id }, output),
         },

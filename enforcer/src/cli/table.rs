@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use enforcer::{
-    api::{Helper, Reply, Router},
+    api::{Helper, ReconcileReport, Reply, Router, StatusReport},
     kernel::dump::Dump,
 };
 
@@ -53,10 +53,76 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
             Reply::Routers(r) => router_rows(r),
             Reply::Helper(h) => helper_rows(std::slice::from_ref(h)),
             Reply::Helpers(h) => helper_rows(h),
+            Reply::Revoked(r) => {
+                println!(
+                    "revoked: {} conntrack entries removed (with their expectations); {} flow directions kept dropped until quiet for {} s; slot {}",
+                    r.conntrack_entries_removed,
+                    r.flows_kept_dead,
+                    r.quiet_secs,
+                    if r.slot_released { "released" } else { "quarantined" }
+                );
+                if let Some(e) = &r.flush_error {
+                    println!("warning: conntrack cleanup incomplete: {e}");
+                }
+            }
+            Reply::Status(s) => print_status(s),
             Reply::Done {} => println!("done"),
         },
     }
     Ok(())
+}
+
+fn print_reconcile(label: &str, r: &ReconcileReport) {
+    let m = &r.maps;
+    println!(
+        "{label}: glue {} | links +{} -{} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | slots +{} -{} | counters +{} -{} | routers +{} -{}",
+        r.glue_installed,
+        r.links_attached,
+        r.links_detached,
+        r.orphan_routers_removed,
+        r.routers_detached,
+        r.slots_released,
+        m.rules_added,
+        m.rules_removed,
+        m.slots_added,
+        m.slots_removed,
+        m.counters_added,
+        m.counters_removed,
+        m.routers_added,
+        m.routers_removed
+    );
+}
+
+fn print_status(s: &StatusReport) {
+    println!("daemon: pid {}, up {} s, maps and links in {}, store in {}", s.pid, s.uptime_secs, s.bpffs, s.state_dir);
+    println!(
+        "{} routers, {} helpers, {} quarantined slots, {} revoked flows kept dropped",
+        s.routers.len(),
+        s.helpers,
+        s.quarantined_slots,
+        s.revoked_flows
+    );
+    print_reconcile("changed at start", &s.started_with);
+    if s.drift.is_empty() {
+        println!("drift: none");
+    } else {
+        print_reconcile("drift", &s.drift);
+    }
+    print_table(
+        &["ROUTER", "NETNS", "ATTACHED", "INTERFACES", "HELPERS"],
+        s.routers
+            .iter()
+            .map(|r| {
+                vec![
+                    r.id.clone(),
+                    r.netns.clone(),
+                    if r.attached { "yes".into() } else { "no (namespace missing)".into() },
+                    if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") },
+                    r.helpers.to_string(),
+                ]
+            })
+            .collect(),
+    );
 }
 
 pub fn print_dump(dump: &Dump, output: Output) -> Result<()> {

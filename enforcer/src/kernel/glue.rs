@@ -107,8 +107,13 @@ fn restore(ns: &Path, family: Family, script: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether the glue is in place in both families.
+pub fn installed(ns: &Path) -> Result<bool> {
+    Ok(installed_in(ns, Family::V4)? && installed_in(ns, Family::V6)?)
+}
+
 /// Whether the glue's jump is in place in `family`.
-fn installed(ns: &Path, family: Family) -> Result<bool> {
+fn installed_in(ns: &Path, family: Family) -> Result<bool> {
     let status = in_netns(ns, family.tool())
         .args(["--wait", "-t", "raw", "-C", "PREROUTING", "-j", HELPERS_CHAIN])
         .stdout(Stdio::null())
@@ -122,7 +127,7 @@ fn installed(ns: &Path, family: Family) -> Result<bool> {
 /// family. Idempotent: an existing glue is rewritten, never duplicated.
 pub fn install(ns: &Path, layout: &MarkLayout) -> Result<()> {
     for family in Family::ALL {
-        let jumps = !installed(ns, family)?;
+        let jumps = !installed_in(ns, family)?;
         restore(ns, family, &install_script(layout, family, jumps))?;
     }
     Ok(())
@@ -132,7 +137,7 @@ pub fn install(ns: &Path, layout: &MarkLayout) -> Result<()> {
 pub fn remove(ns: &Path) -> Result<()> {
     let mut errors = Vec::new();
     for family in Family::ALL {
-        match installed(ns, family) {
+        match installed_in(ns, family) {
             Ok(true) => {
                 if let Err(e) = restore(ns, family, &remove_script()) {
                     errors.push(format!("{e:#}"));

@@ -2,22 +2,27 @@
 //! router namespaces, the netfilter glue. The rest of the crate sees only
 //! `Datapath`, `Attachment`, `glue` and `dump`, and is testable without root.
 
+pub mod conntrack;
 pub mod dump;
 pub mod glue;
 pub mod netns;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLink},
+    programs::{SchedClassifier, TcAttachType, links::FdLink, tc::SchedClassifierLink},
 };
+pub use crate::api::MapDrift;
 use enforcer_common::{
-    Counters, GLOBAL_MARK_LAYOUT, GLOBAL_ROUTER, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS,
-    MarkLayout, PROG_ENFORCE, PROG_TAG, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
-    SlotValue,
+    Counters, FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS, MAP_REVOKED,
+    MAP_ROUTERS, MAP_RULES, MAP_SLOTS, MarkLayout, PROG_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
+    RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
 /// The eBPF object, built by build.rs from enforcer-ebpf.
@@ -35,18 +40,37 @@ pub struct Datapath {
     slots: HashMap<MapData, SlotKey, SlotValue>,
     counters: PerCpuHashMap<MapData, SlotKey, Counters>,
     routers: HashMap<MapData, RouterIndex, RouterValue>,
+    revoked: HashMap<MapData, FlowKey, RevokedFlow>,
     layout: MarkLayout,
     max_rules: u32,
+    quiet_ns: u64,
+    /// clsact attachments of kernels without tcx (cannot be pinned).
+    volatile: std::collections::HashMap<RouterIndex, Vec<SchedClassifierLink>>,
 }
 
-/// One router's instance of the programs, attached to the interfaces of its
-/// namespace. Only the links are kept (they hold the programs in the kernel),
-/// so a router costs two file descriptors per interface. Dropping it
-/// detaches them.
+/// Where a router's programs are attached. The links themselves are pinned
+/// (they hold the programs in the kernel), so the daemon keeps no file
+/// descriptor per router and enforcement outlives it.
+#[derive(Debug, Clone)]
 pub struct Attachment {
     pub index: RouterIndex,
     pub interfaces: Vec<String>,
-    _links: Vec<SchedClassifierLink>,
+}
+
+/// What `sync_router` changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LinkChanges {
+    pub attached: usize,
+    pub detached: usize,
+}
+
+/// Pin file name of a link (bpffs refuses dots in names).
+fn pin_name(ifindex: u32, prog: &str) -> String {
+    format!("if{ifindex}_{prog}")
+}
+
+fn pin_ifindex(path: &Path) -> Option<u32> {
+    path.file_name()?.to_str()?.strip_prefix("if")?.split_once('_')?.0.parse().ok()
 }
 
 fn mount_bpffs_if_needed(dir: &Path) -> Result<()> {
@@ -67,13 +91,13 @@ fn is_bpffs(path: &Path) -> bool {
 impl Datapath {
     /// Creates (or reuses) the maps pinned in `dir`, so they outlive the
     /// daemon and `maps dump` can read them, and verifies the programs.
-    pub fn load(dir: &Path, layout: MarkLayout, max_rules: u32) -> Result<Self> {
+    pub fn load(dir: &Path, layout: MarkLayout, max_rules: u32, quiet_ns: u64) -> Result<Self> {
         mount_bpffs_if_needed(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if !is_bpffs(dir) {
             return Err(anyhow!("{} is not on a bpf filesystem", dir.display()));
         }
-        let mut control = load_instance(dir, layout, max_rules, 0)?;
+        let mut control = load_instance(dir, layout, max_rules, quiet_ns, 0)?;
         fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
         where
             T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -86,10 +110,13 @@ impl Datapath {
             slots: take(&mut control, MAP_SLOTS)?,
             counters: take(&mut control, MAP_COUNTERS)?,
             routers: take(&mut control, MAP_ROUTERS)?,
+            revoked: take(&mut control, MAP_REVOKED)?,
             control,
             dir: dir.to_path_buf(),
             layout,
             max_rules,
+            quiet_ns,
+            volatile: Default::default(),
         })
     }
 
@@ -102,40 +129,132 @@ impl Datapath {
         Ok(self.control.program(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?)
     }
 
-    /// Loads an instance of the programs for router `index` and attaches tag
-    /// (ingress) and enforce (egress) to every interface of the namespace at
-    /// `ns`; records which router the index belongs to.
-    pub fn attach_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid) -> Result<Attachment> {
-        let mut programs = load_instance(&self.dir, self.layout, self.max_rules, index)?;
-        let ebpf = &mut programs;
-        let (interfaces, links) = netns::run_in(ns, || {
-            let interfaces = netns::interfaces()?;
-            let mut links = Vec::new();
-            for iface in &interfaces {
-                if !tcx_supported() {
-                    // Older kernels: classic clsact qdisc via netlink.
-                    let _ = aya::programs::tc::qdisc_add_clsact(iface);
-                }
-                for (name, kind) in [(PROG_TAG, TcAttachType::Ingress), (PROG_ENFORCE, TcAttachType::Egress)] {
-                    let prog: &mut SchedClassifier =
-                        ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
-                    let id = prog
-                        .attach(iface, kind)
-                        .with_context(|| format!("attaching {name} to {iface} ({kind:?})"))?;
-                    links.push(prog.take_link(id)?);
-                }
-            }
-            Ok((interfaces, links))
-        })?;
-        self.routers
-            .insert(index, RouterValue { id: *router.as_bytes() }, 0)
-            .context("recording router in map")?;
-        Ok(Attachment { index, interfaces, _links: links })
+    /// Where the links of router `index` are pinned.
+    fn link_dir(&self, index: RouterIndex) -> PathBuf {
+        self.dir.join("routers").join(index.to_string())
     }
 
-    /// Forgets a router's index; its links go when the Attachment drops.
-    pub fn forget_router(&mut self, index: RouterIndex) {
+    /// Makes the attachments of router `index` match the interfaces its
+    /// namespace has now: tag (ingress) and enforce (egress) on each one,
+    /// pinned under the bpffs directory so they outlive the daemon; pins of
+    /// interfaces that are gone are removed. Idempotent.
+    pub fn sync_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid) -> Result<(Attachment, LinkChanges)> {
+        let dir = self.link_dir(index);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let current = netns::run_in(ns, netns::interfaces)?;
+        let mut changes = LinkChanges::default();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let keep = pin_ifindex(&path).is_some_and(|i| current.iter().any(|(_, idx)| *idx == i));
+            if !keep {
+                std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+                changes.detached += 1;
+            }
+        }
+        let missing: Vec<(String, u32, &str, TcAttachType)> = current
+            .iter()
+            .flat_map(|(name, idx)| {
+                [(PROG_TAG, TcAttachType::Ingress), (PROG_ENFORCE, TcAttachType::Egress)]
+                    .into_iter()
+                    .map(move |(prog, kind)| (name.clone(), *idx, prog, kind))
+            })
+            .filter(|(_, idx, prog, _)| !dir.join(pin_name(*idx, prog)).exists() || !tcx_supported())
+            .collect();
+        if !missing.is_empty() && (tcx_supported() || !self.volatile.contains_key(&index)) {
+            let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.quiet_ns, index)?;
+            let ebpf = &mut programs;
+            let links = netns::run_in(ns, || {
+                let mut links = Vec::new();
+                for (iface, idx, name, kind) in &missing {
+                    if !tcx_supported() {
+                        // Older kernels: classic clsact qdisc via netlink.
+                        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+                    }
+                    let prog: &mut SchedClassifier =
+                        ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+                    let id = prog.attach(iface, *kind).with_context(|| format!("attaching {name} to {iface} ({kind:?})"))?;
+                    links.push((*idx, *name, prog.take_link(id)?));
+                }
+                Ok(links)
+            })?;
+            for (idx, name, link) in links {
+                changes.attached += 1;
+                if tcx_supported() {
+                    let link: FdLink = link.try_into().context("tcx link")?;
+                    let path = dir.join(pin_name(idx, name));
+                    link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+                } else {
+                    // A netlink (clsact) attachment cannot be pinned: it
+                    // lives as long as the daemon holds it.
+                    self.volatile.entry(index).or_default().push(link);
+                }
+            }
+        }
+        self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
+        let interfaces = current.into_iter().map(|(name, _)| name).collect();
+        Ok((Attachment { index, interfaces }, changes))
+    }
+
+    /// Detaches router `index` everywhere: its pins go, so do its links.
+    pub fn detach_router(&mut self, index: RouterIndex) -> Result<()> {
+        self.volatile.remove(&index);
         let _ = self.routers.remove(&index);
+        let dir = self.link_dir(index);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("unpinning {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// (missing, stale) links of router `index` compared with the
+    /// interfaces its namespace has now, without changing anything.
+    pub fn link_drift(&self, ns: &Path, index: RouterIndex) -> Result<(usize, usize)> {
+        let current = netns::run_in(ns, netns::interfaces)?;
+        let pins: Vec<u32> = std::fs::read_dir(self.link_dir(index))
+            .map(|rd| rd.filter_map(|e| pin_ifindex(&e.ok()?.path())).collect())
+            .unwrap_or_default();
+        let stale = pins.iter().filter(|i| !current.iter().any(|(_, c)| c == *i)).count();
+        let missing = current
+            .iter()
+            .flat_map(|(_, i)| [pin_name(*i, PROG_TAG), pin_name(*i, PROG_ENFORCE)])
+            .filter(|name| !self.link_dir(index).join(name).exists())
+            .count();
+        Ok((missing, stale))
+    }
+
+    /// Removes every map entry of router `index`: rules, slots, counters,
+    /// revoked flows.
+    pub fn forget_router_state(&mut self, index: RouterIndex) {
+        let rules: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
+        for k in rules {
+            let _ = self.rules.remove(&k);
+        }
+        let slots: Vec<SlotKey> = self.slots.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
+        for k in slots {
+            let _ = self.slots.remove(&k);
+        }
+        let counters: Vec<SlotKey> = self.counters.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
+        for k in counters {
+            let _ = self.counters.remove(&k);
+        }
+        let flows: Vec<FlowKey> = self.revoked.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
+        for k in flows {
+            let _ = self.revoked.remove(&k);
+        }
+        let _ = self.routers.remove(&index);
+    }
+
+    /// Removes every pin: links (so every attachment goes) and maps.
+    pub fn unpin_all(&mut self) -> Result<()> {
+        self.volatile.clear();
+        std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))
+    }
+
+    /// Router indexes that have pinned links (to find orphans).
+    pub fn pinned_routers(&self) -> Vec<RouterIndex> {
+        std::fs::read_dir(self.dir.join("routers"))
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+            .unwrap_or_default()
     }
 
     /// Allows (router, protocol, port) with `helper` under rule `slot`:
@@ -161,25 +280,101 @@ impl Datapath {
         Ok(())
     }
 
-    /// Empties every map (at start, before the store's rules are applied).
-    pub fn clear(&mut self) -> Result<()> {
-        let keys: Vec<_> = self.rules.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            remove_if_present(&mut self.rules, &k)?;
+    /// Brings the maps in line with `want`; with `apply` false only counts
+    /// the differences (drift). Adds in the order a packet needs them
+    /// (counters, slots, rules) and removes in the reverse order.
+    pub fn reconcile(&mut self, want: &Desired, apply: bool) -> Result<MapDrift> {
+        let mut drift = MapDrift::default();
+        let live: HashSet<SlotKey> = want.rules.iter().map(|(k, v)| SlotKey::new(k.router, v.slot as u32)).collect();
+        let counted: HashSet<SlotKey> =
+            live.iter().copied().chain(want.quarantined.iter().map(|(r, s)| SlotKey::new(*r, *s as u32))).collect();
+
+        let have_counters: HashSet<SlotKey> = self.counters.keys().collect::<Result<_, _>>()?;
+        for key in counted.difference(&have_counters) {
+            drift.counters_added += 1;
+            if apply {
+                let zero = PerCpuValues::try_from(vec![Counters::default(); nr_cpus()?])?;
+                self.counters.insert(*key, zero, 0)?;
+            }
         }
-        let keys: Vec<_> = self.slots.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            remove_if_present(&mut self.slots, &k)?;
+        let have_slots: std::collections::HashMap<SlotKey, SlotValue> = self.slots.iter().collect::<Result<_, _>>()?;
+        let want_slots: std::collections::HashMap<SlotKey, SlotValue> = want
+            .rules
+            .iter()
+            .map(|(k, v)| (SlotKey::new(k.router, v.slot as u32), SlotValue { helper: v.helper, _pad: [0; 7] }))
+            .collect();
+        for (k, v) in &want_slots {
+            if have_slots.get(k) != Some(v) {
+                drift.slots_added += 1;
+                if apply {
+                    self.slots.insert(*k, *v, 0)?;
+                }
+            }
         }
-        let keys: Vec<_> = self.counters.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            let _ = self.counters.remove(&k);
+        let have_rules: std::collections::HashMap<RuleKey, RuleValue> = self.rules.iter().collect::<Result<_, _>>()?;
+        for (k, v) in &want.rules {
+            if have_rules.get(k) != Some(v) {
+                drift.rules_added += 1;
+                if apply {
+                    self.rules.insert(*k, *v, 0)?;
+                }
+            }
         }
-        let keys: Vec<_> = self.routers.keys().collect::<Result<_, _>>()?;
-        for k in keys {
-            remove_if_present(&mut self.routers, &k)?;
+        for k in have_rules.keys().filter(|k| !want.rules.contains_key(k)) {
+            drift.rules_removed += 1;
+            if apply {
+                remove_if_present(&mut self.rules, k)?;
+            }
         }
-        Ok(())
+        for k in have_slots.keys().filter(|k| !want_slots.contains_key(k)) {
+            drift.slots_removed += 1;
+            if apply {
+                remove_if_present(&mut self.slots, k)?;
+            }
+        }
+        for k in have_counters.difference(&counted) {
+            drift.counters_removed += 1;
+            if apply {
+                let _ = self.counters.remove(k);
+            }
+        }
+        let have_routers: std::collections::HashMap<RouterIndex, RouterValue> = self.routers.iter().collect::<Result<_, _>>()?;
+        for (index, id) in &want.routers {
+            let v = RouterValue { id: *id.as_bytes() };
+            if have_routers.get(index) != Some(&v) {
+                drift.routers_added += 1;
+                if apply {
+                    self.routers.insert(*index, v, 0)?;
+                }
+            }
+        }
+        for index in have_routers.keys().filter(|i| !want.routers.contains_key(i)) {
+            drift.routers_removed += 1;
+            if apply {
+                remove_if_present(&mut self.routers, index)?;
+            }
+        }
+        Ok(drift)
+    }
+
+    /// Keeps the flows of revoked conntrack entries dead in the datapath
+    /// (both directions), until each has been quiet for the quiet time.
+    pub fn remember_revoked(&mut self, router: RouterIndex, slot: u16, entries: &[conntrack::Entry]) -> Result<usize> {
+        let now = monotonic_ns()?;
+        let value = RevokedFlow { last_seen_ns: now, slot: slot as u32, _pad: 0 };
+        let mut n = 0;
+        for e in entries {
+            for t in [e.orig, e.reply] {
+                self.revoked.insert(flow_key(router, &t), value, 0).context("remembering a revoked flow")?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Number of revoked flows the datapath still keeps dead.
+    pub fn revoked_flows(&self) -> usize {
+        self.revoked.keys().filter(|k| k.is_ok()).count()
     }
 
     /// Drops the counters of a slot that will never be seen again.
@@ -187,6 +382,42 @@ impl Datapath {
         let _ = self.counters.remove(&SlotKey::new(router, slot as u32));
         let _ = self.slots.remove(&SlotKey::new(router, slot as u32));
     }
+}
+
+/// The rule set the maps should hold.
+#[derive(Debug, Default, Clone)]
+pub struct Desired {
+    pub routers: std::collections::HashMap<RouterIndex, uuid::Uuid>,
+    pub rules: std::collections::HashMap<RuleKey, RuleValue>,
+    /// Revoked slots whose counters are still of interest.
+    pub quarantined: Vec<(RouterIndex, u16)>,
+}
+
+fn monotonic_ns() -> Result<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
+/// The key the ingress program builds for a packet of tuple `t`.
+fn flow_key(router: RouterIndex, t: &conntrack::Tuple5) -> FlowKey {
+    fn words(ip: std::net::IpAddr) -> (u8, [u32; 4]) {
+        let mut w = [0u32; 4];
+        match ip {
+            std::net::IpAddr::V4(a) => {
+                w[0] = u32::from_ne_bytes(a.octets());
+                (4, w)
+            }
+            std::net::IpAddr::V6(a) => {
+                for (i, c) in a.octets().chunks(4).enumerate() {
+                    w[i] = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                (6, w)
+            }
+        }
+    }
+    let (family, src) = words(t.src);
+    let (_, dst) = words(t.dst);
+    FlowKey { router, sport: t.sport, dport: t.dport, proto: t.proto, family, _pad: [0; 2], src, dst }
 }
 
 /// Removes `key`; a key that is already gone is not an error.
@@ -199,11 +430,12 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>,
 
 /// Loads the object with the given router index; maps are shared through
 /// their pins, so every instance sees the same rules.
-fn load_instance(dir: &Path, layout: MarkLayout, max_rules: u32, index: RouterIndex) -> Result<Ebpf> {
+fn load_instance(dir: &Path, layout: MarkLayout, max_rules: u32, quiet_ns: u64, index: RouterIndex) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .override_global(GLOBAL_MARK_LAYOUT, &layout, true)
         .override_global(GLOBAL_ROUTER, &index, true)
+        .override_global(GLOBAL_QUIET_NS, &quiet_ns, true)
         .map_max_entries(MAP_RULES, max_rules)
         .map_max_entries(MAP_SLOTS, max_rules)
         .map_max_entries(MAP_COUNTERS, max_rules)

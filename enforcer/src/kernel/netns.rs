@@ -57,15 +57,15 @@ pub fn current_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Names of the calling thread's namespace's interfaces, loopback excepted
-/// (routed traffic never crosses it).
-pub fn interfaces() -> Result<Vec<String>> {
-    let mut names: Vec<String> = nix::net::if_::if_nameindex()
+/// (name, ifindex) of the calling thread's namespace's interfaces, loopback
+/// excepted (routed traffic never crosses it), sorted by name.
+pub fn interfaces() -> Result<Vec<(String, u32)>> {
+    let mut out: Vec<(String, u32)> = nix::net::if_::if_nameindex()
         .context("listing interfaces")?
         .iter()
-        .map(|i| i.name().to_string_lossy().into_owned())
-        .filter(|n| n != "lo")
+        .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+        .filter(|(n, _)| n != "lo")
         .collect();
-    names.sort();
-    Ok(names)
+    out.sort();
+    Ok(out)
 }

@@ -1,0 +1,304 @@
+//! The daemon: owns the datapath and the store, applies requests.
+//!
+//! Every mutation is validated, applied to the kernel inside a store
+//! transaction and committed only if the kernel step worked, so the store,
+//! the maps and the glue never disagree about an acknowledged change. At
+//! start the kernel is reconciled with the store; enforcement (pinned maps
+//! and links, the glue) stays in place when the daemon stops.
+
+mod ops;
+mod revoke;
+mod server;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt,
+    time::Instant,
+};
+
+use anyhow::{Context, Result};
+use enforcer_common::{RuleKey, RuleValue};
+use tracing::{info, warn};
+
+pub use server::serve;
+
+use crate::{
+    api::{ApiError, ReconcileReport},
+    catalogue::{self, HelperKind},
+    config::Config,
+    kernel::{Attachment, Datapath, Desired, conntrack, glue, netns},
+    store::{ApplyError, Change, HelperRecord, RouterRecord, Store},
+};
+
+/// Project of objects created without one.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// A stored router and where it stands in the kernel.
+struct RouterState {
+    record: RouterRecord,
+    /// None while its namespace is missing.
+    attachment: Option<Attachment>,
+    /// (device, inode) of the namespace file it was attached in: a namespace
+    /// deleted and created again under the same name is a new one.
+    netns_id: Option<(u64, u64)>,
+}
+
+pub struct Daemon {
+    datapath: Datapath,
+    store: Store,
+    config: Config,
+    routers: BTreeMap<String, RouterState>,
+    /// Keyed by (router id, helper id).
+    helpers: BTreeMap<(String, String), HelperRecord>,
+    /// Revoked slots some conntrack entry may still carry.
+    quarantine: BTreeSet<(String, u16)>,
+    started: Instant,
+    started_with: ReconcileReport,
+    /// Set by teardown: the server stops after answering.
+    stopping: bool,
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Kernel(e) => ApiError::kernel(e),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+fn netns_id(name: &str) -> Option<(u64, u64)> {
+    std::fs::metadata(netns::path(name)).ok().map(|m| (m.dev(), m.ino()))
+}
+
+impl Daemon {
+    /// Reads the store (refusing to start, and touching nothing in the
+    /// kernel, if it is unreadable), loads the datapath and reconciles.
+    pub fn start(config: Config) -> Result<Self> {
+        let layout = config.layout()?;
+        raise_fd_limit();
+        let store = Store::open(&config.state_dir)?;
+        let state = store.load().with_context(|| {
+            format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display())
+        })?;
+        let datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.quiet_ns())?;
+        let routers = state
+            .routers
+            .into_values()
+            .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None }))
+            .collect();
+        let mut daemon = Daemon {
+            datapath,
+            store,
+            config,
+            routers,
+            helpers: state.helpers,
+            quarantine: state.quarantine,
+            started: Instant::now(),
+            started_with: ReconcileReport::default(),
+            stopping: false,
+        };
+        daemon.started_with = daemon.reconcile()?;
+        let r = &daemon.started_with;
+        info!(
+            routers = daemon.routers.len(),
+            helpers = daemon.helpers.len(),
+            glue_installed = r.glue_installed,
+            links_attached = r.links_attached,
+            links_detached = r.links_detached,
+            orphans_removed = r.orphan_routers_removed,
+            routers_detached = r.routers_detached,
+            slots_released = r.slots_released,
+            maps = ?r.maps,
+            "reconciled kernel with store"
+        );
+        Ok(daemon)
+    }
+
+    /// Restores what is missing and removes orphans: glue, links, map
+    /// entries, quarantined slots no entry carries any more.
+    fn reconcile(&mut self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let ids: Vec<String> = self.routers.keys().cloned().collect();
+        for id in &ids {
+            match self.bring_up(id) {
+                Ok(Some((glue_added, links))) => {
+                    report.glue_installed += glue_added as usize;
+                    report.links_attached += links.attached;
+                    report.links_detached += links.detached;
+                }
+                Ok(None) => report.routers_detached += 1,
+                Err(e) => {
+                    warn!(router = %id, "not attached: {e:#}");
+                    report.routers_detached += 1;
+                }
+            }
+        }
+        let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
+        for index in self.datapath.pinned_routers() {
+            if !known.contains(&index) {
+                self.datapath.detach_router(index)?;
+                report.orphan_routers_removed += 1;
+            }
+        }
+        report.maps = self.datapath.reconcile(&self.desired()?, true)?;
+        report.slots_released = self.release_quarantine();
+        Ok(report)
+    }
+
+    /// Attaches a stored router if its namespace exists. Returns whether the
+    /// glue had to be installed and what changed in the links, or None if
+    /// the namespace is missing (the router is then detached everywhere).
+    fn bring_up(&mut self, id: &str) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
+        let state = self.routers.get_mut(id).context("unknown router")?;
+        let Some(ns_id) = netns_id(&state.record.netns) else {
+            state.attachment = None;
+            state.netns_id = None;
+            self.datapath.detach_router(state.record.index)?;
+            return Ok(None);
+        };
+        let path = netns::path(&state.record.netns);
+        let glue_added = !glue::installed(&path)?;
+        glue::install(&path, &self.datapath.layout())?;
+        let uuid = uuid::Uuid::parse_str(&state.record.id)?;
+        let (attachment, changes) = self.datapath.sync_router(&path, state.record.index, uuid)?;
+        state.attachment = Some(attachment);
+        state.netns_id = Some(ns_id);
+        Ok(Some((glue_added, changes)))
+    }
+
+    /// The rules the maps should hold: those of attached routers.
+    fn desired(&self) -> Result<Desired> {
+        let mut want = Desired::default();
+        for state in self.routers.values().filter(|r| r.attachment.is_some()) {
+            want.routers.insert(state.record.index, uuid::Uuid::parse_str(&state.record.id)?);
+        }
+        for ((router, _), h) in &self.helpers {
+            let Some(state) = self.routers.get(router).filter(|r| r.attachment.is_some()) else { continue };
+            let kind = kind_of(&h.helper)?;
+            want.rules.insert(
+                RuleKey::new(state.record.index, h.helper.protocol.number(), h.helper.port),
+                RuleValue { slot: h.slot, helper: kind.id, _pad: [0; 5] },
+            );
+        }
+        for (router, slot) in &self.quarantine {
+            if let Some(state) = self.routers.get(router) {
+                want.quarantined.push((state.record.index, *slot));
+            }
+        }
+        Ok(want)
+    }
+
+    /// Frees quarantined slots that no conntrack entry carries any more.
+    /// Returns how many were freed.
+    fn release_quarantine(&mut self) -> usize {
+        let mut free = Vec::new();
+        for (router, slot) in &self.quarantine {
+            let Some(state) = self.routers.get(router) else { continue };
+            let carried = match &state.attachment {
+                // The namespace is gone, and its conntrack table with it.
+                None => Ok(0),
+                Some(_) => {
+                    let (mark, mask) = self.slot_mark(*slot);
+                    netns::run_in(&netns::path(&state.record.netns), || Ok(conntrack::entries_with_mark(mark, mask)?.len()))
+                }
+            };
+            match carried {
+                Ok(0) => free.push((router.clone(), *slot)),
+                Ok(_) => {}
+                Err(e) => warn!(router = %router, slot, "checking a quarantined slot: {e:#}"),
+            }
+        }
+        let changes: Vec<Change> =
+            free.iter().map(|(router_id, slot)| Change::Release { router_id: router_id.clone(), slot: *slot }).collect();
+        if changes.is_empty() {
+            return 0;
+        }
+        if let Err(e) = self.store.apply(&changes, || Ok(())) {
+            warn!("releasing slots: {e}");
+            return 0;
+        }
+        for (router, slot) in &free {
+            self.quarantine.remove(&(router.clone(), *slot));
+            if let Some(state) = self.routers.get(router) {
+                self.datapath.forget_slot(state.record.index, *slot);
+            }
+        }
+        free.len()
+    }
+
+    /// The mark and mask that select the conntrack entries of a slot.
+    fn slot_mark(&self, slot: u16) -> (u32, u32) {
+        let layout = self.datapath.layout();
+        (layout.encode(0, slot as u32), layout.slot_mask)
+    }
+
+    /// Whether a teardown asked the server to stop.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// Routers attached now, with their namespace: what the watchers follow.
+    pub fn attached(&self) -> Vec<(String, String)> {
+        self.routers
+            .values()
+            .filter(|r| r.attachment.is_some())
+            .map(|r| (r.record.id.clone(), r.record.netns.clone()))
+            .collect()
+    }
+
+    /// Follows namespaces: one that vanished is detached and its kernel
+    /// state cleaned up; one that (re)appeared is attached. Cheap when
+    /// nothing changed: one stat per router.
+    pub fn check_namespaces(&mut self) {
+        let ids: Vec<String> = self.routers.keys().cloned().collect();
+        for id in ids {
+            let state = &self.routers[&id];
+            let now = netns_id(&state.record.netns);
+            if now == state.netns_id {
+                continue;
+            }
+            if now.is_none() {
+                warn!(router = %id, netns = %state.record.netns, "namespace deleted from outside: detaching the router");
+            } else {
+                info!(router = %id, netns = %state.record.netns, "namespace appeared: attaching the router");
+            }
+            if let Err(e) = self.refresh_router(&id) {
+                warn!(router = %id, "{e:#}");
+            }
+        }
+    }
+
+    /// Re-syncs one router with its namespace (after a link event or a
+    /// namespace change) and its rules with the maps.
+    pub fn refresh_router(&mut self, id: &str) -> Result<()> {
+        if let Some((_, links)) = self.bring_up(id)? {
+            if links != Default::default() {
+                info!(router = %id, attached = links.attached, detached = links.detached, "interfaces changed");
+            }
+        }
+        self.datapath.reconcile(&self.desired()?, true)?;
+        self.release_quarantine();
+        Ok(())
+    }
+}
+
+/// Every router interface holds two pinned links, and attaching opens a few
+/// descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            warn!("raising the open files limit: {e}");
+        }
+    }
+}
+
+fn kind_of(h: &crate::api::Helper) -> Result<&'static HelperKind> {
+    catalogue::by_name(&h.helper).with_context(|| format!("helper {} is not in the catalogue", h.helper))
+}
+
+fn rule_key(index: u32, h: &HelperRecord) -> (u32, u8, u16) {
+    (index, h.helper.protocol.number(), h.helper.port)
+}
+

@@ -1,0 +1,389 @@
+//! The API operations.
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use tracing::{info, warn};
+
+use super::{DEFAULT_PROJECT, Daemon, RouterState, kind_of, netns_id, rule_key};
+use crate::{
+    api::{ApiError, ErrorCode, Helper, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
+    catalogue::HelperKind,
+    kernel::{Datapath, glue, netns},
+    store::{ApplyError, Change, HelperRecord, RouterRecord},
+    validate,
+};
+
+fn allow_record(dp: &mut Datapath, index: u32, h: &HelperRecord, kind: &HelperKind) -> Result<()> {
+    let (router, proto, port) = rule_key(index, h);
+    dp.allow(router, proto, port, kind.id, h.slot)
+}
+
+fn revoke_record(dp: &mut Datapath, index: u32, h: &HelperRecord) -> Result<()> {
+    let (router, proto, port) = rule_key(index, h);
+    dp.revoke(router, proto, port, h.slot)
+}
+
+impl Daemon {
+    pub fn handle(&mut self, req: Request) -> Result<Reply, ApiError> {
+        match req {
+            Request::RouterAdd { router_id, netns, project_id } => self.router_add(router_id, netns, project_id),
+            Request::RouterRemove { router_id } => {
+                let id = validate::uuid("router_id", &router_id)?;
+                self.router_remove(&id)
+            }
+            Request::RouterList {} => Ok(Reply::Routers(self.router_list())),
+            Request::HelperCreate { router_id, protocol, port, helper, id, project_id } => {
+                self.helper_create(&router_id, &protocol, port, &helper, id, project_id)
+            }
+            Request::HelperUpdate { router_id, helper_id, protocol, port, helper } => {
+                self.helper_update(&router_id, &helper_id, protocol, port, helper)
+            }
+            Request::HelperDelete { router_id, helper_id } => self.helper_delete(&router_id, &helper_id),
+            Request::HelperList { router_id } => self.helper_list(router_id),
+            Request::HelperShow { router_id, helper_id } => {
+                let (_, key) = self.find_helper(&router_id, &helper_id)?;
+                Ok(Reply::Helper(self.helpers[&key].helper.clone()))
+            }
+            Request::Status {} => Ok(Reply::Status(Box::new(self.status().map_err(ApiError::kernel)?))),
+            Request::Teardown {} => self.teardown(),
+        }
+    }
+
+    fn router_view(state: &RouterState) -> Router {
+        let r = &state.record;
+        Router {
+            id: r.id.clone(),
+            project_id: r.project_id.clone(),
+            netns: r.netns.clone(),
+            interfaces: state.attachment.as_ref().map(|a| a.interfaces.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn router_list(&self) -> Vec<Router> {
+        self.routers.values().map(Self::router_view).collect()
+    }
+
+    fn router_add(&mut self, id: String, netns: Option<String>, project: Option<String>) -> Result<Reply, ApiError> {
+        let id = validate::uuid("router_id", &id)?;
+        let netns = validate::netns(&netns.unwrap_or_else(|| format!("qrouter-{id}")))?;
+        let project = validate::project(project.as_deref().unwrap_or(DEFAULT_PROJECT))?;
+        if self.routers.contains_key(&id) {
+            return Err(ApiError::new(ErrorCode::Conflict, format!("router {id} already exists")));
+        }
+        if let Some(other) = self.routers.values().find(|r| r.record.netns == netns) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("network namespace {netns} already belongs to router {}", other.record.id),
+            ));
+        }
+        if netns_id(&netns).is_none() {
+            return Err(ApiError::invalid("netns", format!("network namespace {netns:?} does not exist (/run/netns/{netns})")));
+        }
+        let used: BTreeSet<u32> = self.routers.values().map(|r| r.record.index).collect();
+        let index = (1..=u32::MAX)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
+        let record = RouterRecord { id: id.clone(), index, project_id: project, netns };
+        self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None });
+        // Kernel first, then the store; a change the store cannot keep is
+        // taken out of the kernel again, so nothing half-applied remains.
+        let attached = match self.bring_up(&id) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ApiError::kernel(format!("network namespace {} vanished", record.netns))),
+            Err(e) => Err(ApiError::kernel(e)),
+        };
+        let stored = attached.and_then(|()| self.store.apply(&[Change::PutRouter(record.clone())], || Ok(())).map_err(ApiError::from));
+        if let Err(e) = stored {
+            self.take_down(&id);
+            self.routers.remove(&id);
+            return Err(e);
+        }
+        let view = Self::router_view(&self.routers[&id]);
+        info!(router = %id, netns = %record.netns, interfaces = ?view.interfaces, "router added");
+        Ok(Reply::Router(view))
+    }
+
+    /// Removes a router's enforcement from the kernel: links, glue, map
+    /// entries of its index, its conntrack entries' marks.
+    fn take_down(&mut self, id: &str) {
+        let Some(state) = self.routers.get(id) else { return };
+        let index = state.record.index;
+        let path = netns::path(&state.record.netns);
+        let attached = state.attachment.is_some();
+        if let Err(e) = self.datapath.detach_router(index) {
+            warn!(router = %id, "detaching: {e:#}");
+        }
+        self.datapath.forget_router_state(index);
+        if attached {
+            if let Err(e) = glue::remove(&path) {
+                warn!(router = %id, "removing glue: {e:#}");
+            }
+        }
+    }
+
+    pub(super) fn router_remove(&mut self, id: &str) -> Result<Reply, ApiError> {
+        let Some(state) = self.routers.get(id) else {
+            return Err(ApiError::not_found("router", id));
+        };
+        let index = state.record.index;
+        let attached = state.attachment.is_some();
+        let helpers: Vec<HelperRecord> = self.helpers_of(id).cloned().collect();
+        let quarantined: Vec<u16> = self.quarantine.iter().filter(|(r, _)| r == id).map(|(_, s)| *s).collect();
+        let mut changes = vec![Change::DeleteRouter(id.to_string())];
+        changes.extend(helpers.iter().map(|h| Change::DeleteHelper { router_id: id.to_string(), helper_id: h.helper.id.clone() }));
+        changes.extend(quarantined.iter().map(|s| Change::Release { router_id: id.to_string(), slot: *s }));
+        // Revoke first: flows stop the moment the maps change.
+        for h in &helpers {
+            let _ = revoke_record(&mut self.datapath, index, h);
+        }
+        self.store.apply(&changes, || Ok(()))?;
+        if attached {
+            for slot in helpers.iter().map(|h| h.slot).chain(quarantined) {
+                let report = self.flush_slot(id, slot);
+                if let Some(e) = report.flush_error {
+                    warn!(router = %id, slot, "{e}");
+                }
+            }
+        }
+        self.take_down(id);
+        self.routers.remove(id);
+        self.helpers.retain(|(r, _), _| r != id);
+        self.quarantine.retain(|(r, _)| r != id);
+        info!(router = %id, "router removed");
+        Ok(Reply::Done {})
+    }
+
+    fn teardown(&mut self) -> Result<Reply, ApiError> {
+        let ids: Vec<String> = self.routers.keys().cloned().collect();
+        for id in ids {
+            self.router_remove(&id)?;
+        }
+        self.datapath.unpin_all().map_err(ApiError::kernel)?;
+        self.stopping = true;
+        info!("teardown: all enforcement removed; stopping");
+        Ok(Reply::Done {})
+    }
+
+    fn helpers_of<'a>(&'a self, router: &'a str) -> impl Iterator<Item = &'a HelperRecord> + 'a {
+        self.helpers.range((router.to_string(), String::new())..).take_while(move |((r, _), _)| r == router).map(|(_, h)| h)
+    }
+
+    fn live_router(&self, id: &str) -> Result<(String, u32), ApiError> {
+        let id = validate::uuid("router_id", id)?;
+        match self.routers.get(&id) {
+            Some(r) if r.attachment.is_some() => Ok((id, r.record.index)),
+            Some(_) => Err(ApiError::new(ErrorCode::Kernel, format!("router {id} is not attached (its namespace is missing)"))),
+            None => Err(ApiError::not_found("router", &id)),
+        }
+    }
+
+    /// Helpers are addressed by (router, id): a helper of another router is
+    /// "not found", exactly like an id that does not exist.
+    fn find_helper(&self, router: &str, helper: &str) -> Result<(u32, (String, String)), ApiError> {
+        let (router, index) = self.live_router(router)?;
+        let helper = validate::uuid("helper_id", helper).map_err(|_| ApiError::not_found("helper", helper))?;
+        let key = (router, helper);
+        if !self.helpers.contains_key(&key) {
+            return Err(ApiError::not_found("helper", &key.1));
+        }
+        Ok((index, key))
+    }
+
+    fn check_tuple_free(&self, router: &str, protocol: Protocol, port: u16, except: Option<&str>) -> Result<(), ApiError> {
+        match self.helpers_of(router).find(|h| Some(h.helper.id.as_str()) != except && h.helper.protocol == protocol && h.helper.port == port) {
+            Some(h) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("router {router} already has helper {} on {protocol}/{port} ({})", h.helper.id, h.helper.helper),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The lowest slot neither in use nor quarantined on this router.
+    fn free_slot(&self, router: &str) -> Result<u16, ApiError> {
+        let used: BTreeSet<u16> = self
+            .helpers_of(router)
+            .map(|h| h.slot)
+            .chain(self.quarantine.iter().filter(|(r, _)| r == router).map(|(_, s)| *s))
+            .collect();
+        (1..=self.config.max_slot())
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, format!("router {router} has no free rule slot")))
+    }
+
+    fn helper_create(
+        &mut self,
+        router: &str,
+        protocol: &str,
+        port: i64,
+        helper: &str,
+        id: Option<String>,
+        project: Option<String>,
+    ) -> Result<Reply, ApiError> {
+        let (router, index) = self.live_router(router)?;
+        let protocol = validate::protocol(protocol)?;
+        let port = validate::port(port)?;
+        let kind = validate::helper(helper, protocol)?;
+        let id = match id {
+            Some(id) => validate::uuid("id", &id)?,
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let project = match project {
+            Some(p) => validate::project(&p)?,
+            None => self.routers[&router].record.project_id.clone(),
+        };
+        if self.helpers.keys().any(|(_, h)| *h == id) {
+            return Err(ApiError::new(ErrorCode::Conflict, format!("helper id {id} is already in use")));
+        }
+        self.check_tuple_free(&router, protocol, port, None)?;
+        let slot = self.free_slot(&router)?;
+        let record = HelperRecord {
+            helper: Helper { id: id.clone(), router_id: router.clone(), project_id: project, protocol, port, helper: kind.name.to_string() },
+            slot,
+        };
+        let datapath = &mut self.datapath;
+        let result = self.store.apply(&[Change::PutHelper(record.clone())], || allow_record(datapath, index, &record, kind));
+        if let Err(e) = result {
+            if matches!(e, ApplyError::Commit(_) | ApplyError::Kernel(_)) {
+                let _ = revoke_record(&mut self.datapath, index, &record);
+                self.datapath.forget_slot(index, slot);
+            }
+            return Err(e.into());
+        }
+        info!(router = %router, helper = %id, "{protocol}/{port} -> {} (slot {slot})", kind.name);
+        self.helpers.insert((router, id), record.clone());
+        Ok(Reply::Helper(record.helper))
+    }
+
+    fn helper_update(
+        &mut self,
+        router: &str,
+        helper: &str,
+        protocol: Option<String>,
+        port: Option<i64>,
+        name: Option<String>,
+    ) -> Result<Reply, ApiError> {
+        let (index, key) = self.find_helper(router, helper)?;
+        let old = self.helpers[&key].clone();
+        let protocol = match protocol {
+            Some(p) => validate::protocol(&p)?,
+            None => old.helper.protocol,
+        };
+        let port = match port {
+            Some(p) => validate::port(p)?,
+            None => old.helper.port,
+        };
+        let kind = validate::helper(name.as_deref().unwrap_or(&old.helper.helper), protocol)?;
+        if (protocol, port, kind.name) == (old.helper.protocol, old.helper.port, old.helper.helper.as_str()) {
+            return Ok(Reply::Helper(old.helper));
+        }
+        self.check_tuple_free(&key.0, protocol, port, Some(&key.1))?;
+        // A new slot: the old tuple's flows are revoked, not carried over.
+        let slot = self.free_slot(&key.0)?;
+        let new = HelperRecord { helper: Helper { protocol, port, helper: kind.name.to_string(), ..old.helper.clone() }, slot };
+        let changes = [Change::PutHelper(new.clone()), Change::Quarantine { router_id: key.0.clone(), slot: old.slot }];
+        let datapath = &mut self.datapath;
+        let result = self.store.apply(&changes, || {
+            revoke_record(datapath, index, &old)?;
+            allow_record(datapath, index, &new, kind)
+        });
+        if let Err(e) = result {
+            // Put the old rule back as it was.
+            let _ = revoke_record(&mut self.datapath, index, &new);
+            self.datapath.forget_slot(index, new.slot);
+            if let Ok(old_kind) = kind_of(&old.helper) {
+                let _ = allow_record(&mut self.datapath, index, &old, old_kind);
+            }
+            return Err(e.into());
+        }
+        info!(router = %key.0, helper = %key.1, "updated to {protocol}/{port} -> {} (slot {slot}, slot {} revoked)", kind.name, old.slot);
+        self.quarantine.insert((key.0.clone(), old.slot));
+        self.helpers.insert(key.clone(), new.clone());
+        self.flush_slot(&key.0, old.slot);
+        Ok(Reply::Helper(new.helper))
+    }
+
+    fn helper_delete(&mut self, router: &str, helper: &str) -> Result<Reply, ApiError> {
+        let (index, key) = self.find_helper(router, helper)?;
+        let old = self.helpers[&key].clone();
+        let changes = [
+            Change::DeleteHelper { router_id: key.0.clone(), helper_id: key.1.clone() },
+            Change::Quarantine { router_id: key.0.clone(), slot: old.slot },
+        ];
+        let datapath = &mut self.datapath;
+        let result = self.store.apply(&changes, || revoke_record(datapath, index, &old));
+        if let Err(e) = result {
+            if let Ok(kind) = kind_of(&old.helper) {
+                let _ = allow_record(&mut self.datapath, index, &old, kind);
+            }
+            return Err(e.into());
+        }
+        info!(router = %key.0, helper = %key.1, "deleted; slot {} revoked", old.slot);
+        self.quarantine.insert((key.0.clone(), old.slot));
+        self.helpers.remove(&key);
+        Ok(Reply::Revoked(self.flush_slot(&key.0, old.slot)))
+    }
+
+    fn helper_list(&self, router: Option<String>) -> Result<Reply, ApiError> {
+        let router = match router {
+            Some(r) => {
+                let id = validate::uuid("router_id", &r)?;
+                if !self.routers.contains_key(&id) {
+                    return Err(ApiError::not_found("router", &id));
+                }
+                Some(id)
+            }
+            None => None,
+        };
+        Ok(Reply::Helpers(
+            self.helpers
+                .iter()
+                .filter(|((r, _), _)| router.as_ref().is_none_or(|want| want == r))
+                .map(|(_, h)| h.helper.clone())
+                .collect(),
+        ))
+    }
+
+    fn status(&mut self) -> Result<StatusReport> {
+        let mut drift = crate::api::ReconcileReport { maps: self.datapath.reconcile(&self.desired()?, false)?, ..Default::default() };
+        let mut routers = Vec::new();
+        for state in self.routers.values() {
+            let r = &state.record;
+            match &state.attachment {
+                Some(a) => {
+                    let path = netns::path(&r.netns);
+                    if !glue::installed(&path).unwrap_or(false) {
+                        drift.glue_installed += 1;
+                    }
+                    let (missing, stale) = self.datapath.link_drift(&path, r.index).unwrap_or((0, 0));
+                    drift.links_attached += missing;
+                    drift.links_detached += stale;
+                    let _ = a;
+                }
+                None => drift.routers_detached += 1,
+            }
+            routers.push(RouterStatus {
+                id: r.id.clone(),
+                netns: r.netns.clone(),
+                attached: state.attachment.is_some(),
+                interfaces: state.attachment.as_ref().map(|a| a.interfaces.clone()).unwrap_or_default(),
+                helpers: self.helpers_of(&r.id).count(),
+            });
+        }
+        let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
+        drift.orphan_routers_removed = self.datapath.pinned_routers().iter().filter(|i| !known.contains(i)).count();
+        Ok(StatusReport {
+            pid: std::process::id(),
+            bpffs: self.config.bpffs.display().to_string(),
+            state_dir: self.config.state_dir.display().to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            routers,
+            helpers: self.helpers.len(),
+            quarantined_slots: self.quarantine.len(),
+            revoked_flows: self.datapath.revoked_flows(),
+            started_with: self.started_with,
+            drift,
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! The API socket, and the watchers that follow router namespaces: link
+//! events (rtnetlink) re-sync a router's attachments, and a periodic check
+//! notices namespaces deleted or created from outside.
+
+use std::{
+    collections::HashMap,
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, unix::AsyncFd},
+    net::{UnixListener, UnixStream},
+    task::JoinHandle,
+};
+use tracing::{info, warn};
+
+use super::Daemon;
+use crate::{
+    api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Request, Response},
+    kernel::netns,
+};
+
+type Shared = Arc<Mutex<Daemon>>;
+
+fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Daemon> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves the API on `socket` until SIGTERM or SIGINT (or a teardown).
+/// Stopping leaves enforcement in place: maps and links stay pinned.
+pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if socket.exists() {
+        // A socket left by a previous daemon; refuse if one still answers.
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            anyhow::bail!("another daemon is serving {}", socket.display());
+        }
+        std::fs::remove_file(socket)?;
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    info!(socket = %socket.display(), "serving");
+    let daemon: Shared = Arc::new(Mutex::new(daemon));
+    let mut watchers: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let (daemon, stop) = (daemon.clone(), stop_tx.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, daemon, stop).await {
+                        warn!("connection: {e:#}");
+                    }
+                });
+            }
+            _ = tick.tick() => {
+                let d = daemon.clone();
+                let attached = tokio::task::spawn_blocking(move || {
+                    let mut d = lock(&d);
+                    d.check_namespaces();
+                    d.attached()
+                }).await?;
+                follow(&daemon, &mut watchers, attached);
+            }
+            _ = stop_rx.recv() => break,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    for (_, w) in watchers {
+        w.abort();
+    }
+    info!("stopping; enforcement stays in place");
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+/// Starts a link watcher for each newly attached router, stops those of
+/// routers that went away.
+fn follow(daemon: &Shared, watchers: &mut HashMap<String, JoinHandle<()>>, attached: Vec<(String, String)>) {
+    watchers.retain(|id, w| {
+        let keep = attached.iter().any(|(a, _)| a == id) && !w.is_finished();
+        if !keep {
+            w.abort();
+        }
+        keep
+    });
+    for (id, ns) in attached {
+        if watchers.contains_key(&id) {
+            continue;
+        }
+        match link_events(&ns) {
+            Ok(sock) => {
+                let d = daemon.clone();
+                let rid = id.clone();
+                watchers.insert(id, tokio::spawn(async move { watch_links(sock, d, rid).await }));
+            }
+            Err(e) => warn!(router = %id, "cannot follow link events: {e:#}"),
+        }
+    }
+}
+
+/// An rtnetlink socket of the router's namespace, subscribed to link events.
+fn link_events(ns: &str) -> Result<AsyncFd<Socket>> {
+    const RTMGRP_LINK: u32 = 1;
+    let sock = netns::run_in(&netns::path(ns), || {
+        let mut s = Socket::new(NETLINK_ROUTE).context("rtnetlink socket")?;
+        s.bind(&SocketAddr::new(0, RTMGRP_LINK)).context("subscribing to link events")?;
+        s.set_non_blocking(true)?;
+        Ok(s)
+    })?;
+    // SAFETY: the AsyncFd owns the socket, so the descriptor stays valid
+    // for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let Ok(mut guard) = sock.readable().await else { return };
+        // Drain everything queued; the content does not matter, a re-sync
+        // compares the namespace's interfaces with the pins.
+        loop {
+            // SAFETY: reading into our own buffer from a valid socket.
+            let n = unsafe { libc::recv(sock.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                break;
+            }
+        }
+        guard.clear_ready();
+        // Let a burst of events (veth pair creation) settle.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (d, rid) = (daemon.clone(), id.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = lock(&d).refresh_router(&rid) {
+                warn!(router = %rid, "re-sync after link event: {e:#}");
+            }
+        })
+        .await;
+    }
+}
+
+async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc::Sender<()>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        reader.set_limit(MAX_REQUEST_BYTES as u64 + 1);
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let oversized = line.len() > MAX_REQUEST_BYTES;
+        let mut stopping = false;
+        let response = if oversized {
+            Response::Error(ApiError::new(ErrorCode::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes")))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => {
+                    let d = daemon.clone();
+                    let (result, stop_now) = tokio::task::spawn_blocking(move || {
+                        let mut d = lock(&d);
+                        let r = d.handle(req);
+                        (r, d.stopping())
+                    })
+                    .await
+                    .map_err(ApiError::internal)
+                    .map(|(r, s)| (r, s))
+                    .unwrap_or_else(|e| (Err(e), false));
+                    stopping = stop_now;
+                    result.into()
+                }
+                Err(e) => Response::Error(ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}"))),
+            }
+        };
+        let mut text = serde_json::to_vec(&response)?;
+        text.push(b'\n');
+        write.write_all(&text).await?;
+        if stopping {
+            let _ = stop.send(()).await;
+        }
+        if oversized {
+            return Ok(());
+        }
+    }
+}
