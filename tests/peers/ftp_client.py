@@ -4,7 +4,9 @@ JSON result per stdout line, so a test can drive a single control connection
 through a router and see exactly which step fails after a revocation.
 
 Commands: connect HOST PORT | login | noop | list passive|active |
-          retr NAME passive|active | retr_start NAME passive|active | retr_wait | quit
+          retr NAME passive|active | retr_start NAME passive|active | retr_wait |
+          pasv (asks for a passive data port and does not connect: the router's
+          helper keeps an expectation open) | quit
 Every network wait is bounded by TIMEOUT seconds.
 """
 import ftplib
@@ -79,6 +81,9 @@ def run(words):
     if cmd == "retr_wait":
         transfer["thread"].join()
         return transfer["result"]
+    if cmd == "pasv":
+        host, port = ftp.makepasv()
+        return {"ok": True, "port": port}
     if cmd == "quit":
         try:
             ftp.quit()

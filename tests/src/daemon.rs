@@ -14,6 +14,30 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub bpffs: PathBuf,
+    pub state: PathBuf,
+    extra: Vec<String>,
+}
+
+/// A connection to the daemon's API.
+pub struct Session {
+    stream: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Session {
+    /// Sends a request; returns the response, or an error if the daemon
+    /// went away before answering.
+    pub fn request(&mut self, req: &serde_json::Value) -> std::io::Result<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        self.stream.write_all(&line)?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(serde_json::from_str(&answer)?)
+    }
 }
 
 /// What a CLI call printed.
@@ -46,36 +70,92 @@ impl From<Output> for CliOutput {
 
 impl Daemon {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a daemon with extra `daemon` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
         crate::require_root();
         let name = unique("d");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         let bpffs = PathBuf::from("/sys/fs/bpf").join(&name);
         let socket = dir.join("enforcer.sock");
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let process = Process::spawn(
+        let state = dir.join("state");
+        Self::launch(dir, bpffs, socket, state, extra)
+    }
+
+    fn launch(dir: PathBuf, bpffs: PathBuf, socket: PathBuf, state: PathBuf, extra: &[&str]) -> Self {
+        let process = Self::spawn_daemon(&dir, &bpffs, &socket, &state, extra);
+        let mut daemon = Self { process, dir, socket, bpffs, state, extra: extra.iter().map(|s| s.to_string()).collect() };
+        daemon.wait_up();
+        daemon
+    }
+
+    fn spawn_daemon(dir: &std::path::Path, bpffs: &std::path::Path, socket: &std::path::Path, state: &std::path::Path, extra: &[&str]) -> Process {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
+        Process::spawn(
             "enforcer daemon",
             Command::new(enforcer_bin())
                 .arg("--socket")
-                .arg(&socket)
+                .arg(socket)
                 .arg("daemon")
                 .arg("--bpffs")
-                .arg(&bpffs)
+                .arg(bpffs)
                 .arg("--state-dir")
-                .arg(dir.join("state"))
+                .arg(state)
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(log),
-        );
-        let mut daemon = Self { process, dir, socket, bpffs };
+        )
+    }
+
+    fn wait_up(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !daemon.socket.exists() {
-            if let Ok(Some(status)) = daemon.process.child.try_wait() {
-                panic!("daemon exited ({status}):\n{}", daemon.log());
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Ok(Some(status)) = self.process.child.try_wait() {
+                panic!("daemon exited ({status}):\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", daemon.log());
+            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        daemon
+    }
+
+    /// Stops the daemon with `signal` and waits for it to exit.
+    pub fn stop(&mut self, signal: nix::sys::signal::Signal) {
+        self.process.signal(signal);
+        let _ = self.process.child.wait();
+    }
+
+    /// Starts the daemon again on the same socket, pins and store.
+    pub fn restart(&mut self) {
+        if matches!(self.process.child.try_wait(), Ok(None)) {
+            self.stop(nix::sys::signal::Signal::SIGTERM);
+        }
+        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>());
+        self.wait_up();
+    }
+
+    /// One connection for many requests (bulk operations).
+    pub fn session(&self) -> Session {
+        let stream = std::os::unix::net::UnixStream::connect(&self.socket).expect("connecting to the daemon");
+        Session { reader: std::io::BufReader::new(stream.try_clone().unwrap()), stream }
+    }
+
+    /// PID of the daemon process.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Sends one raw request line on the socket; returns the raw answer.
+    pub fn raw(&self, line: &[u8]) -> String {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).expect("connecting to the daemon");
+        s.write_all(line).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
     }
 
     pub fn log(&self) -> String {

@@ -77,7 +77,18 @@ impl Topology {
     pub const CLIENT_V6: &str = "fd00:200::1:2";
     pub const SERVER_V6: &str = "fd00:200::2:2";
 
+    /// The test bed with the router's stateful forward policy.
     pub fn new() -> Self {
+        Self::build(true)
+    }
+
+    /// The test bed with a router that forwards everything: only enforcer
+    /// stands between a revoked connection and the server.
+    pub fn without_firewall() -> Self {
+        Self::build(false)
+    }
+
+    fn build(firewall: bool) -> Self {
         crate::require_root();
         let router_id = uuid::Uuid::new_v4().to_string();
         let tag = unique("");
@@ -89,7 +100,7 @@ impl Topology {
         topo.wire(&topo.server, "s0", "r1", "2");
         topo.router.sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         topo.router.sh("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-        for tool in ["iptables-restore", "ip6tables-restore"] {
+        for tool in ["iptables-restore", "ip6tables-restore"].into_iter().filter(|_| firewall) {
             let mut child = topo
                 .router
                 .cmd(tool)
