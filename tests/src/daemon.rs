@@ -70,18 +70,19 @@ impl From<Output> for CliOutput {
 
 impl Daemon {
     pub fn start() -> Self {
-        Self::start_with(&[])
+        Self::start_with(None, &[])
     }
 
-    /// Starts a daemon with extra `daemon` arguments.
-    pub fn start_with(extra: &[&str]) -> Self {
+    /// Starts a daemon with its store in `state` (default: its own
+    /// directory) and extra `daemon` arguments.
+    pub fn start_with(state: Option<PathBuf>, extra: &[&str]) -> Self {
         crate::require_root();
         let name = unique("d");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         let bpffs = PathBuf::from("/sys/fs/bpf").join(&name);
         let socket = dir.join("enforcer.sock");
-        let state = dir.join("state");
+        let state = state.unwrap_or_else(|| dir.join("state"));
         Self::launch(dir, bpffs, socket, state, extra)
     }
 
@@ -134,6 +135,59 @@ impl Daemon {
         }
         self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>());
         self.wait_up();
+    }
+
+    /// Starts the daemon again and expects it to refuse: returns its exit
+    /// status and log.
+    pub fn restart_refused(&mut self) -> (std::process::ExitStatus, String) {
+        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.process.child.try_wait() {
+                return (status, self.log());
+            }
+            assert!(std::os::unix::net::UnixStream::connect(&self.socket).is_err(), "the daemon started and serves:\n{}", self.log());
+            assert!(Instant::now() < deadline, "the daemon neither started nor exited");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Resident memory of the daemon, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Kernel programs that use this daemon's maps (loaded instances).
+    pub fn programs(&self) -> usize {
+        let rules = aya::maps::MapData::from_pin(self.bpffs.join("ENFORCER_RULES")).expect("rules map pin");
+        let id = rules.info().expect("map info").id();
+        aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .filter(|p| p.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&id)))
+            .count()
+    }
+
+    /// Every pin under this daemon's bpffs directory (maps and links).
+    pub fn pins(&self) -> Vec<String> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push(p.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.bpffs, &mut out);
+        out.sort();
+        out
     }
 
     /// One connection for many requests (bulk operations).

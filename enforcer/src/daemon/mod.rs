@@ -52,6 +52,9 @@ pub struct Daemon {
     helpers: BTreeMap<(String, String), HelperRecord>,
     /// Revoked slots some conntrack entry may still carry.
     quarantine: BTreeSet<(String, u16)>,
+    /// Released slots whose counters go once no revoked flow counts its
+    /// drops against them any more.
+    released: BTreeSet<(u32, u16)>,
     started: Instant,
     started_with: ReconcileReport,
     /// Set by teardown: the server stops after answering.
@@ -77,10 +80,10 @@ impl Daemon {
     pub fn start(config: Config) -> Result<Self> {
         let layout = config.layout()?;
         raise_fd_limit();
-        let store = Store::open(&config.state_dir)?;
-        let state = store.load().with_context(|| {
-            format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display())
-        })?;
+        let unreadable =
+            || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
+        let store = Store::open(&config.state_dir).with_context(unreadable)?;
+        let state = store.load().with_context(unreadable)?;
         let datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.quiet_ns())?;
         let routers = state
             .routers
@@ -94,6 +97,7 @@ impl Daemon {
             routers,
             helpers: state.helpers,
             quarantine: state.quarantine,
+            released: BTreeSet::new(),
             started: Instant::now(),
             started_with: ReconcileReport::default(),
             stopping: false,
@@ -219,12 +223,43 @@ impl Daemon {
             return 0;
         }
         for (router, slot) in &free {
-            self.quarantine.remove(&(router.clone(), *slot));
-            if let Some(state) = self.routers.get(router) {
-                self.datapath.forget_slot(state.record.index, *slot);
-            }
+            self.slot_released(router, *slot);
         }
         free.len()
+    }
+
+    /// Bookkeeping of a slot nothing carries any more.
+    pub(super) fn slot_released(&mut self, router: &str, slot: u16) {
+        self.quarantine.remove(&(router.to_string(), slot));
+        if let Some(state) = self.routers.get(router) {
+            self.released.insert((state.record.index, slot));
+        }
+    }
+
+    /// Periodic clean-up: revoked flows quiet for long enough, and the
+    /// counters of released slots nothing counts against any more.
+    pub fn housekeeping(&mut self) {
+        let referenced = match self.datapath.sweep_revoked() {
+            Ok(r) => r,
+            Err(e) => return warn!("sweeping revoked flows: {e:#}"),
+        };
+        let live: BTreeSet<(u32, u16)> = self
+            .helpers
+            .values()
+            .filter_map(|h| Some((self.routers.get(&h.helper.router_id)?.record.index, h.slot)))
+            .collect();
+        let done: Vec<(u32, u16)> = self
+            .released
+            .iter()
+            .copied()
+            .filter(|(index, slot)| !referenced.contains(&enforcer_common::SlotKey::new(*index, *slot as u32)))
+            .collect();
+        for (index, slot) in done {
+            self.released.remove(&(index, slot));
+            if !live.contains(&(index, slot)) {
+                self.datapath.forget_slot(index, slot);
+            }
+        }
     }
 
     /// The mark and mask that select the conntrack entries of a slot.

@@ -38,7 +38,7 @@ impl Daemon {
         match result {
             Ok(0) => match self.store.apply(&[Change::Release { router_id: router_id.to_string(), slot }], || Ok(())) {
                 Ok(()) => {
-                    self.quarantine.remove(&(router_id.to_string(), slot));
+                    self.slot_released(router_id, slot);
                     report.slot_released = true;
                 }
                 Err(e) => report.flush_error = Some(format!("{e}")),

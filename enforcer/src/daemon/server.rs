@@ -69,6 +69,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
                 let attached = tokio::task::spawn_blocking(move || {
                     let mut d = lock(&d);
                     d.check_namespaces();
+                    d.housekeeping();
                     d.attached()
                 }).await?;
                 follow(&daemon, &mut watchers, attached);

@@ -372,6 +372,23 @@ impl Datapath {
         Ok(n)
     }
 
+    /// Forgets revoked flows that have been quiet for the quiet time (the
+    /// datapath forgets them lazily, on their next packet; one that never
+    /// sends again would stay). Returns the slots still referenced.
+    pub fn sweep_revoked(&mut self) -> Result<HashSet<SlotKey>> {
+        let now = monotonic_ns()?;
+        let mut referenced = HashSet::new();
+        let entries: Vec<(FlowKey, RevokedFlow)> = self.revoked.iter().filter_map(|e| e.ok()).collect();
+        for (k, v) in entries {
+            if now.saturating_sub(v.last_seen_ns) > self.quiet_ns {
+                let _ = self.revoked.remove(&k);
+            } else {
+                referenced.insert(SlotKey::new(k.router, v.slot));
+            }
+        }
+        Ok(referenced)
+    }
+
     /// Number of revoked flows the datapath still keeps dead.
     pub fn revoked_flows(&self) -> usize {
         self.revoked.keys().filter(|k| k.is_ok()).count()

@@ -1,0 +1,270 @@
+//! Durability: enforcement outlives the daemon, a crash loses no
+//! acknowledged change, bad storage changes nothing, nothing leaks.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use enforcer_tests::{
+    Daemon, Family, Topology,
+    peers::{FtpClient, FtpServer},
+    run,
+};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+fn live_ports(daemon: &Daemon) -> Vec<u64> {
+    let mut ports: Vec<u64> = daemon.dump()["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "live")
+        .map(|s| s["port"].as_u64().expect("a live slot has its rule"))
+        .collect();
+    ports.sort();
+    ports
+}
+
+fn helper_ports(daemon: &Daemon) -> Vec<u64> {
+    let mut ports: Vec<u64> =
+        daemon.cli(&["helper", "list", "-o", "json"]).ok().json().as_array().unwrap().iter().map(|h| h["port"].as_u64().unwrap()).collect();
+    ports.sort();
+    ports
+}
+
+#[test]
+fn enforcement_continues_while_the_daemon_is_down() {
+    let kept = Topology::new();
+    let revoked = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&kept.router_id);
+    daemon.add_router(&revoked.router_id);
+    daemon.create_helper(&kept.router_id, "tcp", 21, "ftp");
+    let gone = daemon.create_helper(&revoked.router_id, "tcp", 21, "ftp");
+    let _s1 = FtpServer::start(&kept, Family::V4);
+    let _s2 = FtpServer::start(&revoked, Family::V4);
+    let mut old = FtpClient::login(&revoked, Family::V4);
+    old.ok("list passive");
+    daemon.delete_helper(&revoked.router_id, &gone);
+
+    daemon.stop(Signal::SIGTERM);
+    // Down: the allowed helper still works, the revoked one stays revoked.
+    FtpClient::login(&kept, Family::V4).ok("list passive");
+    old.fails("noop");
+    FtpClient::login(&revoked, Family::V4).fails("list passive");
+    assert_eq!(live_ports(&daemon), vec![21], "maps dump reads the pins with the daemon down");
+
+    daemon.restart();
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    assert_eq!(status["started_with"]["links_attached"], 0, "nothing had to be re-attached: {status}");
+    assert_eq!(status["started_with"]["maps"]["rules_added"], 0, "{status}");
+    assert_eq!(status["drift"]["maps"], json!({"rules_added":0,"rules_removed":0,"slots_added":0,"slots_removed":0,"counters_added":0,"counters_removed":0,"routers_added":0,"routers_removed":0}));
+    FtpClient::login(&kept, Family::V4).ok("list passive");
+    old.fails("noop");
+}
+
+#[test]
+fn restart_restores_what_is_missing_and_removes_orphans() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    daemon.stop(Signal::SIGTERM);
+    // Damage the kernel side behind the daemon's back: glue, a link pin, a
+    // rule; and plant an orphan router's pin directory.
+    let save = topo.router.sh("iptables-save", &[]);
+    assert!(save.contains("ENFORCER-HELPERS"));
+    run(topo.router.cmd("iptables").args(["-t", "raw", "-D", "PREROUTING", "-j", "ENFORCER-HELPERS"]));
+    let link = daemon.pins().into_iter().find(|p| p.contains("/routers/") && p.ends_with("_tag")).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    std::fs::create_dir_all(daemon.bpffs.join("routers/4242")).unwrap();
+
+    daemon.restart();
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    let started = &status["started_with"];
+    assert_eq!(started["glue_installed"], 1, "{status}");
+    assert_eq!(started["links_attached"], 1, "{status}");
+    assert_eq!(started["orphan_routers_removed"], 1, "{status}");
+    assert!(status["drift"]["glue_installed"] == 0 && status["drift"]["links_attached"] == 0, "{status}");
+    assert!(!daemon.bpffs.join("routers/4242").exists());
+    let _server = FtpServer::start(&topo, Family::V4);
+    FtpClient::login(&topo, Family::V4).ok("list passive");
+}
+
+#[test]
+fn kill_9_during_bulk_create_loses_nothing_acknowledged() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut session = daemon.session();
+    let router = topo.router_id.clone();
+    let counter = acked.clone();
+    let writer = std::thread::spawn(move || {
+        let mut ids = Vec::new();
+        for port in 1000..2000 {
+            let req = json!({"op": "helper_create", "router_id": router, "protocol": "tcp", "port": port, "helper": "ftp"});
+            match session.request(&req) {
+                Ok(Value::Object(m)) if m.contains_key("ok") => {
+                    ids.push((m["ok"]["id"].as_str().unwrap().to_string(), port as u64));
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(other) => panic!("refused: {other}"),
+                Err(_) => break, // the daemon died
+            }
+        }
+        ids
+    });
+    while acked.load(Ordering::SeqCst) < 300 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    daemon.stop(Signal::SIGKILL);
+    let acknowledged = writer.join().unwrap();
+    assert!(acknowledged.len() >= 300 && acknowledged.len() < 1000, "killed mid-way: {}", acknowledged.len());
+
+    daemon.restart();
+    let listed: Vec<Value> = daemon.cli(&["helper", "list", "-o", "json"]).ok().json().as_array().unwrap().clone();
+    for (id, port) in &acknowledged {
+        assert!(listed.iter().any(|h| h["id"] == id.as_str() && h["port"] == *port), "acknowledged helper {id} on {port} lost");
+    }
+    // At most the one request in flight may have committed unacknowledged.
+    assert!(listed.len() - acknowledged.len() <= 1);
+    // None half-applied: store and kernel agree rule by rule.
+    assert_eq!(helper_ports(&daemon), live_ports(&daemon));
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    assert_eq!(status["drift"]["maps"]["rules_added"], 0, "{status}");
+}
+
+#[test]
+fn corrupt_store_refuses_to_start_and_leaves_the_kernel_alone() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    daemon.stop(Signal::SIGTERM);
+    let before = (daemon.dump(), daemon.pins(), topo.router.sh("iptables-save", &[]).lines().filter(|l| !l.starts_with('#')).count());
+
+    let db = daemon.state.join("enforcer.redb");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in bytes.iter_mut().take(4096) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&db, bytes).unwrap();
+
+    let (status, log) = daemon.restart_refused();
+    assert!(!status.success());
+    assert!(log.contains("store") && log.contains("left as it is"), "a clear message:\n{log}");
+    let after = (daemon.dump(), daemon.pins(), topo.router.sh("iptables-save", &[]).lines().filter(|l| !l.starts_with('#')).count());
+    assert_eq!(before, after, "kernel state unchanged");
+}
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_state_filesystem_is_a_clear_error_with_no_partial_change() {
+    let topo = Topology::new();
+    let dir = std::env::temp_dir().join(enforcer_tests::unique("fs"));
+    std::fs::create_dir_all(&dir).unwrap();
+    run(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&dir));
+    let _fs = SmallFs(dir.clone());
+    let state = dir.join("state");
+    let daemon = Daemon::start_with(Some(state), &[]);
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    // Fill the filesystem.
+    let filler = dir.join("filler");
+    let _ = std::process::Command::new("dd").args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"]).output();
+
+    let mut refused = None;
+    for port in 2000..2400 {
+        let out = daemon.cli(&["helper", "create", &topo.router_id, "--protocol", "tcp", "--port", &port.to_string(), "--helper", "ftp"]);
+        if out.code != 0 {
+            refused = Some((port, out.stderr));
+            break;
+        }
+    }
+    let (port, message) = refused.expect("a full filesystem refuses a change");
+    assert!(message.contains("No space left") || message.contains("space"), "clear error: {message}");
+    assert!(!helper_ports(&daemon).contains(&port), "the refused helper is not stored");
+    assert_eq!(helper_ports(&daemon), live_ports(&daemon), "store and kernel agree");
+    std::fs::remove_file(&filler).unwrap();
+    drop(daemon);
+}
+
+#[test]
+fn cycles_leave_nothing_behind() {
+    let topo = Topology::new();
+    let daemon = Daemon::start();
+    let r = topo.router_id.as_str();
+    daemon.add_router(r);
+    let netfilter = || {
+        topo.router.sh("iptables-save", &[]).lines().filter(|l| l.starts_with('-')).count()
+            + topo.router.sh("ip6tables-save", &[]).lines().filter(|l| l.starts_with('-')).count()
+    };
+    let measure = || {
+        let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+        (
+            daemon.programs(),
+            daemon.pins(),
+            daemon.dump()["slots"].as_array().unwrap().len(),
+            status["revoked_flows"].as_u64().unwrap(),
+            status["quarantined_slots"].as_u64().unwrap(),
+            netfilter(),
+            topo.conntrack(&["-L"]).lines().count(),
+        )
+    };
+    let mut session = daemon.session();
+    let mut cycle = |port: u64| {
+        let created = session.request(&json!({"op": "helper_create", "router_id": r, "protocol": "tcp", "port": port, "helper": "ftp"})).unwrap();
+        let id = created["ok"]["id"].as_str().unwrap_or_else(|| panic!("{created}")).to_string();
+        let deleted = session.request(&json!({"op": "helper_delete", "router_id": r, "helper_id": id})).unwrap();
+        assert_eq!(deleted["ok"]["slot_released"], true, "{deleted}");
+    };
+    // Everything the kernel holds before the cycles: after them, once the
+    // daemon's housekeeping ran, it must be the same.
+    let baseline = measure();
+    let settled = |what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = measure();
+            if now == baseline {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what} did not return to the baseline:\n{now:?}\n{baseline:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    for i in 0..500 {
+        cycle(1000 + i % 60000);
+    }
+    let rss_start = daemon.rss_kib();
+    for i in 0..10_000 {
+        cycle(1000 + i % 60000);
+    }
+    settled("helper cycles");
+    let rss_end = daemon.rss_kib();
+    assert!(rss_end < rss_start + 4096, "daemon memory flat: {rss_start} KiB -> {rss_end} KiB");
+
+    let programs_with_router = daemon.programs();
+    for _ in 0..100 {
+        daemon.cli(&["router", "remove", r]).ok();
+        daemon.add_router(r);
+    }
+    assert_eq!(daemon.programs(), programs_with_router, "router cycles leave no program behind");
+    settled("router cycles");
+    daemon.cli(&["router", "remove", r]).ok();
+    let rules = topo.router.sh("iptables-save", &[]) + &topo.router.sh("ip6tables-save", &[]);
+    assert!(!rules.contains("ENFORCER"), "no glue left:\n{rules}");
+    assert_eq!(daemon.programs(), 1, "only the control instance is left");
+}
