@@ -161,6 +161,11 @@ impl Daemon {
             self.datapath.detach_router(state.record.index)?;
             return Ok(None);
         };
+        if state.netns_id.is_some_and(|old| old != ns_id) {
+            // A new namespace under the old name: the pinned links belong to
+            // interfaces of the old one.
+            self.datapath.detach_router(state.record.index)?;
+        }
         let path = netns::path(&state.record.netns);
         let glue_added = !glue::installed(&path)?;
         glue::install(&path, &self.datapath.layout())?;
@@ -307,13 +312,21 @@ impl Daemon {
     /// Re-syncs one router with its namespace (after a link event or a
     /// namespace change) and its rules with the maps.
     pub fn refresh_router(&mut self, id: &str) -> Result<()> {
-        if let Some((_, links)) = self.bring_up(id)? {
-            if links != Default::default() {
-                info!(router = %id, attached = links.attached, detached = links.detached, "interfaces changed");
+        let was_attached = self.routers.get(id).is_some_and(|r| r.attachment.is_some());
+        let now_attached = match self.bring_up(id)? {
+            Some((_, links)) => {
+                if links != Default::default() {
+                    info!(router = %id, attached = links.attached, detached = links.detached, "interfaces changed");
+                }
+                true
             }
+            None => false,
+        };
+        // The rules of a router enter or leave the maps with its namespace.
+        if was_attached != now_attached {
+            self.datapath.reconcile(&self.desired()?, true)?;
+            self.release_quarantine();
         }
-        self.datapath.reconcile(&self.desired()?, true)?;
-        self.release_quarantine();
         Ok(())
     }
 }

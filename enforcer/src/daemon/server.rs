@@ -129,6 +129,14 @@ fn link_events(ns: &str) -> Result<AsyncFd<Socket>> {
 async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
     let mut buf = vec![0u8; 16384];
     loop {
+        // Re-sync first: events before the subscription are not lost.
+        let (d, rid) = (daemon.clone(), id.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = lock(&d).refresh_router(&rid) {
+                warn!(router = %rid, "re-sync after link event: {e:#}");
+            }
+        })
+        .await;
         let Ok(mut guard) = sock.readable().await else { return };
         // Drain everything queued; the content does not matter, a re-sync
         // compares the namespace's interfaces with the pins.
@@ -140,15 +148,8 @@ async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
             }
         }
         guard.clear_ready();
-        // Let a burst of events (veth pair creation) settle.
+        // Let a burst of events (a veth pair coming up) settle.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let (d, rid) = (daemon.clone(), id.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = lock(&d).refresh_router(&rid) {
-                warn!(router = %rid, "re-sync after link event: {e:#}");
-            }
-        })
-        .await;
     }
 }
 

@@ -1,0 +1,77 @@
+//! Router lifecycle: interfaces come and go, namespaces vanish.
+
+use std::time::{Duration, Instant};
+
+use enforcer_tests::{
+    Daemon, Family, Topology,
+    peers::{FtpClient, FtpServer},
+    run,
+};
+
+/// Polls `f` for up to 10 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} did not happen within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn interfaces(daemon: &Daemon) -> Vec<String> {
+    let routers = daemon.cli(&["router", "list", "-o", "json"]).ok().json();
+    routers[0]["interfaces"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn interfaces_added_later_are_enforced_and_removed_ones_forgotten() {
+    let topo = Topology::new();
+    let daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    // Move the server behind a new interface pair, added after router add.
+    run(std::process::Command::new("ip").args([
+        "link", "add", "s9", "netns", &topo.server.name, "type", "veth", "peer", "name", "r9", "netns", &topo.router.name,
+    ]));
+    eventually("r9 attached", || interfaces(&daemon).contains(&"r9".to_string()));
+    let pins = daemon.pins().into_iter().filter(|p| p.contains("/routers/")).count();
+    assert_eq!(pins, 6, "two links for each of r0, r1, r9");
+
+    // Carry the server traffic over r9 only: its enforcement must work.
+    topo.server.sh("ip", &["link", "del", "s0"]);
+    eventually("r1 forgotten", || !interfaces(&daemon).contains(&"r1".to_string()));
+    topo.server.sh("ip", &["addr", "add", "10.200.2.2/24", "dev", "s9"]);
+    topo.server.sh("ip", &["link", "set", "s9", "up"]);
+    topo.server.sh("ip", &["route", "add", "default", "via", "10.200.2.1"]);
+    topo.router.sh("ip", &["addr", "add", "10.200.2.1/24", "dev", "r9"]);
+    topo.router.sh("ip", &["link", "set", "r9", "up"]);
+    assert_eq!(daemon.pins().into_iter().filter(|p| p.contains("/routers/")).count(), 4);
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+    ftp.ok("list passive");
+    let dump = daemon.dump();
+    assert!(dump["slots"][0]["tagged"].as_u64().unwrap() > 0, "{dump}");
+}
+
+#[test]
+fn a_namespace_deleted_from_outside_is_cleaned_up() {
+    let topo = Topology::new();
+    let daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    assert_eq!(daemon.dump()["routers"], 1);
+
+    run(std::process::Command::new("ip").args(["netns", "del", &topo.router.name]));
+    eventually("router detached", || {
+        let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+        status["routers"][0]["attached"] == false
+    });
+    let dump = daemon.dump();
+    assert_eq!(dump["routers"], 0, "{dump}");
+    assert_eq!(dump["slots"], serde_json::json!([]), "no map entries left: {dump}");
+    assert!(daemon.pins().iter().all(|p| !p.contains("/routers/")), "links unpinned: {:?}", daemon.pins());
+    // The desired state is kept: the helper is still listed, the router is
+    // reported detached, and it can be removed.
+    let helpers = daemon.cli(&["helper", "list", "-o", "json"]).ok().json();
+    assert_eq!(helpers.as_array().unwrap().len(), 1);
+    daemon.cli(&["router", "remove", &topo.router_id]).ok();
+}
