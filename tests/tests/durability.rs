@@ -268,3 +268,26 @@ fn cycles_leave_nothing_behind() {
     assert!(!rules.contains("ENFORCER"), "no glue left:\n{rules}");
     assert_eq!(daemon.programs(), 1, "only the control instance is left");
 }
+
+#[test]
+fn teardown_removes_all_enforcement_and_stops() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut old = FtpClient::login(&topo, Family::V4);
+    old.ok("list passive");
+    let programs = daemon.programs();
+    assert!(programs >= 2, "router instance and control instance");
+
+    daemon.cli(&["teardown"]).ok();
+    let exited = daemon.process.child.wait().unwrap();
+    assert!(exited.success(), "the daemon stops after a teardown");
+    assert!(!daemon.bpffs.exists(), "every pin is gone");
+    let rules = topo.router.sh("iptables-save", &[]) + &topo.router.sh("ip6tables-save", &[]);
+    assert!(!rules.contains("ENFORCER"), "glue removed:\n{rules}");
+    assert!(!topo.conntrack(&["-L"]).contains("helper=ftp"), "helper state flushed");
+    // Nothing enforces any more: a new connection gets no helper.
+    FtpClient::login(&topo, Family::V4).fails("list passive");
+}
