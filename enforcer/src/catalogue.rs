@@ -1,22 +1,22 @@
-//! The conntrack helpers enforcer can assign, with the kernel's names.
+//! The conntrack helpers enforcer knows, with the kernel's names, and what
+//! the running kernel and the configuration actually offer.
 //!
 //! The ids are part of the mark layout (4 bits) and so of the kernel ABI of
-//! this project: never renumber an entry. Support per family was probed on
-//! kernel 6.18 with `-p PROTO -j CT --helper NAME` (see DESIGN.md); H.323 is
-//! assigned as `Q.931` and `RAS`, and Neutron's `h323`/`amanda:tcp` do not
-//! exist in the kernel.
+//! this project: never renumber an entry. H.323 is assigned as `Q.931` and
+//! `RAS`; Neutron's `h323`/`amanda:tcp` do not exist in the kernel. Which
+//! (helper, protocol, family) the kernel really has is probed at start
+//! (`kernel::probe`) and narrowed by `allowed_helpers`.
 
 use crate::api::Protocol;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HelperKind {
     /// Id carried in the mark, 1..=15.
     pub id: u8,
     /// The kernel's helper name, as `-j CT --helper` takes it.
     pub name: &'static str,
+    /// Protocols the kernel may have this helper for.
     pub protocols: &'static [Protocol],
-    /// Whether the kernel has an IPv6 variant of this helper.
-    pub ipv6: bool,
     /// The port the protocol usually runs on.
     pub default_port: u16,
 }
@@ -24,17 +24,17 @@ pub struct HelperKind {
 use Protocol::{Tcp, Udp};
 
 pub const CATALOGUE: &[HelperKind] = &[
-    HelperKind { id: 1, name: "ftp", protocols: &[Tcp], ipv6: true, default_port: 21 },
-    HelperKind { id: 2, name: "tftp", protocols: &[Udp], ipv6: true, default_port: 69 },
-    HelperKind { id: 3, name: "sip", protocols: &[Udp, Tcp], ipv6: true, default_port: 5060 },
-    HelperKind { id: 4, name: "sane", protocols: &[Tcp], ipv6: true, default_port: 6566 },
-    HelperKind { id: 5, name: "amanda", protocols: &[Udp], ipv6: true, default_port: 10080 },
-    HelperKind { id: 6, name: "Q.931", protocols: &[Tcp], ipv6: true, default_port: 1720 },
-    HelperKind { id: 7, name: "RAS", protocols: &[Udp], ipv6: true, default_port: 1719 },
-    HelperKind { id: 8, name: "irc", protocols: &[Tcp], ipv6: false, default_port: 6667 },
-    HelperKind { id: 9, name: "pptp", protocols: &[Tcp], ipv6: false, default_port: 1723 },
-    HelperKind { id: 10, name: "snmp", protocols: &[Udp], ipv6: false, default_port: 161 },
-    HelperKind { id: 11, name: "netbios-ns", protocols: &[Udp], ipv6: false, default_port: 137 },
+    HelperKind { id: 1, name: "ftp", protocols: &[Tcp], default_port: 21 },
+    HelperKind { id: 2, name: "tftp", protocols: &[Udp], default_port: 69 },
+    HelperKind { id: 3, name: "sip", protocols: &[Udp, Tcp], default_port: 5060 },
+    HelperKind { id: 4, name: "sane", protocols: &[Tcp], default_port: 6566 },
+    HelperKind { id: 5, name: "amanda", protocols: &[Udp], default_port: 10080 },
+    HelperKind { id: 6, name: "Q.931", protocols: &[Tcp], default_port: 1720 },
+    HelperKind { id: 7, name: "RAS", protocols: &[Udp], default_port: 1719 },
+    HelperKind { id: 8, name: "irc", protocols: &[Tcp], default_port: 6667 },
+    HelperKind { id: 9, name: "pptp", protocols: &[Tcp], default_port: 1723 },
+    HelperKind { id: 10, name: "snmp", protocols: &[Udp], default_port: 161 },
+    HelperKind { id: 11, name: "netbios-ns", protocols: &[Udp], default_port: 137 },
 ];
 
 /// Looks a helper up by its kernel name (exact, case-sensitive: `Q.931`).
@@ -54,6 +54,105 @@ pub fn names() -> Vec<&'static str> {
 impl HelperKind {
     pub fn supports(&self, protocol: Protocol) -> bool {
         self.protocols.contains(&protocol)
+    }
+}
+
+/// An address family of the netfilter glue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+}
+
+/// One assignable (helper, protocol, family), as the kernel accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Offer {
+    pub kind: &'static HelperKind,
+    pub protocol: Protocol,
+    pub family: Family,
+}
+
+/// What can be assigned on this host: probed from the kernel, narrowed by
+/// configuration. Validation and the glue use only this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offered {
+    pub offers: Vec<Offer>,
+}
+
+/// One `allowed_helpers` entry: `NAME` or `NAME:PROTOCOL`.
+fn parse_allowed(entry: &str) -> Result<(&'static HelperKind, Option<Protocol>), String> {
+    let (name, proto) = match entry.split_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (entry, None),
+    };
+    let kind = by_name(name).ok_or_else(|| format!("allowed_helpers: unknown helper {name:?}; known: {}", names().join(", ")))?;
+    let proto = match proto {
+        None => None,
+        Some("tcp") => Some(Protocol::Tcp),
+        Some("udp") => Some(Protocol::Udp),
+        Some(p) => return Err(format!("allowed_helpers: {entry:?}: protocol {p:?} must be tcp or udp")),
+    };
+    if let Some(p) = proto {
+        if !kind.supports(p) {
+            return Err(format!("allowed_helpers: {entry:?}: the {} helper does not exist for {p}", kind.name));
+        }
+    }
+    Ok((kind, proto))
+}
+
+impl Offered {
+    /// `probed` narrowed to `allowed` (None: everything probed).
+    pub fn new(probed: Vec<Offer>, allowed: Option<&[String]>) -> Result<Self, String> {
+        let Some(allowed) = allowed else { return Ok(Self { offers: probed }) };
+        let allowed: Vec<_> = allowed.iter().map(|e| parse_allowed(e)).collect::<Result<_, _>>()?;
+        let offers = probed
+            .into_iter()
+            .filter(|o| allowed.iter().any(|(k, p)| k.id == o.kind.id && p.is_none_or(|p| p == o.protocol)))
+            .collect();
+        Ok(Self { offers })
+    }
+
+    /// Every (helper, protocol, family) the catalogue knows: the offer of a
+    /// kernel that has them all (tests, and the probe's candidates).
+    pub fn everything() -> Self {
+        let offers = CATALOGUE
+            .iter()
+            .flat_map(|k| k.protocols.iter().flat_map(move |p| Family::ALL.map(|f| Offer { kind: k, protocol: *p, family: f })))
+            .collect();
+        Self { offers }
+    }
+
+    /// The helper named `name`, if offered for `protocol` in some family.
+    pub fn find(&self, name: &str, protocol: Protocol) -> Option<&'static HelperKind> {
+        self.offers.iter().find(|o| o.kind.name == name && o.protocol == protocol).map(|o| o.kind)
+    }
+
+    /// Protocols `name` is offered for.
+    pub fn protocols_of(&self, name: &str) -> Vec<Protocol> {
+        let mut p: Vec<Protocol> = self.offers.iter().filter(|o| o.kind.name == name).map(|o| o.protocol).collect();
+        p.sort();
+        p.dedup();
+        p
+    }
+
+    /// Names offered, for error messages.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n: Vec<&'static str> = Vec::new();
+        for o in &self.offers {
+            if !n.contains(&o.kind.name) {
+                n.push(o.kind.name);
+            }
+        }
+        n
+    }
+
+    pub fn in_family(&self, family: Family) -> impl Iterator<Item = &Offer> {
+        self.offers.iter().filter(move |o| o.family == family)
     }
 }
 
@@ -87,6 +186,23 @@ mod tests {
         let sip = by_name("sip").unwrap();
         assert!(sip.supports(Protocol::Tcp) && sip.supports(Protocol::Udp));
         assert!(!by_name("tftp").unwrap().supports(Protocol::Tcp));
-        assert!(!by_name("irc").unwrap().ipv6);
+    }
+
+    #[test]
+    fn allowed_helpers_narrow_the_probed_offer() {
+        let all = Offered::everything();
+        let o = Offered::new(all.offers.clone(), Some(&["ftp".into(), "sip:udp".into()])).unwrap();
+        assert_eq!(o.names(), vec!["ftp", "sip"]);
+        assert_eq!(o.protocols_of("sip"), vec![Protocol::Udp]);
+        assert!(o.find("sip", Protocol::Tcp).is_none());
+        assert!(o.find("tftp", Protocol::Udp).is_none());
+        assert_eq!(o.in_family(Family::Ipv6).count(), 2);
+        // What the kernel lacks is not offered even if allowed.
+        let probed: Vec<Offer> = all.offers.iter().copied().filter(|x| x.kind.name != "irc").collect();
+        assert!(Offered::new(probed, Some(&["irc".into()])).unwrap().offers.is_empty());
+        for bad in ["h323", "ftp:udp", "ftp:sctp", "amanda:tcp"] {
+            assert!(Offered::new(all.offers.clone(), Some(&[bad.into()])).is_err(), "{bad}");
+        }
+        assert_eq!(Offered::new(all.offers.clone(), None).unwrap(), all);
     }
 }

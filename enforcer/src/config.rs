@@ -25,6 +25,9 @@ pub struct Config {
     /// How long a revoked connection must be quiet before the datapath lets
     /// its packets pass again (as a new, unmarked connection).
     pub revoked_quiet_secs: u64,
+    /// Helpers operators may enable, Neutron-style: `NAME` or
+    /// `NAME:PROTOCOL`. Absent: everything the kernel has.
+    pub allowed_helpers: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -37,6 +40,7 @@ impl Default for Config {
             slot_mask: MarkLayout::DEFAULT.slot_mask,
             max_rules: DEFAULT_MAX_RULES,
             revoked_quiet_secs: enforcer_common::DEFAULT_QUIET_NS / 1_000_000_000,
+            allowed_helpers: None,
         }
     }
 }

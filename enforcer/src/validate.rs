@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use crate::{
     api::{ApiError, Protocol},
-    catalogue::{self, HelperKind},
+    catalogue::{HelperKind, Offered},
 };
 
 /// Longest value echoed back in an error message.
@@ -48,22 +48,23 @@ pub fn port(value: i64) -> Result<u16, ApiError> {
         .ok_or_else(|| ApiError::invalid("port", format!("port {value}: must be 1-65535")))
 }
 
-/// A helper name from the catalogue that supports `protocol`.
-pub fn helper(value: &str, protocol: Protocol) -> Result<&'static HelperKind, ApiError> {
-    let kind = catalogue::by_name(value).ok_or_else(|| {
-        ApiError::invalid(
-            "helper",
-            format!("helper {}: unknown; available: {}", shown(value), catalogue::names().join(", ")),
-        )
-    })?;
-    if !kind.supports(protocol) {
-        let supported: Vec<_> = kind.protocols.iter().map(|p| p.as_str()).collect();
+/// A helper this host offers (probed kernel, narrowed by configuration)
+/// for `protocol`.
+pub fn helper(offered: &Offered, value: &str, protocol: Protocol) -> Result<&'static HelperKind, ApiError> {
+    let protocols = offered.protocols_of(value);
+    if protocols.is_empty() {
         return Err(ApiError::invalid(
-            "protocol",
-            format!("helper {} does not support protocol {protocol}; it supports {}", kind.name, supported.join(", ")),
+            "helper",
+            format!("helper {}: not available here; available: {}", shown(value), offered.names().join(", ")),
         ));
     }
-    Ok(kind)
+    offered.find(value, protocol).ok_or_else(|| {
+        let supported: Vec<_> = protocols.iter().map(|p| p.as_str()).collect();
+        ApiError::invalid(
+            "protocol",
+            format!("helper {value} does not support protocol {protocol}; it supports {}", supported.join(", ")),
+        )
+    })
 }
 
 fn safe_name(field: &str, value: &str, max: usize, first_alnum: bool) -> Result<String, ApiError> {
@@ -132,14 +133,19 @@ mod tests {
 
     #[test]
     fn helpers_and_their_protocols() {
-        assert_eq!(helper("ftp", Protocol::Tcp).unwrap().name, "ftp");
-        let e = helper("ftp", Protocol::Udp).unwrap_err();
+        let all = Offered::everything();
+        assert_eq!(helper(&all, "ftp", Protocol::Tcp).unwrap().name, "ftp");
+        let e = helper(&all, "ftp", Protocol::Udp).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("protocol"));
         assert!(e.message.contains("supports tcp"), "{}", e.message);
-        let e = helper("h323", Protocol::Tcp).unwrap_err();
+        let e = helper(&all, "h323", Protocol::Tcp).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("helper"));
         assert!(e.message.contains("Q.931"), "lists what is available: {}", e.message);
-        assert!(helper("ftp\n-j ACCEPT", Protocol::Tcp).is_err());
+        assert!(helper(&all, "ftp\n-j ACCEPT", Protocol::Tcp).is_err());
+        // Known to the catalogue but not offered here.
+        let narrow = Offered::new(all.offers.clone(), Some(&["tftp".into()])).unwrap();
+        let e = helper(&narrow, "ftp", Protocol::Tcp).unwrap_err();
+        assert!(e.message.contains("not available") && e.message.contains("tftp"), "{}", e.message);
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub use server::serve;
 
 use crate::{
     api::{ApiError, ReconcileReport},
-    catalogue::{self, HelperKind},
+    catalogue::{self, HelperKind, Offered},
     config::Config,
     kernel::{Attachment, Datapath, Desired, conntrack, glue, netns},
     store::{ApplyError, Change, HelperRecord, RouterRecord, Store},
@@ -45,6 +45,8 @@ struct RouterState {
 
 pub struct Daemon {
     datapath: Datapath,
+    /// What can be assigned here (probed kernel, narrowed by configuration).
+    offered: Offered,
     store: Store,
     config: Config,
     routers: BTreeMap<String, RouterState>,
@@ -84,6 +86,9 @@ impl Daemon {
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
         let store = Store::open(&config.state_dir).with_context(unreadable)?;
         let state = store.load().with_context(unreadable)?;
+        let probed = crate::kernel::probe::probe().context("probing the kernel's conntrack helpers")?;
+        let offered = Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg)?;
+        info!(helpers = ?offered.names(), "helpers offered");
         let datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.quiet_ns())?;
         let routers = state
             .routers
@@ -92,6 +97,7 @@ impl Daemon {
             .collect();
         let mut daemon = Daemon {
             datapath,
+            offered,
             store,
             config,
             routers,
@@ -168,7 +174,7 @@ impl Daemon {
         }
         let path = netns::path(&state.record.netns);
         let glue_added = !glue::installed(&path)?;
-        glue::install(&path, &self.datapath.layout())?;
+        glue::install(&path, &self.offered, &self.datapath.layout())?;
         let uuid = uuid::Uuid::parse_str(&state.record.id)?;
         let (attachment, changes) = self.datapath.sync_router(&path, state.record.index, uuid)?;
         state.attachment = Some(attachment);

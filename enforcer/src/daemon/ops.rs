@@ -224,7 +224,7 @@ impl Daemon {
         let (router, index) = self.live_router(router)?;
         let protocol = validate::protocol(protocol)?;
         let port = validate::port(port)?;
-        let kind = validate::helper(helper, protocol)?;
+        let kind = validate::helper(&self.offered, helper, protocol)?;
         let id = match id {
             Some(id) => validate::uuid("id", &id)?,
             None => uuid::Uuid::new_v4().to_string(),
@@ -274,7 +274,7 @@ impl Daemon {
             Some(p) => validate::port(p)?,
             None => old.helper.port,
         };
-        let kind = validate::helper(name.as_deref().unwrap_or(&old.helper.helper), protocol)?;
+        let kind = validate::helper(&self.offered, name.as_deref().unwrap_or(&old.helper.helper), protocol)?;
         if (protocol, port, kind.name) == (old.helper.protocol, old.helper.port, old.helper.helper.as_str()) {
             return Ok(Reply::Helper(old.helper));
         }

@@ -16,43 +16,33 @@ use std::{
 use anyhow::{Context, Result, bail};
 use enforcer_common::MarkLayout;
 
-use crate::catalogue::CATALOGUE;
+use crate::catalogue::{Family, Offered};
 
 const HELPERS_CHAIN: &str = "ENFORCER-HELPERS";
 const CONNMARK_CHAIN: &str = "ENFORCER-CONNMARK";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    fn tool(self) -> &'static str {
-        match self {
-            Family::V4 => "iptables",
-            Family::V6 => "ip6tables",
-        }
+/// The iptables tool of a family.
+pub fn tool(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "iptables",
+        Family::Ipv6 => "ip6tables",
     }
 }
 
 /// The iptables-restore input that installs the glue (chains flushed and
 /// refilled; `jumps` adds the jumps from PREROUTING).
-pub fn install_script(layout: &MarkLayout, family: Family, jumps: bool) -> String {
+pub fn install_script(offered: &Offered, layout: &MarkLayout, family: Family, jumps: bool) -> String {
     let mask = layout.mask();
     let mut s = String::new();
     s.push_str(&format!("*raw\n:{HELPERS_CHAIN} - [0:0]\n"));
-    for kind in CATALOGUE.iter().filter(|k| family == Family::V4 || k.ipv6) {
-        for proto in kind.protocols {
-            s.push_str(&format!(
-                "-A {HELPERS_CHAIN} -p {proto} -m mark --mark {:#x}/{:#x} -j CT --helper {}\n",
-                layout.encode(kind.id, 0),
-                layout.helper_mask,
-                kind.name
-            ));
-        }
+    for offer in offered.in_family(family) {
+        s.push_str(&format!(
+            "-A {HELPERS_CHAIN} -p {} -m mark --mark {:#x}/{:#x} -j CT --helper {}\n",
+            offer.protocol,
+            layout.encode(offer.kind.id, 0),
+            layout.helper_mask,
+            offer.kind.name
+        ));
     }
     if jumps {
         s.push_str(&format!("-I PREROUTING 1 -j {HELPERS_CHAIN}\n"));
@@ -91,7 +81,7 @@ fn in_netns(ns: &Path, program: &str) -> Command {
 }
 
 fn restore(ns: &Path, family: Family, script: &str) -> Result<()> {
-    let tool = format!("{}-restore", family.tool());
+    let tool = format!("{}-restore", tool(family));
     let mut child = in_netns(ns, &tool)
         .args(["--noflush", "--wait"])
         .stdin(Stdio::piped())
@@ -109,26 +99,26 @@ fn restore(ns: &Path, family: Family, script: &str) -> Result<()> {
 
 /// Whether the glue is in place in both families.
 pub fn installed(ns: &Path) -> Result<bool> {
-    Ok(installed_in(ns, Family::V4)? && installed_in(ns, Family::V6)?)
+    Ok(installed_in(ns, Family::Ipv4)? && installed_in(ns, Family::Ipv6)?)
 }
 
 /// Whether the glue's jump is in place in `family`.
 fn installed_in(ns: &Path, family: Family) -> Result<bool> {
-    let status = in_netns(ns, family.tool())
+    let status = in_netns(ns, tool(family))
         .args(["--wait", "-t", "raw", "-C", "PREROUTING", "-j", HELPERS_CHAIN])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .with_context(|| format!("running {}", family.tool()))?;
+        .with_context(|| format!("running {}", tool(family)))?;
     Ok(status.success())
 }
 
 /// Installs (or refreshes) the glue in both families, one transaction per
 /// family. Idempotent: an existing glue is rewritten, never duplicated.
-pub fn install(ns: &Path, layout: &MarkLayout) -> Result<()> {
+pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<()> {
     for family in Family::ALL {
         let jumps = !installed_in(ns, family)?;
-        restore(ns, family, &install_script(layout, family, jumps))?;
+        restore(ns, family, &install_script(offered, layout, family, jumps))?;
     }
     Ok(())
 }
@@ -156,23 +146,27 @@ mod tests {
 
     #[test]
     fn glue_has_one_rule_per_helper_and_protocol() {
-        let v4 = install_script(&MarkLayout::DEFAULT, Family::V4, true);
+        let offered = Offered::everything();
+        let v4 = install_script(&offered, &MarkLayout::DEFAULT, Family::Ipv4, true);
         assert!(v4.contains("-A ENFORCER-HELPERS -p tcp -m mark --mark 0x10000000/0xf0000000 -j CT --helper ftp\n"));
         assert!(v4.contains("-p udp -m mark --mark 0x30000000/0xf0000000 -j CT --helper sip\n"));
         assert!(v4.contains("-p tcp -m mark --mark 0x30000000/0xf0000000 -j CT --helper sip\n"));
         assert!(v4.contains("--helper irc"));
-        let v6 = install_script(&MarkLayout::DEFAULT, Family::V6, false);
-        assert!(!v6.contains("--helper irc"), "no IPv6 irc helper in the kernel");
+        let no_v6_irc = Offered {
+            offers: offered.offers.iter().copied().filter(|o| !(o.kind.name == "irc" && o.family == Family::Ipv6)).collect(),
+        };
+        let v6 = install_script(&no_v6_irc, &MarkLayout::DEFAULT, Family::Ipv6, false);
+        assert!(!v6.contains("--helper irc"), "only what the kernel offers");
+        assert!(v6.contains("--helper ftp"));
         assert!(!v6.contains("-I PREROUTING"));
         let rules = v4.lines().filter(|l| l.contains("-j CT")).count();
-        let expected: usize = CATALOGUE.iter().map(|k| k.protocols.len()).sum();
-        assert_eq!(rules, expected);
+        assert_eq!(rules, offered.in_family(Family::Ipv4).count());
     }
 
     #[test]
     fn connmark_keeps_foreign_bits_and_saves_before_restoring() {
         let layout = MarkLayout::from_masks(0x0000_f000, 0x0fff_0000);
-        let s = install_script(&layout, Family::V4, true);
+        let s = install_script(&Offered::everything(), &layout, Family::Ipv4, true);
         let save = s.find("--save-mark --nfmask 0xffff000 --ctmask 0xffff000").expect("masked save");
         let restore = s.find("--restore-mark --nfmask 0xffff000 --ctmask 0xffff000").expect("masked restore");
         assert!(save < restore);

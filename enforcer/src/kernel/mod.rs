@@ -5,6 +5,7 @@
 pub mod conntrack;
 pub mod dump;
 pub mod glue;
+pub mod probe;
 pub mod netns;
 
 use std::{
