@@ -23,7 +23,7 @@ fn invalid_input_is_refused_and_changes_nothing() {
     let before = snapshot(&daemon);
 
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["helper", "create", r, "--protocol", "tcp", "--port", "21", "--helper", "nosuch"], "unknown"),
+        (vec!["helper", "create", r, "--protocol", "tcp", "--port", "21", "--helper", "nosuch"], "not available"),
         (vec!["helper", "create", r, "--protocol", "udp", "--port", "21", "--helper", "ftp"], "does not support protocol udp"),
         (vec!["helper", "create", r, "--protocol", "sctp", "--port", "21", "--helper", "ftp"], "must be tcp or udp"),
         (vec!["helper", "create", r, "--protocol", "tcp", "--port", "0", "--helper", "ftp"], "1-65535"),
@@ -32,7 +32,7 @@ fn invalid_input_is_refused_and_changes_nothing() {
         (vec!["helper", "create", "not-a-uuid", "--protocol", "tcp", "--port", "21", "--helper", "ftp"], "must be a UUID"),
         (vec!["helper", "create", r, "--protocol", "tcp", "--port", "21", "--helper", "ftp"], "already has helper"),
         (vec!["helper", "create", r, "--protocol", "tcp", "--port", "2121", "--helper", "ftp", "--id", &id], "already in use"),
-        (vec!["helper", "create", r, "--protocol", "tcp", "--port", "2121", "--helper", "ftp;reboot"], "unknown"),
+        (vec!["helper", "create", r, "--protocol", "tcp", "--port", "2121", "--helper", "ftp;reboot"], "not available"),
         (vec!["helper", "update", r, &id, "--protocol", "udp"], "does not support"),
         (vec!["helper", "update", r, &unknown_helper, "--port", "22"], "not found"),
         (vec!["helper", "delete", r, &unknown_helper], "not found"),
