@@ -125,6 +125,13 @@ pub enum Request {
     Status {},
     /// Removes every router and all enforcement, then stops the daemon.
     Teardown {},
+    /// The pinned maps, read by the daemon (for callers without access to
+    /// bpffs), confined to the caller's project.
+    MapsDump {},
+    Audit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
+    },
 }
 
 /// Stable error codes: scripts match on these, not on messages.
@@ -138,6 +145,7 @@ pub enum ErrorCode {
     Exhausted,
     Kernel,
     Internal,
+    PermissionDenied,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -270,6 +278,8 @@ pub enum Reply {
     Helpers(Vec<Helper>),
     Revoked(RevokeReport),
     Status(Box<StatusReport>),
+    Dump(crate::kernel::dump::Dump),
+    Audit(Vec<crate::audit::AuditEntry>),
     Done {},
 }
 

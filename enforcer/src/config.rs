@@ -28,6 +28,10 @@ pub struct Config {
     /// Helpers operators may enable, Neutron-style: `NAME` or
     /// `NAME:PROTOCOL`. Absent: everything the kernel has.
     pub allowed_helpers: Option<Vec<String>>,
+    /// Group owning the API socket (mode 0660); absent: root only (0600).
+    pub socket_group: Option<u32>,
+    /// Who may do what (root is always admin).
+    pub access: Vec<crate::auth::AccessRule>,
 }
 
 impl Default for Config {
@@ -41,6 +45,8 @@ impl Default for Config {
             max_rules: DEFAULT_MAX_RULES,
             revoked_quiet_secs: enforcer_common::DEFAULT_QUIET_NS / 1_000_000_000,
             allowed_helpers: None,
+            socket_group: None,
+            access: Vec::new(),
         }
     }
 }
@@ -110,6 +116,17 @@ mod tests {
             let c = Config { helper_mask: h, slot_mask: s, ..Config::default() };
             assert!(c.layout().is_err(), "{h:#x} {s:#x}");
         }
+    }
+
+    #[test]
+    fn parses_access_rules() {
+        let c: Config = toml::from_str(
+            "socket_group = 2000\nallowed_helpers = [\"ftp\", \"sip:udp\"]\n[[access]]\nuid = 1001\nrole = \"operator\"\nproject = \"p1\"\n[[access]]\ngid = 2000\nrole = \"reader\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.access.len(), 2);
+        assert_eq!(c.socket_group, Some(2000));
+        assert!(toml::from_str::<Config>("[[access]]\nuid = 1\nrole = \"god\"\n").is_err());
     }
 
     #[test]

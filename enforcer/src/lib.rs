@@ -1,6 +1,8 @@
 //! enforcer: conntrack helpers per router, enforced in the kernel fast path.
 
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod catalogue;
 pub mod client;
 pub mod config;

@@ -51,6 +51,14 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Read the audit log: every change and every refused request.
+    Audit {
+        /// Only entries since this RFC 3339 time, or this long ago (15m, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Remove every router and all enforcement (links, glue, maps, conntrack
     /// marks), then stop the daemon. Stopping the daemon otherwise (SIGTERM)
     /// leaves enforcement in place.
@@ -180,11 +188,15 @@ pub const EXIT_FAILED: i32 = 2;
 pub fn run(cli: Cli) -> Result<i32> {
     let (request, output) = match cli.command {
         Command::Daemon(args) => return run_daemon(args, cli.socket).map(|_| 0),
-        Command::Maps(MapsCmd::Dump { bpffs, output }) => {
+        // Root reads the pins directly (works with the daemon down); other
+        // callers ask the daemon, which confines the dump to their project.
+        Command::Maps(MapsCmd::Dump { bpffs, output }) if nix::unistd::geteuid().is_root() => {
             let dump = dump::read(&bpffs)?;
             table::print_dump(&dump, output)?;
             return Ok(0);
         }
+        Command::Maps(MapsCmd::Dump { output, .. }) => (Request::MapsDump {}, output),
+        Command::Audit { since, output } => (Request::Audit { since }, output),
         Command::Status { output } => (Request::Status {}, output),
         Command::Teardown => (Request::Teardown {}, Output::Table),
         Command::Router(cmd) => match cmd {

@@ -66,6 +66,25 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                 }
             }
             Reply::Status(s) => print_status(s),
+            Reply::Dump(d) => print_dump(d, Output::Table)?,
+            Reply::Audit(entries) => print_table(
+                &["TIME", "UID", "GID", "PID", "OP", "ROUTER", "HELPER", "RESULT"],
+                entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.time.clone(),
+                            e.caller.uid.to_string(),
+                            e.caller.gid.to_string(),
+                            e.caller.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                            e.op.clone(),
+                            e.router_id.clone().unwrap_or_else(|| "-".into()),
+                            e.helper_id.clone().unwrap_or_else(|| "-".into()),
+                            e.result.clone(),
+                        ]
+                    })
+                    .collect(),
+            ),
             Reply::Done {} => println!("done"),
         },
     }

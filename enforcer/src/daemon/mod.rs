@@ -24,6 +24,7 @@ pub use server::serve;
 
 use crate::{
     api::{ApiError, ReconcileReport},
+    audit::Audit,
     catalogue::{self, HelperKind, Offered},
     config::Config,
     kernel::{Attachment, Datapath, Desired, conntrack, glue, netns},
@@ -44,6 +45,9 @@ struct RouterState {
 }
 
 pub struct Daemon {
+    audit: Audit,
+    /// The project the request being handled is confined to (None: all).
+    scope: Option<String>,
     datapath: Datapath,
     /// What can be assigned here (probed kernel, narrowed by configuration).
     offered: Offered,
@@ -81,11 +85,13 @@ impl Daemon {
     /// kernel, if it is unreadable), loads the datapath and reconciles.
     pub fn start(config: Config) -> Result<Self> {
         let layout = config.layout()?;
+        crate::auth::check_rules(&config.access).map_err(anyhow::Error::msg)?;
         raise_fd_limit();
         let unreadable =
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
         let store = Store::open(&config.state_dir).with_context(unreadable)?;
         let state = store.load().with_context(unreadable)?;
+        let audit = Audit::open(&config.state_dir)?;
         let probed = crate::kernel::probe::probe().context("probing the kernel's conntrack helpers")?;
         let offered = Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg)?;
         info!(helpers = ?offered.names(), "helpers offered");
@@ -96,6 +102,8 @@ impl Daemon {
             .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None }))
             .collect();
         let mut daemon = Daemon {
+            audit,
+            scope: None,
             datapath,
             offered,
             store,

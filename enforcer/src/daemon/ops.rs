@@ -8,6 +8,8 @@ use tracing::{info, warn};
 use super::{DEFAULT_PROJECT, Daemon, RouterState, kind_of, netns_id, rule_key};
 use crate::{
     api::{ApiError, ErrorCode, Helper, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
+    audit::{self, Audit, AuditEntry},
+    auth::{self, Caller},
     catalogue::HelperKind,
     kernel::{Datapath, glue, netns},
     store::{ApplyError, Change, HelperRecord, RouterRecord},
@@ -24,7 +26,125 @@ fn revoke_record(dp: &mut Datapath, index: u32, h: &HelperRecord) -> Result<()> 
     dp.revoke(router, proto, port, h.slot)
 }
 
+/// The audit name of a request, and whether it changes anything.
+fn describe(req: &Request) -> (&'static str, bool) {
+    match req {
+        Request::RouterAdd { .. } => ("router_add", true),
+        Request::RouterRemove { .. } => ("router_remove", true),
+        Request::RouterList {} => ("router_list", false),
+        Request::HelperCreate { .. } => ("helper_create", true),
+        Request::HelperUpdate { .. } => ("helper_update", true),
+        Request::HelperDelete { .. } => ("helper_delete", true),
+        Request::HelperList { .. } => ("helper_list", false),
+        Request::HelperShow { .. } => ("helper_show", false),
+        Request::Status {} => ("status", false),
+        Request::Teardown {} => ("teardown", true),
+        Request::MapsDump {} => ("maps_dump", false),
+        Request::Audit { .. } => ("audit", false),
+    }
+}
+
+/// The router and helper a request names (as given: audited even if bad).
+fn names(req: &Request) -> (Option<String>, Option<String>) {
+    match req {
+        Request::RouterAdd { router_id, .. }
+        | Request::RouterRemove { router_id }
+        | Request::HelperCreate { router_id, .. } => (Some(router_id.clone()), None),
+        Request::HelperUpdate { router_id, helper_id, .. }
+        | Request::HelperDelete { router_id, helper_id }
+        | Request::HelperShow { router_id, helper_id } => (Some(router_id.clone()), Some(helper_id.clone())),
+        Request::HelperList { router_id } => (router_id.clone(), None),
+        _ => (None, None),
+    }
+}
+
+/// Cut to a sane length for the audit log (inputs are attacker-controlled).
+fn bounded(s: Option<String>) -> Option<String> {
+    s.map(|s| s.chars().take(128).collect())
+}
+
 impl Daemon {
+    /// Handles a request of `caller`: authorizes it, confines it to the
+    /// caller's project, and audits every mutation and every refusal.
+    pub fn handle_as(&mut self, caller: Caller, req: Request) -> Result<Reply, ApiError> {
+        let role = auth::role_of(&self.config.access, &caller);
+        let (op, mutation) = describe(&req);
+        let (router_id, helper_id) = names(&req);
+        let before = if mutation { self.snapshot(router_id.as_deref(), helper_id.as_deref()) } else { None };
+        let result = auth::permits(role.as_ref(), &req).and_then(|()| {
+            self.scope = role.as_ref().and_then(|r| r.scope()).map(str::to_string);
+            let r = self.handle(req);
+            self.scope = None;
+            r
+        });
+        if mutation || result.is_err() {
+            let helper_id = match &result {
+                Ok(Reply::Helper(h)) => Some(h.id.clone()),
+                _ => helper_id,
+            };
+            let after = match &result {
+                Ok(Reply::Revoked(r)) => serde_json::to_value(r).ok(),
+                Ok(_) => self.snapshot(router_id.as_deref(), helper_id.as_deref()),
+                Err(_) => None,
+            };
+            let entry = AuditEntry {
+                time: Audit::now(),
+                caller,
+                op: op.to_string(),
+                router_id: bounded(router_id),
+                helper_id: bounded(helper_id),
+                before,
+                after,
+                result: match &result {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                },
+                error: result.as_ref().err().cloned(),
+            };
+            if let Err(e) = self.audit.record(&entry) {
+                warn!("audit: {e:#}");
+            }
+        }
+        result
+    }
+
+    /// Audits a request refused before it could be read.
+    pub fn audit_refused(&mut self, caller: Caller, error: ApiError) {
+        let entry = AuditEntry {
+            time: Audit::now(),
+            caller,
+            op: "unparsed".to_string(),
+            router_id: None,
+            helper_id: None,
+            before: None,
+            after: None,
+            result: "bad_request".to_string(),
+            error: Some(ApiError { message: error.message.chars().take(256).collect(), ..error }),
+        };
+        if let Err(e) = self.audit.record(&entry) {
+            warn!("audit: {e:#}");
+        }
+    }
+
+    pub fn socket_group(&self) -> Option<u32> {
+        self.config.socket_group
+    }
+
+    /// The helper (or else the router) a request is about, as it stands.
+    fn snapshot(&self, router: Option<&str>, helper: Option<&str>) -> Option<serde_json::Value> {
+        let router = router?;
+        if let Some(helper) = helper {
+            let h = self.helpers.get(&(router.to_string(), helper.to_string()))?;
+            return serde_json::to_value(&h.helper).ok();
+        }
+        serde_json::to_value(Self::router_view(self.routers.get(router)?)).ok()
+    }
+
+    /// Whether the current caller may see objects of `project`.
+    fn in_scope(&self, project: &str) -> bool {
+        self.scope.as_deref().is_none_or(|p| p == project)
+    }
+
     pub fn handle(&mut self, req: Request) -> Result<Reply, ApiError> {
         match req {
             Request::RouterAdd { router_id, netns, project_id } => self.router_add(router_id, netns, project_id),
@@ -47,6 +167,18 @@ impl Daemon {
             }
             Request::Status {} => Ok(Reply::Status(Box::new(self.status().map_err(ApiError::kernel)?))),
             Request::Teardown {} => self.teardown(),
+            Request::MapsDump {} => {
+                let mut dump = crate::kernel::dump::read(&self.config.bpffs).map_err(ApiError::kernel)?;
+                let visible: BTreeSet<&str> =
+                    self.routers.values().filter(|r| self.in_scope(&r.record.project_id)).map(|r| r.record.id.as_str()).collect();
+                dump.slots.retain(|s| s.router_id.as_deref().is_some_and(|id| visible.contains(id)));
+                dump.routers = visible.len();
+                Ok(Reply::Dump(dump))
+            }
+            Request::Audit { since } => {
+                let since = since.as_deref().map(audit::parse_since).transpose()?;
+                Ok(Reply::Audit(self.audit.read(since).map_err(ApiError::internal)?))
+            }
         }
     }
 
@@ -61,7 +193,7 @@ impl Daemon {
     }
 
     fn router_list(&self) -> Vec<Router> {
-        self.routers.values().map(Self::router_view).collect()
+        self.routers.values().filter(|r| self.in_scope(&r.record.project_id)).map(Self::router_view).collect()
     }
 
     fn router_add(&mut self, id: String, netns: Option<String>, project: Option<String>) -> Result<Reply, ApiError> {
@@ -171,7 +303,7 @@ impl Daemon {
 
     fn live_router(&self, id: &str) -> Result<(String, u32), ApiError> {
         let id = validate::uuid("router_id", id)?;
-        match self.routers.get(&id) {
+        match self.routers.get(&id).filter(|r| self.in_scope(&r.record.project_id)) {
             Some(r) if r.attachment.is_some() => Ok((id, r.record.index)),
             Some(_) => Err(ApiError::new(ErrorCode::Kernel, format!("router {id} is not attached (its namespace is missing)"))),
             None => Err(ApiError::not_found("router", &id)),
@@ -184,7 +316,7 @@ impl Daemon {
         let (router, index) = self.live_router(router)?;
         let helper = validate::uuid("helper_id", helper).map_err(|_| ApiError::not_found("helper", helper))?;
         let key = (router, helper);
-        if !self.helpers.contains_key(&key) {
+        if !self.helpers.get(&key).is_some_and(|h| self.in_scope(&h.helper.project_id)) {
             return Err(ApiError::not_found("helper", &key.1));
         }
         Ok((index, key))
@@ -329,7 +461,7 @@ impl Daemon {
         let router = match router {
             Some(r) => {
                 let id = validate::uuid("router_id", &r)?;
-                if !self.routers.contains_key(&id) {
+                if !self.routers.get(&id).is_some_and(|r| self.in_scope(&r.record.project_id)) {
                     return Err(ApiError::not_found("router", &id));
                 }
                 Some(id)
@@ -339,7 +471,7 @@ impl Daemon {
         Ok(Reply::Helpers(
             self.helpers
                 .iter()
-                .filter(|((r, _), _)| router.as_ref().is_none_or(|want| want == r))
+                .filter(|((r, _), h)| router.as_ref().is_none_or(|want| want == r) && self.in_scope(&h.helper.project_id))
                 .map(|(_, h)| h.helper.clone())
                 .collect(),
         ))

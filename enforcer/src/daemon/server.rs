@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use super::Daemon;
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Request, Response},
+    auth::Caller,
     kernel::netns,
 };
 
@@ -45,8 +46,15 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
         std::fs::remove_file(socket)?;
     }
     let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    // Root only, or root and the configured group: peer credentials decide
+    // the rest (SO_PEERCRED).
+    let group = daemon.socket_group();
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(socket, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }))?;
     info!(socket = %socket.display(), "serving");
     let daemon: Shared = Arc::new(Mutex::new(daemon));
     let mut watchers: HashMap<String, JoinHandle<()>> = HashMap::new();
@@ -154,6 +162,8 @@ async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
 }
 
 async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc::Sender<()>) -> Result<()> {
+    let cred = stream.peer_cred().context("reading the peer's credentials")?;
+    let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
     let mut line = Vec::new();
@@ -165,15 +175,18 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
         }
         let oversized = line.len() > MAX_REQUEST_BYTES;
         let mut stopping = false;
-        let response = if oversized {
-            Response::Error(ApiError::new(ErrorCode::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes")))
+        let parsed = if oversized {
+            Err(ApiError::new(ErrorCode::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes")))
         } else {
-            match serde_json::from_slice::<Request>(&line) {
+            serde_json::from_slice::<Request>(&line).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
+        };
+        let response = {
+            match parsed {
                 Ok(req) => {
                     let d = daemon.clone();
                     let (result, stop_now) = tokio::task::spawn_blocking(move || {
                         let mut d = lock(&d);
-                        let r = d.handle(req);
+                        let r = d.handle_as(caller, req);
                         (r, d.stopping())
                     })
                     .await
@@ -183,7 +196,12 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
                     stopping = stop_now;
                     result.into()
                 }
-                Err(e) => Response::Error(ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}"))),
+                Err(e) => {
+                    let d = daemon.clone();
+                    let audited = e.clone();
+                    let _ = tokio::task::spawn_blocking(move || lock(&d).audit_refused(caller, audited)).await;
+                    Response::Error(e)
+                }
             }
         };
         let mut text = serde_json::to_vec(&response)?;

@@ -8,12 +8,12 @@ use enforcer_common::{
     Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RouterIndex, RouterValue, RuleKey,
     RuleValue, SlotKey, SlotValue,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{api::Protocol, catalogue};
 
 /// One rule slot as the kernel sees it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SlotEntry {
     /// The router's id, if the routers map knows the index.
     pub router_id: Option<String>,
@@ -24,13 +24,13 @@ pub struct SlotEntry {
     pub port: Option<u16>,
     pub helper: Option<String>,
     /// `live`, or `revoked`: packets carrying it are dropped.
-    pub state: &'static str,
+    pub state: String,
     /// Summed over CPUs.
     pub tagged: u64,
     pub dropped: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Dump {
     pub bpffs: String,
     pub routers: usize,
@@ -74,7 +74,7 @@ pub fn read(dir: &Path) -> Result<Dump> {
             protocol: rule.and_then(|(k, _)| Protocol::from_number(k.proto)),
             port: rule.map(|(k, _)| k.port),
             helper: helper_id.and_then(catalogue::by_id).map(|h| h.name.to_string()),
-            state: if live.is_some() { "live" } else { "revoked" },
+            state: if live.is_some() { "live" } else { "revoked" }.to_string(),
             tagged: per_cpu.iter().map(|c| c.tagged).sum(),
             dropped: per_cpu.iter().map(|c| c.dropped).sum(),
         });
