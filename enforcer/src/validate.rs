@@ -159,3 +159,73 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests: request parsing and validation never panic, and
+    //! whatever they accept satisfies the invariants the kernel side relies on.
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::api::Request;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = serde_json::from_slice::<Request>(&bytes);
+        }
+
+        #[test]
+        fn parsing_request_shaped_json_never_panics(
+            op in prop::sample::select(vec!["router_add", "helper_create", "helper_update", "helper_delete", "helper_show", "audit", "x"]),
+            router in ".{0,80}",
+            port in any::<i64>(),
+            helper in ".{0,40}",
+            extra in prop::option::of("[a-z_]{1,12}"),
+        ) {
+            let mut v = serde_json::json!({"op": op, "router_id": router, "helper_id": router, "protocol": "tcp", "port": port, "helper": helper});
+            if let Some(k) = extra {
+                v[k] = serde_json::json!(1);
+            }
+            let _ = serde_json::from_value::<Request>(v);
+        }
+
+        #[test]
+        fn accepted_names_are_safe(s in "\\PC{0,100}") {
+            for (field, checked) in [("netns", netns(&s)), ("project_id", project(&s))] {
+                match checked {
+                    Ok(v) => {
+                        prop_assert!(!v.is_empty() && v.len() <= 64);
+                        prop_assert!(v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+                        prop_assert!(!v.starts_with('.') && !v.starts_with('-'));
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e.field.as_deref(), Some(field));
+                        prop_assert!(e.message.len() < 400);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn accepted_ids_are_canonical_uuids(s in "\\PC{0,60}") {
+            if let Ok(id) = uuid("router_id", &s) {
+                prop_assert_eq!(id.len(), 36);
+                prop_assert!(id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+            }
+        }
+
+        #[test]
+        fn ports_and_protocols(p in any::<i64>(), proto in "\\PC{0,8}") {
+            match port(p) {
+                Ok(v) => prop_assert!(v >= 1 && i64::from(v) == p),
+                Err(e) => prop_assert!(!(1..=65535).contains(&p) && e.field.as_deref() == Some("port")),
+            }
+            if protocol(&proto).is_ok() {
+                prop_assert!(proto == "tcp" || proto == "udp");
+            }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Control-plane security against a live daemon: callers identified by
+//! their peer credentials (other uids through setpriv), project confinement,
+//! hostile input on the CLI and the raw socket, and the audit trail.
+
+use std::process::Command;
+
+use enforcer_tests::{Daemon, Topology, enforcer_bin};
+use serde_json::Value;
+
+const GROUP: u32 = 2000;
+const OPERATOR_P1: u32 = 2001;
+const READER: u32 = 2002;
+const OPERATOR_P2: u32 = 2003;
+const NOBODY: u32 = 2009;
+
+struct Bed {
+    a: Topology,
+    b: Topology,
+    daemon: Daemon,
+    helper_a: String,
+    helper_b: String,
+}
+
+fn bed() -> Bed {
+    let a = Topology::new();
+    let b = Topology::new();
+    let config = std::env::temp_dir().join(enforcer_tests::unique("cfg"));
+    std::fs::write(
+        &config,
+        format!(
+            "socket_group = {GROUP}\n\
+             [[access]]\nuid = {OPERATOR_P1}\nrole = \"operator\"\nproject = \"p1\"\n\
+             [[access]]\nuid = {OPERATOR_P2}\nrole = \"operator\"\nproject = \"p2\"\n\
+             [[access]]\nuid = {READER}\nrole = \"reader\"\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    std::fs::remove_file(&config).unwrap();
+    daemon.cli(&["router", "add", &a.router_id, "--project", "p1"]).ok();
+    daemon.cli(&["router", "add", &b.router_id, "--project", "p2"]).ok();
+    let helper_a = daemon.create_helper(&a.router_id, "tcp", 21, "ftp");
+    let helper_b = daemon.create_helper(&b.router_id, "tcp", 21, "ftp");
+    Bed { a, b, daemon, helper_a, helper_b }
+}
+
+/// `enforcer ARGS` as `uid` (group GROUP, no other groups).
+fn as_uid(daemon: &Daemon, uid: u32, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("setpriv")
+        .args(["--reuid", &uid.to_string(), "--regid", &GROUP.to_string(), "--clear-groups"])
+        .arg(enforcer_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args)
+        .output()
+        .expect("setpriv");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ok_json(daemon: &Daemon, uid: u32, args: &[&str]) -> Value {
+    let (code, out, err) = as_uid(daemon, uid, args);
+    assert_eq!(code, 0, "uid {uid} {args:?}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn refused(daemon: &Daemon, uid: u32, args: &[&str], expected: &str) {
+    let (code, _, err) = as_uid(daemon, uid, args);
+    assert_ne!(code, 0, "uid {uid} {args:?} should be refused");
+    assert!(err.contains(expected), "uid {uid} {args:?}: expected {expected:?} in {err:?}");
+}
+
+#[test]
+fn each_caller_gets_exactly_its_roles_rights() {
+    let Bed { a, b, daemon, helper_a, helper_b } = bed();
+    let (ra, rb) = (a.router_id.as_str(), b.router_id.as_str());
+
+    // Operator of p1: sees and changes p1 only.
+    let listed = ok_json(&daemon, OPERATOR_P1, &["helper", "list", "-o", "json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], helper_a.as_str());
+    let routers = ok_json(&daemon, OPERATOR_P1, &["router", "list", "-o", "json"]);
+    assert_eq!(routers.as_array().unwrap().len(), 1);
+    refused(&daemon, OPERATOR_P1, &["helper", "show", rb, &helper_b], "not found");
+    refused(&daemon, OPERATOR_P1, &["helper", "delete", rb, &helper_b], "not found");
+    refused(&daemon, OPERATOR_P1, &["helper", "list", rb], "not found");
+    refused(&daemon, OPERATOR_P1, &["helper", "create", rb, "--protocol", "udp", "--port", "69", "--helper", "tftp"], "not found");
+    // A real helper id addressed under the wrong router: the same answer as
+    // an id that does not exist.
+    let (_, _, wrong_router) = as_uid(&daemon, OPERATOR_P1, &["helper", "show", ra, &helper_b]);
+    let (_, _, no_such) = as_uid(&daemon, OPERATOR_P1, &["helper", "show", ra, &uuid::Uuid::new_v4().to_string()]);
+    assert_eq!(wrong_router.replace(&helper_b, "ID"), no_such.replace(no_such.split('"').nth(1).unwrap(), "ID"));
+    let created = ok_json(&daemon, OPERATOR_P1, &["helper", "create", ra, "--protocol", "udp", "--port", "69", "--helper", "tftp", "-o", "json"]);
+    assert_eq!(created["project_id"], "p1");
+    refused(&daemon, OPERATOR_P1, &["helper", "create", ra, "--protocol", "udp", "--port", "70", "--helper", "tftp", "--id", &uuid::Uuid::new_v4().to_string()], "permission denied");
+    refused(&daemon, OPERATOR_P1, &["helper", "create", ra, "--protocol", "udp", "--port", "70", "--helper", "tftp", "--project", "p2"], "permission denied");
+    refused(&daemon, OPERATOR_P1, &["router", "add", &uuid::Uuid::new_v4().to_string()], "permission denied");
+    refused(&daemon, OPERATOR_P1, &["router", "remove", ra], "permission denied");
+    refused(&daemon, OPERATOR_P1, &["status"], "permission denied");
+    refused(&daemon, OPERATOR_P1, &["teardown"], "permission denied");
+    refused(&daemon, OPERATOR_P1, &["audit"], "permission denied");
+    let dump = ok_json(&daemon, OPERATOR_P1, &["maps", "dump", "-o", "json"]);
+    assert!(dump["slots"].as_array().unwrap().iter().all(|s| s["router_id"] == ra), "{dump}");
+    let (code, _, err) = as_uid(&daemon, OPERATOR_P1, &["helper", "delete", ra, created["id"].as_str().unwrap()]);
+    assert_eq!(code, 0, "the operator deletes its own helper: {err}");
+
+    // The operator of p2 cannot touch p1's helper either.
+    refused(&daemon, OPERATOR_P2, &["helper", "delete", ra, &helper_a], "not found");
+    refused(&daemon, OPERATOR_P2, &["helper", "update", ra, &helper_a, "--port", "2121"], "not found");
+
+    // Reader: everything visible, nothing changeable.
+    assert_eq!(ok_json(&daemon, READER, &["helper", "list", "-o", "json"]).as_array().unwrap().len(), 2);
+    ok_json(&daemon, READER, &["helper", "show", rb, &helper_b, "-o", "json"]);
+    let dump = ok_json(&daemon, READER, &["maps", "dump", "-o", "json"]);
+    assert_eq!(dump["slots"].as_array().unwrap().iter().filter(|s| s["state"] == "live").count(), 2, "{dump}");
+    refused(&daemon, READER, &["helper", "delete", ra, &helper_a], "permission denied");
+    refused(&daemon, READER, &["helper", "create", ra, "--protocol", "tcp", "--port", "2121", "--helper", "ftp"], "permission denied");
+
+    // Everyone else is refused.
+    refused(&daemon, NOBODY, &["router", "list"], "permission denied");
+    refused(&daemon, NOBODY, &["helper", "list"], "permission denied");
+
+    // Nothing of the refused attempts changed anything.
+    let helpers = daemon.cli(&["helper", "list", "-o", "json"]).ok().json();
+    assert_eq!(helpers.as_array().unwrap().len(), 2);
+
+    // And every refusal is in the audit log with who tried.
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    let entries = audit.as_array().unwrap();
+    let by = |uid: u32, op: &str, result: &str| {
+        entries.iter().any(|e| e["caller"]["uid"] == uid && e["op"] == op && e["result"] == result)
+    };
+    assert!(by(OPERATOR_P1, "helper_delete", "not_found"), "cross-project delete audited");
+    assert!(by(OPERATOR_P1, "helper_show", "not_found"), "cross-router show audited");
+    assert!(by(OPERATOR_P1, "router_add", "permission_denied"));
+    assert!(by(OPERATOR_P2, "helper_update", "not_found"));
+    assert!(by(READER, "helper_delete", "permission_denied"));
+    assert!(by(NOBODY, "router_list", "permission_denied"));
+    assert!(by(OPERATOR_P1, "helper_create", "ok"));
+    let create = entries.iter().find(|e| e["caller"]["uid"] == OPERATOR_P1 && e["op"] == "helper_create" && e["result"] == "ok").unwrap();
+    assert_eq!(create["after"]["helper"], "tftp", "after-state recorded: {create}");
+    assert!(create["caller"]["pid"].as_i64().unwrap() > 0);
+    let delete = entries.iter().find(|e| e["caller"]["uid"] == OPERATOR_P1 && e["op"] == "helper_delete" && e["result"] == "ok").unwrap();
+    assert_eq!(delete["before"]["port"], 69, "before-state recorded: {delete}");
+    let recent = daemon.cli(&["audit", "--since", "1h", "-o", "json"]).ok().json();
+    assert_eq!(recent.as_array().unwrap().len(), entries.len(), "all of it is from the last hour");
+    let future = daemon.cli(&["audit", "--since", "2099-01-01T00:00:00Z", "-o", "json"]).ok().json();
+    assert_eq!(future, serde_json::json!([]), "--since filters");
+}
+
+#[test]
+fn the_socket_refuses_callers_outside_its_group() {
+    let Bed { daemon, .. } = bed();
+    let out = Command::new("setpriv")
+        .args(["--reuid", "2500", "--regid", "2500", "--clear-groups"])
+        .arg(enforcer_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["router", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", String::from_utf8_lossy(&out.stderr));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), GROUP);
+}
+
+const HOSTILE: &[&str] = &[
+    "$(touch /tmp/enforcer-pwned)",
+    "`touch /tmp/enforcer-pwned`",
+    "; touch /tmp/enforcer-pwned",
+    "ftp\n-A FORWARD -j ACCEPT",
+    "ftp -j ACCEPT",
+    "../../../../etc/passwd",
+    "/run/netns/../../etc",
+    "' OR 1=1 --",
+    "\u{0}nul",
+    "\u{202e}rtl",
+];
+
+#[test]
+fn hostile_input_changes_nothing_and_reaches_no_rule() {
+    let Bed { a, daemon, .. } = bed();
+    let r = a.router_id.as_str();
+    let before = (daemon.cli(&["helper", "list", "-o", "json"]).ok().stdout, daemon.dump()["slots"].to_string());
+    let long = "x".repeat(100_000);
+    // (A NUL cannot be on a command line; it goes through the socket below.)
+    let mut values: Vec<&str> = HOSTILE.iter().copied().filter(|v| !v.contains('\0')).collect();
+    values.push(&long);
+    for v in &values {
+        for args in [
+            vec!["helper", "create", r, "--protocol", "tcp", "--port", "2121", "--helper", v],
+            vec!["helper", "create", r, "--protocol", v, "--port", "2121", "--helper", "ftp"],
+            vec!["helper", "create", v, "--protocol", "tcp", "--port", "2121", "--helper", "ftp"],
+            vec!["helper", "create", r, "--protocol", "tcp", "--port", "2121", "--helper", "ftp", "--project", v],
+            vec!["helper", "delete", r, v],
+            vec!["router", "add", &r[..], "--netns", v],
+            vec!["router", "add", v],
+        ] {
+            let out = daemon.cli(&args);
+            assert_ne!(out.code, 0, "{args:?} accepted");
+            assert!(out.stderr.len() < 2000, "the error echoes a bounded value");
+        }
+    }
+    // Non-UTF-8 on the command line.
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(enforcer_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["helper", "create", r, "--protocol", "tcp", "--port", "21", "--helper"])
+        .arg(std::ffi::OsStr::from_bytes(b"ft\xffp"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // The raw socket: malformed, non-UTF-8, oversized, unknown, hostile.
+    let oversized = format!("{{\"op\":\"router_list\",\"pad\":\"{}\"}}", "a".repeat(70_000));
+    let raw: Vec<Vec<u8>> = vec![
+        b"not json".to_vec(),
+        b"{\"op\":\"helper_create\",\"router_id\":\"\xff\xfe\"}".to_vec(),
+        oversized.into_bytes(),
+        br#"{"op":"drop_everything"}"#.to_vec(),
+        br#"{"op":"router_list","admin":true}"#.to_vec(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp","slot":7}}"#).into_bytes(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":"21","helper":"ftp"}}"#).into_bytes(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp\n-j ACCEPT"}}"#).into_bytes(),
+        format!(r#"{{"op":"router_add","router_id":"{}","netns":"../../proc/1/ns/net"}}"#, uuid::Uuid::new_v4()).into_bytes(),
+        br#"[1,2,3]"#.to_vec(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp\u0000"}}"#).into_bytes(),
+    ];
+    for line in raw {
+        let answer: Value = serde_json::from_str(&daemon.raw(&line)).expect("the daemon answers");
+        let code = answer["error"]["code"].as_str().unwrap_or_else(|| panic!("refused: {answer}"));
+        assert!(["bad_request", "invalid_argument"].contains(&code), "{answer}");
+    }
+    let after = (daemon.cli(&["helper", "list", "-o", "json"]).ok().stdout, daemon.dump()["slots"].to_string());
+    assert_eq!(before, after, "nothing changed");
+    assert!(!std::path::Path::new("/tmp/enforcer-pwned").exists(), "no shell ran anything");
+    let rules = a.router.sh("iptables-save", &[]) + &a.router.sh("ip6tables-save", &[]);
+    for v in HOSTILE {
+        assert!(!rules.contains(v), "{v:?} reached a rule");
+    }
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "unparsed"), "unreadable requests are audited too");
+    assert!(audit.to_string().len() < 2_000_000, "audited values are bounded");
+}
