@@ -132,6 +132,8 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<String>,
     },
+    /// The helpers this host offers.
+    Catalogue {},
 }
 
 /// Stable error codes: scripts match on these, not on messages.
@@ -268,6 +270,17 @@ pub struct StatusReport {
     pub drift: ReconcileReport,
 }
 
+/// One helper this host offers: probed from the kernel, narrowed by
+/// configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferedHelper {
+    pub helper: String,
+    pub protocols: Vec<Protocol>,
+    pub families: Vec<crate::catalogue::Family>,
+    pub usual_port: u16,
+}
+
 /// What a successful request returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -280,6 +293,7 @@ pub enum Reply {
     Status(Box<StatusReport>),
     Dump(crate::kernel::dump::Dump),
     Audit(Vec<crate::audit::AuditEntry>),
+    Catalogue(Vec<OfferedHelper>),
     Done {},
 }
 

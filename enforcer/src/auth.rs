@@ -97,7 +97,11 @@ pub fn permits(role: Option<&Role>, req: &Request) -> Result<(), ApiError> {
     };
     let read = matches!(
         req,
-        Request::RouterList {} | Request::HelperList { .. } | Request::HelperShow { .. } | Request::MapsDump {}
+        Request::RouterList {}
+            | Request::HelperList { .. }
+            | Request::HelperShow { .. }
+            | Request::MapsDump {}
+            | Request::Catalogue {}
     );
     match role {
         Role::Admin => Ok(()),

@@ -58,7 +58,7 @@ impl HelperKind {
 }
 
 /// An address family of the netfilter glue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     Ipv4,
@@ -149,6 +149,25 @@ impl Offered {
             }
         }
         n
+    }
+
+    /// One entry per helper, for `enforcer catalogue`.
+    pub fn describe(&self) -> Vec<crate::api::OfferedHelper> {
+        self.names()
+            .into_iter()
+            .filter_map(|name| {
+                let kind = by_name(name)?;
+                let mut families: Vec<Family> = self.offers.iter().filter(|o| o.kind.id == kind.id).map(|o| o.family).collect();
+                families.sort();
+                families.dedup();
+                Some(crate::api::OfferedHelper {
+                    helper: name.to_string(),
+                    protocols: self.protocols_of(name),
+                    families,
+                    usual_port: kind.default_port,
+                })
+            })
+            .collect()
     }
 
     pub fn in_family(&self, family: Family) -> impl Iterator<Item = &Offer> {

@@ -20,3 +20,34 @@ fn probe_finds_what_this_kernel_has() {
         assert!(has(name, p, Ipv4) && !has(name, p, Ipv6), "{name}/{p:?} IPv4 only");
     }
 }
+
+#[test]
+fn allowed_helpers_narrow_what_is_offered_and_installed() {
+    use enforcer_tests::{Daemon, Topology};
+    let topo = Topology::new();
+    let config = std::env::temp_dir().join(enforcer_tests::unique("cfg"));
+    std::fs::write(&config, "allowed_helpers = [\"ftp\", \"sip:udp\", \"irc\"]\n").unwrap();
+    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    std::fs::remove_file(&config).unwrap();
+    let offered = daemon.cli(&["catalogue", "-o", "json"]).ok().json();
+    assert_eq!(
+        offered,
+        serde_json::json!([
+            {"helper": "ftp", "protocols": ["tcp"], "families": ["ipv4", "ipv6"], "usual_port": 21},
+            {"helper": "sip", "protocols": ["udp"], "families": ["ipv4", "ipv6"], "usual_port": 5060},
+            {"helper": "irc", "protocols": ["tcp"], "families": ["ipv4"], "usual_port": 6667},
+        ])
+    );
+    daemon.add_router(&topo.router_id);
+    let r = topo.router_id.as_str();
+    let out = daemon.cli(&["helper", "create", r, "--protocol", "udp", "--port", "69", "--helper", "tftp"]);
+    assert!(out.code != 0 && out.stderr.contains("not available here"), "{}", out.stderr);
+    let out = daemon.cli(&["helper", "create", r, "--protocol", "tcp", "--port", "5060", "--helper", "sip"]);
+    assert!(out.code != 0 && out.stderr.contains("supports udp"), "{}", out.stderr);
+    daemon.create_helper(r, "udp", 5060, "sip");
+    let v4 = topo.router.sh("iptables-save", &["-t", "raw"]);
+    let v6 = topo.router.sh("ip6tables-save", &["-t", "raw"]);
+    assert_eq!(v4.matches("-j CT --helper").count(), 3, "{v4}");
+    assert_eq!(v6.matches("-j CT --helper").count(), 2, "{v6}");
+    assert!(!v6.contains("irc"));
+}

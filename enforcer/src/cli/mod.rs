@@ -51,6 +51,12 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// The helpers this host offers (probed from the kernel, narrowed by
+    /// allowed_helpers), with their protocols and usual ports.
+    Catalogue {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Read the audit log: every change and every refused request.
     Audit {
         /// Only entries since this RFC 3339 time, or this long ago (15m, 2h, 1d).
@@ -197,6 +203,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Maps(MapsCmd::Dump { output, .. }) => (Request::MapsDump {}, output),
         Command::Audit { since, output } => (Request::Audit { since }, output),
+        Command::Catalogue { output } => (Request::Catalogue {}, output),
         Command::Status { output } => (Request::Status {}, output),
         Command::Teardown => (Request::Teardown {}, Output::Table),
         Command::Router(cmd) => match cmd {

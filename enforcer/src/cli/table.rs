@@ -67,6 +67,20 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
             }
             Reply::Status(s) => print_status(s),
             Reply::Dump(d) => print_dump(d, Output::Table)?,
+            Reply::Catalogue(c) => print_table(
+                &["HELPER", "PROTOCOLS", "FAMILIES", "USUAL_PORT"],
+                c.iter()
+                    .map(|h| {
+                        let join = |v: Vec<String>| v.join(",");
+                        vec![
+                            h.helper.clone(),
+                            join(h.protocols.iter().map(|p| p.to_string()).collect()),
+                            join(h.families.iter().map(|f| format!("{f:?}").to_lowercase()).collect()),
+                            h.usual_port.to_string(),
+                        ]
+                    })
+                    .collect(),
+            ),
             Reply::Audit(entries) => print_table(
                 &["TIME", "UID", "GID", "PID", "OP", "ROUTER", "HELPER", "RESULT"],
                 entries

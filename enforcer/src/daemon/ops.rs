@@ -41,6 +41,7 @@ fn describe(req: &Request) -> (&'static str, bool) {
         Request::Teardown {} => ("teardown", true),
         Request::MapsDump {} => ("maps_dump", false),
         Request::Audit { .. } => ("audit", false),
+        Request::Catalogue {} => ("catalogue", false),
     }
 }
 
@@ -175,6 +176,7 @@ impl Daemon {
                 dump.routers = visible.len();
                 Ok(Reply::Dump(dump))
             }
+            Request::Catalogue {} => Ok(Reply::Catalogue(self.offered.describe())),
             Request::Audit { since } => {
                 let since = since.as_deref().map(audit::parse_since).transpose()?;
                 Ok(Reply::Audit(self.audit.read(since).map_err(ApiError::internal)?))
