@@ -16,8 +16,12 @@ pub const MAP_SLOTS: &str = "ENFORCER_SLOTS";
 pub const MAP_COUNTERS: &str = "ENFORCER_COUNTERS";
 pub const MAP_ROUTERS: &str = "ENFORCER_ROUTERS";
 pub const MAP_REVOKED: &str = "ENFORCER_REVOKED";
+pub const MAP_REVOKED_ACTIVE: &str = "ENFORCER_REVOKED_ACTIVE";
 pub const PROG_TAG: &str = "tag";
 pub const PROG_ENFORCE: &str = "enforce";
+/// Benchmark baselines in the same object (never attached).
+pub const PROG_BASELINE_EMPTY: &str = "baseline_empty";
+pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
 /// Names of the load-time globals: the mark layout, and the router the
 /// program instance serves.
 pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";

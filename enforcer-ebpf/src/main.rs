@@ -15,7 +15,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use enforcer_common::{
@@ -38,6 +38,11 @@ static COUNTERS: PerCpuHashMap<SlotKey, Counters> =
 
 #[map(name = "ENFORCER_REVOKED")]
 static REVOKED: LruHashMap<FlowKey, RevokedFlow> = LruHashMap::pinned(MAX_REVOKED_FLOWS, 0);
+
+/// Non-zero while REVOKED may hold entries (set by the daemon): spares
+/// every packet the hash lookup when nothing was revoked lately.
+#[map(name = "ENFORCER_REVOKED_ACTIVE")]
+static REVOKED_ACTIVE: Array<u32> = Array::pinned(1, 0);
 
 /// Not read here: lets userspace name the router of an index from the pins.
 #[map(name = "ENFORCER_ROUTERS")]
@@ -102,6 +107,9 @@ pub fn tag(ctx: TcContext) -> i32 {
 /// talking; refreshes its quiet timer if so.
 #[inline(always)]
 fn revoked(router: RouterIndex, flow: &parse::Flow) -> bool {
+    if REVOKED_ACTIVE.get(0).is_none_or(|active| *active == 0) {
+        return false;
+    }
     let key = FlowKey {
         router,
         sport: flow.sport,
@@ -140,6 +148,22 @@ pub fn enforce(ctx: TcContext) -> i32 {
     }
     count(&key, |c| c.dropped += 1);
     TC_ACT_SHOT
+}
+
+/// Benchmark baseline: the cheapest possible TC program.
+#[classifier]
+pub fn baseline_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// Benchmark baseline: one hash lookup of a fixed key, no parsing.
+#[classifier]
+pub fn baseline_lookup(_ctx: TcContext) -> i32 {
+    let key = RuleKey::new(router(), 6, 21);
+    if unsafe { RULES.get(&key) }.is_some() {
+        return TC_ACT_OK;
+    }
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

@@ -42,11 +42,6 @@ fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
     ctx.load::<u16>(off).ok().map(u16::from_be)
 }
 
-#[inline(always)]
-fn byte(ctx: &TcContext, off: usize) -> Option<u8> {
-    ctx.load::<u8>(off).ok()
-}
-
 /// Parses Ethernet (with up to two VLAN tags), IPv4 or IPv6, TCP or UDP.
 #[inline(always)]
 pub fn flow(ctx: &TcContext) -> Option<Flow> {
@@ -60,21 +55,9 @@ pub fn flow(ctx: &TcContext) -> Option<Flow> {
             off += VLAN_HLEN;
         }
     }
-    let mut src = [0u32; 4];
-    let mut dst = [0u32; 4];
-    let (family, l4proto, l4off) = match proto {
-        ETH_P_IP => {
-            let (p, l4) = ipv4(ctx, off)?;
-            src[0] = ctx.load::<u32>(off + 12).ok()?;
-            dst[0] = ctx.load::<u32>(off + 16).ok()?;
-            (4, p, l4)
-        }
-        ETH_P_IPV6 => {
-            let (p, l4) = ipv6(ctx, off)?;
-            src = ctx.load::<[u32; 4]>(off + 8).ok()?;
-            dst = ctx.load::<[u32; 4]>(off + 24).ok()?;
-            (6, p, l4)
-        }
+    let (family, (l4proto, l4off, src, dst)) = match proto {
+        ETH_P_IP => (4, ipv4(ctx, off)?),
+        ETH_P_IPV6 => (6, ipv6(ctx, off)?),
         _ => return None,
     };
     if l4proto != IPPROTO_TCP && l4proto != IPPROTO_UDP {
@@ -88,53 +71,85 @@ pub fn flow(ctx: &TcContext) -> Option<Flow> {
     Some(Flow { proto: l4proto, family, sport, dport, src, dst })
 }
 
+/// The fixed IPv4 header, read in one helper call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Hdr {
+    vihl: u8,
+    _tos: u8,
+    _len: u16,
+    _id: u16,
+    frag: u16,
+    _ttl: u8,
+    proto: u8,
+    _csum: u16,
+    src: u32,
+    dst: u32,
+}
+
+/// The fixed IPv6 header, read in one helper call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Hdr {
+    vtcfl: u32,
+    _len: u16,
+    next: u8,
+    _hop: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+}
+
+/// (protocol, L4 offset, source, destination) of an IPv4 packet.
 #[inline(always)]
-fn ipv4(ctx: &TcContext, off: usize) -> Option<(u8, usize)> {
-    let vihl = byte(ctx, off)?;
-    if vihl >> 4 != 4 {
+fn ipv4(ctx: &TcContext, off: usize) -> Option<(u8, usize, [u32; 4], [u32; 4])> {
+    let ip = ctx.load::<Ipv4Hdr>(off).ok()?;
+    if ip.vihl >> 4 != 4 {
         return None;
     }
-    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return None;
     }
     // Non-first fragments carry no L4 header: never tag them.
-    let frag = be16(ctx, off + 6)?;
-    if frag & 0x1fff != 0 {
+    if u16::from_be(ip.frag) & 0x1fff != 0 {
         return None;
     }
-    let proto = byte(ctx, off + 9)?;
-    Some((proto, off + ihl))
+    Some((ip.proto, off + ihl, [ip.src, 0, 0, 0], [ip.dst, 0, 0, 0]))
 }
 
+/// (protocol, L4 offset, source, destination) of an IPv6 packet, after
+/// its extension headers.
 #[inline(always)]
-fn ipv6(ctx: &TcContext, off: usize) -> Option<(u8, usize)> {
-    if byte(ctx, off)? >> 4 != 6 {
+fn ipv6(ctx: &TcContext, off: usize) -> Option<(u8, usize, [u32; 4], [u32; 4])> {
+    let ip = ctx.load::<Ipv6Hdr>(off).ok()?;
+    // The version is the top nibble of the first byte (network order).
+    if (ip.vtcfl as u8) >> 4 != 6 {
         return None;
     }
-    let mut next = byte(ctx, off + 6)?;
+    let mut next = ip.next;
     let mut off = off + IPV6_HLEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let len = (byte(ctx, off + 1)? as usize + 1) * 8;
-                next = byte(ctx, off)?;
-                off += len;
+                let [nh, len] = ctx.load::<[u8; 2]>(off).ok()?;
+                next = nh;
+                off += (len as usize + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
+                let [nh, _, hi, lo] = ctx.load::<[u8; 4]>(off).ok()?;
                 // Offset in the upper 13 bits: only the first fragment has ports.
-                if be16(ctx, off + 2)? & 0xfff8 != 0 {
+                if u16::from_be_bytes([hi, lo]) & 0xfff8 != 0 {
                     return None;
                 }
-                next = byte(ctx, off)?;
+                next = nh;
                 off += 8;
             }
             NEXTHDR_AUTH => {
-                let len = (byte(ctx, off + 1)? as usize + 2) * 4;
-                next = byte(ctx, off)?;
-                off += len;
+                let [nh, len] = ctx.load::<[u8; 2]>(off).ok()?;
+                next = nh;
+                off += (len as usize + 2) * 4;
             }
-            _ => return Some((next, off)),
+            _ => return Some((next, off, ip.src, ip.dst)),
         }
     }
     // Too many extension headers: do not guess.

@@ -6,6 +6,7 @@
 //! Kernel tests need root; `require_root` fails them with a clear message
 //! instead of letting them pass without running.
 
+pub mod bench;
 pub mod daemon;
 pub mod peers;
 pub mod topology;

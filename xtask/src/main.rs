@@ -31,7 +31,18 @@ enum Cmd {
     },
     /// Set up, build, and show enforcement end to end on a throwaway topology.
     Demo,
-    /// Set up, build, and run every test (unit, datapath, integration).
+    /// Set up, build, and measure enforcer against the iptables and nftables
+    /// ways; writes bench/results.md and SVG charts.
+    Bench {
+        /// A reduced set, under two minutes (CI runs it so the harness keeps working).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the results.
+        #[arg(long, default_value = "bench")]
+        out: PathBuf,
+    },
+    /// Set up, build, and run every test (unit, datapath, integration), then
+    /// the quick benchmark (into a scratch directory, no thresholds).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -62,6 +73,16 @@ fn build() -> Result<PathBuf> {
     Ok(root().join("target/release/enforcer"))
 }
 
+fn bench(bin: &Path, quick: bool, out: &Path) -> Result<()> {
+    let out = if out.is_absolute() { out.to_path_buf() } else { root().join(out) };
+    let mut cmd = cargo();
+    cmd.args(["run", "--release", "--locked", "-p", "enforcer-tests", "--bin", "bench", "--"]).arg("--out").arg(&out).env("ENFORCER_BIN", bin);
+    if quick {
+        cmd.arg("--quick");
+    }
+    status(&mut cmd)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
@@ -75,16 +96,29 @@ fn main() -> Result<()> {
             let bin = build()?;
             status(cargo().args(["run", "--release", "--locked", "-p", "enforcer-tests", "--bin", "demo"]).env("ENFORCER_BIN", bin))
         }
+        Cmd::Bench { quick, out } => {
+            setup::run()?;
+            let bin = build()?;
+            bench(&bin, quick, &out)
+        }
         Cmd::Test { args } => {
             setup::run()?;
             let bin = build()?;
+            let filtered = !args.is_empty();
             status(
                 cargo()
                     .args(["test", "--release", "--locked", "--workspace"])
                     .args(args)
-                    .env("ENFORCER_BIN", bin)
+                    .env("ENFORCER_BIN", &bin)
                     .env("RUST_TEST_THREADS", "2"),
-            )
+            )?;
+            if !filtered {
+                let scratch = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
+                let result = bench(&bin, true, &scratch);
+                let _ = std::fs::remove_dir_all(&scratch);
+                result?;
+            }
+            Ok(())
         }
     }
 }

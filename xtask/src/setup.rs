@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tftpd-hpa", "TFTP server"),
     ("tftp-hpa", "TFTP client"),
     ("sip-tester", "sipp, SIP peer"),
+    ("iperf3", "traffic for the forwarding benchmark"),
+    ("nftables", "the nftables baseline of the benchmark"),
 ];
 
 const BPF_LINKER: &str = "bpf-linker@0.10.0";

@@ -42,6 +42,7 @@ pub struct Datapath {
     counters: PerCpuHashMap<MapData, SlotKey, Counters>,
     routers: HashMap<MapData, RouterIndex, RouterValue>,
     revoked: HashMap<MapData, FlowKey, RevokedFlow>,
+    revoked_active: aya::maps::Array<MapData, u32>,
     layout: MarkLayout,
     max_rules: u32,
     quiet_ns: u64,
@@ -112,6 +113,7 @@ impl Datapath {
             counters: take(&mut control, MAP_COUNTERS)?,
             routers: take(&mut control, MAP_ROUTERS)?,
             revoked: take(&mut control, MAP_REVOKED)?,
+            revoked_active: take(&mut control, enforcer_common::MAP_REVOKED_ACTIVE)?,
             control,
             dir: dir.to_path_buf(),
             layout,
@@ -123,6 +125,16 @@ impl Datapath {
 
     pub fn layout(&self) -> MarkLayout {
         self.layout
+    }
+
+    /// Loads the benchmark baseline programs of the control instance.
+    pub fn load_baselines(&mut self) -> Result<()> {
+        for name in [enforcer_common::PROG_BASELINE_EMPTY, enforcer_common::PROG_BASELINE_LOOKUP] {
+            let prog: &mut SchedClassifier =
+                self.control.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+            prog.load().with_context(|| format!("verifying {name}"))?;
+        }
+        Ok(())
     }
 
     /// A loaded program, for BPF_PROG_TEST_RUN.
@@ -370,6 +382,9 @@ impl Datapath {
                 n += 1;
             }
         }
+        if n > 0 {
+            self.revoked_active.set(0, 1, 0).context("activating the revoked-flows check")?;
+        }
         Ok(n)
     }
 
@@ -387,6 +402,10 @@ impl Datapath {
                 referenced.insert(SlotKey::new(k.router, v.slot));
             }
         }
+        // Entries are only added under the daemon's lock, so none can appear
+        // between this check and the write.
+        let active = u32::from(self.revoked.keys().next().is_some());
+        self.revoked_active.set(0, active, 0)?;
         Ok(referenced)
     }
 
@@ -400,6 +419,19 @@ impl Datapath {
         let _ = self.counters.remove(&SlotKey::new(router, slot as u32));
         let _ = self.slots.remove(&SlotKey::new(router, slot as u32));
     }
+}
+
+/// Kernel memory of the maps pinned in `dir` (their memlock, in bytes).
+pub fn map_memory(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for name in [MAP_RULES, MAP_SLOTS, MAP_COUNTERS, MAP_ROUTERS, MAP_REVOKED] {
+        let map = MapData::from_pin(dir.join(name))?;
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = map.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        total += info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// The rule set the maps should hold.

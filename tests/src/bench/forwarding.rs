@@ -1,0 +1,127 @@
+//! Forwarding through a router namespace with N helper rules, each way:
+//! enforcer (TC programs, rules in maps), the Neutron layout (one raw chain
+//! per helper, iptables-nft) and an nftables set with one `ct helper set`
+//! rule. 64-byte UDP from iperf3 on a port no helper matches; the packets
+//! the router forwarded are counted on its egress interface. Rounds are
+//! interleaved so the backends see the same machine state.
+
+use std::{collections::BTreeMap, io::Write, process::Stdio, time::Duration};
+
+use serde_json::json;
+
+use super::{Scale, median};
+use crate::{Daemon, Process, Topology};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Backend {
+    Enforcer,
+    Neutron,
+    Nft,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Enforcer => "enforcer",
+            Backend::Neutron => "Neutron chains (iptables-nft)",
+            Backend::Nft => "nftables set",
+        }
+    }
+}
+
+/// Forwarded packets per second, median over rounds, by (backend, N).
+pub type Rates = BTreeMap<(Backend, usize), f64>;
+
+fn tx_packets(topo: &Topology, iface: &str) -> u64 {
+    let out = topo.router.sh("ip", &["-s", "-j", "link", "show", iface]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
+    v[0]["stats64"]["tx"]["packets"].as_u64().expect("tx packets")
+}
+
+fn blast(topo: &Topology, secs: u64) -> f64 {
+    let _server = Process::spawn(
+        "iperf3 server",
+        topo.server.cmd("taskset").args(["-c", "1", "iperf3", "-s", "-1", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tx_packets(topo, "r1");
+    let out = topo
+        .client
+        .cmd("taskset")
+        .args(["-c", "0", "iperf3", "-c", Topology::SERVER_V4, "-u", "-b", "0", "-l", "64", "-t", &secs.to_string(), "-p", "5201"])
+        .output()
+        .expect("iperf3");
+    assert!(out.status.success(), "iperf3: {}", String::from_utf8_lossy(&out.stderr));
+    let after = tx_packets(topo, "r1");
+    (after - before) as f64 / secs as f64
+}
+
+fn restore(topo: &Topology, script: &str) {
+    let mut child = topo.router.cmd("iptables-restore").arg("--noflush").stdin(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+fn nft(topo: &Topology, script: &str) {
+    let mut child = topo.router.cmd("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Installs `n` rules of `backend` on a fresh router; returns what keeps
+/// them alive.
+fn install(backend: Backend, topo: &Topology, n: usize) -> Option<Daemon> {
+    match backend {
+        Backend::Enforcer => {
+            let daemon = Daemon::start();
+            daemon.add_router(&topo.router_id);
+            let mut s = daemon.session();
+            for i in 0..n {
+                let r = s
+                    .request(&json!({"op": "helper_create", "router_id": topo.router_id, "protocol": "tcp", "port": 10_000 + i, "helper": "ftp"}))
+                    .unwrap();
+                assert!(r.get("ok").is_some(), "{r}");
+            }
+            Some(daemon)
+        }
+        Backend::Neutron => {
+            let mut s = String::from("*raw\n:nl3-PREROUTING - [0:0]\n:nl3-cth - [0:0]\n-A PREROUTING -j nl3-PREROUTING\n-A nl3-PREROUTING -j nl3-cth\n");
+            for i in 0..n {
+                s.push_str(&format!(":nl3-cth-{i:07x} - [0:0]\n"));
+            }
+            for i in 0..n {
+                s.push_str(&format!("-A nl3-cth -j nl3-cth-{i:07x}\n-A nl3-cth-{i:07x} -p tcp -m tcp --dport {} -j CT --helper ftp\n", 10_000 + i));
+            }
+            s.push_str("COMMIT\n");
+            restore(topo, &s);
+            None
+        }
+        Backend::Nft => {
+            nft(topo, "table ip enfbench {\n ct helper ftp-tcp { type \"ftp\" protocol tcp; }\n set ftp_ports { type inet_service; }\n chain pre { type filter hook prerouting priority raw; tcp dport @ftp_ports ct helper set \"ftp-tcp\"; }\n}\n");
+            for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
+                let e: Vec<String> = chunk.iter().map(|i| (10_000 + i).to_string()).collect();
+                nft(topo, &format!("add element ip enfbench ftp_ports {{ {} }}\n", e.join(", ")));
+            }
+            None
+        }
+    }
+}
+
+pub fn measure(scale: Scale) -> Rates {
+    let sizes = scale.pick(vec![0, 1000], vec![0, 100, 1000, 10_000]);
+    let rounds = scale.pick(1, 5);
+    let secs = scale.pick(1, 3);
+    let mut samples: BTreeMap<(Backend, usize), Vec<f64>> = BTreeMap::new();
+    for round in 0..rounds {
+        for &n in &sizes {
+            for backend in [Backend::Enforcer, Backend::Neutron, Backend::Nft] {
+                let topo = Topology::without_firewall();
+                let _keep = install(backend, &topo, n);
+                let rate = blast(&topo, secs);
+                samples.entry((backend, n)).or_default().push(rate);
+            }
+        }
+        eprintln!("bench: forwarding round {} of {rounds} done", round + 1);
+    }
+    samples.into_iter().map(|(k, v)| (k, median(v))).collect()
+}

@@ -1,0 +1,81 @@
+//! Revocation under traffic: an FTP download and its control connection
+//! are running when the helper is deleted. Counted: packets the router
+//! forwards after the delete returns (the goal is zero), and the time until
+//! its conntrack table has no entry of the rule. The same with the Neutron
+//! way (delete the helper's raw chain), in the same run.
+
+use std::time::{Duration, Instant};
+
+use super::ms;
+use crate::{
+    Daemon, Family, Topology,
+    peers::{FtpClient, FtpServer},
+};
+
+#[derive(Debug, Clone, Default)]
+pub struct Results {
+    pub enforcer_packets_after: u64,
+    pub enforcer_delete_ms: f64,
+    pub enforcer_conntrack_clean_ms: f64,
+    pub neutron_packets_after: u64,
+    pub neutron_entries_left: usize,
+}
+
+fn forwarded(topo: &Topology) -> u64 {
+    ["r0", "r1"]
+        .iter()
+        .map(|i| {
+            let v: serde_json::Value = serde_json::from_str(&topo.router.sh("ip", &["-s", "-j", "link", "show", i])).unwrap();
+            v[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
+        })
+        .sum()
+}
+
+pub fn measure() -> Results {
+    let mut out = Results::default();
+    // enforcer
+    {
+        let topo = Topology::new();
+        let daemon = Daemon::start();
+        daemon.add_router(&topo.router_id);
+        let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+        let _server = FtpServer::start(&topo, Family::V4);
+        let mut ftp = FtpClient::login(&topo, Family::V4);
+        ftp.ok("retr_start big.bin passive");
+        let start = Instant::now();
+        daemon.delete_helper(&topo.router_id, &id);
+        out.enforcer_delete_ms = ms(start.elapsed());
+        let after_delete = forwarded(&topo);
+        loop {
+            let ct = topo.conntrack(&["-L"]);
+            if !ct.contains("helper=ftp") && !ct.contains(&format!("mark={}", 0x1000_1000u32)) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out.enforcer_conntrack_clean_ms = ms(start.elapsed());
+        std::thread::sleep(Duration::from_secs(2));
+        out.enforcer_packets_after = forwarded(&topo) - after_delete;
+        let _ = ftp.cmd("retr_wait");
+    }
+    // The Neutron way: a raw chain with CT --helper, deleted.
+    {
+        let topo = Topology::new();
+        topo.router.sh("iptables", &["-t", "raw", "-N", "nl3-cth-0000001"]);
+        topo.router.sh("iptables", &["-t", "raw", "-A", "nl3-cth-0000001", "-p", "tcp", "-m", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]);
+        topo.router.sh("iptables", &["-t", "raw", "-A", "PREROUTING", "-j", "nl3-cth-0000001"]);
+        let _server = FtpServer::start(&topo, Family::V4);
+        let mut ftp = FtpClient::login(&topo, Family::V4);
+        ftp.ok("retr_start big.bin passive");
+        topo.router.sh("iptables", &["-t", "raw", "-D", "PREROUTING", "-j", "nl3-cth-0000001"]);
+        topo.router.sh("iptables", &["-t", "raw", "-F", "nl3-cth-0000001"]);
+        topo.router.sh("iptables", &["-t", "raw", "-X", "nl3-cth-0000001"]);
+        let after_delete = forwarded(&topo);
+        std::thread::sleep(Duration::from_secs(2));
+        out.neutron_packets_after = forwarded(&topo) - after_delete;
+        out.neutron_entries_left = topo.conntrack(&["-L"]).lines().filter(|l| l.contains("helper=ftp")).count();
+    }
+    eprintln!("bench: revocation done");
+    out
+}

@@ -1,0 +1,25 @@
+//! `cargo xtask bench [--quick]`: see tests/src/bench.
+use enforcer_tests::bench::{self, Scale, report};
+
+fn main() {
+    let mut quick = false;
+    let mut out = std::path::PathBuf::from("bench");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = args.next().expect("--out DIR").into(),
+            other => panic!("unknown argument {other}; use [--quick] [--out DIR]"),
+        }
+    }
+    enforcer_tests::require_root();
+    let scale = Scale { quick };
+    let started = std::time::Instant::now();
+    let packet = bench::packet::measure(scale);
+    let changes = bench::changes::measure(scale);
+    let revocation = bench::revocation::measure();
+    let forwarding = bench::forwarding::measure(scale);
+    let all = report::All { scale, packet, forwarding, changes, revocation };
+    report::write(&all, &out).expect("writing the results");
+    eprintln!("bench: done in {:.0} s; results in {}", started.elapsed().as_secs_f64(), out.join("results.md").display());
+}
