@@ -102,9 +102,16 @@ impl Store {
     /// Writes `changes` in one transaction, runs `kernel` and commits only
     /// if it succeeded. An error from `kernel` aborts the transaction.
     pub fn apply<T>(&self, changes: &[Change], kernel: impl FnOnce() -> Result<T>) -> Result<T, ApplyError> {
+        self.apply_then(changes, || Ok((kernel()?, Vec::new())))
+    }
+
+    /// Like `apply`, where the kernel step also says what else to write in
+    /// the same transaction (what it found out, e.g. a slot still carried).
+    pub fn apply_then<T>(&self, changes: &[Change], kernel: impl FnOnce() -> Result<(T, Vec<Change>)>) -> Result<T, ApplyError> {
         let txn = self.db.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
         write(&txn, changes).map_err(ApplyError::Store)?;
-        let out = kernel().map_err(ApplyError::Kernel)?;
+        let (out, more) = kernel().map_err(ApplyError::Kernel)?;
+        write(&txn, &more).map_err(ApplyError::Store)?;
         txn.commit().map_err(|e| ApplyError::Commit(e.into()))?;
         Ok(out)
     }

@@ -441,22 +441,32 @@ impl Daemon {
     fn helper_delete(&mut self, router: &str, helper: &str) -> Result<Reply, ApiError> {
         let (index, key) = self.find_helper(router, helper)?;
         let old = self.helpers[&key].clone();
-        let changes = [
-            Change::DeleteHelper { router_id: key.0.clone(), helper_id: key.1.clone() },
-            Change::Quarantine { router_id: key.0.clone(), slot: old.slot },
-        ];
+        let ns = netns::path(&self.routers[&key.0].record.netns);
+        let mark = self.slot_mark(old.slot);
+        let quiet = self.config.revoked_quiet_secs;
         let datapath = &mut self.datapath;
-        let result = self.store.apply(&changes, || revoke_record(datapath, index, &old));
-        if let Err(e) = result {
-            if let Ok(kind) = kind_of(&old.helper) {
-                let _ = allow_record(&mut self.datapath, index, &old, kind);
+        let router_id = key.0.clone();
+        // One transaction: the helper goes, and its slot is quarantined only
+        // if the conntrack clean-up left something carrying it.
+        let result = self.store.apply_then(&[Change::DeleteHelper { router_id: key.0.clone(), helper_id: key.1.clone() }], || {
+            revoke_record(datapath, index, &old)?;
+            let report = super::revoke::flush(datapath, &ns, index, old.slot, mark, quiet);
+            let more = if report.slot_released { vec![] } else { vec![Change::Quarantine { router_id, slot: old.slot }] };
+            Ok((report, more))
+        });
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                if let Ok(kind) = kind_of(&old.helper) {
+                    let _ = allow_record(&mut self.datapath, index, &old, kind);
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
         info!(router = %key.0, helper = %key.1, "deleted; slot {} revoked", old.slot);
-        self.quarantine.insert((key.0.clone(), old.slot));
         self.helpers.remove(&key);
-        Ok(Reply::Revoked(self.flush_slot(&key.0, old.slot)))
+        self.after_flush(&key.0, old.slot, &report);
+        Ok(Reply::Revoked(report))
     }
 
     fn helper_list(&self, router: Option<String>) -> Result<Reply, ApiError> {

@@ -4,50 +4,49 @@
 //! with them their expectations), while the flows of those entries are kept
 //! dead in the datapath so conntrack cannot pick them up again mid-stream.
 
-use anyhow::Result;
+use std::path::Path;
+
 use tracing::{info, warn};
 
 use super::Daemon;
 use crate::{
     api::RevokeReport,
-    kernel::{conntrack, netns},
+    kernel::{Datapath, conntrack, netns},
     store::Change,
 };
 
-impl Daemon {
-    /// Cleans the conntrack table of router `router_id` of `slot` and frees
-    /// the slot if nothing carries it any more (else it stays quarantined
-    /// until a later check finds it free).
-    pub(super) fn flush_slot(&mut self, router_id: &str, slot: u16) -> RevokeReport {
-        let mut report = RevokeReport { quiet_secs: self.config.revoked_quiet_secs, ..Default::default() };
-        let Some(state) = self.routers.get(router_id) else { return report };
-        let index = state.record.index;
-        let path = netns::path(&state.record.netns);
-        let (mark, mask) = self.slot_mark(slot);
-        let result = (|| -> Result<usize> {
-            let entries = netns::run_in(&path, || conntrack::entries_with_mark(mark, mask))?;
-            report.conntrack_entries_removed = entries.len();
-            // Remember the flows before their entries go: from then on a
-            // packet of theirs would start a fresh, unmarked entry.
-            report.flows_kept_dead = self.datapath.remember_revoked(index, slot, &entries)?;
-            netns::run_in(&path, || {
-                conntrack::delete_with_mark(mark, mask)?;
-                Ok(conntrack::entries_with_mark(mark, mask)?.len())
-            })
-        })();
-        match result {
-            Ok(0) => match self.store.apply(&[Change::Release { router_id: router_id.to_string(), slot }], || Ok(())) {
-                Ok(()) => {
-                    self.slot_released(router_id, slot);
-                    report.slot_released = true;
-                }
-                Err(e) => report.flush_error = Some(format!("{e}")),
-            },
-            Ok(left) => report.flush_error = Some(format!("{left} conntrack entries still carry the slot")),
-            Err(e) => report.flush_error = Some(format!("{e:#}")),
+/// Cleans the conntrack table of the router in `ns` of the entries marked
+/// with `mark` under `mask`, keeping their flows dead in the datapath first.
+/// One visit to the namespace: dump, remember, delete, check.
+pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, (mark, mask): (u32, u32), quiet_secs: u64) -> RevokeReport {
+    let mut report = RevokeReport { quiet_secs, ..Default::default() };
+    let result = netns::run_in(ns, || {
+        let entries = conntrack::entries_with_mark(mark, mask)?;
+        report.conntrack_entries_removed = entries.len();
+        // Remember the flows before their entries go: from then on a
+        // packet of theirs would start a fresh, unmarked entry.
+        report.flows_kept_dead = datapath.remember_revoked(index, slot, &entries)?;
+        if entries.is_empty() {
+            return Ok(0);
         }
+        conntrack::delete_with_mark(mark, mask)?;
+        Ok(conntrack::entries_with_mark(mark, mask)?.len())
+    });
+    match result {
+        Ok(0) => report.slot_released = true,
+        Ok(left) => report.flush_error = Some(format!("{left} conntrack entries still carry the slot")),
+        Err(e) => report.flush_error = Some(format!("{e:#}")),
+    }
+    report
+}
+
+impl Daemon {
+    /// Logs a flush, and frees or keeps the slot in memory accordingly (the
+    /// store was told in the same transaction, or by the caller).
+    pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
         if let Some(e) = &report.flush_error {
-            warn!(router = %router_id, slot, "conntrack flush incomplete: {e}");
+            warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
+            self.quarantine.insert((router_id.to_string(), slot));
         } else {
             info!(
                 router = %router_id,
@@ -56,7 +55,24 @@ impl Daemon {
                 flows = report.flows_kept_dead,
                 "conntrack cleaned, slot released"
             );
+            self.slot_released(router_id, slot);
         }
+    }
+
+    /// Cleans the conntrack table of router `router_id` of a quarantined
+    /// `slot` and frees the slot if nothing carries it any more.
+    pub(super) fn flush_slot(&mut self, router_id: &str, slot: u16) -> RevokeReport {
+        let Some(state) = self.routers.get(router_id) else { return RevokeReport::default() };
+        let (index, path) = (state.record.index, netns::path(&state.record.netns));
+        let mark = self.slot_mark(slot);
+        let mut report = flush(&mut self.datapath, &path, index, slot, mark, self.config.revoked_quiet_secs);
+        if report.slot_released {
+            if let Err(e) = self.store.apply(&[Change::Release { router_id: router_id.to_string(), slot }], || Ok(())) {
+                report.slot_released = false;
+                report.flush_error = Some(format!("{e}"));
+            }
+        }
+        self.after_flush(router_id, slot, &report);
         report
     }
 }
