@@ -24,6 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sip-tester", "sipp, SIP peer"),
     ("iperf3", "traffic for the forwarding benchmark"),
     ("nftables", "the nftables baseline of the benchmark"),
+    ("tcpdump", "counting packets after revocation in the benchmark"),
 ];
 
 const BPF_LINKER: &str = "bpf-linker@0.10.0";

@@ -222,7 +222,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let r = &all.revocation;
     let _ = writeln!(
         md,
-        "## 4. Revocation under traffic\n\n| | packets forwarded in the 2 s after the delete returned | conntrack entries with the helper left |\n|---|---|---|\n| enforcer (`helper delete` took {:.1} ms; conntrack clean after {:.1} ms) | {} | 0 |\n| Neutron way (raw chain deleted) | {} | {} |\n",
+        "## 4. Revocation under traffic\n\n| | TCP packets the router sent in the 2 s after the delete returned (tcpdump on its interfaces) | conntrack entries with the helper left |\n|---|---|---|\n| enforcer (`helper delete` took {:.1} ms; conntrack clean after {:.1} ms) | {} | 0 |\n| Neutron way (raw chain deleted) | {} | {} |\n",
         r.enforcer_delete_ms, r.enforcer_conntrack_clean_ms, r.enforcer_packets_after, r.neutron_packets_after, r.neutron_entries_left
     );
 

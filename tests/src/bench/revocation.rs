@@ -4,11 +4,14 @@
 //! its conntrack table has no entry of the rule. The same with the Neutron
 //! way (delete the helper's raw chain), in the same run.
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use super::ms;
 use crate::{
-    Daemon, Family, Topology,
+    Daemon, Family, Process, Topology,
     peers::{FtpClient, FtpServer},
 };
 
@@ -21,14 +24,36 @@ pub struct Results {
     pub neutron_entries_left: usize,
 }
 
-fn forwarded(topo: &Topology) -> u64 {
-    ["r0", "r1"]
-        .iter()
-        .map(|i| {
-            let v: serde_json::Value = serde_json::from_str(&topo.router.sh("ip", &["-s", "-j", "link", "show", i])).unwrap();
-            v[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
-        })
-        .sum()
+/// Captures the TCP packets the router transmits (taps see a packet only
+/// after the TC egress program let it through).
+struct Capture(Process);
+
+impl Capture {
+    fn start(topo: &Topology) -> Self {
+        let p = Process::spawn(
+            "tcpdump",
+            topo.router
+                .cmd("tcpdump")
+                .args(["-i", "any", "-Q", "out", "-n", "-tt", "-l", "tcp"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        Self(p)
+    }
+
+    /// Packets sent after `since` (seconds since the epoch).
+    fn count_after(mut self, since: f64) -> u64 {
+        self.0.signal(nix::sys::signal::Signal::SIGINT);
+        let mut text = String::new();
+        use std::io::Read;
+        let _ = self.0.child.stdout.take().unwrap().read_to_string(&mut text);
+        text.lines().filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok()).filter(|t| *t > since).count() as u64
+    }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 pub fn measure() -> Results {
@@ -42,10 +67,11 @@ pub fn measure() -> Results {
         let _server = FtpServer::start(&topo, Family::V4);
         let mut ftp = FtpClient::login(&topo, Family::V4);
         ftp.ok("retr_start big.bin passive");
+        let capture = Capture::start(&topo);
         let start = Instant::now();
         daemon.delete_helper(&topo.router_id, &id);
         out.enforcer_delete_ms = ms(start.elapsed());
-        let after_delete = forwarded(&topo);
+        let returned = now();
         loop {
             let ct = topo.conntrack(&["-L"]);
             if !ct.contains("helper=ftp") && !ct.contains(&format!("mark={}", 0x1000_1000u32)) {
@@ -56,7 +82,7 @@ pub fn measure() -> Results {
         }
         out.enforcer_conntrack_clean_ms = ms(start.elapsed());
         std::thread::sleep(Duration::from_secs(2));
-        out.enforcer_packets_after = forwarded(&topo) - after_delete;
+        out.enforcer_packets_after = capture.count_after(returned);
         let _ = ftp.cmd("retr_wait");
     }
     // The Neutron way: a raw chain with CT --helper, deleted.
@@ -68,12 +94,13 @@ pub fn measure() -> Results {
         let _server = FtpServer::start(&topo, Family::V4);
         let mut ftp = FtpClient::login(&topo, Family::V4);
         ftp.ok("retr_start big.bin passive");
+        let capture = Capture::start(&topo);
         topo.router.sh("iptables", &["-t", "raw", "-D", "PREROUTING", "-j", "nl3-cth-0000001"]);
         topo.router.sh("iptables", &["-t", "raw", "-F", "nl3-cth-0000001"]);
         topo.router.sh("iptables", &["-t", "raw", "-X", "nl3-cth-0000001"]);
-        let after_delete = forwarded(&topo);
+        let returned = now();
         std::thread::sleep(Duration::from_secs(2));
-        out.neutron_packets_after = forwarded(&topo) - after_delete;
+        out.neutron_packets_after = capture.count_after(returned);
         out.neutron_entries_left = topo.conntrack(&["-L"]).lines().filter(|l| l.contains("helper=ftp")).count();
     }
     eprintln!("bench: revocation done");
