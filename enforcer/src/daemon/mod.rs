@@ -11,7 +11,7 @@ mod revoke;
 mod server;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     os::unix::fs::MetadataExt,
     time::Instant,
 };
@@ -23,7 +23,7 @@ use tracing::{info, warn};
 pub use server::serve;
 
 use crate::{
-    api::{ApiError, ReconcileReport},
+    api::{ApiError, Protocol, ReconcileReport},
     audit::Audit,
     catalogue::{self, HelperKind, Offered},
     config::Config,
@@ -44,7 +44,65 @@ struct RouterState {
     netns_id: Option<(u64, u64)>,
 }
 
+/// Indexes over the helpers and quarantined slots, so that a create or
+/// delete costs the same with 10 helpers or 100,000.
+#[derive(Default)]
+struct Index {
+    /// Helper id -> router id (ids are unique across routers).
+    ids: HashMap<String, String>,
+    /// (router, protocol, port) -> helper id.
+    tuples: HashMap<(String, Protocol, u16), String>,
+    /// Slots in use or quarantined, per router.
+    slots: HashMap<String, BTreeSet<u16>>,
+    /// Where the next free-slot search starts, per router.
+    hint: HashMap<String, u16>,
+}
+
+impl Index {
+    fn add(&mut self, h: &HelperRecord) {
+        let r = &h.helper.router_id;
+        self.ids.insert(h.helper.id.clone(), r.clone());
+        self.tuples.insert((r.clone(), h.helper.protocol, h.helper.port), h.helper.id.clone());
+        self.hold(r, h.slot);
+    }
+
+    fn remove(&mut self, h: &HelperRecord) {
+        let r = &h.helper.router_id;
+        self.ids.remove(&h.helper.id);
+        self.tuples.remove(&(r.clone(), h.helper.protocol, h.helper.port));
+        self.free(r, h.slot);
+    }
+
+    fn hold(&mut self, router: &str, slot: u16) {
+        self.slots.entry(router.to_string()).or_default().insert(slot);
+    }
+
+    fn free(&mut self, router: &str, slot: u16) {
+        if let Some(s) = self.slots.get_mut(router) {
+            s.remove(&slot);
+        }
+    }
+
+    fn forget_router(&mut self, router: &str) {
+        self.ids.retain(|_, r| r != router);
+        self.tuples.retain(|(r, ..), _| r != router);
+        self.slots.remove(router);
+        self.hint.remove(router);
+    }
+
+    /// A free slot of `router` in 1..=max, searching on from the last one
+    /// handed out (amortized constant for steady creation).
+    fn next_slot(&mut self, router: &str, max: u16) -> Option<u16> {
+        let used = self.slots.get(router);
+        let start = self.hint.get(router).copied().unwrap_or(1).clamp(1, max);
+        let free = (start..=max).chain(1..start).find(|s| used.is_none_or(|u| !u.contains(s)))?;
+        self.hint.insert(router.to_string(), if free == max { 1 } else { free + 1 });
+        Some(free)
+    }
+}
+
 pub struct Daemon {
+    index: Index,
     audit: Audit,
     /// The project the request being handled is confined to (None: all).
     scope: Option<String>,
@@ -101,7 +159,15 @@ impl Daemon {
             .into_values()
             .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None }))
             .collect();
+        let mut index = Index::default();
+        for h in state.helpers.values() {
+            index.add(h);
+        }
+        for (router, slot) in &state.quarantine {
+            index.hold(router, *slot);
+        }
         let mut daemon = Daemon {
+            index,
             audit,
             scope: None,
             datapath,
@@ -250,6 +316,7 @@ impl Daemon {
     /// Bookkeeping of a slot nothing carries any more.
     pub(super) fn slot_released(&mut self, router: &str, slot: u16) {
         self.quarantine.remove(&(router.to_string(), slot));
+        self.index.free(router, slot);
         if let Some(state) = self.routers.get(router) {
             self.released.insert((state.record.index, slot));
         }
@@ -262,6 +329,9 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => return warn!("sweeping revoked flows: {e:#}"),
         };
+        if self.released.is_empty() {
+            return;
+        }
         let live: BTreeSet<(u32, u16)> = self
             .helpers
             .values()

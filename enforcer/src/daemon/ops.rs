@@ -284,6 +284,7 @@ impl Daemon {
         self.routers.remove(id);
         self.helpers.retain(|(r, _), _| r != id);
         self.quarantine.retain(|(r, _)| r != id);
+        self.index.forget_router(id);
         info!(router = %id, "router removed");
         Ok(Reply::Done {})
     }
@@ -325,24 +326,23 @@ impl Daemon {
     }
 
     fn check_tuple_free(&self, router: &str, protocol: Protocol, port: u16, except: Option<&str>) -> Result<(), ApiError> {
-        match self.helpers_of(router).find(|h| Some(h.helper.id.as_str()) != except && h.helper.protocol == protocol && h.helper.port == port) {
-            Some(h) => Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("router {router} already has helper {} on {protocol}/{port} ({})", h.helper.id, h.helper.helper),
-            )),
-            None => Ok(()),
+        match self.index.tuples.get(&(router.to_string(), protocol, port)) {
+            Some(id) if Some(id.as_str()) != except => {
+                let name = self.helpers.get(&(router.to_string(), id.clone())).map(|h| h.helper.helper.as_str()).unwrap_or("?");
+                Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("router {router} already has helper {id} on {protocol}/{port} ({name})"),
+                ))
+            }
+            _ => Ok(()),
         }
     }
 
-    /// The lowest slot neither in use nor quarantined on this router.
-    fn free_slot(&self, router: &str) -> Result<u16, ApiError> {
-        let used: BTreeSet<u16> = self
-            .helpers_of(router)
-            .map(|h| h.slot)
-            .chain(self.quarantine.iter().filter(|(r, _)| r == router).map(|(_, s)| *s))
-            .collect();
-        (1..=self.config.max_slot())
-            .find(|s| !used.contains(s))
+    /// A slot neither in use nor quarantined on this router.
+    fn free_slot(&mut self, router: &str) -> Result<u16, ApiError> {
+        let max = self.config.max_slot();
+        self.index
+            .next_slot(router, max)
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, format!("router {router} has no free rule slot")))
     }
 
@@ -367,7 +367,7 @@ impl Daemon {
             Some(p) => validate::project(&p)?,
             None => self.routers[&router].record.project_id.clone(),
         };
-        if self.helpers.keys().any(|(_, h)| *h == id) {
+        if self.index.ids.contains_key(&id) {
             return Err(ApiError::new(ErrorCode::Conflict, format!("helper id {id} is already in use")));
         }
         self.check_tuple_free(&router, protocol, port, None)?;
@@ -386,6 +386,7 @@ impl Daemon {
             return Err(e.into());
         }
         info!(router = %router, helper = %id, "{protocol}/{port} -> {} (slot {slot})", kind.name);
+        self.index.add(&record);
         self.helpers.insert((router, id), record.clone());
         Ok(Reply::Helper(record.helper))
     }
@@ -433,6 +434,9 @@ impl Daemon {
         }
         info!(router = %key.0, helper = %key.1, "updated to {protocol}/{port} -> {} (slot {slot}, slot {} revoked)", kind.name, old.slot);
         self.quarantine.insert((key.0.clone(), old.slot));
+        self.index.remove(&old);
+        self.index.hold(&key.0, old.slot);
+        self.index.add(&new);
         self.helpers.insert(key.clone(), new.clone());
         self.flush_slot(&key.0, old.slot);
         Ok(Reply::Helper(new.helper))
@@ -465,6 +469,7 @@ impl Daemon {
         };
         info!(router = %key.0, helper = %key.1, "deleted; slot {} revoked", old.slot);
         self.helpers.remove(&key);
+        self.index.remove(&old);
         self.after_flush(&key.0, old.slot, &report);
         Ok(Reply::Revoked(report))
     }

@@ -47,6 +47,7 @@ impl Daemon {
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
             self.quarantine.insert((router_id.to_string(), slot));
+            self.index.hold(router_id, slot);
         } else {
             info!(
                 router = %router_id,

@@ -35,10 +35,11 @@ pub struct Results {
     pub at_n: Vec<(usize, f64, f64, f64, f64)>,
 }
 
+/// Creates a sip helper (sip exists for both protocols, so a router can
+/// hold twice 65,535 of them... up to its 65,535 slots).
 fn create(session: &mut crate::daemon::Session, router: &str, protocol: &str, port: u32) -> String {
-    let helper = if protocol == "tcp" { "sip" } else { "sip" };
     let r = session
-        .request(&json!({"op": "helper_create", "router_id": router, "protocol": protocol, "port": port, "helper": helper}))
+        .request(&json!({"op": "helper_create", "router_id": router, "protocol": protocol, "port": port, "helper": "sip"}))
         .expect("daemon answers");
     r["ok"]["id"].as_str().unwrap_or_else(|| panic!("create refused: {r}")).to_string()
 }
