@@ -3,15 +3,15 @@
 //! against iptables-restore of the Neutron layout and nftables set element
 //! updates at the same number of helpers, in the same run.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::time::Instant;
 
 use serde_json::json;
 
-use super::{Scale, median, ms, percentile};
+use super::{
+    Scale,
+    baselines::{feed, install_neutron, install_nft, neutron_chain},
+    median, ms, percentile,
+};
 use crate::{Daemon, Netns, Topology, unique};
 
 #[derive(Debug, Clone, Default)]
@@ -55,27 +55,7 @@ fn latency(samples: Vec<f64>, wall_secs: f64) -> Latency {
 }
 
 fn restore(ns: &Netns, tool: &str, script: &str) {
-    let mut child = ns.cmd(tool).arg("--noflush").stdin(Stdio::piped()).spawn().expect(tool);
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "{tool} failed");
-}
-
-/// The Neutron L3 agent's layout: one raw chain per helper.
-fn neutron_chain(i: usize) -> String {
-    format!("nl3-cth-{i:07x}")
-}
-
-fn neutron_layout(n: usize) -> String {
-    let mut s = String::from("*raw\n:nl3-PREROUTING - [0:0]\n:nl3-cth - [0:0]\n-A PREROUTING -j nl3-PREROUTING\n-A nl3-PREROUTING -j nl3-cth\n");
-    for i in 0..n {
-        s.push_str(&format!(":{} - [0:0]\n", neutron_chain(i)));
-    }
-    for i in 0..n {
-        let c = neutron_chain(i);
-        s.push_str(&format!("-A nl3-cth -j {c}\n-A {c} -p tcp -m tcp --dport {} -j CT --helper ftp\n", 10_000 + i));
-    }
-    s.push_str("COMMIT\n");
-    s
+    feed(ns, tool, &["--noflush"], script);
 }
 
 /// The agent's delete of one helper: save, diff (in process), restore.
@@ -92,21 +72,7 @@ fn neutron_delete(ns: &Netns, i: usize) -> f64 {
 }
 
 fn nft(ns: &Netns, script: &str) {
-    let mut child = ns.cmd("nft").arg("-f").arg("-").stdin(Stdio::piped()).spawn().expect("nft");
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "nft failed: {}", &script[..script.len().min(200)]);
-}
-
-/// A set per helper type and one `ct helper set` rule.
-fn nft_layout(ns: &Netns, n: usize) {
-    nft(
-        ns,
-        "table ip enfbench {\n ct helper ftp-tcp { type \"ftp\" protocol tcp; }\n set ftp_ports { type inet_service; }\n chain pre { type filter hook prerouting priority raw; tcp dport @ftp_ports ct helper set \"ftp-tcp\"; }\n}\n",
-    );
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-        let elems: Vec<String> = chunk.iter().map(|i| (10_000 + i).to_string()).collect();
-        nft(ns, &format!("add element ip enfbench ftp_ports {{ {} }}\n", elems.join(", ")));
-    }
+    feed(ns, "nft", &["-f", "-"], script);
 }
 
 fn timed(f: impl FnOnce()) -> f64 {
@@ -222,10 +188,10 @@ pub fn measure(scale: Scale) -> Results {
         );
         drop(daemon);
         let neutron_ns = Netns::create(&unique("nn"));
-        restore(&neutron_ns, "iptables-restore", &neutron_layout(n));
+        install_neutron(&neutron_ns, n);
         let neutron = median((0..rounds).map(|i| neutron_delete(&neutron_ns, i % n)).collect());
         let nft_ns = Netns::create(&unique("nf"));
-        nft_layout(&nft_ns, n);
+        install_nft(&nft_ns, n);
         let add = median((0..rounds).map(|_| timed(|| nft(&nft_ns, "add element ip enfbench ftp_ports { 21 }\n"))).collect());
         let del = median(
             (0..rounds)
@@ -238,6 +204,5 @@ pub fn measure(scale: Scale) -> Results {
         out.at_n.push((n, enforcer, neutron, add, del));
         eprintln!("bench: changes with {n} helpers done");
     }
-    let _ = Command::new("true").status();
     out
 }

@@ -5,11 +5,15 @@
 //! the router forwarded are counted on its egress interface. Rounds are
 //! interleaved so the backends see the same machine state.
 
-use std::{collections::BTreeMap, io::Write, process::Stdio, time::Duration};
+use std::{collections::BTreeMap, process::Stdio, time::Duration};
 
 use serde_json::json;
 
-use super::{Scale, median};
+use super::{
+    Scale,
+    baselines::{install_neutron, install_nft},
+    median,
+};
 use crate::{Daemon, Process, Topology};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,18 +60,6 @@ fn blast(topo: &Topology, secs: u64) -> f64 {
     (after - before) as f64 / secs as f64
 }
 
-fn restore(topo: &Topology, script: &str) {
-    let mut child = topo.router.cmd("iptables-restore").arg("--noflush").stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success());
-}
-
-fn nft(topo: &Topology, script: &str) {
-    let mut child = topo.router.cmd("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success());
-}
-
 /// Installs `n` rules of `backend` on a fresh router; returns what keeps
 /// them alive.
 fn install(backend: Backend, topo: &Topology, n: usize) -> Option<Daemon> {
@@ -85,23 +77,11 @@ fn install(backend: Backend, topo: &Topology, n: usize) -> Option<Daemon> {
             Some(daemon)
         }
         Backend::Neutron => {
-            let mut s = String::from("*raw\n:nl3-PREROUTING - [0:0]\n:nl3-cth - [0:0]\n-A PREROUTING -j nl3-PREROUTING\n-A nl3-PREROUTING -j nl3-cth\n");
-            for i in 0..n {
-                s.push_str(&format!(":nl3-cth-{i:07x} - [0:0]\n"));
-            }
-            for i in 0..n {
-                s.push_str(&format!("-A nl3-cth -j nl3-cth-{i:07x}\n-A nl3-cth-{i:07x} -p tcp -m tcp --dport {} -j CT --helper ftp\n", 10_000 + i));
-            }
-            s.push_str("COMMIT\n");
-            restore(topo, &s);
+            install_neutron(&topo.router, n);
             None
         }
         Backend::Nft => {
-            nft(topo, "table ip enfbench {\n ct helper ftp-tcp { type \"ftp\" protocol tcp; }\n set ftp_ports { type inet_service; }\n chain pre { type filter hook prerouting priority raw; tcp dport @ftp_ports ct helper set \"ftp-tcp\"; }\n}\n");
-            for chunk in (0..n).collect::<Vec<_>>().chunks(5000) {
-                let e: Vec<String> = chunk.iter().map(|i| (10_000 + i).to_string()).collect();
-                nft(topo, &format!("add element ip enfbench ftp_ports {{ {} }}\n", e.join(", ")));
-            }
+            install_nft(&topo.router, n);
             None
         }
     }

@@ -2,6 +2,7 @@
 //! nftables ways, measured side by side in one run. See bench/README.md for
 //! the method; results.md and the SVG charts are written by `report`.
 
+pub mod baselines;
 pub mod changes;
 pub mod forwarding;
 pub mod packet;
