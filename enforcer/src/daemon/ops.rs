@@ -238,18 +238,17 @@ impl Daemon {
         Ok(Reply::Router(view))
     }
 
-    /// Removes a router's enforcement from the kernel: links, glue, map
-    /// entries of its index, its conntrack entries' marks.
+    /// Removes a router's enforcement from the kernel: links, map entries
+    /// of its index, and the glue (also after a half-done attach).
     fn take_down(&mut self, id: &str) {
         let Some(state) = self.routers.get(id) else { return };
         let index = state.record.index;
         let path = netns::path(&state.record.netns);
-        let attached = state.attachment.is_some();
         if let Err(e) = self.datapath.detach_router(index) {
             warn!(router = %id, "detaching: {e:#}");
         }
         self.datapath.forget_router_state(index);
-        if attached {
+        if path.exists() {
             if let Err(e) = glue::remove(&path) {
                 warn!(router = %id, "removing glue: {e:#}");
             }
