@@ -182,3 +182,22 @@ pub fn tftp_get(topo: &Topology, family: Family) -> bool {
     let _ = std::fs::remove_file(&out);
     got
 }
+
+/// The common FTP set-up: a router enforced by its own daemon with an ftp
+/// helper on tcp/21, and an FTP server behind it.
+pub struct FtpRouter {
+    pub server: FtpServer,
+    pub helper_id: String,
+    pub daemon: crate::Daemon,
+    pub topo: Topology,
+}
+
+impl FtpRouter {
+    pub fn new(topo: Topology, family: Family) -> Self {
+        let daemon = crate::Daemon::start();
+        daemon.add_router(&topo.router_id);
+        let helper_id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+        let server = FtpServer::start(&topo, family);
+        Self { server, helper_id, daemon, topo }
+    }
+}

@@ -3,7 +3,7 @@
 
 use enforcer_tests::{
     Daemon, Family, Topology,
-    peers::{BIG_FILE, FtpClient, FtpServer, SMALL_FILE},
+    peers::{BIG_FILE, FtpClient, FtpRouter, FtpServer, SMALL_FILE},
 };
 
 fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
@@ -14,11 +14,7 @@ fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
 /// conntrack shows the helper on the control connection and the rule's
 /// mark on the data connections.
 fn ftp_works_with_helper(family: Family) {
-    let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
-    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    let _server = FtpServer::start(&topo, family);
+    let FtpRouter { topo, daemon, server: _server, .. } = FtpRouter::new(Topology::new(), family);
 
     let mut ftp = FtpClient::login(&topo, family);
     let listing = ftp.ok("list passive");
@@ -81,11 +77,7 @@ fn ftp_blocked_without_helper_ipv6() {
 /// `helper delete` cuts the control connection and a transfer in progress,
 /// and a new control connection gets no helper.
 fn delete_revokes(family: Family) {
-    let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
-    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    let _server = FtpServer::start(&topo, family);
+    let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::new(), family);
 
     let mut ftp = FtpClient::login(&topo, family);
     ftp.ok("list passive");
@@ -127,11 +119,7 @@ fn delete_revokes_ipv6() {
 /// Moving a helper to another port revokes the flows of the old tuple.
 #[test]
 fn update_revokes_old_tuple() {
-    let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
-    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    let _server = FtpServer::start(&topo, Family::V4);
+    let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::new(), Family::V4);
     let mut ftp = FtpClient::login(&topo, Family::V4);
     ftp.ok("list passive");
     let updated = daemon.cli(&["helper", "update", &topo.router_id, &id, "--port", "2121", "-o", "json"]).ok().json();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use enforcer_tests::{
     Daemon, Family, Topology,
-    peers::{FtpClient, FtpServer, TftpServer, tftp_get},
+    peers::{FtpClient, FtpRouter, FtpServer, TftpServer, tftp_get},
 };
 
 fn count(text: &str, needle: &str) -> usize {
@@ -67,11 +67,7 @@ fn delete_leaves_no_trace_and_spares_other_rules_and_routers() {
 /// the connection up again mid-stream, unmarked).
 #[test]
 fn revoked_connection_stays_dead_a_minute_later() {
-    let topo = Topology::without_firewall();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
-    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    let _server = FtpServer::start(&topo, Family::V4);
+    let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::without_firewall(), Family::V4);
     let mut old = FtpClient::login(&topo, Family::V4);
     old.ok("list passive");
 

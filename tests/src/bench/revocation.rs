@@ -11,8 +11,8 @@ use std::{
 
 use super::ms;
 use crate::{
-    Daemon, Family, Process, Topology,
-    peers::{FtpClient, FtpServer},
+    Family, Process, Topology,
+    peers::{FtpClient, FtpRouter, FtpServer},
 };
 
 #[derive(Debug, Clone, Default)]
@@ -60,11 +60,7 @@ pub fn measure() -> Results {
     let mut out = Results::default();
     // enforcer
     {
-        let topo = Topology::new();
-        let daemon = Daemon::start();
-        daemon.add_router(&topo.router_id);
-        let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-        let _server = FtpServer::start(&topo, Family::V4);
+        let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::new(), Family::V4);
         let mut ftp = FtpClient::login(&topo, Family::V4);
         ftp.ok("retr_start big.bin passive");
         let capture = Capture::start(&topo);
