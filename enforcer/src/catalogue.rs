@@ -97,11 +97,10 @@ fn parse_allowed(entry: &str) -> Result<(&'static HelperKind, Option<Protocol>),
         Some("udp") => Some(Protocol::Udp),
         Some(p) => return Err(format!("allowed_helpers: {entry:?}: protocol {p:?} must be tcp or udp")),
     };
-    if let Some(p) = proto {
-        if !kind.supports(p) {
+    if let Some(p) = proto
+        && !kind.supports(p) {
             return Err(format!("allowed_helpers: {entry:?}: the {} helper does not exist for {p}", kind.name));
         }
-    }
     Ok((kind, proto))
 }
 

@@ -38,10 +38,7 @@ impl Bed {
         let mut ctx_in = vec![0u8; SKB_SIZE];
         ctx_in[MARK..MARK + 4].copy_from_slice(&mark.to_ne_bytes());
         let mut ctx_out = vec![0u8; SKB_SIZE];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(packet);
-        opts.ctx_in = Some(&ctx_in);
-        opts.ctx_out = Some(&mut ctx_out);
+        let opts = TestRunOptions { data_in: Some(packet), ctx_in: Some(&ctx_in), ctx_out: Some(&mut ctx_out), ..Default::default() };
         let r = self.dp.program(prog).unwrap().test_run(opts).expect("BPF_PROG_TEST_RUN");
         (r.return_value, u32::from_ne_bytes(ctx_out[MARK..MARK + 4].try_into().unwrap()))
     }

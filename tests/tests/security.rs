@@ -195,7 +195,7 @@ fn hostile_input_changes_nothing_and_reaches_no_rule() {
             vec!["helper", "create", v, "--protocol", "tcp", "--port", "2121", "--helper", "ftp"],
             vec!["helper", "create", r, "--protocol", "tcp", "--port", "2121", "--helper", "ftp", "--project", v],
             vec!["helper", "delete", r, v],
-            vec!["router", "add", &r[..], "--netns", v],
+            vec!["router", "add", r, "--netns", v],
             vec!["router", "add", v],
         ] {
             let out = daemon.cli(&args);

@@ -419,11 +419,10 @@ impl Daemon {
 /// descriptors: lift the soft limit to the hard one.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             warn!("raising the open files limit: {e}");
         }
-    }
 }
 
 fn kind_of(h: &crate::api::Helper) -> Result<&'static HelperKind> {

@@ -248,11 +248,10 @@ impl Daemon {
             warn!(router = %id, "detaching: {e:#}");
         }
         self.datapath.forget_router_state(index);
-        if path.exists() {
-            if let Err(e) = glue::remove(&path) {
+        if path.exists()
+            && let Err(e) = glue::remove(&path) {
                 warn!(router = %id, "removing glue: {e:#}");
             }
-        }
     }
 
     pub(super) fn router_remove(&mut self, id: &str) -> Result<Reply, ApiError> {

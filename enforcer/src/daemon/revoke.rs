@@ -67,12 +67,11 @@ impl Daemon {
         let (index, path) = (state.record.index, netns::path(&state.record.netns));
         let mark = self.slot_mark(slot);
         let mut report = flush(&mut self.datapath, &path, index, slot, mark, self.config.revoked_quiet_secs);
-        if report.slot_released {
-            if let Err(e) = self.store.apply(&[Change::Release { router_id: router_id.to_string(), slot }], || Ok(())) {
+        if report.slot_released
+            && let Err(e) = self.store.apply(&[Change::Release { router_id: router_id.to_string(), slot }], || Ok(())) {
                 report.slot_released = false;
                 report.flush_error = Some(format!("{e}"));
             }
-        }
         self.after_flush(router_id, slot, &report);
         report
     }

@@ -191,7 +191,6 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
                     })
                     .await
                     .map_err(ApiError::internal)
-                    .map(|(r, s)| (r, s))
                     .unwrap_or_else(|e| (Err(e), false));
                     stopping = stop_now;
                     result.into()

@@ -138,11 +138,10 @@ pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
             }
             // The kernel filters by mark; check anyway, a filter it ignored
             // must not make us revoke other rules' flows.
-            if let (Some(orig), Some(reply), Some(m)) = (orig, reply, entry_mark) {
-                if m & mask == mark {
+            if let (Some(orig), Some(reply), Some(m)) = (orig, reply, entry_mark)
+                && m & mask == mark {
                     out.push(Entry { orig, reply });
                 }
-            }
         }
     })?;
     Ok(out)

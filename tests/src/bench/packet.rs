@@ -43,10 +43,7 @@ fn packet(v6: bool, dport: u16) -> Vec<u8> {
 fn run(dp: &Datapath, prog: &str, data: &[u8], mark: u32, repeat: u32) -> f64 {
     let mut ctx = vec![0u8; 192];
     ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
-    let mut opts = TestRunOptions::default();
-    opts.data_in = Some(data);
-    opts.ctx_in = Some(&ctx);
-    opts.repeat = repeat;
+    let opts = TestRunOptions { data_in: Some(data), ctx_in: Some(&ctx), repeat, ..Default::default() };
     let r = dp.program(prog).expect("program").test_run(opts).expect("BPF_PROG_TEST_RUN");
     r.duration.as_nanos() as f64
 }
