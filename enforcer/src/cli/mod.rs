@@ -65,8 +65,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Remove every router and all enforcement (links, glue, maps, conntrack
-    /// marks), then stop the daemon. Stopping the daemon otherwise (SIGTERM)
+    /// Remove every router and all enforcement (links, glue, maps, the
+    /// helpers' conntrack entries), then stop the daemon. Stopping the daemon otherwise (SIGTERM)
     /// leaves enforcement in place.
     Teardown,
 }
@@ -119,6 +119,7 @@ enum RouterCmd {
 enum HelperCmd {
     /// Enable a helper for (protocol, port) on a router.
     Create {
+        /// Router UUID.
         router_id: String,
         /// tcp or udp.
         #[arg(long)]
@@ -126,7 +127,8 @@ enum HelperCmd {
         /// Destination port of the control connection, 1-65535.
         #[arg(long)]
         port: i64,
-        /// Kernel helper name: ftp, tftp, sip, sane, amanda, Q.931, RAS, irc, pptp, snmp, netbios-ns.
+        /// Kernel helper name: ftp, tftp, sip, sane, amanda, Q.931, RAS, irc, pptp, snmp, netbios-ns
+        /// (`enforcer catalogue` shows what this host offers).
         #[arg(long)]
         helper: String,
         /// Helper UUID (administrators only; generated when absent).
@@ -140,7 +142,9 @@ enum HelperCmd {
     },
     /// Change a helper; the old tuple's flows are revoked.
     Update {
+        /// Router UUID.
         router_id: String,
+        /// Helper UUID.
         helper_id: String,
         #[arg(long)]
         protocol: Option<String>,
@@ -154,7 +158,9 @@ enum HelperCmd {
     /// Delete a helper; returns once the kernel no longer forwards its flows,
     /// and reports what it removed from the router's conntrack table.
     Delete {
+        /// Router UUID.
         router_id: String,
+        /// Helper UUID.
         helper_id: String,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
