@@ -77,6 +77,9 @@ fn main() {
     let mut fresh = FtpClient::login(&topo, Family::V4);
     ftp(&mut fresh, "noop");
     ftp(&mut fresh, "list passive");
+    conntrack(&topo);
+    println!("No entry carries the helper or its mark any more (the delete removed them and their expectations);");
+    println!("the revoked connections stay dropped by the datapath, which would otherwise pick them up mid-stream.");
     show(&daemon, &["maps", "dump"]);
     println!("The revoked slot counts the packets it dropped.");
 
