@@ -506,8 +506,3 @@ fn nr_cpus() -> Result<usize> {
 fn tcx_supported() -> bool {
     aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false)
 }
-
-/// The pin directory a daemon with `--bpffs DIR` uses.
-pub fn bpffs_dir(dir: Option<&Path>) -> PathBuf {
-    dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS))
-}

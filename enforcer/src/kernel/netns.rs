@@ -32,31 +32,6 @@ pub fn run_in<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Resul
     })
 }
 
-/// The cookie of the calling thread's network namespace: the key the
-/// datapath finds its router by (`bpf_get_netns_cookie`).
-pub fn current_cookie() -> Result<u64> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-        .context("socket for SO_NETNS_COOKIE")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer and length of a u64.
-    let rc = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14+)");
-    }
-    Ok(cookie)
-}
-
 /// (name, ifindex) of the calling thread's namespace's interfaces, loopback
 /// excepted (routed traffic never crosses it), sorted by name.
 pub fn interfaces() -> Result<Vec<(String, u32)>> {
