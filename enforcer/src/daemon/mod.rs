@@ -247,8 +247,7 @@ impl Daemon {
             self.datapath.detach_router(state.record.index)?;
         }
         let path = netns::path(&state.record.netns);
-        let glue_added = !glue::installed(&path)?;
-        glue::install(&path, &self.offered, &self.datapath.layout())?;
+        let glue_added = glue::install(&path, &self.offered, &self.datapath.layout())?;
         let uuid = uuid::Uuid::parse_str(&state.record.id)?;
         let (attachment, changes) = self.datapath.sync_router(&path, state.record.index, uuid)?;
         state.attachment = Some(attachment);

@@ -115,12 +115,15 @@ fn installed_in(ns: &Path, family: Family) -> Result<bool> {
 
 /// Installs (or refreshes) the glue in both families, one transaction per
 /// family. Idempotent: an existing glue is rewritten, never duplicated.
-pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<()> {
+/// Returns whether it was missing in some family.
+pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<bool> {
+    let mut added = false;
     for family in Family::ALL {
         let jumps = !installed_in(ns, family)?;
         restore(ns, family, &install_script(offered, layout, family, jumps))?;
+        added |= jumps;
     }
-    Ok(())
+    Ok(added)
 }
 
 /// Removes the glue from both families; absent glue is not an error.

@@ -9,7 +9,7 @@ pub mod probe;
 pub mod netns;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     path::{Path, PathBuf},
 };
 
@@ -238,22 +238,19 @@ impl Datapath {
     /// Removes every map entry of router `index`: rules, slots, counters,
     /// revoked flows.
     pub fn forget_router_state(&mut self, index: RouterIndex) {
-        let rules: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
-        for k in rules {
-            let _ = self.rules.remove(&k);
+        // The maps have different types; one macro keeps the four sweeps alike.
+        macro_rules! remove_router_keys {
+            ($map:expr) => {
+                let keys: Vec<_> = $map.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
+                for k in keys {
+                    let _ = $map.remove(&k);
+                }
+            };
         }
-        let slots: Vec<SlotKey> = self.slots.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
-        for k in slots {
-            let _ = self.slots.remove(&k);
-        }
-        let counters: Vec<SlotKey> = self.counters.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
-        for k in counters {
-            let _ = self.counters.remove(&k);
-        }
-        let flows: Vec<FlowKey> = self.revoked.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
-        for k in flows {
-            let _ = self.revoked.remove(&k);
-        }
+        remove_router_keys!(self.rules);
+        remove_router_keys!(self.slots);
+        remove_router_keys!(self.counters);
+        remove_router_keys!(self.revoked);
         let _ = self.routers.remove(&index);
     }
 
@@ -297,75 +294,62 @@ impl Datapath {
     /// the differences (drift). Adds in the order a packet needs them
     /// (counters, slots, rules) and removes in the reverse order.
     pub fn reconcile(&mut self, want: &Desired, apply: bool) -> Result<MapDrift> {
-        let mut drift = MapDrift::default();
-        let live: HashSet<SlotKey> = want.rules.iter().map(|(k, v)| SlotKey::new(k.router, v.slot as u32)).collect();
-        let counted: HashSet<SlotKey> =
-            live.iter().copied().chain(want.quarantined.iter().map(|(r, s)| SlotKey::new(*r, *s as u32))).collect();
-
-        let have_counters: HashSet<SlotKey> = self.counters.keys().collect::<Result<_, _>>()?;
-        for key in counted.difference(&have_counters) {
-            drift.counters_added += 1;
-            if apply {
-                let zero = PerCpuValues::try_from(vec![Counters::default(); nr_cpus()?])?;
-                self.counters.insert(*key, zero, 0)?;
-            }
-        }
-        let have_slots: std::collections::HashMap<SlotKey, SlotValue> = self.slots.iter().collect::<Result<_, _>>()?;
-        let want_slots: std::collections::HashMap<SlotKey, SlotValue> = want
+        let want_slots: StdHashMap<SlotKey, SlotValue> = want
             .rules
             .iter()
             .map(|(k, v)| (SlotKey::new(k.router, v.slot as u32), SlotValue { helper: v.helper, _pad: [0; 7] }))
             .collect();
-        for (k, v) in &want_slots {
-            if have_slots.get(k) != Some(v) {
-                drift.slots_added += 1;
-                if apply {
-                    self.slots.insert(*k, *v, 0)?;
-                }
-            }
+        let want_routers: StdHashMap<RouterIndex, RouterValue> =
+            want.routers.iter().map(|(i, id)| (*i, RouterValue { id: *id.as_bytes() })).collect();
+        // Counters are kept for live and quarantined slots; their values are
+        // per-CPU statistics, so only presence is compared.
+        let counted: HashSet<SlotKey> = want_slots
+            .keys()
+            .copied()
+            .chain(want.quarantined.iter().map(|(r, s)| SlotKey::new(*r, *s as u32)))
+            .collect();
+        let have_counters: HashSet<SlotKey> = self.counters.keys().collect::<Result<_, _>>()?;
+        let counters_add: Vec<SlotKey> = counted.difference(&have_counters).copied().collect();
+        let counters_del: Vec<SlotKey> = have_counters.difference(&counted).copied().collect();
+        let (slots_add, slots_del) = diff(&self.slots, &want_slots)?;
+        let (rules_add, rules_del) = diff(&self.rules, &want.rules)?;
+        let (routers_add, routers_del) = diff(&self.routers, &want_routers)?;
+        let drift = MapDrift {
+            rules_added: rules_add.len(),
+            rules_removed: rules_del.len(),
+            slots_added: slots_add.len(),
+            slots_removed: slots_del.len(),
+            counters_added: counters_add.len(),
+            counters_removed: counters_del.len(),
+            routers_added: routers_add.len(),
+            routers_removed: routers_del.len(),
+        };
+        if !apply {
+            return Ok(drift);
         }
-        let have_rules: std::collections::HashMap<RuleKey, RuleValue> = self.rules.iter().collect::<Result<_, _>>()?;
-        for (k, v) in &want.rules {
-            if have_rules.get(k) != Some(v) {
-                drift.rules_added += 1;
-                if apply {
-                    self.rules.insert(*k, *v, 0)?;
-                }
-            }
+        for key in counters_add {
+            self.counters.insert(key, PerCpuValues::try_from(vec![Counters::default(); nr_cpus()?])?, 0)?;
         }
-        for k in have_rules.keys().filter(|k| !want.rules.contains_key(k)) {
-            drift.rules_removed += 1;
-            if apply {
-                remove_if_present(&mut self.rules, k)?;
-            }
+        for (k, v) in slots_add {
+            self.slots.insert(k, v, 0)?;
         }
-        for k in have_slots.keys().filter(|k| !want_slots.contains_key(k)) {
-            drift.slots_removed += 1;
-            if apply {
-                remove_if_present(&mut self.slots, k)?;
-            }
+        for (k, v) in rules_add {
+            self.rules.insert(k, v, 0)?;
         }
-        for k in have_counters.difference(&counted) {
-            drift.counters_removed += 1;
-            if apply {
-                let _ = self.counters.remove(k);
-            }
+        for (k, v) in routers_add {
+            self.routers.insert(k, v, 0)?;
         }
-        let have_routers: std::collections::HashMap<RouterIndex, RouterValue> = self.routers.iter().collect::<Result<_, _>>()?;
-        for (index, id) in &want.routers {
-            let v = RouterValue { id: *id.as_bytes() };
-            if have_routers.get(index) != Some(&v) {
-                drift.routers_added += 1;
-                if apply {
-                    self.routers.insert(*index, v, 0)?;
-                }
-            }
+        for k in rules_del {
+            remove_if_present(&mut self.rules, &k)?;
         }
-        for index in have_routers.keys().filter(|i| !want.routers.contains_key(i)) {
-            drift.routers_removed += 1;
-            if apply {
-                remove_if_present(&mut self.routers, index)?;
-            }
+        for k in slots_del {
+            remove_if_present(&mut self.slots, &k)?;
+        }
+        for k in counters_del {
+            let _ = self.counters.remove(&k);
+        }
+        for k in routers_del {
+            remove_if_present(&mut self.routers, &k)?;
         }
         Ok(drift)
     }
@@ -468,6 +452,21 @@ fn flow_key(router: RouterIndex, t: &conntrack::Tuple5) -> FlowKey {
     let (family, src) = words(t.src);
     let (_, dst) = words(t.dst);
     FlowKey { router, sport: t.sport, dport: t.dport, proto: t.proto, family, _pad: [0; 2], src, dst }
+}
+
+/// What a map lacks of the wanted entries (or holds differently), and the
+/// keys it holds beyond them.
+type MapDiff<K, V> = (Vec<(K, V)>, Vec<K>);
+
+fn diff<K, V>(map: &HashMap<MapData, K, V>, want: &StdHashMap<K, V>) -> Result<MapDiff<K, V>>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod + PartialEq,
+{
+    let have: StdHashMap<K, V> = map.iter().collect::<Result<_, _>>()?;
+    let add = want.iter().filter(|(k, v)| have.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+    let del = have.into_keys().filter(|k| !want.contains_key(k)).collect();
+    Ok((add, del))
 }
 
 /// Removes `key`; a key that is already gone is not an error.
