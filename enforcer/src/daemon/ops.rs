@@ -415,28 +415,37 @@ impl Daemon {
         // A new slot: the old tuple's flows are revoked, not carried over.
         let slot = self.free_slot(&key.0)?;
         let new = HelperRecord { helper: Helper { protocol, port, helper: kind.name.to_string(), ..old.helper.clone() }, slot };
-        let changes = [Change::PutHelper(new.clone()), Change::Quarantine { router_id: key.0.clone(), slot: old.slot }];
+        let ns = netns::path(&self.routers[&key.0].record.netns);
+        let mark = self.slot_mark(old.slot);
+        let quiet = self.config.revoked_quiet_secs;
         let datapath = &mut self.datapath;
-        let result = self.store.apply(&changes, || {
+        let router_id = key.0.clone();
+        // As for a delete: one transaction, the old slot quarantined only if
+        // the conntrack clean-up left something carrying it.
+        let result = self.store.apply_then(&[Change::PutHelper(new.clone())], || {
             revoke_record(datapath, index, &old)?;
-            allow_record(datapath, index, &new, kind)
+            allow_record(datapath, index, &new, kind)?;
+            let report = super::revoke::flush(datapath, &ns, index, old.slot, mark, quiet);
+            let more = if report.slot_released { vec![] } else { vec![Change::Quarantine { router_id, slot: old.slot }] };
+            Ok((report, more))
         });
-        if let Err(e) = result {
-            // Put the old rule back as it was.
-            let _ = revoke_record(&mut self.datapath, index, &new);
-            self.datapath.forget_slot(index, new.slot);
-            if let Ok(old_kind) = kind_of(&old.helper) {
-                let _ = allow_record(&mut self.datapath, index, &old, old_kind);
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                // Put the old rule back as it was.
+                let _ = revoke_record(&mut self.datapath, index, &new);
+                self.datapath.forget_slot(index, new.slot);
+                if let Ok(old_kind) = kind_of(&old.helper) {
+                    let _ = allow_record(&mut self.datapath, index, &old, old_kind);
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
         info!(router = %key.0, helper = %key.1, "updated to {protocol}/{port} -> {} (slot {slot}, slot {} revoked)", kind.name, old.slot);
-        self.quarantine.insert((key.0.clone(), old.slot));
         self.index.remove(&old);
-        self.index.hold(&key.0, old.slot);
         self.index.add(&new);
         self.helpers.insert(key.clone(), new.clone());
-        self.flush_slot(&key.0, old.slot);
+        self.after_flush(&key.0, old.slot, &report);
         Ok(Reply::Helper(new.helper))
     }
 
