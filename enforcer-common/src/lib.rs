@@ -148,8 +148,20 @@ pub struct RouterValue {
     pub id: [u8; 16],
 }
 
-/// Where the helper id and the rule slot live in `skb->mark` (and ct mark).
-/// Both fields are contiguous bit ranges; every write keeps the other bits.
+/// Where enforcer's bits live, and when.
+///
+/// A Neutron router uses every bit of `skb->mark` somewhere between
+/// PREROUTING and POSTROUTING, and the upper half of the ct mark. So:
+/// * the ingress program writes the helper id (`helper_mask`) and the rule
+///   slot (`slot_mask`) into the skb mark; enforcer's own prerouting chain
+///   (after conntrack, before Neutron's mangle) assigns the helper, saves the
+///   slot into the same bits of the ct mark and clears both from the skb mark;
+/// * the ct mark keeps the slot for the life of the connection and is
+///   inherited by its RELATED connections (Neutron leaves those bits alone);
+/// * enforcer's postrouting chain (after NAT, Neutron's last use) rewrites
+///   the whole skb mark of a connection that has a slot to `stamp | slot`,
+///   and the egress program trusts only marks carrying exactly that stamp,
+///   so a leftover Neutron mark can never be read as a slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct MarkLayout {
@@ -157,11 +169,18 @@ pub struct MarkLayout {
     pub helper_shift: u32,
     pub slot_mask: u32,
     pub slot_shift: u32,
+    /// The skb mark outside `slot_mask` of a packet stamped by the glue.
+    pub stamp: u32,
 }
 
+/// Source of the stamp: its bits outside the slot mask are the stamp.
+const STAMP_PATTERN: u32 = 0xe5f0_0e5f;
+
 impl MarkLayout {
-    /// Helper id in bits 28-31, slot in bits 12-27; bits 0-11 stay free.
-    pub const DEFAULT: MarkLayout = MarkLayout::from_masks(0xf000_0000, 0x0fff_f000);
+    /// Helper id in skb mark bits 16-19 (only between TC ingress and the
+    /// prerouting chain), slot in bits 0-15 of the ct mark, which Neutron
+    /// does not use.
+    pub const DEFAULT: MarkLayout = MarkLayout::from_masks(0x000f_0000, 0x0000_ffff);
 
     pub const fn from_masks(helper_mask: u32, slot_mask: u32) -> Self {
         Self {
@@ -169,10 +188,11 @@ impl MarkLayout {
             helper_shift: helper_mask.trailing_zeros() % 32,
             slot_mask,
             slot_shift: slot_mask.trailing_zeros() % 32,
+            stamp: STAMP_PATTERN & !slot_mask,
         }
     }
 
-    /// Both masks together: the bits this project owns.
+    /// Both masks together: the bits the tag writes.
     #[inline(always)]
     pub const fn mask(&self) -> u32 {
         self.helper_mask | self.slot_mask
@@ -199,6 +219,18 @@ impl MarkLayout {
     #[inline(always)]
     pub const fn helper(&self, mark: u32) -> u8 {
         ((mark & self.helper_mask) >> self.helper_shift) as u8
+    }
+
+    /// The mark the postrouting glue writes for a connection with `slot`.
+    #[inline(always)]
+    pub const fn stamped(&self, slot: u32) -> u32 {
+        self.stamp | ((slot << self.slot_shift) & self.slot_mask)
+    }
+
+    /// The slot of a mark the glue stamped; None for any other mark.
+    #[inline(always)]
+    pub const fn stamped_slot(&self, mark: u32) -> Option<u32> {
+        if mark & !self.slot_mask == self.stamp { Some(self.slot(mark)) } else { None }
     }
 }
 

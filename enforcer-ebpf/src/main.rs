@@ -1,18 +1,24 @@
 //! TC programs of enforcer.
 //!
 //! `tag` (ingress) writes the helper id and rule slot of an allowed
-//! (router, protocol, destination port) into `skb->mark`; the netfilter glue
-//! turns that into the helper and saves it in the conntrack mark, which
-//! RELATED connections inherit. `enforce` (egress) drops every packet whose
-//! mark names a rule slot that is no longer live: deleting the slot revokes
-//! the control connection and every data connection it opened.
+//! (router, protocol, destination port) into `skb->mark`; enforcer's nftables
+//! chains turn that into the helper, keep the slot in the conntrack mark
+//! (which RELATED connections inherit) and stamp it back into the skb mark
+//! after NAT. `enforce` (egress) drops every packet whose stamped mark names
+//! a rule slot that is no longer live: deleting the slot revokes the control
+//! connection and every data connection it opened.
+//!
+//! Both programs share their hook with others (Neutron's tc filters, other
+//! tcx programs): without a verdict they return `TC_ACT_UNSPEC` (TCX_NEXT),
+//! so the packet goes on to whoever is attached after them; only a drop ends
+//! the chain.
 #![no_std]
 #![no_main]
 
 mod parse;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
@@ -85,10 +91,13 @@ fn count(key: &SlotKey, f: impl FnOnce(&mut Counters)) {
     }
 }
 
+/// No verdict: continue with the next filter or program on this hook.
+const NEXT: i32 = TC_ACT_UNSPEC;
+
 #[classifier]
 pub fn tag(ctx: TcContext) -> i32 {
     let Some(flow) = parse::flow(&ctx) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     let router = router();
     if revoked(router, &flow) {
@@ -100,7 +109,7 @@ pub fn tag(ctx: TcContext) -> i32 {
         ctx.set_mark(layout.tag(mark(&ctx), rule.helper, rule.slot as u32));
         count(&SlotKey::new(router, rule.slot as u32), |c| c.tagged += 1);
     }
-    TC_ACT_OK
+    NEXT
 }
 
 /// Whether the packet belongs to a revoked connection that is still
@@ -138,13 +147,19 @@ fn revoked(router: RouterIndex, flow: &parse::Flow) -> bool {
 
 #[classifier]
 pub fn enforce(ctx: TcContext) -> i32 {
-    let slot = layout().slot(mark(&ctx));
+    // Only a mark the postrouting glue stamped carries a slot; any other
+    // mark is someone else's and is left as it is.
+    let Some(slot) = layout().stamped_slot(mark(&ctx)) else {
+        return NEXT;
+    };
+    // Nothing of enforcer travels on beyond the router.
+    ctx.set_mark(0);
     if slot == 0 {
-        return TC_ACT_OK;
+        return NEXT;
     }
     let key = SlotKey::new(router(), slot);
     if unsafe { SLOTS.get(&key) }.is_some() {
-        return TC_ACT_OK;
+        return NEXT;
     }
     count(&key, |c| c.dropped += 1);
     TC_ACT_SHOT
@@ -153,7 +168,7 @@ pub fn enforce(ctx: TcContext) -> i32 {
 /// Benchmark baseline: the cheapest possible TC program.
 #[classifier]
 pub fn baseline_empty(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+    NEXT
 }
 
 /// Benchmark baseline: one hash lookup of a fixed key, no parsing.
@@ -161,9 +176,9 @@ pub fn baseline_empty(_ctx: TcContext) -> i32 {
 pub fn baseline_lookup(_ctx: TcContext) -> i32 {
     let key = RuleKey::new(router(), 6, 21);
     if unsafe { RULES.get(&key) }.is_some() {
-        return TC_ACT_OK;
+        return NEXT;
     }
-    TC_ACT_OK
+    NEXT
 }
 
 #[cfg(not(test))]

@@ -16,9 +16,12 @@ pub struct Config {
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
-    /// Bits of skb->mark / ct mark that carry the helper id (contiguous).
+    /// skb mark bits that carry the helper id from TC ingress to enforcer's
+    /// prerouting chain, which clears them (contiguous).
     pub helper_mask: u32,
-    /// Bits that carry the rule slot (contiguous, at least 12 bits).
+    /// ct mark bits that keep the rule slot (contiguous, 12 to 16 bits);
+    /// the same bits carry it in the skb mark from the postrouting chain
+    /// to TC egress. Must be bits no one else keeps in the ct mark.
     pub slot_mask: u32,
     /// Capacity of the rules map, all routers together.
     pub max_rules: u32,
@@ -76,8 +79,8 @@ impl Config {
         if (h >> h.trailing_zeros()) < max_id {
             bail!("helper_mask {h:#x} is too narrow for helper id {max_id}");
         }
-        if s.count_ones() < 12 {
-            bail!("slot_mask {s:#x} must have at least 12 bits (4,096 rules per router)");
+        if !(12..=16).contains(&s.count_ones()) {
+            bail!("slot_mask {s:#x} must have 12 to 16 bits (4,096 to 65,535 rules per router)");
         }
         if self.revoked_quiet_secs == 0 {
             bail!("revoked_quiet_secs must be positive");
@@ -104,10 +107,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_layout_is_valid() {
+    fn default_layout_is_valid_and_stays_clear_of_neutron() {
         let c = Config::default();
-        assert_eq!(c.layout().unwrap(), MarkLayout::DEFAULT);
+        let layout = c.layout().unwrap();
+        assert_eq!(layout, MarkLayout::DEFAULT);
         assert_eq!(c.max_slot(), u16::MAX);
+        // Neutron keeps its address scope in the upper half of the ct mark.
+        assert_eq!(layout.slot_mask & 0xffff_0000, 0);
+        // The stamp is outside the slot bits and never a plain Neutron mark.
+        assert_eq!(layout.stamp & layout.slot_mask, 0);
+        assert_ne!(layout.stamp, 0);
+        for neutron in [0x0400_0000u32, 0x0400_0001, 0x0400_0002, 0x1, 0x2] {
+            assert_eq!(layout.stamped_slot(neutron), None, "{neutron:#x}");
+        }
+        assert_eq!(layout.stamped_slot(layout.stamped(7)), Some(7));
     }
 
     #[test]
@@ -133,6 +146,8 @@ mod tests {
     fn parses_toml() {
         let c: Config = toml::from_str("helper_mask = 0x0000f000\nslot_mask = 0x0fff0000\n").unwrap();
         assert_eq!(c.layout().unwrap().slot_shift, 16);
+        let wide = Config { slot_mask: 0x0001_ffff, ..Config::default() };
+        assert!(wide.layout().is_err(), "more than 16 slot bits");
         assert_eq!(c.max_slot(), 4095);
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
     }

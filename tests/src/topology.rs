@@ -41,6 +41,12 @@ impl Netns {
         c
     }
 
+    /// The namespace's whole netfilter ruleset (nftables, and iptables-nft
+    /// tables as nft shows them).
+    pub fn ruleset(&self) -> String {
+        self.sh("nft", &["list", "ruleset"])
+    }
+
     /// Runs a command inside; panics on failure; returns stdout.
     pub fn sh(&self, program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&run(self.cmd(program).args(args)).stdout).into_owned()

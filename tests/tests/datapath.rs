@@ -6,7 +6,8 @@ use enforcer::kernel::Datapath;
 use enforcer_common::{IPPROTO_TCP, IPPROTO_UDP, MarkLayout, PROG_ENFORCE, PROG_TAG};
 use enforcer_tests::{require_root, unique};
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): no verdict, the next filter or tcx program runs.
+const NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 /// The control instance of the programs serves router index 0.
 const ROUTER: u32 = 0;
@@ -45,7 +46,7 @@ impl Bed {
 
     fn tag(&self, packet: &[u8], mark: u32) -> u32 {
         let (verdict, mark) = self.run(PROG_TAG, packet, mark);
-        assert_eq!(verdict, TC_ACT_OK, "tag never drops");
+        assert_eq!(verdict, NEXT, "tag never drops, and never ends the chain");
         mark
     }
 
@@ -250,10 +251,27 @@ fn foreign_mark_bits_are_kept() {
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), stale), foreign | layout.encode(FTP, 7));
     // A miss leaves everything as it was.
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 22, 0, 0), stale), stale);
-    // Egress reads the slot through the same layout.
-    let (verdict, mark) = bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 21, 0, 0), foreign | layout.encode(FTP, 7));
-    assert_eq!((verdict, mark), (TC_ACT_OK, foreign | layout.encode(FTP, 7)));
-    assert_eq!(bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 21, 0, 0), foreign).0, TC_ACT_OK, "foreign bits alone are no slot");
+    // Egress trusts only the stamp the postrouting glue writes, reads the
+    // slot through the same layout and clears the mark.
+    let (verdict, mark) = bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 21, 0, 0), layout.stamped(7));
+    assert_eq!((verdict, mark), (NEXT, 0));
+    // Anything else is someone else's mark: passed on untouched.
+    for other in [foreign, foreign | layout.encode(FTP, 99), layout.encode(FTP, 99), layout.stamped(99) ^ 0x8000_0000] {
+        assert_eq!(bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 21, 0, 0), other), (NEXT, other), "{other:#x}");
+    }
+}
+
+#[test]
+fn neutron_marks_are_never_read_as_slots() {
+    // The marks a Neutron router puts on packets (address scope in the upper
+    // half, metadata 0x1 and external ingress 0x2 in the lower half) pass
+    // the default layout's egress program untouched, even with no slot live.
+    let mut bed = Bed::new(MarkLayout::DEFAULT);
+    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
+    for mark in [0x0400_0000, 0x0400_0001, 0x0400_0002, 0x1, 0x2, 0xffff_0000, 0x0400_0007] {
+        assert_eq!(bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 40000, 0, 0), mark), (NEXT, mark), "{mark:#x}");
+    }
+    assert_eq!(bed.run(PROG_ENFORCE, &ipv4(IPPROTO_TCP, 40000, 0, 0), MarkLayout::DEFAULT.stamped(7)).0, TC_ACT_SHOT);
 }
 
 #[test]
@@ -261,13 +279,13 @@ fn enforce_drops_revoked_slots_only() {
     let mut bed = Bed::new(MarkLayout::DEFAULT);
     let l = MarkLayout::DEFAULT;
     let packet = ipv4(IPPROTO_TCP, 40000, 0, 0); // a data connection: any port
-    assert_eq!(bed.run(PROG_ENFORCE, &packet, 0).0, TC_ACT_OK);
-    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(FTP, 7)).0, TC_ACT_OK, "live slot");
-    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(FTP, 99)).0, TC_ACT_SHOT, "a slot that was never live");
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, 0).0, NEXT);
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.stamped(7)).0, NEXT, "live slot");
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.stamped(99)).0, TC_ACT_SHOT, "a slot that was never live");
     bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
-    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(FTP, 7)).0, TC_ACT_SHOT, "revoked slot");
-    assert_eq!(bed.run(PROG_ENFORCE, &ipv6(IPPROTO_UDP, 5000, &[]), l.encode(FTP, 7)).0, TC_ACT_SHOT);
-    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.encode(TFTP, 8)).0, TC_ACT_OK, "other rules unaffected");
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.stamped(7)).0, TC_ACT_SHOT, "revoked slot");
+    assert_eq!(bed.run(PROG_ENFORCE, &ipv6(IPPROTO_UDP, 5000, &[]), l.stamped(7)).0, TC_ACT_SHOT);
+    assert_eq!(bed.run(PROG_ENFORCE, &packet, l.stamped(8)).0, NEXT, "other rules unaffected");
     assert_eq!(bed.counters(7).1, 2, "drops after revocation are counted");
     // And the revoked rule no longer tags.
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), 0);
@@ -309,8 +327,8 @@ fn revoked_flows_stay_dropped_until_quiet() {
         assert_eq!(bed.run(PROG_TAG, &packet, 0).0, TC_ACT_SHOT);
     }
     // Other flows pass: another port, the same port over IPv6.
-    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 22, 0, 0), 0).0, TC_ACT_OK);
-    assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 21, &[]), 0).0, TC_ACT_OK);
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 22, 0, 0), 0).0, NEXT);
+    assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 21, &[]), 0).0, NEXT);
     assert_eq!(bed.counters(7).1, 4, "drops of revoked flows count for the revoked slot");
 
     // Keep one flow talking; let the other go quiet past the quiet time.
@@ -318,6 +336,6 @@ fn revoked_flows_stay_dropped_until_quiet() {
         std::thread::sleep(std::time::Duration::from_millis(250));
         assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT, "still talking: still dropped");
     }
-    assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 2121, &[]), 0).0, TC_ACT_OK, "quiet long enough: passes again");
+    assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 2121, &[]), 0).0, NEXT, "quiet long enough: passes again");
     assert_eq!(bed.dp.revoked_flows(), 3, "the quiet direction was forgotten");
 }

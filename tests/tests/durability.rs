@@ -75,10 +75,17 @@ fn restart_restores_what_is_missing_and_removes_orphans() {
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     daemon.stop(Signal::SIGTERM);
     // Damage the kernel side behind the daemon's back: glue, a link pin, a
-    // rule; and plant an orphan router's pin directory.
-    let save = topo.router.sh("iptables-save", &[]);
-    assert!(save.contains("ENFORCER-HELPERS"));
-    run(topo.router.cmd("iptables").args(["-t", "raw", "-D", "PREROUTING", "-j", "ENFORCER-HELPERS"]));
+    // rule; and plant an orphan router's pin directory. The iptables glue of
+    // earlier versions, planted too, goes with the first new install.
+    assert!(topo.router.ruleset().contains("table inet enforcer"));
+    run(topo.router.cmd("nft").args(["delete", "table", "inet", "enforcer"]));
+    for tool in ["iptables", "ip6tables"] {
+        for (table, chain) in [("raw", "ENFORCER-HELPERS"), ("mangle", "ENFORCER-CONNMARK")] {
+            run(topo.router.cmd(tool).args(["-t", table, "-N", chain]));
+            run(topo.router.cmd(tool).args(["-t", table, "-A", chain, "-p", "tcp", "-j", "ACCEPT"]));
+            run(topo.router.cmd(tool).args(["-t", table, "-I", "PREROUTING", "1", "-j", chain]));
+        }
+    }
     let link = daemon.pins().into_iter().find(|p| p.contains("/routers/") && p.ends_with("_tag")).unwrap();
     std::fs::remove_file(&link).unwrap();
     std::fs::create_dir_all(daemon.bpffs.join("routers/4242")).unwrap();
@@ -91,6 +98,8 @@ fn restart_restores_what_is_missing_and_removes_orphans() {
     assert_eq!(started["orphan_routers_removed"], 1, "{status}");
     assert!(status["drift"]["glue_installed"] == 0 && status["drift"]["links_attached"] == 0, "{status}");
     assert!(!daemon.bpffs.join("routers/4242").exists());
+    let rules = topo.router.ruleset();
+    assert!(rules.contains("table inet enforcer") && !rules.contains("ENFORCER-"), "old glue removed, new in place:\n{rules}");
     let _server = FtpServer::start(&topo, Family::V4);
     FtpClient::login(&topo, Family::V4).ok("list passive");
 }
@@ -146,7 +155,7 @@ fn corrupt_store_refuses_to_start_and_leaves_the_kernel_alone() {
     daemon.add_router(&topo.router_id);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     daemon.stop(Signal::SIGTERM);
-    let before = (daemon.dump(), daemon.pins(), topo.router.sh("iptables-save", &[]).lines().filter(|l| !l.starts_with('#')).count());
+    let before = (daemon.dump(), daemon.pins(), topo.router.ruleset().lines().count());
 
     let db = daemon.state.join("enforcer.redb");
     let mut bytes = std::fs::read(&db).unwrap();
@@ -158,7 +167,7 @@ fn corrupt_store_refuses_to_start_and_leaves_the_kernel_alone() {
     let (status, log) = daemon.restart_refused();
     assert!(!status.success());
     assert!(log.contains("store") && log.contains("left as it is"), "a clear message:\n{log}");
-    let after = (daemon.dump(), daemon.pins(), topo.router.sh("iptables-save", &[]).lines().filter(|l| !l.starts_with('#')).count());
+    let after = (daemon.dump(), daemon.pins(), topo.router.ruleset().lines().count());
     assert_eq!(before, after, "kernel state unchanged");
 }
 
@@ -210,8 +219,7 @@ fn cycles_leave_nothing_behind() {
     let r = topo.router_id.as_str();
     daemon.add_router(r);
     let netfilter = || {
-        topo.router.sh("iptables-save", &[]).lines().filter(|l| l.starts_with('-')).count()
-            + topo.router.sh("ip6tables-save", &[]).lines().filter(|l| l.starts_with('-')).count()
+        topo.router.ruleset().lines().count()
     };
     let measure = || {
         let status = daemon.cli(&["status", "-o", "json"]).ok().json();
@@ -265,8 +273,8 @@ fn cycles_leave_nothing_behind() {
     settled("router cycles");
     assert_eq!(daemon.programs(), programs_with_router, "router cycles leave no program behind");
     daemon.cli(&["router", "remove", r]).ok();
-    let rules = topo.router.sh("iptables-save", &[]) + &topo.router.sh("ip6tables-save", &[]);
-    assert!(!rules.contains("ENFORCER"), "no glue left:\n{rules}");
+    let rules = topo.router.ruleset();
+    assert!(!rules.to_lowercase().contains("enforcer"), "no glue left:\n{rules}");
     // The kernel frees programs after an RCU grace period.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while daemon.programs() != 1 {

@@ -1,179 +1,373 @@
-//! The static netfilter glue of a router namespace.
+//! The static netfilter glue of a router namespace: enforcer's own nftables
+//! table, `inet enforcer`, installed in one transaction for both families.
 //!
-//! One raw-table rule per (helper, protocol, family) turns the tag into the
-//! helper (the CT target exists only in raw, which runs before conntrack);
-//! two mangle rules save the tag into the conntrack mark of a new connection
-//! and restore it onto every packet, so RELATED connections (which inherit
-//! the master's ct mark) carry the slot too. The text is built from catalogue
-//! constants and the mark layout only: nothing a user typed.
+//! Its chains run at fixed hook priorities, so they do not depend on rule
+//! order in iptables tables that Neutron's IptablesManager rewrites:
+//!
+//! * `pre`, prerouting at -180 (after conntrack at -200, before Neutron's
+//!   mangle at -150): a packet the ingress program tagged gets its helper
+//!   (`ct helper` objects, one per helper and protocol) and, if it opens a
+//!   connection, its slot in the ct mark; then the tag is cleared from the
+//!   skb mark. Untagged packets leave at the first rule.
+//! * `post`, postrouting at 300 (after NAT at 100, Neutron's last use of the
+//!   skb mark): a connection with a slot gets `stamp | slot` written over
+//!   the skb mark, for the egress program.
+//!
+//! Rules are built from catalogue constants and the mark layout only, as
+//! nftables JSON through the `nftables` crate: nothing a user typed.
 
-use std::{
-    io::Write,
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{borrow::Cow, path::Path};
 
 use anyhow::{Context, Result, bail};
 use enforcer_common::MarkLayout;
+use nftables::{
+    batch::Batch,
+    expr::{BinaryOperation, CT, Expression, Meta, MetaKey, NamedExpression},
+    helper::{self, NftablesError},
+    schema::{CTHelper, Chain, NfListObject, Nftables, Rule, Table},
+    stmt::{Mangle, Match, Operator, Statement},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
 
-use crate::catalogue::{Family, Offered};
+use crate::{
+    api::Protocol,
+    catalogue::{HelperKind, Offered},
+};
 
-const HELPERS_CHAIN: &str = "ENFORCER-HELPERS";
-const CONNMARK_CHAIN: &str = "ENFORCER-CONNMARK";
+/// enforcer's table in every router namespace.
+pub const TABLE: &str = "enforcer";
+pub const PRE_CHAIN: &str = "pre";
+pub const POST_CHAIN: &str = "post";
+/// After conntrack (-200), before Neutron's mangle PREROUTING (-150).
+pub const PRE_PRIORITY: i32 = -180;
+/// After source NAT (100), where Neutron's `snat` rule reads the mark.
+pub const POST_PRIORITY: i32 = 300;
 
-/// The iptables tool of a family.
-pub fn tool(family: Family) -> &'static str {
-    match family {
-        Family::Ipv4 => "iptables",
-        Family::Ipv6 => "ip6tables",
-    }
+/// Name of the `ct helper` object for (helper, protocol): `q931_tcp`.
+pub fn object_name(kind: &HelperKind, protocol: Protocol) -> String {
+    let name: String = kind.name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    format!("{}_{}", name.to_ascii_lowercase(), protocol.as_str())
 }
 
-/// The iptables-restore input that installs the glue (chains flushed and
-/// refilled; `jumps` adds the jumps from PREROUTING).
-pub fn install_script(offered: &Offered, layout: &MarkLayout, family: Family, jumps: bool) -> String {
-    let mask = layout.mask();
-    let mut s = String::new();
-    s.push_str(&format!("*raw\n:{HELPERS_CHAIN} - [0:0]\n"));
-    for offer in offered.in_family(family) {
-        s.push_str(&format!(
-            "-A {HELPERS_CHAIN} -p {} -m mark --mark {:#x}/{:#x} -j CT --helper {}\n",
-            offer.protocol,
-            layout.encode(offer.kind.id, 0),
-            layout.helper_mask,
-            offer.kind.name
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT { key: Cow::Borrowed(key), family: None, dir: None }))
+}
+
+fn and(left: Expression<'static>, mask: u32) -> Expression<'static> {
+    Expression::BinaryOperation(Box::new(BinaryOperation::AND(left, Expression::Number(mask))))
+}
+
+fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn set(key: Expression<'static>, value: Expression<'static>) -> Statement<'static> {
+    Statement::Mangle(Mangle { key, value })
+}
+
+fn rule(chain: &'static str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+    NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        chain: Cow::Borrowed(chain),
+        expr: Cow::Owned(expr),
+        ..Rule::default()
+    })
+}
+
+fn base_chain(name: &'static str, hook: NfHook, prio: i32) -> NfListObject<'static> {
+    NfListObject::Chain(Chain {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Borrowed(name),
+        _type: Some(NfChainType::Filter),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    })
+}
+
+fn table() -> NfListObject<'static> {
+    NfListObject::Table(Table { family: NfFamily::INet, name: Cow::Borrowed(TABLE), handle: None })
+}
+
+/// Every (helper, protocol) offered in some family, once.
+fn helper_objects(offered: &Offered) -> Vec<(&'static HelperKind, Protocol)> {
+    let mut out: Vec<(&'static HelperKind, Protocol)> = Vec::new();
+    for o in &offered.offers {
+        if !out.iter().any(|(k, p)| k.id == o.kind.id && *p == o.protocol) {
+            out.push((o.kind, o.protocol));
+        }
+    }
+    out
+}
+
+/// The transaction that (re)creates the table: adding, deleting and adding
+/// it again makes one atomic replacement whether or not it existed.
+pub fn ruleset(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    batch.add(table());
+    batch.delete(table());
+    batch.add(table());
+    let objects = helper_objects(offered);
+    for (kind, protocol) in &objects {
+        batch.add(NfListObject::CTHelper(CTHelper {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Owned(object_name(kind, *protocol)),
+            handle: None,
+            _type: Cow::Borrowed(kind.name),
+            protocol: Some(Cow::Borrowed(protocol.as_str())),
+            // Both families; the kernel uses the one it has for a packet.
+            l3proto: Some(Cow::Borrowed("inet")),
+        }));
+    }
+    batch.add(base_chain(PRE_CHAIN, NfHook::Prerouting, PRE_PRIORITY));
+    batch.add(base_chain(POST_CHAIN, NfHook::Postrouting, POST_PRIORITY));
+
+    let helper_bits = || and(meta(MetaKey::Mark), layout.helper_mask);
+    let new = || matches(ct("state"), Operator::IN, Expression::String(Cow::Borrowed("new")));
+    // Untagged packets: one comparison and out.
+    batch.add(rule(PRE_CHAIN, vec![matches(helper_bits(), Operator::EQ, Expression::Number(0)), Statement::Return(None)]));
+    for (kind, protocol) in &objects {
+        batch.add(rule(
+            PRE_CHAIN,
+            vec![
+                new(),
+                matches(meta(MetaKey::L4proto), Operator::EQ, Expression::String(Cow::Borrowed(protocol.as_str()))),
+                matches(helper_bits(), Operator::EQ, Expression::Number(layout.encode(kind.id, 0))),
+                Statement::CTHelper(Cow::Owned(object_name(kind, *protocol))),
+            ],
         ));
     }
-    if jumps {
-        s.push_str(&format!("-I PREROUTING 1 -j {HELPERS_CHAIN}\n"));
-    }
-    s.push_str("COMMIT\n*mangle\n");
-    s.push_str(&format!(":{CONNMARK_CHAIN} - [0:0]\n"));
-    // Save before restore: restoring first would wipe the fresh tag of a new
-    // connection with its still-empty ct mark.
-    s.push_str(&format!(
-        "-A {CONNMARK_CHAIN} -m conntrack --ctstate NEW -m mark ! --mark 0x0/{:#x} -j CONNMARK --save-mark --nfmask {mask:#x} --ctmask {mask:#x}\n",
-        layout.slot_mask
+    // A new connection's ct mark is still 0 here (Neutron saves its scope
+    // later, in POSTROUTING), so writing the whole ct mark loses nothing.
+    batch.add(rule(PRE_CHAIN, vec![new(), set(ct("mark"), and(meta(MetaKey::Mark), layout.slot_mask))]));
+    batch.add(rule(PRE_CHAIN, vec![set(meta(MetaKey::Mark), and(meta(MetaKey::Mark), !layout.mask()))]));
+
+    // A foreign mark that happens to look stamped is cleared, so the egress
+    // program can never read someone else's bits as a slot.
+    batch.add(rule(
+        POST_CHAIN,
+        vec![
+            matches(and(meta(MetaKey::Mark), !layout.slot_mask), Operator::EQ, Expression::Number(layout.stamp)),
+            set(meta(MetaKey::Mark), Expression::Number(0)),
+        ],
     ));
-    s.push_str(&format!(
-        "-A {CONNMARK_CHAIN} -j CONNMARK --restore-mark --nfmask {mask:#x} --ctmask {mask:#x}\n"
+    // nft cannot combine two registers, so the stamp overwrites the whole
+    // skb mark: nothing in the namespace reads it after NAT.
+    let slot_bits = || and(ct("mark"), layout.slot_mask);
+    batch.add(rule(
+        POST_CHAIN,
+        vec![
+            matches(slot_bits(), Operator::NEQ, Expression::Number(0)),
+            set(
+                meta(MetaKey::Mark),
+                Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![slot_bits(), Expression::Number(layout.stamp)]))),
+            ),
+        ],
     ));
-    if jumps {
-        s.push_str(&format!("-I PREROUTING 1 -j {CONNMARK_CHAIN}\n"));
+    batch.to_nftables()
+}
+
+/// `nft` run inside the namespace at `ns`.
+fn nft_in(ns: &Path) -> [String; 2] {
+    [format!("--net={}", ns.display()), "nft".to_string()]
+}
+
+fn apply(ns: &Path, ruleset: &Nftables) -> Result<()> {
+    helper::apply_ruleset_with_args(ruleset, Some("nsenter"), &nft_in(ns))
+        .map_err(|e| anyhow::anyhow!("nft in {}: {}", ns.display(), nft_error(e)))
+}
+
+fn nft_error(e: NftablesError) -> String {
+    match e {
+        NftablesError::NftFailed { stderr, .. } => stderr.trim().to_string(),
+        other => format!("{other} (is nftables installed?)"),
     }
-    s.push_str("COMMIT\n");
-    s
 }
 
-/// The iptables-restore input that removes the glue.
-pub fn remove_script() -> String {
-    let mut s = String::new();
-    for (table, chain) in [("raw", HELPERS_CHAIN), ("mangle", CONNMARK_CHAIN)] {
-        s.push_str(&format!("*{table}\n-D PREROUTING -j {chain}\n-F {chain}\n-X {chain}\nCOMMIT\n"));
-    }
-    s
-}
-
-fn in_netns(ns: &Path, program: &str) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", ns.display())).arg(program);
-    cmd
-}
-
-fn restore(ns: &Path, family: Family, script: &str) -> Result<()> {
-    let tool = format!("{}-restore", tool(family));
-    let mut child = in_netns(ns, &tool)
-        .args(["--noflush", "--wait"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {tool} (is iptables installed?)"))?;
-    child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{tool} in {} failed: {}", ns.display(), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// Whether the glue is in place in both families.
+/// Whether enforcer's table exists in the namespace.
 pub fn installed(ns: &Path) -> Result<bool> {
-    Ok(installed_in(ns, Family::Ipv4)? && installed_in(ns, Family::Ipv6)?)
-}
-
-/// Whether the glue's jump is in place in `family`.
-fn installed_in(ns: &Path, family: Family) -> Result<bool> {
-    let status = in_netns(ns, tool(family))
-        .args(["--wait", "-t", "raw", "-C", "PREROUTING", "-j", HELPERS_CHAIN])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let status = std::process::Command::new("nsenter")
+        .args(nft_in(ns))
+        .args(["list", "table", "inet", TABLE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
-        .with_context(|| format!("running {}", tool(family)))?;
+        .with_context(|| format!("running nft in {} (is nftables installed?)", ns.display()))?;
     Ok(status.success())
 }
 
-/// Installs (or refreshes) the glue in both families, one transaction per
-/// family. Idempotent: an existing glue is rewritten, never duplicated.
-/// Returns whether it was missing in some family.
+/// Installs (or rewrites) the glue in one transaction. Idempotent. Returns
+/// whether it was missing; a namespace that lacked it is also cleared of the
+/// iptables glue of earlier versions, so an upgraded host is clean.
 pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<bool> {
-    let mut added = false;
-    for family in Family::ALL {
-        let jumps = !installed_in(ns, family)?;
-        restore(ns, family, &install_script(offered, layout, family, jumps))?;
-        added |= jumps;
+    let missing = !installed(ns)?;
+    if missing {
+        legacy::remove(ns).context("removing the iptables glue of an earlier version")?;
     }
-    Ok(added)
+    apply(ns, &ruleset(offered, layout))?;
+    Ok(missing)
 }
 
-/// Removes the glue from both families; absent glue is not an error.
+/// Removes the glue (and any earlier iptables glue); absent glue is not an
+/// error. Every step is tried; errors are reported together.
 pub fn remove(ns: &Path) -> Result<()> {
     let mut errors = Vec::new();
-    for family in Family::ALL {
-        match installed_in(ns, family) {
-            Ok(true) => {
-                if let Err(e) = restore(ns, family, &remove_script()) {
-                    errors.push(format!("{e:#}"));
-                }
+    match installed(ns) {
+        Ok(true) => {
+            let mut batch = Batch::new();
+            batch.delete(table());
+            if let Err(e) = apply(ns, &batch.to_nftables()) {
+                errors.push(format!("{e:#}"));
             }
-            Ok(false) => {}
-            Err(e) => errors.push(format!("{e:#}")),
         }
+        Ok(false) => {}
+        Err(e) => errors.push(format!("{e:#}")),
+    }
+    if let Err(e) = legacy::remove(ns) {
+        errors.push(format!("{e:#}"));
     }
     if errors.is_empty() { Ok(()) } else { bail!(errors.join("; ")) }
+}
+
+/// The iptables glue of versions before the nftables table (raw-table
+/// `CT --helper` chain and mangle CONNMARK chain, jumped to from
+/// PREROUTING). Only ever removed.
+pub mod legacy {
+    use std::{
+        io::Write,
+        path::Path,
+        process::{Command, Stdio},
+    };
+
+    use anyhow::{Context, Result, bail};
+
+    pub const CHAINS: [(&str, &str); 2] = [("raw", "ENFORCER-HELPERS"), ("mangle", "ENFORCER-CONNMARK")];
+
+    fn in_netns(ns: &Path, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", ns.display())).arg(program);
+        cmd
+    }
+
+    /// Whether `table` has `chain` in the family of `tool`.
+    fn has_chain(ns: &Path, tool: &str, table: &str, chain: &str) -> Result<bool> {
+        let status = in_netns(ns, tool)
+            .args(["--wait", "-t", table, "-n", "-L", chain])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .with_context(|| format!("running {tool} (is iptables installed?)"))?;
+        Ok(status.success())
+    }
+
+    /// Removes the old chains and their jumps, where they exist.
+    pub fn remove(ns: &Path) -> Result<()> {
+        for tool in ["iptables", "ip6tables"] {
+            let mut script = String::new();
+            for (table, chain) in CHAINS {
+                if has_chain(ns, tool, table, chain)? {
+                    // Jumps may be there once or not at all; -D of a missing
+                    // one would fail the whole restore, so each goes alone.
+                    while in_netns(ns, tool)
+                        .args(["--wait", "-t", table, "-D", "PREROUTING", "-j", chain])
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                    {}
+                    script.push_str(&format!("*{table}\n-F {chain}\n-X {chain}\nCOMMIT\n"));
+                }
+            }
+            if script.is_empty() {
+                continue;
+            }
+            let restore = format!("{tool}-restore");
+            let mut child = in_netns(ns, &restore)
+                .args(["--noflush", "--wait"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("running {restore}"))?;
+            child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("{restore} in {} failed: {}", ns.display(), String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalogue::{Family, Offer};
 
-    #[test]
-    fn glue_has_one_rule_per_helper_and_protocol() {
-        let offered = Offered::everything();
-        let v4 = install_script(&offered, &MarkLayout::DEFAULT, Family::Ipv4, true);
-        assert!(v4.contains("-A ENFORCER-HELPERS -p tcp -m mark --mark 0x10000000/0xf0000000 -j CT --helper ftp\n"));
-        assert!(v4.contains("-p udp -m mark --mark 0x30000000/0xf0000000 -j CT --helper sip\n"));
-        assert!(v4.contains("-p tcp -m mark --mark 0x30000000/0xf0000000 -j CT --helper sip\n"));
-        assert!(v4.contains("--helper irc"));
-        let no_v6_irc = Offered {
-            offers: offered.offers.iter().copied().filter(|o| !(o.kind.name == "irc" && o.family == Family::Ipv6)).collect(),
-        };
-        let v6 = install_script(&no_v6_irc, &MarkLayout::DEFAULT, Family::Ipv6, false);
-        assert!(!v6.contains("--helper irc"), "only what the kernel offers");
-        assert!(v6.contains("--helper ftp"));
-        assert!(!v6.contains("-I PREROUTING"));
-        let rules = v4.lines().filter(|l| l.contains("-j CT")).count();
-        assert_eq!(rules, offered.in_family(Family::Ipv4).count());
+    fn json(offered: &Offered, layout: &MarkLayout) -> serde_json::Value {
+        serde_json::to_value(ruleset(offered, layout)).unwrap()
+    }
+
+    fn adds(v: &serde_json::Value, kind: &str) -> Vec<serde_json::Value> {
+        v["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("add")?.get(kind).cloned()).collect()
     }
 
     #[test]
-    fn connmark_keeps_foreign_bits_and_saves_before_restoring() {
-        let layout = MarkLayout::from_masks(0x0000_f000, 0x0fff_0000);
-        let s = install_script(&Offered::everything(), &layout, Family::Ipv4, true);
-        let save = s.find("--save-mark --nfmask 0xffff000 --ctmask 0xffff000").expect("masked save");
-        let restore = s.find("--restore-mark --nfmask 0xffff000 --ctmask 0xffff000").expect("masked restore");
-        assert!(save < restore);
-        assert!(s.contains("! --mark 0x0/0xfff0000"));
-        assert!(s.contains("--mark 0x1000/0xf000 -j CT --helper ftp"));
+    fn one_helper_object_per_helper_and_protocol_in_both_families() {
+        let offered = Offered::everything();
+        let v = json(&offered, &MarkLayout::DEFAULT);
+        let objects = adds(&v, "ct helper");
+        let sip: Vec<_> = objects.iter().filter(|o| o["type"] == "sip").collect();
+        assert_eq!(sip.len(), 2, "sip over udp and tcp");
+        assert!(objects.iter().all(|o| o["l3proto"] == "inet" && o["table"] == TABLE));
+        let q931 = objects.iter().find(|o| o["type"] == "Q.931").unwrap();
+        assert_eq!(q931["name"], "q931_tcp");
+        // An IPv4-only offer still gets its object; nothing not offered does.
+        let only_irc_v4 = Offered {
+            offers: offered.offers.iter().copied().filter(|o| o.kind.name == "irc" && o.family == Family::Ipv4).collect(),
+        };
+        let v = json(&only_irc_v4, &MarkLayout::DEFAULT);
+        assert_eq!(adds(&v, "ct helper").len(), 1);
+        assert_eq!(adds(&v, "rule").iter().filter(|r| r.to_string().contains("\"ct helper\"")).count(), 1);
+    }
+
+    #[test]
+    fn replaces_the_table_atomically_and_chains_sit_at_fixed_priorities() {
+        let v = json(&Offered::everything(), &MarkLayout::DEFAULT);
+        let cmds = v["nftables"].as_array().unwrap();
+        assert!(cmds[0]["add"]["table"].is_object());
+        assert!(cmds[1]["delete"]["table"].is_object());
+        assert!(cmds[2]["add"]["table"].is_object());
+        let chains = adds(&v, "chain");
+        let pre = chains.iter().find(|c| c["name"] == PRE_CHAIN).unwrap();
+        assert_eq!((pre["hook"].as_str(), pre["prio"].as_i64()), (Some("prerouting"), Some(-180)));
+        let post = chains.iter().find(|c| c["name"] == POST_CHAIN).unwrap();
+        assert_eq!((post["hook"].as_str(), post["prio"].as_i64()), (Some("postrouting"), Some(300)));
+    }
+
+    #[test]
+    fn marks_use_only_the_layout() {
+        let layout = MarkLayout::from_masks(0x00f0_0000, 0x0000_0fff);
+        let v = json(&Offered { offers: vec![Offer { kind: crate::catalogue::by_name("ftp").unwrap(), protocol: Protocol::Tcp, family: Family::Ipv4 }] }, &layout);
+        let rules: Vec<String> = adds(&v, "rule").iter().map(|r| r["expr"].to_string()).collect();
+        // Untagged packets leave first.
+        assert!(rules[0].contains(&format!("{{\"&\":[{{\"meta\":{{\"key\":\"mark\"}}}},{}]}}", 0x00f0_0000u32)), "{}", rules[0]);
+        assert!(rules[0].contains("\"return\""));
+        // The helper rule compares the helper bits with the helper's id.
+        assert!(rules[1].contains(&(1u32 << 20).to_string()) && rules[1].contains("ftp_tcp"));
+        // Slot into the ct mark, tag cleared, keeping every other bit.
+        assert!(rules[2].contains("\"ct\":{\"key\":\"mark\"}") && rules[2].contains(&0xfffu32.to_string()));
+        assert!(rules[3].contains(&(!0x00f0_0fffu32).to_string()));
+        // Postrouting: lookalikes cleared, then the stamp.
+        assert!(rules[4].contains(&layout.stamp.to_string()));
+        assert!(rules[5].contains("\"|\"") && rules[5].contains(&layout.stamp.to_string()));
+        assert_eq!(rules.len(), 6);
     }
 }

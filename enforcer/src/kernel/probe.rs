@@ -1,32 +1,43 @@
-//! Which helpers the running kernel has, per protocol and family: each
-//! candidate rule `-p PROTO -j CT --helper NAME` is committed in a scratch
-//! network namespace (on a thread that unshared one; it dies with the
-//! thread). The kernel refuses a helper it lacks when the rule is committed.
+//! Which helpers the running kernel has, per protocol and family: for each
+//! candidate a `ct helper` object of that type, protocol and family is
+//! committed in a scratch network namespace (on a thread that unshared one;
+//! it dies with the thread), the way the glue assigns helpers. The kernel
+//! refuses an object whose helper it lacks.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
+use std::borrow::Cow;
+
+use anyhow::{Context, Result, bail};
+use nftables::{
+    batch::Batch,
+    helper::{self, NftablesError},
+    schema::{CTHelper, NfListObject, Table},
+    types::NfFamily,
 };
 
-use anyhow::{Context, Result};
+use crate::catalogue::{Family, Offer, Offered};
 
-use crate::catalogue::{Offer, Offered};
+const TABLE: &str = "enforcer_probe";
 
-fn accepted(offer: &Offer) -> Result<bool> {
-    let tool = format!("{}-restore", super::glue::tool(offer.family));
-    let mut child = Command::new(&tool)
-        .arg("--noflush")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("running {tool}"))?;
-    let rule = format!(
-        "*raw\n:ENFORCER-PROBE - [0:0]\n-A ENFORCER-PROBE -p {} -j CT --helper {}\nCOMMIT\n",
-        offer.protocol, offer.kind.name
-    );
-    child.stdin.take().context("stdin")?.write_all(rule.as_bytes())?;
-    Ok(child.wait()?.success())
+fn accepted(offer: &Offer, n: usize) -> Result<bool> {
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(Table { family: NfFamily::INet, name: Cow::Borrowed(TABLE), handle: None }));
+    batch.add(NfListObject::CTHelper(CTHelper {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Owned(format!("probe{n}")),
+        handle: None,
+        _type: Cow::Borrowed(offer.kind.name),
+        protocol: Some(Cow::Borrowed(offer.protocol.as_str())),
+        l3proto: Some(Cow::Borrowed(match offer.family {
+            Family::Ipv4 => "ip",
+            Family::Ipv6 => "ip6",
+        })),
+    }));
+    match helper::apply_ruleset(&batch.to_nftables()) {
+        Ok(()) => Ok(true),
+        Err(NftablesError::NftFailed { .. }) => Ok(false),
+        Err(e) => bail!("running nft (is nftables installed?): {e}"),
+    }
 }
 
 /// Every (helper, protocol, family) of the catalogue the kernel accepts.
@@ -35,8 +46,8 @@ pub fn probe() -> Result<Vec<Offer>> {
         s.spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unsharing a scratch network namespace")?;
             let mut out = Vec::new();
-            for offer in Offered::everything().offers {
-                if accepted(&offer)? {
+            for (n, offer) in Offered::everything().offers.into_iter().enumerate() {
+                if accepted(&offer, n)? {
                     out.push(offer);
                 }
             }

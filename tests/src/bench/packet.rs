@@ -57,7 +57,7 @@ pub fn measure(scale: Scale) -> Vec<Row> {
     dp.load_baselines().expect("baselines");
     // The hit rule: router 0 (the control instance), tcp/21, slot 1.
     dp.allow(0, IPPROTO_TCP, 21, 1, 1).unwrap();
-    let live_mark = MarkLayout::DEFAULT.encode(1, 1);
+    let live_mark = MarkLayout::DEFAULT.stamped(1);
     let mut loaded = 1usize;
     let mut rows = Vec::new();
     for n in sizes {
