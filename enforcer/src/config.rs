@@ -16,6 +16,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub state_dir: PathBuf,
+    /// How the programs are attached: "auto", "tcx" or "netlink".
+    pub attach: crate::kernel::AttachSetting,
     /// skb mark bits that carry the helper id from TC ingress to enforcer's
     /// prerouting chain, which clears them (contiguous).
     pub helper_mask: u32,
@@ -43,6 +45,7 @@ impl Default for Config {
             socket: PathBuf::from(crate::api::DEFAULT_SOCKET),
             bpffs: PathBuf::from(crate::kernel::DEFAULT_BPFFS),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            attach: crate::kernel::AttachSetting::Auto,
             helper_mask: MarkLayout::DEFAULT.helper_mask,
             slot_mask: MarkLayout::DEFAULT.slot_mask,
             max_rules: DEFAULT_MAX_RULES,
@@ -150,5 +153,8 @@ mod tests {
         assert!(wide.layout().is_err(), "more than 16 slot bits");
         assert_eq!(c.max_slot(), 4095);
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
+        let c: Config = toml::from_str("attach = \"netlink\"\n").unwrap();
+        assert_eq!(c.attach, crate::kernel::AttachSetting::Netlink);
+        assert!(toml::from_str::<Config>("attach = \"clsact\"\n").is_err());
     }
 }

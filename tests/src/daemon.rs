@@ -172,6 +172,42 @@ impl Daemon {
             .count()
     }
 
+    /// enforcer's programs attached to the interfaces of `ns`, in either
+    /// attach mode: tcx programs that use this daemon's maps, and bpf
+    /// filters at enforcer's netlink priority.
+    pub fn attachments(&self, ns: &crate::Netns) -> usize {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        // tag reads the rules map, enforce the slots map.
+        let ids: Vec<u32> = ["ENFORCER_RULES", "ENFORCER_SLOTS"]
+            .iter()
+            .map(|m| aya::maps::MapData::from_pin(self.bpffs.join(m)).expect("map pin").info().expect("map info").id())
+            .collect();
+        let path = std::path::PathBuf::from(ns.path());
+        enforcer::kernel::netns::run_in(&path, || {
+            let mut n = 0;
+            for (iface, _) in enforcer::kernel::netns::interfaces()? {
+                for (kind, dir) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
+                    if let Ok((_, programs)) = SchedClassifier::query_tcx(&iface, kind) {
+                        n += programs
+                            .iter()
+                            .filter(|p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id))))
+                            .count();
+                    }
+                    let out = Command::new("tc").args(["-j", "filter", "show", "dev", &iface, dir]).output()?;
+                    let filters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                    n += filters
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|f| f["pref"].as_u64() == Some(enforcer::kernel::attach::NETLINK_PRIORITY.into()) && f.get("options").is_some())
+                        .count();
+                }
+            }
+            Ok(n)
+        })
+        .expect("counting attachments")
+    }
+
     /// Every pin under this daemon's bpffs directory (maps and links).
     pub fn pins(&self) -> Vec<String> {
         fn walk(dir: &std::path::Path, out: &mut Vec<String>) {

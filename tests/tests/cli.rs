@@ -115,7 +115,9 @@ fn router_remove_takes_everything_away() {
     daemon.add_router(r);
     daemon.create_helper(r, "tcp", 21, "ftp");
     assert!(topo.router.ruleset().contains("table inet enforcer"));
+    assert_eq!(daemon.attachments(&topo.router), 4, "tag and enforce on r0 and r1");
     daemon.cli(&["router", "remove", r]).ok();
+    assert_eq!(daemon.attachments(&topo.router), 0, "programs detached");
     let rules = topo.router.ruleset();
     assert!(!rules.to_lowercase().contains("enforcer"), "glue removed:\n{rules}");
     assert_eq!(daemon.dump()["slots"], serde_json::json!([]));

@@ -86,8 +86,16 @@ fn restart_restores_what_is_missing_and_removes_orphans() {
             run(topo.router.cmd(tool).args(["-t", table, "-I", "PREROUTING", "1", "-j", chain]));
         }
     }
-    let link = daemon.pins().into_iter().find(|p| p.contains("/routers/") && p.ends_with("_tag")).unwrap();
-    std::fs::remove_file(&link).unwrap();
+    let before = daemon.attachments(&topo.router);
+    match daemon.pins().into_iter().find(|p| p.contains("/routers/") && p.ends_with("_tag")) {
+        Some(link) => std::fs::remove_file(&link).unwrap(),
+        // netlink mode: the filter itself.
+        None => {
+            let pref = enforcer::kernel::attach::NETLINK_PRIORITY.to_string();
+            run(topo.router.cmd("tc").args(["filter", "del", "dev", "r0", "ingress", "pref", &pref]));
+        }
+    }
+    assert_eq!(daemon.attachments(&topo.router), before - 1);
     std::fs::create_dir_all(daemon.bpffs.join("routers/4242")).unwrap();
 
     daemon.restart();
@@ -98,6 +106,7 @@ fn restart_restores_what_is_missing_and_removes_orphans() {
     assert_eq!(started["orphan_routers_removed"], 1, "{status}");
     assert!(status["drift"]["glue_installed"] == 0 && status["drift"]["links_attached"] == 0, "{status}");
     assert!(!daemon.bpffs.join("routers/4242").exists());
+    assert_eq!(daemon.attachments(&topo.router), before, "restored, and no second copy");
     let rules = topo.router.ruleset();
     assert!(rules.contains("table inet enforcer") && !rules.contains("ENFORCER-"), "old glue removed, new in place:\n{rules}");
     let _server = FtpServer::start(&topo, Family::V4);

@@ -41,8 +41,9 @@ enum Cmd {
         #[arg(long, default_value = "bench")]
         out: PathBuf,
     },
-    /// Set up, build, and run every test (unit, datapath, integration), then
-    /// the quick benchmark (into a scratch directory, no thresholds).
+    /// Set up, build, and run every test (unit, datapath, integration; the
+    /// integration tests in both attach modes, tcx and netlink), then the
+    /// quick benchmark (into a scratch directory, no thresholds).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -108,8 +109,19 @@ fn main() -> Result<()> {
             status(
                 cargo()
                     .args(["test", "--release", "--locked", "--workspace"])
-                    .args(args)
+                    .args(&args)
                     .env("ENFORCER_BIN", &bin)
+                    .env("RUST_TEST_THREADS", "2"),
+            )?;
+            // The kernel tests once more with the attach mode of kernels
+            // older than 6.6 (this kernel has both).
+            println!("xtask: the integration tests again, with attach = netlink");
+            status(
+                cargo()
+                    .args(["test", "--release", "--locked", "-p", "enforcer-tests", "--tests"])
+                    .args(&args)
+                    .env("ENFORCER_BIN", &bin)
+                    .env("ENFORCER_ATTACH", "netlink")
                     .env("RUST_TEST_THREADS", "2"),
             )?;
             if !filtered {

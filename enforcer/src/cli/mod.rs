@@ -79,9 +79,14 @@ struct DaemonArgs {
     /// Directory of the store [default: /var/lib/enforcer].
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// TOML configuration file (socket, bpffs, state_dir, helper_mask, slot_mask, max_rules).
+    /// TOML configuration file (socket, bpffs, state_dir, attach, helper_mask, slot_mask, max_rules, ...).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// How programs are attached: tcx links (kernel 6.6+), netlink filters
+    /// on a clsact qdisc (older kernels), or auto [default: the file's
+    /// `attach`, else auto].
+    #[arg(long, env = "ENFORCER_ATTACH", value_enum)]
+    attach: Option<enforcer::kernel::AttachSetting>,
 }
 
 #[derive(Clone, Copy, ValueEnum, Default)]
@@ -262,6 +267,9 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf) -> Result<()> {
     }
     if let Some(s) = args.state_dir {
         config.state_dir = s;
+    }
+    if let Some(a) = args.attach {
+        config.attach = a;
     }
     let socket = config.socket.clone();
     let daemon = Daemon::start(config).context("starting the daemon")?;

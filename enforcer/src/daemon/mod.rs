@@ -143,6 +143,7 @@ impl Daemon {
     /// kernel, if it is unreadable), loads the datapath and reconciles.
     pub fn start(config: Config) -> Result<Self> {
         let layout = config.layout()?;
+        let mode = crate::kernel::attach::resolve(config.attach)?;
         crate::auth::check_rules(&config.access).map_err(anyhow::Error::msg)?;
         raise_fd_limit();
         let unreadable =
@@ -153,7 +154,9 @@ impl Daemon {
         let probed = crate::kernel::probe::probe().context("probing the kernel's conntrack helpers")?;
         let offered = Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg)?;
         info!(helpers = ?offered.names(), "helpers offered");
-        let datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.quiet_ns())?;
+        let mut datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.quiet_ns())?;
+        datapath.set_attach_mode(mode);
+        info!(?mode, "attach mode");
         let routers = state
             .routers
             .into_values()
@@ -221,7 +224,7 @@ impl Daemon {
         let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
         for index in self.datapath.pinned_routers() {
             if !known.contains(&index) {
-                self.datapath.detach_router(index)?;
+                self.datapath.detach_router(index, None)?;
                 report.orphan_routers_removed += 1;
             }
         }
@@ -238,13 +241,13 @@ impl Daemon {
         let Some(ns_id) = netns_id(&state.record.netns) else {
             state.attachment = None;
             state.netns_id = None;
-            self.datapath.detach_router(state.record.index)?;
+            self.datapath.detach_router(state.record.index, None)?;
             return Ok(None);
         };
         if state.netns_id.is_some_and(|old| old != ns_id) {
             // A new namespace under the old name: the pinned links belong to
             // interfaces of the old one.
-            self.datapath.detach_router(state.record.index)?;
+            self.datapath.detach_router(state.record.index, None)?;
         }
         let path = netns::path(&state.record.netns);
         let glue_added = glue::install(&path, &self.offered, &self.datapath.layout())?;

@@ -244,7 +244,7 @@ impl Daemon {
         let Some(state) = self.routers.get(id) else { return };
         let index = state.record.index;
         let path = netns::path(&state.record.netns);
-        if let Err(e) = self.datapath.detach_router(index) {
+        if let Err(e) = self.datapath.detach_router(index, Some(&path)) {
             warn!(router = %id, "detaching: {e:#}");
         }
         self.datapath.forget_router_state(index);

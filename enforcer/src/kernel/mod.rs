@@ -2,6 +2,7 @@
 //! router namespaces, the netfilter glue. The rest of the crate sees only
 //! `Datapath`, `Attachment`, `glue` and `dump`, and is testable without root.
 
+pub mod attach;
 pub mod conntrack;
 pub mod dump;
 pub mod glue;
@@ -17,8 +18,9 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, links::FdLink, tc::SchedClassifierLink},
+    programs::{SchedClassifier, TcAttachType, links::FdLink},
 };
+pub use attach::{AttachMode, AttachSetting};
 pub use crate::api::MapDrift;
 use enforcer_common::{
     Counters, FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS, MAP_REVOKED,
@@ -46,8 +48,7 @@ pub struct Datapath {
     layout: MarkLayout,
     max_rules: u32,
     quiet_ns: u64,
-    /// clsact attachments of kernels without tcx (cannot be pinned).
-    volatile: std::collections::HashMap<RouterIndex, Vec<SchedClassifierLink>>,
+    mode: AttachMode,
 }
 
 /// Where a router's programs are attached. The links themselves are pinned
@@ -65,6 +66,9 @@ pub struct LinkChanges {
     pub attached: usize,
     pub detached: usize,
 }
+
+/// Each program and the hook it runs on.
+const PROGRAMS_AND_HOOKS: [(&str, TcAttachType); 2] = [(PROG_TAG, TcAttachType::Ingress), (PROG_ENFORCE, TcAttachType::Egress)];
 
 /// Pin file name of a link (bpffs refuses dots in names).
 fn pin_name(ifindex: u32, prog: &str) -> String {
@@ -119,12 +123,21 @@ impl Datapath {
             layout,
             max_rules,
             quiet_ns,
-            volatile: Default::default(),
+            mode: AttachMode::Tcx,
         })
     }
 
     pub fn layout(&self) -> MarkLayout {
         self.layout
+    }
+
+    /// How routers are attached from now on (default: tcx).
+    pub fn set_attach_mode(&mut self, mode: AttachMode) {
+        self.mode = mode;
+    }
+
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
     }
 
     /// Loads the benchmark baseline programs of the control instance.
@@ -148,13 +161,40 @@ impl Datapath {
     }
 
     /// Makes the attachments of router `index` match the interfaces its
-    /// namespace has now: tag (ingress) and enforce (egress) on each one,
-    /// pinned under the bpffs directory so they outlive the daemon; pins of
-    /// interfaces that are gone are removed. Idempotent.
+    /// namespace has now: tag (ingress) and enforce (egress) on each one, so
+    /// that they outlive the daemon (see `attach`). Idempotent.
     pub fn sync_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid) -> Result<(Attachment, LinkChanges)> {
+        // The directory also records, in netlink mode, which routers have
+        // attachments (for orphans after a restart).
         let dir = self.link_dir(index);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let current = netns::run_in(ns, netns::interfaces)?;
+        let changes = match self.mode {
+            AttachMode::Tcx => self.sync_tcx(ns, index, &current)?,
+            AttachMode::Netlink => {
+                let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.quiet_ns, index)?;
+                netns::run_in(ns, || {
+                    let mut changes = LinkChanges::default();
+                    for (iface, _) in &current {
+                        for (name, kind) in PROGRAMS_AND_HOOKS {
+                            let prog: &mut SchedClassifier =
+                                programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+                            changes.attached += usize::from(attach::netlink_attach(prog, iface, kind)?);
+                        }
+                    }
+                    Ok(changes)
+                })?
+            }
+        };
+        self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
+        let interfaces = current.into_iter().map(|(name, _)| name).collect();
+        Ok((Attachment { index, interfaces }, changes))
+    }
+
+    /// tcx: pinned links, one per (interface, program); pins of interfaces
+    /// that are gone are removed, missing ones attached.
+    fn sync_tcx(&mut self, ns: &Path, index: RouterIndex, current: &[(String, u32)]) -> Result<LinkChanges> {
+        let dir = self.link_dir(index);
         let mut changes = LinkChanges::default();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
@@ -166,62 +206,68 @@ impl Datapath {
         }
         let missing: Vec<(String, u32, &str, TcAttachType)> = current
             .iter()
-            .flat_map(|(name, idx)| {
-                [(PROG_TAG, TcAttachType::Ingress), (PROG_ENFORCE, TcAttachType::Egress)]
-                    .into_iter()
-                    .map(move |(prog, kind)| (name.clone(), *idx, prog, kind))
-            })
-            .filter(|(_, idx, prog, _)| !dir.join(pin_name(*idx, prog)).exists() || !tcx_supported())
+            .flat_map(|(name, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(prog, kind)| (name.clone(), *idx, prog, kind)))
+            .filter(|(_, idx, prog, _)| !dir.join(pin_name(*idx, prog)).exists())
             .collect();
-        if !missing.is_empty() && (tcx_supported() || !self.volatile.contains_key(&index)) {
-            let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.quiet_ns, index)?;
-            let ebpf = &mut programs;
-            let links = netns::run_in(ns, || {
-                let mut links = Vec::new();
-                for (iface, idx, name, kind) in &missing {
-                    if !tcx_supported() {
-                        // Older kernels: classic clsact qdisc via netlink.
-                        let _ = aya::programs::tc::qdisc_add_clsact(iface);
-                    }
-                    let prog: &mut SchedClassifier =
-                        ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
-                    let id = prog.attach(iface, *kind).with_context(|| format!("attaching {name} to {iface} ({kind:?})"))?;
-                    links.push((*idx, *name, prog.take_link(id)?));
-                }
-                Ok(links)
-            })?;
-            for (idx, name, link) in links {
-                changes.attached += 1;
-                if tcx_supported() {
-                    let link: FdLink = link.try_into().context("tcx link")?;
-                    let path = dir.join(pin_name(idx, name));
-                    link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-                } else {
-                    // A netlink (clsact) attachment cannot be pinned: it
-                    // lives as long as the daemon holds it.
-                    self.volatile.entry(index).or_default().push(link);
-                }
-            }
+        if missing.is_empty() {
+            return Ok(changes);
         }
-        self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
-        let interfaces = current.into_iter().map(|(name, _)| name).collect();
-        Ok((Attachment { index, interfaces }, changes))
+        let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.quiet_ns, index)?;
+        let ebpf = &mut programs;
+        let links = netns::run_in(ns, || {
+            let mut links = Vec::new();
+            for (iface, idx, name, kind) in &missing {
+                let prog: &mut SchedClassifier =
+                    ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+                let id = prog.attach(iface, *kind).with_context(|| format!("attaching {name} to {iface} ({kind:?})"))?;
+                links.push((*idx, *name, prog.take_link(id)?));
+            }
+            Ok(links)
+        })?;
+        for (idx, name, link) in links {
+            changes.attached += 1;
+            let link: FdLink = link.try_into().context("tcx link")?;
+            let path = dir.join(pin_name(idx, name));
+            link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        }
+        Ok(changes)
     }
 
-    /// Detaches router `index` everywhere: its pins go, so do its links.
-    pub fn detach_router(&mut self, index: RouterIndex) -> Result<()> {
-        self.volatile.remove(&index);
+    /// Detaches router `index` everywhere: its pins go, so do its tcx
+    /// links; netlink filters are removed from the interfaces of `ns` (they
+    /// vanish with the namespace anyway).
+    pub fn detach_router(&mut self, index: RouterIndex, ns: Option<&Path>) -> Result<()> {
         let _ = self.routers.remove(&index);
         let dir = self.link_dir(index);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("unpinning {}", dir.display()))?;
         }
+        if let (AttachMode::Netlink, Some(ns)) = (self.mode, ns)
+            && ns.exists()
+        {
+            netns::run_in(ns, || {
+                for (iface, _) in netns::interfaces()? {
+                    attach::netlink_detach(&iface)?;
+                }
+                Ok(())
+            })?;
+        }
         Ok(())
     }
 
-    /// (missing, stale) links of router `index` compared with the
+    /// (missing, stale) attachments of router `index` compared with the
     /// interfaces its namespace has now, without changing anything.
     pub fn link_drift(&self, ns: &Path, index: RouterIndex) -> Result<(usize, usize)> {
+        if self.mode == AttachMode::Netlink {
+            // Filters go with their interface: none can be stale.
+            return netns::run_in(ns, || {
+                let mut missing = 0;
+                for (iface, _) in netns::interfaces()? {
+                    missing += attach::netlink_count(&iface)?.0;
+                }
+                Ok((missing, 0))
+            });
+        }
         let current = netns::run_in(ns, netns::interfaces)?;
         let pins: Vec<u32> = std::fs::read_dir(self.link_dir(index))
             .map(|rd| rd.filter_map(|e| pin_ifindex(&e.ok()?.path())).collect())
@@ -256,7 +302,6 @@ impl Datapath {
 
     /// Removes every pin: links (so every attachment goes) and maps.
     pub fn unpin_all(&mut self) -> Result<()> {
-        self.volatile.clear();
         std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))
     }
 
@@ -502,6 +547,3 @@ fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))
 }
 
-fn tcx_supported() -> bool {
-    aya::util::KernelVersion::current().map(|v| v >= aya::util::KernelVersion::new(6, 6, 0)).unwrap_or(false)
-}

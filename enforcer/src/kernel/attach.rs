@@ -1,0 +1,164 @@
+//! How the TC programs are attached to a router's interfaces.
+//!
+//! * `tcx` (kernel 6.6 and later): bpf links, pinned under the bpffs
+//!   directory, so they outlive the daemon and a restart finds them.
+//! * `netlink` (older kernels): a `bpf` filter on each interface's `clsact`
+//!   qdisc, at a fixed priority and handle. The filter lives as long as the
+//!   qdisc, not the daemon; a restart finds it at that priority and replaces
+//!   the program in place, so a second copy is never attached.
+//!
+//! In both modes other filters and tcx programs on the interface keep
+//! running: the programs pass the packet on unless they drop it.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::programs::{
+    Link, SchedClassifier, TcAttachType,
+    tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+};
+use serde::{Deserialize, Serialize};
+
+/// The `attach` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachSetting {
+    /// tcx where the kernel has it (6.6+), netlink otherwise.
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+/// The attach mode in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Tcx,
+    Netlink,
+}
+
+/// Priority of enforcer's filters on the clsact hooks (netlink mode). An
+/// unusual number: it names our filters, and lower numbers stay free for
+/// filters that must run first.
+pub const NETLINK_PRIORITY: u16 = 0xe4f;
+pub const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+fn kernel_has_tcx() -> Result<bool> {
+    let v = aya::util::KernelVersion::current().context("reading the kernel version")?;
+    Ok(v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+fn tool_runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program).args(args).output().is_ok_and(|o| o.status.success())
+}
+
+/// Resolves the setting against this kernel and checks that what the mode
+/// needs is there; an error names what is missing.
+pub fn resolve(setting: AttachSetting) -> Result<AttachMode> {
+    let tcx = kernel_has_tcx()?;
+    let mode = match setting {
+        AttachSetting::Auto if tcx => AttachMode::Tcx,
+        AttachSetting::Auto | AttachSetting::Netlink => AttachMode::Netlink,
+        AttachSetting::Tcx if tcx => AttachMode::Tcx,
+        AttachSetting::Tcx => {
+            let v = aya::util::KernelVersion::current().map(|v| format!("{v:?}")).unwrap_or_default();
+            bail!("attach = \"tcx\" needs kernel 6.6 or later (tcx links); this kernel is {v}: use attach = \"netlink\" or \"auto\"")
+        }
+    };
+    if !tool_runs("nft", &["--version"]) {
+        bail!("the `nft` command (nftables) is missing: enforcer's netfilter glue is an nftables table");
+    }
+    if mode == AttachMode::Netlink && !tool_runs("tc", &["-V"]) {
+        bail!("the `tc` command (iproute2) is missing: netlink attach reads the interfaces' qdiscs and filters with it");
+    }
+    Ok(mode)
+}
+
+fn tc_json(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("tc").arg("-j").args(args).output().context("running tc (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!("tc {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Value::Array(Vec::new()));
+    }
+    serde_json::from_slice(&out.stdout).context("reading tc's JSON")
+}
+
+fn direction(kind: TcAttachType) -> &'static str {
+    match kind {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
+}
+
+/// Makes sure `iface` has a clsact qdisc (calling thread's namespace). An
+/// `ingress` qdisc (Neutron's floating IP QoS uses one) would take the
+/// egress filter onto its ingress block without a word, so it is refused.
+fn ensure_clsact(iface: &str) -> Result<()> {
+    let qdiscs = tc_json(&["qdisc", "show", "dev", iface])?;
+    let hook = qdiscs.as_array().into_iter().flatten().find(|q| q["handle"] == "ffff:");
+    match hook.and_then(|q| q["kind"].as_str()) {
+        Some("clsact") => Ok(()),
+        Some(other) => bail!(
+            "{iface} has an `{other}` qdisc; netlink attach needs clsact for the egress hook and will not replace \
+             another qdisc (and its filters). Use attach = \"tcx\" (kernel 6.6+), or move those filters to clsact"
+        ),
+        None => aya::programs::tc::qdisc_add_clsact(iface).with_context(|| format!("adding a clsact qdisc to {iface}")),
+    }
+}
+
+/// Whether enforcer's filter is on `iface`'s hook (netlink mode).
+fn filter_present(iface: &str, kind: TcAttachType) -> Result<bool> {
+    let filters = tc_json(&["filter", "show", "dev", iface, direction(kind)])?;
+    Ok(filters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| f["pref"].as_u64() == Some(NETLINK_PRIORITY.into()) && f["kind"] == "bpf"))
+}
+
+/// Attaches `prog` to `iface` in netlink mode, or swaps it in for the one
+/// already there. Returns whether it was missing. Runs in the router's
+/// namespace. The link is forgotten: dropping it would detach the filter.
+pub fn netlink_attach(prog: &mut SchedClassifier, iface: &str, kind: TcAttachType) -> Result<bool> {
+    ensure_clsact(iface)?;
+    let missing = !filter_present(iface, kind)?;
+    let id = if missing {
+        let options = NlOptions { priority: NETLINK_PRIORITY, handle: NETLINK_HANDLE, classid: None };
+        prog.attach_with_options(iface, kind, TcAttachOptions::Netlink(options))
+    } else {
+        let existing = SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?;
+        prog.attach_to_link(existing)
+    }
+    .with_context(|| format!("attaching to {iface} ({kind:?}, netlink)"))?;
+    std::mem::forget(prog.take_link(id)?);
+    Ok(missing)
+}
+
+/// Removes enforcer's filters from `iface` (calling thread's namespace);
+/// absent ones are not an error.
+pub fn netlink_detach(iface: &str) -> Result<()> {
+    for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
+        if filter_present(iface, kind)? {
+            SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?
+                .detach()
+                .map_err(|e| anyhow!("detaching from {iface} ({kind:?}): {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// (missing, present) enforcer filters on `iface` (netlink mode).
+pub fn netlink_count(iface: &str) -> Result<(usize, usize)> {
+    let mut counts = (0, 0);
+    for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
+        if filter_present(iface, kind)? {
+            counts.1 += 1;
+        } else {
+            counts.0 += 1;
+        }
+    }
+    Ok(counts)
+}
