@@ -37,9 +37,11 @@ enum Cmd {
         /// A reduced set, under two minutes (CI runs it so the harness keeps working).
         #[arg(long)]
         quick: bool,
-        /// Where to write the results.
-        #[arg(long, default_value = "bench")]
-        out: PathBuf,
+        /// Where to write the results [default: bench/ for a full run, where
+        /// the committed results live; target/bench-quick/ for --quick, so a
+        /// quick run never overwrites them].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Set up, build, and run every test (unit, datapath, integration; the
     /// integration tests in both attach modes, tcx and netlink), then the
@@ -100,6 +102,7 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, out } => {
             setup::run()?;
             let bin = build()?;
+            let out = out.unwrap_or_else(|| PathBuf::from(if quick { "target/bench-quick" } else { "bench" }));
             bench(&bin, quick, &out)
         }
         Cmd::Test { args } => {

@@ -38,10 +38,11 @@ pub enum AttachMode {
     Netlink,
 }
 
-/// Priority of enforcer's filters on the clsact hooks (netlink mode). An
-/// unusual number: it names our filters, and lower numbers stay free for
-/// filters that must run first.
-pub const NETLINK_PRIORITY: u16 = 0xe4f;
+/// Priority of enforcer's filters on the clsact hooks (netlink mode): the
+/// first, because a classic filter that returns a verdict ends the hook and
+/// enforcer must see every packet; ours never returns one except a drop.
+/// A foreign filter of another kind at this priority makes attach fail.
+pub const NETLINK_PRIORITY: u16 = 1;
 pub const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 fn kernel_has_tcx() -> Result<bool> {
