@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod neutron;
 pub mod peers;
 pub mod topology;
 

@@ -64,18 +64,26 @@ pub struct Topology {
     pub client: Netns,
     pub router: Netns,
     pub server: Netns,
+    /// The router's interfaces towards the client and the server.
+    pub client_if: String,
+    pub server_if: String,
 }
 
-/// Policy of the router's FORWARD chain (same text for both families).
-const FORWARD_POLICY: &str = "*filter
+/// Policy of the router's FORWARD chain (same text for both families):
+/// replies and RELATED pass, NEW only from the client side to control ports.
+fn forward_policy(client_if: &str) -> String {
+    format!(
+        "*filter
 :FORWARD DROP [0:0]
 -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
--A FORWARD -i r0 -p tcp --dport 21 -m conntrack --ctstate NEW -j ACCEPT
--A FORWARD -i r0 -p udp --dport 69 -m conntrack --ctstate NEW -j ACCEPT
--A FORWARD -i r0 -p udp --dport 5060 -m conntrack --ctstate NEW -j ACCEPT
--A FORWARD -i r0 -p tcp --dport 5060 -m conntrack --ctstate NEW -j ACCEPT
+-A FORWARD -i {client_if} -p tcp --dport 21 -m conntrack --ctstate NEW -j ACCEPT
+-A FORWARD -i {client_if} -p udp --dport 69 -m conntrack --ctstate NEW -j ACCEPT
+-A FORWARD -i {client_if} -p udp --dport 5060 -m conntrack --ctstate NEW -j ACCEPT
+-A FORWARD -i {client_if} -p tcp --dport 5060 -m conntrack --ctstate NEW -j ACCEPT
 COMMIT
-";
+"
+    )
+}
 
 impl Topology {
     pub const CLIENT_V4: &str = "10.200.1.2";
@@ -95,15 +103,21 @@ impl Topology {
     }
 
     fn build(firewall: bool) -> Self {
+        Self::build_named(firewall, "r0", "r1")
+    }
+
+    /// The test bed with the router's interfaces named `client_if` (towards
+    /// 10.200.1.0/24) and `server_if` (towards 10.200.2.0/24).
+    pub fn build_named(firewall: bool, client_if: &str, server_if: &str) -> Self {
         crate::require_root();
         let router_id = uuid::Uuid::new_v4().to_string();
         let tag = unique("");
         let client = Netns::create(&format!("{tag}-c"));
         let server = Netns::create(&format!("{tag}-s"));
         let router = Netns::create(&format!("qrouter-{router_id}"));
-        let topo = Self { router_id, client, router, server };
-        topo.wire(&topo.client, "c0", "r0", "1");
-        topo.wire(&topo.server, "s0", "r1", "2");
+        let topo = Self { router_id, client, router, server, client_if: client_if.into(), server_if: server_if.into() };
+        topo.wire(&topo.client, "c0", client_if, "1");
+        topo.wire(&topo.server, "s0", server_if, "2");
         topo.router.sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         topo.router.sh("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
         for tool in ["iptables-restore", "ip6tables-restore"].into_iter().filter(|_| firewall) {
@@ -115,7 +129,7 @@ impl Topology {
                 .spawn()
                 .expect("iptables-restore");
             use std::io::Write;
-            child.stdin.take().unwrap().write_all(FORWARD_POLICY.as_bytes()).unwrap();
+            child.stdin.take().unwrap().write_all(forward_policy(client_if).as_bytes()).unwrap();
             assert!(child.wait().unwrap().success(), "{tool} of the forward policy failed");
         }
         topo

@@ -1,0 +1,109 @@
+//! enforcer inside a real Neutron router: the L3 agent's rules, installed
+//! by Neutron's own code, mark every packet (address scope in the upper
+//! half, metadata and external-ingress marks in the lower half), NAT the
+//! client behind its floating IP, and filter by scope.
+
+use enforcer_tests::{
+    Daemon, Family,
+    neutron::{DEFAULT_SCOPE_MARK, NeutronRouter},
+    peers::{FtpClient, FtpServer},
+};
+
+#[test]
+fn unrelated_traffic_passes_and_ftp_works_through_nat_in_both_families() {
+    let n = NeutronRouter::new(true, (None, None));
+    let topo = &n.topo;
+    let daemon = Daemon::start();
+    let _v4 = FtpServer::start(topo, Family::V4);
+    let _v6 = FtpServer::start(topo, Family::V6);
+    // A plain TCP connection (FTP control, no helper configured) must keep
+    // working once the router is added.
+    daemon.add_router(&topo.router_id);
+    let mut plain = FtpClient::login(topo, Family::V4);
+    plain.ok("noop");
+    plain.fails("list passive");
+
+    let helper = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    for family in [Family::V4, Family::V6] {
+        let mut ftp = FtpClient::login(topo, family);
+        ftp.ok("list passive");
+        // Active through the floating IP's SNAT: nf_nat_ftp rewrites PORT.
+        ftp.ok("list active");
+        ftp.ok("noop");
+    }
+    // Both marks live side by side in the connection: Neutron's scope in
+    // the upper half, enforcer's slot in the lower.
+    let table = topo.conntrack(&["-L"]);
+    let control = table.lines().find(|l| l.contains("dport=21") && l.contains("helper=ftp")).unwrap_or_else(|| panic!("{table}"));
+    let mark: u32 = control.split("mark=").nth(1).and_then(|m| m.split_whitespace().next()?.parse().ok()).unwrap();
+    assert_eq!(mark & 0xffff_0000, DEFAULT_SCOPE_MARK, "Neutron's scope kept: {control}");
+    assert_ne!(mark & 0xffff, 0, "enforcer's slot kept: {control}");
+    assert!(table.contains("src=10.200.1.2") && table.contains("dst=10.200.2.50"), "the client went out through its floating IP:\n{table}");
+
+    // Revocation cuts the helper's connections, Neutron rules or not.
+    let mut open = FtpClient::login(topo, Family::V4);
+    open.ok("list passive");
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
+    open.fails("noop");
+    assert!(!topo.conntrack(&["-L"]).contains("helper=ftp"), "conntrack clean after the delete");
+    // And the plain connection from before is still fine.
+    plain.ok("noop");
+}
+
+#[test]
+fn neutron_reapplying_its_rules_mid_session_changes_nothing() {
+    let n = NeutronRouter::new(true, (None, None));
+    let topo = &n.topo;
+    let daemon = Daemon::start();
+    let _server = FtpServer::start(topo, Family::V4);
+    daemon.add_router(&topo.router_id);
+    let helper = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let mut ftp = FtpClient::login(topo, Family::V4);
+    ftp.ok("list passive");
+    let glue = topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
+    // The agent's resync: a full iptables-save/restore of its tables.
+    n.apply();
+    ftp.ok("list passive");
+    ftp.ok("list active");
+    assert_eq!(topo.router.sh("nft", &["list", "table", "inet", "enforcer"]), glue, "enforcer's table untouched");
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
+    ftp.fails("noop");
+    n.apply();
+    let mut again = FtpClient::login(topo, Family::V4);
+    again.fails("list passive");
+}
+
+#[test]
+fn neutron_address_scope_isolation_still_drops() {
+    // Client and gateway in different address scopes, no firewall of the
+    // test bed: only Neutron's scope filter stands between them.
+    let n = NeutronRouter::new(false, (Some("scope-a"), Some("scope-b")));
+    let topo = &n.topo;
+    let daemon = Daemon::start();
+    let _server = FtpServer::start(topo, Family::V4);
+    let into_client = || {
+        // A connection from the gateway side to the client's fixed address
+        // crosses scopes: Neutron drops it.
+        let out = topo
+            .server
+            .cmd("python3")
+            .args(["-c", "import socket; socket.create_connection(('10.200.1.2', 22), timeout=1)"])
+            .output()
+            .unwrap();
+        out.status.success()
+    };
+    let before = n.scope_drops();
+    assert!(!into_client());
+    let dropped = n.scope_drops() - before;
+    assert!(dropped > 0, "Neutron's scope filter dropped the crossing");
+
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    daemon.create_helper(&topo.router_id, "tcp", 22, "ftp");
+    let before = n.scope_drops();
+    assert!(!into_client());
+    assert!(n.scope_drops() - before >= dropped, "still dropped by Neutron with enforcer in place");
+    // Within the client's own connections, everything works.
+    let mut ftp = FtpClient::login(topo, Family::V4);
+    ftp.ok("list passive");
+}
