@@ -16,18 +16,24 @@ const PACKAGES: &[(&str, &str)] = &[
     ("rust-web-src", "standard library source for build-std of the eBPF crate"),
     ("iproute2", "ip netns, veth"),
     ("util-linux", "nsenter"),
-    ("iptables", "netfilter glue (iptables-nft)"),
+    ("iptables", "removing the iptables glue of earlier versions; Neutron's rules in tests"),
     ("conntrack", "conntrack -L in tests and demo"),
     ("python3-pyftpdlib", "FTP server"),
     ("tftpd-hpa", "TFTP server"),
     ("tftp-hpa", "TFTP client"),
     ("sip-tester", "sipp, SIP peer"),
     ("iperf3", "traffic for the forwarding benchmark"),
-    ("nftables", "the nftables baseline of the benchmark"),
+    ("nftables", "the netfilter glue (nft), and the nftables baseline of the benchmark"),
     ("tcpdump", "counting packets after revocation in the benchmark"),
+    ("python3-venv", "the venv of the pinned neutron release the tests run"),
 ];
 
 const BPF_LINKER: &str = "bpf-linker@0.10.0";
+
+/// The Neutron release whose L3 agent code the tests run beside enforcer.
+const NEUTRON: &str = "neutron==29.0.0";
+/// Its venv (the tests know this path too).
+const NEUTRON_VENV: &str = "/var/cache/enforcer/neutron-29.0.0";
 
 pub fn run() -> Result<()> {
     if !nix_is_root() {
@@ -38,6 +44,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     rust_src()?;
     bpffs()?;
+    neutron_venv()?;
     println!("setup: ready");
     Ok(())
 }
@@ -164,6 +171,22 @@ fn patch_core(core: &Path) -> Result<()> {
             std::fs::write(&path, text.replace(old, new))?;
         }
     }
+    Ok(())
+}
+
+/// A venv with the pinned neutron release from PyPI, made once (about
+/// 90 s) and kept; a marker says the install finished.
+fn neutron_venv() -> Result<()> {
+    let venv = Path::new(NEUTRON_VENV);
+    let marker = venv.join(".enforcer-complete");
+    if marker.exists() {
+        return Ok(());
+    }
+    println!("setup: installing {NEUTRON} into {NEUTRON_VENV} (Neutron's L3 agent code for the tests; about 90 s)");
+    let _ = std::fs::remove_dir_all(venv);
+    status(Command::new("python3").args(["-m", "venv"]).arg(venv)).context("creating the venv (python3 with the venv module is needed)")?;
+    status(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", NEUTRON]))?;
+    std::fs::write(&marker, format!("{NEUTRON}\n"))?;
     Ok(())
 }
 
