@@ -56,6 +56,13 @@ impl NeutronRouter {
         router
     }
 
+    /// The same router with no rules at all: the bare baseline.
+    pub fn bare() -> Topology {
+        let topo = Topology::build_named(false, &format!("qr-{}", &INTERNAL_PORT[..11]), &format!("qg-{}", &GATEWAY_PORT[..11]));
+        topo.router.sh("ip", &["addr", "add", &format!("{FLOATING_V4}/32"), "dev", &topo.server_if]);
+        topo
+    }
+
     /// Runs Neutron's rule processing for the router (again): what the L3
     /// agent does on every router update or resync. Returns the device
     /// names Neutron used.

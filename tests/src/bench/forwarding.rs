@@ -42,13 +42,15 @@ fn tx_packets(topo: &Topology, iface: &str) -> u64 {
     v[0]["stats64"]["tx"]["packets"].as_u64().expect("tx packets")
 }
 
-fn blast(topo: &Topology, secs: u64) -> f64 {
+/// 64-byte UDP from the client to the server for `secs`; packets per second
+/// the router sent out of its server-side interface.
+pub fn blast(topo: &Topology, secs: u64) -> f64 {
     let _server = Process::spawn(
         "iperf3 server",
         topo.server.cmd("taskset").args(["-c", "1", "iperf3", "-s", "-1", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let before = tx_packets(topo, "r1");
+    let before = tx_packets(topo, &topo.server_if);
     let out = topo
         .client
         .cmd("taskset")
@@ -56,7 +58,7 @@ fn blast(topo: &Topology, secs: u64) -> f64 {
         .output()
         .expect("iperf3");
     assert!(out.status.success(), "iperf3: {}", String::from_utf8_lossy(&out.stderr));
-    let after = tx_packets(topo, "r1");
+    let after = tx_packets(topo, &topo.server_if);
     (after - before) as f64 / secs as f64
 }
 

@@ -4,6 +4,7 @@
 
 pub mod baselines;
 pub mod changes;
+pub mod fixed_cost;
 pub mod forwarding;
 pub mod packet;
 pub mod report;
