@@ -259,6 +259,8 @@ pub struct StatusReport {
     pub pid: u32,
     pub bpffs: String,
     pub state_dir: String,
+    /// How the programs are attached: "tcx" or "netlink".
+    pub attach: String,
     pub uptime_secs: u64,
     pub routers: Vec<RouterStatus>,
     pub helpers: usize,

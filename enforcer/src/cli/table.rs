@@ -127,7 +127,10 @@ fn print_reconcile(label: &str, r: &ReconcileReport) {
 }
 
 fn print_status(s: &StatusReport) {
-    println!("daemon: pid {}, up {} s, maps and links in {}, store in {}", s.pid, s.uptime_secs, s.bpffs, s.state_dir);
+    println!(
+        "daemon: pid {}, up {} s, programs attached with {}, maps and links in {}, store in {}",
+        s.pid, s.uptime_secs, s.attach, s.bpffs, s.state_dir
+    );
     println!(
         "{} routers, {} helpers, {} quarantined slots, {} revoked flows kept dropped",
         s.routers.len(),

@@ -533,6 +533,11 @@ impl Daemon {
             pid: std::process::id(),
             bpffs: self.config.bpffs.display().to_string(),
             state_dir: self.config.state_dir.display().to_string(),
+            attach: match self.datapath.attach_mode() {
+                crate::kernel::AttachMode::Tcx => "tcx",
+                crate::kernel::AttachMode::Netlink => "netlink",
+            }
+            .to_string(),
             uptime_secs: self.started.elapsed().as_secs(),
             routers,
             helpers: self.helpers.len(),
