@@ -7,10 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::json;
-
-use super::{Scale, forwarding::blast, median};
-use crate::{Daemon, Topology, neutron::NeutronRouter};
+use super::{
+    Scale,
+    forwarding::{blast, enforce},
+    median,
+};
+use crate::neutron::NeutronRouter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Router {
@@ -24,19 +26,6 @@ pub enum Router {
 
 /// Forwarded packets per second, median over rounds.
 pub type Rates = BTreeMap<Router, f64>;
-
-fn enforce(topo: &Topology, n: usize) -> Daemon {
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
-    let mut s = daemon.session();
-    for i in 0..n {
-        let r = s
-            .request(&json!({"op": "helper_create", "router_id": topo.router_id, "protocol": "tcp", "port": 10_000 + i, "helper": "ftp"}))
-            .unwrap();
-        assert!(r.get("ok").is_some(), "{r}");
-    }
-    daemon
-}
 
 pub fn measure(scale: Scale) -> Rates {
     let sizes: Vec<usize> = scale.pick(vec![0, 10], vec![0, 1, 10, 10_000]);

@@ -62,22 +62,26 @@ pub fn blast(topo: &Topology, secs: u64) -> f64 {
     (after - before) as f64 / secs as f64
 }
 
+/// A daemon enforcing the router with `n` ftp helpers on ports 10,000 and
+/// up, which the benchmark traffic never uses.
+pub fn enforce(topo: &Topology, n: usize) -> Daemon {
+    let daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    let mut s = daemon.session();
+    for i in 0..n {
+        let r = s
+            .request(&json!({"op": "helper_create", "router_id": topo.router_id, "protocol": "tcp", "port": 10_000 + i, "helper": "ftp"}))
+            .unwrap();
+        assert!(r.get("ok").is_some(), "{r}");
+    }
+    daemon
+}
+
 /// Installs `n` rules of `backend` on a fresh router; returns what keeps
 /// them alive.
 fn install(backend: Backend, topo: &Topology, n: usize) -> Option<Daemon> {
     match backend {
-        Backend::Enforcer => {
-            let daemon = Daemon::start();
-            daemon.add_router(&topo.router_id);
-            let mut s = daemon.session();
-            for i in 0..n {
-                let r = s
-                    .request(&json!({"op": "helper_create", "router_id": topo.router_id, "protocol": "tcp", "port": 10_000 + i, "helper": "ftp"}))
-                    .unwrap();
-                assert!(r.get("ok").is_some(), "{r}");
-            }
-            Some(daemon)
-        }
+        Backend::Enforcer => Some(enforce(topo, n)),
         Backend::Neutron => {
             install_neutron(&topo.router, n);
             None
