@@ -183,8 +183,8 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "\nWith no rules at all, enforcer forwards {:.0}% of the nftables rate: that is its fixed cost, paid by every \
-         packet whatever the number of rules (two TC programs, the raw-table jump and the two mangle CONNMARK rules of \
-         the glue).\n\n![forwarding](forwarding.svg)\n",
+         packet whatever the number of rules (two TC programs, one comparison in the nftables `pre` chain and two in \
+         `post`). Section 6 measures it against the router it lives in.\n\n![forwarding](forwarding.svg)\n",
         100.0 * rate(Backend::Enforcer, 0) / rate(Backend::Nft, 0)
     );
     // Per-packet cost of the raw-table chains at 1,000 helpers, from the
