@@ -97,7 +97,7 @@ fn direction(kind: TcAttachType) -> &'static str {
 /// Makes sure `iface` has a clsact qdisc (calling thread's namespace). An
 /// `ingress` qdisc (Neutron's floating IP QoS uses one) would take the
 /// egress filter onto its ingress block without a word, so it is refused.
-fn ensure_clsact(iface: &str) -> Result<()> {
+pub fn ensure_clsact(iface: &str) -> Result<()> {
     let qdiscs = tc_json(&["qdisc", "show", "dev", iface])?;
     let hook = qdiscs.as_array().into_iter().flatten().find(|q| q["handle"] == "ffff:");
     match hook.and_then(|q| q["kind"].as_str()) {
@@ -120,11 +120,11 @@ fn filter_present(iface: &str, kind: TcAttachType) -> Result<bool> {
         .any(|f| f["pref"].as_u64() == Some(NETLINK_PRIORITY.into()) && f["kind"] == "bpf"))
 }
 
-/// Attaches `prog` to `iface` in netlink mode, or swaps it in for the one
-/// already there. Returns whether it was missing. Runs in the router's
-/// namespace. The link is forgotten: dropping it would detach the filter.
+/// Attaches `prog` to `iface` in netlink mode (after `ensure_clsact`), or
+/// swaps it in for the one already there. Returns whether it was missing.
+/// Runs in the router's namespace. The link is forgotten: dropping it would
+/// detach the filter.
 pub fn netlink_attach(prog: &mut SchedClassifier, iface: &str, kind: TcAttachType) -> Result<bool> {
-    ensure_clsact(iface)?;
     let missing = !filter_present(iface, kind)?;
     let id = if missing {
         let options = NlOptions { priority: NETLINK_PRIORITY, handle: NETLINK_HANDLE, classid: None };
@@ -151,15 +151,11 @@ pub fn netlink_detach(iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// (missing, present) enforcer filters on `iface` (netlink mode).
-pub fn netlink_count(iface: &str) -> Result<(usize, usize)> {
-    let mut counts = (0, 0);
+/// How many of enforcer's two filters `iface` lacks (netlink mode).
+pub fn netlink_missing(iface: &str) -> Result<usize> {
+    let mut missing = 0;
     for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
-        if filter_present(iface, kind)? {
-            counts.1 += 1;
-        } else {
-            counts.0 += 1;
-        }
+        missing += usize::from(!filter_present(iface, kind)?);
     }
-    Ok(counts)
+    Ok(missing)
 }

@@ -192,7 +192,9 @@ fn nft_error(e: NftablesError) -> String {
     }
 }
 
-/// Whether enforcer's table exists in the namespace.
+/// Whether enforcer's table exists in the namespace. (Asked directly: the
+/// crate's listing helper puts `-j` before every argument, which `nsenter`
+/// would take as its own.)
 pub fn installed(ns: &Path) -> Result<bool> {
     let status = std::process::Command::new("nsenter")
         .args(nft_in(ns))

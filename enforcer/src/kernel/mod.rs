@@ -176,6 +176,7 @@ impl Datapath {
                 netns::run_in(ns, || {
                     let mut changes = LinkChanges::default();
                     for (iface, _) in &current {
+                        attach::ensure_clsact(iface)?;
                         for (name, kind) in PROGRAMS_AND_HOOKS {
                             let prog: &mut SchedClassifier =
                                 programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
@@ -263,7 +264,7 @@ impl Datapath {
             return netns::run_in(ns, || {
                 let mut missing = 0;
                 for (iface, _) in netns::interfaces()? {
-                    missing += attach::netlink_count(&iface)?.0;
+                    missing += attach::netlink_missing(&iface)?;
                 }
                 Ok((missing, 0))
             });
