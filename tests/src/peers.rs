@@ -67,17 +67,21 @@ pub struct FtpServer {
 impl FtpServer {
     /// pyftpdlib, anonymous, on the server's address of `family`, port 21.
     pub fn start(topo: &Topology, family: Family) -> Self {
+        Self::start_in(&topo.server, Topology::server_addr(family))
+    }
+
+    /// pyftpdlib, anonymous, in `ns` on `addr`, port 21.
+    pub fn start_in(ns: &Netns, addr: &str) -> Self {
         let files = Files::new();
         let process = Process::spawn(
             "pyftpdlib",
-            topo.server
-                .cmd("/usr/bin/python3")
-                .args(["-m", "pyftpdlib", "-i", Topology::server_addr(family), "-p", "21", "-d"])
+            ns.cmd("/usr/bin/python3")
+                .args(["-m", "pyftpdlib", "-i", addr, "-p", "21", "-d"])
                 .arg(&files.dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
-        wait_listening(&topo.server, "tcp", 21);
+        wait_listening(ns, "tcp", 21);
         Self { _process: process, files }
     }
 }
@@ -91,10 +95,14 @@ pub struct FtpClient {
 
 impl FtpClient {
     pub fn start(topo: &Topology) -> Self {
+        Self::start_in(&topo.client)
+    }
+
+    /// A client in `ns`.
+    pub fn start_in(ns: &Netns) -> Self {
         let mut process = Process::spawn(
             "ftp client",
-            topo.client
-                .cmd("/usr/bin/python3")
+            ns.cmd("/usr/bin/python3")
                 .arg(peers_dir().join("ftp_client.py"))
                 .arg("3")
                 .stdin(Stdio::piped())
@@ -107,8 +115,13 @@ impl FtpClient {
 
     /// Connects and logs in to the server of `family`.
     pub fn login(topo: &Topology, family: Family) -> Self {
-        let mut c = Self::start(topo);
-        c.ok(&format!("connect {} 21", Topology::server_addr(family)));
+        Self::login_from(&topo.client, Topology::server_addr(family))
+    }
+
+    /// Connects from `ns` to the server at `addr` and logs in.
+    pub fn login_from(ns: &Netns, addr: &str) -> Self {
+        let mut c = Self::start_in(ns);
+        c.ok(&format!("connect {addr} 21"));
         c.ok("login");
         c
     }

@@ -4,10 +4,21 @@
 //! client behind its floating IP, and filter by scope.
 
 use enforcer_tests::{
-    Daemon, Family,
-    neutron::{DEFAULT_SCOPE_MARK, NeutronRouter},
+    Daemon, Family, Topology,
+    neutron::{DEFAULT_SCOPE_MARK, FLOATING_V4, GATEWAY_V4, NeutronRouter},
     peers::{FtpClient, FtpServer},
 };
+
+/// The conntrack line of the FTP control connection from `src` that has
+/// the ftp helper.
+fn control_entry(topo: &Topology, src: &str) -> String {
+    let table = topo.conntrack(&["-L", "-p", "tcp"]);
+    table
+        .lines()
+        .find(|l| l.contains(&format!("src={src} ")) && l.contains("dport=21 ") && l.contains("helper=ftp"))
+        .unwrap_or_else(|| panic!("no control connection from {src} with the ftp helper:\n{table}"))
+        .to_string()
+}
 
 #[test]
 fn unrelated_traffic_passes_and_ftp_works_through_nat_in_both_families() {
@@ -110,4 +121,64 @@ fn neutron_address_scope_isolation_still_drops() {
     // Within the client's own connections, everything works.
     let mut ftp = FtpClient::login(topo, Family::V4);
     ftp.ok("list passive");
+}
+
+#[test]
+fn ftp_into_the_floating_ip_works_with_the_helper_and_is_revoked() {
+    // The FTP server is the instance behind the floating IP; the client is
+    // outside and knows only the floating IP (DNAT on the way in).
+    let n = NeutronRouter::new(true, (None, None));
+    n.open_inbound_ftp();
+    let topo = &n.topo;
+    let daemon = Daemon::start();
+    let _server = FtpServer::start_in(&topo.client, Topology::CLIENT_V4);
+    daemon.add_router(&topo.router_id);
+    let mut plain = FtpClient::login_from(&topo.server, FLOATING_V4);
+    plain.ok("noop");
+    // No helper: the server's 227 names its fixed address, which the client
+    // cannot reach, and its active data connection is not RELATED. (A
+    // failed transfer spoils its control connection: one client each.)
+    FtpClient::login_from(&topo.server, FLOATING_V4).fails("list passive");
+    FtpClient::login_from(&topo.server, FLOATING_V4).fails("list active");
+
+    let helper = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let mut ftp = FtpClient::login_from(&topo.server, FLOATING_V4);
+    // nf_nat_ftp rewrites the 227 reply to the floating IP.
+    ftp.ok("list passive");
+    // The server's data connection goes out through the floating IP's SNAT.
+    ftp.ok("list active");
+    let control = control_entry(topo, Topology::SERVER_V4);
+    assert!(control.contains(&format!("dst={FLOATING_V4} ")), "{control}");
+    assert!(control.contains(&format!("src={} ", Topology::CLIENT_V4)), "DNAT to the fixed address: {control}");
+
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
+    ftp.fails("noop");
+    assert!(!topo.conntrack(&["-L"]).contains("helper=ftp"), "conntrack clean after the delete");
+    plain.ok("noop");
+}
+
+#[test]
+fn ftp_through_the_gateway_snat_without_a_floating_ip() {
+    let n = NeutronRouter::snat_only();
+    let topo = &n.topo;
+    let daemon = Daemon::start();
+    let _server = FtpServer::start(topo, Family::V4);
+    daemon.add_router(&topo.router_id);
+    let mut plain = FtpClient::login(topo, Family::V4);
+    plain.ok("noop");
+    // No helper: PORT names the client's fixed address, behind the SNAT.
+    plain.fails("list active");
+
+    let helper = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let mut ftp = FtpClient::login(topo, Family::V4);
+    ftp.ok("list passive");
+    // nf_nat_ftp rewrites PORT to the gateway's address.
+    ftp.ok("list active");
+    let control = control_entry(topo, Topology::CLIENT_V4);
+    assert!(control.contains(&format!("dst={GATEWAY_V4} ")), "SNAT to the gateway: {control}");
+
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
+    ftp.fails("noop");
+    assert!(!topo.conntrack(&["-L"]).contains("helper=ftp"), "conntrack clean after the delete");
+    plain.ok("noop");
 }
