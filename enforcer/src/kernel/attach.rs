@@ -94,20 +94,24 @@ fn direction(kind: TcAttachType) -> &'static str {
     }
 }
 
-/// Makes sure `iface` has a clsact qdisc (calling thread's namespace). An
-/// `ingress` qdisc (Neutron's floating IP QoS uses one) would take the
+/// Whether `iface` still needs a clsact qdisc (calling thread's namespace).
+/// An `ingress` qdisc (Neutron's floating IP QoS uses one) would take the
 /// egress filter onto its ingress block without a word, so it is refused.
-pub fn ensure_clsact(iface: &str) -> Result<()> {
+pub fn clsact_missing(iface: &str) -> Result<bool> {
     let qdiscs = tc_json(&["qdisc", "show", "dev", iface])?;
     let hook = qdiscs.as_array().into_iter().flatten().find(|q| q["handle"] == "ffff:");
     match hook.and_then(|q| q["kind"].as_str()) {
-        Some("clsact") => Ok(()),
+        Some("clsact") => Ok(false),
         Some(other) => bail!(
             "{iface} has an `{other}` qdisc; netlink attach needs clsact for the egress hook and will not replace \
              another qdisc (and its filters). Use attach = \"tcx\" (kernel 6.6+), or move those filters to clsact"
         ),
-        None => aya::programs::tc::qdisc_add_clsact(iface).with_context(|| format!("adding a clsact qdisc to {iface}")),
+        None => Ok(true),
     }
+}
+
+pub fn add_clsact(iface: &str) -> Result<()> {
+    aya::programs::tc::qdisc_add_clsact(iface).with_context(|| format!("adding a clsact qdisc to {iface}"))
 }
 
 /// Whether enforcer's filter is on `iface`'s hook (netlink mode).
@@ -120,7 +124,7 @@ fn filter_present(iface: &str, kind: TcAttachType) -> Result<bool> {
         .any(|f| f["pref"].as_u64() == Some(NETLINK_PRIORITY.into()) && f["kind"] == "bpf"))
 }
 
-/// Attaches `prog` to `iface` in netlink mode (after `ensure_clsact`), or
+/// Attaches `prog` to `iface` in netlink mode (after `add_clsact`), or
 /// swaps it in for the one already there. Returns whether it was missing.
 /// Runs in the router's namespace. The link is forgotten: dropping it would
 /// detach the filter.

@@ -175,8 +175,13 @@ impl Datapath {
                 let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.quiet_ns, index)?;
                 netns::run_in(ns, || {
                     let mut changes = LinkChanges::default();
-                    for (iface, _) in &current {
-                        attach::ensure_clsact(iface)?;
+                    // Every interface is checked before any is touched, so
+                    // a refused router is left as it was.
+                    let missing = current.iter().map(|(iface, _)| attach::clsact_missing(iface)).collect::<Result<Vec<_>>>()?;
+                    for ((iface, _), missing) in current.iter().zip(missing) {
+                        if missing {
+                            attach::add_clsact(iface)?;
+                        }
                         for (name, kind) in PROGRAMS_AND_HOOKS {
                             let prog: &mut SchedClassifier =
                                 programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
