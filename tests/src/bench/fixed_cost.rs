@@ -5,12 +5,12 @@
 //! Neutron's rules and no enforcer, and that router with enforcer and N
 //! helpers on ports the traffic does not use.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use super::{
     Scale,
-    forwarding::{blast, enforce},
-    median,
+    forwarding::{Blaster, enforce},
+    median, percentile,
 };
 use crate::neutron::NeutronRouter;
 
@@ -24,30 +24,87 @@ pub enum Router {
     Enforcer(usize),
 }
 
-/// Forwarded packets per second, median over rounds.
-pub type Rates = BTreeMap<Router, f64>;
+/// Per router: forwarded packets per second (median over rounds), and its
+/// ratio to the Neutron router without enforcer (quartiles of the per-round
+/// ratios).
+#[derive(Debug, Clone, Default)]
+pub struct FixedCost {
+    pub rounds: usize,
+    pub rates: BTreeMap<Router, f64>,
+    pub ratios: BTreeMap<Router, Quartiles>,
+}
 
-pub fn measure(scale: Scale) -> Rates {
+#[derive(Debug, Clone, Copy)]
+pub struct Quartiles {
+    pub p25: f64,
+    pub median: f64,
+    pub p75: f64,
+}
+
+/// All routers are built first and kept, each with a UDP sender and a
+/// receiver. Each round sends one 200 ms burst through every router, in an
+/// order that rotates from round to round, and divides each rate by the
+/// Neutron router's rate of the same round. The sender and the router's
+/// softirq work share one pinned CPU, so a rate is the inverse of the
+/// per-packet cost. Short paired bursts cancel the drift of a shared 2-vCPU
+/// machine: one-second iperf3 samples, each on a router of its own, moved
+/// by 15% between rounds.
+pub fn measure(scale: Scale) -> FixedCost {
     let sizes: Vec<usize> = scale.pick(vec![0, 10], vec![0, 1, 10, 10_000]);
-    let rounds = scale.pick(1, 5);
-    let secs = scale.pick(1, 3);
-    let mut routers = vec![Router::Bare, Router::Neutron];
-    routers.extend(sizes.iter().map(|n| Router::Enforcer(*n)));
-    let mut samples: BTreeMap<Router, Vec<f64>> = BTreeMap::new();
-    for round in 0..rounds {
-        for &router in &routers {
-            let rate = match router {
-                Router::Bare => blast(&NeutronRouter::bare(), secs),
-                Router::Neutron => blast(&NeutronRouter::new(false, (None, None)).topo, secs),
-                Router::Enforcer(n) => {
-                    let neutron = NeutronRouter::new(false, (None, None));
-                    let _daemon = enforce(&neutron.topo, n);
-                    blast(&neutron.topo, secs)
-                }
-            };
-            samples.entry(router).or_default().push(rate);
-        }
-        eprintln!("bench: fixed cost round {} of {rounds} done", round + 1);
+    let rounds = scale.pick(10, 40);
+    let burst = Duration::from_millis(200);
+    let bare = NeutronRouter::bare();
+    let mut routers: Vec<(Router, NeutronRouter, Option<crate::Daemon>)> = Vec::new();
+    routers.push((Router::Neutron, NeutronRouter::new(false, (None, None)), None));
+    for &n in &sizes {
+        let neutron = NeutronRouter::new(false, (None, None));
+        let daemon = enforce(&neutron.topo, n);
+        routers.push((Router::Enforcer(n), neutron, Some(daemon)));
     }
-    samples.into_iter().map(|(k, v)| (k, median(v))).collect()
+    let mut blasters = vec![(Router::Bare, Blaster::new(&bare))];
+    blasters.extend(routers.iter().map(|(router, neutron, _)| (*router, Blaster::new(&neutron.topo))));
+    let _pinned = PinnedTo::cpu(0);
+    let mut samples: BTreeMap<Router, Vec<f64>> = BTreeMap::new();
+    let mut ratios: BTreeMap<Router, Vec<f64>> = BTreeMap::new();
+    for round in 0..rounds {
+        let mut this_round = BTreeMap::new();
+        for k in 0..blasters.len() {
+            let (router, blaster) = &blasters[(k + round) % blasters.len()];
+            this_round.insert(*router, blaster.burst(burst));
+        }
+        let reference = this_round[&Router::Neutron];
+        for (router, rate) in this_round {
+            samples.entry(router).or_default().push(rate);
+            ratios.entry(router).or_default().push(rate / reference);
+        }
+    }
+    eprintln!("bench: fixed cost, {rounds} rounds done");
+    FixedCost {
+        rounds,
+        rates: samples.into_iter().map(|(k, v)| (k, median(v))).collect(),
+        ratios: ratios
+            .into_iter()
+            .map(|(k, v)| (k, Quartiles { p25: percentile(v.clone(), 0.25), median: median(v.clone()), p75: percentile(v, 0.75) }))
+            .collect(),
+    }
+}
+
+/// Pins the calling thread to one CPU until dropped.
+struct PinnedTo(nix::sched::CpuSet);
+
+impl PinnedTo {
+    fn cpu(cpu: usize) -> Self {
+        let me = nix::unistd::Pid::from_raw(0);
+        let before = nix::sched::sched_getaffinity(me).expect("sched_getaffinity");
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).expect("cpu number");
+        nix::sched::sched_setaffinity(me, &set).expect("sched_setaffinity");
+        Self(before)
+    }
+}
+
+impl Drop for PinnedTo {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
 }

@@ -62,6 +62,45 @@ pub fn blast(topo: &Topology, secs: u64) -> f64 {
     (after - before) as f64 / secs as f64
 }
 
+/// A UDP sender in a router's client namespace and a receiver in its
+/// server namespace that never reads (its full buffer drops what arrives,
+/// which costs less than an ICMP error). Made once, used for many short
+/// bursts, so that bursts of different routers can alternate closely.
+pub struct Blaster {
+    tx: std::net::UdpSocket,
+    _rx: std::net::UdpSocket,
+}
+
+impl Blaster {
+    pub fn new(topo: &Topology) -> Self {
+        let bind = |ns: &crate::Netns, addr: &str| {
+            let addr = addr.to_string();
+            enforcer::kernel::netns::run_in(std::path::Path::new(&ns.path()), move || Ok(std::net::UdpSocket::bind(addr)?)).expect("socket in namespace")
+        };
+        let rx = bind(&topo.server, &format!("{}:5201", Topology::SERVER_V4));
+        let tx = bind(&topo.client, &format!("{}:0", Topology::CLIENT_V4));
+        tx.connect(format!("{}:5201", Topology::SERVER_V4)).expect("connect");
+        Self { tx, _rx: rx }
+    }
+
+    /// Sends 64-byte datagrams for `dur` on the calling thread; the
+    /// router's softirq work runs on this CPU too. Returns datagrams sent
+    /// per second.
+    pub fn burst(&self, dur: Duration) -> f64 {
+        let payload = [0u8; 64];
+        let start = std::time::Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < dur {
+            for _ in 0..64 {
+                if self.tx.send(&payload).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        sent as f64 / start.elapsed().as_secs_f64()
+    }
+}
+
 /// A daemon enforcing the router with `n` ftp helpers on ports 10,000 and
 /// up, which the benchmark traffic never uses.
 pub fn enforce(topo: &Topology, n: usize) -> Daemon {
