@@ -1,14 +1,17 @@
 //! enforcer's fixed cost measured against the router it lives in: a Neutron
 //! router (the L3 agent's rules, installed by Neutron's own code, with SNAT
-//! of the client through its floating IP). Three ways in the same run,
-//! rounds interleaved: the bare router (no rules at all), the router with
-//! Neutron's rules and no enforcer, and that router with enforcer and N
-//! helpers on ports the traffic does not use.
+//! of the client through its floating IP). In the same run, rounds
+//! interleaved: the bare router (no rules at all), the router with
+//! Neutron's rules and no enforcer, that router with enforcer and N helpers
+//! on ports the traffic does not use, and two partial routers that split
+//! enforcer's cost: its nftables table alone, and an empty program at each
+//! tc hook enforcer uses.
 
 use std::{collections::BTreeMap, time::Duration};
 
 use super::{
     Scale,
+    baselines::feed,
     forwarding::{Blaster, enforce},
     median, percentile,
 };
@@ -20,6 +23,12 @@ pub enum Router {
     Bare,
     /// Neutron's rules, no enforcer.
     Neutron,
+    /// Neutron's rules and enforcer's nftables table, copied from an
+    /// enforced router, without the TC programs.
+    GlueOnly,
+    /// Neutron's rules and an empty tcx program at every hook enforcer
+    /// uses: the price of being on the tc hooks at all.
+    EmptyPrograms,
     /// Neutron's rules and enforcer with this many helpers.
     Enforcer(usize),
 }
@@ -54,13 +63,20 @@ pub fn measure(scale: Scale) -> FixedCost {
     let rounds = scale.pick(10, 40);
     let burst = Duration::from_millis(200);
     let bare = NeutronRouter::bare();
-    let mut routers: Vec<(Router, NeutronRouter, Option<crate::Daemon>)> = Vec::new();
-    routers.push((Router::Neutron, NeutronRouter::new(false, (None, None)), None));
+    let mut routers: Vec<(Router, NeutronRouter, Box<dyn std::any::Any>)> = Vec::new();
+    routers.push((Router::Neutron, NeutronRouter::new(false, (None, None)), Box::new(())));
     for &n in &sizes {
         let neutron = NeutronRouter::new(false, (None, None));
         let daemon = enforce(&neutron.topo, n);
-        routers.push((Router::Enforcer(n), neutron, Some(daemon)));
+        routers.push((Router::Enforcer(n), neutron, Box::new(daemon)));
     }
+    let glue = routers[1].1.topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
+    let neutron = NeutronRouter::new(false, (None, None));
+    feed(&neutron.topo.router, "nft", &["-f", "-"], &glue);
+    routers.push((Router::GlueOnly, neutron, Box::new(())));
+    let neutron = NeutronRouter::new(false, (None, None));
+    let empty = EmptyPrograms::attach(&neutron.topo);
+    routers.push((Router::EmptyPrograms, neutron, Box::new(empty)));
     let mut blasters = vec![(Router::Bare, Blaster::new(&bare))];
     blasters.extend(routers.iter().map(|(router, neutron, _)| (*router, Blaster::new(&neutron.topo))));
     let _pinned = PinnedTo::cpu(0);
@@ -106,5 +122,43 @@ impl PinnedTo {
 impl Drop for PinnedTo {
     fn drop(&mut self) {
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
+}
+
+/// `baseline_empty` attached with tcx at both hooks of each router
+/// interface, on maps of its own.
+struct EmptyPrograms {
+    pins: std::path::PathBuf,
+    _links: Vec<aya::programs::tc::SchedClassifierLink>,
+    _ebpf: aya::Ebpf,
+    _datapath: enforcer::kernel::Datapath,
+}
+
+impl EmptyPrograms {
+    fn attach(topo: &crate::Topology) -> Self {
+        use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
+        let pins = std::path::PathBuf::from("/sys/fs/bpf").join(crate::unique("empty"));
+        let datapath = enforcer::kernel::Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, 1_000, 1_000_000_000).expect("maps");
+        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).expect("programs");
+        let prog: &mut SchedClassifier = ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).expect("baseline").try_into().expect("classifier");
+        prog.load().expect("verifying the empty program");
+        let mut links = Vec::new();
+        for iface in [&topo.client_if, &topo.server_if] {
+            for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let link = enforcer::kernel::netns::run_in(std::path::Path::new(&topo.router.path()), || {
+                    let id = prog.attach_with_options(iface, kind, TcAttachOptions::TcxOrder(LinkOrder::last()))?;
+                    Ok(prog.take_link(id)?)
+                })
+                .expect("attaching the empty program");
+                links.push(link);
+            }
+        }
+        Self { pins, _links: links, _ebpf: ebpf, _datapath: datapath }
+    }
+}
+
+impl Drop for EmptyPrograms {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pins);
     }
 }
