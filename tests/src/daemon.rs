@@ -16,6 +16,7 @@ pub struct Daemon {
     pub bpffs: PathBuf,
     pub state: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// A connection to the daemon's API.
@@ -76,6 +77,11 @@ impl Daemon {
     /// Starts a daemon with its store in `state` (default: its own
     /// directory) and extra `daemon` arguments.
     pub fn start_with(state: Option<PathBuf>, extra: &[&str]) -> Self {
+        Self::start_with_env(state, extra, &[])
+    }
+
+    /// As [`Daemon::start_with`], with extra environment variables.
+    pub fn start_with_env(state: Option<PathBuf>, extra: &[&str], env: &[(&str, &str)]) -> Self {
         crate::require_root();
         let name = unique("d");
         let dir = std::env::temp_dir().join(&name);
@@ -83,17 +89,21 @@ impl Daemon {
         let bpffs = PathBuf::from("/sys/fs/bpf").join(&name);
         let socket = dir.join("enforcer.sock");
         let state = state.unwrap_or_else(|| dir.join("state"));
-        Self::launch(dir, bpffs, socket, state, extra)
-    }
-
-    fn launch(dir: PathBuf, bpffs: PathBuf, socket: PathBuf, state: PathBuf, extra: &[&str]) -> Self {
-        let process = Self::spawn_daemon(&dir, &bpffs, &socket, &state, extra);
-        let mut daemon = Self { process, dir, socket, bpffs, state, extra: extra.iter().map(|s| s.to_string()).collect() };
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let process = Self::spawn_daemon(&dir, &bpffs, &socket, &state, extra, &env);
+        let mut daemon = Self { process, dir, socket, bpffs, state, extra: extra.iter().map(|s| s.to_string()).collect(), env };
         daemon.wait_up();
         daemon
     }
 
-    fn spawn_daemon(dir: &std::path::Path, bpffs: &std::path::Path, socket: &std::path::Path, state: &std::path::Path, extra: &[&str]) -> Process {
+    fn spawn_daemon(
+        dir: &std::path::Path,
+        bpffs: &std::path::Path,
+        socket: &std::path::Path,
+        state: &std::path::Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Process {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         Process::spawn(
             "enforcer daemon",
@@ -106,6 +116,7 @@ impl Daemon {
                 .arg("--state-dir")
                 .arg(state)
                 .args(extra)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(log),
         )
@@ -133,14 +144,14 @@ impl Daemon {
         if matches!(self.process.child.try_wait(), Ok(None)) {
             self.stop(nix::sys::signal::Signal::SIGTERM);
         }
-        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>());
+        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>(), &self.env);
         self.wait_up();
     }
 
     /// Starts the daemon again and expects it to refuse: returns its exit
     /// status and log.
     pub fn restart_refused(&mut self) -> (std::process::ExitStatus, String) {
-        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>());
+        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>(), &self.env);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.process.child.try_wait() {

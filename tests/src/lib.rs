@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod neutron;
+pub mod openstack;
 pub mod peers;
 pub mod topology;
 

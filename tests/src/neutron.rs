@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::{Topology, peers_dir, run};
 
 /// The venv with the pinned neutron release (made by `cargo xtask setup`).
-pub const VENV: &str = "/var/cache/enforcer/neutron-29.0.0";
+pub const VENV: &str = "/var/cache/enforcer/openstack-n29.0.0-k30.0.0";
 /// The client's floating IP on the gateway network.
 pub const FLOATING_V4: &str = "10.200.2.50";
 /// The gateway port's address: the router's SNAT address.

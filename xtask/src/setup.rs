@@ -30,10 +30,12 @@ const PACKAGES: &[(&str, &str)] = &[
 
 const BPF_LINKER: &str = "bpf-linker@0.10.0";
 
-/// The Neutron release whose L3 agent code the tests run beside enforcer.
-const NEUTRON: &str = "neutron==29.0.0";
-/// Its venv (the tests know this path too).
-const NEUTRON_VENV: &str = "/var/cache/enforcer/neutron-29.0.0";
+/// The OpenStack releases the tests run: Neutron's L3 agent code beside
+/// enforcer, and neutron-server with Keystone for the Neutron sync. One venv:
+/// the two resolve to the same oslo libraries.
+const OPENSTACK: [&str; 2] = ["neutron==29.0.0", "keystone==30.0.0"];
+/// Their venv (the tests know this path too).
+const OPENSTACK_VENV: &str = "/var/cache/enforcer/openstack-n29.0.0-k30.0.0";
 
 pub fn run() -> Result<()> {
     if !nix_is_root() {
@@ -44,7 +46,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     rust_src()?;
     bpffs()?;
-    neutron_venv()?;
+    openstack_venv()?;
     println!("setup: ready");
     Ok(())
 }
@@ -174,19 +176,20 @@ fn patch_core(core: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A venv with the pinned neutron release from PyPI, made once (about
+/// A venv with the pinned OpenStack releases from PyPI, made once (about
 /// 90 s) and kept; a marker says the install finished.
-fn neutron_venv() -> Result<()> {
-    let venv = Path::new(NEUTRON_VENV);
+fn openstack_venv() -> Result<()> {
+    let venv = Path::new(OPENSTACK_VENV);
     let marker = venv.join(".enforcer-complete");
     if marker.exists() {
         return Ok(());
     }
-    println!("setup: installing {NEUTRON} into {NEUTRON_VENV} (Neutron's L3 agent code for the tests; about 90 s)");
+    let list = OPENSTACK.join(" ");
+    println!("setup: installing {list} into {OPENSTACK_VENV} (Neutron's code and servers for the tests; about 90 s)");
     let _ = std::fs::remove_dir_all(venv);
     status(Command::new("python3").args(["-m", "venv"]).arg(venv)).context("creating the venv (python3 with the venv module is needed)")?;
-    status(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check", NEUTRON]))?;
-    std::fs::write(&marker, format!("{NEUTRON}\n"))?;
+    status(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check"]).args(OPENSTACK))?;
+    std::fs::write(&marker, format!("{list}\n"))?;
     Ok(())
 }
 
