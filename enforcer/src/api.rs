@@ -50,6 +50,23 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Who decides a router's helpers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    /// Added through this API (`router add`); its helpers too.
+    #[default]
+    Local,
+    /// Followed from Neutron: read-only here, changed in Neutron.
+    Neutron,
+}
+
+impl Owner {
+    pub fn is_local(&self) -> bool {
+        *self == Owner::Local
+    }
+}
+
 /// A router: a network namespace whose interfaces carry the TC programs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +74,8 @@ pub struct Router {
     pub id: String,
     pub project_id: String,
     pub netns: String,
+    #[serde(default, skip_serializing_if = "Owner::is_local")]
+    pub owner: Owner,
     /// Interfaces the programs are attached to (runtime, not stored).
     #[serde(default)]
     pub interfaces: Vec<String>,
@@ -248,12 +267,14 @@ impl ReconcileReport {
 pub struct RouterStatus {
     pub id: String,
     pub netns: String,
+    #[serde(default, skip_serializing_if = "Owner::is_local")]
+    pub owner: Owner,
     pub attached: bool,
     pub interfaces: Vec<String>,
     pub helpers: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     pub pid: u32,
@@ -270,6 +291,40 @@ pub struct StatusReport {
     pub started_with: ReconcileReport,
     /// What differs now between the kernel and the store.
     pub drift: ReconcileReport,
+    /// The Neutron sync, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neutron: Option<SyncStatus>,
+}
+
+/// A Neutron helper that is not applied here, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperError {
+    pub router_id: String,
+    pub helper_id: String,
+    pub error: String,
+}
+
+/// How the Neutron sync stands. Never holds a secret.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncStatus {
+    /// "ok", or "stale" while Neutron or Keystone fails (enforcement stays
+    /// as last applied).
+    pub state: String,
+    /// Seconds since the last complete poll; None before the first.
+    pub age_secs: Option<f64>,
+    /// Why the last poll failed, if it did.
+    pub last_error: Option<String>,
+    pub polls: u64,
+    pub failed_polls_in_a_row: u64,
+    /// HTTP requests of the last complete poll (logins included).
+    pub requests_last_poll: u64,
+    pub routers_synced: usize,
+    /// Neutron helpers not applied (helper or protocol not offered here).
+    pub helper_errors: Vec<HelperError>,
+    /// Helper errors seen since start.
+    pub helper_errors_total: u64,
 }
 
 /// One helper this host offers: probed from the kernel, narrowed by

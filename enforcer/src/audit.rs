@@ -20,6 +20,9 @@ pub struct AuditEntry {
     /// RFC 3339, UTC.
     pub time: String,
     pub caller: Caller,
+    /// Who the change was made for: the local API, or the Neutron sync.
+    #[serde(default, skip_serializing_if = "crate::api::Owner::is_local")]
+    pub origin: crate::api::Owner,
     pub op: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_id: Option<String>,
@@ -109,6 +112,7 @@ mod tests {
         let old = AuditEntry {
             time: "2020-01-01T00:00:00Z".into(),
             caller,
+            origin: Default::default(),
             op: "helper_delete".into(),
             router_id: None,
             helper_id: None,

@@ -37,6 +37,8 @@ pub struct Config {
     pub socket_group: Option<u32>,
     /// Who may do what (root is always admin).
     pub access: Vec<crate::auth::AccessRule>,
+    /// Follow Neutron (absent: local routers only).
+    pub neutron: Option<crate::neutron::NeutronConfig>,
 }
 
 impl Default for Config {
@@ -53,6 +55,7 @@ impl Default for Config {
             allowed_helpers: None,
             socket_group: None,
             access: Vec::new(),
+            neutron: None,
         }
     }
 }

@@ -8,5 +8,6 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod neutron;
 pub mod store;
 pub mod validate;

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::api::Helper;
+use crate::api::{Helper, Owner};
 
 const ROUTERS: TableDefinition<&str, &str> = TableDefinition::new("routers");
 const HELPERS: TableDefinition<&str, &str> = TableDefinition::new("helpers");
@@ -26,6 +26,9 @@ pub struct RouterRecord {
     pub index: u32,
     pub project_id: String,
     pub netns: String,
+    /// Absent in stores of earlier versions: local.
+    #[serde(default, skip_serializing_if = "Owner::is_local")]
+    pub owner: Owner,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

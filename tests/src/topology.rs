@@ -109,8 +109,18 @@ impl Topology {
     /// The test bed with the router's interfaces named `client_if` (towards
     /// 10.200.1.0/24) and `server_if` (towards 10.200.2.0/24).
     pub fn build_named(firewall: bool, client_if: &str, server_if: &str) -> Self {
+        Self::build_for(&uuid::Uuid::new_v4().to_string(), firewall, client_if, server_if)
+    }
+
+    /// The test bed of a router that exists elsewhere (in Neutron): its
+    /// namespace is `qrouter-<router_id>`, as the L3 agent names it.
+    pub fn for_router(router_id: &str) -> Self {
+        Self::build_for(router_id, true, "r0", "r1")
+    }
+
+    fn build_for(router_id: &str, firewall: bool, client_if: &str, server_if: &str) -> Self {
         crate::require_root();
-        let router_id = uuid::Uuid::new_v4().to_string();
+        let router_id = router_id.to_string();
         let tag = unique("");
         let client = Netns::create(&format!("{tag}-c"));
         let server = Netns::create(&format!("{tag}-s"));

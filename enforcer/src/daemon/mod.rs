@@ -9,6 +9,7 @@
 mod ops;
 mod revoke;
 mod server;
+mod sync;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -123,6 +124,11 @@ pub struct Daemon {
     started_with: ReconcileReport,
     /// Set by teardown: the server stops after answering.
     stopping: bool,
+    /// On whose behalf the request being handled is made.
+    origin: crate::api::Owner,
+    /// The Neutron sync's last report, and when it last completed a poll.
+    sync_status: Option<crate::api::SyncStatus>,
+    last_sync: Option<Instant>,
 }
 
 impl From<ApplyError> for ApiError {
@@ -145,6 +151,9 @@ impl Daemon {
         let layout = config.layout()?;
         let mode = crate::kernel::attach::resolve(config.attach)?;
         crate::auth::check_rules(&config.access).map_err(anyhow::Error::msg)?;
+        if let Some(neutron) = &config.neutron {
+            neutron.check()?;
+        }
         raise_fd_limit();
         let unreadable =
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
@@ -184,6 +193,9 @@ impl Daemon {
             started: Instant::now(),
             started_with: ReconcileReport::default(),
             stopping: false,
+            origin: crate::api::Owner::Local,
+            sync_status: None,
+            last_sync: None,
         };
         daemon.started_with = daemon.reconcile()?;
         let r = &daemon.started_with;

@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use super::{DEFAULT_PROJECT, Daemon, RouterState, kind_of, netns_id, rule_key};
 use crate::{
-    api::{ApiError, ErrorCode, Helper, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
+    api::{ApiError, ErrorCode, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
     audit::{self, Audit, AuditEntry},
     auth::{self, Caller},
     catalogue::HelperKind,
@@ -68,14 +68,23 @@ impl Daemon {
     /// Handles a request of `caller`: authorizes it, confines it to the
     /// caller's project, and audits every mutation and every refusal.
     pub fn handle_as(&mut self, caller: Caller, req: Request) -> Result<Reply, ApiError> {
+        self.handle_from(Owner::Local, caller, req)
+    }
+
+    /// As [`Daemon::handle_as`], for a request made on behalf of `origin`:
+    /// the local API may not change what Neutron owns, and the sync changes
+    /// only that.
+    pub(super) fn handle_from(&mut self, origin: Owner, caller: Caller, req: Request) -> Result<Reply, ApiError> {
         let role = auth::role_of(&self.config.access, &caller);
         let (op, mutation) = describe(&req);
         let (router_id, helper_id) = names(&req);
         let before = if mutation { self.snapshot(router_id.as_deref(), helper_id.as_deref()) } else { None };
-        let result = auth::permits(role.as_ref(), &req).and_then(|()| {
+        let result = auth::permits(role.as_ref(), &req).and_then(|()| self.check_owner(origin, &req, mutation)).and_then(|()| {
             self.scope = role.as_ref().and_then(|r| r.scope()).map(str::to_string);
+            self.origin = origin;
             let r = self.handle(req);
             self.scope = None;
+            self.origin = Owner::Local;
             r
         });
         if mutation || result.is_err() {
@@ -91,6 +100,7 @@ impl Daemon {
             let entry = AuditEntry {
                 time: Audit::now(),
                 caller,
+                origin,
                 op: op.to_string(),
                 router_id: bounded(router_id),
                 helper_id: bounded(helper_id),
@@ -109,11 +119,30 @@ impl Daemon {
         result
     }
 
+    /// One owner per router: a change through the local API to a router
+    /// that follows Neutron is refused, and the sync touches nothing else.
+    fn check_owner(&self, origin: Owner, req: &Request, mutation: bool) -> Result<(), ApiError> {
+        let (Some(router), true) = (names(req).0, mutation) else { return Ok(()) };
+        let Some(owner) = self.routers.get(&router).map(|r| r.record.owner) else { return Ok(()) };
+        match (origin, owner) {
+            (Owner::Local, Owner::Neutron) if !matches!(req, Request::Teardown {}) => Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!("router {router} follows Neutron, which owns its helpers: change them in Neutron (openstack network l3 conntrack helper ...)"),
+            )),
+            (Owner::Neutron, Owner::Local) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("router {router} was added by hand here; the Neutron sync leaves it alone"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Audits a request refused before it could be read.
     pub fn audit_refused(&mut self, caller: Caller, error: ApiError) {
         let entry = AuditEntry {
             time: Audit::now(),
             caller,
+            origin: Owner::Local,
             op: "unparsed".to_string(),
             router_id: None,
             helper_id: None,
@@ -190,6 +219,7 @@ impl Daemon {
             id: r.id.clone(),
             project_id: r.project_id.clone(),
             netns: r.netns.clone(),
+            owner: r.owner,
             interfaces: state.attachment.as_ref().map(|a| a.interfaces.clone()).unwrap_or_default(),
         }
     }
@@ -218,7 +248,7 @@ impl Daemon {
         let index = (1..=u32::MAX)
             .find(|i| !used.contains(i))
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
-        let record = RouterRecord { id: id.clone(), index, project_id: project, netns };
+        let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner: self.origin };
         self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
@@ -298,7 +328,7 @@ impl Daemon {
         Ok(Reply::Done {})
     }
 
-    fn helpers_of<'a>(&'a self, router: &'a str) -> impl Iterator<Item = &'a HelperRecord> + 'a {
+    pub(super) fn helpers_of<'a>(&'a self, router: &'a str) -> impl Iterator<Item = &'a HelperRecord> + 'a {
         self.helpers.range((router.to_string(), String::new())..).take_while(move |((r, _), _)| r == router).map(|(_, h)| h)
     }
 
@@ -522,6 +552,7 @@ impl Daemon {
             routers.push(RouterStatus {
                 id: r.id.clone(),
                 netns: r.netns.clone(),
+                owner: r.owner,
                 attached: state.attachment.is_some(),
                 interfaces: state.attachment.as_ref().map(|a| a.interfaces.clone()).unwrap_or_default(),
                 helpers: self.helpers_of(&r.id).count(),
@@ -545,6 +576,10 @@ impl Daemon {
             revoked_flows: self.datapath.revoked_flows(),
             started_with: self.started_with,
             drift,
+            neutron: self.sync_status.clone().map(|mut s| {
+                s.age_secs = self.last_sync.map(|t| t.elapsed().as_secs_f64());
+                s
+            }),
         })
     }
 }

@@ -56,7 +56,12 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     }
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }))?;
     info!(socket = %socket.display(), "serving");
+    let neutron = daemon.config.neutron.clone();
     let daemon: Shared = Arc::new(Mutex::new(daemon));
+    let sync = neutron.map(|config| {
+        info!(poll_interval = ?config.poll_interval(), "following Neutron");
+        tokio::spawn(super::sync::follow(daemon.clone(), config))
+    });
     let mut watchers: HashMap<String, JoinHandle<()>> = HashMap::new();
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -89,6 +94,9 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     }
     for (_, w) in watchers {
         w.abort();
+    }
+    if let Some(sync) = sync {
+        sync.abort();
     }
     info!("stopping; enforcement stays in place");
     let _ = std::fs::remove_file(socket);

@@ -1,0 +1,282 @@
+//! The Neutron sync: a task that polls Neutron and applies what changed
+//! through the same requests as the local API (`router_add`,
+//! `helper_create`, ...), made on Neutron's behalf, so they are validated,
+//! stored and audited alike. Neutron and Keystone failures leave
+//! enforcement as last applied; the task retries with backoff.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use super::Daemon;
+use crate::{
+    api::{ApiError, HelperError, Owner, Reply, Request, SyncStatus},
+    auth::Caller,
+    neutron::{
+        NeutronConfig,
+        client::{Neutron, NeutronError},
+        plan::{self, NeutronHelper, NeutronRouter, Step},
+    },
+};
+
+type Shared = Arc<Mutex<Daemon>>;
+
+/// The sync acts as root of this host, on Neutron's behalf.
+const SYNC_CALLER: Caller = Caller { uid: 0, gid: 0, pid: None };
+
+/// Longest wait between two attempts while Neutron fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What applying one router's helpers left undone.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Helpers refused for good (not offered here, bad values).
+    pub refused: Vec<HelperError>,
+    /// Whether a step failed for a reason that may pass (kernel, store,
+    /// a conflict within one change): the revision is fetched again.
+    pub retry: bool,
+}
+
+impl Daemon {
+    /// Routers that follow Neutron, and routers added by hand.
+    fn owners(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let (mut neutron, mut local) = (BTreeSet::new(), BTreeSet::new());
+        for (id, state) in &self.routers {
+            match state.record.owner {
+                Owner::Neutron => neutron.insert(id.clone()),
+                Owner::Local => local.insert(id.clone()),
+            };
+        }
+        (neutron, local)
+    }
+
+    fn on_behalf_of_neutron(&mut self, req: Request) -> Result<Reply, ApiError> {
+        self.handle_from(Owner::Neutron, SYNC_CALLER, req)
+    }
+
+    /// Makes the router's helpers exactly Neutron's: deletes first, then
+    /// moves, then creates, so that a port handed from one helper to
+    /// another within one change is free when it is needed.
+    pub fn sync_router(&mut self, router: &NeutronRouter, netns: &str, helpers: &[NeutronHelper]) -> Applied {
+        let mut applied = Applied::default();
+        let id = router.id.clone();
+        if self.routers.get(&id).is_some_and(|r| r.record.netns != netns) {
+            // The router moved between its qrouter- and snat- namespaces.
+            if let Err(e) = self.on_behalf_of_neutron(Request::RouterRemove { router_id: id.clone() }) {
+                warn!(router = %id, "moving to {netns}: {e}");
+                applied.retry = true;
+                return applied;
+            }
+        }
+        if !self.routers.contains_key(&id) {
+            let add = Request::RouterAdd { router_id: id.clone(), netns: Some(netns.to_string()), project_id: Some(router.project_id.clone()) };
+            if let Err(e) = self.on_behalf_of_neutron(add) {
+                warn!(router = %id, "adding: {e}");
+                applied.retry = true;
+                return applied;
+            }
+        }
+        let current: BTreeMap<String, (String, u16, String)> = self
+            .helpers_of(&id)
+            .map(|h| (h.helper.id.clone(), (h.helper.protocol.as_str().to_string(), h.helper.port, h.helper.helper.clone())))
+            .collect();
+        let mut wanted: BTreeMap<String, (String, i64, String)> = BTreeMap::new();
+        for h in helpers {
+            let name = match crate::validate::protocol(&h.protocol) {
+                Ok(p) => plan::kernel_name(&h.helper, p).to_string(),
+                Err(_) => h.helper.clone(),
+            };
+            wanted.insert(h.id.clone(), (h.protocol.clone(), h.port, name));
+        }
+        let refuse = |applied: &mut Applied, helper_id: &str, e: ApiError| {
+            if matches!(e.code, crate::api::ErrorCode::InvalidArgument) {
+                applied.refused.push(HelperError { router_id: id.clone(), helper_id: helper_id.to_string(), error: e.message });
+            } else {
+                warn!(router = %id, helper = %helper_id, "{e}");
+                applied.retry = true;
+            }
+        };
+        for helper_id in current.keys().filter(|h| !wanted.contains_key(*h)) {
+            if let Err(e) = self.on_behalf_of_neutron(Request::HelperDelete { router_id: id.clone(), helper_id: helper_id.clone() }) {
+                refuse(&mut applied, helper_id, e);
+            }
+        }
+        for (helper_id, (protocol, port, name)) in &wanted {
+            let Some((p, q, n)) = current.get(helper_id) else { continue };
+            if (p.as_str(), i64::from(*q), n.as_str()) == (protocol.as_str(), *port, name.as_str()) {
+                continue;
+            }
+            let update = Request::HelperUpdate {
+                router_id: id.clone(),
+                helper_id: helper_id.clone(),
+                protocol: Some(protocol.clone()),
+                port: Some(*port),
+                helper: Some(name.clone()),
+            };
+            if let Err(e) = self.on_behalf_of_neutron(update) {
+                refuse(&mut applied, helper_id, e);
+            }
+        }
+        for (helper_id, (protocol, port, name)) in wanted.iter().filter(|(h, _)| !current.contains_key(*h)) {
+            let create = Request::HelperCreate {
+                router_id: id.clone(),
+                protocol: protocol.clone(),
+                port: *port,
+                helper: name.clone(),
+                id: Some(helper_id.clone()),
+                project_id: Some(router.project_id.clone()),
+            };
+            if let Err(e) = self.on_behalf_of_neutron(create) {
+                refuse(&mut applied, helper_id, e);
+            }
+        }
+        applied
+    }
+
+    /// Removes a router that followed Neutron (gone from Neutron, or its
+    /// namespace gone from this node).
+    pub fn sync_remove(&mut self, id: &str) -> Result<(), ApiError> {
+        self.on_behalf_of_neutron(Request::RouterRemove { router_id: id.to_string() }).map(|_| ())
+    }
+
+    fn set_sync_status(&mut self, status: SyncStatus, completed: bool) {
+        if completed {
+            self.last_sync = Some(Instant::now());
+        }
+        self.sync_status = Some(status);
+    }
+}
+
+fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Daemon> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` on the daemon off the async runtime.
+async fn with_daemon<T: Send + 'static>(daemon: &Shared, f: impl FnOnce(&mut Daemon) -> T + Send + 'static) -> T {
+    let d = daemon.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&d))).await.expect("sync step panicked")
+}
+
+/// The names in /run/netns.
+fn namespaces() -> Vec<String> {
+    std::fs::read_dir(crate::kernel::netns::path(""))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// What the poller keeps between polls.
+struct Poller {
+    neutron: Neutron,
+    /// Router id -> the revision applied here (None: to be fetched again).
+    revisions: BTreeMap<String, Option<u64>>,
+    refused: BTreeMap<String, Vec<HelperError>>,
+    status: SyncStatus,
+}
+
+impl Poller {
+    async fn poll(&mut self, daemon: &Shared) -> Result<(), NeutronError> {
+        let listed = self.neutron.routers().await?;
+        let hosted = plan::hosted(&namespaces());
+        let (followed, locals) = with_daemon(daemon, |d| d.owners()).await;
+        self.revisions.retain(|id, _| followed.contains(id));
+        let synced: BTreeMap<String, Option<u64>> =
+            followed.iter().map(|id| (id.clone(), self.revisions.get(id).copied().flatten())).collect();
+        for step in plan::steps(&hosted, &listed, &synced, &locals) {
+            match step {
+                Step::Sync { router, netns } => match self.neutron.helpers(&router.id).await? {
+                    Some(helpers) => {
+                        let r = router.clone();
+                        let applied = with_daemon(daemon, move |d| d.sync_router(&r, &netns, &helpers)).await;
+                        let new_errors = applied.refused.iter().filter(|e| !self.refused.get(&router.id).is_some_and(|old| old.contains(e))).count();
+                        self.status.helper_errors_total += new_errors as u64;
+                        for e in &applied.refused {
+                            warn!(router = %e.router_id, helper = %e.helper_id, "Neutron helper not applied: {}", e.error);
+                        }
+                        self.refused.insert(router.id.clone(), applied.refused);
+                        self.revisions.insert(router.id.clone(), (!applied.retry).then_some(router.revision_number));
+                    }
+                    // Deleted between the list and now: confirmed next poll.
+                    None => {}
+                },
+                Step::Confirm { id } => {
+                    if !self.neutron.router_exists(&id).await? {
+                        info!(router = %id, "gone from Neutron: removing");
+                        self.remove(daemon, id).await;
+                    }
+                }
+                Step::Remove { id } => {
+                    info!(router = %id, "namespace gone from this node: removing");
+                    self.remove(daemon, id).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(&mut self, daemon: &Shared, id: String) {
+        let key = id.clone();
+        if let Err(e) = with_daemon(daemon, move |d| d.sync_remove(&key)).await {
+            warn!(router = %id, "removing: {e}");
+            return;
+        }
+        self.revisions.remove(&id);
+        self.refused.remove(&id);
+    }
+}
+
+/// Follows Neutron until the daemon stops.
+pub async fn follow(daemon: Shared, config: NeutronConfig) {
+    let interval = config.poll_interval();
+    let mut poller = Poller {
+        neutron: Neutron::new(config),
+        revisions: BTreeMap::new(),
+        refused: BTreeMap::new(),
+        status: SyncStatus { state: "starting".into(), ..SyncStatus::default() },
+    };
+    with_daemon(&daemon, {
+        let status = poller.status.clone();
+        move |d| d.set_sync_status(status, false)
+    })
+    .await;
+    loop {
+        let before = poller.neutron.requests;
+        let result = poller.poll(&daemon).await;
+        poller.status.polls += 1;
+        let wait = match &result {
+            Ok(()) => {
+                if poller.status.failed_polls_in_a_row > 0 {
+                    info!("Neutron sync recovered");
+                }
+                poller.status.state = "ok".into();
+                poller.status.last_error = None;
+                poller.status.failed_polls_in_a_row = 0;
+                poller.status.requests_last_poll = poller.neutron.requests - before;
+                interval
+            }
+            Err(e) => {
+                poller.status.state = "stale".into();
+                poller.status.last_error = Some(e.to_string());
+                poller.status.failed_polls_in_a_row += 1;
+                warn!(failures = poller.status.failed_polls_in_a_row, "Neutron sync: {e}; enforcement stays as last applied");
+                if matches!(e, NeutronError::Credentials(_)) {
+                    poller.neutron.logout();
+                }
+                let shift = poller.status.failed_polls_in_a_row.min(6) as u32;
+                (interval * 2u32.pow(shift)).min(MAX_BACKOFF)
+            }
+        };
+        poller.status.routers_synced = poller.revisions.len();
+        poller.status.helper_errors = poller.refused.values().flatten().cloned().collect();
+        let status = poller.status.clone();
+        let completed = result.is_ok();
+        with_daemon(&daemon, move |d| d.set_sync_status(status, completed)).await;
+        tokio::time::sleep(wait).await;
+    }
+}
