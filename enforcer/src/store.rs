@@ -193,7 +193,7 @@ mod tests {
         let dir = tempdir();
         {
             let store = Store::open(&dir).unwrap();
-            let r = RouterRecord { id: "r".into(), index: 1, project_id: "p".into(), netns: "n".into() };
+            let r = RouterRecord { id: "r".into(), index: 1, project_id: "p".into(), netns: "n".into(), owner: Default::default() };
             store
                 .apply(&[Change::PutRouter(r), Change::PutHelper(helper("r", "h", 3)), Change::Quarantine { router_id: "r".into(), slot: 2 }], || Ok(()))
                 .unwrap();
