@@ -243,6 +243,24 @@ impl OpenStack {
         body["conntrack_helper"]["id"].as_str().unwrap().to_string()
     }
 
+    /// Deletes the daemon's application credential, as its owner would.
+    pub fn delete_daemon_credential(&self) {
+        let body = json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {"name": "ctdaemon", "domain": {"id": "default"}, "password": USER_PASSWORD}}},
+            "scope": {"project": {"name": "service", "domain": {"id": "default"}}}}});
+        let r = ureq::post(&format!("{}/v3/auth/tokens", self.keystone_url)).send_json(body).expect("ctdaemon login");
+        let token = r.header("X-Subject-Token").expect("token").to_string();
+        let d = &self.seed["ctdaemon"];
+        let url = format!("{}/v3/users/{}/application_credentials/{}", self.keystone_url, d["user_id"].as_str().unwrap(), d["app_cred_id"].as_str().unwrap());
+        ureq::delete(&url).set("X-Auth-Token", &token).call().expect("deleting the application credential");
+    }
+
+    /// Logins Keystone has answered so far (from its access log).
+    pub fn logins(&self) -> usize {
+        let log = std::fs::read_to_string(self.dir.join("keystone.log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains("\"POST /v3/auth/tokens") && l.contains("\" 201 ")).count()
+    }
+
     /// Deletes a resource as `who`, expecting success.
     pub fn delete(&self, who: &str, path: &str) {
         let (status, body) = self.neutron(who, "DELETE", path, None);
@@ -268,8 +286,13 @@ impl Drop for OpenStack {
     fn drop(&mut self) {
         self.neutron = None;
         self.keystone = None;
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            for log in ["keystone.log", "neutron.log"] {
+                let text = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("--- {log} (last lines) ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -103,3 +103,124 @@ fn a_helper_created_in_neutron_is_enforced_and_its_delete_revokes() {
         "the sync's changes are audited: {audit}"
     );
 }
+
+/// The router as `status` shows it.
+fn router_status(daemon: &Daemon, router: &str) -> Option<Value> {
+    status(daemon)["routers"].as_array()?.iter().find(|r| r["id"] == router).cloned()
+}
+
+#[test]
+fn an_update_in_neutron_moves_the_helper_and_projects_stay_apart() {
+    let os = OpenStack::start(3600);
+    let r1 = os.create_router("u1", "r1");
+    let r2 = os.create_router("u2", "r2");
+    let (t1, t2) = (Topology::for_router(&r1), Topology::for_router(&r2));
+    let _s1 = FtpServer::start(&t1, Family::V4);
+    let _s2 = FtpServer::start(&t2, Family::V4);
+    // A router added by hand beside them, with a helper of its own.
+    let local = Topology::new();
+    let daemon = following(&os, 1.0);
+    daemon.add_router(&local.router_id);
+    let local_helper = daemon.create_helper(&local.router_id, "tcp", 21, "ftp");
+
+    let h1 = os.create_helper("u1", &r1, "tcp", 2121, "ftp");
+    let h2 = os.create_helper("u2", &r2, "udp", 69, "tftp");
+    within(10.0, "both applied", || (helpers(&daemon, &r1).len() == 1 && helpers(&daemon, &r2).len() == 1).then_some(()));
+    let (a, b) = (&helpers(&daemon, &r1)[0], &helpers(&daemon, &r2)[0]);
+    assert_eq!((a["id"].as_str(), a["project_id"].clone()), (Some(h1.as_str()), os.seed["u1"]["project_id"].clone()));
+    assert_eq!((b["id"].as_str(), b["project_id"].clone()), (Some(h2.as_str()), os.seed["u2"]["project_id"].clone()));
+    assert_eq!(router_status(&daemon, &r1).unwrap()["owner"], "neutron");
+    // Port 2121 is not FTP's: the data connection cannot open.
+    FtpClient::login(&t1, Family::V4).fails("list passive");
+
+    let (code, body) = os.neutron("u1", "PUT", &format!("/routers/{r1}/conntrack_helpers/{h1}"), Some(serde_json::json!({"conntrack_helper": {"port": 21}})));
+    assert_eq!(code, 200, "{body}");
+    within(3.0, "update applied", || helpers(&daemon, &r1).first().filter(|h| h["port"] == 21).cloned());
+    FtpClient::login(&t1, Family::V4).ok("list passive");
+    // The other project's router got nothing of it.
+    FtpClient::login(&t2, Family::V4).fails("list passive");
+    assert_eq!(helpers(&daemon, &r2)[0]["port"], 69);
+    // The hand-made router is untouched and still enforced.
+    assert!(router_status(&daemon, &local.router_id).unwrap().get("owner").is_none());
+    assert_eq!(helpers(&daemon, &local.router_id)[0]["id"], local_helper.as_str());
+    let _local_server = FtpServer::start(&local, Family::V4);
+    FtpClient::login(&local, Family::V4).ok("list passive");
+
+    // A router deleted in Neutron is removed here (after its namespace,
+    // which the L3 agent deletes too, but even with it still present).
+    os.delete("u2", &format!("/routers/{r2}/conntrack_helpers/{h2}"));
+    os.delete("u2", &format!("/routers/{r2}"));
+    within(5.0, "deleted router removed", || router_status(&daemon, &r2).is_none().then_some(()));
+    assert!(router_status(&daemon, &r1).is_some());
+}
+
+#[test]
+fn an_outage_keeps_enforcement_and_changes_made_meanwhile_apply_on_return() {
+    let mut os = OpenStack::start(3600);
+    let router = os.create_router("u1", "r1");
+    let topo = Topology::for_router(&router);
+    let _server = FtpServer::start(&topo, Family::V4);
+    let daemon = following(&os, 1.0);
+    let helper = os.create_helper("u1", &router, "tcp", 21, "ftp");
+    within(10.0, "applied", || helpers(&daemon, &router).first().cloned());
+    let polls = status(&daemon)["neutron"]["polls"].as_u64().unwrap();
+    let sync = within(5.0, "a later poll", || Some(status(&daemon)["neutron"].clone()).filter(|s| s["polls"].as_u64() > Some(polls + 1)));
+    assert_eq!(sync["state"], "ok", "{sync}");
+    assert_eq!(sync["requests_last_poll"], 1, "an unchanged poll is one list request: {sync}");
+
+    os.stop_neutron();
+    let stale = within(10.0, "outage reported", || Some(status(&daemon)["neutron"].clone()).filter(|s| s["state"] == "stale"));
+    assert!(stale["last_error"].as_str().unwrap().contains("unavailable"), "{stale}");
+    std::thread::sleep(Duration::from_secs(3));
+    let stale = status(&daemon)["neutron"].clone();
+    assert!(stale["age_secs"].as_f64().unwrap() >= 3.0, "status shows how stale the view is: {stale}");
+    assert_eq!(helpers(&daemon, &router).len(), 1, "enforcement stays as last applied");
+    FtpClient::login(&topo, Family::V4).ok("list passive");
+
+    os.start_neutron();
+    os.delete("u1", &format!("/routers/{router}/conntrack_helpers/{helper}"));
+    // Back-off after failures is at most 60 s; here it has grown to a few.
+    within(40.0, "change applied after the outage", || helpers(&daemon, &router).is_empty().then_some(()));
+    within(5.0, "sync ok again", || Some(status(&daemon)["neutron"].clone()).filter(|s| s["state"] == "ok"));
+    FtpClient::login(&topo, Family::V4).fails("list passive");
+}
+
+#[test]
+fn a_deleted_application_credential_is_a_clear_error_and_state_is_kept() {
+    let os = OpenStack::start(3600);
+    let router = os.create_router("u1", "r1");
+    let topo = Topology::for_router(&router);
+    let _server = FtpServer::start(&topo, Family::V4);
+    let daemon = following(&os, 1.0);
+    os.create_helper("u1", &router, "tcp", 21, "ftp");
+    within(10.0, "applied", || helpers(&daemon, &router).first().cloned());
+
+    os.delete_daemon_credential();
+    let failed = within(15.0, "credential error reported", || Some(status(&daemon)["neutron"].clone()).filter(|s| s["state"] == "stale"));
+    let error = failed["last_error"].as_str().unwrap();
+    assert!(error.starts_with("credentials:"), "the error names the cause: {error}");
+    assert_eq!(helpers(&daemon, &router).len(), 1, "state kept");
+    FtpClient::login(&topo, Family::V4).ok("list passive");
+    // No secret anywhere the daemon writes.
+    let secret = os.seed["ctdaemon"]["app_cred_secret"].as_str().unwrap();
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().stdout;
+    for (what, text) in [("log", daemon.log()), ("status", status(&daemon).to_string()), ("audit", audit)] {
+        assert!(!text.contains(secret), "the secret is in the {what}");
+    }
+}
+
+#[test]
+fn a_token_that_expires_is_renewed() {
+    // Keystone's tokens live 20 s here; the sync goes on across several.
+    let os = OpenStack::start(20);
+    let router = os.create_router("u1", "r1");
+    let _topo = Topology::for_router(&router);
+    let daemon = following(&os, 1.0);
+    within(10.0, "followed", || router_status(&daemon, &router));
+    let logins = os.logins();
+    std::thread::sleep(Duration::from_secs(25));
+    let helper = os.create_helper("u1", &router, "tcp", 21, "ftp");
+    within(5.0, "applied with a renewed token", || helpers(&daemon, &router).into_iter().find(|h| h["id"] == helper.as_str()));
+    assert!(os.logins() > logins, "the daemon logged in again");
+    assert_eq!(status(&daemon)["neutron"]["state"], "ok");
+}
