@@ -270,9 +270,10 @@ impl OpenStack {
     /// Writes a daemon configuration that follows this Neutron through the
     /// cloud `cloud` of the seed's clouds.yaml (found by the daemon through
     /// `OS_CLIENT_CONFIG_FILE`, see [`OpenStack::daemon_env`]).
-    pub fn daemon_config(&self, cloud: &str, poll_interval: f64) -> PathBuf {
+    /// `top`: more top-level settings.
+    pub fn daemon_config(&self, cloud: &str, poll_interval: f64, top: &str) -> PathBuf {
         let path = self.dir.join(format!("enforcer-{cloud}.toml"));
-        std::fs::write(&path, format!("[neutron]\ncloud = \"{cloud}\"\npoll_interval = {poll_interval:?}\n")).unwrap();
+        std::fs::write(&path, format!("{top}\n[neutron]\ncloud = \"{cloud}\"\npoll_interval = {poll_interval:?}\n")).unwrap();
         path
     }
 

@@ -56,7 +56,12 @@ fn helpers(daemon: &Daemon, router: &str) -> Vec<Value> {
 /// A daemon that follows `os` through the application credential of its
 /// clouds.yaml, polling every `poll` seconds.
 fn following(os: &OpenStack, poll: f64) -> Daemon {
-    let config = os.daemon_config("enforcer", poll);
+    following_with(os, poll, "")
+}
+
+/// As [`following`], with more settings.
+fn following_with(os: &OpenStack, poll: f64, settings: &str) -> Daemon {
+    let config = os.daemon_config("enforcer", poll, settings);
     let (key, value) = os.daemon_env();
     Daemon::start_with_env(None, &["--config", config.to_str().unwrap()], &[(key, &value)])
 }
@@ -223,4 +228,39 @@ fn a_token_that_expires_is_renewed() {
     within(5.0, "applied with a renewed token", || helpers(&daemon, &router).into_iter().find(|h| h["id"] == helper.as_str()));
     assert!(os.logins() > logins, "the daemon logged in again");
     assert_eq!(status(&daemon)["neutron"]["state"], "ok");
+}
+
+#[test]
+fn helpers_this_host_does_not_offer_are_errors_and_the_rest_applies() {
+    let os = OpenStack::start(3600);
+    let router = os.create_router("u1", "r1");
+    let _topo = Topology::for_router(&router);
+    // sip is not allowed here; the kernel has amanda over udp only.
+    let daemon = following_with(&os, 1.0, "allowed_helpers = [\"ftp\", \"Q.931\", \"amanda\"]");
+    let ftp = os.create_helper("u1", &router, "tcp", 21, "ftp");
+    let h323 = os.create_helper("u1", &router, "tcp", 1720, "h323");
+    let sip = os.create_helper("u1", &router, "udp", 5060, "sip");
+    let amanda = os.create_helper("u1", &router, "tcp", 10080, "amanda");
+    let sync = within(10.0, "errors reported", || {
+        Some(status(&daemon)["neutron"].clone()).filter(|s| s["helper_errors"].as_array().is_some_and(|e| e.len() == 2))
+    });
+    let applied: Vec<(String, String)> = helpers(&daemon, &router)
+        .iter()
+        .map(|h| (h["id"].as_str().unwrap().to_string(), h["helper"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(applied.len(), 2, "{applied:?}");
+    assert!(applied.contains(&(ftp, "ftp".into())), "{applied:?}");
+    assert!(applied.contains(&(h323, "Q.931".into())), "h323 over tcp is the kernel's Q.931: {applied:?}");
+    let errors = sync["helper_errors"].as_array().unwrap();
+    for id in [&sip, &amanda] {
+        let e = errors.iter().find(|e| e["helper_id"] == id.as_str()).unwrap_or_else(|| panic!("{id} in {sync}"));
+        assert_eq!(e["router_id"], router.as_str());
+    }
+    assert_eq!(sync["helper_errors_total"], 2, "{sync}");
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    let refused = audit.as_array().unwrap().iter().filter(|e| e["origin"] == "neutron" && e["result"] == "invalid_argument").count();
+    assert_eq!(refused, 2, "each refusal is audited: {audit}");
+    // Unchanged revisions are not fetched again, so errors are not counted twice.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(status(&daemon)["neutron"]["helper_errors_total"], 2);
 }
