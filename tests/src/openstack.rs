@@ -19,7 +19,6 @@ use serde_json::{Value, json};
 use crate::{Process, neutron::VENV, peers_dir, unique};
 
 const ADMIN_PASSWORD: &str = "admin-secret";
-const USER_PASSWORD: &str = "user-secret";
 const TEMPLATE: &str = "/var/cache/enforcer/openstack-template-k30.0.0-n29.0.0";
 
 /// Keystone and Neutron of one test.
@@ -77,6 +76,9 @@ fn wait_http(what: &str, url: &str, process: &mut Process, log: &Path) {
 }
 
 impl OpenStack {
+    /// The password of every seeded user but admin.
+    pub const USER_PASSWORD: &str = "user-secret";
+
     /// Starts both servers and seeds Keystone. `token_expiration`: the
     /// lifetime of Keystone's tokens in seconds.
     pub fn start(token_expiration: u64) -> Self {
@@ -109,12 +111,13 @@ impl OpenStack {
                  transport_url = fake:/\nstate_path = {d}\napi_paste_config = {VENV}/etc/neutron/api-paste.ini\n\
                  notify_nova_on_port_status_changes = false\nnotify_nova_on_port_data_changes = false\n\
                  [keystone_authtoken]\nwww_authenticate_uri = {keystone_url}\nauth_url = {keystone_url}\nauth_type = password\n\
-                 username = neutron\npassword = {USER_PASSWORD}\nuser_domain_id = default\nproject_name = service\n\
+                 username = neutron\npassword = {password}\nuser_domain_id = default\nproject_name = service\n\
                  project_domain_id = default\nregion_name = RegionOne\ninterface = public\n\
                  # every request is validated: a revoked token fails at once\ntoken_cache_time = -1\n\
                  [database]\nconnection = sqlite:///{d}/neutron.db\n[oslo_concurrency]\nlock_path = {d}/lock\n\
                  [ml2]\ntype_drivers = local,flat\nproject_network_types = local\nmechanism_drivers =\nextension_drivers =\n",
-                d = dir.display()
+                d = dir.display(),
+                password = Self::USER_PASSWORD
             ),
         )
         .unwrap();
@@ -134,7 +137,7 @@ impl OpenStack {
         os.keystone = Some(keystone);
         let out = Command::new("python3")
             .arg(peers_dir().join("openstack/seed.py"))
-            .args([&keystone_url, &neutron_url, ADMIN_PASSWORD, USER_PASSWORD])
+            .args([&keystone_url, &neutron_url, ADMIN_PASSWORD, Self::USER_PASSWORD])
             .arg(&dir)
             .output()
             .expect("seed.py");
@@ -195,8 +198,8 @@ impl OpenStack {
     pub fn token(&self, who: &str) -> String {
         let (user, password, project) = match who {
             "admin" => ("admin", ADMIN_PASSWORD, "admin"),
-            "u1" => ("u1", USER_PASSWORD, "p1"),
-            "u2" => ("u2", USER_PASSWORD, "p2"),
+            "u1" => ("u1", Self::USER_PASSWORD, "p1"),
+            "u2" => ("u2", Self::USER_PASSWORD, "p2"),
             other => panic!("no such test user {other}"),
         };
         let body = json!({"auth": {
@@ -246,7 +249,7 @@ impl OpenStack {
     /// Deletes the daemon's application credential, as its owner would.
     pub fn delete_daemon_credential(&self) {
         let body = json!({"auth": {
-            "identity": {"methods": ["password"], "password": {"user": {"name": "ctdaemon", "domain": {"id": "default"}, "password": USER_PASSWORD}}},
+            "identity": {"methods": ["password"], "password": {"user": {"name": "ctdaemon", "domain": {"id": "default"}, "password": Self::USER_PASSWORD}}},
             "scope": {"project": {"name": "service", "domain": {"id": "default"}}}}});
         let r = ureq::post(&format!("{}/v3/auth/tokens", self.keystone_url)).send_json(body).expect("ctdaemon login");
         let token = r.header("X-Subject-Token").expect("token").to_string();

@@ -59,6 +59,23 @@ fn following(os: &OpenStack, poll: f64) -> Daemon {
     following_with(os, poll, "")
 }
 
+/// A daemon that logs in with a password given inline, in keystoneauth's
+/// names (no clouds.yaml).
+fn following_by_password(os: &OpenStack) -> Daemon {
+    let config = os.dir.join("inline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[neutron]\nauth_url = \"{}/v3\"\nusername = \"ctdaemon\"\npassword = \"{}\"\nproject_name = \"service\"\n\
+             user_domain_name = \"Default\"\nproject_domain_name = \"Default\"\nregion_name = \"RegionOne\"\ninterface = \"public\"\npoll_interval = 1\n",
+            os.keystone_url,
+            OpenStack::USER_PASSWORD
+        ),
+    )
+    .unwrap();
+    Daemon::start_with(None, &["--config", config.to_str().unwrap()])
+}
+
 /// As [`following`], with more settings.
 fn following_with(os: &OpenStack, poll: f64, settings: &str) -> Daemon {
     let config = os.daemon_config("enforcer", poll, settings);
@@ -124,7 +141,7 @@ fn an_update_in_neutron_moves_the_helper_and_projects_stay_apart() {
     let _s2 = FtpServer::start(&t2, Family::V4);
     // A router added by hand beside them, with a helper of its own.
     let local = Topology::new();
-    let daemon = following(&os, 1.0);
+    let daemon = following_by_password(&os);
     daemon.add_router(&local.router_id);
     let local_helper = daemon.create_helper(&local.router_id, "tcp", 21, "ftp");
 
@@ -263,4 +280,27 @@ fn helpers_this_host_does_not_offer_are_errors_and_the_rest_applies() {
     // Unchanged revisions are not fetched again, so errors are not counted twice.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(status(&daemon)["neutron"]["helper_errors_total"], 2);
+}
+
+#[test]
+fn a_token_that_cannot_see_every_router_never_wipes_enforcement() {
+    let os = OpenStack::start(3600);
+    let router = os.create_router("u1", "r1");
+    let topo = Topology::for_router(&router);
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut daemon = following(&os, 1.0);
+    os.create_helper("u1", &router, "tcp", 21, "ftp");
+    within(10.0, "applied", || helpers(&daemon, &router).first().cloned());
+
+    // The operator points the daemon at a tenant's cloud by mistake: u2 is
+    // a member of p2 and would get an empty router list, and 404 for r1.
+    let config = os.daemon_config("enforcer", 1.0, "");
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace("\"enforcer\"", "\"u2\"")).unwrap();
+    daemon.restart();
+    let sync = within(10.0, "refused", || Some(status(&daemon)["neutron"].clone()).filter(|s| s["state"] == "stale"));
+    assert!(sync["last_error"].as_str().unwrap().contains("no admin role"), "{sync}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(helpers(&daemon, &router).len(), 1, "enforcement kept");
+    assert_eq!(router_status(&daemon, &router).unwrap()["owner"], "neutron");
+    FtpClient::login(&topo, Family::V4).ok("list passive");
 }
