@@ -211,8 +211,12 @@ impl OpenStack {
 
     /// A Neutron API call as `who`; returns (status, body).
     pub fn neutron(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let token = self.token(who);
-        let req = ureq::request(method, &format!("{}/v2.0{path}", self.neutron_url)).set("X-Auth-Token", &token);
+        self.neutron_with(&self.token(who), method, path, body)
+    }
+
+    /// A Neutron API call with `token` (see [`OpenStack::token`]).
+    pub fn neutron_with(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let req = ureq::request(method, &format!("{}/v2.0{path}", self.neutron_url)).set("X-Auth-Token", token);
         let result = match body {
             Some(b) => req.send_json(b),
             None => req.call(),

@@ -30,7 +30,13 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Set up, build, and show enforcement end to end on a throwaway topology.
-    Demo,
+    Demo {
+        /// The same story driven from Neutron: real Keystone and
+        /// neutron-server on loopback, a router and its helper created
+        /// through Neutron's API.
+        #[arg(long)]
+        openstack: bool,
+    },
     /// Set up, build, and measure enforcer against the iptables and nftables
     /// ways; writes bench/results.md and SVG charts.
     Bench {
@@ -94,10 +100,15 @@ fn main() -> Result<()> {
             let bin = build()?;
             status(Command::new(bin).args(args))
         }
-        Cmd::Demo => {
+        Cmd::Demo { openstack } => {
             setup::run()?;
             let bin = build()?;
-            status(cargo().args(["run", "--release", "--locked", "-p", "enforcer-tests", "--bin", "demo"]).env("ENFORCER_BIN", bin))
+            let mut cmd = cargo();
+            cmd.args(["run", "--release", "--locked", "-p", "enforcer-tests", "--bin", "demo", "--"]).env("ENFORCER_BIN", bin);
+            if openstack {
+                cmd.arg("--openstack");
+            }
+            status(&mut cmd)
         }
         Cmd::Bench { quick, out } => {
             setup::run()?;

@@ -27,12 +27,24 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
 
 fn router_rows(routers: &[Router]) {
     print_table(
-        &["ID", "PROJECT", "NETNS", "INTERFACES"],
+        &["ID", "PROJECT", "NETNS", "OWNER", "INTERFACES"],
         routers
             .iter()
-            .map(|r| vec![r.id.clone(), r.project_id.clone(), r.netns.clone(), if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") }])
+            .map(|r| {
+                vec![
+                    r.id.clone(),
+                    r.project_id.clone(),
+                    r.netns.clone(),
+                    owner(r.owner),
+                    if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") },
+                ]
+            })
             .collect(),
     );
+}
+
+fn owner(o: enforcer::api::Owner) -> String {
+    serde_json::to_value(o).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 fn helper_rows(helpers: &[Helper]) {
@@ -82,7 +94,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                     .collect(),
             ),
             Reply::Audit(entries) => print_table(
-                &["TIME", "UID", "GID", "PID", "OP", "ROUTER", "HELPER", "RESULT"],
+                &["TIME", "UID", "GID", "PID", "FOR", "OP", "ROUTER", "HELPER", "RESULT"],
                 entries
                     .iter()
                     .map(|e| {
@@ -91,6 +103,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                             e.caller.uid.to_string(),
                             e.caller.gid.to_string(),
                             e.caller.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                            owner(e.origin),
                             e.op.clone(),
                             e.router_id.clone().unwrap_or_else(|| "-".into()),
                             e.helper_id.clone().unwrap_or_else(|| "-".into()),
@@ -144,14 +157,33 @@ fn print_status(s: &StatusReport) {
     } else {
         print_reconcile("drift", &s.drift);
     }
+    if let Some(n) = &s.neutron {
+        let age = n.age_secs.map(|a| format!("{a:.1} s ago")).unwrap_or_else(|| "never".into());
+        println!(
+            "neutron: {}, last good poll {age}, {} polls ({} failed in a row), {} requests in the last, {} routers synced, {} helpers not applied",
+            n.state,
+            n.polls,
+            n.failed_polls_in_a_row,
+            n.requests_last_poll,
+            n.routers_synced,
+            n.helper_errors.len()
+        );
+        if let Some(e) = &n.last_error {
+            println!("neutron: last error: {e}");
+        }
+        for e in &n.helper_errors {
+            println!("neutron: helper {} of router {} not applied: {}", e.helper_id, e.router_id, e.error);
+        }
+    }
     print_table(
-        &["ROUTER", "NETNS", "ATTACHED", "INTERFACES", "HELPERS"],
+        &["ROUTER", "NETNS", "OWNER", "ATTACHED", "INTERFACES", "HELPERS"],
         s.routers
             .iter()
             .map(|r| {
                 vec![
                     r.id.clone(),
                     r.netns.clone(),
+                    owner(r.owner),
                     if r.attached { "yes".into() } else { "no (namespace missing)".into() },
                     if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") },
                     r.helpers.to_string(),

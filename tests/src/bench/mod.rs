@@ -9,6 +9,7 @@ pub mod forwarding;
 pub mod packet;
 pub mod report;
 pub mod revocation;
+pub mod sync;
 
 use std::time::Duration;
 

@@ -20,7 +20,8 @@ fn main() {
     let revocation = bench::revocation::measure();
     let forwarding = bench::forwarding::measure(scale);
     let fixed_cost = bench::fixed_cost::measure(scale);
-    let all = report::All { scale, packet, forwarding, fixed_cost, changes, revocation };
+    let sync = bench::sync::measure(scale);
+    let all = report::All { scale, packet, forwarding, fixed_cost, changes, revocation, sync };
     report::write(&all, &out).expect("writing the results");
     eprintln!("bench: done in {:.0} s; results in {}", started.elapsed().as_secs_f64(), out.join("results.md").display());
 }
