@@ -320,6 +320,8 @@ pub struct SyncStatus {
     pub failed_polls_in_a_row: u64,
     /// HTTP requests of the last complete poll (logins included).
     pub requests_last_poll: u64,
+    /// How long the last complete poll took, in milliseconds.
+    pub last_poll_ms: f64,
     pub routers_synced: usize,
     /// Neutron helpers not applied (helper or protocol not offered here).
     pub helper_errors: Vec<HelperError>,

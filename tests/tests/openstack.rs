@@ -124,6 +124,14 @@ fn a_helper_created_in_neutron_is_enforced_and_its_delete_revokes() {
         audit.as_array().unwrap().iter().any(|e| e["origin"] == "neutron" && e["op"] == "helper_delete" && e["result"] == "ok"),
         "the sync's changes are audited: {audit}"
     );
+
+    // The L3 agent moves the router off this node: its namespace goes, and
+    // so does the router here, through `router remove`.
+    drop((ftp, transfer, _server));
+    drop(topo);
+    within(5.0, "router removed with its namespace", || router_status(&daemon, &router).is_none().then_some(()));
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    assert!(audit.as_array().unwrap().iter().any(|e| e["origin"] == "neutron" && e["op"] == "router_remove" && e["result"] == "ok"), "{audit}");
 }
 
 /// The router as `status` shows it.

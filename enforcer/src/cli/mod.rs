@@ -80,6 +80,9 @@ struct DaemonArgs {
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// TOML configuration file (socket, bpffs, state_dir, attach, helper_mask, slot_mask, max_rules, ...).
+    /// A `[neutron]` section (`cloud = "NAME"` of clouds.yaml, or keystoneauth's keys) makes the
+    /// daemon follow Neutron: the routers of this node's qrouter-/snat- namespaces get exactly
+    /// their Neutron helpers (see the README).
     #[arg(long)]
     config: Option<PathBuf>,
     /// How programs are attached: tcx links (kernel 6.6+), netlink filters

@@ -247,6 +247,7 @@ pub async fn follow(daemon: Shared, config: NeutronConfig) {
     .await;
     loop {
         let before = poller.neutron.requests;
+        let started = Instant::now();
         let result = poller.poll(&daemon).await;
         poller.status.polls += 1;
         let wait = match &result {
@@ -258,7 +259,9 @@ pub async fn follow(daemon: Shared, config: NeutronConfig) {
                 poller.status.last_error = None;
                 poller.status.failed_polls_in_a_row = 0;
                 poller.status.requests_last_poll = poller.neutron.requests - before;
-                interval
+                poller.status.last_poll_ms = started.elapsed().as_secs_f64() * 1000.0;
+                // Polls start every interval, however long one takes.
+                interval.saturating_sub(started.elapsed())
             }
             Err(e) => {
                 poller.status.state = "stale".into();

@@ -284,14 +284,14 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          Routers exist in Neutron and as `qrouter-` namespaces on the host; the daemon follows them. A helper is created \
          through Neutron's API, and the time until the daemon enforces it is measured from the API's answer; then the \
          same for its delete until it is revoked.\n\n\
-         | routers followed | initial sync | create to enforced p50 / p99 ms | delete to revoked p50 / p99 ms | API requests per unchanged poll | samples |\n|---|---|---|---|---|---|",
+         | routers followed | initial sync | create to enforced p50 / p99 ms | delete to revoked p50 / p99 ms | API requests per unchanged poll | its duration | samples |\n|---|---|---|---|---|---|---|",
         super::sync::POLL_SECS
     );
     for a in &all.sync {
         let _ = writeln!(
             md,
-            "| {} | {:.1} s | {:.0} / {:.0} | {:.0} / {:.0} | {} | {} |",
-            label(a.routers), a.initial_sync_s, a.create_p50_ms, a.create_p99_ms, a.delete_p50_ms, a.delete_p99_ms, a.requests_per_poll, a.samples
+            "| {} | {:.1} s | {:.0} / {:.0} | {:.0} / {:.0} | {} | {:.0} ms | {} |",
+            label(a.routers), a.initial_sync_s, a.create_p50_ms, a.create_p99_ms, a.delete_p50_ms, a.delete_p99_ms, a.requests_per_poll, a.poll_ms, a.samples
         );
     }
     let _ = writeln!(md);

@@ -22,8 +22,9 @@ pub struct AtSize {
     pub create_p99_ms: f64,
     pub delete_p50_ms: f64,
     pub delete_p99_ms: f64,
-    /// HTTP requests of an unchanged poll.
+    /// HTTP requests of an unchanged poll, and how long it took.
     pub requests_per_poll: u64,
+    pub poll_ms: f64,
     pub samples: usize,
 }
 
@@ -99,6 +100,7 @@ fn at(n: usize, samples: usize) -> AtSize {
     std::thread::sleep(Duration::from_secs_f64(POLL_SECS * 2.5));
     let status = s.request(&json!({"op": "status"})).expect("status");
     let requests_per_poll = status["ok"]["neutron"]["requests_last_poll"].as_u64().unwrap_or(u64::MAX);
+    let poll_ms = status["ok"]["neutron"]["last_poll_ms"].as_f64().unwrap_or(f64::NAN);
     drop(daemon);
     drop(namespaces);
     AtSize {
@@ -109,6 +111,7 @@ fn at(n: usize, samples: usize) -> AtSize {
         delete_p50_ms: percentile(deleted.clone(), 0.5),
         delete_p99_ms: percentile(deleted, 0.99),
         requests_per_poll,
+        poll_ms,
         samples,
     }
 }
