@@ -177,6 +177,10 @@ struct Poller {
     /// Router id -> the revision applied here (None: to be fetched again).
     revisions: BTreeMap<String, Option<u64>>,
     refused: BTreeMap<String, Vec<HelperError>>,
+    /// Routers whose namespace was missing at the last poll: removed only
+    /// if it is still missing at this one (a glimpse of /run/netns during
+    /// another `ip netns add` is not a move off the node).
+    missing: BTreeSet<String>,
     status: SyncStatus,
 }
 
@@ -186,6 +190,7 @@ impl Poller {
         let hosted = plan::hosted(&namespaces());
         let (followed, locals) = with_daemon(daemon, |d| d.owners()).await;
         self.revisions.retain(|id, _| followed.contains(id));
+        let was_missing = std::mem::take(&mut self.missing);
         let synced: BTreeMap<String, Option<u64>> =
             followed.iter().map(|id| (id.clone(), self.revisions.get(id).copied().flatten())).collect();
         for step in plan::steps(&hosted, &listed, &synced, &locals) {
@@ -211,9 +216,12 @@ impl Poller {
                         self.remove(daemon, id).await;
                     }
                 }
-                Step::Remove { id } => {
+                Step::Remove { id } if was_missing.contains(&id) => {
                     info!(router = %id, "namespace gone from this node: removing");
                     self.remove(daemon, id).await;
+                }
+                Step::Remove { id } => {
+                    self.missing.insert(id);
                 }
             }
         }
@@ -238,6 +246,7 @@ pub async fn follow(daemon: Shared, config: NeutronConfig) {
         neutron: Neutron::new(config),
         revisions: BTreeMap::new(),
         refused: BTreeMap::new(),
+        missing: BTreeSet::new(),
         status: SyncStatus { state: "starting".into(), ..SyncStatus::default() },
     };
     with_daemon(&daemon, {
