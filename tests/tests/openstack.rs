@@ -274,7 +274,7 @@ fn helpers_this_host_does_not_offer_are_errors_and_the_rest_applies() {
         .map(|h| (h["id"].as_str().unwrap().to_string(), h["helper"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(applied.len(), 2, "{applied:?}");
-    assert!(applied.contains(&(ftp, "ftp".into())), "{applied:?}");
+    assert!(applied.contains(&(ftp.clone(), "ftp".into())), "{applied:?}");
     assert!(applied.contains(&(h323, "Q.931".into())), "h323 over tcp is the kernel's Q.931: {applied:?}");
     let errors = sync["helper_errors"].as_array().unwrap();
     for id in [&sip, &amanda] {
@@ -288,6 +288,21 @@ fn helpers_this_host_does_not_offer_are_errors_and_the_rest_applies() {
     // Unchanged revisions are not fetched again, so errors are not counted twice.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(status(&daemon)["neutron"]["helper_errors_total"], 2);
+
+    // Moved in Neutron to a helper this host does not offer: the old
+    // version must not stay enforced.
+    let (code, body) = os.neutron(
+        "u1",
+        "PUT",
+        &format!("/routers/{router}/conntrack_helpers/{ftp}"),
+        Some(serde_json::json!({"conntrack_helper": {"protocol": "udp", "port": 5061, "helper": "sip"}})),
+    );
+    assert_eq!(code, 200, "{body}");
+    within(5.0, "old version gone", || (!helpers(&daemon, &router).iter().any(|h| h["id"] == ftp.as_str())).then_some(()));
+    let sync = within(5.0, "error shown", || {
+        Some(status(&daemon)["neutron"].clone()).filter(|s| s["helper_errors"].as_array().is_some_and(|e| e.iter().any(|e| e["helper_id"] == ftp.as_str())))
+    });
+    assert_eq!(sync["helper_errors_total"], 3, "{sync}");
 }
 
 #[test]

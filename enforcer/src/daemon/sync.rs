@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::Daemon;
 use crate::{
-    api::{ApiError, HelperError, Owner, Reply, Request, SyncStatus},
+    api::{ApiError, ErrorCode, HelperError, Owner, Reply, Request, SyncStatus},
     auth::Caller,
     neutron::{
         NeutronConfig,
@@ -93,7 +93,7 @@ impl Daemon {
             wanted.insert(h.id.clone(), (h.protocol.clone(), h.port, name));
         }
         let refuse = |applied: &mut Applied, helper_id: &str, e: ApiError| {
-            if matches!(e.code, crate::api::ErrorCode::InvalidArgument) {
+            if matches!(e.code, ErrorCode::InvalidArgument) {
                 applied.refused.push(HelperError { router_id: id.clone(), helper_id: helper_id.to_string(), error: e.message });
             } else {
                 warn!(router = %id, helper = %helper_id, "{e}");
@@ -105,6 +105,10 @@ impl Daemon {
                 refuse(&mut applied, helper_id, e);
             }
         }
+        // Helpers to create: new ones, and moved ones whose move could not
+        // be made in place (a tuple another helper still holds, or a helper
+        // this host does not offer: the old version must not stay enforced).
+        let mut create: Vec<&String> = wanted.keys().filter(|h| !current.contains_key(*h)).collect();
         for (helper_id, (protocol, port, name)) in &wanted {
             let Some((p, q, n)) = current.get(helper_id) else { continue };
             if (p.as_str(), i64::from(*q), n.as_str()) == (protocol.as_str(), *port, name.as_str()) {
@@ -117,11 +121,19 @@ impl Daemon {
                 port: Some(*port),
                 helper: Some(name.clone()),
             };
-            if let Err(e) = self.on_behalf_of_neutron(update) {
-                refuse(&mut applied, helper_id, e);
+            match self.on_behalf_of_neutron(update) {
+                Ok(_) => {}
+                Err(e) if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::Conflict) => {
+                    match self.on_behalf_of_neutron(Request::HelperDelete { router_id: id.clone(), helper_id: helper_id.clone() }) {
+                        Ok(_) => create.push(helper_id),
+                        Err(e) => refuse(&mut applied, helper_id, e),
+                    }
+                }
+                Err(e) => refuse(&mut applied, helper_id, e),
             }
         }
-        for (helper_id, (protocol, port, name)) in wanted.iter().filter(|(h, _)| !current.contains_key(*h)) {
+        for helper_id in create {
+            let (protocol, port, name) = &wanted[helper_id];
             let create = Request::HelperCreate {
                 router_id: id.clone(),
                 protocol: protocol.clone(),
