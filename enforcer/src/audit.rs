@@ -53,6 +53,8 @@ impl Audit {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening the audit log {}", path.display()))?;
+        // Also a log made by an earlier version under a looser umask.
+        crate::store::private(&path, 0o600)?;
         Ok(Self { path, file })
     }
 

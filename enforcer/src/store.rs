@@ -60,6 +60,12 @@ pub struct Store {
     db: Database,
 }
 
+/// Sets `mode` on `path` (the daemon's own files: never wider).
+pub fn private(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("setting mode {mode:o} on {}", path.display()))
+}
+
 fn helper_key(router: &str, helper: &str) -> String {
     format!("{router}/{helper}")
 }
@@ -71,8 +77,11 @@ fn slot_key(router: &str, slot: u16) -> String {
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+        // Whatever the umask: the state is the daemon's alone.
+        private(dir, 0o700)?;
         let path = dir.join("enforcer.redb");
         let db = Database::create(&path).with_context(|| format!("opening store {}", path.display()))?;
+        private(&path, 0o600)?;
         let txn = db.begin_write()?;
         txn.open_table(ROUTERS)?;
         txn.open_table(HELPERS)?;

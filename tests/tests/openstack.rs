@@ -182,6 +182,10 @@ fn an_update_in_neutron_moves_the_helper_and_projects_stay_apart() {
     os.delete("u2", &format!("/routers/{r2}"));
     within(5.0, "deleted router removed", || router_status(&daemon, &r2).is_none().then_some(()));
     assert!(router_status(&daemon, &r1).is_some());
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().stdout;
+    for (what, text) in [("log", daemon.log()), ("status", status(&daemon).to_string()), ("audit", audit)] {
+        assert!(!text.contains(OpenStack::USER_PASSWORD), "the password is in the {what}");
+    }
 }
 
 #[test]

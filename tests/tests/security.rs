@@ -245,3 +245,93 @@ fn hostile_input_changes_nothing_and_reaches_no_rule() {
     assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "unparsed"), "unreadable requests are audited too");
     assert!(audit.to_string().len() < 2_000_000, "audited values are bounded");
 }
+
+/// `enforcer daemon` on a socket, store and pins of its own, with `umask`.
+fn raw_daemon(dir: &std::path::Path, umask: u32) -> enforcer_tests::Process {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(enforcer_bin());
+    cmd.arg("--socket")
+        .arg(dir.join("enforcer.sock"))
+        .arg("daemon")
+        .arg("--bpffs")
+        .arg(std::path::Path::new("/sys/fs/bpf").join(dir.file_name().unwrap()))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap());
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(umask);
+            Ok(())
+        });
+    }
+    enforcer_tests::Process::spawn("enforcer daemon", &mut cmd)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "not within 20 s: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn state_and_socket_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(enforcer_tests::unique("umask"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut daemon = raw_daemon(&dir, 0o000);
+    wait_for("the socket", || std::os::unix::net::UnixStream::connect(dir.join("enforcer.sock")).is_ok());
+    let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
+    let modes = [mode("state"), mode("state/enforcer.redb"), mode("state/audit.jsonl"), mode("enforcer.sock")];
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let _ = daemon.child.wait();
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/sys/fs/bpf").join(dir.file_name().unwrap()));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(modes, [0o700, 0o600, 0o600, 0o600], "state dir, store, audit log, socket");
+}
+
+#[test]
+fn a_path_that_is_not_a_socket_is_never_unlinked() {
+    let dir = std::env::temp_dir().join(enforcer_tests::unique("nosock"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("enforcer.sock"), "precious").unwrap();
+    let mut daemon = raw_daemon(&dir, 0o022);
+    let mut status = None;
+    wait_for("the daemon to refuse", || {
+        status = daemon.child.try_wait().unwrap();
+        status.is_some()
+    });
+    let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+    let kept = std::fs::read_to_string(dir.join("enforcer.sock")).ok();
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/sys/fs/bpf").join(dir.file_name().unwrap()));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!status.unwrap().success());
+    assert_eq!(kept.as_deref(), Some("precious"), "the file is left alone");
+    assert!(log.contains("is not a socket"), "{log}");
+}
+
+#[test]
+fn running_out_of_descriptors_does_not_end_the_daemon() {
+    let daemon = Daemon::start();
+    let pid = daemon.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft = limits.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)).unwrap().to_string();
+    let limit = open + 8;
+    // Only the soft limit moves (the hard one cannot come back up).
+    enforcer_tests::run(Command::new("prlimit").arg("--pid").arg(pid.to_string()).arg(format!("--nofile={limit}:")));
+    // More connections than descriptors left: accept fails with EMFILE.
+    let held: Vec<_> = (0..32).map(|_| std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(held);
+    enforcer_tests::run(Command::new("prlimit").arg("--pid").arg(pid.to_string()).arg(format!("--nofile={soft}:")));
+    let mut answered = false;
+    wait_for("the daemon to answer again", || {
+        answered = daemon.cli(&["router", "list"]).code == 0;
+        answered
+    });
+    assert!(daemon.log().contains("accepting a connection"), "the failure was logged:\n{}", daemon.log());
+}

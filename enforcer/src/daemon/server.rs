@@ -38,14 +38,23 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if socket.exists() {
-        // A socket left by a previous daemon; refuse if one still answers.
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a socket left by a previous daemon is ever removed.
+        if !meta.file_type().is_socket() {
+            anyhow::bail!("{} exists and is not a socket; refusing to replace it", socket.display());
+        }
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             anyhow::bail!("another daemon is serving {}", socket.display());
         }
         std::fs::remove_file(socket)?;
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    // The socket is born owner-only (no window with a wider mode); the
+    // group, if any, is let in below.
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(socket);
+    nix::sys::stat::umask(old_umask);
+    let listener = bound.with_context(|| format!("binding {}", socket.display()))?;
     // Root only, or root and the configured group: peer credentials decide
     // the rest (SO_PEERCRED).
     let group = daemon.socket_group();
@@ -69,7 +78,16 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = accepted?;
+                // Out of descriptors or an aborted connection: the daemon
+                // goes on serving (after a pause, so EMFILE cannot spin).
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        warn!("accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
                 let (daemon, stop) = (daemon.clone(), stop_tx.clone());
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, daemon, stop).await {
