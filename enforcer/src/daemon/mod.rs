@@ -144,20 +144,6 @@ fn netns_id(name: &str) -> Option<(u64, u64)> {
     std::fs::metadata(netns::path(name)).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// As [`netns_id`], but a namespace is missing only if it stays missing for
-/// a moment: `ip netns add` of another namespace can hide the existing ones
-/// from `stat` for an instant, and detaching a live router on that would
-/// cut its traffic.
-fn netns_id_settled(name: &str) -> Option<(u64, u64)> {
-    for _ in 0..5 {
-        if let Some(id) = netns_id(name) {
-            return Some(id);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    None
-}
-
 impl Daemon {
     /// Reads the store (refusing to start, and touching nothing in the
     /// kernel, if it is unreadable), loads the datapath and reconciles.
@@ -407,7 +393,6 @@ impl Daemon {
         for id in ids {
             let state = &self.routers[&id];
             let now = netns_id(&state.record.netns);
-            let now = if now.is_none() && state.netns_id.is_some() { netns_id_settled(&state.record.netns) } else { now };
             if now == state.netns_id {
                 continue;
             }

@@ -189,10 +189,6 @@ struct Poller {
     /// Router id -> the revision applied here (None: to be fetched again).
     revisions: BTreeMap<String, Option<u64>>,
     refused: BTreeMap<String, Vec<HelperError>>,
-    /// Routers whose namespace was missing at the last poll: removed only
-    /// if it is still missing at this one (a glimpse of /run/netns during
-    /// another `ip netns add` is not a move off the node).
-    missing: BTreeSet<String>,
     status: SyncStatus,
 }
 
@@ -202,7 +198,6 @@ impl Poller {
         let hosted = plan::hosted(&namespaces());
         let (followed, locals) = with_daemon(daemon, |d| d.owners()).await;
         self.revisions.retain(|id, _| followed.contains(id));
-        let was_missing = std::mem::take(&mut self.missing);
         let synced: BTreeMap<String, Option<u64>> =
             followed.iter().map(|id| (id.clone(), self.revisions.get(id).copied().flatten())).collect();
         for step in plan::steps(&hosted, &listed, &synced, &locals) {
@@ -228,12 +223,9 @@ impl Poller {
                         self.remove(daemon, id).await;
                     }
                 }
-                Step::Remove { id } if was_missing.contains(&id) => {
+                Step::Remove { id } => {
                     info!(router = %id, "namespace gone from this node: removing");
                     self.remove(daemon, id).await;
-                }
-                Step::Remove { id } => {
-                    self.missing.insert(id);
                 }
             }
         }
@@ -258,7 +250,6 @@ pub async fn follow(daemon: Shared, config: NeutronConfig) {
         neutron: Neutron::new(config),
         revisions: BTreeMap::new(),
         refused: BTreeMap::new(),
-        missing: BTreeSet::new(),
         status: SyncStatus { state: "starting".into(), ..SyncStatus::default() },
     };
     with_daemon(&daemon, {
