@@ -252,8 +252,9 @@ impl Daemon {
     pub fn raw(&self, line: &[u8]) -> String {
         use std::io::{BufRead, Write};
         let mut s = std::os::unix::net::UnixStream::connect(&self.socket).expect("connecting to the daemon");
-        s.write_all(line).unwrap();
-        s.write_all(b"\n").unwrap();
+        // The daemon may answer and close before an oversized line is all
+        // written (EPIPE); its answer is still there to read.
+        let _ = s.write_all(line).and_then(|()| s.write_all(b"\n"));
         let mut answer = String::new();
         std::io::BufReader::new(s).read_line(&mut answer).unwrap();
         answer

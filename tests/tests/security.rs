@@ -181,7 +181,8 @@ const HOSTILE: &[&str] = &[
 
 #[test]
 fn hostile_input_changes_nothing_and_reaches_no_rule() {
-    let Bed { a, daemon, .. } = bed();
+    // b stays alive: a namespace dropped here would detach its router mid-test.
+    let Bed { a, b: _b, daemon, .. } = bed();
     let r = a.router_id.as_str();
     let before = (daemon.cli(&["helper", "list", "-o", "json"]).ok().stdout, daemon.dump()["slots"].to_string());
     let long = "x".repeat(100_000);
