@@ -110,7 +110,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("enforcer-audit-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut audit = Audit::open(&dir).unwrap();
-        let caller = Caller { uid: 1, gid: 2, pid: Some(3) };
+        let caller = Caller { uid: 1, gid: 2, pid: Some(3), groups: vec![4] };
         let old = AuditEntry {
             time: "2020-01-01T00:00:00Z".into(),
             caller,

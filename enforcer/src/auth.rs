@@ -1,5 +1,6 @@
 //! Who may do what. Callers are identified by the socket's peer credentials
-//! (SO_PEERCRED), mapped by configuration to a role: admin (everything),
+//! (SO_PEERCRED, and SO_PEERGROUPS for supplementary groups), mapped by
+//! configuration to a role: admin (everything),
 //! operator bound to a project (its helpers), reader (list, show, maps).
 //! Root is always admin; a caller no rule names is refused.
 
@@ -8,11 +9,20 @@ use serde::{Deserialize, Serialize};
 use crate::api::{ApiError, ErrorCode, Request};
 
 /// The peer of an API connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// Supplementary groups at connect time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,7 +87,7 @@ pub fn role_of(rules: &[AccessRule], caller: &Caller) -> Option<Role> {
     let rule = rules
         .iter()
         .find(|r| r.uid == Some(caller.uid))
-        .or_else(|| rules.iter().find(|r| r.uid.is_none() && r.gid == Some(caller.gid)))?;
+        .or_else(|| rules.iter().find(|r| r.uid.is_none() && r.gid.is_some_and(|g| caller.in_group(g))))?;
     Some(match rule.role {
         RoleName::Admin => Role::Admin,
         RoleName::Operator => Role::Operator { project: rule.project.clone()? },
@@ -132,7 +142,15 @@ mod tests {
     }
 
     fn caller(uid: u32, gid: u32) -> Caller {
-        Caller { uid, gid, pid: None }
+        Caller { uid, gid, pid: None, groups: Vec::new() }
+    }
+
+    #[test]
+    fn supplementary_groups_count_like_the_primary_one() {
+        let r = rules();
+        let member = Caller { groups: vec![10, 2000], ..caller(1500, 1500) };
+        assert_eq!(role_of(&r, &member), Some(Role::Reader { project: None }));
+        assert_eq!(role_of(&r, &caller(1500, 1500)), None);
     }
 
     #[test]

@@ -12,6 +12,8 @@ const OPERATOR_P1: u32 = 2001;
 const READER: u32 = 2002;
 const OPERATOR_P2: u32 = 2003;
 const NOBODY: u32 = 2009;
+/// A group whose members read, whatever their primary group.
+const READERS: u32 = 2020;
 
 struct Bed {
     a: Topology,
@@ -31,7 +33,8 @@ fn bed() -> Bed {
             "socket_group = {GROUP}\n\
              [[access]]\nuid = {OPERATOR_P1}\nrole = \"operator\"\nproject = \"p1\"\n\
              [[access]]\nuid = {OPERATOR_P2}\nrole = \"operator\"\nproject = \"p2\"\n\
-             [[access]]\nuid = {READER}\nrole = \"reader\"\n"
+             [[access]]\nuid = {READER}\nrole = \"reader\"\n\
+             [[access]]\ngid = {READERS}\nrole = \"reader\"\n"
         ),
     )
     .unwrap();
@@ -335,4 +338,27 @@ fn running_out_of_descriptors_does_not_end_the_daemon() {
         answered
     });
     assert!(daemon.log().contains("accepting a connection"), "the failure was logged:\n{}", daemon.log());
+}
+
+#[test]
+fn a_supplementary_group_grants_its_role() {
+    let Bed { a, b: _b, daemon, .. } = bed();
+    let as_member = |groups: &str, args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid", "2031", "--regid", &GROUP.to_string(), "--groups", groups])
+            .arg(enforcer_bin())
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let readers = READERS.to_string();
+    assert_eq!(as_member(&readers, &["router", "list"]).0, 0, "a member of the readers group reads");
+    let (code, err) = as_member(&readers, &["helper", "create", &a.router_id, "--protocol", "tcp", "--port", "2121", "--helper", "ftp"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("permission_denied"), "{err}");
+    let (code, err) = as_member(&GROUP.to_string(), &["router", "list"]);
+    assert_ne!(code, 0, "without the group, nothing: {err}");
 }

@@ -187,9 +187,30 @@ async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
     }
 }
 
+/// The peer's supplementary groups at connect time (SO_PEERGROUPS, Linux
+/// 4.13+); none if the kernel cannot tell.
+fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
+    let mut groups = vec![0 as libc::gid_t; 64];
+    for _ in 0..2 {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the buffer and its length describe writable memory.
+        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len) };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return groups;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) || n <= groups.len() {
+            break;
+        }
+        groups.resize(n, 0);
+    }
+    Vec::new()
+}
+
 async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc::Sender<()>) -> Result<()> {
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
-    let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() };
+    let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups: peer_groups(stream.as_raw_fd()) };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
     let mut line = Vec::new();
@@ -209,7 +230,7 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
         let response = {
             match parsed {
                 Ok(req) => {
-                    let d = daemon.clone();
+                    let (d, caller) = (daemon.clone(), caller.clone());
                     let (result, stop_now) = tokio::task::spawn_blocking(move || {
                         let mut d = lock(&d);
                         let r = d.handle_as(caller, req);
@@ -222,7 +243,7 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
                     result.into()
                 }
                 Err(e) => {
-                    let d = daemon.clone();
+                    let (d, caller) = (daemon.clone(), caller.clone());
                     let audited = e.clone();
                     let _ = tokio::task::spawn_blocking(move || lock(&d).audit_refused(caller, audited)).await;
                     Response::Error(e)

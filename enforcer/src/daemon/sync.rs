@@ -26,7 +26,7 @@ use crate::{
 type Shared = Arc<Mutex<Daemon>>;
 
 /// The sync acts as root of this host, on Neutron's behalf.
-const SYNC_CALLER: Caller = Caller { uid: 0, gid: 0, pid: None };
+const SYNC_CALLER: Caller = Caller { uid: 0, gid: 0, pid: None, groups: Vec::new() };
 
 /// Longest wait between two attempts while Neutron fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -55,7 +55,7 @@ impl Daemon {
     }
 
     fn on_behalf_of_neutron(&mut self, req: Request) -> Result<Reply, ApiError> {
-        self.handle_from(Owner::Neutron, SYNC_CALLER, req)
+        self.handle_from(Owner::Neutron, SYNC_CALLER.clone(), req)
     }
 
     /// Makes the router's helpers exactly Neutron's: deletes first, then
