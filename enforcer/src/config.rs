@@ -27,6 +27,9 @@ pub struct Config {
     pub slot_mask: u32,
     /// Capacity of the rules map, all routers together.
     pub max_rules: u32,
+    /// Most helpers one project may have on this host (absent: no cap
+    /// below `max_rules`).
+    pub max_rules_per_project: Option<u32>,
     /// How long a revoked connection must be quiet before the datapath lets
     /// its packets pass again (as a new, unmarked connection).
     pub revoked_quiet_secs: u64,
@@ -51,6 +54,7 @@ impl Default for Config {
             helper_mask: MarkLayout::DEFAULT.helper_mask,
             slot_mask: MarkLayout::DEFAULT.slot_mask,
             max_rules: DEFAULT_MAX_RULES,
+            max_rules_per_project: None,
             revoked_quiet_secs: enforcer_common::DEFAULT_QUIET_NS / 1_000_000_000,
             allowed_helpers: None,
             socket_group: None,

@@ -362,3 +362,39 @@ fn a_supplementary_group_grants_its_role() {
     let (code, err) = as_member(&GROUP.to_string(), &["router", "list"]);
     assert_ne!(code, 0, "without the group, nothing: {err}");
 }
+
+#[test]
+fn two_names_for_one_namespace_are_refused() {
+    let topo = Topology::new();
+    let daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    // A second name for the router's namespace: a bind mount of its handle.
+    let alias = enforcer_tests::unique("alias");
+    let path = format!("/run/netns/{alias}");
+    std::fs::write(&path, "").unwrap();
+    enforcer_tests::run(Command::new("mount").args(["--bind", &topo.router.path(), &path]));
+    let other = uuid::Uuid::new_v4().to_string();
+    let out = daemon.cli(&["router", "add", &other, "--netns", &alias]);
+    let _ = Command::new("umount").arg(&path).status();
+    let _ = std::fs::remove_file(&path);
+    assert_ne!(out.code, 0, "a second router on the same namespace was accepted");
+    assert!(out.stderr.contains(&topo.router_id), "the error names the router that has it: {}", out.stderr);
+}
+
+#[test]
+fn a_project_cannot_take_more_rules_than_its_cap() {
+    let topo = Topology::new();
+    let config = std::env::temp_dir().join(enforcer_tests::unique("cap"));
+    std::fs::write(&config, "max_rules_per_project = 2\n").unwrap();
+    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    daemon.cli(&["router", "add", &topo.router_id, "--project", "p1"]).ok();
+    for port in ["21", "2121"] {
+        daemon.cli(&["helper", "create", &topo.router_id, "--protocol", "tcp", "--port", port, "--helper", "ftp"]).ok();
+    }
+    let out = daemon.cli(&["helper", "create", &topo.router_id, "--protocol", "tcp", "--port", "2122", "--helper", "ftp"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("max_rules_per_project"), "{}", out.stderr);
+    // Another project on the same router is not held back by p1's cap.
+    daemon.cli(&["helper", "create", &topo.router_id, "--protocol", "tcp", "--port", "2122", "--helper", "ftp", "--project", "p2"]).ok();
+}

@@ -241,8 +241,16 @@ impl Daemon {
                 format!("network namespace {netns} already belongs to router {}", other.record.id),
             ));
         }
-        if netns_id(&netns).is_none() {
+        let Some(ns_id) = netns_id(&netns) else {
             return Err(ApiError::invalid("netns", format!("network namespace {netns:?} does not exist (/run/netns/{netns})")));
+        };
+        // Another name for a namespace a router already has (a second bind
+        // mount of it) would attach the same interfaces twice.
+        if let Some(other) = self.routers.values().find(|r| r.netns_id == Some(ns_id)) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("network namespace {netns} is the namespace {} of router {} under another name", other.record.netns, other.record.id),
+            ));
         }
         let used: BTreeSet<u32> = self.routers.values().map(|r| r.record.index).collect();
         let index = (1..=u32::MAX)
@@ -397,6 +405,12 @@ impl Daemon {
         };
         if self.index.ids.contains_key(&id) {
             return Err(ApiError::new(ErrorCode::Conflict, format!("helper id {id} is already in use")));
+        }
+        if let Some(cap) = self.config.max_rules_per_project {
+            let used = self.helpers.values().filter(|h| h.helper.project_id == project).count();
+            if used >= cap as usize {
+                return Err(ApiError::new(ErrorCode::Exhausted, format!("project {project} already has {used} helpers, the most this host allows per project (max_rules_per_project)")));
+            }
         }
         self.check_tuple_free(&router, protocol, port, None)?;
         let slot = self.free_slot(&router)?;
