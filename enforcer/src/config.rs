@@ -40,6 +40,11 @@ pub struct Config {
     pub socket_group: Option<u32>,
     /// Who may do what (root is always admin).
     pub access: Vec<crate::auth::AccessRule>,
+    /// Open API connections at once, all callers together and per uid.
+    pub max_connections: u32,
+    pub max_connections_per_uid: u32,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_secs: u64,
     /// Follow Neutron (absent: local routers only).
     pub neutron: Option<crate::neutron::NeutronConfig>,
 }
@@ -59,6 +64,9 @@ impl Default for Config {
             allowed_helpers: None,
             socket_group: None,
             access: Vec::new(),
+            max_connections: 256,
+            max_connections_per_uid: 32,
+            idle_timeout_secs: 60,
             neutron: None,
         }
     }
@@ -97,6 +105,9 @@ impl Config {
         }
         if self.max_rules == 0 {
             bail!("max_rules must be positive");
+        }
+        if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 {
+            bail!("max_connections, max_connections_per_uid and idle_timeout_secs must be positive");
         }
         Ok(MarkLayout::from_masks(h, s))
     }

@@ -398,3 +398,35 @@ fn a_project_cannot_take_more_rules_than_its_cap() {
     // Another project on the same router is not held back by p1's cap.
     daemon.cli(&["helper", "create", &topo.router_id, "--protocol", "tcp", "--port", "2122", "--helper", "ftp", "--project", "p2"]).ok();
 }
+
+#[test]
+fn idle_connections_are_closed_and_each_uid_has_a_share() {
+    use std::io::{BufRead, Read, Write};
+    let config = std::env::temp_dir().join(enforcer_tests::unique("conn"));
+    std::fs::write(&config, "idle_timeout_secs = 1\nmax_connections_per_uid = 3\n").unwrap();
+    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+
+    let mut quiet = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    quiet.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = quiet.read(&mut buf).expect("closed by the daemon, not timed out here");
+    assert_eq!(n, 0, "an idle connection gets nothing but the close");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+
+    let list = serde_json::json!({"op": "router_list"});
+    let mut held: Vec<_> = (0..3).map(|_| daemon.session()).collect();
+    for s in &mut held {
+        assert!(s.request(&list).unwrap().get("ok").is_some());
+    }
+    let mut extra = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    extra.write_all(b"{\"op\":\"router_list\"}\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&extra).read_line(&mut answer).unwrap();
+    assert!(answer.contains("exhausted") && answer.contains("too many connections"), "{answer}");
+    assert!(held[0].request(&list).unwrap().get("ok").is_some(), "admitted connections go on");
+    drop(held.pop());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(daemon.session().request(&list).unwrap().get("ok").is_some(), "a freed share is taken again");
+}

@@ -66,6 +66,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }))?;
     info!(socket = %socket.display(), "serving");
     let neutron = daemon.config.neutron.clone();
+    let limits = Limits::new(&daemon.config);
     let daemon: Shared = Arc::new(Mutex::new(daemon));
     let sync = neutron.map(|config| {
         info!(poll_interval = ?config.poll_interval(), "following Neutron");
@@ -88,11 +89,16 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
                         continue;
                     }
                 };
-                let (daemon, stop) = (daemon.clone(), stop_tx.clone());
+                let Some(slot) = limits.admit(&stream) else {
+                    tokio::spawn(refuse_busy(stream));
+                    continue;
+                };
+                let (daemon, stop, idle) = (daemon.clone(), stop_tx.clone(), limits.idle);
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, daemon, stop).await {
+                    if let Err(e) = connection(stream, daemon, stop, idle).await {
                         warn!("connection: {e:#}");
                     }
+                    drop(slot);
                 });
             }
             _ = tick.tick() => {
@@ -187,6 +193,67 @@ async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
     }
 }
 
+/// Caps on connections, in total and per uid, so that one local user
+/// cannot take every descriptor or task of the daemon.
+#[derive(Clone)]
+struct Limits {
+    total: usize,
+    per_uid: usize,
+    idle: Duration,
+    open: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+/// A connection's place under the caps, given back on drop.
+struct Admitted {
+    uid: u32,
+    open: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Limits {
+    fn new(config: &crate::config::Config) -> Self {
+        Self {
+            total: config.max_connections as usize,
+            per_uid: config.max_connections_per_uid as usize,
+            idle: Duration::from_secs(config.idle_timeout_secs),
+            open: Arc::default(),
+        }
+    }
+
+    fn admit(&self, stream: &UnixStream) -> Option<Admitted> {
+        let uid = stream.peer_cred().ok()?.uid();
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = open.values().sum();
+        let mine = open.get(&uid).copied().unwrap_or(0);
+        if total >= self.total || mine >= self.per_uid {
+            warn!(uid, open = mine, total, "connection refused: too many connections");
+            return None;
+        }
+        *open.entry(uid).or_default() += 1;
+        Some(Admitted { uid, open: self.open.clone() })
+    }
+}
+
+/// Tells a caller over the caps why, then closes.
+async fn refuse_busy(mut stream: UnixStream) {
+    let error = ApiError::new(ErrorCode::Exhausted, "too many connections to the daemon (max_connections, max_connections_per_uid); close some and retry");
+    if let Ok(mut line) = serde_json::to_vec(&Response::Error(error)) {
+        line.push(b'\n');
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
+    }
+}
+
 /// The peer's supplementary groups at connect time (SO_PEERGROUPS, Linux
 /// 4.13+); none if the kernel cannot tell.
 fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
@@ -208,7 +275,7 @@ fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     Vec::new()
 }
 
-async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc::Sender<()>) -> Result<()> {
+async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
     let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups: peer_groups(stream.as_raw_fd()) };
     let (read, mut write) = stream.into_split();
@@ -217,9 +284,11 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
     loop {
         line.clear();
         reader.set_limit(MAX_REQUEST_BYTES as u64 + 1);
-        if reader.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(());
-        }
+        // A connection that sends nothing for `idle` is closed.
+        match tokio::time::timeout(idle, reader.read_until(b'\n', &mut line)).await {
+            Err(_) | Ok(Ok(0)) => return Ok(()),
+            Ok(read) => read?,
+        };
         let oversized = line.len() > MAX_REQUEST_BYTES;
         let mut stopping = false;
         let parsed = if oversized {
