@@ -98,7 +98,8 @@ fn at(n: usize, samples: usize) -> AtSize {
     }
     // A poll with nothing changed (two intervals after the last change).
     std::thread::sleep(Duration::from_secs_f64(POLL_SECS * 2.5));
-    let status = s.request(&json!({"op": "status"})).expect("status");
+    // A fresh connection: the first one sat idle longer than the daemon keeps one.
+    let status = daemon.session().request(&json!({"op": "status"})).expect("status");
     let requests_per_poll = status["ok"]["neutron"]["requests_last_poll"].as_u64().unwrap_or(u64::MAX);
     let poll_ms = status["ok"]["neutron"]["last_poll_ms"].as_f64().unwrap_or(f64::NAN);
     drop(daemon);
