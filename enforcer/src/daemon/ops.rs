@@ -121,11 +121,12 @@ impl Daemon {
 
     /// One owner per router: a change through the local API to a router
     /// that follows Neutron is refused, and the sync touches nothing else.
+    /// (Teardown names no router: it removes every router, whoever owns it.)
     fn check_owner(&self, origin: Owner, req: &Request, mutation: bool) -> Result<(), ApiError> {
         let (Some(router), true) = (names(req).0, mutation) else { return Ok(()) };
         let Some(owner) = self.routers.get(&router).map(|r| r.record.owner) else { return Ok(()) };
         match (origin, owner) {
-            (Owner::Local, Owner::Neutron) if !matches!(req, Request::Teardown {}) => Err(ApiError::new(
+            (Owner::Local, Owner::Neutron) => Err(ApiError::new(
                 ErrorCode::PermissionDenied,
                 format!("router {router} follows Neutron, which owns its helpers: change them in Neutron (openstack network l3 conntrack helper ...)"),
             )),

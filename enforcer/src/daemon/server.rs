@@ -26,9 +26,10 @@ use crate::{
     kernel::netns,
 };
 
-type Shared = Arc<Mutex<Daemon>>;
+pub(super) type Shared = Arc<Mutex<Daemon>>;
 
-fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Daemon> {
+/// The daemon, also after a panic while it was held.
+pub(super) fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Daemon> {
     d.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -6,13 +6,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use tracing::{info, warn};
 
-use super::Daemon;
+use super::{
+    Daemon,
+    server::{Shared, lock},
+};
 use crate::{
     api::{ApiError, ErrorCode, HelperError, Owner, Reply, Request, SyncStatus},
     auth::Caller,
@@ -22,8 +24,6 @@ use crate::{
         plan::{self, NeutronHelper, NeutronRouter, Step},
     },
 };
-
-type Shared = Arc<Mutex<Daemon>>;
 
 /// The sync acts as root of this host, on Neutron's behalf.
 const SYNC_CALLER: Caller = Caller { uid: 0, gid: 0, pid: None, groups: Vec::new() };
@@ -161,10 +161,6 @@ impl Daemon {
         }
         self.sync_status = Some(status);
     }
-}
-
-fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Daemon> {
-    d.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Runs `f` on the daemon off the async runtime.
