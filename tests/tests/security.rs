@@ -250,6 +250,25 @@ fn hostile_input_changes_nothing_and_reaches_no_rule() {
     assert!(audit.to_string().len() < 2_000_000, "audited values are bounded");
 }
 
+/// The directory of a [`raw_daemon`] and its pins, removed on drop (also
+/// when the test fails).
+struct RawDir(std::path::PathBuf);
+
+impl RawDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(enforcer_tests::unique(tag));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for RawDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/sys/fs/bpf").join(self.0.file_name().unwrap()));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `enforcer daemon` on a socket, store and pins of its own, with `umask`.
 fn raw_daemon(dir: &std::path::Path, umask: u32) -> enforcer_tests::Process {
     use std::os::unix::process::CommandExt;
@@ -284,25 +303,23 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn state_and_socket_are_private_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(enforcer_tests::unique("umask"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut daemon = raw_daemon(&dir, 0o000);
+    let raw = RawDir::new("umask");
+    let dir = &raw.0;
+    let mut daemon = raw_daemon(dir, 0o000);
     wait_for("the socket", || std::os::unix::net::UnixStream::connect(dir.join("enforcer.sock")).is_ok());
     let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777;
     let modes = [mode("state"), mode("state/enforcer.redb"), mode("state/audit.jsonl"), mode("enforcer.sock")];
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     let _ = daemon.child.wait();
-    let _ = std::fs::remove_dir_all(std::path::Path::new("/sys/fs/bpf").join(dir.file_name().unwrap()));
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(modes, [0o700, 0o600, 0o600, 0o600], "state dir, store, audit log, socket");
 }
 
 #[test]
 fn a_path_that_is_not_a_socket_is_never_unlinked() {
-    let dir = std::env::temp_dir().join(enforcer_tests::unique("nosock"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let raw = RawDir::new("nosock");
+    let dir = &raw.0;
     std::fs::write(dir.join("enforcer.sock"), "precious").unwrap();
-    let mut daemon = raw_daemon(&dir, 0o022);
+    let mut daemon = raw_daemon(dir, 0o022);
     let mut status = None;
     wait_for("the daemon to refuse", || {
         status = daemon.child.try_wait().unwrap();
@@ -310,8 +327,6 @@ fn a_path_that_is_not_a_socket_is_never_unlinked() {
     });
     let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
     let kept = std::fs::read_to_string(dir.join("enforcer.sock")).ok();
-    let _ = std::fs::remove_dir_all(std::path::Path::new("/sys/fs/bpf").join(dir.file_name().unwrap()));
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(!status.unwrap().success());
     assert_eq!(kept.as_deref(), Some("precious"), "the file is left alone");
     assert!(log.contains("is not a socket"), "{log}");
