@@ -45,6 +45,9 @@ pub struct Config {
     pub max_connections_per_uid: u32,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout_secs: u64,
+    /// Longest an external step may take (nft, iptables, tc, a ctnetlink
+    /// request) before it is stopped and reported as failed.
+    pub command_timeout_secs: u64,
     /// Follow Neutron (absent: local routers only).
     pub neutron: Option<crate::neutron::NeutronConfig>,
 }
@@ -67,6 +70,7 @@ impl Default for Config {
             max_connections: 256,
             max_connections_per_uid: 32,
             idle_timeout_secs: 60,
+            command_timeout_secs: 10,
             neutron: None,
         }
     }
@@ -106,8 +110,8 @@ impl Config {
         if self.max_rules == 0 {
             bail!("max_rules must be positive");
         }
-        if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 {
-            bail!("max_connections, max_connections_per_uid and idle_timeout_secs must be positive");
+        if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 || self.command_timeout_secs == 0 {
+            bail!("max_connections, max_connections_per_uid, idle_timeout_secs and command_timeout_secs must be positive");
         }
         Ok(MarkLayout::from_masks(h, s))
     }

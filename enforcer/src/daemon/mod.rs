@@ -155,6 +155,7 @@ impl Daemon {
             neutron.check()?;
         }
         raise_fd_limit();
+        crate::kernel::exec::set_limit(std::time::Duration::from_secs(config.command_timeout_secs));
         let unreadable =
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
         let store = Store::open(&config.state_dir).with_context(unreadable)?;

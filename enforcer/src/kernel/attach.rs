@@ -51,7 +51,7 @@ fn kernel_has_tcx() -> Result<bool> {
 }
 
 fn tool_runs(program: &str, args: &[&str]) -> bool {
-    Command::new(program).args(args).output().is_ok_and(|o| o.status.success())
+    super::exec::run(Command::new(program).args(args), None).is_ok_and(|o| o.status.success())
 }
 
 /// Resolves the setting against this kernel and checks that what the mode
@@ -77,10 +77,7 @@ pub fn resolve(setting: AttachSetting) -> Result<AttachMode> {
 }
 
 fn tc_json(args: &[&str]) -> Result<serde_json::Value> {
-    let out = Command::new("tc").arg("-j").args(args).output().context("running tc (is iproute2 installed?)")?;
-    if !out.status.success() {
-        bail!("tc {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
+    let out = super::exec::check(Command::new("tc").arg("-j").args(args), None).context("running tc (is iproute2 installed?)")?;
     if out.stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Value::Array(Vec::new()));
     }

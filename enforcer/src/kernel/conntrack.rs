@@ -39,6 +39,14 @@ fn socket() -> Result<Socket> {
     let mut s = Socket::new(NETLINK_NETFILTER).context("opening a ctnetlink socket")?;
     s.bind_auto().context("binding the ctnetlink socket")?;
     s.connect(&SocketAddr::new(0, 0)).context("connecting the ctnetlink socket")?;
+    // A dump or delete that stalls fails at the command time limit instead
+    // of holding the namespace thread forever.
+    let limit = nix::sys::time::TimeVal::new(super::exec::limit().as_secs() as _, super::exec::limit().subsec_micros() as _);
+    // SAFETY: the descriptor belongs to `s`, alive for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&s)) };
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(&fd, sockopt::ReceiveTimeout, &limit).context("setting the ctnetlink time limit")?;
+    setsockopt(&fd, sockopt::SendTimeout, &limit).context("setting the ctnetlink time limit")?;
     Ok(s)
 }
 
@@ -66,7 +74,12 @@ fn send(sock: &Socket, message: ConntrackMessage, flags: u16) -> Result<()> {
 /// Reads replies until the dump is done or the request is acknowledged.
 fn receive(sock: &Socket, mut each: impl FnMut(ConntrackMessage)) -> Result<()> {
     loop {
-        let (buf, _) = sock.recv_from_full().context("reading from ctnetlink")?;
+        let (buf, _) = sock.recv_from_full().map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                anyhow::anyhow!("ctnetlink did not answer within {} s (command_timeout_secs)", super::exec::limit().as_secs_f64())
+            }
+            _ => anyhow::Error::new(e).context("reading from ctnetlink"),
+        })?;
         let mut off = 0;
         while off < buf.len() {
             let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..])

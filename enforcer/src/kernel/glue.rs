@@ -16,19 +16,19 @@
 //! Rules are built from catalogue constants and the mark layout only, as
 //! nftables JSON through the `nftables` crate: nothing a user typed.
 
-use std::{borrow::Cow, path::Path};
+use std::{borrow::Cow, path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 use enforcer_common::MarkLayout;
 use nftables::{
     batch::Batch,
     expr::{BinaryOperation, CT, Expression, Meta, MetaKey, NamedExpression},
-    helper::{self, NftablesError},
     schema::{CTHelper, Chain, NfListObject, Nftables, Rule, Table},
     stmt::{Mangle, Match, Operator, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
+use super::exec;
 use crate::{
     api::Protocol,
     catalogue::{HelperKind, Offered},
@@ -176,34 +176,25 @@ pub fn ruleset(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
 }
 
 /// `nft` run inside the namespace at `ns`.
-fn nft_in(ns: &Path) -> [String; 2] {
-    [format!("--net={}", ns.display()), "nft".to_string()]
+fn nft_in(ns: &Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.display())).arg("nft");
+    cmd
 }
 
+/// Commits `ruleset` (the crate's JSON schema) in one `nft -j -f -` run,
+/// under the command time limit.
 fn apply(ns: &Path, ruleset: &Nftables) -> Result<()> {
-    helper::apply_ruleset_with_args(ruleset, Some("nsenter"), &nft_in(ns))
-        .map_err(|e| anyhow::anyhow!("nft in {}: {}", ns.display(), nft_error(e)))
+    let json = serde_json::to_vec(ruleset).context("serializing the nftables ruleset")?;
+    exec::check(nft_in(ns).args(["-j", "-f", "-"]), Some(&json)).with_context(|| format!("nft in {}", ns.display()))?;
+    Ok(())
 }
 
-fn nft_error(e: NftablesError) -> String {
-    match e {
-        NftablesError::NftFailed { stderr, .. } => stderr.trim().to_string(),
-        other => format!("{other} (is nftables installed?)"),
-    }
-}
-
-/// Whether enforcer's table exists in the namespace. (Asked directly: the
-/// crate's listing helper puts `-j` before every argument, which `nsenter`
-/// would take as its own.)
+/// Whether enforcer's table exists in the namespace.
 pub fn installed(ns: &Path) -> Result<bool> {
-    let status = std::process::Command::new("nsenter")
-        .args(nft_in(ns))
-        .args(["list", "table", "inet", TABLE])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .with_context(|| format!("running nft in {} (is nftables installed?)", ns.display()))?;
-    Ok(status.success())
+    let out = exec::run(nft_in(ns).args(["list", "table", "inet", TABLE]), None)
+        .with_context(|| format!("nft in {} (is nftables installed?)", ns.display()))?;
+    Ok(out.status.success())
 }
 
 /// Installs (or rewrites) the glue in one transaction. Idempotent. Returns
@@ -243,13 +234,11 @@ pub fn remove(ns: &Path) -> Result<()> {
 /// `CT --helper` chain and mangle CONNMARK chain, jumped to from
 /// PREROUTING). Only ever removed.
 pub mod legacy {
-    use std::{
-        io::Write,
-        path::Path,
-        process::{Command, Stdio},
-    };
+    use std::{path::Path, process::Command};
 
-    use anyhow::{Context, Result, bail};
+    use anyhow::Result;
+
+    use crate::kernel::exec;
 
     pub const CHAINS: [(&str, &str); 2] = [("raw", "ENFORCER-HELPERS"), ("mangle", "ENFORCER-CONNMARK")];
 
@@ -261,13 +250,7 @@ pub mod legacy {
 
     /// Whether `table` has `chain` in the family of `tool`.
     fn has_chain(ns: &Path, tool: &str, table: &str, chain: &str) -> Result<bool> {
-        let status = in_netns(ns, tool)
-            .args(["--wait", "-t", table, "-n", "-L", chain])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .with_context(|| format!("running {tool} (is iptables installed?)"))?;
-        Ok(status.success())
+        Ok(exec::run(in_netns(ns, tool).args(["--wait", "-t", table, "-n", "-L", chain]), None)?.status.success())
     }
 
     /// Removes the old chains and their jumps, where they exist.
@@ -278,30 +261,15 @@ pub mod legacy {
                 if has_chain(ns, tool, table, chain)? {
                     // Jumps may be there once or not at all; -D of a missing
                     // one would fail the whole restore, so each goes alone.
-                    while in_netns(ns, tool)
-                        .args(["--wait", "-t", table, "-D", "PREROUTING", "-j", chain])
-                        .stderr(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
+                    while exec::run(in_netns(ns, tool).args(["--wait", "-t", table, "-D", "PREROUTING", "-j", chain]), None)?
+                        .status
+                        .success()
                     {}
                     script.push_str(&format!("*{table}\n-F {chain}\n-X {chain}\nCOMMIT\n"));
                 }
             }
-            if script.is_empty() {
-                continue;
-            }
-            let restore = format!("{tool}-restore");
-            let mut child = in_netns(ns, &restore)
-                .args(["--noflush", "--wait"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("running {restore}"))?;
-            child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
-            let out = child.wait_with_output()?;
-            if !out.status.success() {
-                bail!("{restore} in {} failed: {}", ns.display(), String::from_utf8_lossy(&out.stderr).trim());
+            if !script.is_empty() {
+                exec::check(in_netns(ns, &format!("{tool}-restore")).args(["--noflush", "--wait"]), Some(script.as_bytes()))?;
             }
         }
         Ok(())

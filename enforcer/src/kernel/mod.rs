@@ -5,6 +5,7 @@
 pub mod attach;
 pub mod conntrack;
 pub mod dump;
+pub mod exec;
 pub mod glue;
 pub mod probe;
 pub mod netns;

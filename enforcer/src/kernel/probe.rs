@@ -6,10 +6,9 @@
 
 use std::borrow::Cow;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use nftables::{
     batch::Batch,
-    helper::{self, NftablesError},
     schema::{CTHelper, NfListObject, Table},
     types::NfFamily,
 };
@@ -33,11 +32,9 @@ fn accepted(offer: &Offer, n: usize) -> Result<bool> {
             Family::Ipv6 => "ip6",
         })),
     }));
-    match helper::apply_ruleset(&batch.to_nftables()) {
-        Ok(()) => Ok(true),
-        Err(NftablesError::NftFailed { .. }) => Ok(false),
-        Err(e) => bail!("running nft (is nftables installed?): {e}"),
-    }
+    let json = serde_json::to_vec(&batch.to_nftables())?;
+    // The child inherits this thread's scratch namespace.
+    Ok(super::exec::run(std::process::Command::new("nft").args(["-j", "-f", "-"]), Some(&json))?.status.success())
 }
 
 /// Every (helper, protocol, family) of the catalogue the kernel accepts.
