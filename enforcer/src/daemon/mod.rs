@@ -131,6 +131,27 @@ pub struct Daemon {
     last_sync: Option<Instant>,
 }
 
+/// The glue step of one namespace: it spawns nft, which may be slow or hang
+/// until the time limit, so it runs without the daemon's lock.
+pub(super) struct GlueJob {
+    netns: String,
+    offered: Offered,
+    layout: enforcer_common::MarkLayout,
+}
+
+/// What a [`GlueJob`] did: whether the glue was missing, or why it failed.
+pub(super) struct GlueDone {
+    netns: String,
+    added: Result<bool, String>,
+}
+
+impl GlueJob {
+    pub(super) fn run(self) -> GlueDone {
+        let added = glue::install(&netns::path(&self.netns), &self.offered, &self.layout).map_err(|e| format!("{e:#}"));
+        GlueDone { netns: self.netns, added }
+    }
+}
+
 impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> Self {
         match e {
@@ -221,7 +242,7 @@ impl Daemon {
         let mut report = ReconcileReport::default();
         let ids: Vec<String> = self.routers.keys().cloned().collect();
         for id in &ids {
-            match self.bring_up(id) {
+            match self.bring_up(id, None) {
                 Ok(Some((glue_added, links))) => {
                     report.glue_installed += glue_added as usize;
                     report.links_attached += links.attached;
@@ -246,10 +267,18 @@ impl Daemon {
         Ok(report)
     }
 
+    /// The glue step for namespace `netns`, to run without the lock.
+    pub(super) fn glue_job(&self, netns: &str) -> GlueJob {
+        GlueJob { netns: netns.to_string(), offered: self.offered.clone(), layout: self.datapath.layout() }
+    }
+
     /// Attaches a stored router if its namespace exists. Returns whether the
     /// glue had to be installed and what changed in the links, or None if
     /// the namespace is missing (the router is then detached everywhere).
-    fn bring_up(&mut self, id: &str) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
+    /// The glue comes from `glue` (done without the lock) when given; else,
+    /// for a namespace attached for the first time, it is installed here.
+    fn bring_up(&mut self, id: &str, glue: Option<GlueDone>) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
+        let layout = self.datapath.layout();
         let state = self.routers.get_mut(id).context("unknown router")?;
         let Some(ns_id) = netns_id(&state.record.netns) else {
             state.attachment = None;
@@ -257,13 +286,19 @@ impl Daemon {
             self.datapath.detach_router(state.record.index, None)?;
             return Ok(None);
         };
-        if state.netns_id.is_some_and(|old| old != ns_id) {
+        let fresh = state.netns_id != Some(ns_id);
+        if state.netns_id.is_some() && fresh {
             // A new namespace under the old name: the pinned links belong to
             // interfaces of the old one.
             self.datapath.detach_router(state.record.index, None)?;
         }
         let path = netns::path(&state.record.netns);
-        let glue_added = glue::install(&path, &self.offered, &self.datapath.layout())?;
+        let glue_added = match glue {
+            Some(done) if done.netns == state.record.netns => done.added.map_err(anyhow::Error::msg)?,
+            _ if fresh => glue::install(&path, &self.offered, &layout)?,
+            // Same namespace, glue in place (the glue check repairs it).
+            _ => false,
+        };
         let uuid = uuid::Uuid::parse_str(&state.record.id)?;
         let (attachment, changes) = self.datapath.sync_router(&path, state.record.index, uuid)?;
         state.attachment = Some(attachment);
@@ -377,42 +412,42 @@ impl Daemon {
         self.stopping
     }
 
-    /// Routers attached now, with their namespace: what the watchers follow.
-    pub fn attached(&self) -> Vec<(String, String)> {
+    /// Routers attached now, with their namespace and its identity: what
+    /// the watchers follow (a namespace made again is a new one to watch).
+    pub fn attached(&self) -> Vec<(String, String, Option<(u64, u64)>)> {
         self.routers
             .values()
             .filter(|r| r.attachment.is_some())
-            .map(|r| (r.record.id.clone(), r.record.netns.clone()))
+            .map(|r| (r.record.id.clone(), r.record.netns.clone(), r.netns_id))
             .collect()
     }
 
-    /// Follows namespaces: one that vanished is detached and its kernel
-    /// state cleaned up; one that (re)appeared is attached. Cheap when
-    /// nothing changed: one stat per router.
-    pub fn check_namespaces(&mut self) {
-        let ids: Vec<String> = self.routers.keys().cloned().collect();
-        for id in ids {
-            let state = &self.routers[&id];
-            let now = netns_id(&state.record.netns);
-            if now == state.netns_id {
-                continue;
-            }
-            if now.is_none() {
-                warn!(router = %id, netns = %state.record.netns, "namespace deleted from outside: detaching the router");
-            } else {
-                info!(router = %id, netns = %state.record.netns, "namespace appeared: attaching the router");
-            }
-            if let Err(e) = self.refresh_router(&id) {
-                warn!(router = %id, "{e:#}");
-            }
-        }
+    /// Routers whose namespace vanished or (re)appeared since they were
+    /// last brought up, with the glue step of those whose namespace is
+    /// there. Cheap when nothing changed: one stat per router.
+    pub(super) fn changed_namespaces(&self) -> Vec<(String, Option<GlueJob>)> {
+        self.routers
+            .values()
+            .filter_map(|state| {
+                let now = netns_id(&state.record.netns);
+                if now == state.netns_id {
+                    return None;
+                }
+                if now.is_none() {
+                    warn!(router = %state.record.id, netns = %state.record.netns, "namespace deleted from outside: detaching the router");
+                } else {
+                    info!(router = %state.record.id, netns = %state.record.netns, "namespace appeared: attaching the router");
+                }
+                Some((state.record.id.clone(), now.map(|_| self.glue_job(&state.record.netns))))
+            })
+            .collect()
     }
 
     /// Re-syncs one router with its namespace (after a link event or a
     /// namespace change) and its rules with the maps.
-    pub fn refresh_router(&mut self, id: &str) -> Result<()> {
+    pub(super) fn refresh_router(&mut self, id: &str, glue: Option<GlueDone>) -> Result<()> {
         let was_attached = self.routers.get(id).is_some_and(|r| r.attachment.is_some());
-        let now_attached = match self.bring_up(id)? {
+        let now_attached = match self.bring_up(id, glue)? {
             Some((_, links)) => {
                 if links != Default::default() {
                     info!(router = %id, attached = links.attached, detached = links.detached, "interfaces changed");

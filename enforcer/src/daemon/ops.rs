@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::{DEFAULT_PROJECT, Daemon, RouterState, kind_of, netns_id, rule_key};
+use super::{DEFAULT_PROJECT, Daemon, GlueDone, GlueJob, RouterState, kind_of, netns_id, rule_key};
 use crate::{
     api::{ApiError, ErrorCode, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
     audit::{self, Audit, AuditEntry},
@@ -68,13 +68,25 @@ impl Daemon {
     /// Handles a request of `caller`: authorizes it, confines it to the
     /// caller's project, and audits every mutation and every refusal.
     pub fn handle_as(&mut self, caller: Caller, req: Request) -> Result<Reply, ApiError> {
-        self.handle_from(Owner::Local, caller, req)
+        self.handle_from(Owner::Local, caller, req, None)
+    }
+
+    /// The work a request needs done outside the lock first: the glue of a
+    /// router about to be added, if the caller may add it and the request
+    /// is otherwise sound (anything else is refused, and audited, later).
+    pub(super) fn prepare(&self, origin: Owner, caller: &Caller, req: &Request) -> Option<GlueJob> {
+        let Request::RouterAdd { router_id, netns, project_id } = req else { return None };
+        let role = auth::role_of(&self.config.access, caller);
+        auth::permits(role.as_ref(), req).ok()?;
+        self.check_owner(origin, req, true).ok()?;
+        let (_, netns, ..) = self.check_router_add(router_id, netns.clone(), project_id.clone()).ok()?;
+        Some(self.glue_job(&netns))
     }
 
     /// As [`Daemon::handle_as`], for a request made on behalf of `origin`:
     /// the local API may not change what Neutron owns, and the sync changes
     /// only that.
-    pub(super) fn handle_from(&mut self, origin: Owner, caller: Caller, req: Request) -> Result<Reply, ApiError> {
+    pub(super) fn handle_from(&mut self, origin: Owner, caller: Caller, req: Request, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
         let role = auth::role_of(&self.config.access, &caller);
         let (op, mutation) = describe(&req);
         let (router_id, helper_id) = names(&req);
@@ -82,7 +94,7 @@ impl Daemon {
         let result = auth::permits(role.as_ref(), &req).and_then(|()| self.check_owner(origin, &req, mutation)).and_then(|()| {
             self.scope = role.as_ref().and_then(|r| r.scope()).map(str::to_string);
             self.origin = origin;
-            let r = self.handle(req);
+            let r = self.handle(req, glue);
             self.scope = None;
             self.origin = Owner::Local;
             r
@@ -176,9 +188,11 @@ impl Daemon {
         self.scope.as_deref().is_none_or(|p| p == project)
     }
 
-    pub fn handle(&mut self, req: Request) -> Result<Reply, ApiError> {
+    /// Handles an authorized request; `glue` is the glue step already done
+    /// for a router add (see [`Daemon::prepare`]).
+    fn handle(&mut self, req: Request, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
         match req {
-            Request::RouterAdd { router_id, netns, project_id } => self.router_add(router_id, netns, project_id),
+            Request::RouterAdd { router_id, netns, project_id } => self.router_add(router_id, netns, project_id, glue),
             Request::RouterRemove { router_id } => {
                 let id = validate::uuid("router_id", &router_id)?;
                 self.router_remove(&id)
@@ -229,8 +243,10 @@ impl Daemon {
         self.routers.values().filter(|r| self.in_scope(&r.record.project_id)).map(Self::router_view).collect()
     }
 
-    fn router_add(&mut self, id: String, netns: Option<String>, project: Option<String>) -> Result<Reply, ApiError> {
-        let id = validate::uuid("router_id", &id)?;
+    /// The checks of a router add that need no kernel step: (id, netns,
+    /// project), normalized.
+    fn check_router_add(&self, id: &str, netns: Option<String>, project: Option<String>) -> Result<(String, String, String), ApiError> {
+        let id = validate::uuid("router_id", id)?;
         let netns = validate::netns(&netns.unwrap_or_else(|| format!("qrouter-{id}")))?;
         let project = validate::project(project.as_deref().unwrap_or(DEFAULT_PROJECT))?;
         if self.routers.contains_key(&id) {
@@ -253,6 +269,11 @@ impl Daemon {
                 format!("network namespace {netns} is the namespace {} of router {} under another name", other.record.netns, other.record.id),
             ));
         }
+        Ok((id, netns, project))
+    }
+
+    fn router_add(&mut self, id: String, netns: Option<String>, project: Option<String>, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
+        let (id, netns, project) = self.check_router_add(&id, netns, project)?;
         let used: BTreeSet<u32> = self.routers.values().map(|r| r.record.index).collect();
         let index = (1..=u32::MAX)
             .find(|i| !used.contains(i))
@@ -261,7 +282,7 @@ impl Daemon {
         self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
-        let attached = match self.bring_up(&id) {
+        let attached = match self.bring_up(&id, glue) {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(ApiError::kernel(format!("network namespace {} vanished", record.netns))),
             Err(e) => Err(ApiError::kernel(e)),

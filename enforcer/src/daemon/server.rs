@@ -19,9 +19,9 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::Daemon;
+use super::{Daemon, GlueDone, GlueJob};
 use crate::{
-    api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Request, Response},
+    api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
     auth::Caller,
     kernel::netns,
 };
@@ -73,10 +73,11 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
         info!(poll_interval = ?config.poll_interval(), "following Neutron");
         tokio::spawn(super::sync::follow(daemon.clone(), config))
     });
-    let mut watchers: HashMap<String, JoinHandle<()>> = HashMap::new();
+    // Namespace following and housekeeping run beside the accept loop, each
+    // taking the lock only for its own short steps.
+    let background = [tokio::spawn(follow_namespaces(daemon.clone())), tokio::spawn(housekeeping(daemon.clone()))];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -102,43 +103,102 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
                     drop(slot);
                 });
             }
-            _ = tick.tick() => {
-                let d = daemon.clone();
-                let attached = tokio::task::spawn_blocking(move || {
-                    let mut d = lock(&d);
-                    d.check_namespaces();
-                    d.housekeeping();
-                    d.attached()
-                }).await?;
-                follow(&daemon, &mut watchers, attached);
-            }
             _ = stop_rx.recv() => break,
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    for (_, w) in watchers {
-        w.abort();
-    }
-    if let Some(sync) = sync {
-        sync.abort();
+    for task in background.iter().chain(sync.as_ref()) {
+        task.abort();
     }
     info!("stopping; enforcement stays in place");
     let _ = std::fs::remove_file(socket);
     Ok(())
 }
 
-/// Starts a link watcher for each newly attached router, stops those of
-/// routers that went away.
-fn follow(daemon: &Shared, watchers: &mut HashMap<String, JoinHandle<()>>, attached: Vec<(String, String)>) {
+/// Runs `f` on the daemon, off the async runtime.
+pub(super) async fn with_daemon<T: Send + 'static>(daemon: &Shared, f: impl FnOnce(&mut Daemon) -> T + Send + 'static) -> T {
+    let d = daemon.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&d))).await.expect("daemon step panicked")
+}
+
+/// Runs a glue step without the lock.
+pub(super) async fn unlocked(job: GlueJob) -> GlueDone {
+    tokio::task::spawn_blocking(move || job.run()).await.expect("glue step panicked")
+}
+
+/// Handles one request: its slow external step (the glue of a router add)
+/// without the lock, the rest under it. Returns the result and whether the
+/// daemon is stopping.
+pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req: Request) -> (Result<Reply, ApiError>, bool) {
+    let job = {
+        let (c, r) = (caller.clone(), req.clone());
+        with_daemon(daemon, move |d| d.prepare(origin, &c, &r)).await
+    };
+    let glue = match job {
+        Some(job) => Some(unlocked(job).await),
+        None => None,
+    };
+    let d = daemon.clone();
+    // A panic while handling is this request's internal error, not the
+    // connection's end.
+    tokio::task::spawn_blocking(move || {
+        let mut d = lock(&d);
+        (d.handle_from(origin, caller, req, glue), d.stopping())
+    })
+    .await
+    .unwrap_or_else(|e| (Err(ApiError::internal(e)), false))
+}
+
+/// Follows namespaces: one that vanished is detached and its kernel state
+/// cleaned up; one that (re)appeared is attached, its glue installed without
+/// the lock. Then link watchers follow the attached ones.
+async fn follow_namespaces(daemon: Shared) {
+    let mut watchers: HashMap<String, Watcher> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for (id, job) in with_daemon(&daemon, |d| d.changed_namespaces()).await {
+            let glue = match job {
+                Some(job) => Some(unlocked(job).await),
+                None => None,
+            };
+            let rid = id.clone();
+            if let Err(e) = with_daemon(&daemon, move |d| d.refresh_router(&rid, glue)).await {
+                warn!(router = %id, "{e:#}");
+            }
+        }
+        let attached = with_daemon(&daemon, |d| d.attached()).await;
+        follow(&daemon, &mut watchers, attached);
+    }
+}
+
+/// Periodic clean-up of revoked flows and released slots.
+async fn housekeeping(daemon: Shared) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        with_daemon(&daemon, |d| d.housekeeping()).await;
+    }
+}
+
+/// A link watcher, and the namespace it watches.
+struct Watcher {
+    netns_id: Option<(u64, u64)>,
+    task: JoinHandle<()>,
+}
+
+/// Starts a link watcher for each newly attached router (or router whose
+/// namespace was made again), stops those of routers that went away.
+fn follow(daemon: &Shared, watchers: &mut HashMap<String, Watcher>, attached: Vec<(String, String, Option<(u64, u64)>)>) {
     watchers.retain(|id, w| {
-        let keep = attached.iter().any(|(a, _)| a == id) && !w.is_finished();
+        let keep = attached.iter().any(|(a, _, ns)| a == id && *ns == w.netns_id) && !w.task.is_finished();
         if !keep {
-            w.abort();
+            w.task.abort();
         }
         keep
     });
-    for (id, ns) in attached {
+    for (id, ns, netns_id) in attached {
         if watchers.contains_key(&id) {
             continue;
         }
@@ -146,7 +206,7 @@ fn follow(daemon: &Shared, watchers: &mut HashMap<String, JoinHandle<()>>, attac
             Ok(sock) => {
                 let d = daemon.clone();
                 let rid = id.clone();
-                watchers.insert(id, tokio::spawn(async move { watch_links(sock, d, rid).await }));
+                watchers.insert(id, Watcher { netns_id, task: tokio::spawn(async move { watch_links(sock, d, rid).await }) });
             }
             Err(e) => warn!(router = %id, "cannot follow link events: {e:#}"),
         }
@@ -172,12 +232,9 @@ async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
     loop {
         // Re-sync first: events before the subscription are not lost.
         let (d, rid) = (daemon.clone(), id.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = lock(&d).refresh_router(&rid) {
-                warn!(router = %rid, "re-sync after link event: {e:#}");
-            }
-        })
-        .await;
+        if let Err(e) = with_daemon(&d, move |d| d.refresh_router(&rid, None)).await {
+            warn!(router = %id, "re-sync after link event: {e:#}");
+        }
         let Ok(mut guard) = sock.readable().await else { return };
         // Drain everything queued; the content does not matter, a re-sync
         // compares the namespace's interfaces with the pins.
@@ -297,27 +354,16 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
         } else {
             serde_json::from_slice::<Request>(&line).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
         };
-        let response = {
-            match parsed {
-                Ok(req) => {
-                    let (d, caller) = (daemon.clone(), caller.clone());
-                    let (result, stop_now) = tokio::task::spawn_blocking(move || {
-                        let mut d = lock(&d);
-                        let r = d.handle_as(caller, req);
-                        (r, d.stopping())
-                    })
-                    .await
-                    .map_err(ApiError::internal)
-                    .unwrap_or_else(|e| (Err(e), false));
-                    stopping = stop_now;
-                    result.into()
-                }
-                Err(e) => {
-                    let (d, caller) = (daemon.clone(), caller.clone());
-                    let audited = e.clone();
-                    let _ = tokio::task::spawn_blocking(move || lock(&d).audit_refused(caller, audited)).await;
-                    Response::Error(e)
-                }
+        let response = match parsed {
+            Ok(req) => {
+                let (result, stop_now) = request(&daemon, Owner::Local, caller.clone(), req).await;
+                stopping = stop_now;
+                result.into()
+            }
+            Err(e) => {
+                let (c, audited) = (caller.clone(), e.clone());
+                with_daemon(&daemon, move |d| d.audit_refused(c, audited)).await;
+                Response::Error(e)
             }
         };
         let mut text = serde_json::to_vec(&response)?;

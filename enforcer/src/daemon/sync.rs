@@ -12,8 +12,8 @@ use std::{
 use tracing::{info, warn};
 
 use super::{
-    Daemon,
-    server::{Shared, lock},
+    Daemon, GlueDone, GlueJob,
+    server::{Shared, unlocked, with_daemon},
 };
 use crate::{
     api::{ApiError, ErrorCode, HelperError, Owner, Reply, Request, SyncStatus},
@@ -55,13 +55,29 @@ impl Daemon {
     }
 
     fn on_behalf_of_neutron(&mut self, req: Request) -> Result<Reply, ApiError> {
-        self.handle_from(Owner::Neutron, SYNC_CALLER.clone(), req)
+        self.handle_from(Owner::Neutron, SYNC_CALLER.clone(), req, None)
+    }
+
+    /// The request that adds a Neutron router hosted in `netns`.
+    fn add_request(router: &NeutronRouter, netns: &str) -> Request {
+        Request::RouterAdd { router_id: router.id.clone(), netns: Some(netns.to_string()), project_id: Some(router.project_id.clone()) }
+    }
+
+    /// The glue step of a router the sync is about to add, to run without
+    /// the lock (None if there is nothing to add).
+    fn sync_glue_job(&self, router: &NeutronRouter, netns: &str) -> Option<GlueJob> {
+        if self.routers.get(&router.id).is_some_and(|r| r.record.netns == netns) {
+            return None;
+        }
+        // As if the router were not there yet: a move re-adds it.
+        Some(self.glue_job(netns))
     }
 
     /// Makes the router's helpers exactly Neutron's: deletes first, then
     /// moves, then creates, so that a port handed from one helper to
     /// another within one change is free when it is needed.
-    pub fn sync_router(&mut self, router: &NeutronRouter, netns: &str, helpers: &[NeutronHelper]) -> Applied {
+    /// `glue` is the glue step of an added router, done without the lock.
+    pub(super) fn sync_router(&mut self, router: &NeutronRouter, netns: &str, helpers: &[NeutronHelper], glue: Option<GlueDone>) -> Applied {
         let mut applied = Applied::default();
         let id = router.id.clone();
         if self.routers.get(&id).is_some_and(|r| r.record.netns != netns) {
@@ -73,8 +89,7 @@ impl Daemon {
             }
         }
         if !self.routers.contains_key(&id) {
-            let add = Request::RouterAdd { router_id: id.clone(), netns: Some(netns.to_string()), project_id: Some(router.project_id.clone()) };
-            if let Err(e) = self.on_behalf_of_neutron(add) {
+            if let Err(e) = self.handle_from(Owner::Neutron, SYNC_CALLER.clone(), Self::add_request(router, netns), glue) {
                 warn!(router = %id, "adding: {e}");
                 applied.retry = true;
                 return applied;
@@ -163,12 +178,6 @@ impl Daemon {
     }
 }
 
-/// Runs `f` on the daemon off the async runtime.
-async fn with_daemon<T: Send + 'static>(daemon: &Shared, f: impl FnOnce(&mut Daemon) -> T + Send + 'static) -> T {
-    let d = daemon.clone();
-    tokio::task::spawn_blocking(move || f(&mut lock(&d))).await.expect("sync step panicked")
-}
-
 /// The names in /run/netns.
 fn namespaces() -> Vec<String> {
     std::fs::read_dir(crate::kernel::netns::path(""))
@@ -200,8 +209,14 @@ impl Poller {
             match step {
                 Step::Sync { router, netns } => match self.neutron.helpers(&router.id).await? {
                     Some(helpers) => {
+                        let (r, ns) = (router.clone(), netns.clone());
+                        let job = with_daemon(daemon, move |d| d.sync_glue_job(&r, &ns)).await;
+                        let glue = match job {
+                            Some(job) => Some(unlocked(job).await),
+                            None => None,
+                        };
                         let r = router.clone();
-                        let applied = with_daemon(daemon, move |d| d.sync_router(&r, &netns, &helpers)).await;
+                        let applied = with_daemon(daemon, move |d| d.sync_router(&r, &netns, &helpers, glue)).await;
                         let new_errors = applied.refused.iter().filter(|e| !self.refused.get(&router.id).is_some_and(|old| old.contains(e))).count();
                         self.status.helper_errors_total += new_errors as u64;
                         for e in &applied.refused {

@@ -1,0 +1,143 @@
+//! Faults in the daemon's external steps, against a live daemon: an `nft`
+//! that hangs, a namespace deleted while its router is being attached.
+//! Other routers' requests must go on being answered meanwhile.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{Daemon, Netns, Topology, unique};
+use serde_json::json;
+
+/// A directory put first on the daemon's PATH, holding an `nft` that runs
+/// the real one, or hangs while `hang` exists. Removed on drop.
+struct HangingNft {
+    dir: PathBuf,
+    hang: PathBuf,
+}
+
+impl HangingNft {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("nft"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = String::from_utf8(enforcer_tests::run(std::process::Command::new("sh").args(["-c", "command -v nft"])).stdout).unwrap();
+        let hang = dir.join("hang");
+        let script = format!("#!/bin/sh\nif [ -e {} ]; then exec sleep 3600; fi\nexec {} \"$@\"\n", hang.display(), real.trim());
+        let nft = dir.join("nft");
+        std::fs::write(&nft, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir, hang }
+    }
+
+    fn path_env(&self) -> String {
+        format!("{}:{}", self.dir.display(), std::env::var("PATH").unwrap_or_default())
+    }
+
+    fn hang(&self, on: bool) {
+        if on {
+            std::fs::write(&self.hang, b"").unwrap();
+        } else {
+            let _ = std::fs::remove_file(&self.hang);
+        }
+    }
+}
+
+impl Drop for HangingNft {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Times requests about router `b` while something else is stuck: each is
+/// answered (ok), and the slowest and median latencies come back.
+fn time_requests(daemon: &Daemon, b: &str, rounds: usize) -> (Duration, Duration) {
+    let mut session = daemon.session();
+    let mut took = Vec::new();
+    for port in 0..rounds {
+        let port = 3000 + port as i64;
+        let requests = [
+            json!({"op": "helper_create", "router_id": b, "protocol": "tcp", "port": port, "helper": "ftp"}),
+            json!({"op": "helper_list", "router_id": b}),
+            json!({"op": "router_list"}),
+        ];
+        for req in requests {
+            let t = Instant::now();
+            let answer = session.request(&req).expect("answered");
+            took.push(t.elapsed());
+            assert!(answer.get("ok").is_some(), "{req} -> {answer}");
+        }
+    }
+    took.sort();
+    (took[took.len() - 1], took[took.len() / 2])
+}
+
+#[test]
+fn a_hanging_nft_stalls_only_its_own_router_and_fails_at_the_limit() {
+    let a = Topology::new();
+    let b = Topology::new();
+    let nft = HangingNft::new();
+    let config = std::env::temp_dir().join(unique("cfg"));
+    std::fs::write(&config, "command_timeout_secs = 3\n").unwrap();
+    let daemon = Daemon::start_with_env(None, &["--config", config.to_str().unwrap()], &[("PATH", &nft.path_env())]);
+    let _ = std::fs::remove_file(&config);
+    daemon.add_router(&b.router_id);
+
+    nft.hang(true);
+    let started = Instant::now();
+    let stuck = std::thread::scope(|s| {
+        let add = s.spawn(|| daemon.cli(&["router", "add", &a.router_id]));
+        // Router a's add is inside its hanging nft by now.
+        std::thread::sleep(Duration::from_millis(500));
+        let (slowest, median) = time_requests(&daemon, &b.router_id, 5);
+        assert!(started.elapsed() < Duration::from_secs(3), "the requests ran while a's nft hung");
+        eprintln!("router b while router a's nft hangs: median {median:?}, slowest {slowest:?}");
+        assert!(slowest < Duration::from_millis(100), "slowest {slowest:?} (median {median:?}): waited behind the hanging nft");
+        add.join().unwrap()
+    });
+    let waited = started.elapsed();
+    assert_ne!(stuck.code, 0, "the add of router a succeeded with a hanging nft");
+    assert!(stuck.stderr.contains("did not finish within 3 s"), "the error says what hung: {}", stuck.stderr);
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(8), "failed at the limit: {waited:?}");
+    // Nothing half-done stays: a is unknown, and has no links.
+    let routers = daemon.cli(&["router", "list", "-o", "json"]).ok().json();
+    assert!(!routers.to_string().contains(&a.router_id), "{routers}");
+    assert_eq!(daemon.attachments(&a.router), 0);
+
+    nft.hang(false);
+    daemon.add_router(&a.router_id);
+    assert!(a.router.ruleset().contains("table inet enforcer"), "the glue is in once nft works");
+}
+
+#[test]
+fn a_namespace_deleted_during_its_attach_leaves_nothing_behind() {
+    let b = Topology::new();
+    let doomed = Netns::create(&unique("gone"));
+    let id = uuid::Uuid::new_v4().to_string();
+    let nft = HangingNft::new();
+    let config = std::env::temp_dir().join(unique("cfg"));
+    std::fs::write(&config, "command_timeout_secs = 2\n").unwrap();
+    let daemon = Daemon::start_with_env(None, &["--config", config.to_str().unwrap()], &[("PATH", &nft.path_env())]);
+    let _ = std::fs::remove_file(&config);
+    daemon.add_router(&b.router_id);
+    let pins_before = daemon.pins();
+
+    nft.hang(true);
+    let out = std::thread::scope(|s| {
+        let add = s.spawn(|| daemon.cli(&["router", "add", &id, "--netns", &doomed.name]));
+        std::thread::sleep(Duration::from_millis(500));
+        enforcer_tests::run(std::process::Command::new("ip").args(["netns", "del", &doomed.name]));
+        let (slowest, median) = time_requests(&daemon, &b.router_id, 3);
+        eprintln!("router b during the attach: median {median:?}, slowest {slowest:?}");
+        assert!(slowest < Duration::from_millis(100), "slowest {slowest:?} (median {median:?})");
+        add.join().unwrap()
+    });
+    nft.hang(false);
+    assert_ne!(out.code, 0, "added a router whose namespace is gone: {}", out.stdout);
+    let routers = daemon.cli(&["router", "list", "-o", "json"]).ok().json();
+    assert!(!routers.to_string().contains(&id), "{routers}");
+    assert_eq!(daemon.pins(), pins_before, "no pins of the failed router");
+    // And the daemon is fine: b still takes changes.
+    daemon.create_helper(&b.router_id, "udp", 69, "tftp");
+}
