@@ -270,6 +270,9 @@ pub struct RouterStatus {
     #[serde(default, skip_serializing_if = "Owner::is_local")]
     pub owner: Owner,
     pub attached: bool,
+    /// What the last whole-table check of its glue found (after repair).
+    #[serde(default)]
+    pub glue: GlueState,
     pub interfaces: Vec<String>,
     pub helpers: usize,
 }
@@ -294,6 +297,24 @@ pub struct StatusReport {
     /// The Neutron sync, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub neutron: Option<SyncStatus>,
+    /// Glue tables found missing or altered and put back since start.
+    #[serde(default)]
+    pub glue_repairs: u64,
+}
+
+/// A router's netfilter glue, as its last whole-table check found it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GlueState {
+    /// Not checked yet since it was installed.
+    #[default]
+    Unchecked,
+    Intact,
+    /// No table (`nft flush ruleset`, or deleted), and not put back.
+    Missing,
+    /// A chain, rule or helper object removed, added or changed, and not
+    /// put back.
+    Altered,
 }
 
 /// A Neutron helper that is not applied here, and why.

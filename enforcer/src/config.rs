@@ -48,6 +48,9 @@ pub struct Config {
     /// Longest an external step may take (nft, iptables, tc, a ctnetlink
     /// request) before it is stopped and reported as failed.
     pub command_timeout_secs: u64,
+    /// How often each router's glue table is checked as a whole (and put
+    /// back if someone removed or changed any of it).
+    pub glue_check_secs: u64,
     /// Follow Neutron (absent: local routers only).
     pub neutron: Option<crate::neutron::NeutronConfig>,
 }
@@ -71,6 +74,7 @@ impl Default for Config {
             max_connections_per_uid: 32,
             idle_timeout_secs: 60,
             command_timeout_secs: 10,
+            glue_check_secs: 10,
             neutron: None,
         }
     }
@@ -110,8 +114,10 @@ impl Config {
         if self.max_rules == 0 {
             bail!("max_rules must be positive");
         }
-        if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 || self.command_timeout_secs == 0 {
-            bail!("max_connections, max_connections_per_uid, idle_timeout_secs and command_timeout_secs must be positive");
+        if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 || self.command_timeout_secs == 0
+            || self.glue_check_secs == 0
+        {
+            bail!("max_connections, max_connections_per_uid, idle_timeout_secs, command_timeout_secs and glue_check_secs must be positive");
         }
         Ok(MarkLayout::from_masks(h, s))
     }

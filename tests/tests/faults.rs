@@ -141,3 +141,48 @@ fn a_namespace_deleted_during_its_attach_leaves_nothing_behind() {
     // And the daemon is fine: b still takes changes.
     daemon.create_helper(&b.router_id, "udp", 69, "tftp");
 }
+
+/// Polls `f` for up to 10 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
+    let topo = Topology::new();
+    let config = std::env::temp_dir().join(unique("cfg"));
+    std::fs::write(&config, "glue_check_secs = 1\n").unwrap();
+    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    daemon.add_router(&topo.router_id);
+    let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
+    eventually("the first check", || status()["routers"][0]["glue"] == "intact");
+    let glue = || topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
+    let installed = glue();
+
+    // Everything gone.
+    topo.router.sh("nft", &["flush", "ruleset"]);
+    eventually("the repair of a flushed ruleset", || status()["glue_repairs"] == 1);
+    assert_eq!(glue(), installed, "put back exactly as installed");
+
+    // One rule gone: the table is still there, only the whole check sees it.
+    let listed = topo.router.sh("nft", &["-a", "list", "chain", "inet", "enforcer", "post"]);
+    let handle = listed.lines().filter_map(|l| l.rsplit_once("# handle ")).last().expect("a rule with a handle").1.trim().to_string();
+    topo.router.sh("nft", &["delete", "rule", "inet", "enforcer", "post", "handle", &handle]);
+    assert_ne!(glue(), installed);
+    eventually("the repair of a deleted rule", || status()["glue_repairs"] == 2);
+    assert_eq!(glue(), installed);
+    assert_eq!(status()["routers"][0]["glue"], "intact");
+    assert_eq!(status()["drift"]["glue_installed"], 0);
+
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    let repairs: Vec<&serde_json::Value> = audit.as_array().unwrap().iter().filter(|e| e["op"] == "glue_repair").collect();
+    assert_eq!(repairs.len(), 2, "{audit}");
+    assert_eq!(repairs[0]["before"]["glue"], "missing");
+    assert_eq!(repairs[1]["before"]["glue"], "altered");
+    assert!(repairs.iter().all(|e| e["router_id"] == topo.router_id.as_str() && e["result"] == "ok"));
+}

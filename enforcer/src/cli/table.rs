@@ -152,6 +152,7 @@ fn print_status(s: &StatusReport) {
         s.revoked_flows
     );
     print_reconcile("changed at start", &s.started_with);
+    println!("glue repaired since start: {}", s.glue_repairs);
     if s.drift.is_empty() {
         println!("drift: none");
     } else {
@@ -176,7 +177,7 @@ fn print_status(s: &StatusReport) {
         }
     }
     print_table(
-        &["ROUTER", "NETNS", "OWNER", "ATTACHED", "INTERFACES", "HELPERS"],
+        &["ROUTER", "NETNS", "OWNER", "ATTACHED", "GLUE", "INTERFACES", "HELPERS"],
         s.routers
             .iter()
             .map(|r| {
@@ -185,6 +186,7 @@ fn print_status(s: &StatusReport) {
                     r.netns.clone(),
                     owner(r.owner),
                     if r.attached { "yes".into() } else { "no (namespace missing)".into() },
+                    serde_json::to_value(r.glue).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
                     if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") },
                     r.helpers.to_string(),
                 ]

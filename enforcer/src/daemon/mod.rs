@@ -7,6 +7,7 @@
 //! and links, the glue) stays in place when the daemon stops.
 
 mod ops;
+mod repair;
 mod revoke;
 mod server;
 mod sync;
@@ -43,6 +44,8 @@ struct RouterState {
     /// (device, inode) of the namespace file it was attached in: a namespace
     /// deleted and created again under the same name is a new one.
     netns_id: Option<(u64, u64)>,
+    /// What the last check of its glue found.
+    glue: crate::api::GlueState,
 }
 
 /// Indexes over the helpers and quarantined slots, so that a create or
@@ -129,6 +132,9 @@ pub struct Daemon {
     /// The Neutron sync's last report, and when it last completed a poll.
     sync_status: Option<crate::api::SyncStatus>,
     last_sync: Option<Instant>,
+    /// The glue table as installing it leaves it (see `glue::reference`).
+    glue_reference: std::sync::Arc<serde_json::Value>,
+    glue_repairs: u64,
 }
 
 /// The glue step of one namespace: it spawns nft, which may be slow or hang
@@ -185,13 +191,14 @@ impl Daemon {
         let probed = crate::kernel::probe::probe().context("probing the kernel's conntrack helpers")?;
         let offered = Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg)?;
         info!(helpers = ?offered.names(), "helpers offered");
+        let glue_reference = glue::reference(&offered, &layout).context("listing the glue as installed")?;
         let mut datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.quiet_ns())?;
         datapath.set_attach_mode(mode);
         info!(?mode, "attach mode");
         let routers = state
             .routers
             .into_values()
-            .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None }))
+            .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None, glue: Default::default() }))
             .collect();
         let mut index = Index::default();
         for h in state.helpers.values() {
@@ -218,6 +225,8 @@ impl Daemon {
             origin: crate::api::Owner::Local,
             sync_status: None,
             last_sync: None,
+            glue_reference: std::sync::Arc::new(glue_reference),
+            glue_repairs: 0,
         };
         daemon.started_with = daemon.reconcile()?;
         let r = &daemon.started_with;
@@ -303,6 +312,9 @@ impl Daemon {
         let (attachment, changes) = self.datapath.sync_router(&path, state.record.index, uuid)?;
         state.attachment = Some(attachment);
         state.netns_id = Some(ns_id);
+        if fresh {
+            state.glue = Default::default();
+        }
         Ok(Some((glue_added, changes)))
     }
 

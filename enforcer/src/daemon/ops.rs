@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use super::{DEFAULT_PROJECT, Daemon, GlueDone, GlueJob, RouterState, kind_of, netns_id, rule_key};
 use crate::{
-    api::{ApiError, ErrorCode, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
+    api::{ApiError, ErrorCode, GlueState, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
     audit::{self, Audit, AuditEntry},
     auth::{self, Caller},
     catalogue::HelperKind,
@@ -279,7 +279,7 @@ impl Daemon {
             .find(|i| !used.contains(i))
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
         let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner: self.origin };
-        self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None });
+        self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None, glue: Default::default() });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
         let attached = match self.bring_up(&id, glue) {
@@ -573,15 +573,14 @@ impl Daemon {
         for state in self.routers.values() {
             let r = &state.record;
             match &state.attachment {
-                Some(a) => {
-                    let path = netns::path(&r.netns);
-                    if !glue::installed(&path).unwrap_or(false) {
+                Some(_) => {
+                    // The glue as last checked (no nft run per router here).
+                    if matches!(state.glue, GlueState::Missing | GlueState::Altered) {
                         drift.glue_installed += 1;
                     }
-                    let (missing, stale) = self.datapath.link_drift(&path, r.index).unwrap_or((0, 0));
+                    let (missing, stale) = self.datapath.link_drift(&netns::path(&r.netns), r.index).unwrap_or((0, 0));
                     drift.links_attached += missing;
                     drift.links_detached += stale;
-                    let _ = a;
                 }
                 None => drift.routers_detached += 1,
             }
@@ -590,6 +589,7 @@ impl Daemon {
                 netns: r.netns.clone(),
                 owner: r.owner,
                 attached: state.attachment.is_some(),
+                glue: state.glue,
                 interfaces: state.attachment.as_ref().map(|a| a.interfaces.clone()).unwrap_or_default(),
                 helpers: self.helpers_of(&r.id).count(),
             });
@@ -616,6 +616,7 @@ impl Daemon {
                 s.age_secs = self.last_sync.map(|t| t.elapsed().as_secs_f64());
                 s
             }),
+            glue_repairs: self.glue_repairs,
         })
     }
 }

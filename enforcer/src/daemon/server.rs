@@ -75,7 +75,12 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     });
     // Namespace following and housekeeping run beside the accept loop, each
     // taking the lock only for its own short steps.
-    let background = [tokio::spawn(follow_namespaces(daemon.clone())), tokio::spawn(housekeeping(daemon.clone()))];
+    let glue_every = Duration::from_secs(lock(&daemon).config.glue_check_secs);
+    let background = [
+        tokio::spawn(follow_namespaces(daemon.clone())),
+        tokio::spawn(housekeeping(daemon.clone())),
+        tokio::spawn(check_glue(daemon.clone(), glue_every)),
+    ];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -179,6 +184,20 @@ async fn housekeeping(daemon: Shared) {
     loop {
         tick.tick().await;
         with_daemon(&daemon, |d| d.housekeeping()).await;
+    }
+}
+
+/// Checks every router's glue as a whole every `every`, putting back what
+/// someone removed or changed.
+async fn check_glue(daemon: Shared, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for check in with_daemon(&daemon, |d| d.glue_checks()).await {
+            let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
+            with_daemon(&daemon, move |d| d.glue_checked(checked)).await;
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use nftables::{
 
 use super::exec;
 use crate::{
-    api::Protocol,
+    api::{GlueState, Protocol},
     catalogue::{HelperKind, Offered},
 };
 
@@ -195,6 +195,61 @@ pub fn installed(ns: &Path) -> Result<bool> {
     let out = exec::run(nft_in(ns).args(["list", "table", "inet", TABLE]), None)
         .with_context(|| format!("nft in {} (is nftables installed?)", ns.display()))?;
     Ok(out.status.success())
+}
+
+/// The table as nft lists it, without what differs between two identical
+/// tables (handles, nft's version).
+fn normalized(listing: &[u8]) -> Result<serde_json::Value> {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(o) => {
+                o.remove("handle");
+                o.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(listing).context("reading nft's JSON listing")?;
+    if let Some(items) = v.get_mut("nftables").and_then(|i| i.as_array_mut()) {
+        items.retain(|i| i.get("metainfo").is_none());
+    }
+    strip(&mut v);
+    Ok(v)
+}
+
+fn listing(cmd: &mut Command) -> Result<Option<serde_json::Value>> {
+    let out = exec::run(cmd.args(["-j", "list", "table", "inet", TABLE]), None)?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    normalized(&out.stdout).map(Some)
+}
+
+/// The table exactly as installing it leaves it, listed from a scratch
+/// network namespace (of a thread that unshared one; it dies with the
+/// thread) that nobody else can touch: what every router's glue is
+/// checked against.
+pub fn reference(offered: &Offered, layout: &MarkLayout) -> Result<serde_json::Value> {
+    let json = serde_json::to_vec(&ruleset(offered, layout))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unsharing a scratch network namespace")?;
+            exec::check(Command::new("nft").args(["-j", "-f", "-"]), Some(&json)).context("installing the glue in a scratch namespace")?;
+            listing(&mut Command::new("nft"))?.context("the glue vanished from the scratch namespace")
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("glue reference thread panicked"))?
+    })
+}
+
+/// Checks the whole table in the namespace at `ns` against `reference`.
+pub fn check(ns: &Path, reference: &serde_json::Value) -> Result<GlueState> {
+    Ok(match listing(&mut nft_in(ns)).with_context(|| format!("listing the glue in {}", ns.display()))? {
+        None => GlueState::Missing,
+        Some(table) if &table == reference => GlueState::Intact,
+        Some(_) => GlueState::Altered,
+    })
 }
 
 /// Installs (or rewrites) the glue in one transaction. Idempotent. Returns

@@ -1,0 +1,110 @@
+//! The glue, checked as a whole and put back: someone may flush the router's
+//! ruleset, delete one rule of enforcer's table or change it. The check and
+//! the repair spawn nft, so both run without the daemon's lock; only the
+//! bookkeeping (state, counter, audit) takes it.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::{Daemon, GlueJob, netns_id};
+use crate::{
+    api::{ApiError, GlueState, Owner},
+    audit::{Audit, AuditEntry},
+    auth::Caller,
+    kernel::{glue, netns},
+};
+
+/// One router's check, to run without the lock.
+pub(super) struct GlueCheck {
+    id: String,
+    netns_id: Option<(u64, u64)>,
+    reference: Arc<serde_json::Value>,
+    repair: GlueJob,
+}
+
+/// What a check found, and what putting it back did.
+pub(super) struct GlueChecked {
+    id: String,
+    netns: String,
+    netns_id: Option<(u64, u64)>,
+    found: Result<GlueState, String>,
+    repaired: Option<Result<(), String>>,
+}
+
+impl GlueCheck {
+    pub(super) fn run(self) -> GlueChecked {
+        let netns = self.repair.netns.clone();
+        let found = glue::check(&netns::path(&netns), &self.reference).map_err(|e| format!("{e:#}"));
+        let repaired = match found {
+            Ok(GlueState::Missing | GlueState::Altered) => Some(self.repair.run().added.map(|_| ())),
+            _ => None,
+        };
+        GlueChecked { id: self.id, netns, netns_id: self.netns_id, found, repaired }
+    }
+}
+
+impl Daemon {
+    /// The checks of every attached router's glue.
+    pub(super) fn glue_checks(&self) -> Vec<GlueCheck> {
+        self.routers
+            .values()
+            .filter(|r| r.attachment.is_some())
+            .map(|r| GlueCheck {
+                id: r.record.id.clone(),
+                netns_id: r.netns_id,
+                reference: self.glue_reference.clone(),
+                repair: self.glue_job(&r.record.netns),
+            })
+            .collect()
+    }
+
+    /// Records a check: the router's glue state, and for a repair the
+    /// counter and an audit entry.
+    pub(super) fn glue_checked(&mut self, checked: GlueChecked) {
+        let GlueChecked { id, netns, netns_id: checked_ns, found, repaired } = checked;
+        let Some(state) = self.routers.get_mut(&id).filter(|r| r.attachment.is_some() && r.netns_id == checked_ns) else {
+            // Removed while the check ran: glue put back in a namespace no
+            // router enforces any more goes again.
+            let enforced = self.routers.values().any(|r| r.record.netns == netns);
+            if repaired.is_some() && !enforced && netns_id(&netns) == checked_ns
+                && let Err(e) = glue::remove(&netns::path(&netns)) {
+                    warn!(netns = %netns, "removing glue put back after its router went: {e:#}");
+                }
+            return;
+        };
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => return warn!(router = %id, "checking the glue: {e}"),
+        };
+        state.glue = match &repaired {
+            Some(Ok(())) => GlueState::Intact,
+            Some(Err(_)) => found,
+            None => found,
+        };
+        let Some(repaired) = repaired else { return };
+        let what = serde_json::to_value(found).unwrap_or_default();
+        match &repaired {
+            Ok(()) => {
+                self.glue_repairs += 1;
+                info!(router = %id, found = %what, "glue repaired");
+            }
+            Err(e) => warn!(router = %id, found = %what, "glue could not be repaired: {e}"),
+        }
+        let entry = AuditEntry {
+            time: Audit::now(),
+            caller: Caller { uid: 0, gid: 0, pid: Some(std::process::id() as i32), groups: Vec::new() },
+            origin: Owner::Local,
+            op: "glue_repair".to_string(),
+            router_id: Some(id),
+            helper_id: None,
+            before: Some(serde_json::json!({ "glue": what })),
+            after: Some(serde_json::json!({ "glue": if repaired.is_ok() { "intact" } else { what.as_str().unwrap_or_default() } })),
+            result: if repaired.is_ok() { "ok".to_string() } else { "kernel".to_string() },
+            error: repaired.err().map(ApiError::kernel),
+        };
+        if let Err(e) = self.audit.record(&entry) {
+            warn!("audit: {e:#}");
+        }
+    }
+}
