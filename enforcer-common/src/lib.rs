@@ -28,8 +28,11 @@ pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";
 pub const GLOBAL_ROUTER: &str = "ROUTER";
 pub const GLOBAL_QUIET_NS: &str = "QUIET_NS";
 
-/// Capacity of the revoked-flows map (LRU: the oldest go first when full).
+/// Default capacity of the revoked-flows map. A plain hash map: when it is
+/// full a new entry is refused (and counted), never another one evicted.
 pub const MAX_REVOKED_FLOWS: u32 = 65536;
+/// Default longest time a revoked flow is kept dropped, however it talks.
+pub const DEFAULT_REVOKED_LIFETIME_NS: u64 = 3600 * 1_000_000_000;
 /// Default quiet time after which a revoked flow may come back as new.
 pub const DEFAULT_QUIET_NS: u64 = 600 * 1_000_000_000;
 
@@ -127,12 +130,15 @@ pub struct FlowKey {
 /// Value of the revoked-flows map: a connection whose conntrack entry was
 /// removed on revocation. Conntrack would pick it up again mid-stream as a
 /// fresh, unmarked entry; the ingress program drops its packets instead
-/// until it has been quiet for `QUIET_NS`.
+/// until it has been quiet for `QUIET_NS`, or its lifetime ends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RevokedFlow {
     /// bpf_ktime_get_ns of the last packet seen (or of the revocation).
     pub last_seen_ns: u64,
+    /// bpf_ktime_get_ns after which the flow passes again even if it never
+    /// went quiet (a fixed-port UDP flow that talks forever).
+    pub expires_ns: u64,
     /// The revoked rule's slot, whose counters count these drops.
     pub slot: u32,
     pub _pad: u32,

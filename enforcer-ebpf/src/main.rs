@@ -21,7 +21,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuHashMap},
     programs::TcContext,
 };
 use enforcer_common::{
@@ -43,7 +43,7 @@ static COUNTERS: PerCpuHashMap<SlotKey, Counters> =
     PerCpuHashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
 #[map(name = "ENFORCER_REVOKED")]
-static REVOKED: LruHashMap<FlowKey, RevokedFlow> = LruHashMap::pinned(MAX_REVOKED_FLOWS, 0);
+static REVOKED: HashMap<FlowKey, RevokedFlow> = HashMap::pinned(MAX_REVOKED_FLOWS, 0);
 
 /// Non-zero while REVOKED may hold entries (set by the daemon): spares
 /// every packet the hash lookup when nothing was revoked lately.
@@ -136,7 +136,7 @@ fn revoked(router: RouterIndex, flow: &parse::Flow) -> bool {
     let quiet = unsafe { core::ptr::read_volatile(&QUIET_NS) };
     // SAFETY: a map value pointer; a racing update only moves the timer.
     let entry = unsafe { &mut *entry };
-    if now.saturating_sub(entry.last_seen_ns) > quiet {
+    if now.saturating_sub(entry.last_seen_ns) > quiet || now > entry.expires_ns {
         let _ = REVOKED.remove(&key);
         return false;
     }

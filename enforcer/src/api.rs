@@ -211,6 +211,10 @@ pub struct RevokeReport {
     pub conntrack_entries_removed: usize,
     /// Connection directions the datapath keeps dropping until quiet.
     pub flows_kept_dead: usize,
+    /// Connection directions that could not be kept dropped: the router's
+    /// share of the revoked-flows map (or the map) was full.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub flows_not_kept: usize,
     pub quiet_secs: u64,
     /// Whether the rule slot is free again (no entry carries it any more).
     pub slot_released: bool,
@@ -218,6 +222,10 @@ pub struct RevokeReport {
     /// revoked in the datapath regardless).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_error: Option<String>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Differences between the kernel maps and the desired state.
@@ -290,6 +298,10 @@ pub struct StatusReport {
     pub helpers: usize,
     pub quarantined_slots: usize,
     pub revoked_flows: usize,
+    /// Revoked flows refused since start because a router's share of the
+    /// revoked-flows map, or the map, was full.
+    #[serde(default)]
+    pub revoked_flows_overflowed: u64,
     /// What the start-up reconciliation changed.
     pub started_with: ReconcileReport,
     /// What differs now between the kernel and the store.

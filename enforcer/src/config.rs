@@ -33,6 +33,13 @@ pub struct Config {
     /// How long a revoked connection must be quiet before the datapath lets
     /// its packets pass again (as a new, unmarked connection).
     pub revoked_quiet_secs: u64,
+    /// Longest a revoked connection is kept dropped, however it talks (a
+    /// fixed-port UDP flow may never go quiet).
+    pub revoked_max_secs: u64,
+    /// Capacity of the revoked-flows map, all routers together, and the
+    /// most one router may hold of it (absent: a quarter of the map).
+    pub revoked_flows_max: u32,
+    pub revoked_flows_per_router: Option<u32>,
     /// Helpers operators may enable, Neutron-style: `NAME` or
     /// `NAME:PROTOCOL`. Absent: everything the kernel has.
     pub allowed_helpers: Option<Vec<String>>,
@@ -67,6 +74,9 @@ impl Default for Config {
             max_rules: DEFAULT_MAX_RULES,
             max_rules_per_project: None,
             revoked_quiet_secs: enforcer_common::DEFAULT_QUIET_NS / 1_000_000_000,
+            revoked_max_secs: enforcer_common::DEFAULT_REVOKED_LIFETIME_NS / 1_000_000_000,
+            revoked_flows_max: enforcer_common::MAX_REVOKED_FLOWS,
+            revoked_flows_per_router: None,
             allowed_helpers: None,
             socket_group: None,
             access: Vec::new(),
@@ -108,8 +118,12 @@ impl Config {
         if !(12..=16).contains(&s.count_ones()) {
             bail!("slot_mask {s:#x} must have 12 to 16 bits (4,096 to 65,535 rules per router)");
         }
-        if self.revoked_quiet_secs == 0 {
-            bail!("revoked_quiet_secs must be positive");
+        if self.revoked_quiet_secs == 0 || self.revoked_max_secs == 0 {
+            bail!("revoked_quiet_secs and revoked_max_secs must be positive");
+        }
+        let share = self.revoked_policy().per_router;
+        if self.revoked_flows_max == 0 || share == 0 || share > self.revoked_flows_max {
+            bail!("revoked_flows_per_router ({share}) must be positive and at most revoked_flows_max ({})", self.revoked_flows_max);
         }
         if self.max_rules == 0 {
             bail!("max_rules must be positive");
@@ -122,8 +136,13 @@ impl Config {
         Ok(MarkLayout::from_masks(h, s))
     }
 
-    pub fn quiet_ns(&self) -> u64 {
-        self.revoked_quiet_secs.saturating_mul(1_000_000_000)
+    pub fn revoked_policy(&self) -> crate::kernel::RevokedPolicy {
+        crate::kernel::RevokedPolicy {
+            quiet_ns: self.revoked_quiet_secs.saturating_mul(1_000_000_000),
+            lifetime_ns: self.revoked_max_secs.saturating_mul(1_000_000_000),
+            capacity: self.revoked_flows_max,
+            per_router: self.revoked_flows_per_router.unwrap_or((self.revoked_flows_max / 4).max(1)),
+        }
     }
 
     /// Highest usable slot with this layout.

@@ -2,7 +2,7 @@
 //! programs run in the kernel on bytes this test builds.
 
 use aya::programs::{TestRun, TestRunOptions};
-use enforcer::kernel::Datapath;
+use enforcer::kernel::{Datapath, RevokedPolicy};
 use enforcer_common::{IPPROTO_TCP, IPPROTO_UDP, MarkLayout, PROG_ENFORCE, PROG_TAG};
 use enforcer_tests::{require_root, unique};
 
@@ -26,9 +26,13 @@ struct Bed {
 
 impl Bed {
     fn new(layout: MarkLayout) -> Self {
+        Self::with_policy(layout, RevokedPolicy { quiet_ns: QUIET_NS, ..Default::default() })
+    }
+
+    fn with_policy(layout: MarkLayout, revoked: RevokedPolicy) -> Self {
         require_root();
         let dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique("tr"));
-        let mut dp = Datapath::load(&dir, layout, 1024, QUIET_NS).expect("loading programs");
+        let mut dp = Datapath::load(&dir, layout, 1024, revoked).expect("loading programs");
         dp.allow(ROUTER, IPPROTO_TCP, 21, FTP, 7).unwrap();
         dp.allow(ROUTER, IPPROTO_UDP, 69, TFTP, 8).unwrap();
         Self { dp, dir }
@@ -321,7 +325,7 @@ fn revoked_flows_stay_dropped_until_quiet() {
             reply: tuple("fd00:200::2:2", "fd00:200::1:2", 2121, 40000),
         },
     ];
-    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &entries).unwrap(), 4);
+    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &entries).unwrap().kept, 4);
     // Both directions of both flows are dropped at ingress, even unmarked.
     for packet in [ipv4(IPPROTO_TCP, 21, 0, 0), reply_packet(false, 21), ipv6(IPPROTO_TCP, 2121, &[]), reply_packet(true, 2121)] {
         assert_eq!(bed.run(PROG_TAG, &packet, 0).0, TC_ACT_SHOT);
@@ -338,4 +342,60 @@ fn revoked_flows_stay_dropped_until_quiet() {
     }
     assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 2121, &[]), 0).0, NEXT, "quiet long enough: passes again");
     assert_eq!(bed.dp.revoked_flows(), 3, "the quiet direction was forgotten");
+}
+
+/// Both directions of a TCP connection from the client to `dport`.
+fn tcp_entry(dport: u16) -> enforcer::kernel::conntrack::Entry {
+    enforcer::kernel::conntrack::Entry {
+        orig: tuple("10.200.1.2", "10.200.2.2", 40000, dport),
+        reply: tuple("10.200.2.2", "10.200.1.2", dport, 40000),
+    }
+}
+
+#[test]
+fn a_revoked_flow_that_never_goes_quiet_passes_at_the_end_of_its_lifetime() {
+    let mut bed = Bed::with_policy(MarkLayout::DEFAULT, RevokedPolicy { quiet_ns: 60_000_000_000, lifetime_ns: 1_000_000_000, ..Default::default() });
+    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &[tcp_entry(21)]).unwrap().kept, 2);
+    // Talking all the time, so never quiet for 60 s.
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(800) {
+        assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT, "within its lifetime: dropped");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, NEXT, "past its lifetime: passes, and is tagged again");
+    // The sweep forgets the other direction too, though it never sent again.
+    bed.dp.sweep_revoked().unwrap();
+    assert_eq!(bed.dp.revoked_flows(), 0);
+}
+
+#[test]
+fn creating_the_rule_again_lets_its_revoked_flows_pass_and_no_others() {
+    let mut bed = Bed::new(MarkLayout::DEFAULT);
+    bed.dp.remember_revoked(ROUTER, 7, &[tcp_entry(21), tcp_entry(2121)]).unwrap();
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT);
+    // tcp/21 again: both of its directions are forgotten, tcp/2121's stay.
+    assert_eq!(bed.dp.clear_revoked(ROUTER, IPPROTO_TCP, 21), 2);
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, NEXT);
+    assert_eq!(bed.run(PROG_TAG, &reply_packet(false, 21), 0).0, NEXT);
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 2121, 0, 0), 0).0, TC_ACT_SHOT);
+    assert_eq!(bed.dp.clear_revoked(ROUTER, IPPROTO_UDP, 2121), 0, "another protocol is another tuple");
+}
+
+#[test]
+fn one_routers_mass_revocation_cannot_take_anothers_room() {
+    let mut bed = Bed::with_policy(MarkLayout::DEFAULT, RevokedPolicy { quiet_ns: QUIET_NS, capacity: 8, per_router: 4, ..Default::default() });
+    // Router 0 (the one these programs serve) revokes one connection.
+    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &[tcp_entry(21)]).unwrap().kept, 2);
+    // Router 5 revokes many: it gets its share, the rest is refused.
+    let many: Vec<_> = (3000..3010).map(tcp_entry).collect();
+    let r = bed.dp.remember_revoked(5, 9, &many).unwrap();
+    assert_eq!((r.kept, r.overflowed), (4, 16));
+    // Router 6 finds the map full (2 + 4 + 2 of 8), then refused.
+    let r = bed.dp.remember_revoked(6, 9, &many[..3]).unwrap();
+    assert_eq!((r.kept, r.overflowed), (2, 4));
+    assert_eq!(bed.dp.revoked_overflows(), 20, "every refusal is counted");
+    // Router 0's entries were not evicted: still dropped.
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT);
+    assert_eq!(bed.dp.revoked_flows(), 8);
 }

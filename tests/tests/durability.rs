@@ -314,3 +314,57 @@ fn teardown_removes_all_enforcement_and_stops() {
     // Nothing enforces any more: a new connection gets no helper.
     FtpClient::login(&topo, Family::V4).fails("list passive");
 }
+
+/// Pins a new, empty BPF map at `path` (raw bpf(2): the test plays an
+/// earlier version that made its maps differently).
+fn pin_map(path: &std::path::Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32) {
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[map_type, key_size, value_size, max_entries]);
+    // SAFETY: bpf(BPF_MAP_CREATE) reads the attribute block we own.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), std::mem::size_of_val(&attr)) };
+    assert!(fd >= 0, "creating a map: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut pin = [0u64; 2];
+    pin[0] = name.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: bpf(BPF_OBJ_PIN) reads the path and descriptor we own.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
+    assert_eq!(rc, 0, "pinning a map: {}", std::io::Error::last_os_error());
+    // SAFETY: our descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn pinned_maps_of_another_layout_or_capacity_are_refused_not_reused() {
+    let topo = Topology::new();
+    let config = std::env::temp_dir().join(enforcer_tests::unique("cfg"));
+    std::fs::write(&config, "revoked_flows_max = 65536\n").unwrap();
+    let mut daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    let before = daemon.dump();
+
+    // Another capacity than the pinned map has.
+    std::fs::write(&config, "revoked_flows_max = 1024\n").unwrap();
+    let (status, log) = daemon.restart_refused();
+    assert!(!status.success());
+    assert!(log.contains("ENFORCER_REVOKED") && log.contains("capacity") && log.contains("left as it is"), "a clear message:\n{log}");
+
+    // The map an earlier version made: LRU, with a 16-byte value.
+    std::fs::write(&config, "revoked_flows_max = 65536\n").unwrap();
+    let pinned = daemon.bpffs.join(enforcer_common::MAP_REVOKED);
+    std::fs::remove_file(&pinned).unwrap();
+    pin_map(&pinned, 9, std::mem::size_of::<enforcer_common::FlowKey>() as u32, 16, 65536);
+    let (status, log) = daemon.restart_refused();
+    assert!(!status.success());
+    assert!(log.contains("another version"), "a clear message:\n{log}");
+    assert_eq!(daemon.dump(), before, "enforcement left as it was");
+
+    // Without the foreign map the daemon starts and makes its own.
+    std::fs::remove_file(&pinned).unwrap();
+    daemon.restart();
+    let _ = std::fs::remove_file(&config);
+    let helpers = daemon.cli(&["helper", "list", "-o", "json"]).ok().json();
+    assert_eq!(helpers.as_array().map(Vec::len), Some(1), "{helpers}");
+}

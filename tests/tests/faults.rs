@@ -171,7 +171,7 @@ fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
 
     // One rule gone: the table is still there, only the whole check sees it.
     let listed = topo.router.sh("nft", &["-a", "list", "chain", "inet", "enforcer", "post"]);
-    let handle = listed.lines().filter_map(|l| l.rsplit_once("# handle ")).last().expect("a rule with a handle").1.trim().to_string();
+    let handle = listed.lines().rev().find_map(|l| l.rsplit_once("# handle ")).expect("a rule with a handle").1.trim().to_string();
     topo.router.sh("nft", &["delete", "rule", "inet", "enforcer", "post", "handle", &handle]);
     assert_ne!(glue(), installed);
     eventually("the repair of a deleted rule", || status()["glue_repairs"] == 2);

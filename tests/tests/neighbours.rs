@@ -51,7 +51,7 @@ struct Neighbour {
 impl Neighbour {
     fn attach(ns: &Netns, iface: &str) -> Self {
         let pins = PathBuf::from("/sys/fs/bpf").join(unique("other"));
-        let mut datapath = Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, enforcer_common::DEFAULT_MAX_RULES, 1_000_000_000).unwrap();
+        let mut datapath = Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, enforcer_common::DEFAULT_MAX_RULES, Default::default()).unwrap();
         datapath.allow(0, IPPROTO_TCP, 21, 1, 1).unwrap();
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).unwrap();
         let rules: aya::maps::HashMap<_, RuleKey, RuleValue> = ebpf.map(MAP_RULES).unwrap().try_into().unwrap();

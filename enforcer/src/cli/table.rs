@@ -145,11 +145,12 @@ fn print_status(s: &StatusReport) {
         s.pid, s.uptime_secs, s.attach, s.bpffs, s.state_dir
     );
     println!(
-        "{} routers, {} helpers, {} quarantined slots, {} revoked flows kept dropped",
+        "{} routers, {} helpers, {} quarantined slots, {} revoked flows kept dropped ({} refused: map share full)",
         s.routers.len(),
         s.helpers,
         s.quarantined_slots,
-        s.revoked_flows
+        s.revoked_flows,
+        s.revoked_flows_overflowed
     );
     print_reconcile("changed at start", &s.started_with);
     println!("glue repaired since start: {}", s.glue_repairs);

@@ -167,7 +167,14 @@ impl From<ApplyError> for ApiError {
     }
 }
 
-fn netns_id(name: &str) -> Option<(u64, u64)> {
+/// (device, inode) of a namespace file: which namespace a name stands for.
+pub(super) type NetnsId = (u64, u64);
+
+/// An attached router as the watchers follow it: id, namespace name, and
+/// the namespace it was attached in.
+pub(super) type Followed = (String, String, Option<NetnsId>);
+
+fn netns_id(name: &str) -> Option<NetnsId> {
     std::fs::metadata(netns::path(name)).ok().map(|m| (m.dev(), m.ino()))
 }
 
@@ -192,7 +199,7 @@ impl Daemon {
         let offered = Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg)?;
         info!(helpers = ?offered.names(), "helpers offered");
         let glue_reference = glue::reference(&offered, &layout).context("listing the glue as installed")?;
-        let mut datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.quiet_ns())?;
+        let mut datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.revoked_policy())?;
         datapath.set_attach_mode(mode);
         info!(?mode, "attach mode");
         let routers = state
@@ -426,7 +433,7 @@ impl Daemon {
 
     /// Routers attached now, with their namespace and its identity: what
     /// the watchers follow (a namespace made again is a new one to watch).
-    pub fn attached(&self) -> Vec<(String, String, Option<(u64, u64)>)> {
+    pub(super) fn attached(&self) -> Vec<Followed> {
         self.routers
             .values()
             .filter(|r| r.attachment.is_some())

@@ -449,7 +449,9 @@ impl Daemon {
             }
             return Err(e.into());
         }
-        info!(router = %router, helper = %id, "{protocol}/{port} -> {} (slot {slot})", kind.name);
+        // Flows of this tuple revoked earlier are wanted again.
+        let cleared = self.datapath.clear_revoked(index, protocol.number(), port);
+        info!(router = %router, helper = %id, cleared, "{protocol}/{port} -> {} (slot {slot})", kind.name);
         self.index.add(&record);
         self.helpers.insert((router, id), record.clone());
         Ok(Reply::Helper(record.helper))
@@ -507,6 +509,10 @@ impl Daemon {
                 return Err(e.into());
             }
         };
+        if (protocol, port) != (old.helper.protocol, old.helper.port) {
+            // Flows of the new tuple revoked earlier are wanted again.
+            self.datapath.clear_revoked(index, protocol.number(), port);
+        }
         info!(router = %key.0, helper = %key.1, "updated to {protocol}/{port} -> {} (slot {slot}, slot {} revoked)", kind.name, old.slot);
         self.index.remove(&old);
         self.index.add(&new);
@@ -610,6 +616,7 @@ impl Daemon {
             helpers: self.helpers.len(),
             quarantined_slots: self.quarantine.len(),
             revoked_flows: self.datapath.revoked_flows(),
+            revoked_flows_overflowed: self.datapath.revoked_overflows(),
             started_with: self.started_with,
             drift,
             neutron: self.sync_status.clone().map(|mut s| {

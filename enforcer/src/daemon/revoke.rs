@@ -15,22 +15,34 @@ use crate::{
     store::Change,
 };
 
+/// Dump-and-delete rounds before a slot is left quarantined.
+const FLUSH_ROUNDS: usize = 5;
+
 /// Cleans the conntrack table of the router in `ns` of the entries marked
 /// with `mark` under `mask`, keeping their flows dead in the datapath first.
-/// One visit to the namespace: dump, remember, delete, check.
+/// One visit to the namespace: dump, remember, delete, check, repeated
+/// while entries carrying the slot remain.
 pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, (mark, mask): (u32, u32), quiet_secs: u64) -> RevokeReport {
     let mut report = RevokeReport { quiet_secs, ..Default::default() };
     let result = netns::run_in(ns, || {
-        let entries = conntrack::entries_with_mark(mark, mask)?;
-        report.conntrack_entries_removed = entries.len();
-        // Remember the flows before their entries go: from then on a
-        // packet of theirs would start a fresh, unmarked entry.
-        report.flows_kept_dead = datapath.remember_revoked(index, slot, &entries)?;
-        if entries.is_empty() {
-            return Ok(0);
+        // A connection that got the slot while this ran (its first packet
+        // was tagged just before the rule went) is revoked too: repeat
+        // until nothing carries the slot, a few rounds at most.
+        let mut entries = conntrack::entries_with_mark(mark, mask)?;
+        for _ in 0..FLUSH_ROUNDS {
+            if entries.is_empty() {
+                break;
+            }
+            report.conntrack_entries_removed += entries.len();
+            // Remember the flows before their entries go: from then on a
+            // packet of theirs would start a fresh, unmarked entry.
+            let remembered = datapath.remember_revoked(index, slot, &entries)?;
+            report.flows_kept_dead += remembered.kept;
+            report.flows_not_kept += remembered.overflowed;
+            conntrack::delete_with_mark(mark, mask)?;
+            entries = conntrack::entries_with_mark(mark, mask)?;
         }
-        conntrack::delete_with_mark(mark, mask)?;
-        Ok(conntrack::entries_with_mark(mark, mask)?.len())
+        Ok(entries.len())
     });
     match result {
         Ok(0) => report.slot_released = true,

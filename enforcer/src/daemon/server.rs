@@ -203,13 +203,13 @@ async fn check_glue(daemon: Shared, every: Duration) {
 
 /// A link watcher, and the namespace it watches.
 struct Watcher {
-    netns_id: Option<(u64, u64)>,
+    netns_id: Option<super::NetnsId>,
     task: JoinHandle<()>,
 }
 
 /// Starts a link watcher for each newly attached router (or router whose
 /// namespace was made again), stops those of routers that went away.
-fn follow(daemon: &Shared, watchers: &mut HashMap<String, Watcher>, attached: Vec<(String, String, Option<(u64, u64)>)>) {
+fn follow(daemon: &Shared, watchers: &mut HashMap<String, Watcher>, attached: Vec<super::Followed>) {
     watchers.retain(|id, w| {
         let keep = attached.iter().any(|(a, _, ns)| a == id && *ns == w.netns_id) && !w.task.is_finished();
         if !keep {

@@ -88,12 +88,12 @@ impl Daemon {
                 return applied;
             }
         }
-        if !self.routers.contains_key(&id) {
-            if let Err(e) = self.handle_from(Owner::Neutron, SYNC_CALLER.clone(), Self::add_request(router, netns), glue) {
-                warn!(router = %id, "adding: {e}");
-                applied.retry = true;
-                return applied;
-            }
+        if !self.routers.contains_key(&id)
+            && let Err(e) = self.handle_from(Owner::Neutron, SYNC_CALLER.clone(), Self::add_request(router, netns), glue)
+        {
+            warn!(router = %id, "adding: {e}");
+            applied.retry = true;
+            return applied;
         }
         let current: BTreeMap<String, (String, u16, String)> = self
             .helpers_of(&id)
@@ -207,8 +207,9 @@ impl Poller {
             followed.iter().map(|id| (id.clone(), self.revisions.get(id).copied().flatten())).collect();
         for step in plan::steps(&hosted, &listed, &synced, &locals) {
             match step {
-                Step::Sync { router, netns } => match self.neutron.helpers(&router.id).await? {
-                    Some(helpers) => {
+                Step::Sync { router, netns } => {
+                    // None: deleted between the list and now; confirmed next poll.
+                    if let Some(helpers) = self.neutron.helpers(&router.id).await? {
                         let (r, ns) = (router.clone(), netns.clone());
                         let job = with_daemon(daemon, move |d| d.sync_glue_job(&r, &ns)).await;
                         let glue = match job {
@@ -225,9 +226,7 @@ impl Poller {
                         self.refused.insert(router.id.clone(), applied.refused);
                         self.revisions.insert(router.id.clone(), (!applied.retry).then_some(router.revision_number));
                     }
-                    // Deleted between the list and now: confirmed next poll.
-                    None => {}
-                },
+                }
                 Step::Confirm { id } => {
                     if !self.neutron.router_exists(&id).await? {
                         info!(router = %id, "gone from Neutron: removing");

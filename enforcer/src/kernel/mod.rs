@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod dump;
 pub mod exec;
 pub mod glue;
+pub mod pins;
 pub mod probe;
 pub mod netns;
 
@@ -48,8 +49,47 @@ pub struct Datapath {
     revoked_active: aya::maps::Array<MapData, u32>,
     layout: MarkLayout,
     max_rules: u32,
-    quiet_ns: u64,
+    revoked_policy: RevokedPolicy,
+    /// Revoked flows per router, as of the last remember or sweep: each
+    /// router's share of the map is enforced on it.
+    revoked_per_router: StdHashMap<RouterIndex, usize>,
+    /// Revoked flows that could not be kept dropped (share or map full).
+    revoked_overflows: u64,
     mode: AttachMode,
+}
+
+/// How revoked flows are kept dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RevokedPolicy {
+    /// A flow passes again once quiet this long.
+    pub quiet_ns: u64,
+    /// ... or once revoked this long, however it talks.
+    pub lifetime_ns: u64,
+    /// Capacity of the map, all routers together.
+    pub capacity: u32,
+    /// Most entries one router may hold, so that one router's mass
+    /// revocation cannot take the others' room.
+    pub per_router: u32,
+}
+
+impl Default for RevokedPolicy {
+    fn default() -> Self {
+        Self {
+            quiet_ns: enforcer_common::DEFAULT_QUIET_NS,
+            lifetime_ns: enforcer_common::DEFAULT_REVOKED_LIFETIME_NS,
+            capacity: enforcer_common::MAX_REVOKED_FLOWS,
+            per_router: enforcer_common::MAX_REVOKED_FLOWS / 4,
+        }
+    }
+}
+
+/// What remembering a revocation's flows did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Remembered {
+    /// Directions now kept dropped.
+    pub kept: usize,
+    /// Directions refused: the router's share or the map was full.
+    pub overflowed: usize,
 }
 
 /// Where a router's programs are attached. The links themselves are pinned
@@ -98,13 +138,14 @@ fn is_bpffs(path: &Path) -> bool {
 impl Datapath {
     /// Creates (or reuses) the maps pinned in `dir`, so they outlive the
     /// daemon and `maps dump` can read them, and verifies the programs.
-    pub fn load(dir: &Path, layout: MarkLayout, max_rules: u32, quiet_ns: u64) -> Result<Self> {
+    pub fn load(dir: &Path, layout: MarkLayout, max_rules: u32, revoked: RevokedPolicy) -> Result<Self> {
         mount_bpffs_if_needed(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if !is_bpffs(dir) {
             return Err(anyhow!("{} is not on a bpf filesystem", dir.display()));
         }
-        let mut control = load_instance(dir, layout, max_rules, quiet_ns, 0)?;
+        pins::check(dir, max_rules, revoked.capacity)?;
+        let mut control = load_instance(dir, layout, max_rules, revoked, 0)?;
         fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
         where
             T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -123,7 +164,9 @@ impl Datapath {
             dir: dir.to_path_buf(),
             layout,
             max_rules,
-            quiet_ns,
+            revoked_policy: revoked,
+            revoked_per_router: StdHashMap::new(),
+            revoked_overflows: 0,
             mode: AttachMode::Tcx,
         })
     }
@@ -173,7 +216,7 @@ impl Datapath {
         let changes = match self.mode {
             AttachMode::Tcx => self.sync_tcx(ns, index, &current)?,
             AttachMode::Netlink => {
-                let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.quiet_ns, index)?;
+                let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.revoked_policy, index)?;
                 netns::run_in(ns, || {
                     let mut changes = LinkChanges::default();
                     // Every interface is checked before any is touched, so
@@ -219,7 +262,7 @@ impl Datapath {
         if missing.is_empty() {
             return Ok(changes);
         }
-        let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.quiet_ns, index)?;
+        let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.revoked_policy, index)?;
         let ebpf = &mut programs;
         let links = netns::run_in(ns, || {
             let mut links = Vec::new();
@@ -304,6 +347,7 @@ impl Datapath {
         remove_router_keys!(self.slots);
         remove_router_keys!(self.counters);
         remove_router_keys!(self.revoked);
+        self.revoked_per_router.remove(&index);
         let _ = self.routers.remove(&index);
     }
 
@@ -407,42 +451,83 @@ impl Datapath {
     }
 
     /// Keeps the flows of revoked conntrack entries dead in the datapath
-    /// (both directions), until each has been quiet for the quiet time.
-    pub fn remember_revoked(&mut self, router: RouterIndex, slot: u16, entries: &[conntrack::Entry]) -> Result<usize> {
+    /// (both directions), until each has been quiet for the quiet time or
+    /// its lifetime ends. A router past its share, or a full map, refuses
+    /// the rest: counted, never evicting another entry.
+    pub fn remember_revoked(&mut self, router: RouterIndex, slot: u16, entries: &[conntrack::Entry]) -> Result<Remembered> {
         let now = monotonic_ns()?;
-        let value = RevokedFlow { last_seen_ns: now, slot: slot as u32, _pad: 0 };
-        let mut n = 0;
+        let value = RevokedFlow { last_seen_ns: now, expires_ns: now.saturating_add(self.revoked_policy.lifetime_ns), slot: slot as u32, _pad: 0 };
+        let mut done = Remembered::default();
+        let share = self.revoked_policy.per_router as usize;
         for e in entries {
             for t in [e.orig, e.reply] {
-                self.revoked.insert(flow_key(router, &t), value, 0).context("remembering a revoked flow")?;
-                n += 1;
+                let held = self.revoked_per_router.entry(router).or_default();
+                if *held >= share {
+                    done.overflowed += 1;
+                    continue;
+                }
+                match self.revoked.insert(flow_key(router, &t), value, 0) {
+                    Ok(()) => {
+                        *held += 1;
+                        done.kept += 1;
+                    }
+                    Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => done.overflowed += 1,
+                    Err(e) => return Err(e).context("remembering a revoked flow"),
+                }
             }
         }
-        if n > 0 {
+        self.revoked_overflows += done.overflowed as u64;
+        if done.kept > 0 {
             self.revoked_active.set(0, 1, 0).context("activating the revoked-flows check")?;
         }
-        Ok(n)
+        Ok(done)
     }
 
-    /// Forgets revoked flows that have been quiet for the quiet time (the
-    /// datapath forgets them lazily, on their next packet; one that never
-    /// sends again would stay). Returns the slots still referenced.
+    /// Lets the revoked flows of (router, protocol, port) pass again: a rule
+    /// for that tuple was created again, and its flows are wanted. Returns
+    /// how many directions were forgotten.
+    pub fn clear_revoked(&mut self, router: RouterIndex, proto: u8, port: u16) -> usize {
+        let keys: Vec<FlowKey> = self
+            .revoked
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.router == router && k.proto == proto && (k.dport == port || k.sport == port))
+            .collect();
+        let gone = keys.iter().filter(|k| self.revoked.remove(k).is_ok()).count();
+        if let Some(n) = self.revoked_per_router.get_mut(&router) {
+            *n = n.saturating_sub(gone);
+        }
+        gone
+    }
+
+    /// Forgets revoked flows that have been quiet for the quiet time or
+    /// outlived their lifetime (the datapath forgets them lazily, on their
+    /// next packet; one that never sends again would stay). Returns the
+    /// slots still referenced.
     pub fn sweep_revoked(&mut self) -> Result<HashSet<SlotKey>> {
         let now = monotonic_ns()?;
         let mut referenced = HashSet::new();
+        let mut per_router: StdHashMap<RouterIndex, usize> = StdHashMap::new();
         let entries: Vec<(FlowKey, RevokedFlow)> = self.revoked.iter().filter_map(|e| e.ok()).collect();
         for (k, v) in entries {
-            if now.saturating_sub(v.last_seen_ns) > self.quiet_ns {
+            if now.saturating_sub(v.last_seen_ns) > self.revoked_policy.quiet_ns || now > v.expires_ns {
                 let _ = self.revoked.remove(&k);
             } else {
                 referenced.insert(SlotKey::new(k.router, v.slot));
+                *per_router.entry(k.router).or_default() += 1;
             }
         }
         // Entries are only added under the daemon's lock, so none can appear
         // between this check and the write.
-        let active = u32::from(self.revoked.keys().next().is_some());
+        let active = u32::from(!per_router.is_empty());
+        self.revoked_per_router = per_router;
         self.revoked_active.set(0, active, 0)?;
         Ok(referenced)
+    }
+
+    /// Revoked flows refused since start (share or map full).
+    pub fn revoked_overflows(&self) -> u64 {
+        self.revoked_overflows
     }
 
     /// Number of revoked flows the datapath still keeps dead.
@@ -531,15 +616,16 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>,
 
 /// Loads the object with the given router index; maps are shared through
 /// their pins, so every instance sees the same rules.
-fn load_instance(dir: &Path, layout: MarkLayout, max_rules: u32, quiet_ns: u64, index: RouterIndex) -> Result<Ebpf> {
+fn load_instance(dir: &Path, layout: MarkLayout, max_rules: u32, revoked: RevokedPolicy, index: RouterIndex) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
         .override_global(GLOBAL_MARK_LAYOUT, &layout, true)
         .override_global(GLOBAL_ROUTER, &index, true)
-        .override_global(GLOBAL_QUIET_NS, &quiet_ns, true)
+        .override_global(GLOBAL_QUIET_NS, &revoked.quiet_ns, true)
         .map_max_entries(MAP_RULES, max_rules)
         .map_max_entries(MAP_SLOTS, max_rules)
         .map_max_entries(MAP_COUNTERS, max_rules)
+        .map_max_entries(MAP_REVOKED, revoked.capacity)
         .load(PROGRAMS)
         .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
     for name in [PROG_TAG, PROG_ENFORCE] {

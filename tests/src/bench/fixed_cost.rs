@@ -138,7 +138,7 @@ impl EmptyPrograms {
     fn attach(topo: &crate::Topology) -> Self {
         use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
         let pins = std::path::PathBuf::from("/sys/fs/bpf").join(crate::unique("empty"));
-        let datapath = enforcer::kernel::Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, 1_000, 1_000_000_000).expect("maps");
+        let datapath = enforcer::kernel::Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, 1_000, Default::default()).expect("maps");
         let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).expect("programs");
         let prog: &mut SchedClassifier = ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).expect("baseline").try_into().expect("classifier");
         prog.load().expect("verifying the empty program");

@@ -53,7 +53,7 @@ pub fn measure(scale: Scale) -> Vec<Row> {
     let sizes: Vec<usize> = scale.pick(vec![1, 1_000, 100_000], vec![1, 1_000, 100_000, 1_000_000]);
     let repeat = scale.pick(20_000, 200_000);
     let rounds = scale.pick(3, 7);
-    let mut dp = Datapath::load(&dir, MarkLayout::DEFAULT, 1 << 21, 1_000_000_000).expect("loading");
+    let mut dp = Datapath::load(&dir, MarkLayout::DEFAULT, 1 << 21, enforcer::kernel::RevokedPolicy { quiet_ns: 1_000_000_000, ..Default::default() }).expect("loading");
     dp.load_baselines().expect("baselines");
     // The hit rule: router 0 (the control instance), tcp/21, slot 1.
     dp.allow(0, IPPROTO_TCP, 21, 1, 1).unwrap();
