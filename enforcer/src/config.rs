@@ -58,6 +58,12 @@ pub struct Config {
     /// How often each router's glue table is checked as a whole (and put
     /// back if someone removed or changed any of it).
     pub glue_check_secs: u64,
+    /// Size at which the audit log is rotated (it and one rotated file are
+    /// kept, so at most twice this on disk).
+    pub audit_max_bytes: u64,
+    /// Refused requests audited per uid and second (after a burst of five
+    /// times as many); the rest are counted in one entry per second.
+    pub audit_refusals_per_sec: u32,
     /// Follow Neutron (absent: local routers only).
     pub neutron: Option<crate::neutron::NeutronConfig>,
 }
@@ -85,6 +91,8 @@ impl Default for Config {
             idle_timeout_secs: 60,
             command_timeout_secs: 10,
             glue_check_secs: 10,
+            audit_max_bytes: 64 << 20,
+            audit_refusals_per_sec: 10,
             neutron: None,
         }
     }
@@ -130,10 +138,19 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 || self.command_timeout_secs == 0
             || self.glue_check_secs == 0
+            || self.audit_refusals_per_sec == 0
+            || self.audit_max_bytes < 4096
         {
-            bail!("max_connections, max_connections_per_uid, idle_timeout_secs, command_timeout_secs and glue_check_secs must be positive");
+            bail!(
+                "max_connections, max_connections_per_uid, idle_timeout_secs, command_timeout_secs, glue_check_secs and audit_refusals_per_sec must be positive, audit_max_bytes at least 4096"
+            );
         }
         Ok(MarkLayout::from_masks(h, s))
+    }
+
+    pub fn audit_limits(&self) -> crate::audit::AuditLimits {
+        let rate = self.audit_refusals_per_sec as f64;
+        crate::audit::AuditLimits { max_bytes: self.audit_max_bytes, refusals_per_sec: rate, refusal_burst: rate * 5.0 }
     }
 
     pub fn revoked_policy(&self) -> crate::kernel::RevokedPolicy {

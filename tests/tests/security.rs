@@ -445,3 +445,52 @@ fn idle_connections_are_closed_and_each_uid_has_a_share() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(daemon.session().request(&list).unwrap().get("ok").is_some(), "a freed share is taken again");
 }
+
+#[test]
+fn a_flood_from_a_caller_with_no_role_neither_delays_an_admin_nor_fills_the_disk() {
+    let Bed { a, b: _b, daemon, .. } = bed();
+    let audit_size = || std::fs::metadata(daemon.state.join("audit.jsonl")).map(|m| m.len()).unwrap_or(0);
+    let size_before = audit_size();
+    const SECONDS: u64 = 4;
+    let flood = enforcer_tests::Process::spawn(
+        "flood",
+        Command::new("setpriv")
+            .args(["--reuid", &NOBODY.to_string(), "--regid", &GROUP.to_string(), "--clear-groups", "python3"])
+            .arg(enforcer_tests::peers_dir().join("flood.py"))
+            .arg(&daemon.socket)
+            .arg(SECONDS.to_string())
+            .stdout(std::process::Stdio::piped()),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The admin's requests meanwhile, on their own connection.
+    let mut admin = daemon.session();
+    let mut took = Vec::new();
+    for port in 3000..3040 {
+        let req = serde_json::json!({"op": "helper_create", "router_id": a.router_id, "protocol": "tcp", "port": port, "helper": "ftp"});
+        let t = std::time::Instant::now();
+        let answer = admin.request(&req).expect("answered");
+        took.push(t.elapsed());
+        assert!(answer.get("ok").is_some(), "{answer}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = flood.child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let numbers: Vec<u64> = report.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    assert_eq!(numbers.len(), 3, "flood report: {report}");
+    let (tried, lines) = (numbers[0], numbers[2]);
+    took.sort();
+    eprintln!("flood: {tried} connections tried, {lines} lines sent; admin creates: median {:?}, slowest {:?}", took[took.len() / 2], took[took.len() - 1]);
+    assert!(tried >= 1000 && lines >= 10_000, "the flood ran: {report}");
+    assert!(took[took.len() - 1] < std::time::Duration::from_millis(100), "an admin request waited {:?}", took[took.len() - 1]);
+
+    // The flood's refusals cost a bounded number of audit lines: the burst,
+    // the rate for the flood's seconds, and one summary per second.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    let by_nobody: Vec<&Value> = audit.as_array().unwrap().iter().filter(|e| e["caller"]["uid"] == NOBODY).collect();
+    let written = by_nobody.iter().filter(|e| e["op"] != "refusals_held_back").count() as u64;
+    let held_back: u64 = by_nobody.iter().filter_map(|e| e["after"]["refused_requests"].as_u64()).sum();
+    assert!(written <= 50 + 10 * (SECONDS + 2), "{written} refusals written");
+    assert!(held_back > lines / 2, "{held_back} held back of {lines} lines");
+    assert!(audit_size() - size_before < 200_000, "the audit log grew by {} bytes", audit_size() - size_before);
+}

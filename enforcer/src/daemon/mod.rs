@@ -194,7 +194,7 @@ impl Daemon {
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
         let store = Store::open(&config.state_dir).with_context(unreadable)?;
         let state = store.load().with_context(unreadable)?;
-        let audit = Audit::open(&config.state_dir)?;
+        let audit = Audit::open(&config.state_dir, config.audit_limits())?;
         let probed = crate::kernel::probe::probe().context("probing the kernel's conntrack helpers")?;
         let offered = Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg)?;
         info!(helpers = ?offered.names(), "helpers offered");
@@ -391,9 +391,13 @@ impl Daemon {
         }
     }
 
-    /// Periodic clean-up: revoked flows quiet for long enough, and the
-    /// counters of released slots nothing counts against any more.
+    /// Periodic clean-up: refusals the audit held back summed up, revoked
+    /// flows quiet for long enough, and the counters of released slots
+    /// nothing counts against any more.
     pub fn housekeeping(&mut self) {
+        if let Err(e) = self.audit.summarize_refusals() {
+            warn!("audit: {e:#}");
+        }
         let referenced = match self.datapath.sweep_revoked() {
             Ok(r) => r,
             Err(e) => return warn!("sweeping revoked flows: {e:#}"),
