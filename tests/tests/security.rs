@@ -452,7 +452,7 @@ fn a_flood_from_a_caller_with_no_role_neither_delays_an_admin_nor_fills_the_disk
     let audit_size = || std::fs::metadata(daemon.state.join("audit.jsonl")).map(|m| m.len()).unwrap_or(0);
     let size_before = audit_size();
     const SECONDS: u64 = 4;
-    let flood = enforcer_tests::Process::spawn(
+    let mut flood = enforcer_tests::Process::spawn(
         "flood",
         Command::new("setpriv")
             .args(["--reuid", &NOBODY.to_string(), "--regid", &GROUP.to_string(), "--clear-groups", "python3"])
@@ -473,8 +473,9 @@ fn a_flood_from_a_caller_with_no_role_neither_delays_an_admin_nor_fills_the_disk
         assert!(answer.get("ok").is_some(), "{answer}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let out = flood.child.wait_with_output().unwrap();
-    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut report = String::new();
+    std::io::Read::read_to_string(&mut flood.child.stdout.take().unwrap(), &mut report).unwrap();
+    let _ = flood.child.wait();
     let numbers: Vec<u64> = report.split_whitespace().filter_map(|n| n.parse().ok()).collect();
     assert_eq!(numbers.len(), 3, "flood report: {report}");
     let (tried, lines) = (numbers[0], numbers[2]);
