@@ -312,6 +312,9 @@ pub struct StatusReport {
     /// Glue tables found missing or altered and put back since start.
     #[serde(default)]
     pub glue_repairs: u64,
+    /// Attachments found missing in the kernel and put back since start.
+    #[serde(default)]
+    pub link_repairs: u64,
 }
 
 /// A router's netfilter glue, as its last whole-table check found it.

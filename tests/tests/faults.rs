@@ -186,3 +186,48 @@ fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
     assert_eq!(repairs[1]["before"]["glue"], "altered");
     assert!(repairs.iter().all(|e| e["router_id"] == topo.router_id.as_str() && e["result"] == "ok"));
 }
+
+/// Detaches the tcx link pinned at `pin` from outside (bpf(2)
+/// BPF_LINK_DETACH), leaving the pin in place: what a stray `bpftool link
+/// detach` does.
+fn detach_pinned_link(pin: &std::path::Path) {
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
+    let get = [path.as_ptr() as u64, 0u64];
+    // SAFETY: bpf(BPF_OBJ_GET) reads the path we own.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, get.as_ptr(), std::mem::size_of_val(&get)) };
+    assert!(fd >= 0, "opening {}: {}", pin.display(), std::io::Error::last_os_error());
+    let detach = [fd as u32, 0u32, 0, 0];
+    // SAFETY: bpf(BPF_LINK_DETACH) reads the descriptor we own.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 34, detach.as_ptr(), std::mem::size_of_val(&detach)) };
+    assert_eq!(rc, 0, "detaching: {}", std::io::Error::last_os_error());
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
+    let topo = Topology::new();
+    let config = std::env::temp_dir().join(unique("cfg"));
+    std::fs::write(&config, "glue_check_secs = 1\n").unwrap();
+    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    daemon.add_router(&topo.router_id);
+    let full = daemon.attachments(&topo.router);
+    let pins = daemon.pins();
+    match pins.iter().find(|p| p.contains("/routers/") && p.ends_with("_tag")) {
+        // tcx: the pin stays, so only the kernel can tell.
+        Some(pin) => detach_pinned_link(std::path::Path::new(pin)),
+        // netlink: the filter itself.
+        None => {
+            let pref = enforcer::kernel::attach::NETLINK_PRIORITY.to_string();
+            enforcer_tests::run(topo.router.cmd("tc").args(["filter", "del", "dev", &topo.client_if, "ingress", "pref", &pref]));
+        }
+    }
+    assert_eq!(daemon.attachments(&topo.router), full - 1);
+    let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
+    eventually("the repair", || status()["link_repairs"] == 1);
+    assert_eq!(daemon.attachments(&topo.router), full, "put back, and no second copy");
+    assert_eq!(status()["drift"]["links_attached"], 0);
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "link_repair" && e["router_id"] == topo.router_id.as_str()), "{audit}");
+}

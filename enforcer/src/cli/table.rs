@@ -153,7 +153,7 @@ fn print_status(s: &StatusReport) {
         s.revoked_flows_overflowed
     );
     print_reconcile("changed at start", &s.started_with);
-    println!("glue repaired since start: {}", s.glue_repairs);
+    println!("repaired since start: glue {}, attachments {}", s.glue_repairs, s.link_repairs);
     if s.drift.is_empty() {
         println!("drift: none");
     } else {

@@ -135,6 +135,8 @@ pub struct Daemon {
     /// The glue table as installing it leaves it (see `glue::reference`).
     glue_reference: std::sync::Arc<serde_json::Value>,
     glue_repairs: u64,
+    /// Attachments found missing in the kernel and put back since start.
+    link_repairs: u64,
 }
 
 /// The glue step of one namespace: it spawns nft, which may be slow or hang
@@ -234,6 +236,7 @@ impl Daemon {
             last_sync: None,
             glue_reference: std::sync::Arc::new(glue_reference),
             glue_repairs: 0,
+            link_repairs: 0,
         };
         daemon.started_with = daemon.reconcile()?;
         let r = &daemon.started_with;

@@ -624,6 +624,7 @@ impl Daemon {
                 s
             }),
             glue_repairs: self.glue_repairs,
+            link_repairs: self.link_repairs,
         })
     }
 }

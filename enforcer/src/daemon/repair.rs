@@ -1,5 +1,6 @@
 //! The glue, checked as a whole and put back: someone may flush the router's
-//! ruleset, delete one rule of enforcer's table or change it. The check and
+//! ruleset, delete one rule of enforcer's table or change it. And the
+//! attachments, checked against what the kernel runs. The check and
 //! the repair spawn nft, so both run without the daemon's lock; only the
 //! bookkeeping (state, counter, audit) takes it.
 
@@ -32,6 +33,12 @@ pub(super) struct GlueChecked {
     repaired: Option<Result<(), String>>,
 }
 
+impl GlueChecked {
+    pub(super) fn router(&self) -> &str {
+        &self.id
+    }
+}
+
 impl GlueCheck {
     pub(super) fn run(self) -> GlueChecked {
         let netns = self.repair.netns.clone();
@@ -57,6 +64,26 @@ impl Daemon {
                 repair: self.glue_job(&r.record.netns),
             })
             .collect()
+    }
+
+    /// Re-syncs a router's attachments with what the kernel runs (not with
+    /// the pins): an attachment someone removed is put back, counted and
+    /// audited.
+    pub(super) fn verify_links(&mut self, id: &str) {
+        if self.routers.get(id).is_none_or(|r| r.attachment.is_none()) {
+            return;
+        }
+        let changes = match self.bring_up(id, None) {
+            Ok(Some((_, changes))) => changes,
+            Ok(None) => return,
+            Err(e) => return warn!(router = %id, "checking attachments: {e:#}"),
+        };
+        if changes.attached == 0 {
+            return;
+        }
+        self.link_repairs += changes.attached as u64;
+        warn!(router = %id, attached = changes.attached, "attachments missing in the kernel: put back");
+        self.record_repair(id, "link_repair", serde_json::json!({ "links_missing": changes.attached }), serde_json::json!({ "links_missing": 0 }), Ok(()));
     }
 
     /// Records a check: the router's glue state, and for a repair the
@@ -91,17 +118,23 @@ impl Daemon {
             }
             Err(e) => warn!(router = %id, found = %what, "glue could not be repaired: {e}"),
         }
+        let now = if repaired.is_ok() { serde_json::json!("intact") } else { what.clone() };
+        self.record_repair(&id, "glue_repair", serde_json::json!({ "glue": what }), serde_json::json!({ "glue": now }), repaired);
+    }
+
+    /// Audits a repair the daemon made on its own.
+    fn record_repair(&mut self, id: &str, op: &str, before: serde_json::Value, after: serde_json::Value, result: Result<(), String>) {
         let entry = AuditEntry {
             time: Audit::now(),
             caller: Caller { uid: 0, gid: 0, pid: Some(std::process::id() as i32), groups: Vec::new() },
             origin: Owner::Local,
-            op: "glue_repair".to_string(),
-            router_id: Some(id),
+            op: op.to_string(),
+            router_id: Some(id.to_string()),
             helper_id: None,
-            before: Some(serde_json::json!({ "glue": what })),
-            after: Some(serde_json::json!({ "glue": if repaired.is_ok() { "intact" } else { what.as_str().unwrap_or_default() } })),
-            result: if repaired.is_ok() { "ok".to_string() } else { "kernel".to_string() },
-            error: repaired.err().map(ApiError::kernel),
+            before: Some(before),
+            after: Some(after),
+            result: if result.is_ok() { "ok".to_string() } else { "kernel".to_string() },
+            error: result.err().map(ApiError::kernel),
         };
         if let Err(e) = self.audit.record(&entry) {
             warn!("audit: {e:#}");

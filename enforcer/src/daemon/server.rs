@@ -79,7 +79,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     let background = [
         tokio::spawn(follow_namespaces(daemon.clone())),
         tokio::spawn(housekeeping(daemon.clone())),
-        tokio::spawn(check_glue(daemon.clone(), glue_every)),
+        tokio::spawn(verify(daemon.clone(), glue_every)),
     ];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -187,16 +187,21 @@ async fn housekeeping(daemon: Shared) {
     }
 }
 
-/// Checks every router's glue as a whole every `every`, putting back what
-/// someone removed or changed.
-async fn check_glue(daemon: Shared, every: Duration) {
+/// Checks every router's glue as a whole and its attachments against the
+/// kernel every `every`, putting back what someone removed or changed.
+async fn verify(daemon: Shared, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         for check in with_daemon(&daemon, |d| d.glue_checks()).await {
             let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
-            with_daemon(&daemon, move |d| d.glue_checked(checked)).await;
+            with_daemon(&daemon, move |d| {
+                let id = checked.router().to_string();
+                d.glue_checked(checked);
+                d.verify_links(&id);
+            })
+            .await;
         }
     }
 }

@@ -108,6 +108,9 @@ pub struct LinkChanges {
     pub detached: usize,
 }
 
+/// A program on an interface's hook: (interface, ifindex, program, hook).
+type Hook = (String, u32, &'static str, TcAttachType);
+
 /// Each program and the hook it runs on.
 const PROGRAMS_AND_HOOKS: [(&str, TcAttachType); 2] = [(PROG_TAG, TcAttachType::Ingress), (PROG_ENFORCE, TcAttachType::Egress)];
 
@@ -254,11 +257,16 @@ impl Datapath {
                 changes.detached += 1;
             }
         }
-        let missing: Vec<(String, u32, &str, TcAttachType)> = current
-            .iter()
-            .flat_map(|(name, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(prog, kind)| (name.clone(), *idx, prog, kind)))
-            .filter(|(_, idx, prog, _)| !dir.join(pin_name(*idx, prog)).exists())
-            .collect();
+        let mut missing = Vec::new();
+        for ((iface, idx, name, kind), stale) in self.tcx_unattached(ns, index, current)? {
+            if stale {
+                // Pinned, but the kernel no longer runs it there.
+                let path = dir.join(pin_name(idx, name));
+                std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+                changes.detached += 1;
+            }
+            missing.push((iface, idx, name, kind));
+        }
         if missing.is_empty() {
             return Ok(changes);
         }
@@ -281,6 +289,40 @@ impl Datapath {
             link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
         }
         Ok(changes)
+    }
+
+    /// The (interface, program) pairs of `current` that the kernel does not
+    /// run: no pin, or (stale = true) a pin whose link is no longer attached
+    /// there (detached from outside, or left defunct by an interface that
+    /// was replaced under the same index). Asked of the kernel, not of the
+    /// pins.
+    fn tcx_unattached(&self, ns: &Path, index: RouterIndex, current: &[(String, u32)]) -> Result<Vec<(Hook, bool)>> {
+        let dir = self.link_dir(index);
+        let wanted: Vec<(String, u32, &'static str, TcAttachType, Option<u32>)> = current
+            .iter()
+            .flat_map(|(name, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(prog, kind)| (name.clone(), *idx, prog, kind)))
+            .map(|(name, idx, prog, kind)| {
+                let pinned = aya::programs::links::PinnedLink::from_pin(dir.join(pin_name(idx, prog)))
+                    .ok()
+                    .and_then(|link| FdLink::from(link).info().ok())
+                    .map(|info| info.program_id());
+                (name, idx, prog, kind, pinned)
+            })
+            .collect();
+        let running: Vec<Vec<u32>> = netns::run_in(ns, || {
+            Ok(wanted
+                .iter()
+                .map(|(iface, _, _, kind, _)| {
+                    SchedClassifier::query_tcx(iface, *kind).map(|(_, progs)| progs.iter().map(|p| p.id()).collect()).unwrap_or_default()
+                })
+                .collect())
+        })?;
+        Ok(wanted
+            .into_iter()
+            .zip(running)
+            .filter(|((.., pinned), running)| !pinned.is_some_and(|id| running.contains(&id)))
+            .map(|((iface, idx, prog, kind, pinned), _)| ((iface, idx, prog, kind), pinned.is_some()))
+            .collect())
     }
 
     /// Detaches router `index` everywhere: its pins go, so do its tcx
@@ -323,12 +365,8 @@ impl Datapath {
             .map(|rd| rd.filter_map(|e| pin_ifindex(&e.ok()?.path())).collect())
             .unwrap_or_default();
         let stale = pins.iter().filter(|i| !current.iter().any(|(_, c)| c == *i)).count();
-        let missing = current
-            .iter()
-            .flat_map(|(_, i)| [pin_name(*i, PROG_TAG), pin_name(*i, PROG_ENFORCE)])
-            .filter(|name| !self.link_dir(index).join(name).exists())
-            .count();
-        Ok((missing, stale))
+        let unattached = self.tcx_unattached(ns, index, &current)?;
+        Ok((unattached.len(), stale + unattached.iter().filter(|(_, stale)| *stale).count()))
     }
 
     /// Removes every map entry of router `index`: rules, slots, counters,
