@@ -44,6 +44,8 @@ pub struct AuditEntry {
     pub error: Option<ApiError>,
 }
 
+const FILE: &str = "audit.jsonl";
+
 /// Bounds of the audit trail.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AuditLimits {
@@ -79,7 +81,7 @@ pub struct Audit {
 
 impl Audit {
     pub fn open(state_dir: &Path, limits: AuditLimits) -> Result<Self> {
-        let path = state_dir.join("audit.jsonl");
+        let path = state_dir.join(FILE);
         let file = Self::open_file(&path)?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Self { path, file, size, limits, refusals: HashMap::new() })
@@ -96,10 +98,6 @@ impl Audit {
         // Also a log made by an earlier version under a looser umask.
         crate::store::private(path, 0o600)?;
         Ok(file)
-    }
-
-    fn rotated(&self) -> PathBuf {
-        self.path.with_extension("jsonl.1")
     }
 
     pub fn now() -> String {
@@ -128,7 +126,7 @@ impl Audit {
     }
 
     fn rotate(&mut self) -> Result<()> {
-        std::fs::rename(&self.path, self.rotated()).context("rotating the audit log")?;
+        std::fs::rename(&self.path, rotated(&self.path)).context("rotating the audit log")?;
         self.file = Self::open_file(&self.path)?;
         self.size = 0;
         if let Some(dir) = self.path.parent() {
@@ -181,10 +179,19 @@ impl Audit {
         Ok(())
     }
 
-    /// Entries at or after `since`, oldest first. With `since`, files are
-    /// read from their end and only as far back as needed.
+    /// Entries at or after `since`, oldest first (see [`read`]).
     pub fn read(&self, since: Option<SystemTime>) -> Result<Vec<AuditEntry>> {
-        let files = [self.rotated(), self.path.clone()];
+        read(self.path.parent().unwrap_or(Path::new(".")), since)
+    }
+}
+
+/// The entries of the audit log in `state_dir` at or after `since`, oldest
+/// first. With `since`, files are read from their end and only as far back
+/// as needed. Needs no [`Audit`]: readers do not wait for the writer.
+pub fn read(state_dir: &Path, since: Option<SystemTime>) -> Result<Vec<AuditEntry>> {
+    let path = state_dir.join(FILE);
+    let files = [rotated(&path), path];
+    {
         let Some(since) = since else {
             let mut out = Vec::new();
             for path in files.iter().filter(|p| p.exists()) {
@@ -206,6 +213,10 @@ impl Audit {
         newest_first.reverse();
         Ok(newest_first)
     }
+}
+
+fn rotated(path: &Path) -> PathBuf {
+    path.with_extension("jsonl.1")
 }
 
 /// Adds the entries of `path` at or after `since` to `out`, newest first,

@@ -53,10 +53,11 @@ impl Drop for HangingNft {
 /// Times requests about router `b` while something else is stuck: each is
 /// answered (ok), and the slowest and median latencies come back.
 fn time_requests(daemon: &Daemon, b: &str, rounds: usize) -> (Duration, Duration) {
+    static NEXT_PORT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(3000);
     let mut session = daemon.session();
     let mut took = Vec::new();
-    for port in 0..rounds {
-        let port = 3000 + port as i64;
+    for _ in 0..rounds {
+        let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let requests = [
             json!({"op": "helper_create", "router_id": b, "protocol": "tcp", "port": port, "helper": "ftp"}),
             json!({"op": "helper_list", "router_id": b}),
@@ -108,6 +109,22 @@ fn a_hanging_nft_stalls_only_its_own_router_and_fails_at_the_limit() {
     nft.hang(false);
     daemon.add_router(&a.router_id);
     assert!(a.router.ruleset().contains("table inet enforcer"), "the glue is in once nft works");
+
+    // Removing a router runs nft too (its glue goes), also without the lock.
+    nft.hang(true);
+    let started = Instant::now();
+    let removed = std::thread::scope(|s| {
+        let remove = s.spawn(|| daemon.cli(&["router", "remove", &a.router_id]));
+        std::thread::sleep(Duration::from_millis(500));
+        let (slowest, median) = time_requests(&daemon, &b.router_id, 2);
+        assert!(started.elapsed() < Duration::from_secs(3), "the requests ran while a's nft hung");
+        assert!(slowest < Duration::from_millis(100), "slowest {slowest:?} (median {median:?}) during a remove");
+        remove.join().unwrap()
+    });
+    nft.hang(false);
+    removed.ok();
+    assert_eq!(daemon.attachments(&a.router), 0, "enforcement of a is gone even though its glue could not be removed");
+    assert!(daemon.log().contains("did not finish"), "the failed glue removal is reported");
 }
 
 #[test]

@@ -137,6 +137,9 @@ pub struct Daemon {
     glue_repairs: u64,
     /// Attachments found missing in the kernel and put back since start.
     link_repairs: u64,
+    /// Namespaces of routers taken down whose glue is still to be removed
+    /// (by the server, without the lock).
+    unglue: Vec<String>,
 }
 
 /// The glue step of one namespace: it spawns nft, which may be slow or hang
@@ -157,6 +160,17 @@ impl GlueJob {
     pub(super) fn run(self) -> GlueDone {
         let added = glue::install(&netns::path(&self.netns), &self.offered, &self.layout).map_err(|e| format!("{e:#}"));
         GlueDone { netns: self.netns, added }
+    }
+}
+
+/// Removes the glue of a router taken down (without the lock); a namespace
+/// already gone took its glue with it.
+pub(super) fn remove_glue(netns: &str) {
+    let path = netns::path(netns);
+    if path.exists()
+        && let Err(e) = glue::remove(&path)
+    {
+        warn!(netns = %netns, "removing glue: {e:#}");
     }
 }
 
@@ -237,6 +251,7 @@ impl Daemon {
             glue_reference: std::sync::Arc::new(glue_reference),
             glue_repairs: 0,
             link_repairs: 0,
+            unglue: Vec::new(),
         };
         daemon.started_with = daemon.reconcile()?;
         let r = &daemon.started_with;

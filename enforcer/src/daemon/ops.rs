@@ -5,13 +5,13 @@ use std::collections::BTreeSet;
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::{DEFAULT_PROJECT, Daemon, GlueDone, GlueJob, RouterState, kind_of, netns_id, rule_key};
+use super::{DEFAULT_PROJECT, Daemon, GlueDone, RouterState, kind_of, netns_id, rule_key};
 use crate::{
     api::{ApiError, ErrorCode, GlueState, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
     audit::{self, Audit, AuditEntry},
     auth::{self, Caller},
     catalogue::HelperKind,
-    kernel::{Datapath, glue, netns},
+    kernel::{Datapath, netns},
     store::{ApplyError, Change, HelperRecord, RouterRecord},
     validate,
 };
@@ -24,6 +24,33 @@ fn allow_record(dp: &mut Datapath, index: u32, h: &HelperRecord, kind: &HelperKi
 fn revoke_record(dp: &mut Datapath, index: u32, h: &HelperRecord) -> Result<()> {
     let (router, proto, port) = rule_key(index, h);
     dp.revoke(router, proto, port, h.slot)
+}
+
+/// What [`Daemon::prepare`] found to do outside the lock.
+pub(super) enum Prepared {
+    Glue(super::GlueJob),
+    Read(ReadJob),
+}
+
+/// A read done without the lock.
+pub(super) enum ReadJob {
+    /// The pinned maps, cut to the routers the caller may see.
+    Dump { bpffs: std::path::PathBuf, visible: BTreeSet<String> },
+    Audit { state_dir: std::path::PathBuf, since: Option<std::time::SystemTime> },
+}
+
+impl ReadJob {
+    pub(super) fn run(self) -> Result<Reply, ApiError> {
+        match self {
+            ReadJob::Dump { bpffs, visible } => {
+                let mut dump = crate::kernel::dump::read(&bpffs).map_err(ApiError::kernel)?;
+                dump.slots.retain(|s| s.router_id.as_deref().is_some_and(|id| visible.contains(id)));
+                dump.routers = visible.len();
+                Ok(Reply::Dump(dump))
+            }
+            ReadJob::Audit { state_dir, since } => Ok(Reply::Audit(audit::read(&state_dir, since).map_err(ApiError::internal)?)),
+        }
+    }
 }
 
 /// The audit name of a request, and whether it changes anything.
@@ -71,16 +98,42 @@ impl Daemon {
         self.handle_from(Owner::Local, caller, req, None)
     }
 
-    /// The work a request needs done outside the lock first: the glue of a
-    /// router about to be added, if the caller may add it and the request
-    /// is otherwise sound (anything else is refused, and audited, later).
-    pub(super) fn prepare(&self, origin: Owner, caller: &Caller, req: &Request) -> Option<GlueJob> {
-        let Request::RouterAdd { router_id, netns, project_id } = req else { return None };
+    /// The work a request needs done outside the lock: the glue of a router
+    /// about to be added, or the whole of a read that may be long (a dump
+    /// of the maps, the audit log) and needs nothing of the daemon but what
+    /// the caller may see. Only for a request the caller may make and that
+    /// is otherwise sound; anything else is refused, and audited, under the
+    /// lock as usual.
+    pub(super) fn prepare(&self, origin: Owner, caller: &Caller, req: &Request) -> Option<Prepared> {
         let role = auth::role_of(&self.config.access, caller);
         auth::permits(role.as_ref(), req).ok()?;
-        self.check_owner(origin, req, true).ok()?;
-        let (_, netns, ..) = self.check_router_add(router_id, netns.clone(), project_id.clone()).ok()?;
-        Some(self.glue_job(&netns))
+        let scope = role.as_ref().and_then(|r| r.scope());
+        match req {
+            Request::RouterAdd { router_id, netns, project_id } => {
+                self.check_owner(origin, req, true).ok()?;
+                let (_, netns, ..) = self.check_router_add(router_id, netns.clone(), project_id.clone()).ok()?;
+                Some(Prepared::Glue(self.glue_job(&netns)))
+            }
+            Request::MapsDump {} => Some(Prepared::Read(self.dump_job(scope))),
+            Request::Audit { since } => self.audit_job(since.as_deref()).ok().map(Prepared::Read),
+            _ => None,
+        }
+    }
+
+    /// The dump of the maps, cut to the routers of `scope` (None: all).
+    fn dump_job(&self, scope: Option<&str>) -> ReadJob {
+        let visible = self
+            .routers
+            .values()
+            .filter(|r| scope.is_none_or(|p| p == r.record.project_id))
+            .map(|r| r.record.id.clone())
+            .collect();
+        ReadJob::Dump { bpffs: self.config.bpffs.clone(), visible }
+    }
+
+    fn audit_job(&self, since: Option<&str>) -> Result<ReadJob, ApiError> {
+        let since = since.map(audit::parse_since).transpose()?;
+        Ok(ReadJob::Audit { state_dir: self.config.state_dir.clone(), since })
     }
 
     /// As [`Daemon::handle_as`], for a request made on behalf of `origin`:
@@ -212,19 +265,10 @@ impl Daemon {
             }
             Request::Status {} => Ok(Reply::Status(Box::new(self.status().map_err(ApiError::kernel)?))),
             Request::Teardown {} => self.teardown(),
-            Request::MapsDump {} => {
-                let mut dump = crate::kernel::dump::read(&self.config.bpffs).map_err(ApiError::kernel)?;
-                let visible: BTreeSet<&str> =
-                    self.routers.values().filter(|r| self.in_scope(&r.record.project_id)).map(|r| r.record.id.as_str()).collect();
-                dump.slots.retain(|s| s.router_id.as_deref().is_some_and(|id| visible.contains(id)));
-                dump.routers = visible.len();
-                Ok(Reply::Dump(dump))
-            }
+            // Without a prepared read (see `prepare`): the same, under the lock.
+            Request::MapsDump {} => self.dump_job(self.scope.as_deref()).run(),
+            Request::Audit { since } => self.audit_job(since.as_deref())?.run(),
             Request::Catalogue {} => Ok(Reply::Catalogue(self.offered.describe())),
-            Request::Audit { since } => {
-                let since = since.as_deref().map(audit::parse_since).transpose()?;
-                Ok(Reply::Audit(self.audit.read(since).map_err(ApiError::internal)?))
-            }
         }
     }
 
@@ -308,10 +352,23 @@ impl Daemon {
             warn!(router = %id, "detaching: {e:#}");
         }
         self.datapath.forget_router_state(index);
-        if path.exists()
-            && let Err(e) = glue::remove(&path) {
-                warn!(router = %id, "removing glue: {e:#}");
-            }
+        // nft may be slow: the glue goes after the lock is released.
+        self.unglue.push(state.record.netns.clone());
+    }
+
+    /// Namespaces whose glue is to be removed, now without the lock.
+    pub(super) fn take_unglue(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unglue)
+    }
+
+    /// The namespace a request adds or removes a router in, if any: its glue
+    /// steps are serialized with those of other requests on it.
+    pub(super) fn netns_of(&self, req: &Request) -> Option<String> {
+        match req {
+            Request::RouterAdd { router_id, netns, .. } => Some(netns.clone().unwrap_or_else(|| format!("qrouter-{router_id}"))),
+            Request::RouterRemove { router_id } => self.routers.get(router_id).map(|r| r.record.netns.clone()),
+            _ => None,
+        }
     }
 
     pub(super) fn router_remove(&mut self, id: &str) -> Result<Reply, ApiError> {

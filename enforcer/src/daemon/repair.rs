@@ -40,6 +40,10 @@ impl GlueChecked {
 }
 
 impl GlueCheck {
+    pub(super) fn netns(&self) -> &str {
+        &self.repair.netns
+    }
+
     pub(super) fn run(self) -> GlueChecked {
         let netns = self.repair.netns.clone();
         let found = glue::check(&netns::path(&netns), &self.reference).map_err(|e| format!("{e:#}"));

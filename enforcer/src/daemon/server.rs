@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{Daemon, GlueDone, GlueJob};
+use super::{Daemon, GlueDone, GlueJob, ops::Prepared};
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
     auth::Caller,
@@ -132,27 +132,62 @@ pub(super) async fn unlocked(job: GlueJob) -> GlueDone {
     tokio::task::spawn_blocking(move || job.run()).await.expect("glue step panicked")
 }
 
-/// Handles one request: its slow external step (the glue of a router add)
-/// without the lock, the rest under it. Returns the result and whether the
-/// daemon is stopping.
-pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req: Request) -> (Result<Reply, ApiError>, bool) {
-    let job = {
-        let (c, r) = (caller.clone(), req.clone());
-        with_daemon(daemon, move |d| d.prepare(origin, &c, &r)).await
+/// Glue steps of one namespace run one at a time, in order: a removal
+/// (done after the lock is released) cannot overtake the install of a router
+/// added there again.
+pub(super) async fn netns_turn(netns: Option<&str>) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    static TURNS: std::sync::OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = std::sync::OnceLock::new();
+    let netns = netns?;
+    let turn = {
+        let mut turns = TURNS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        turns.retain(|_, t| Arc::strong_count(t) > 1);
+        turns.entry(netns.to_string()).or_default().clone()
     };
+    Some(turn.lock_owned().await)
+}
+
+/// Removes the glue of routers the daemon took down, without the lock.
+pub(super) async fn unglue(daemon: &Shared) {
+    for netns in with_daemon(daemon, |d| d.take_unglue()).await {
+        let _turn = netns_turn(Some(&netns)).await;
+        let _ = tokio::task::spawn_blocking(move || super::remove_glue(&netns)).await;
+    }
+}
+
+/// Handles one request: its slow external steps (the glue of a router add
+/// or remove) or a long read (maps dump, audit log) without the lock, the
+/// rest under it. Returns the result and whether the daemon is stopping.
+pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req: Request) -> (Result<Reply, ApiError>, bool) {
+    let (job, netns) = {
+        let (c, r) = (caller.clone(), req.clone());
+        with_daemon(daemon, move |d| (d.prepare(origin, &c, &r), d.netns_of(&r))).await
+    };
+    let turn = netns_turn(netns.as_deref()).await;
     let glue = match job {
-        Some(job) => Some(unlocked(job).await),
+        Some(Prepared::Glue(job)) => Some(unlocked(job).await),
+        // A read needs nothing more of the daemon: done without the lock.
+        Some(Prepared::Read(job)) => {
+            let result = tokio::task::spawn_blocking(move || job.run()).await.unwrap_or_else(|e| Err(ApiError::internal(e)));
+            return (result, false);
+        }
         None => None,
     };
     let d = daemon.clone();
     // A panic while handling is this request's internal error, not the
     // connection's end.
-    tokio::task::spawn_blocking(move || {
+    let (result, stopping, gone) = tokio::task::spawn_blocking(move || {
         let mut d = lock(&d);
-        (d.handle_from(origin, caller, req, glue), d.stopping())
+        (d.handle_from(origin, caller, req, glue), d.stopping(), d.take_unglue())
     })
     .await
-    .unwrap_or_else(|e| (Err(ApiError::internal(e)), false))
+    .unwrap_or_else(|e| (Err(ApiError::internal(e)), false, Vec::new()));
+    // The request's own namespace is still its turn; others take theirs.
+    for ns in gone {
+        let _other = if netns.as_deref() == Some(ns.as_str()) { None } else { netns_turn(Some(&ns)).await };
+        let _ = tokio::task::spawn_blocking(move || super::remove_glue(&ns)).await;
+    }
+    drop(turn);
+    (result, stopping)
 }
 
 /// Follows namespaces: one that vanished is detached and its kernel state
@@ -195,6 +230,7 @@ async fn verify(daemon: Shared, every: Duration) {
     loop {
         tick.tick().await;
         for check in with_daemon(&daemon, |d| d.glue_checks()).await {
+            let _turn = netns_turn(Some(check.netns())).await;
             let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
             with_daemon(&daemon, move |d| {
                 let id = checked.router().to_string();

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::{
     Daemon, GlueDone, GlueJob,
-    server::{Shared, unlocked, with_daemon},
+    server::{Shared, netns_turn, unglue, unlocked, with_daemon},
 };
 use crate::{
     api::{ApiError, ErrorCode, HelperError, Owner, Reply, Request, SyncStatus},
@@ -210,6 +210,7 @@ impl Poller {
                 Step::Sync { router, netns } => {
                     // None: deleted between the list and now; confirmed next poll.
                     if let Some(helpers) = self.neutron.helpers(&router.id).await? {
+                        let turn = netns_turn(Some(&netns)).await;
                         let (r, ns) = (router.clone(), netns.clone());
                         let job = with_daemon(daemon, move |d| d.sync_glue_job(&r, &ns)).await;
                         let glue = match job {
@@ -218,6 +219,9 @@ impl Poller {
                         };
                         let r = router.clone();
                         let applied = with_daemon(daemon, move |d| d.sync_router(&r, &netns, &helpers, glue)).await;
+                        drop(turn);
+                        // A router moved away from a namespace leaves glue there.
+                        unglue(daemon).await;
                         let new_errors = applied.refused.iter().filter(|e| !self.refused.get(&router.id).is_some_and(|old| old.contains(e))).count();
                         self.status.helper_errors_total += new_errors as u64;
                         for e in &applied.refused {
@@ -244,7 +248,9 @@ impl Poller {
 
     async fn remove(&mut self, daemon: &Shared, id: String) {
         let key = id.clone();
-        if let Err(e) = with_daemon(daemon, move |d| d.sync_remove(&key)).await {
+        let removed = with_daemon(daemon, move |d| d.sync_remove(&key)).await;
+        unglue(daemon).await;
+        if let Err(e) = removed {
             warn!(router = %id, "removing: {e}");
             return;
         }
