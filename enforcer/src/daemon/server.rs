@@ -192,12 +192,31 @@ pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req:
 
 /// Follows namespaces: one that vanished is detached and its kernel state
 /// cleaned up; one that (re)appeared is attached, its glue installed without
-/// the lock. Then link watchers follow the attached ones.
+/// the lock. Then link watchers follow the attached ones. Driven by events
+/// in /run/netns (inotify), with a slow check as a safety net.
 async fn follow_namespaces(daemon: Shared) {
     let mut watchers: HashMap<String, Watcher> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let events = netns_events().map_err(|e| warn!("cannot watch /run/netns, checking it every second instead: {e:#}")).ok();
+    let mut tick = tokio::time::interval(if events.is_some() { Duration::from_secs(10) } else { Duration::from_secs(1) });
     loop {
-        tick.tick().await;
+        match &events {
+            Some(events) => tokio::select! {
+                _ = tick.tick() => {}
+                ready = events.readable() => {
+                    if let Ok(mut guard) = ready {
+                        // Drain; `ip netns add` creates the file, then mounts
+                        // the namespace on it: let that finish.
+                        let _ = events.get_ref().0.read_events();
+                        guard.clear_ready();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = events.get_ref().0.read_events();
+                    }
+                }
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
         for (id, job) in with_daemon(&daemon, |d| d.changed_namespaces()).await {
             let glue = match job {
                 Some(job) => Some(unlocked(job).await),
@@ -271,6 +290,30 @@ fn follow(daemon: &Shared, watchers: &mut HashMap<String, Watcher>, attached: Ve
             Err(e) => warn!(router = %id, "cannot follow link events: {e:#}"),
         }
     }
+}
+
+/// An inotify instance, as tokio registers it.
+struct Watch(nix::sys::inotify::Inotify);
+
+impl AsRawFd for Watch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Events of namespace files appearing and going in /run/netns.
+fn netns_events() -> Result<AsyncFd<Watch>> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let dir = netns::path("");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("inotify")?;
+    inotify
+        .add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    // SAFETY: the AsyncFd owns the inotify instance, so the descriptor stays
+    // valid for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(Watch(inotify), tokio::io::Interest::READABLE) }.map_err(|e| anyhow::anyhow!("registering the inotify watch: {e}"))
 }
 
 /// An rtnetlink socket of the router's namespace, subscribed to link events.
