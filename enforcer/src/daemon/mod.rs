@@ -6,6 +6,7 @@
 //! start the kernel is reconciled with the store; enforcement (pinned maps
 //! and links, the glue) stays in place when the daemon stops.
 
+mod follow;
 mod ops;
 mod repair;
 mod revoke;

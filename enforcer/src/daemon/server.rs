@@ -1,6 +1,6 @@
-//! The API socket, and the watchers that follow router namespaces: link
-//! events (rtnetlink) re-sync a router's attachments, and a periodic check
-//! notices namespaces deleted or created from outside.
+//! The API socket: connections, their caps, and how a request is handled
+//! (slow steps without the daemon's lock); and the periodic tasks that run
+//! beside it (housekeeping, the glue and attachment checks).
 
 use std::{
     collections::HashMap,
@@ -11,19 +11,17 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, unix::AsyncFd},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     task::JoinHandle,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Daemon, GlueDone, GlueJob, ops::Prepared};
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
     auth::Caller,
-    kernel::netns,
 };
 
 pub(super) type Shared = Arc<Mutex<Daemon>>;
@@ -77,9 +75,9 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     // taking the lock only for its own short steps.
     let glue_every = Duration::from_secs(lock(&daemon).config.glue_check_secs);
     let background = [
-        tokio::spawn(follow_namespaces(daemon.clone())),
-        tokio::spawn(housekeeping(daemon.clone())),
-        tokio::spawn(verify(daemon.clone(), glue_every)),
+        supervise("namespace following", { let d = daemon.clone(); move || super::follow::follow_namespaces(d.clone()) }),
+        supervise("housekeeping", { let d = daemon.clone(); move || housekeeping(d.clone()) }),
+        supervise("glue and attachment checks", { let d = daemon.clone(); move || verify(d.clone(), glue_every) }),
     ];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -119,6 +117,23 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     info!("stopping; enforcement stays in place");
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+/// Runs a background task for as long as the daemon serves; one that ends
+/// (a bug: a panic in one of its steps) is logged and started again.
+fn supervise<F, T>(name: &'static str, task: T) -> JoinHandle<()>
+where
+    T: Fn() -> F + Send + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = tokio::spawn(task()).await {
+                error!("{name} failed ({e}); starting it again");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
 }
 
 /// Runs `f` on the daemon, off the async runtime.
@@ -190,48 +205,6 @@ pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req:
     (result, stopping)
 }
 
-/// Follows namespaces: one that vanished is detached and its kernel state
-/// cleaned up; one that (re)appeared is attached, its glue installed without
-/// the lock. Then link watchers follow the attached ones. Driven by events
-/// in /run/netns (inotify), with a slow check as a safety net.
-async fn follow_namespaces(daemon: Shared) {
-    let mut watchers: HashMap<String, Watcher> = HashMap::new();
-    let events = netns_events().map_err(|e| warn!("cannot watch /run/netns, checking it every second instead: {e:#}")).ok();
-    let mut tick = tokio::time::interval(if events.is_some() { Duration::from_secs(10) } else { Duration::from_secs(1) });
-    loop {
-        match &events {
-            Some(events) => tokio::select! {
-                _ = tick.tick() => {}
-                ready = events.readable() => {
-                    if let Ok(mut guard) = ready {
-                        // Drain; `ip netns add` creates the file, then mounts
-                        // the namespace on it: let that finish.
-                        let _ = events.get_ref().0.read_events();
-                        guard.clear_ready();
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        let _ = events.get_ref().0.read_events();
-                    }
-                }
-            },
-            None => {
-                tick.tick().await;
-            }
-        }
-        for (id, job) in with_daemon(&daemon, |d| d.changed_namespaces()).await {
-            let glue = match job {
-                Some(job) => Some(unlocked(job).await),
-                None => None,
-            };
-            let rid = id.clone();
-            if let Err(e) = with_daemon(&daemon, move |d| d.refresh_router(&rid, glue)).await {
-                warn!(router = %id, "{e:#}");
-            }
-        }
-        let attached = with_daemon(&daemon, |d| d.attached()).await;
-        follow(&daemon, &mut watchers, attached);
-    }
-}
-
 /// Periodic clean-up of revoked flows and released slots.
 async fn housekeeping(daemon: Shared) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -258,99 +231,6 @@ async fn verify(daemon: Shared, every: Duration) {
             })
             .await;
         }
-    }
-}
-
-/// A link watcher, and the namespace it watches.
-struct Watcher {
-    netns_id: Option<super::NetnsId>,
-    task: JoinHandle<()>,
-}
-
-/// Starts a link watcher for each newly attached router (or router whose
-/// namespace was made again), stops those of routers that went away.
-fn follow(daemon: &Shared, watchers: &mut HashMap<String, Watcher>, attached: Vec<super::Followed>) {
-    watchers.retain(|id, w| {
-        let keep = attached.iter().any(|(a, _, ns)| a == id && *ns == w.netns_id) && !w.task.is_finished();
-        if !keep {
-            w.task.abort();
-        }
-        keep
-    });
-    for (id, ns, netns_id) in attached {
-        if watchers.contains_key(&id) {
-            continue;
-        }
-        match link_events(&ns) {
-            Ok(sock) => {
-                let d = daemon.clone();
-                let rid = id.clone();
-                watchers.insert(id, Watcher { netns_id, task: tokio::spawn(async move { watch_links(sock, d, rid).await }) });
-            }
-            Err(e) => warn!(router = %id, "cannot follow link events: {e:#}"),
-        }
-    }
-}
-
-/// An inotify instance, as tokio registers it.
-struct Watch(nix::sys::inotify::Inotify);
-
-impl AsRawFd for Watch {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsFd;
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
-/// Events of namespace files appearing and going in /run/netns.
-fn netns_events() -> Result<AsyncFd<Watch>> {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    let dir = netns::path("");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("inotify")?;
-    inotify
-        .add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO)
-        .with_context(|| format!("watching {}", dir.display()))?;
-    // SAFETY: the AsyncFd owns the inotify instance, so the descriptor stays
-    // valid for as long as it is registered.
-    unsafe { AsyncFd::register_with_interest(Watch(inotify), tokio::io::Interest::READABLE) }.map_err(|e| anyhow::anyhow!("registering the inotify watch: {e}"))
-}
-
-/// An rtnetlink socket of the router's namespace, subscribed to link events.
-fn link_events(ns: &str) -> Result<AsyncFd<Socket>> {
-    const RTMGRP_LINK: u32 = 1;
-    let sock = netns::run_in(&netns::path(ns), || {
-        let mut s = Socket::new(NETLINK_ROUTE).context("rtnetlink socket")?;
-        s.bind(&SocketAddr::new(0, RTMGRP_LINK)).context("subscribing to link events")?;
-        s.set_non_blocking(true)?;
-        Ok(s)
-    })?;
-    // SAFETY: the AsyncFd owns the socket, so the descriptor stays valid
-    // for as long as it is registered.
-    unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }.map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
-    let mut buf = vec![0u8; 16384];
-    loop {
-        // Re-sync first: events before the subscription are not lost.
-        let (d, rid) = (daemon.clone(), id.clone());
-        if let Err(e) = with_daemon(&d, move |d| d.refresh_router(&rid, None)).await {
-            warn!(router = %id, "re-sync after link event: {e:#}");
-        }
-        let Ok(mut guard) = sock.readable().await else { return };
-        // Drain everything queued; the content does not matter, a re-sync
-        // compares the namespace's interfaces with the pins.
-        loop {
-            // SAFETY: reading into our own buffer from a valid socket.
-            let n = unsafe { libc::recv(sock.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n <= 0 {
-                break;
-            }
-        }
-        guard.clear_ready();
-        // Let a burst of events (a veth pair coming up) settle.
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
