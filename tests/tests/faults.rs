@@ -248,3 +248,56 @@ fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
     assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "link_repair" && e["router_id"] == topo.router_id.as_str()), "{audit}");
 }
+
+#[test]
+fn long_reads_do_not_hold_up_writers() {
+    let topo = Topology::new();
+    let state = std::env::temp_dir().join(unique("state"));
+    std::fs::create_dir_all(&state).unwrap();
+    // An audit log of some 40 MB, as a busy node accumulates.
+    let line = format!(
+        "{{\"time\":\"2026-01-01T00:00:00Z\",\"caller\":{{\"uid\":0,\"gid\":0,\"pid\":1,\"groups\":[]}},\"op\":\"helper_create\",\"router_id\":\"{}\",\"result\":\"ok\"}}\n",
+        topo.router_id
+    );
+    let mut log = Vec::with_capacity(40 << 20);
+    while log.len() < 40 << 20 {
+        log.extend_from_slice(line.as_bytes());
+    }
+    std::fs::write(state.join("audit.jsonl"), &log).unwrap();
+    drop(log);
+    let daemon = Daemon::start_with(Some(state.clone()), &[]);
+    daemon.add_router(&topo.router_id);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let reads = std::sync::atomic::AtomicUsize::new(0);
+    let took = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut session = daemon.session();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for req in [json!({"op": "audit"}), json!({"op": "maps_dump"})] {
+                    assert!(session.request(&req).expect("answered").get("ok").is_some());
+                }
+                reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut session = daemon.session();
+        let mut took = Vec::new();
+        for port in 4000..4030 {
+            let req = json!({"op": "helper_create", "router_id": topo.router_id, "protocol": "tcp", "port": port, "helper": "ftp"});
+            let t = Instant::now();
+            assert!(session.request(&req).expect("answered").get("ok").is_some());
+            took.push(t.elapsed());
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        took
+    });
+    let slowest = took.iter().max().copied().unwrap_or_default();
+    let reads = reads.into_inner();
+    eprintln!("writes while {reads} full audit reads ran: slowest {slowest:?}");
+    assert!(reads >= 1, "the reads ran alongside");
+    assert!(slowest < Duration::from_millis(100), "a write waited {slowest:?} behind a read");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&state);
+}
