@@ -11,45 +11,84 @@ use tracing::{info, warn};
 use super::Daemon;
 use crate::{
     api::RevokeReport,
-    kernel::{Datapath, conntrack, netns},
+    kernel::{Datapath, Remembered, conntrack, netns},
     store::Change,
 };
 
 /// Dump-and-delete rounds before a slot is left quarantined.
 const FLUSH_ROUNDS: usize = 5;
 
-/// Cleans the conntrack table of the router in `ns` of the entries marked
-/// with `mark` under `mask`, keeping their flows dead in the datapath first.
-/// One visit to the namespace: dump, remember, delete, check, repeated
-/// while entries carrying the slot remain.
-pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, (mark, mask): (u32, u32), quiet_secs: u64) -> RevokeReport {
-    let mut report = RevokeReport { quiet_secs, ..Default::default() };
-    let result = netns::run_in(ns, || {
-        // A connection that got the slot while this ran (its first packet
-        // was tagged just before the rule went) is revoked too: repeat
-        // until nothing carries the slot, a few rounds at most.
-        let mut entries = conntrack::entries_with_mark(mark, mask)?;
-        for _ in 0..FLUSH_ROUNDS {
-            if entries.is_empty() {
-                break;
-            }
-            report.conntrack_entries_removed += entries.len();
-            // Remember the flows before their entries go: from then on a
-            // packet of theirs would start a fresh, unmarked entry.
-            let remembered = datapath.remember_revoked(index, slot, &entries)?;
-            report.flows_kept_dead += remembered.kept;
-            report.flows_not_kept += remembered.overflowed;
-            conntrack::delete_with_mark(mark, mask)?;
-            entries = conntrack::entries_with_mark(mark, mask)?;
+/// The steps of a flush: the kernel's (ctnetlink and the revoked-flows map)
+/// in the daemon; scripted in the unit tests below.
+trait FlushSteps {
+    /// The conntrack entries carrying the slot now.
+    fn carried(&mut self) -> anyhow::Result<Vec<conntrack::Entry>>;
+    /// Keeps their flows dropped in the datapath.
+    fn remember(&mut self, entries: &[conntrack::Entry]) -> anyhow::Result<Remembered>;
+    /// Deletes every entry carrying the slot.
+    fn delete(&mut self) -> anyhow::Result<()>;
+}
+
+struct KernelFlush<'a> {
+    datapath: &'a mut Datapath,
+    index: u32,
+    slot: u16,
+    mark: (u32, u32),
+}
+
+impl FlushSteps for KernelFlush<'_> {
+    fn carried(&mut self) -> anyhow::Result<Vec<conntrack::Entry>> {
+        conntrack::entries_with_mark(self.mark.0, self.mark.1)
+    }
+
+    fn remember(&mut self, entries: &[conntrack::Entry]) -> anyhow::Result<Remembered> {
+        self.datapath.remember_revoked(self.index, self.slot, entries)
+    }
+
+    fn delete(&mut self) -> anyhow::Result<()> {
+        conntrack::delete_with_mark(self.mark.0, self.mark.1)
+    }
+}
+
+/// Dump, remember, delete, check; repeated while entries carrying the slot
+/// remain: a connection that got the slot while this ran (its first packet
+/// was tagged just before the rule went) is revoked too. Returns how many
+/// entries still carry it after the last round.
+fn rounds(steps: &mut impl FlushSteps, report: &mut RevokeReport) -> anyhow::Result<usize> {
+    let mut entries = steps.carried()?;
+    for _ in 0..FLUSH_ROUNDS {
+        if entries.is_empty() {
+            break;
         }
-        Ok(entries.len())
-    });
+        report.conntrack_entries_removed += entries.len();
+        // Remember the flows before their entries go: from then on a
+        // packet of theirs would start a fresh, unmarked entry.
+        let remembered = steps.remember(&entries)?;
+        report.flows_kept_dead += remembered.kept;
+        report.flows_not_kept += remembered.overflowed;
+        steps.delete()?;
+        entries = steps.carried()?;
+    }
+    Ok(entries.len())
+}
+
+/// Cleans the conntrack table of the router in `ns` of the entries marked
+/// with `mark`, keeping their flows dead in the datapath first, in one visit
+/// to the namespace. A step that fails leaves the report's `flush_error`
+/// set (and the slot quarantined by the caller).
+pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, mark: (u32, u32), quiet_secs: u64) -> RevokeReport {
+    let mut report = RevokeReport { quiet_secs, ..Default::default() };
+    let result = netns::run_in(ns, || rounds(&mut KernelFlush { datapath, index, slot, mark }, &mut report));
+    settle(&mut report, result);
+    report
+}
+
+fn settle(report: &mut RevokeReport, result: anyhow::Result<usize>) {
     match result {
         Ok(0) => report.slot_released = true,
         Ok(left) => report.flush_error = Some(format!("{left} conntrack entries still carry the slot")),
         Err(e) => report.flush_error = Some(format!("{e:#}")),
     }
-    report
 }
 
 impl Daemon {
@@ -86,5 +125,86 @@ impl Daemon {
             }
         self.after_flush(router_id, slot, &report);
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::VecDeque, net::IpAddr};
+
+    use super::*;
+
+    fn entry(port: u16) -> conntrack::Entry {
+        let (a, b): (IpAddr, IpAddr) = ("10.200.1.2".parse().unwrap(), "10.200.2.2".parse().unwrap());
+        conntrack::Entry {
+            orig: conntrack::Tuple5 { proto: 6, src: a, dst: b, sport: 40000, dport: port },
+            reply: conntrack::Tuple5 { proto: 6, src: b, dst: a, sport: port, dport: 40000 },
+        }
+    }
+
+    /// A conntrack table that answers each dump from a script, and a delete
+    /// that may fail.
+    struct Scripted {
+        dumps: VecDeque<Vec<conntrack::Entry>>,
+        remembered: Vec<conntrack::Entry>,
+        deletes: usize,
+        delete_fails: bool,
+    }
+
+    impl FlushSteps for Scripted {
+        fn carried(&mut self) -> anyhow::Result<Vec<conntrack::Entry>> {
+            Ok(self.dumps.pop_front().unwrap_or_default())
+        }
+        fn remember(&mut self, entries: &[conntrack::Entry]) -> anyhow::Result<Remembered> {
+            self.remembered.extend_from_slice(entries);
+            Ok(Remembered { kept: entries.len() * 2, overflowed: 0 })
+        }
+        fn delete(&mut self) -> anyhow::Result<()> {
+            self.deletes += 1;
+            if self.delete_fails { anyhow::bail!("ctnetlink: Device or resource busy") } else { Ok(()) }
+        }
+    }
+
+    fn run(script: Vec<Vec<conntrack::Entry>>, delete_fails: bool) -> (RevokeReport, Scripted) {
+        let mut steps = Scripted { dumps: script.into(), remembered: Vec::new(), deletes: 0, delete_fails };
+        let mut report = RevokeReport::default();
+        let result = rounds(&mut steps, &mut report);
+        settle(&mut report, result);
+        (report, steps)
+    }
+
+    #[test]
+    fn connections_that_got_the_slot_during_the_revocation_are_revoked_too() {
+        // The first delete leaves a connection made meanwhile; the second
+        // round takes it.
+        let (report, steps) = run(vec![vec![entry(21), entry(2121)], vec![entry(21_000)], vec![]], false);
+        assert!(report.slot_released, "{report:?}");
+        assert_eq!((report.conntrack_entries_removed, report.flows_kept_dead), (3, 6));
+        assert_eq!(steps.remembered, vec![entry(21), entry(2121), entry(21_000)]);
+        assert_eq!(steps.deletes, 2);
+    }
+
+    #[test]
+    fn a_table_that_keeps_refilling_leaves_the_slot_quarantined_after_a_few_rounds() {
+        let (report, steps) = run(vec![vec![entry(21)]; 20], false);
+        assert!(!report.slot_released);
+        assert!(report.flush_error.as_deref().is_some_and(|e| e.contains("1 conntrack entries still carry the slot")), "{report:?}");
+        assert_eq!(steps.deletes, FLUSH_ROUNDS);
+    }
+
+    #[test]
+    fn a_delete_that_fails_halfway_keeps_the_flows_dropped_and_reports_it() {
+        let (report, steps) = run(vec![vec![entry(21)], vec![]], true);
+        assert!(!report.slot_released, "the slot stays quarantined");
+        assert!(report.flush_error.as_deref().is_some_and(|e| e.contains("busy")), "{report:?}");
+        assert_eq!(steps.remembered, vec![entry(21)], "the flows were remembered before the delete");
+        assert_eq!(report.flows_kept_dead, 2);
+    }
+
+    #[test]
+    fn nothing_to_clean_releases_the_slot_at_once() {
+        let (report, steps) = run(vec![vec![]], false);
+        assert!(report.slot_released);
+        assert_eq!(steps.deletes, 0);
     }
 }
