@@ -192,6 +192,28 @@ fn hostile_input_changes_nothing_and_reaches_no_rule() {
     // (A NUL cannot be on a command line; it goes through the socket below.)
     let mut values: Vec<&str> = HOSTILE.iter().copied().filter(|v| !v.contains('\0')).collect();
     values.push(&long);
+    // The raw socket: malformed, non-UTF-8, oversized, unknown, hostile.
+    let oversized = format!("{{\"op\":\"router_list\",\"pad\":\"{}\"}}", "a".repeat(70_000));
+    let raw: Vec<Vec<u8>> = vec![
+        b"not json".to_vec(),
+        b"{\"op\":\"helper_create\",\"router_id\":\"\xff\xfe\"}".to_vec(),
+        oversized.into_bytes(),
+        br#"{"op":"drop_everything"}"#.to_vec(),
+        br#"{"op":"router_list","admin":true}"#.to_vec(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp","slot":7}}"#).into_bytes(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":"21","helper":"ftp"}}"#).into_bytes(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp\n-j ACCEPT"}}"#).into_bytes(),
+        format!(r#"{{"op":"router_add","router_id":"{}","netns":"../../proc/1/ns/net"}}"#, uuid::Uuid::new_v4()).into_bytes(),
+        br#"[1,2,3]"#.to_vec(),
+        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp\u0000"}}"#).into_bytes(),
+    ];
+    for line in raw {
+        let answer: Value = serde_json::from_str(&daemon.raw(&line)).expect("the daemon answers");
+        let code = answer["error"]["code"].as_str().unwrap_or_else(|| panic!("refused: {answer}"));
+        assert!(["bad_request", "invalid_argument"].contains(&code), "{answer}");
+    }
+    // The command line (after the socket: its refusals outrun the audit's
+    // allowance for root, summed up from then on).
     for v in &values {
         for args in [
             vec!["helper", "create", r, "--protocol", "tcp", "--port", "2121", "--helper", v],
@@ -218,26 +240,6 @@ fn hostile_input_changes_nothing_and_reaches_no_rule() {
         .unwrap();
     assert!(!out.status.success());
 
-    // The raw socket: malformed, non-UTF-8, oversized, unknown, hostile.
-    let oversized = format!("{{\"op\":\"router_list\",\"pad\":\"{}\"}}", "a".repeat(70_000));
-    let raw: Vec<Vec<u8>> = vec![
-        b"not json".to_vec(),
-        b"{\"op\":\"helper_create\",\"router_id\":\"\xff\xfe\"}".to_vec(),
-        oversized.into_bytes(),
-        br#"{"op":"drop_everything"}"#.to_vec(),
-        br#"{"op":"router_list","admin":true}"#.to_vec(),
-        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp","slot":7}}"#).into_bytes(),
-        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":"21","helper":"ftp"}}"#).into_bytes(),
-        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp\n-j ACCEPT"}}"#).into_bytes(),
-        format!(r#"{{"op":"router_add","router_id":"{}","netns":"../../proc/1/ns/net"}}"#, uuid::Uuid::new_v4()).into_bytes(),
-        br#"[1,2,3]"#.to_vec(),
-        format!(r#"{{"op":"helper_create","router_id":"{r}","protocol":"tcp","port":2121,"helper":"ftp\u0000"}}"#).into_bytes(),
-    ];
-    for line in raw {
-        let answer: Value = serde_json::from_str(&daemon.raw(&line)).expect("the daemon answers");
-        let code = answer["error"]["code"].as_str().unwrap_or_else(|| panic!("refused: {answer}"));
-        assert!(["bad_request", "invalid_argument"].contains(&code), "{answer}");
-    }
     let after = (daemon.cli(&["helper", "list", "-o", "json"]).ok().stdout, daemon.dump()["slots"].to_string());
     assert_eq!(before, after, "nothing changed");
     assert!(!std::path::Path::new("/tmp/enforcer-pwned").exists(), "no shell ran anything");
@@ -245,8 +247,11 @@ fn hostile_input_changes_nothing_and_reaches_no_rule() {
     for v in HOSTILE {
         assert!(!rules.contains(v), "{v:?} reached a rule");
     }
+    // Held-back refusals are summed up once a second.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
     assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "unparsed"), "unreadable requests are audited too");
+    assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "refusals_held_back"), "refusals past the allowance are summed up");
     assert!(audit.to_string().len() < 2_000_000, "audited values are bounded");
 }
 
@@ -455,7 +460,7 @@ fn a_flood_from_a_caller_with_no_role_neither_delays_an_admin_nor_fills_the_disk
     let mut flood = enforcer_tests::Process::spawn(
         "flood",
         Command::new("setpriv")
-            .args(["--reuid", &NOBODY.to_string(), "--regid", &GROUP.to_string(), "--clear-groups", "python3"])
+            .args(["--reuid", &NOBODY.to_string(), "--regid", &GROUP.to_string(), "--clear-groups", "/usr/bin/python3"])
             .arg(enforcer_tests::peers_dir().join("flood.py"))
             .arg(&daemon.socket)
             .arg(SECONDS.to_string())
@@ -478,6 +483,8 @@ fn a_flood_from_a_caller_with_no_role_neither_delays_an_admin_nor_fills_the_disk
     let _ = flood.child.wait();
     let numbers: Vec<u64> = report.split_whitespace().filter_map(|n| n.parse().ok()).collect();
     assert_eq!(numbers.len(), 3, "flood report: {report}");
+    // Lines the flood wrote; the daemon reads only what its connections
+    // let in before it closes them.
     let (tried, lines) = (numbers[0], numbers[2]);
     took.sort();
     eprintln!("flood: {tried} connections tried, {lines} lines sent; admin creates: median {:?}, slowest {:?}", took[took.len() / 2], took[took.len() - 1]);
@@ -492,6 +499,6 @@ fn a_flood_from_a_caller_with_no_role_neither_delays_an_admin_nor_fills_the_disk
     let written = by_nobody.iter().filter(|e| e["op"] != "refusals_held_back").count() as u64;
     let held_back: u64 = by_nobody.iter().filter_map(|e| e["after"]["refused_requests"].as_u64()).sum();
     assert!(written <= 50 + 10 * (SECONDS + 2), "{written} refusals written");
-    assert!(held_back > lines / 2, "{held_back} held back of {lines} lines");
+    assert!(held_back >= 10 * written.max(100), "{held_back} refusals held back, {written} written");
     assert!(audit_size() - size_before < 200_000, "the audit log grew by {} bytes", audit_size() - size_before);
 }
