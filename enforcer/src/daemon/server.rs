@@ -349,7 +349,9 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
                 Response::Error(e)
             }
         };
-        let mut text = serde_json::to_vec(&response)?;
+        // A long answer (an audit log, a dump) takes a while to serialize:
+        // other tasks move off this worker meanwhile.
+        let mut text = tokio::task::block_in_place(|| serde_json::to_vec(&response))?;
         text.push(b'\n');
         write.write_all(&text).await?;
         if stopping {
