@@ -73,6 +73,37 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 /// A process this test started; killed by its PID when dropped.
+/// A file or directory under the temp dir for one test, removed on drop
+/// (also when the test fails).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A file holding `contents`.
+    pub fn file(tag: &str, contents: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::write(&path, contents).unwrap();
+        Self(path)
+    }
+
+    /// An empty directory.
+    pub fn dir(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 pub struct Process {
     pub child: Child,
     pub what: String,

@@ -337,22 +337,21 @@ fn pin_map(path: &std::path::Path, map_type: u32, key_size: u32, value_size: u32
 #[test]
 fn pinned_maps_of_another_layout_or_capacity_are_refused_not_reused() {
     let topo = Topology::new();
-    let config = std::env::temp_dir().join(enforcer_tests::unique("cfg"));
-    std::fs::write(&config, "revoked_flows_max = 65536\n").unwrap();
-    let mut daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
+    let config = enforcer_tests::Scratch::file("cfg", "revoked_flows_max = 65536\n");
+    let mut daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     daemon.stop(nix::sys::signal::Signal::SIGTERM);
     let before = daemon.dump();
 
     // Another capacity than the pinned map has.
-    std::fs::write(&config, "revoked_flows_max = 1024\n").unwrap();
+    std::fs::write(&config.0, "revoked_flows_max = 1024\n").unwrap();
     let (status, log) = daemon.restart_refused();
     assert!(!status.success());
     assert!(log.contains("ENFORCER_REVOKED") && log.contains("capacity") && log.contains("left as it is"), "a clear message:\n{log}");
 
     // The map an earlier version made: LRU, with a 16-byte value.
-    std::fs::write(&config, "revoked_flows_max = 65536\n").unwrap();
+    std::fs::write(&config.0, "revoked_flows_max = 65536\n").unwrap();
     let pinned = daemon.bpffs.join(enforcer_common::MAP_REVOKED);
     std::fs::remove_file(&pinned).unwrap();
     pin_map(&pinned, 9, std::mem::size_of::<enforcer_common::FlowKey>() as u32, 16, 65536);
@@ -364,7 +363,6 @@ fn pinned_maps_of_another_layout_or_capacity_are_refused_not_reused() {
     // Without the foreign map the daemon starts and makes its own.
     std::fs::remove_file(&pinned).unwrap();
     daemon.restart();
-    let _ = std::fs::remove_file(&config);
     let helpers = daemon.cli(&["helper", "list", "-o", "json"]).ok().json();
     assert_eq!(helpers.as_array().map(Vec::len), Some(1), "{helpers}");
 }

@@ -79,10 +79,8 @@ fn a_hanging_nft_stalls_only_its_own_router_and_fails_at_the_limit() {
     let a = Topology::new();
     let b = Topology::new();
     let nft = HangingNft::new();
-    let config = std::env::temp_dir().join(unique("cfg"));
-    std::fs::write(&config, "command_timeout_secs = 3\n").unwrap();
-    let daemon = Daemon::start_with_env(None, &["--config", config.to_str().unwrap()], &[("PATH", &nft.path_env())]);
-    let _ = std::fs::remove_file(&config);
+    let config = enforcer_tests::Scratch::file("cfg", "command_timeout_secs = 3\n");
+    let daemon = Daemon::start_with_env(None, &["--config", config.path()], &[("PATH", &nft.path_env())]);
     daemon.add_router(&b.router_id);
 
     nft.hang(true);
@@ -133,10 +131,8 @@ fn a_namespace_deleted_during_its_attach_leaves_nothing_behind() {
     let doomed = Netns::create(&unique("gone"));
     let id = uuid::Uuid::new_v4().to_string();
     let nft = HangingNft::new();
-    let config = std::env::temp_dir().join(unique("cfg"));
-    std::fs::write(&config, "command_timeout_secs = 2\n").unwrap();
-    let daemon = Daemon::start_with_env(None, &["--config", config.to_str().unwrap()], &[("PATH", &nft.path_env())]);
-    let _ = std::fs::remove_file(&config);
+    let config = enforcer_tests::Scratch::file("cfg", "command_timeout_secs = 2\n");
+    let daemon = Daemon::start_with_env(None, &["--config", config.path()], &[("PATH", &nft.path_env())]);
     daemon.add_router(&b.router_id);
     let pins_before = daemon.pins();
 
@@ -171,10 +167,8 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
     let topo = Topology::new();
-    let config = std::env::temp_dir().join(unique("cfg"));
-    std::fs::write(&config, "glue_check_secs = 1\n").unwrap();
-    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&config);
+    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
+    let daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
     eventually("the first check", || status()["routers"][0]["glue"] == "intact");
@@ -224,10 +218,8 @@ fn detach_pinned_link(pin: &std::path::Path) {
 #[test]
 fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
     let topo = Topology::new();
-    let config = std::env::temp_dir().join(unique("cfg"));
-    std::fs::write(&config, "glue_check_secs = 1\n").unwrap();
-    let daemon = Daemon::start_with(None, &["--config", config.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&config);
+    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
+    let daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
     let full = daemon.attachments(&topo.router);
     let pins = daemon.pins();
@@ -252,8 +244,8 @@ fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
 #[test]
 fn long_reads_do_not_hold_up_writers() {
     let topo = Topology::new();
-    let state = std::env::temp_dir().join(unique("state"));
-    std::fs::create_dir_all(&state).unwrap();
+    let scratch = enforcer_tests::Scratch::dir("state");
+    let state = scratch.0.clone();
     // An audit log of some 20 MB, as a busy node accumulates (reading it
     // takes far longer than the 100 ms a write may wait).
     let line = format!(
@@ -299,6 +291,4 @@ fn long_reads_do_not_hold_up_writers() {
     eprintln!("writes while {reads} full audit reads ran: slowest {slowest:?}");
     assert!(reads >= 1, "the reads ran alongside");
     assert!(slowest < Duration::from_millis(100), "a write waited {slowest:?} behind a read");
-    drop(daemon);
-    let _ = std::fs::remove_dir_all(&state);
 }
