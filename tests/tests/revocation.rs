@@ -87,3 +87,61 @@ fn revoked_connection_stays_dead_a_minute_later() {
     let ct = topo.conntrack(&["-L"]);
     assert_eq!(count(&ct, "helper=ftp"), 0, "{ct}");
 }
+
+/// A UDP flow from port 5060 to port 5060 that never goes quiet, as SIP
+/// phones keep one: the client sends every 50 ms; the server counts what
+/// arrives into a file.
+struct FixedPortFlow {
+    _server: enforcer_tests::Process,
+    _client: enforcer_tests::Process,
+    count: enforcer_tests::Scratch,
+}
+
+impl FixedPortFlow {
+    fn start(topo: &Topology) -> Self {
+        let count = enforcer_tests::Scratch::file("count", "0");
+        let server = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],5060))\nn=0\nwhile True:\n s.recv(2048)\n n+=1\n open(sys.argv[2],'w').write(str(n))\n";
+        let client = "import socket,sys,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],5060))\nwhile True:\n s.sendto(b'hello',(sys.argv[2],5060))\n time.sleep(0.05)\n";
+        let server = enforcer_tests::Process::spawn(
+            "udp server",
+            topo.server.cmd("python3").args(["-c", server, Topology::SERVER_V4, count.path()]),
+        );
+        let client = enforcer_tests::Process::spawn(
+            "udp client",
+            topo.client.cmd("python3").args(["-c", client, Topology::CLIENT_V4, Topology::SERVER_V4]),
+        );
+        Self { _server: server, _client: client, count }
+    }
+
+    fn received(&self) -> u64 {
+        std::fs::read_to_string(&self.count.0).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Whether datagrams arrive within `wait`.
+    fn passes(&self, wait: Duration) -> bool {
+        let before = self.received();
+        std::thread::sleep(wait);
+        self.received() > before
+    }
+}
+
+#[test]
+fn a_revoked_flow_that_never_goes_quiet_passes_again_when_its_rule_returns() {
+    let topo = Topology::new();
+    let daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    let sip = daemon.create_helper(&topo.router_id, "udp", 5060, "sip");
+    let flow = FixedPortFlow::start(&topo);
+    assert!(flow.passes(Duration::from_secs(2)), "the flow passes with its rule");
+
+    daemon.delete_helper(&topo.router_id, &sip);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!flow.passes(Duration::from_secs(1)), "revoked: dropped while it keeps talking");
+
+    // The operator creates the rule again: the flow is wanted, and passes
+    // at once, though it never went quiet.
+    daemon.create_helper(&topo.router_id, "udp", 5060, "sip");
+    assert!(flow.passes(Duration::from_secs(1)), "the flow passes again with its rule back");
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    assert_eq!(status["revoked_flows"], 0, "its revoked entries were cleared: {status}");
+}
