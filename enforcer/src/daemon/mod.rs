@@ -44,7 +44,7 @@ struct RouterState {
     attachment: Option<Attachment>,
     /// (device, inode) of the namespace file it was attached in: a namespace
     /// deleted and created again under the same name is a new one.
-    netns_id: Option<(u64, u64)>,
+    netns_id: Option<NetnsId>,
     /// What the last check of its glue found.
     glue: crate::api::GlueState,
 }

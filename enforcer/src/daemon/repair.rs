@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::{Daemon, GlueJob, netns_id};
+use super::{Daemon, GlueJob, NetnsId, netns_id};
 use crate::{
     api::{ApiError, GlueState, Owner},
     audit::{Audit, AuditEntry},
@@ -19,7 +19,7 @@ use crate::{
 /// One router's check, to run without the lock.
 pub(super) struct GlueCheck {
     id: String,
-    netns_id: Option<(u64, u64)>,
+    netns_id: Option<NetnsId>,
     reference: Arc<serde_json::Value>,
     repair: GlueJob,
 }
@@ -28,7 +28,7 @@ pub(super) struct GlueCheck {
 pub(super) struct GlueChecked {
     id: String,
     netns: String,
-    netns_id: Option<(u64, u64)>,
+    netns_id: Option<NetnsId>,
     found: Result<GlueState, String>,
     repaired: Option<Result<(), String>>,
 }
