@@ -16,15 +16,18 @@ use crate::kernel::netns;
 /// Follows namespaces: one that vanished is detached and its kernel state
 /// cleaned up; one that (re)appeared is attached, its glue installed without
 /// the lock. Then link watchers follow the attached ones. Driven by events
-/// in /run/netns (inotify), with a slow check as a safety net.
+/// in /run/netns (inotify) and by routers added or removed, with a slow
+/// check as a safety net.
 pub(super) async fn follow_namespaces(daemon: Shared) {
     let mut watchers: HashMap<String, Watcher> = HashMap::new();
     let events = netns_events().map_err(|e| warn!("cannot watch /run/netns, checking it every second instead: {e:#}")).ok();
     let mut tick = tokio::time::interval(if events.is_some() { Duration::from_secs(10) } else { Duration::from_secs(1) });
+    let routers_changed = with_daemon(&daemon, |d| d.routers_changed()).await;
     loop {
         match &events {
             Some(events) => tokio::select! {
                 _ = tick.tick() => {}
+                _ = routers_changed.notified() => {}
                 ready = events.readable() => {
                     if let Ok(mut guard) = ready {
                         // Drain; `ip netns add` creates the file, then mounts
@@ -36,9 +39,10 @@ pub(super) async fn follow_namespaces(daemon: Shared) {
                     }
                 }
             },
-            None => {
-                tick.tick().await;
-            }
+            None => tokio::select! {
+                _ = tick.tick() => {}
+                _ = routers_changed.notified() => {}
+            },
         }
         for (id, job) in with_daemon(&daemon, |d| d.changed_namespaces()).await {
             let glue = match job {

@@ -47,6 +47,8 @@ struct RouterState {
     netns_id: Option<NetnsId>,
     /// What the last check of its glue found.
     glue: crate::api::GlueState,
+    /// (missing, stale) attachments, as the last check found them.
+    links: (usize, usize),
 }
 
 /// Indexes over the helpers and quarantined slots, so that a create or
@@ -141,6 +143,9 @@ pub struct Daemon {
     /// Namespaces of routers taken down whose glue is still to be removed
     /// (by the server, without the lock).
     unglue: Vec<String>,
+    /// Wakes the namespace follower when routers are added or removed, so
+    /// their link watchers start or stop at once.
+    routers_changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// The glue step of one namespace: it spawns nft, which may be slow or hang
@@ -222,7 +227,7 @@ impl Daemon {
         let routers = state
             .routers
             .into_values()
-            .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None, glue: Default::default() }))
+            .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) }))
             .collect();
         let mut index = Index::default();
         for h in state.helpers.values() {
@@ -253,8 +258,14 @@ impl Daemon {
             glue_repairs: 0,
             link_repairs: 0,
             unglue: Vec::new(),
+            routers_changed: Default::default(),
         };
-        daemon.started_with = daemon.reconcile()?;
+        // At start a router's filters get this build's programs (an upgrade
+        // replaces them in place); later re-syncs only add what is missing.
+        daemon.datapath.set_replace_programs(true);
+        let reconciled = daemon.reconcile();
+        daemon.datapath.set_replace_programs(false);
+        daemon.started_with = reconciled?;
         let r = &daemon.started_with;
         info!(
             routers = daemon.routers.len(),
@@ -341,6 +352,7 @@ impl Daemon {
         if fresh {
             state.glue = Default::default();
         }
+        state.links = (0, 0);
         Ok(Some((glue_added, changes)))
     }
 

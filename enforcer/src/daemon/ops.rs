@@ -323,7 +323,7 @@ impl Daemon {
             .find(|i| !used.contains(i))
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
         let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner: self.origin };
-        self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None, glue: Default::default() });
+        self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
         let attached = match self.bring_up(&id, glue) {
@@ -338,6 +338,7 @@ impl Daemon {
             return Err(e);
         }
         let view = Self::router_view(&self.routers[&id]);
+        self.routers_changed.notify_one();
         info!(router = %id, netns = %record.netns, interfaces = ?view.interfaces, "router added");
         Ok(Reply::Router(view))
     }
@@ -354,6 +355,11 @@ impl Daemon {
         self.datapath.forget_router_state(index);
         // nft may be slow: the glue goes after the lock is released.
         self.unglue.push(state.record.netns.clone());
+    }
+
+    /// What wakes the namespace follower when routers come and go.
+    pub(super) fn routers_changed(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.routers_changed.clone()
     }
 
     /// Namespaces whose glue is to be removed, now without the lock.
@@ -400,6 +406,7 @@ impl Daemon {
         self.helpers.retain(|(r, _), _| r != id);
         self.quarantine.retain(|(r, _)| r != id);
         self.index.forget_router(id);
+        self.routers_changed.notify_one();
         info!(router = %id, "router removed");
         Ok(Reply::Done {})
     }
@@ -641,9 +648,9 @@ impl Daemon {
                     if matches!(state.glue, GlueState::Missing | GlueState::Altered) {
                         drift.glue_installed += 1;
                     }
-                    let (missing, stale) = self.datapath.link_drift(&netns::path(&r.netns), r.index).unwrap_or((0, 0));
-                    drift.links_attached += missing;
-                    drift.links_detached += stale;
+                    // As last checked, like the glue: no process per router.
+                    drift.links_attached += state.links.0;
+                    drift.links_detached += state.links.1;
                 }
                 None => drift.routers_detached += 1,
             }

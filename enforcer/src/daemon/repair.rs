@@ -1,8 +1,8 @@
 //! The glue, checked as a whole and put back: someone may flush the router's
 //! ruleset, delete one rule of enforcer's table or change it. And the
-//! attachments, checked against what the kernel runs. The check and
-//! the repair spawn nft, so both run without the daemon's lock; only the
-//! bookkeeping (state, counter, audit) takes it.
+//! attachments, checked against what the kernel runs. The checks and the
+//! glue repair spawn nft or tc, so they run without the daemon's lock; only
+//! the bookkeeping (state, counter, audit) and re-attaching take it.
 
 use std::sync::Arc;
 
@@ -13,75 +13,74 @@ use crate::{
     api::{ApiError, GlueState, Owner},
     audit::{Audit, AuditEntry},
     auth::Caller,
-    kernel::{glue, netns},
+    kernel::{LinkCheck, glue, netns},
 };
 
-/// One router's check, to run without the lock.
-pub(super) struct GlueCheck {
+/// One router's check of its glue and attachments, to run without the lock.
+pub(super) struct Check {
     id: String,
     netns_id: Option<NetnsId>,
     reference: Arc<serde_json::Value>,
     repair: GlueJob,
+    links: LinkCheck,
 }
 
 /// What a check found, and what putting it back did.
-pub(super) struct GlueChecked {
+pub(super) struct Checked {
     id: String,
     netns: String,
     netns_id: Option<NetnsId>,
     found: Result<GlueState, String>,
     repaired: Option<Result<(), String>>,
+    /// (missing, stale) attachments.
+    links: Result<(usize, usize), String>,
 }
 
-impl GlueChecked {
-    pub(super) fn router(&self) -> &str {
-        &self.id
-    }
-}
-
-impl GlueCheck {
+impl Check {
     pub(super) fn netns(&self) -> &str {
         &self.repair.netns
     }
 
-    pub(super) fn run(self) -> GlueChecked {
+    pub(super) fn run(self) -> Checked {
         let netns = self.repair.netns.clone();
         let found = glue::check(&netns::path(&netns), &self.reference).map_err(|e| format!("{e:#}"));
         let repaired = match found {
             Ok(GlueState::Missing | GlueState::Altered) => Some(self.repair.run().added.map(|_| ())),
             _ => None,
         };
-        GlueChecked { id: self.id, netns, netns_id: self.netns_id, found, repaired }
+        let links = self.links.drift().map_err(|e| format!("{e:#}"));
+        Checked { id: self.id, netns, netns_id: self.netns_id, found, repaired, links }
     }
 }
 
 impl Daemon {
-    /// The checks of every attached router's glue.
-    pub(super) fn glue_checks(&self) -> Vec<GlueCheck> {
+    /// The checks of every attached router.
+    pub(super) fn checks(&self) -> Vec<Check> {
         self.routers
             .values()
             .filter(|r| r.attachment.is_some())
-            .map(|r| GlueCheck {
+            .map(|r| Check {
                 id: r.record.id.clone(),
                 netns_id: r.netns_id,
                 reference: self.glue_reference.clone(),
                 repair: self.glue_job(&r.record.netns),
+                links: self.datapath.link_check(&netns::path(&r.record.netns), r.record.index),
             })
             .collect()
     }
 
-    /// Re-syncs a router's attachments with what the kernel runs (not with
-    /// the pins): an attachment someone removed is put back, counted and
-    /// audited.
-    pub(super) fn verify_links(&mut self, id: &str) {
-        if self.routers.get(id).is_none_or(|r| r.attachment.is_none()) {
-            return;
-        }
+    /// Re-syncs the attachments of a router whose check found some missing
+    /// or stale in the kernel: what someone removed is put back, counted
+    /// and audited.
+    fn repair_links(&mut self, id: &str) {
         let changes = match self.bring_up(id, None) {
             Ok(Some((_, changes))) => changes,
             Ok(None) => return,
             Err(e) => return warn!(router = %id, "checking attachments: {e:#}"),
         };
+        if let Some(state) = self.routers.get_mut(id) {
+            state.links = (0, 0);
+        }
         if changes.attached == 0 {
             return;
         }
@@ -90,10 +89,11 @@ impl Daemon {
         self.record_repair(id, "link_repair", serde_json::json!({ "links_missing": changes.attached }), serde_json::json!({ "links_missing": 0 }), Ok(()));
     }
 
-    /// Records a check: the router's glue state, and for a repair the
-    /// counter and an audit entry.
-    pub(super) fn glue_checked(&mut self, checked: GlueChecked) {
-        let GlueChecked { id, netns, netns_id: checked_ns, found, repaired } = checked;
+    /// Records a check: the router's glue and attachment state, and for a
+    /// repair the counter and an audit entry; attachments found missing
+    /// are put back.
+    pub(super) fn checked(&mut self, checked: Checked) {
+        let Checked { id, netns, netns_id: checked_ns, found, repaired, links } = checked;
         let Some(state) = self.routers.get_mut(&id).filter(|r| r.attachment.is_some() && r.netns_id == checked_ns) else {
             // Removed while the check ran: glue put back in a namespace no
             // router enforces any more goes again.
@@ -104,6 +104,14 @@ impl Daemon {
                 }
             return;
         };
+        match links {
+            Ok(drift) => state.links = drift,
+            Err(e) => warn!(router = %id, "checking attachments: {e}"),
+        }
+        if state.links != (0, 0) {
+            self.repair_links(&id);
+        }
+        let Some(state) = self.routers.get_mut(&id) else { return };
         let found = match found {
             Ok(found) => found,
             Err(e) => return warn!(router = %id, "checking the glue: {e}"),

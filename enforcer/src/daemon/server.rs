@@ -169,10 +169,21 @@ pub(super) async fn unglue(daemon: &Shared) {
     }
 }
 
+/// The wire form of a result. Done on a blocking thread, outside the lock:
+/// a long answer (an audit log, a dump) takes a while to serialize.
+fn wire(result: Result<Reply, ApiError>) -> Vec<u8> {
+    let response: Response = result.into();
+    serde_json::to_vec(&response).unwrap_or_else(|e| {
+        let error = Response::Error(ApiError::internal(format!("serializing the answer: {e}")));
+        serde_json::to_vec(&error).unwrap_or_default()
+    })
+}
+
 /// Handles one request: its slow external steps (the glue of a router add
 /// or remove) or a long read (maps dump, audit log) without the lock, the
-/// rest under it. Returns the result and whether the daemon is stopping.
-pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req: Request) -> (Result<Reply, ApiError>, bool) {
+/// rest under it. Returns the answer's wire form and whether the daemon is
+/// stopping.
+pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req: Request) -> (Vec<u8>, bool) {
     let (job, netns) = {
         let (c, r) = (caller.clone(), req.clone());
         with_daemon(daemon, move |d| (d.prepare(origin, &c, &r), d.netns_of(&r))).await
@@ -182,27 +193,30 @@ pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req:
         Some(Prepared::Glue(job)) => Some(unlocked(job).await),
         // A read needs nothing more of the daemon: done without the lock.
         Some(Prepared::Read(job)) => {
-            let result = tokio::task::spawn_blocking(move || job.run()).await.unwrap_or_else(|e| Err(ApiError::internal(e)));
-            return (result, false);
+            let line = tokio::task::spawn_blocking(move || wire(job.run())).await;
+            return (line.unwrap_or_else(|e| wire(Err(ApiError::internal(e)))), false);
         }
         None => None,
     };
     let d = daemon.clone();
     // A panic while handling is this request's internal error, not the
     // connection's end.
-    let (result, stopping, gone) = tokio::task::spawn_blocking(move || {
-        let mut d = lock(&d);
-        (d.handle_from(origin, caller, req, glue), d.stopping(), d.take_unglue())
+    let (line, stopping, gone) = tokio::task::spawn_blocking(move || {
+        let (result, stopping, gone) = {
+            let mut d = lock(&d);
+            (d.handle_from(origin, caller, req, glue), d.stopping(), d.take_unglue())
+        };
+        (wire(result), stopping, gone)
     })
     .await
-    .unwrap_or_else(|e| (Err(ApiError::internal(e)), false, Vec::new()));
+    .unwrap_or_else(|e| (wire(Err(ApiError::internal(e))), false, Vec::new()));
     // The request's own namespace is still its turn; others take theirs.
     for ns in gone {
         let _other = if netns.as_deref() == Some(ns.as_str()) { None } else { netns_turn(Some(&ns)).await };
         let _ = tokio::task::spawn_blocking(move || super::remove_glue(&ns)).await;
     }
     drop(turn);
-    (result, stopping)
+    (line, stopping)
 }
 
 /// Periodic clean-up of revoked flows and released slots.
@@ -221,15 +235,10 @@ async fn verify(daemon: Shared, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for check in with_daemon(&daemon, |d| d.glue_checks()).await {
+        for check in with_daemon(&daemon, |d| d.checks()).await {
             let _turn = netns_turn(Some(check.netns())).await;
             let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
-            with_daemon(&daemon, move |d| {
-                let id = checked.router().to_string();
-                d.glue_checked(checked);
-                d.verify_links(&id);
-            })
-            .await;
+            with_daemon(&daemon, move |d| d.checked(checked)).await;
         }
     }
 }
@@ -337,21 +346,18 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
         } else {
             serde_json::from_slice::<Request>(&line).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
         };
-        let response = match parsed {
+        let mut text = match parsed {
             Ok(req) => {
-                let (result, stop_now) = request(&daemon, Owner::Local, caller.clone(), req).await;
+                let (line, stop_now) = request(&daemon, Owner::Local, caller.clone(), req).await;
                 stopping = stop_now;
-                result.into()
+                line
             }
             Err(e) => {
                 let (c, audited) = (caller.clone(), e.clone());
                 with_daemon(&daemon, move |d| d.audit_refused(c, audited)).await;
-                Response::Error(e)
+                serde_json::to_vec(&Response::Error(e))?
             }
         };
-        // A long answer (an audit log, a dump) takes a while to serialize:
-        // other tasks move off this worker meanwhile.
-        let mut text = tokio::task::block_in_place(|| serde_json::to_vec(&response))?;
         text.push(b'\n');
         write.write_all(&text).await?;
         if stopping {

@@ -56,6 +56,9 @@ pub struct Datapath {
     /// Revoked flows that could not be kept dropped (share or map full).
     revoked_overflows: u64,
     mode: AttachMode,
+    /// Netlink mode: swap programs in for those already attached (set while
+    /// the daemon reconciles at start).
+    replace_programs: bool,
 }
 
 /// How revoked flows are kept dropped.
@@ -171,6 +174,7 @@ impl Datapath {
             revoked_per_router: StdHashMap::new(),
             revoked_overflows: 0,
             mode: AttachMode::Tcx,
+            replace_programs: false,
         })
     }
 
@@ -185,6 +189,13 @@ impl Datapath {
 
     pub fn attach_mode(&self) -> AttachMode {
         self.mode
+    }
+
+    /// Whether routers synced from now on get this build's programs even
+    /// where filters are already attached (netlink mode; tcx links are
+    /// replaced through their pins).
+    pub fn set_replace_programs(&mut self, replace: bool) {
+        self.replace_programs = replace;
     }
 
     /// Loads the benchmark baseline programs of the control instance.
@@ -219,6 +230,19 @@ impl Datapath {
         let changes = match self.mode {
             AttachMode::Tcx => self.sync_tcx(ns, index, &current)?,
             AttachMode::Netlink => {
+                // Programs are swapped in for those already there only when
+                // asked (at start, so an upgrade runs its own programs);
+                // otherwise a router whose filters are all there is left as
+                // it is, with no program loaded.
+                let complete = !self.replace_programs
+                    && netns::run_in(ns, || {
+                        current.iter().try_fold(true, |all, (iface, _)| Ok(all && attach::netlink_missing(iface)? == 0))
+                    })?;
+                if complete {
+                    self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
+                    let interfaces = current.into_iter().map(|(name, _)| name).collect();
+                    return Ok((Attachment { index, interfaces }, LinkChanges::default()));
+                }
                 let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.revoked_policy, index)?;
                 netns::run_in(ns, || {
                     let mut changes = LinkChanges::default();
@@ -258,7 +282,7 @@ impl Datapath {
             }
         }
         let mut missing = Vec::new();
-        for ((iface, idx, name, kind), stale) in self.tcx_unattached(ns, index, current)? {
+        for ((iface, idx, name, kind), stale) in tcx_unattached(&self.link_dir(index), ns, current)? {
             if stale {
                 // Pinned, but the kernel no longer runs it there.
                 let path = dir.join(pin_name(idx, name));
@@ -291,40 +315,6 @@ impl Datapath {
         Ok(changes)
     }
 
-    /// The (interface, program) pairs of `current` that the kernel does not
-    /// run: no pin, or (stale = true) a pin whose link is no longer attached
-    /// there (detached from outside, or left defunct by an interface that
-    /// was replaced under the same index). Asked of the kernel, not of the
-    /// pins.
-    fn tcx_unattached(&self, ns: &Path, index: RouterIndex, current: &[(String, u32)]) -> Result<Vec<(Hook, bool)>> {
-        let dir = self.link_dir(index);
-        let wanted: Vec<(String, u32, &'static str, TcAttachType, Option<u32>)> = current
-            .iter()
-            .flat_map(|(name, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(prog, kind)| (name.clone(), *idx, prog, kind)))
-            .map(|(name, idx, prog, kind)| {
-                let pinned = aya::programs::links::PinnedLink::from_pin(dir.join(pin_name(idx, prog)))
-                    .ok()
-                    .and_then(|link| FdLink::from(link).info().ok())
-                    .map(|info| info.program_id());
-                (name, idx, prog, kind, pinned)
-            })
-            .collect();
-        let running: Vec<Vec<u32>> = netns::run_in(ns, || {
-            Ok(wanted
-                .iter()
-                .map(|(iface, _, _, kind, _)| {
-                    SchedClassifier::query_tcx(iface, *kind).map(|(_, progs)| progs.iter().map(|p| p.id()).collect()).unwrap_or_default()
-                })
-                .collect())
-        })?;
-        Ok(wanted
-            .into_iter()
-            .zip(running)
-            .filter(|((.., pinned), running)| !pinned.is_some_and(|id| running.contains(&id)))
-            .map(|((iface, idx, prog, kind, pinned), _)| ((iface, idx, prog, kind), pinned.is_some()))
-            .collect())
-    }
-
     /// Detaches router `index` everywhere: its pins go, so do its tcx
     /// links; netlink filters are removed from the interfaces of `ns` (they
     /// vanish with the namespace anyway).
@@ -347,26 +337,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// (missing, stale) attachments of router `index` compared with the
-    /// interfaces its namespace has now, without changing anything.
-    pub fn link_drift(&self, ns: &Path, index: RouterIndex) -> Result<(usize, usize)> {
-        if self.mode == AttachMode::Netlink {
-            // Filters go with their interface: none can be stale.
-            return netns::run_in(ns, || {
-                let mut missing = 0;
-                for (iface, _) in netns::interfaces()? {
-                    missing += attach::netlink_missing(&iface)?;
-                }
-                Ok((missing, 0))
-            });
-        }
-        let current = netns::run_in(ns, netns::interfaces)?;
-        let pins: Vec<u32> = std::fs::read_dir(self.link_dir(index))
-            .map(|rd| rd.filter_map(|e| pin_ifindex(&e.ok()?.path())).collect())
-            .unwrap_or_default();
-        let stale = pins.iter().filter(|i| !current.iter().any(|(_, c)| c == *i)).count();
-        let unattached = self.tcx_unattached(ns, index, &current)?;
-        Ok((unattached.len(), stale + unattached.iter().filter(|(_, stale)| *stale).count()))
+    /// The check of router `index`'s attachments in `ns`, to run without
+    /// the daemon's lock (it needs nothing of the datapath).
+    pub fn link_check(&self, ns: &Path, index: RouterIndex) -> LinkCheck {
+        LinkCheck { mode: self.mode, ns: ns.to_path_buf(), dir: self.link_dir(index) }
     }
 
     /// Removes every map entry of router `index`: rules, slots, counters,
@@ -578,6 +552,69 @@ impl Datapath {
         let _ = self.counters.remove(&SlotKey::new(router, slot as u32));
         let _ = self.slots.remove(&SlotKey::new(router, slot as u32));
     }
+}
+
+/// How a router's attachments compare with what its namespace has now.
+pub struct LinkCheck {
+    mode: AttachMode,
+    ns: PathBuf,
+    /// Where its tcx links are pinned.
+    dir: PathBuf,
+}
+
+impl LinkCheck {
+    /// (missing, stale) attachments, asked of the kernel, changing nothing.
+    pub fn drift(&self) -> Result<(usize, usize)> {
+        if self.mode == AttachMode::Netlink {
+            // Filters go with their interface: none can be stale.
+            return netns::run_in(&self.ns, || {
+                let mut missing = 0;
+                for (iface, _) in netns::interfaces()? {
+                    missing += attach::netlink_missing(&iface)?;
+                }
+                Ok((missing, 0))
+            });
+        }
+        let current = netns::run_in(&self.ns, netns::interfaces)?;
+        let pins: Vec<u32> =
+            std::fs::read_dir(&self.dir).map(|rd| rd.filter_map(|e| pin_ifindex(&e.ok()?.path())).collect()).unwrap_or_default();
+        let stale = pins.iter().filter(|i| !current.iter().any(|(_, c)| c == *i)).count();
+        let unattached = tcx_unattached(&self.dir, &self.ns, &current)?;
+        Ok((unattached.len(), stale + unattached.iter().filter(|(_, stale)| *stale).count()))
+    }
+}
+
+/// The (interface, program) pairs of `current` that the kernel does not
+/// run: no pin, or (stale = true) a pin whose link is no longer attached
+/// there (detached from outside, or left defunct by an interface that
+/// was replaced under the same index). Asked of the kernel, not of the
+/// pins.
+fn tcx_unattached(dir: &Path, ns: &Path, current: &[(String, u32)]) -> Result<Vec<(Hook, bool)>> {
+    let wanted: Vec<(String, u32, &'static str, TcAttachType, Option<u32>)> = current
+        .iter()
+        .flat_map(|(name, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(prog, kind)| (name.clone(), *idx, prog, kind)))
+        .map(|(name, idx, prog, kind)| {
+            let pinned = aya::programs::links::PinnedLink::from_pin(dir.join(pin_name(idx, prog)))
+                .ok()
+                .and_then(|link| FdLink::from(link).info().ok())
+                .map(|info| info.program_id());
+            (name, idx, prog, kind, pinned)
+        })
+        .collect();
+    let running: Vec<Vec<u32>> = netns::run_in(ns, || {
+        Ok(wanted
+            .iter()
+            .map(|(iface, _, _, kind, _)| {
+                SchedClassifier::query_tcx(iface, *kind).map(|(_, progs)| progs.iter().map(|p| p.id()).collect()).unwrap_or_default()
+            })
+            .collect())
+    })?;
+    Ok(wanted
+        .into_iter()
+        .zip(running)
+        .filter(|((.., pinned), running)| !pinned.is_some_and(|id| running.contains(&id)))
+        .map(|((iface, idx, prog, kind, pinned), _)| ((iface, idx, prog, kind), pinned.is_some()))
+        .collect())
 }
 
 /// Kernel memory of the maps pinned in `dir` (their memlock, in bytes).
