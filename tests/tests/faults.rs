@@ -221,6 +221,9 @@ fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
     let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
     let daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
+    // Let the router's link watcher start (its first re-sync would put the
+    // attachment back before the periodic check could notice).
+    std::thread::sleep(Duration::from_millis(1500));
     let full = daemon.attachments(&topo.router);
     let pins = daemon.pins();
     match pins.iter().find(|p| p.contains("/routers/") && p.ends_with("_tag")) {
@@ -234,7 +237,11 @@ fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
     }
     assert_eq!(daemon.attachments(&topo.router), full - 1);
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
-    eventually("the repair", || status()["link_repairs"] == 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status()["link_repairs"] != 1 {
+        assert!(Instant::now() < deadline, "no repair:\n{}\n{}", status(), daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(daemon.attachments(&topo.router), full, "put back, and no second copy");
     assert_eq!(status()["drift"]["links_attached"], 0);
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
