@@ -184,9 +184,14 @@ fn wire(result: Result<Reply, ApiError>) -> Vec<u8> {
 /// rest under it. Returns the answer's wire form and whether the daemon is
 /// stopping.
 pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req: Request) -> (Vec<u8>, bool) {
-    let (job, netns) = {
+    // Only these may have work to do outside the lock; the rest (helper
+    // changes above all) take it once.
+    let may_prepare = matches!(req, Request::RouterAdd { .. } | Request::RouterRemove { .. } | Request::MapsDump {} | Request::Audit { .. });
+    let (job, netns) = if may_prepare {
         let (c, r) = (caller.clone(), req.clone());
         with_daemon(daemon, move |d| (d.prepare(origin, &c, &r), d.netns_of(&r))).await
+    } else {
+        (None, None)
     };
     let turn = netns_turn(netns.as_deref()).await;
     let glue = match job {
