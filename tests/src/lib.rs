@@ -73,6 +73,26 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 /// A process this test started; killed by its PID when dropped.
+/// Polls `f` every 100 ms until it holds; fails the test after `secs`.
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not happen within {secs} s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// bpf(2) with the attribute block `attr` (tests that play another program
+/// touching enforcer's objects); panics with the errno on failure and
+/// returns the result (a new descriptor for commands that make one).
+pub fn bpf<T>(cmd: i64, attr: &[T], what: &str) -> i64 {
+    // SAFETY: the kernel reads at most size_of_val(attr) bytes of a block
+    // we own for the whole call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), std::mem::size_of_val(attr)) };
+    assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
+    rc
+}
+
 /// A file or directory under the temp dir for one test, removed on drop
 /// (also when the test fails).
 pub struct Scratch(pub PathBuf);

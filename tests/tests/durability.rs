@@ -320,16 +320,9 @@ fn teardown_removes_all_enforcement_and_stops() {
 fn pin_map(path: &std::path::Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32) {
     let mut attr = [0u32; 32];
     attr[..4].copy_from_slice(&[map_type, key_size, value_size, max_entries]);
-    // SAFETY: bpf(BPF_MAP_CREATE) reads the attribute block we own.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), std::mem::size_of_val(&attr)) };
-    assert!(fd >= 0, "creating a map: {}", std::io::Error::last_os_error());
+    let fd = enforcer_tests::bpf(0, &attr, "creating a map (BPF_MAP_CREATE)");
     let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let mut pin = [0u64; 2];
-    pin[0] = name.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: bpf(BPF_OBJ_PIN) reads the path and descriptor we own.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_ptr(), std::mem::size_of_val(&pin)) };
-    assert_eq!(rc, 0, "pinning a map: {}", std::io::Error::last_os_error());
+    enforcer_tests::bpf(6, &[name.as_ptr() as u64, fd as u64], "pinning the map (BPF_OBJ_PIN)");
     // SAFETY: our descriptor; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
 }

@@ -156,12 +156,8 @@ fn a_namespace_deleted_during_its_attach_leaves_nothing_behind() {
 }
 
 /// Polls `f` for up to 10 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    enforcer_tests::wait_for(what, 10, f);
 }
 
 #[test]
@@ -203,14 +199,8 @@ fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
 /// detach` does.
 fn detach_pinned_link(pin: &std::path::Path) {
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
-    let get = [path.as_ptr() as u64, 0u64];
-    // SAFETY: bpf(BPF_OBJ_GET) reads the path we own.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, get.as_ptr(), std::mem::size_of_val(&get)) };
-    assert!(fd >= 0, "opening {}: {}", pin.display(), std::io::Error::last_os_error());
-    let detach = [fd as u32, 0u32, 0, 0];
-    // SAFETY: bpf(BPF_LINK_DETACH) reads the descriptor we own.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 34, detach.as_ptr(), std::mem::size_of_val(&detach)) };
-    assert_eq!(rc, 0, "detaching: {}", std::io::Error::last_os_error());
+    let fd = enforcer_tests::bpf(7, &[path.as_ptr() as u64, 0u64], "opening the pinned link (BPF_OBJ_GET)");
+    enforcer_tests::bpf(34, &[fd as u32, 0u32, 0, 0], "detaching it (BPF_LINK_DETACH)");
     // SAFETY: our descriptor.
     unsafe { libc::close(fd as i32) };
 }

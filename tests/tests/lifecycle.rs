@@ -1,7 +1,5 @@
 //! Router lifecycle: interfaces come and go, namespaces vanish.
 
-use std::time::{Duration, Instant};
-
 use enforcer_tests::{
     Daemon, Family, Topology,
     peers::{FtpClient, FtpServer},
@@ -9,12 +7,8 @@ use enforcer_tests::{
 };
 
 /// Polls `f` for up to 10 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} did not happen within 10 s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn eventually(what: &str, f: impl FnMut() -> bool) {
+    enforcer_tests::wait_for(what, 10, f);
 }
 
 fn interfaces(daemon: &Daemon) -> Vec<String> {

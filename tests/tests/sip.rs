@@ -4,12 +4,13 @@
 
 use std::{
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use enforcer_tests::{
     Daemon, Process, Topology,
     neutron::{FLOATING_V4, NeutronRouter},
+    wait_for,
 };
 
 /// One call from a fresh local port (a new conntrack entry: a helper is
@@ -40,14 +41,6 @@ fn uas(topo: &Topology) -> Process {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )
-}
-
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {secs} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

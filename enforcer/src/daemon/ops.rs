@@ -92,12 +92,6 @@ fn bounded(s: Option<String>) -> Option<String> {
 }
 
 impl Daemon {
-    /// Handles a request of `caller`: authorizes it, confines it to the
-    /// caller's project, and audits every mutation and every refusal.
-    pub fn handle_as(&mut self, caller: Caller, req: Request) -> Result<Reply, ApiError> {
-        self.handle_from(Owner::Local, caller, req, None)
-    }
-
     /// The work a request needs done outside the lock: the glue of a router
     /// about to be added, or the whole of a read that may be long (a dump
     /// of the maps, the audit log) and needs nothing of the daemon but what
@@ -136,9 +130,11 @@ impl Daemon {
         Ok(ReadJob::Audit { state_dir: self.config.state_dir.clone(), since })
     }
 
-    /// As [`Daemon::handle_as`], for a request made on behalf of `origin`:
-    /// the local API may not change what Neutron owns, and the sync changes
-    /// only that.
+    /// Handles a request of `caller` made on behalf of `origin`: authorizes
+    /// it, confines it to the caller's project, and audits every mutation
+    /// and every refusal. The local API may not change what Neutron owns,
+    /// and the sync changes only that. `glue` is the glue step already done
+    /// without the lock (see [`Daemon::prepare`]).
     pub(super) fn handle_from(&mut self, origin: Owner, caller: Caller, req: Request, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
         let role = auth::role_of(&self.config.access, &caller);
         let (op, mutation) = describe(&req);
