@@ -133,6 +133,13 @@ pub enum Request {
         router_id: String,
         helper_id: String,
     },
+    /// Makes the router's helpers exactly `helpers`, in one transaction:
+    /// helpers not named go, changed ones get a new rule, new ones are
+    /// created. Nothing changes unless every entry is sound.
+    HelperSet {
+        router_id: String,
+        helpers: Vec<HelperSpec>,
+    },
     HelperList {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         router_id: Option<String>,
@@ -153,6 +160,34 @@ pub enum Request {
     },
     /// The helpers this host offers.
     Catalogue {},
+}
+
+/// One helper of a router's desired set. Without an id it is the helper
+/// the router already has on the same protocol and port, or a new one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub protocol: String,
+    pub port: i64,
+    pub helper: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+}
+
+/// What setting a router's helpers changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetReport {
+    pub created: usize,
+    pub updated: usize,
+    pub deleted: usize,
+    pub unchanged: usize,
+    /// The router's helpers now.
+    pub helpers: Vec<Helper>,
+    /// The revocations of the rules of deleted and changed helpers.
+    pub revoked: Vec<RevokeReport>,
 }
 
 /// Stable error codes: scripts match on these, not on messages.
@@ -222,6 +257,14 @@ pub struct RevokeReport {
     /// revoked in the datapath regardless).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_error: Option<String>,
+    /// The rule never tagged a packet, so no conntrack entry can carry it:
+    /// the table was not visited.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub never_tagged: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -315,6 +358,12 @@ pub struct StatusReport {
     /// Attachments found missing in the kernel and put back since start.
     #[serde(default)]
     pub link_repairs: u64,
+    /// Helper changes applied since start, and the store transactions they
+    /// took (group commit: many concurrent changes share one).
+    #[serde(default)]
+    pub changes: u64,
+    #[serde(default)]
+    pub commits: u64,
 }
 
 /// A router's netfilter glue, as its last whole-table check found it.
@@ -385,6 +434,7 @@ pub enum Reply {
     Helper(Helper),
     Helpers(Vec<Helper>),
     Revoked(RevokeReport),
+    HelperSet(SetReport),
     Status(Box<StatusReport>),
     Dump(crate::kernel::dump::Dump),
     Audit(Vec<crate::audit::AuditEntry>),

@@ -104,16 +104,38 @@ impl Audit {
         humantime::format_rfc3339_micros(SystemTime::now()).to_string()
     }
 
-    /// Appends one entry (one write of one line, so lines never interleave).
-    /// A refusal beyond its uid's allowance is only counted.
+    /// Appends one entry and syncs. A refusal beyond its uid's allowance is
+    /// only counted.
     pub fn record(&mut self, entry: &AuditEntry) -> Result<()> {
         if entry.result != "ok" && !self.allow_refusal(&entry.caller) {
             return Ok(());
         }
-        self.write(entry)
+        self.append(entry)?;
+        self.sync()
+    }
+
+    /// Appends the entries of a group of requests, then syncs once: their
+    /// changes were committed together.
+    pub fn record_all(&mut self, entries: &[AuditEntry]) -> Result<()> {
+        for entry in entries {
+            if entry.result == "ok" || self.allow_refusal(&entry.caller) {
+                self.append(entry)?;
+            }
+        }
+        self.sync()
     }
 
     fn write(&mut self, entry: &AuditEntry) -> Result<()> {
+        self.append(entry)?;
+        self.sync()
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.file.sync_data().context("syncing the audit log")
+    }
+
+    /// One write of one line, so lines never interleave.
+    fn append(&mut self, entry: &AuditEntry) -> Result<()> {
         let mut line = serde_json::to_vec(entry)?;
         tracing::info!(target: "audit", "{}", String::from_utf8_lossy(&line));
         line.push(b'\n');
@@ -122,7 +144,7 @@ impl Audit {
         }
         self.file.write_all(&line).context("writing the audit log")?;
         self.size += line.len() as u64;
-        self.file.sync_data().context("syncing the audit log")
+        Ok(())
     }
 
     fn rotate(&mut self) -> Result<()> {

@@ -123,7 +123,13 @@ pub fn permits(role: Option<&Role>, req: &Request) -> Result<(), ApiError> {
             Request::HelperCreate { project_id: Some(p), .. } if p != project => {
                 Err(denied("an operator creates helpers in its own project only"))
             }
-            Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } => Ok(()),
+            Request::HelperSet { helpers, .. } if helpers.iter().any(|h| h.id.is_some()) => {
+                Err(denied("only an administrator may name helper ids in a set; leave them out (helpers are matched by protocol and port)"))
+            }
+            Request::HelperSet { helpers, .. } if helpers.iter().any(|h| h.project_id.as_ref().is_some_and(|p| p != project)) => {
+                Err(denied("an operator creates helpers in its own project only"))
+            }
+            Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } | Request::HelperSet { .. } => Ok(()),
             _ => Err(denied("operators manage the helpers of their project's routers only")),
         },
     }

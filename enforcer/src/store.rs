@@ -58,6 +58,16 @@ pub struct State {
 
 pub struct Store {
     db: Database,
+    /// The open group transaction, if any (see [`Store::begin_group`]).
+    group: Option<Group>,
+}
+
+/// A transaction shared by many changes, committed once.
+struct Group {
+    txn: redb::WriteTransaction,
+    /// A write into it failed: it may hold part of a change, so it is
+    /// never committed.
+    poisoned: Option<String>,
 }
 
 /// Sets `mode` on `path` (the daemon's own files: never wider).
@@ -87,7 +97,7 @@ impl Store {
         txn.open_table(HELPERS)?;
         txn.open_table(QUARANTINE)?;
         txn.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, group: None })
     }
 
     pub fn load(&self) -> Result<State> {
@@ -111,22 +121,61 @@ impl Store {
         Ok(state)
     }
 
-    /// Writes `changes` in one transaction, runs `kernel` and commits only
-    /// if it succeeded. An error from `kernel` aborts the transaction.
-    pub fn apply<T>(&self, changes: &[Change], kernel: impl FnOnce() -> Result<T>) -> Result<T, ApplyError> {
+    /// Runs `kernel` and, if it succeeded, writes `changes` and commits
+    /// them in one transaction (or adds them to the open group). Whatever
+    /// the error, the caller undoes the kernel step: it may have run.
+    pub fn apply<T>(&mut self, changes: &[Change], kernel: impl FnOnce() -> Result<T>) -> Result<T, ApplyError> {
         self.apply_then(changes, || Ok((kernel()?, Vec::new())))
     }
 
     /// Like `apply`, where the kernel step also says what else to write in
     /// the same transaction (what it found out, e.g. a slot still carried).
-    pub fn apply_then<T>(&self, changes: &[Change], kernel: impl FnOnce() -> Result<(T, Vec<Change>)>) -> Result<T, ApplyError> {
-        let txn = self.db.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
-        write(&txn, changes).map_err(ApplyError::Store)?;
+    pub fn apply_then<T>(&mut self, changes: &[Change], kernel: impl FnOnce() -> Result<(T, Vec<Change>)>) -> Result<T, ApplyError> {
         let (out, more) = kernel().map_err(ApplyError::Kernel)?;
-        write(&txn, &more).map_err(ApplyError::Store)?;
+        if let Some(group) = &mut self.group {
+            if let Some(e) = &group.poisoned {
+                return Err(ApplyError::Store(anyhow::anyhow!("an earlier change of this group failed to write: {e}")));
+            }
+            if let Err(e) = write(&group.txn, changes).and_then(|()| write(&group.txn, &more)) {
+                group.poisoned = Some(format!("{e:#}"));
+                return Err(ApplyError::Store(e));
+            }
+            return Ok(out);
+        }
+        let txn = self.db.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
+        write(&txn, changes).and_then(|()| write(&txn, &more)).map_err(ApplyError::Store)?;
         txn.commit().map_err(|e| ApplyError::Commit(e.into()))?;
         Ok(out)
     }
+
+    /// Opens a group: until [`Store::commit_group`], changes go into one
+    /// transaction and none of them is durable. Many concurrent requests
+    /// then cost one commit (one sync of the disk) between them.
+    pub fn begin_group(&mut self) -> Result<(), ApplyError> {
+        // One writer at a time: a group left open (a panic) would block.
+        self.abandon_group();
+        let txn = self.db.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
+        self.group = Some(Group { txn, poisoned: None });
+        Ok(())
+    }
+
+    /// Drops the open group, if any, keeping nothing of it. Returns whether
+    /// there was one.
+    pub fn abandon_group(&mut self) -> bool {
+        self.group.take().is_some()
+    }
+
+    /// Commits the open group: all of its changes are durable, or (an error,
+    /// such as a full disk that only shows at the sync) none is.
+    pub fn commit_group(&mut self) -> Result<(), ApplyError> {
+        let Some(group) = self.group.take() else { return Ok(()) };
+        if let Some(e) = group.poisoned {
+            let _ = group.txn.abort();
+            return Err(ApplyError::Store(anyhow::anyhow!("a write failed: {e}")));
+        }
+        group.txn.commit().map_err(|e| ApplyError::Commit(e.into()))
+    }
+
 }
 
 fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
@@ -160,8 +209,7 @@ fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
     Ok(())
 }
 
-/// Why a change was not applied. `Commit` is the one case where the kernel
-/// step ran: the caller must undo it.
+/// Why a change was not applied (its kernel step may have run).
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("store: {0:#}")]
@@ -201,7 +249,7 @@ mod tests {
     fn changes_survive_reopen() {
         let dir = tempdir();
         {
-            let store = Store::open(&dir).unwrap();
+            let mut store = Store::open(&dir).unwrap();
             let r = RouterRecord { id: "r".into(), index: 1, project_id: "p".into(), netns: "n".into(), owner: Default::default() };
             store
                 .apply(&[Change::PutRouter(r), Change::PutHelper(helper("r", "h", 3)), Change::Quarantine { router_id: "r".into(), slot: 2 }], || Ok(()))
@@ -217,12 +265,35 @@ mod tests {
     #[test]
     fn failed_kernel_step_changes_nothing() {
         let dir = tempdir();
-        let store = Store::open(&dir).unwrap();
+        let mut store = Store::open(&dir).unwrap();
         let err = store
             .apply(&[Change::PutHelper(helper("r", "h", 1))], || -> Result<()> { anyhow::bail!("no") })
             .unwrap_err();
         assert!(matches!(err, ApplyError::Kernel(_)));
         assert!(store.load().unwrap().helpers.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_group_is_durable_only_once_committed_and_all_or_nothing() {
+        let dir = tempdir();
+        let mut store = Store::open(&dir).unwrap();
+        store.begin_group().unwrap();
+        store.apply(&[Change::PutHelper(helper("r", "a", 1))], || Ok(())).unwrap();
+        store.apply(&[Change::PutHelper(helper("r", "b", 2))], || Ok(())).unwrap();
+        // A change whose kernel step failed is not in the group.
+        store.apply(&[Change::PutHelper(helper("r", "c", 3))], || -> Result<()> { anyhow::bail!("no") }).unwrap_err();
+        assert!(store.load().unwrap().helpers.is_empty(), "nothing is visible before the commit");
+        store.commit_group().unwrap();
+        let helpers = store.load().unwrap().helpers;
+        assert_eq!(helpers.keys().map(|(_, h)| h.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        // A poisoned group commits nothing.
+        store.begin_group().unwrap();
+        store.apply(&[Change::DeleteHelper { router_id: "r".into(), helper_id: "a".into() }], || Ok(())).unwrap();
+        store.group.as_mut().unwrap().poisoned = Some("disk".into());
+        assert!(store.apply(&[Change::PutHelper(helper("r", "d", 4))], || Ok(())).is_err());
+        assert!(matches!(store.commit_group(), Err(ApplyError::Store(_))));
+        assert_eq!(store.load().unwrap().helpers.len(), 2);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -173,6 +173,22 @@ enum HelperCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Make a router's helpers exactly those in a file, in one transaction:
+    /// helpers not in it are deleted (their flows revoked), changed ones get
+    /// a new rule, new ones are created. Nothing changes if any entry is bad.
+    ///
+    /// The file is a JSON array of {"protocol", "port", "helper"} objects,
+    /// each with an optional "id" (administrators) and "project_id"; an
+    /// entry without an id keeps the helper already on its protocol and port.
+    Set {
+        /// Router UUID.
+        router_id: String,
+        /// The JSON file, or - for standard input.
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// List helpers, of one router or of all.
     List {
         router_id: Option<String>,
@@ -235,6 +251,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 (Request::HelperUpdate { router_id, helper_id, protocol, port, helper }, output)
             }
             HelperCmd::Delete { router_id, helper_id, output } => (Request::HelperDelete { router_id, helper_id }, output),
+            HelperCmd::Set { router_id, file, output } => (Request::HelperSet { router_id, helpers: read_set(&file)? }, output),
             HelperCmd::List { router_id, output } => (Request::HelperList { router_id }, output),
             HelperCmd::Show { router_id, helper_id, output } => (Request::HelperShow { router_id, helper_id }, output),
         },
@@ -249,6 +266,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             Ok(EXIT_REFUSED)
         }
     }
+}
+
+/// The helper set in `path` (- for standard input).
+fn read_set(path: &std::path::Path) -> Result<Vec<enforcer::api::HelperSpec>> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the helper set from standard input")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("{} is not a JSON array of helpers ({{\"protocol\", \"port\", \"helper\"}})", path.display()))
 }
 
 fn print_error(err: &ApiError, output: Output) {

@@ -77,6 +77,18 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                     println!("warning: conntrack cleanup incomplete: {e}");
                 }
             }
+            Reply::HelperSet(r) => {
+                let kept_dead: usize = r.revoked.iter().map(|x| x.flows_kept_dead).sum();
+                let removed: usize = r.revoked.iter().map(|x| x.conntrack_entries_removed).sum();
+                println!(
+                    "{} created, {} updated, {} deleted, {} unchanged; revoked rules removed {removed} conntrack entries, {kept_dead} flow directions kept dropped",
+                    r.created, r.updated, r.deleted, r.unchanged
+                );
+                for e in r.revoked.iter().filter_map(|x| x.flush_error.as_ref()) {
+                    println!("warning: conntrack cleanup incomplete: {e}");
+                }
+                helper_rows(&r.helpers);
+            }
             Reply::Status(s) => print_status(s),
             Reply::Dump(d) => print_dump(d, Output::Table)?,
             Reply::Catalogue(c) => print_table(

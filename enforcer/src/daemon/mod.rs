@@ -11,6 +11,7 @@ mod ops;
 mod repair;
 mod revoke;
 mod server;
+mod set;
 mod sync;
 
 use std::{
@@ -66,6 +67,17 @@ struct Index {
 }
 
 impl Index {
+    fn of(helpers: &BTreeMap<(String, String), HelperRecord>, quarantine: &BTreeSet<(String, u16)>) -> Self {
+        let mut index = Index::default();
+        for h in helpers.values() {
+            index.add(h);
+        }
+        for (router, slot) in quarantine {
+            index.hold(router, *slot);
+        }
+        index
+    }
+
     fn add(&mut self, h: &HelperRecord) {
         let r = &h.helper.router_id;
         self.ids.insert(h.helper.id.clone(), r.clone());
@@ -126,6 +138,10 @@ pub struct Daemon {
     /// Released slots whose counters go once no revoked flow counts its
     /// drops against them any more.
     released: BTreeSet<(u32, u16)>,
+    /// Slots of rules that never tagged a packet, revoked without a visit to
+    /// conntrack, with when: held out of reuse until re-checked (see
+    /// `revoke::COOLING`). Oldest first.
+    cooling: Vec<(String, u16, Instant)>,
     started: Instant,
     started_with: ReconcileReport,
     /// Set by teardown: the server stops after answering.
@@ -140,6 +156,9 @@ pub struct Daemon {
     glue_repairs: u64,
     /// Attachments found missing in the kernel and put back since start.
     link_repairs: u64,
+    /// Helper changes handled in groups, and the groups' commits.
+    changes: u64,
+    commits: u64,
     /// Namespaces of routers taken down whose glue is still to be removed
     /// (by the server, without the lock).
     unglue: Vec<String>,
@@ -229,15 +248,8 @@ impl Daemon {
             .into_values()
             .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) }))
             .collect();
-        let mut index = Index::default();
-        for h in state.helpers.values() {
-            index.add(h);
-        }
-        for (router, slot) in &state.quarantine {
-            index.hold(router, *slot);
-        }
         let mut daemon = Daemon {
-            index,
+            index: Index::of(&state.helpers, &state.quarantine),
             audit,
             scope: None,
             datapath,
@@ -248,6 +260,7 @@ impl Daemon {
             helpers: state.helpers,
             quarantine: state.quarantine,
             released: BTreeSet::new(),
+            cooling: Vec::new(),
             started: Instant::now(),
             started_with: ReconcileReport::default(),
             stopping: false,
@@ -257,6 +270,8 @@ impl Daemon {
             glue_reference: std::sync::Arc::new(glue_reference),
             glue_repairs: 0,
             link_repairs: 0,
+            changes: 0,
+            commits: 0,
             unglue: Vec::new(),
             routers_changed: Default::default(),
         };
@@ -413,6 +428,29 @@ impl Daemon {
         free.len()
     }
 
+    /// After a group commit failed: helpers, slots and the maps as the store
+    /// has them (the cooling entries the group added go too).
+    pub(super) fn back_to_store(&mut self, cooling: usize) {
+        self.cooling.truncate(cooling);
+        match self.store.load() {
+            Ok(state) => {
+                // A slot live again (its delete was not kept) is not cooling.
+                let live: BTreeSet<(&str, u16)> = state.helpers.values().map(|h| (h.helper.router_id.as_str(), h.slot)).collect();
+                self.cooling.retain(|(r, s, _)| !live.contains(&(r.as_str(), *s)));
+                self.index = Index::of(&state.helpers, &state.quarantine);
+                self.helpers = state.helpers;
+                self.quarantine = state.quarantine;
+            }
+            Err(e) => tracing::error!("reading the store back after a failed commit: {e:#}"),
+        }
+        for (router, slot, _) in &self.cooling {
+            self.index.hold(router, *slot);
+        }
+        if let Err(e) = self.desired().and_then(|want| self.datapath.reconcile(&want, true)) {
+            tracing::error!("putting the maps back after a failed commit: {e:#}");
+        }
+    }
+
     /// Bookkeeping of a slot nothing carries any more.
     pub(super) fn slot_released(&mut self, router: &str, slot: u16) {
         self.quarantine.remove(&(router.to_string(), slot));
@@ -429,6 +467,7 @@ impl Daemon {
         if let Err(e) = self.audit.summarize_refusals() {
             warn!("audit: {e:#}");
         }
+        self.cooled();
         let referenced = match self.datapath.sweep_revoked() {
             Ok(r) => r,
             Err(e) => return warn!("sweeping revoked flows: {e:#}"),

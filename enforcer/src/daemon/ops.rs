@@ -16,12 +16,12 @@ use crate::{
     validate,
 };
 
-fn allow_record(dp: &mut Datapath, index: u32, h: &HelperRecord, kind: &HelperKind) -> Result<()> {
+pub(super) fn allow_record(dp: &mut Datapath, index: u32, h: &HelperRecord, kind: &HelperKind) -> Result<()> {
     let (router, proto, port) = rule_key(index, h);
     dp.allow(router, proto, port, kind.id, h.slot)
 }
 
-fn revoke_record(dp: &mut Datapath, index: u32, h: &HelperRecord) -> Result<()> {
+pub(super) fn revoke_record(dp: &mut Datapath, index: u32, h: &HelperRecord) -> Result<()> {
     let (router, proto, port) = rule_key(index, h);
     dp.revoke(router, proto, port, h.slot)
 }
@@ -62,6 +62,7 @@ fn describe(req: &Request) -> (&'static str, bool) {
         Request::HelperCreate { .. } => ("helper_create", true),
         Request::HelperUpdate { .. } => ("helper_update", true),
         Request::HelperDelete { .. } => ("helper_delete", true),
+        Request::HelperSet { .. } => ("helper_set", true),
         Request::HelperList { .. } => ("helper_list", false),
         Request::HelperShow { .. } => ("helper_show", false),
         Request::Status {} => ("status", false),
@@ -77,7 +78,8 @@ fn names(req: &Request) -> (Option<String>, Option<String>) {
     match req {
         Request::RouterAdd { router_id, .. }
         | Request::RouterRemove { router_id }
-        | Request::HelperCreate { router_id, .. } => (Some(router_id.clone()), None),
+        | Request::HelperCreate { router_id, .. }
+        | Request::HelperSet { router_id, .. } => (Some(router_id.clone()), None),
         Request::HelperUpdate { router_id, helper_id, .. }
         | Request::HelperDelete { router_id, helper_id }
         | Request::HelperShow { router_id, helper_id } => (Some(router_id.clone()), Some(helper_id.clone())),
@@ -136,6 +138,60 @@ impl Daemon {
     /// and the sync changes only that. `glue` is the glue step already done
     /// without the lock (see [`Daemon::prepare`]).
     pub(super) fn handle_from(&mut self, origin: Owner, caller: Caller, req: Request, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
+        let (result, entry) = self.handle_audited(origin, caller, req, glue);
+        if let Some(entry) = entry
+            && let Err(e) = self.audit.record(&entry)
+        {
+            warn!("audit: {e:#}");
+        }
+        result
+    }
+
+    /// Handles a group of changes in one store transaction (group commit):
+    /// each is applied to the kernel and to memory in turn, as if alone, and
+    /// all are committed at once. If the commit fails (a full disk may only
+    /// show here), none is kept: memory and the maps go back to what the
+    /// store holds, and every change of the group fails with the reason.
+    pub(super) fn handle_group(&mut self, group: Vec<(Owner, Caller, Request)>) -> Vec<Result<Reply, ApiError>> {
+        if self.store.abandon_group() {
+            // The last group panicked halfway: nothing of it was kept.
+            self.back_to_store(self.cooling.len());
+        }
+        if let Err(e) = self.store.begin_group() {
+            let error = ApiError::from(e);
+            return group.iter().map(|_| Err(error.clone())).collect();
+        }
+        let cooling = self.cooling.len();
+        let mut done: Vec<(Result<Reply, ApiError>, Option<AuditEntry>)> =
+            group.into_iter().map(|(origin, caller, req)| self.handle_audited(origin, caller, req, None)).collect();
+        self.changes += done.len() as u64;
+        self.commits += 1;
+        if let Err(e) = self.store.commit_group() {
+            warn!("group commit of {} changes failed: {e}", done.len());
+            let error = ApiError::internal(format!("{e}; the change was not kept (nothing of it is enforced)"));
+            self.back_to_store(cooling);
+            for (result, entry) in &mut done {
+                if result.is_ok() {
+                    *result = Err(error.clone());
+                    if let Some(entry) = entry {
+                        entry.result = "internal".to_string();
+                        entry.after = None;
+                        entry.error = Some(error.clone());
+                    }
+                }
+            }
+        }
+        let (results, entries): (Vec<_>, Vec<_>) = done.into_iter().unzip();
+        let entries: Vec<AuditEntry> = entries.into_iter().flatten().collect();
+        if let Err(e) = self.audit.record_all(&entries) {
+            warn!("audit: {e:#}");
+        }
+        results
+    }
+
+    /// Handles a request as [`Daemon::handle_from`] does; returns the audit
+    /// entry to write instead of writing it.
+    fn handle_audited(&mut self, origin: Owner, caller: Caller, req: Request, glue: Option<GlueDone>) -> (Result<Reply, ApiError>, Option<AuditEntry>) {
         let role = auth::role_of(&self.config.access, &caller);
         let (op, mutation) = describe(&req);
         let (router_id, helper_id) = names(&req);
@@ -148,36 +204,35 @@ impl Daemon {
             self.origin = Owner::Local;
             r
         });
-        if mutation || result.is_err() {
-            let helper_id = match &result {
-                Ok(Reply::Helper(h)) => Some(h.id.clone()),
-                _ => helper_id,
-            };
-            let after = match &result {
-                Ok(Reply::Revoked(r)) => serde_json::to_value(r).ok(),
-                Ok(_) => self.snapshot(router_id.as_deref(), helper_id.as_deref()),
-                Err(_) => None,
-            };
-            let entry = AuditEntry {
-                time: Audit::now(),
-                caller,
-                origin,
-                op: op.to_string(),
-                router_id: bounded(router_id),
-                helper_id: bounded(helper_id),
-                before,
-                after,
-                result: match &result {
-                    Ok(_) => "ok".to_string(),
-                    Err(e) => serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
-                },
-                error: result.as_ref().err().cloned(),
-            };
-            if let Err(e) = self.audit.record(&entry) {
-                warn!("audit: {e:#}");
-            }
+        if !mutation && result.is_ok() {
+            return (result, None);
         }
-        result
+        let helper_id = match &result {
+            Ok(Reply::Helper(h)) => Some(h.id.clone()),
+            _ => helper_id,
+        };
+        let after = match &result {
+            Ok(Reply::Revoked(r)) => serde_json::to_value(r).ok(),
+            Ok(Reply::HelperSet(r)) => serde_json::to_value(r).ok(),
+            Ok(_) => self.snapshot(router_id.as_deref(), helper_id.as_deref()),
+            Err(_) => None,
+        };
+        let entry = AuditEntry {
+            time: Audit::now(),
+            caller,
+            origin,
+            op: op.to_string(),
+            router_id: bounded(router_id),
+            helper_id: bounded(helper_id),
+            before,
+            after,
+            result: match &result {
+                Ok(_) => "ok".to_string(),
+                Err(e) => serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            },
+            error: result.as_ref().err().cloned(),
+        };
+        (result, Some(entry))
     }
 
     /// One owner per router: a change through the local API to a router
@@ -254,6 +309,7 @@ impl Daemon {
                 self.helper_update(&router_id, &helper_id, protocol, port, helper)
             }
             Request::HelperDelete { router_id, helper_id } => self.helper_delete(&router_id, &helper_id),
+            Request::HelperSet { router_id, helpers } => self.helper_set(&router_id, helpers),
             Request::HelperList { router_id } => self.helper_list(router_id),
             Request::HelperShow { router_id, helper_id } => {
                 let (_, key) = self.find_helper(&router_id, &helper_id)?;
@@ -401,6 +457,7 @@ impl Daemon {
         self.routers.remove(id);
         self.helpers.retain(|(r, _), _| r != id);
         self.quarantine.retain(|(r, _)| r != id);
+        self.cooling.retain(|(r, ..)| r != id);
         self.index.forget_router(id);
         self.routers_changed.notify_one();
         info!(router = %id, "router removed");
@@ -422,7 +479,7 @@ impl Daemon {
         self.helpers.range((router.to_string(), String::new())..).take_while(move |((r, _), _)| r == router).map(|(_, h)| h)
     }
 
-    fn live_router(&self, id: &str) -> Result<(String, u32), ApiError> {
+    pub(super) fn live_router(&self, id: &str) -> Result<(String, u32), ApiError> {
         let id = validate::uuid("router_id", id)?;
         match self.routers.get(&id).filter(|r| self.in_scope(&r.record.project_id)) {
             Some(r) if r.attachment.is_some() => Ok((id, r.record.index)),
@@ -457,7 +514,7 @@ impl Daemon {
     }
 
     /// A slot neither in use nor quarantined on this router.
-    fn free_slot(&mut self, router: &str) -> Result<u16, ApiError> {
+    pub(super) fn free_slot(&mut self, router: &str) -> Result<u16, ApiError> {
         let max = self.config.max_slot();
         self.index
             .next_slot(router, max)
@@ -485,8 +542,16 @@ impl Daemon {
             Some(p) => validate::project(&p)?,
             None => self.routers[&router].record.project_id.clone(),
         };
-        if self.index.ids.contains_key(&id) {
-            return Err(ApiError::new(ErrorCode::Conflict, format!("helper id {id} is already in use")));
+        if let Some(owner) = self.index.ids.get(&id) {
+            // A retry of a create whose answer was lost finds its helper.
+            let same = self
+                .helpers
+                .get(&(owner.clone(), id.clone()))
+                .filter(|h| *owner == router && (h.helper.protocol, h.helper.port, h.helper.helper.as_str(), h.helper.project_id.as_str()) == (protocol, port, kind.name, project.as_str()));
+            return match same {
+                Some(h) => Ok(Reply::Helper(h.helper.clone())),
+                None => Err(ApiError::new(ErrorCode::Conflict, format!("helper id {id} is already in use by another helper"))),
+            };
         }
         if let Some(cap) = self.config.max_rules_per_project {
             let used = self.helpers.values().filter(|h| h.helper.project_id == project).count();
@@ -577,7 +642,7 @@ impl Daemon {
         self.index.remove(&old);
         self.index.add(&new);
         self.helpers.insert(key.clone(), new.clone());
-        self.after_flush(&key.0, old.slot, &report);
+        self.revoked_slot(&key.0, old.slot, &report);
         Ok(Reply::Helper(new.helper))
     }
 
@@ -609,7 +674,7 @@ impl Daemon {
         info!(router = %key.0, helper = %key.1, "deleted; slot {} revoked", old.slot);
         self.helpers.remove(&key);
         self.index.remove(&old);
-        self.after_flush(&key.0, old.slot, &report);
+        self.revoked_slot(&key.0, old.slot, &report);
         Ok(Reply::Revoked(report))
     }
 
@@ -685,6 +750,8 @@ impl Daemon {
             }),
             glue_repairs: self.glue_repairs,
             link_repairs: self.link_repairs,
+            changes: self.changes,
+            commits: self.commits,
         })
     }
 }

@@ -76,8 +76,18 @@ fn rounds(steps: &mut impl FlushSteps, report: &mut RevokeReport) -> anyhow::Res
 /// with `mark`, keeping their flows dead in the datapath first, in one visit
 /// to the namespace. A step that fails leaves the report's `flush_error`
 /// set (and the slot quarantined by the caller).
+///
+/// A rule that never tagged a packet cannot have marked a connection: the
+/// table is not visited (most deletes: a delete then costs no more with a
+/// big conntrack table). A packet tagged in the instant before the rule
+/// went is caught by the re-check after the cooling time (see `cooled`).
 pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, mark: (u32, u32), quiet_secs: u64) -> RevokeReport {
     let mut report = RevokeReport { quiet_secs, ..Default::default() };
+    if datapath.tagged(index, slot).is_ok_and(|n| n == 0) {
+        report.never_tagged = true;
+        report.slot_released = true;
+        return report;
+    }
     let result = netns::run_in(ns, || rounds(&mut KernelFlush { datapath, index, slot, mark }, &mut report));
     settle(&mut report, result);
     report
@@ -91,7 +101,43 @@ fn settle(report: &mut RevokeReport, result: anyhow::Result<usize>) {
     }
 }
 
+/// How long a slot released without a visit to the conntrack table stays
+/// out of reuse before its counters are read again: far longer than any run
+/// of the ingress program that may have read the rule before it went.
+pub(super) const COOLING: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Daemon {
+    /// After a rule was revoked: a slot that never tagged a packet cools
+    /// down before it is free; any other is settled by its flush.
+    pub(super) fn revoked_slot(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
+        if report.never_tagged {
+            self.index.hold(router_id, slot);
+            self.cooling.push((router_id.to_string(), slot, std::time::Instant::now()));
+        } else {
+            self.after_flush(router_id, slot, report);
+        }
+    }
+
+    /// Settles slots whose cooling time is over: free if they still never
+    /// tagged a packet; else a packet was tagged just before the rule went,
+    /// and the slot is quarantined and flushed like any revoked slot.
+    pub(super) fn cooled(&mut self) {
+        let due = self.cooling.iter().take_while(|(.., at)| at.elapsed() >= COOLING).count();
+        for (router, slot, _) in self.cooling.drain(..due).collect::<Vec<_>>() {
+            let Some(index) = self.routers.get(&router).map(|r| r.record.index) else { continue };
+            if self.datapath.tagged(index, slot).is_ok_and(|n| n == 0) {
+                self.slot_released(&router, slot);
+                continue;
+            }
+            warn!(router = %router, slot, "a packet was tagged as the rule went: cleaning conntrack of its slot");
+            if let Err(e) = self.store.apply(&[Change::Quarantine { router_id: router.clone(), slot }], || Ok(())) {
+                warn!(router = %router, slot, "quarantining: {e}");
+            }
+            self.quarantine.insert((router.clone(), slot));
+            self.flush_slot(&router, slot);
+        }
+    }
+
     /// Logs a flush, and frees or keeps the slot in memory accordingly (the
     /// store was told in the same transaction, or by the caller).
     pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {

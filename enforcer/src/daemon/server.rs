@@ -67,6 +67,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     let neutron = daemon.config.neutron.clone();
     let limits = Limits::new(&daemon.config);
     let daemon: Shared = Arc::new(Mutex::new(daemon));
+    let changes = Changes::start(daemon.clone());
     let sync = neutron.map(|config| {
         info!(poll_interval = ?config.poll_interval(), "following Neutron");
         tokio::spawn(super::sync::follow(daemon.clone(), config))
@@ -98,9 +99,9 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
                     tokio::spawn(refuse_busy(stream));
                     continue;
                 };
-                let (daemon, stop, idle) = (daemon.clone(), stop_tx.clone(), limits.idle);
+                let (daemon, changes, stop, idle) = (daemon.clone(), changes.clone(), stop_tx.clone(), limits.idle);
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, daemon, stop, idle).await {
+                    if let Err(e) = connection(stream, daemon, changes, stop, idle).await {
                         warn!("connection: {e:#}");
                     }
                     drop(slot);
@@ -183,7 +184,10 @@ fn wire(result: Result<Reply, ApiError>) -> Vec<u8> {
 /// or remove) or a long read (maps dump, audit log) without the lock, the
 /// rest under it. Returns the answer's wire form and whether the daemon is
 /// stopping.
-pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req: Request) -> (Vec<u8>, bool) {
+pub(super) async fn request(daemon: &Shared, changes: &Changes, origin: Owner, caller: Caller, req: Request) -> (Vec<u8>, bool) {
+    if matches!(req, Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } | Request::HelperSet { .. }) {
+        return (changes.apply(origin, caller, req).await, false);
+    }
     // Only these may have work to do outside the lock; the rest (helper
     // changes above all) take it once.
     let may_prepare = matches!(req, Request::RouterAdd { .. } | Request::RouterRemove { .. } | Request::MapsDump {} | Request::Audit { .. });
@@ -222,6 +226,58 @@ pub(super) async fn request(daemon: &Shared, origin: Owner, caller: Caller, req:
     }
     drop(turn);
     (line, stopping)
+}
+
+/// Helper changes queue here and are applied in groups: those that arrive
+/// while a group is being committed make the next group, with one store
+/// transaction and one sync of the audit log between them (group commit).
+/// Each is answered once its group is durable. The queue is bounded by the
+/// connection caps: a connection has one request in flight.
+#[derive(Clone)]
+pub(super) struct Changes(tokio::sync::mpsc::UnboundedSender<Queued>);
+
+struct Queued {
+    origin: Owner,
+    caller: Caller,
+    req: Request,
+    answer: tokio::sync::oneshot::Sender<Result<Reply, ApiError>>,
+}
+
+/// Most changes in one group: a bound on the time the lock is held.
+const MAX_GROUP: usize = 4096;
+
+impl Changes {
+    fn start(daemon: Shared) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Queued>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut group = vec![first];
+                while group.len() < MAX_GROUP {
+                    match rx.try_recv() {
+                        Ok(q) => group.push(q),
+                        Err(_) => break,
+                    }
+                }
+                let (requests, answers): (Vec<_>, Vec<_>) = group.into_iter().map(|q| ((q.origin, q.caller, q.req), q.answer)).unzip();
+                let d = daemon.clone();
+                let results = tokio::task::spawn_blocking(move || lock(&d).handle_group(requests)).await;
+                let results = results.unwrap_or_else(|e| answers.iter().map(|_| Err(ApiError::internal(format!("applying the change: {e}")))).collect());
+                for (answer, result) in answers.into_iter().zip(results) {
+                    let _ = answer.send(result);
+                }
+            }
+        });
+        Self(tx)
+    }
+
+    /// Queues a change and returns the wire form of its answer.
+    async fn apply(&self, origin: Owner, caller: Caller, req: Request) -> Vec<u8> {
+        let (answer, done) = tokio::sync::oneshot::channel();
+        if self.0.send(Queued { origin, caller, req, answer }).is_err() {
+            return wire(Err(ApiError::internal("the daemon is stopping")));
+        }
+        wire(done.await.unwrap_or_else(|_| Err(ApiError::internal("the change was dropped unanswered"))))
+    }
 }
 
 /// Periodic clean-up of revoked flows and released slots.
@@ -330,7 +386,7 @@ fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     Vec::new()
 }
 
-async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
+async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
     let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups: peer_groups(stream.as_raw_fd()) };
     let (read, mut write) = stream.into_split();
@@ -353,7 +409,7 @@ async fn connection(stream: UnixStream, daemon: Shared, stop: tokio::sync::mpsc:
         };
         let mut text = match parsed {
             Ok(req) => {
-                let (line, stop_now) = request(&daemon, Owner::Local, caller.clone(), req).await;
+                let (line, stop_now) = request(&daemon, &changes, Owner::Local, caller.clone(), req).await;
                 stopping = stop_now;
                 line
             }

@@ -1,6 +1,6 @@
 //! The Neutron sync: a task that polls Neutron and applies what changed
 //! through the same requests as the local API (`router_add`,
-//! `helper_create`, ...), made on Neutron's behalf, so they are validated,
+//! `helper_set`, ...), made on Neutron's behalf, so they are validated,
 //! stored and audited alike. Neutron and Keystone failures leave
 //! enforcement as last applied; the task retries with backoff.
 
@@ -16,7 +16,7 @@ use super::{
     server::{Shared, netns_turn, unglue, unlocked, with_daemon},
 };
 use crate::{
-    api::{ApiError, ErrorCode, HelperError, Owner, Reply, Request, SyncStatus},
+    api::{ApiError, ErrorCode, HelperError, HelperSpec, Owner, Reply, Request, SyncStatus},
     auth::Caller,
     neutron::{
         NeutronConfig,
@@ -73,9 +73,9 @@ impl Daemon {
         Some(self.glue_job(netns))
     }
 
-    /// Makes the router's helpers exactly Neutron's: deletes first, then
-    /// moves, then creates, so that a port handed from one helper to
-    /// another within one change is free when it is needed.
+    /// Makes the router's helpers exactly Neutron's, with one helper set
+    /// request (one transaction; a port handed from one helper to another
+    /// within one change is free when it is needed).
     /// `glue` is the glue step of an added router, done without the lock.
     pub(super) fn sync_router(&mut self, router: &NeutronRouter, netns: &str, helpers: &[NeutronHelper], glue: Option<GlueDone>) -> Applied {
         let mut applied = Applied::default();
@@ -95,70 +95,40 @@ impl Daemon {
             applied.retry = true;
             return applied;
         }
-        let current: BTreeMap<String, (String, u16, String)> = self
-            .helpers_of(&id)
-            .map(|h| (h.helper.id.clone(), (h.helper.protocol.as_str().to_string(), h.helper.port, h.helper.helper.clone())))
-            .collect();
-        let mut wanted: BTreeMap<String, (String, i64, String)> = BTreeMap::new();
-        for h in helpers {
-            let name = match crate::validate::protocol(&h.protocol) {
-                Ok(p) => plan::kernel_name(&h.helper, p).to_string(),
-                Err(_) => h.helper.clone(),
-            };
-            wanted.insert(h.id.clone(), (h.protocol.clone(), h.port, name));
-        }
-        let refuse = |applied: &mut Applied, helper_id: &str, e: ApiError| {
-            if matches!(e.code, ErrorCode::InvalidArgument) {
-                applied.refused.push(HelperError { router_id: id.clone(), helper_id: helper_id.to_string(), error: e.message });
-            } else {
-                warn!(router = %id, helper = %helper_id, "{e}");
-                applied.retry = true;
-            }
-        };
-        for helper_id in current.keys().filter(|h| !wanted.contains_key(*h)) {
-            if let Err(e) = self.on_behalf_of_neutron(Request::HelperDelete { router_id: id.clone(), helper_id: helper_id.clone() }) {
-                refuse(&mut applied, helper_id, e);
-            }
-        }
-        // Helpers to create: new ones, and moved ones whose move could not
-        // be made in place (a tuple another helper still holds, or a helper
-        // this host does not offer: the old version must not stay enforced).
-        let mut create: Vec<&String> = wanted.keys().filter(|h| !current.contains_key(*h)).collect();
-        for (helper_id, (protocol, port, name)) in &wanted {
-            let Some((p, q, n)) = current.get(helper_id) else { continue };
-            if (p.as_str(), i64::from(*q), n.as_str()) == (protocol.as_str(), *port, name.as_str()) {
-                continue;
-            }
-            let update = Request::HelperUpdate {
-                router_id: id.clone(),
-                helper_id: helper_id.clone(),
-                protocol: Some(protocol.clone()),
-                port: Some(*port),
-                helper: Some(name.clone()),
-            };
-            match self.on_behalf_of_neutron(update) {
-                Ok(_) => {}
-                Err(e) if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::Conflict) => {
-                    match self.on_behalf_of_neutron(Request::HelperDelete { router_id: id.clone(), helper_id: helper_id.clone() }) {
-                        Ok(_) => create.push(helper_id),
-                        Err(e) => refuse(&mut applied, helper_id, e),
-                    }
-                }
-                Err(e) => refuse(&mut applied, helper_id, e),
-            }
-        }
-        for helper_id in create {
-            let (protocol, port, name) = &wanted[helper_id];
-            let create = Request::HelperCreate {
-                router_id: id.clone(),
-                protocol: protocol.clone(),
-                port: *port,
-                helper: name.clone(),
-                id: Some(helper_id.clone()),
+        let mut specs: Vec<HelperSpec> = helpers
+            .iter()
+            .map(|h| HelperSpec {
+                id: Some(h.id.clone()),
+                protocol: h.protocol.clone(),
+                port: h.port,
+                helper: match crate::validate::protocol(&h.protocol) {
+                    Ok(p) => plan::kernel_name(&h.helper, p).to_string(),
+                    Err(_) => h.helper.clone(),
+                },
                 project_id: Some(router.project_id.clone()),
+            })
+            .collect();
+        // One request sets the whole set. A helper refused for good (not
+        // offered here, bad values) is left out and the rest set again: the
+        // old version of a refused helper must not stay enforced either.
+        loop {
+            let set = Request::HelperSet { router_id: id.clone(), helpers: specs.clone() };
+            let e = match self.on_behalf_of_neutron(set) {
+                Ok(_) => break,
+                Err(e) => e,
             };
-            if let Err(e) = self.on_behalf_of_neutron(create) {
-                refuse(&mut applied, helper_id, e);
+            let entry = entry_of(&e).filter(|i| *i < specs.len());
+            match entry {
+                Some(i) if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::Conflict) => {
+                    let gone = specs.remove(i);
+                    let error = e.message.split_once(": ").map_or(e.message.as_str(), |(_, m)| m).to_string();
+                    applied.refused.push(HelperError { router_id: id.clone(), helper_id: gone.id.unwrap_or_default(), error });
+                }
+                _ => {
+                    warn!(router = %id, "setting helpers: {e}");
+                    applied.retry = true;
+                    break;
+                }
             }
         }
         applied
@@ -257,6 +227,11 @@ impl Poller {
         self.revisions.remove(&id);
         self.refused.remove(&id);
     }
+}
+
+/// The entry of a helper set an error is about (its field `helpers[i].…`).
+fn entry_of(e: &ApiError) -> Option<usize> {
+    e.field.as_deref()?.strip_prefix("helpers[")?.split_once(']')?.0.parse().ok()
 }
 
 /// Follows Neutron until the daemon stops.

@@ -398,6 +398,13 @@ impl Datapath {
         Ok(())
     }
 
+    /// Packets the rule in `slot` has tagged since it was allowed, over all
+    /// CPUs (an error if its counters are not there).
+    pub fn tagged(&self, router: RouterIndex, slot: u16) -> Result<u64> {
+        let values = self.counters.get(&SlotKey::new(router, slot as u32), 0).context("reading rule counters")?;
+        Ok(values.iter().map(|c| c.tagged).sum())
+    }
+
     /// Brings the maps in line with `want`; with `apply` false only counts
     /// the differences (drift). Adds in the order a packet needs them
     /// (counters, slots, rules) and removes in the reverse order.
