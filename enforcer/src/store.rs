@@ -57,7 +57,12 @@ pub struct State {
 }
 
 pub struct Store {
-    db: Database,
+    /// None only while being reopened.
+    db: Option<Database>,
+    path: std::path::PathBuf,
+    /// A commit failed: redb refuses all further use of the database after
+    /// an I/O error (a full disk, say) until it is opened again.
+    failed: bool,
     /// The open group transaction, if any (see [`Store::begin_group`]).
     group: Option<Group>,
 }
@@ -97,11 +102,23 @@ impl Store {
         txn.open_table(HELPERS)?;
         txn.open_table(QUARANTINE)?;
         txn.commit()?;
-        Ok(Self { db, group: None })
+        Ok(Self { db: Some(db), path, failed: false, group: None })
     }
 
-    pub fn load(&self) -> Result<State> {
-        let txn = self.db.begin_read()?;
+    /// The database, opened again first if a commit failed.
+    fn db(&mut self) -> Result<&Database> {
+        if self.failed || self.db.is_none() {
+            self.group = None;
+            self.db = None;
+            let db = Database::create(&self.path).with_context(|| format!("opening store {} again after a failed commit", self.path.display()))?;
+            self.db = Some(db);
+            self.failed = false;
+        }
+        self.db.as_ref().context("store not open")
+    }
+
+    pub fn load(&mut self) -> Result<State> {
+        let txn = self.db()?.begin_read()?;
         let mut state = State::default();
         for row in txn.open_table(ROUTERS)?.iter()? {
             let (_, v) = row?;
@@ -142,9 +159,12 @@ impl Store {
             }
             return Ok(out);
         }
-        let txn = self.db.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
+        let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
         write(&txn, changes).and_then(|()| write(&txn, &more)).map_err(ApplyError::Store)?;
-        txn.commit().map_err(|e| ApplyError::Commit(e.into()))?;
+        if let Err(e) = txn.commit() {
+            self.failed = true;
+            return Err(ApplyError::Commit(e.into()));
+        }
         Ok(out)
     }
 
@@ -154,7 +174,7 @@ impl Store {
     pub fn begin_group(&mut self) -> Result<(), ApplyError> {
         // One writer at a time: a group left open (a panic) would block.
         self.abandon_group();
-        let txn = self.db.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
+        let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
         self.group = Some(Group { txn, poisoned: None });
         Ok(())
     }
@@ -173,7 +193,10 @@ impl Store {
             let _ = group.txn.abort();
             return Err(ApplyError::Store(anyhow::anyhow!("a write failed: {e}")));
         }
-        group.txn.commit().map_err(|e| ApplyError::Commit(e.into()))
+        group.txn.commit().map_err(|e| {
+            self.failed = true;
+            ApplyError::Commit(e.into())
+        })
     }
 
 }

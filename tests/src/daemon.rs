@@ -290,6 +290,27 @@ impl Daemon {
         self.cli(&["helper", "delete", router_id, helper_id]).ok();
     }
 
+    /// Ports of the live rules in the maps, sorted.
+    pub fn live_ports(&self) -> Vec<u64> {
+        let mut ports: Vec<u64> = self.dump()["slots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["state"] == "live")
+            .map(|s| s["port"].as_u64().expect("a live slot has its rule"))
+            .collect();
+        ports.sort();
+        ports
+    }
+
+    /// Ports of the stored helpers, sorted.
+    pub fn helper_ports(&self) -> Vec<u64> {
+        let listed = self.cli(&["helper", "list", "-o", "json"]).ok().json();
+        let mut ports: Vec<u64> = listed.as_array().unwrap().iter().map(|h| h["port"].as_u64().unwrap()).collect();
+        ports.sort();
+        ports
+    }
+
     /// `maps dump -o json`, parsed.
     pub fn dump(&self) -> serde_json::Value {
         self.cli(&["maps", "dump", "-o", "json"]).ok().json()

@@ -153,3 +153,30 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A small tmpfs mounted for one test (a filesystem that fills up),
+/// unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique("fs"));
+        std::fs::create_dir_all(&dir).unwrap();
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir));
+        Self(dir)
+    }
+
+    /// Fills it up with a file `filler`; returns the file's path.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.0.join("filler");
+        let _ = Command::new("dd").args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"]).output();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -17,25 +17,6 @@ use enforcer_tests::{
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-fn live_ports(daemon: &Daemon) -> Vec<u64> {
-    let mut ports: Vec<u64> = daemon.dump()["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["state"] == "live")
-        .map(|s| s["port"].as_u64().expect("a live slot has its rule"))
-        .collect();
-    ports.sort();
-    ports
-}
-
-fn helper_ports(daemon: &Daemon) -> Vec<u64> {
-    let mut ports: Vec<u64> =
-        daemon.cli(&["helper", "list", "-o", "json"]).ok().json().as_array().unwrap().iter().map(|h| h["port"].as_u64().unwrap()).collect();
-    ports.sort();
-    ports
-}
-
 #[test]
 fn enforcement_continues_while_the_daemon_is_down() {
     let kept = Topology::new();
@@ -56,7 +37,7 @@ fn enforcement_continues_while_the_daemon_is_down() {
     FtpClient::login(&kept, Family::V4).ok("list passive");
     old.fails("noop");
     FtpClient::login(&revoked, Family::V4).fails("list passive");
-    assert_eq!(live_ports(&daemon), vec![21], "maps dump reads the pins with the daemon down");
+    assert_eq!(daemon.live_ports(), vec![21], "maps dump reads the pins with the daemon down");
 
     daemon.restart();
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
@@ -152,7 +133,7 @@ fn kill_9_during_bulk_create_loses_nothing_acknowledged() {
     // At most the one request in flight may have committed unacknowledged.
     assert!(listed.len() - acknowledged.len() <= 1);
     // None half-applied: store and kernel agree rule by rule.
-    assert_eq!(helper_ports(&daemon), live_ports(&daemon));
+    assert_eq!(daemon.helper_ports(), daemon.live_ports());
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
     assert_eq!(status["drift"]["maps"]["rules_added"], 0, "{status}");
 }
@@ -180,30 +161,15 @@ fn corrupt_store_refuses_to_start_and_leaves_the_kernel_alone() {
     assert_eq!(before, after, "kernel state unchanged");
 }
 
-/// A tmpfs mounted for one test, unmounted on drop.
-struct SmallFs(std::path::PathBuf);
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn full_state_filesystem_is_a_clear_error_with_no_partial_change() {
     let topo = Topology::new();
-    let dir = std::env::temp_dir().join(enforcer_tests::unique("fs"));
-    std::fs::create_dir_all(&dir).unwrap();
-    run(std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"]).arg(&dir));
-    let _fs = SmallFs(dir.clone());
-    let state = dir.join("state");
+    let fs = enforcer_tests::Tmpfs::mount("2m");
+    let state = fs.0.join("state");
     let daemon = Daemon::start_with(Some(state), &[]);
     daemon.add_router(&topo.router_id);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    // Fill the filesystem.
-    let filler = dir.join("filler");
-    let _ = std::process::Command::new("dd").args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"]).output();
+    let filler = fs.fill();
 
     let mut refused = None;
     for port in 2000..2400 {
@@ -215,8 +181,8 @@ fn full_state_filesystem_is_a_clear_error_with_no_partial_change() {
     }
     let (port, message) = refused.expect("a full filesystem refuses a change");
     assert!(message.contains("No space left") || message.contains("space"), "clear error: {message}");
-    assert!(!helper_ports(&daemon).contains(&port), "the refused helper is not stored");
-    assert_eq!(helper_ports(&daemon), live_ports(&daemon), "store and kernel agree");
+    assert!(!daemon.helper_ports().contains(&port), "the refused helper is not stored");
+    assert_eq!(daemon.helper_ports(), daemon.live_ports(), "store and kernel agree");
     std::fs::remove_file(&filler).unwrap();
     drop(daemon);
 }

@@ -233,7 +233,7 @@ impl Daemon {
         crate::kernel::exec::set_limit(std::time::Duration::from_secs(config.command_timeout_secs));
         let unreadable =
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
-        let store = Store::open(&config.state_dir).with_context(unreadable)?;
+        let mut store = Store::open(&config.state_dir).with_context(unreadable)?;
         let state = store.load().with_context(unreadable)?;
         let audit = Audit::open(&config.state_dir, config.audit_limits())?;
         let probed = crate::kernel::probe::probe().context("probing the kernel's conntrack helpers")?;
