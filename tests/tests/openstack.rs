@@ -121,7 +121,7 @@ fn a_helper_created_in_neutron_is_enforced_and_its_delete_revokes() {
     assert!(!ct.contains("helper=ftp"), "conntrack is clean:\n{ct}");
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
     assert!(
-        audit.as_array().unwrap().iter().any(|e| e["origin"] == "neutron" && e["op"] == "helper_delete" && e["result"] == "ok"),
+        audit.as_array().unwrap().iter().any(|e| e["origin"] == "neutron" && e["op"] == "helper_set" && e["result"] == "ok" && e["after"]["deleted"] == 1),
         "the sync's changes are audited: {audit}"
     );
 

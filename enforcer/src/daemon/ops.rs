@@ -204,7 +204,9 @@ impl Daemon {
             self.origin = Owner::Local;
             r
         });
-        if !mutation && result.is_ok() {
+        // Reads, and a helper set that changed nothing, leave no entry.
+        let unchanged = matches!(&result, Ok(Reply::HelperSet(r)) if r.created + r.updated + r.deleted == 0);
+        if (!mutation || unchanged) && result.is_ok() {
             return (result, None);
         }
         let helper_id = match &result {
