@@ -179,12 +179,14 @@ pub(super) struct GlueJob {
 pub(super) struct GlueDone {
     netns: String,
     added: Result<bool, String>,
+    took: std::time::Duration,
 }
 
 impl GlueJob {
     pub(super) fn run(self) -> GlueDone {
+        let start = Instant::now();
         let added = glue::install(&netns::path(&self.netns), &self.offered, &self.layout).map_err(|e| format!("{e:#}"));
-        GlueDone { netns: self.netns, added }
+        GlueDone { netns: self.netns, added, took: start.elapsed() }
     }
 }
 
@@ -468,6 +470,11 @@ impl Daemon {
             warn!("audit: {e:#}");
         }
         self.cooled();
+        // Loading a router's programs parses the eBPF object on a blocking
+        // thread; glibc keeps what those threads freed in their own arenas.
+        // Handing it back keeps the daemon's memory flat under router churn.
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe { libc::malloc_trim(0) };
         let referenced = match self.datapath.sweep_revoked() {
             Ok(r) => r,
             Err(e) => return warn!("sweeping revoked flows: {e:#}"),

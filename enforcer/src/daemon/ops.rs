@@ -380,12 +380,16 @@ impl Daemon {
         self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
+        let glue_ms = glue.as_ref().map_or(0.0, |g| g.took.as_secs_f64() * 1e3);
+        let start = std::time::Instant::now();
         let attached = match self.bring_up(&id, glue) {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(ApiError::kernel(format!("network namespace {} vanished", record.netns))),
             Err(e) => Err(ApiError::kernel(e)),
         };
+        let attach_ms = start.elapsed().as_secs_f64() * 1e3;
         let stored = attached.and_then(|()| self.store.apply(&[Change::PutRouter(record.clone())], || Ok(())).map_err(ApiError::from));
+        let store_ms = start.elapsed().as_secs_f64() * 1e3 - attach_ms;
         if let Err(e) = stored {
             self.take_down(&id);
             self.routers.remove(&id);
@@ -393,7 +397,8 @@ impl Daemon {
         }
         let view = Self::router_view(&self.routers[&id]);
         self.routers_changed.notify_one();
-        info!(router = %id, netns = %record.netns, interfaces = ?view.interfaces, "router added");
+        // Where the time went (nft for the glue, attaching, the store).
+        info!(router = %id, netns = %record.netns, interfaces = ?view.interfaces, glue_ms, attach_ms, store_ms, "router added");
         Ok(Reply::Router(view))
     }
 

@@ -48,8 +48,8 @@ pub struct Datapath {
     revoked: HashMap<MapData, FlowKey, RevokedFlow>,
     revoked_active: aya::maps::Array<MapData, u32>,
     layout: MarkLayout,
-    max_rules: u32,
     revoked_policy: RevokedPolicy,
+    loader: Loader,
     /// Revoked flows per router, as of the last remember or sweep: each
     /// router's share of the map is enforced on it.
     revoked_per_router: StdHashMap<RouterIndex, usize>,
@@ -151,7 +151,8 @@ impl Datapath {
             return Err(anyhow!("{} is not on a bpf filesystem", dir.display()));
         }
         pins::check(dir, max_rules, revoked.capacity)?;
-        let mut control = load_instance(dir, layout, max_rules, revoked, 0)?;
+        let mut loader = Loader::new(dir, layout, max_rules, revoked);
+        let mut control = loader.instance(0)?;
         fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
         where
             T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -167,9 +168,9 @@ impl Datapath {
             revoked: take(&mut control, MAP_REVOKED)?,
             revoked_active: take(&mut control, enforcer_common::MAP_REVOKED_ACTIVE)?,
             control,
+            loader,
             dir: dir.to_path_buf(),
             layout,
-            max_rules,
             revoked_policy: revoked,
             revoked_per_router: StdHashMap::new(),
             revoked_overflows: 0,
@@ -243,7 +244,7 @@ impl Datapath {
                     let interfaces = current.into_iter().map(|(name, _)| name).collect();
                     return Ok((Attachment { index, interfaces }, LinkChanges::default()));
                 }
-                let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.revoked_policy, index)?;
+                let mut programs = self.loader.instance(index)?;
                 netns::run_in(ns, || {
                     let mut changes = LinkChanges::default();
                     // Every interface is checked before any is touched, so
@@ -294,7 +295,7 @@ impl Datapath {
         if missing.is_empty() {
             return Ok(changes);
         }
-        let mut programs = load_instance(&self.dir, self.layout, self.max_rules, self.revoked_policy, index)?;
+        let mut programs = self.loader.instance(index)?;
         let ebpf = &mut programs;
         let links = netns::run_in(ns, || {
             let mut links = Vec::new();
@@ -698,24 +699,54 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>,
 
 /// Loads the object with the given router index; maps are shared through
 /// their pins, so every instance sees the same rules.
-fn load_instance(dir: &Path, layout: MarkLayout, max_rules: u32, revoked: RevokedPolicy, index: RouterIndex) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir)
-        .override_global(GLOBAL_MARK_LAYOUT, &layout, true)
-        .override_global(GLOBAL_ROUTER, &index, true)
-        .override_global(GLOBAL_QUIET_NS, &revoked.quiet_ns, true)
-        .map_max_entries(MAP_RULES, max_rules)
-        .map_max_entries(MAP_SLOTS, max_rules)
-        .map_max_entries(MAP_COUNTERS, max_rules)
-        .map_max_entries(MAP_REVOKED, revoked.capacity)
-        .load(PROGRAMS)
-        .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
-    for name in [PROG_TAG, PROG_ENFORCE] {
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
-        prog.load().with_context(|| format!("verifying program {name}"))?;
+/// The loader of every program instance (one per router: the router index
+/// is a constant of its programs). Made once, because aya's loader parses
+/// the kernel's BTF when it is made: per router add that cost 10 ms and
+/// megabytes of churn.
+struct Loader(EbpfLoader<'static>);
+
+impl Loader {
+    fn new(dir: &Path, layout: MarkLayout, max_rules: u32, revoked: RevokedPolicy) -> Self {
+        // The loader keeps references to the values of its globals: these
+        // live as long as the process (one loader per datapath).
+        let layout: &'static MarkLayout = Box::leak(Box::new(layout));
+        let quiet: &'static u64 = Box::leak(Box::new(revoked.quiet_ns));
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(dir)
+            .override_global(GLOBAL_MARK_LAYOUT, layout, true)
+            .override_global(GLOBAL_QUIET_NS, quiet, true)
+            .map_max_entries(MAP_RULES, max_rules)
+            .map_max_entries(MAP_SLOTS, max_rules)
+            .map_max_entries(MAP_COUNTERS, max_rules)
+            .map_max_entries(MAP_REVOKED, revoked.capacity);
+        Self(loader)
     }
-    Ok(ebpf)
+
+    /// The programs of router `index`, verified.
+    fn instance(&mut self, index: RouterIndex) -> Result<Ebpf> {
+        let mut ebpf = self
+            .0
+            .override_global(GLOBAL_ROUTER, interned(index), true)
+            .load(PROGRAMS)
+            .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+        for name in [PROG_TAG, PROG_ENFORCE] {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
+        }
+        Ok(ebpf)
+    }
+}
+
+/// A router index that lives as long as the process, for the loader: each
+/// distinct index is kept once (4 bytes each; indexes are reused, lowest
+/// first, so they are bounded by the routers a host has at once).
+fn interned(index: RouterIndex) -> &'static RouterIndex {
+    static INDEXES: std::sync::Mutex<std::collections::BTreeMap<RouterIndex, &'static RouterIndex>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let mut indexes = INDEXES.lock().unwrap_or_else(|p| p.into_inner());
+    indexes.entry(index).or_insert_with(|| Box::leak(Box::new(index)))
 }
 
 fn nr_cpus() -> Result<usize> {

@@ -5,6 +5,7 @@
 pub mod baselines;
 pub mod changes;
 pub mod fixed_cost;
+pub mod fleet;
 pub mod forwarding;
 pub mod packet;
 pub mod report;

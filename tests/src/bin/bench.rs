@@ -3,18 +3,29 @@ use enforcer_tests::bench::{self, Scale, report};
 
 fn main() {
     let mut quick = false;
+    // One section alone, printed rather than reported (for development).
+    let mut only = None;
     let mut out = std::path::PathBuf::from("bench");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--out" => out = args.next().expect("--out DIR").into(),
-            other => panic!("unknown argument {other}; use [--quick] [--out DIR]"),
+            "--only" => only = args.next(),
+            other => panic!("unknown argument {other}; use [--quick] [--out DIR] [--only SECTION]"),
         }
     }
     enforcer_tests::require_root();
     let scale = Scale { quick };
     let started = std::time::Instant::now();
+    if let Some(section) = only {
+        match section.as_str() {
+            "changes" => eprintln!("{:#?}", bench::changes::measure(scale)),
+            "fleet" => eprintln!("{:#?}", bench::fleet::measure(scale)),
+            other => panic!("--only: unknown section {other} (changes, fleet)"),
+        }
+        return;
+    }
     let packet = bench::packet::measure(scale);
     let changes = bench::changes::measure(scale);
     let revocation = bench::revocation::measure();

@@ -1,0 +1,187 @@
+//! A network node with many routers: router add latency from the first to
+//! the last, where its time goes, status and restart with all of them, the
+//! daemon's memory through router churn, helper changes from many clients;
+//! against the Neutron way's per-router resync (iptables-save and
+//! iptables-restore of each router's raw table) on the same routers.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::{Scale, baselines::install_neutron, median, ms};
+use crate::{Daemon, Netns, daemon::Session};
+
+#[derive(Debug, Clone, Default)]
+pub struct Results {
+    pub routers: usize,
+    pub helpers_per_router: usize,
+    /// Each router add through the API, in order (ms).
+    pub add_ms: Vec<f64>,
+    /// Median ms of each part of a router add, from the daemon's log.
+    pub add_parts: Vec<(String, f64)>,
+    /// Setting each router's helpers with one request (ms).
+    pub set_ms: Vec<f64>,
+    /// `status` with every router (median ms).
+    pub status_ms: f64,
+    /// From the restart until the API answered, and until `status` said the
+    /// state was verified and repaired (ms).
+    pub restart_answer_ms: f64,
+    pub restart_ready_ms: f64,
+    /// The Neutron way's resync of all routers (ms).
+    pub neutron_resync_ms: f64,
+    /// Daemon resident memory (MiB): empty, with every router, after a
+    /// restart, and before and after churn (every router removed and added).
+    pub rss_empty: f64,
+    pub rss_full: f64,
+    pub rss_restarted: f64,
+    pub rss_before_churn: f64,
+    pub rss_after_churn: f64,
+    /// Helper creates per second from many clients on one router, and the
+    /// number of clients; deletes of rules without connections, one client.
+    pub creates_per_sec: f64,
+    pub clients: usize,
+    pub delete_p50_ms: f64,
+    pub delete_p99_ms: f64,
+}
+
+/// A router namespace with one veth pair, as a Neutron router has ports.
+fn router_ns(id: &str) -> Netns {
+    let ns = Netns::create(&format!("qrouter-{id}"));
+    crate::run(ns.cmd("ip").args(["link", "add", "qr-a", "type", "veth", "peer", "name", "qg-a"]));
+    crate::run(ns.cmd("ip").args(["link", "set", "qr-a", "up"]));
+    crate::run(ns.cmd("ip").args(["link", "set", "qg-a", "up"]));
+    ns
+}
+
+fn call(s: &mut Session, req: Value) -> Value {
+    let answer = s.request(&req).expect("daemon answers");
+    assert!(answer.get("ok").is_some(), "{req} refused: {answer}");
+    answer["ok"].clone()
+}
+
+fn timed(f: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    f();
+    ms(start.elapsed())
+}
+
+fn rss(daemon: &Daemon) -> f64 {
+    daemon.rss_kib() as f64 / 1024.0
+}
+
+/// Ten helpers, as a router with many might have.
+fn ten_helpers() -> Value {
+    json!((0..10).map(|i| json!({"protocol": "tcp", "port": 2100 + i, "helper": "ftp"})).collect::<Vec<_>>())
+}
+
+/// `name=value` of a log line (escape codes stripped).
+fn field(line: &str, name: &str) -> Option<f64> {
+    let plain: String = line.split('\u{1b}').map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)).collect();
+    plain.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))?.parse().ok())
+}
+
+pub fn measure(scale: Scale) -> Results {
+    let n = scale.pick(50, 1000);
+    let mut out = Results { routers: n, helpers_per_router: 10, clients: 16, ..Default::default() };
+    let mut daemon = Daemon::start();
+    out.rss_empty = rss(&daemon);
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let namespaces: Vec<Netns> = ids.iter().map(|id| router_ns(id)).collect();
+    eprintln!("bench: {n} router namespaces made");
+    let mut s = daemon.session();
+    for id in &ids {
+        out.add_ms.push(timed(|| {
+            call(&mut s, json!({"op": "router_add", "router_id": id}));
+        }));
+    }
+    let log = daemon.log();
+    let added: Vec<&str> = log.lines().filter(|l| l.contains("router added")).collect();
+    for part in ["glue_ms", "attach_ms", "store_ms"] {
+        out.add_parts.push((part.to_string(), median(added.iter().filter_map(|l| field(l, part)).collect())));
+    }
+    for id in &ids {
+        out.set_ms.push(timed(|| {
+            call(&mut s, json!({"op": "helper_set", "router_id": id, "helpers": ten_helpers()}));
+        }));
+    }
+    eprintln!("bench: {n} routers added with 10 helpers each");
+    out.status_ms = median((0..5).map(|_| timed(|| drop(call(&mut s, json!({"op": "status"}))))).collect());
+    out.rss_full = rss(&daemon);
+
+    let start = Instant::now();
+    daemon.restart();
+    out.restart_answer_ms = ms(start.elapsed());
+    let mut s = daemon.session();
+    loop {
+        let status = call(&mut s, json!({"op": "status"}));
+        if status["ready"] != false {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "not ready after 10 minutes");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    out.restart_ready_ms = ms(start.elapsed());
+    out.rss_restarted = rss(&daemon);
+    eprintln!("bench: restart answered in {:.0} ms, ready in {:.0} ms", out.restart_answer_ms, out.restart_ready_ms);
+
+    // Churn: every router removed and added again.
+    out.rss_before_churn = rss(&daemon);
+    for id in &ids {
+        call(&mut s, json!({"op": "router_remove", "router_id": id}));
+        call(&mut s, json!({"op": "router_add", "router_id": id}));
+    }
+    out.rss_after_churn = rss(&daemon);
+
+    changes(&daemon, &ids[0], &mut out);
+    drop(daemon);
+
+    // The Neutron way: each router's raw table with its helper chains, saved
+    // and restored as the L3 agent does for every router when it resyncs.
+    for ns in &namespaces {
+        install_neutron(ns, 10);
+    }
+    out.neutron_resync_ms = timed(|| {
+        for ns in &namespaces {
+            let saved = ns.sh("iptables-save", &["-t", "raw"]);
+            super::baselines::feed(ns, "iptables-restore", &[], &saved);
+        }
+    });
+    eprintln!("bench: fleet done");
+    drop(namespaces);
+    out
+}
+
+/// Creates from many clients at once (group commit), then deletes of rules
+/// that never tagged a packet, one at a time.
+fn changes(daemon: &Daemon, router: &str, out: &mut Results) {
+    let per = 1000u64;
+    let clients = out.clients as u64;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let mut s = daemon.session();
+            let router = router.to_string();
+            std::thread::spawn(move || {
+                (0..per)
+                    .map(|i| {
+                        let port = 10_000 + c * per + i;
+                        call(&mut s, json!({"op": "helper_create", "router_id": router, "protocol": "udp", "port": port, "helper": "sip"}))["id"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    })
+                    .collect::<Vec<String>>()
+            })
+        })
+        .collect();
+    let ids: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    out.creates_per_sec = ids.len() as f64 / start.elapsed().as_secs_f64();
+    let mut s = daemon.session();
+    let samples: Vec<f64> = ids
+        .iter()
+        .take(2000)
+        .map(|id| timed(|| drop(call(&mut s, json!({"op": "helper_delete", "router_id": router, "helper_id": id})))))
+        .collect();
+    out.delete_p50_ms = super::percentile(samples.clone(), 0.5);
+    out.delete_p99_ms = super::percentile(samples, 0.99);
+}
