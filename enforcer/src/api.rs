@@ -263,6 +263,10 @@ pub struct RevokeReport {
     pub never_tagged: bool,
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -360,6 +364,12 @@ pub struct StatusReport {
     pub link_repairs: u64,
     /// Helper changes applied since start, and the store transactions they
     /// took (group commit: many concurrent changes share one).
+    /// Whether the start-up reconciliation is done (until then writes
+    /// wait), and how long it took.
+    #[serde(default = "yes")]
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_after_ms: Option<u64>,
     #[serde(default)]
     pub changes: u64,
     #[serde(default)]

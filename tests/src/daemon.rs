@@ -131,6 +131,19 @@ impl Daemon {
             assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The API answers at once; the kernel is reconciled in the background.
+        let mut session = self.session();
+        loop {
+            let status = session.request(&serde_json::json!({"op": "status"})).unwrap_or_default();
+            if status["ok"]["ready"] != false {
+                break;
+            }
+            if let Ok(Some(status)) = self.process.child.try_wait() {
+                panic!("daemon exited ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not finish its start-up reconciliation:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stops the daemon with `signal` and waits for it to exit.
@@ -144,8 +157,14 @@ impl Daemon {
         if matches!(self.process.child.try_wait(), Ok(None)) {
             self.stop(nix::sys::signal::Signal::SIGTERM);
         }
-        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>(), &self.env);
+        self.spawn();
         self.wait_up();
+    }
+
+    /// Starts the daemon process again on the same socket, pins and store,
+    /// without waiting for it.
+    pub fn spawn(&mut self) {
+        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>(), &self.env);
     }
 
     /// Starts the daemon again and expects it to refuse: returns its exit

@@ -144,6 +144,9 @@ pub struct Daemon {
     cooling: Vec<(String, u16, Instant)>,
     started: Instant,
     started_with: ReconcileReport,
+    /// When the start-up reconciliation was done (None while it runs:
+    /// reads are served, writes wait).
+    ready: Option<std::time::Duration>,
     /// Set by teardown: the server stops after answering.
     stopping: bool,
     /// On whose behalf the request being handled is made.
@@ -265,6 +268,7 @@ impl Daemon {
             cooling: Vec::new(),
             started: Instant::now(),
             started_with: ReconcileReport::default(),
+            ready: None,
             stopping: false,
             origin: crate::api::Owner::Local,
             sync_status: None,
@@ -277,16 +281,60 @@ impl Daemon {
             unglue: Vec::new(),
             routers_changed: Default::default(),
         };
-        // At start a router's filters get this build's programs (an upgrade
-        // replaces them in place); later re-syncs only add what is missing.
+        // Until the start-up reconciliation is done a router's filters get
+        // this build's programs (an upgrade replaces them in place); later
+        // re-syncs only add what is missing.
         daemon.datapath.set_replace_programs(true);
-        let reconciled = daemon.reconcile();
-        daemon.datapath.set_replace_programs(false);
-        daemon.started_with = reconciled?;
-        let r = &daemon.started_with;
+        info!(routers = daemon.routers.len(), helpers = daemon.helpers.len(), "store read; reconciling the kernel in the background");
+        Ok(daemon)
+    }
+
+    /// The routers to bring up at start, with the glue step of those whose
+    /// namespace is there (run without the lock, several at once).
+    pub(super) fn startup_jobs(&self) -> Vec<(String, Option<GlueJob>)> {
+        self.routers
+            .values()
+            .map(|r| (r.record.id.clone(), netns_id(&r.record.netns).map(|_| self.glue_job(&r.record.netns))))
+            .collect()
+    }
+
+    /// Brings up one stored router at start (see [`Daemon::startup_jobs`]).
+    pub(super) fn start_router(&mut self, id: &str, glue: Option<GlueDone>) {
+        let report = &mut self.started_with;
+        match Self::bring_up_with(&mut self.routers, &mut self.datapath, &self.offered, id, glue) {
+            Ok(Some((glue_added, links))) => {
+                report.glue_installed += glue_added as usize;
+                report.links_attached += links.attached;
+                report.links_detached += links.detached;
+            }
+            Ok(None) => report.routers_detached += 1,
+            Err(e) => {
+                warn!(router = %id, "not attached: {e:#}");
+                report.routers_detached += 1;
+            }
+        }
+    }
+
+    /// Ends the start-up reconciliation once every router was brought up:
+    /// removes orphans, brings the maps in line, frees quarantined slots no
+    /// entry carries any more. From then on writes are served.
+    pub(super) fn finish_start(&mut self) -> Result<()> {
+        let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
+        for index in self.datapath.pinned_routers() {
+            if !known.contains(&index) {
+                self.datapath.detach_router(index, None)?;
+                self.started_with.orphan_routers_removed += 1;
+            }
+        }
+        self.started_with.maps = self.datapath.reconcile(&self.desired()?, true)?;
+        self.started_with.slots_released = self.release_quarantine();
+        self.datapath.set_replace_programs(false);
+        self.ready = Some(self.started.elapsed());
+        let r = &self.started_with;
         info!(
-            routers = daemon.routers.len(),
-            helpers = daemon.helpers.len(),
+            routers = self.routers.len(),
+            helpers = self.helpers.len(),
+            took_ms = self.started.elapsed().as_millis() as u64,
             glue_installed = r.glue_installed,
             links_attached = r.links_attached,
             links_detached = r.links_detached,
@@ -296,38 +344,7 @@ impl Daemon {
             maps = ?r.maps,
             "reconciled kernel with store"
         );
-        Ok(daemon)
-    }
-
-    /// Restores what is missing and removes orphans: glue, links, map
-    /// entries, quarantined slots no entry carries any more.
-    fn reconcile(&mut self) -> Result<ReconcileReport> {
-        let mut report = ReconcileReport::default();
-        let ids: Vec<String> = self.routers.keys().cloned().collect();
-        for id in &ids {
-            match self.bring_up(id, None) {
-                Ok(Some((glue_added, links))) => {
-                    report.glue_installed += glue_added as usize;
-                    report.links_attached += links.attached;
-                    report.links_detached += links.detached;
-                }
-                Ok(None) => report.routers_detached += 1,
-                Err(e) => {
-                    warn!(router = %id, "not attached: {e:#}");
-                    report.routers_detached += 1;
-                }
-            }
-        }
-        let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
-        for index in self.datapath.pinned_routers() {
-            if !known.contains(&index) {
-                self.datapath.detach_router(index, None)?;
-                report.orphan_routers_removed += 1;
-            }
-        }
-        report.maps = self.datapath.reconcile(&self.desired()?, true)?;
-        report.slots_released = self.release_quarantine();
-        Ok(report)
+        Ok(())
     }
 
     /// The glue step for namespace `netns`, to run without the lock.
@@ -341,29 +358,39 @@ impl Daemon {
     /// The glue comes from `glue` (done without the lock) when given; else,
     /// for a namespace attached for the first time, it is installed here.
     fn bring_up(&mut self, id: &str, glue: Option<GlueDone>) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
-        let layout = self.datapath.layout();
-        let state = self.routers.get_mut(id).context("unknown router")?;
+        Self::bring_up_with(&mut self.routers, &mut self.datapath, &self.offered, id, glue)
+    }
+
+    fn bring_up_with(
+        routers: &mut BTreeMap<String, RouterState>,
+        datapath: &mut Datapath,
+        offered: &Offered,
+        id: &str,
+        glue: Option<GlueDone>,
+    ) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
+        let layout = datapath.layout();
+        let state = routers.get_mut(id).context("unknown router")?;
         let Some(ns_id) = netns_id(&state.record.netns) else {
             state.attachment = None;
             state.netns_id = None;
-            self.datapath.detach_router(state.record.index, None)?;
+            datapath.detach_router(state.record.index, None)?;
             return Ok(None);
         };
         let fresh = state.netns_id != Some(ns_id);
         if state.netns_id.is_some() && fresh {
             // A new namespace under the old name: the pinned links belong to
             // interfaces of the old one.
-            self.datapath.detach_router(state.record.index, None)?;
+            datapath.detach_router(state.record.index, None)?;
         }
         let path = netns::path(&state.record.netns);
         let glue_added = match glue {
             Some(done) if done.netns == state.record.netns => done.added.map_err(anyhow::Error::msg)?,
-            _ if fresh => glue::install(&path, &self.offered, &layout)?,
+            _ if fresh => glue::install(&path, offered, &layout)?,
             // Same namespace, glue in place (the glue check repairs it).
             _ => false,
         };
         let uuid = uuid::Uuid::parse_str(&state.record.id)?;
-        let (attachment, changes) = self.datapath.sync_router(&path, state.record.index, uuid)?;
+        let (attachment, changes) = datapath.sync_router(&path, state.record.index, uuid)?;
         state.attachment = Some(attachment);
         state.netns_id = Some(ns_id);
         if fresh {

@@ -757,6 +757,8 @@ impl Daemon {
             }),
             glue_repairs: self.glue_repairs,
             link_repairs: self.link_repairs,
+            ready: self.ready.is_some(),
+            ready_after_ms: self.ready.map(|d| d.as_millis() as u64),
             changes: self.changes,
             commits: self.commits,
         })

@@ -67,18 +67,22 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     let neutron = daemon.config.neutron.clone();
     let limits = Limits::new(&daemon.config);
     let daemon: Shared = Arc::new(Mutex::new(daemon));
-    let changes = Changes::start(daemon.clone());
+    // The API answers at once; the kernel is reconciled with the store in
+    // the background. Until that is done reads are served and writes wait.
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    tokio::spawn(startup(daemon.clone(), ready_tx));
+    let changes = Changes::start(daemon.clone(), ready.clone());
     let sync = neutron.map(|config| {
         info!(poll_interval = ?config.poll_interval(), "following Neutron");
-        tokio::spawn(super::sync::follow(daemon.clone(), config))
+        tokio::spawn(once_ready(ready.clone(), super::sync::follow(daemon.clone(), config)))
     });
     // Namespace following and housekeeping run beside the accept loop, each
     // taking the lock only for its own short steps.
     let glue_every = Duration::from_secs(lock(&daemon).config.glue_check_secs);
     let background = [
-        supervise("namespace following", { let d = daemon.clone(); move || super::follow::follow_namespaces(d.clone()) }),
-        supervise("housekeeping", { let d = daemon.clone(); move || housekeeping(d.clone()) }),
-        supervise("glue and attachment checks", { let d = daemon.clone(); move || verify(d.clone(), glue_every) }),
+        supervise("namespace following", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), super::follow::follow_namespaces(d.clone())) }),
+        supervise("housekeeping", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), housekeeping(d.clone())) }),
+        supervise("glue and attachment checks", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), verify(d.clone(), glue_every)) }),
     ];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -99,9 +103,9 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
                     tokio::spawn(refuse_busy(stream));
                     continue;
                 };
-                let (daemon, changes, stop, idle) = (daemon.clone(), changes.clone(), stop_tx.clone(), limits.idle);
+                let (daemon, changes, stop, idle, ready) = (daemon.clone(), changes.clone(), stop_tx.clone(), limits.idle, ready.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, daemon, changes, stop, idle).await {
+                    if let Err(e) = connection(stream, daemon, changes, ready, stop, idle).await {
                         warn!("connection: {e:#}");
                     }
                     drop(slot);
@@ -184,7 +188,12 @@ fn wire(result: Result<Reply, ApiError>) -> Vec<u8> {
 /// or remove) or a long read (maps dump, audit log) without the lock, the
 /// rest under it. Returns the answer's wire form and whether the daemon is
 /// stopping.
-pub(super) async fn request(daemon: &Shared, changes: &Changes, origin: Owner, caller: Caller, req: Request) -> (Vec<u8>, bool) {
+pub(super) async fn request(daemon: &Shared, changes: &Changes, ready: &Ready, origin: Owner, caller: Caller, req: Request) -> (Vec<u8>, bool) {
+    // Router changes and teardown wait for the start-up reconciliation
+    // (helper changes wait in their queue).
+    if matches!(req, Request::RouterAdd { .. } | Request::RouterRemove { .. } | Request::Teardown {}) {
+        wait_ready(ready).await;
+    }
     if matches!(req, Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } | Request::HelperSet { .. }) {
         return (changes.apply(origin, caller, req).await, false);
     }
@@ -228,6 +237,51 @@ pub(super) async fn request(daemon: &Shared, changes: &Changes, origin: Owner, c
     (line, stopping)
 }
 
+/// Whether the start-up reconciliation is done.
+pub(super) type Ready = tokio::sync::watch::Receiver<bool>;
+
+async fn wait_ready(ready: &Ready) {
+    let _ = ready.clone().wait_for(|r| *r).await;
+}
+
+/// Runs `task` once the start-up reconciliation is done.
+async fn once_ready(ready: Ready, task: impl std::future::Future<Output = ()>) {
+    wait_ready(&ready).await;
+    task.await
+}
+
+/// Most namespaces whose glue is checked at once at start (each is an nft
+/// process).
+const STARTUP_GLUE_JOBS: usize = 8;
+
+/// The start-up reconciliation: every stored router brought up (its glue
+/// checked without the lock, several at once; its links under the lock, one
+/// router at a time, so reads are answered in between), then orphans and
+/// the maps. A failure there stops the daemon, leaving the kernel as it is.
+async fn startup(daemon: Shared, ready: tokio::sync::watch::Sender<bool>) {
+    let jobs = with_daemon(&daemon, |d| d.startup_jobs()).await;
+    let limit = Arc::new(tokio::sync::Semaphore::new(STARTUP_GLUE_JOBS));
+    let mut running = tokio::task::JoinSet::new();
+    for (id, job) in jobs {
+        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let d = daemon.clone();
+        running.spawn(async move {
+            let glue = match job {
+                Some(job) => Some(unlocked(job).await),
+                None => None,
+            };
+            drop(permit);
+            with_daemon(&d, move |d| d.start_router(&id, glue)).await;
+        });
+    }
+    while running.join_next().await.is_some() {}
+    if let Err(e) = with_daemon(&daemon, |d| d.finish_start()).await {
+        error!("reconciling the kernel with the store: {e:#}; stopping, the kernel state is left as it is");
+        std::process::exit(1);
+    }
+    let _ = ready.send(true);
+}
+
 /// Helper changes queue here and are applied in groups: those that arrive
 /// while a group is being committed make the next group, with one store
 /// transaction and one sync of the audit log between them (group commit).
@@ -247,9 +301,10 @@ struct Queued {
 const MAX_GROUP: usize = 4096;
 
 impl Changes {
-    fn start(daemon: Shared) -> Self {
+    fn start(daemon: Shared, ready: Ready) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Queued>();
         tokio::spawn(async move {
+            wait_ready(&ready).await;
             while let Some(first) = rx.recv().await {
                 let mut group = vec![first];
                 while group.len() < MAX_GROUP {
@@ -386,7 +441,7 @@ fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     Vec::new()
 }
 
-async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
+async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, ready: Ready, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
     let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups: peer_groups(stream.as_raw_fd()) };
     let (read, mut write) = stream.into_split();
@@ -409,7 +464,7 @@ async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, stop: 
         };
         let mut text = match parsed {
             Ok(req) => {
-                let (line, stop_now) = request(&daemon, &changes, Owner::Local, caller.clone(), req).await;
+                let (line, stop_now) = request(&daemon, &changes, &ready, Owner::Local, caller.clone(), req).await;
                 stopping = stop_now;
                 line
             }
