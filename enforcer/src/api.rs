@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// Default socket path; `--socket` or `ENFORCER_SOCKET` change it.
 pub const DEFAULT_SOCKET: &str = "/run/enforcer/enforcer.sock";
-/// Requests larger than this are refused before parsing.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Requests larger than this are refused before parsing: room for a helper
+/// set of a few tens of thousands of helpers (about 60 bytes each).
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -223,8 +224,11 @@ impl ApiError {
         Self { code: ErrorCode::InvalidArgument, message: message.into(), field: Some(field.into()) }
     }
 
+    /// The id is the caller's, unchecked: it is cut short.
     pub fn not_found(what: &str, id: &str) -> Self {
-        Self::new(ErrorCode::NotFound, format!("{what} {id:?} not found"))
+        let cut: String = id.chars().take(64).collect();
+        let more = if cut.len() < id.len() { "..." } else { "" };
+        Self::new(ErrorCode::NotFound, format!("{what} {cut:?}{more} not found"))
     }
 
     pub fn kernel(err: impl fmt::Display) -> Self {

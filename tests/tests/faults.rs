@@ -11,10 +11,12 @@ use enforcer_tests::{Daemon, Netns, Topology, unique};
 use serde_json::json;
 
 /// A directory put first on the daemon's PATH, holding an `nft` that runs
-/// the real one, or hangs while `hang` exists. Removed on drop.
+/// the real one, or hangs while `hang` exists, or takes a second longer
+/// while `slow` exists. Removed on drop.
 struct HangingNft {
     dir: PathBuf,
     hang: PathBuf,
+    slow: PathBuf,
 }
 
 impl HangingNft {
@@ -22,13 +24,18 @@ impl HangingNft {
         let dir = std::env::temp_dir().join(unique("nft"));
         std::fs::create_dir_all(&dir).unwrap();
         let real = String::from_utf8(enforcer_tests::run(std::process::Command::new("sh").args(["-c", "command -v nft"])).stdout).unwrap();
-        let hang = dir.join("hang");
-        let script = format!("#!/bin/sh\nif [ -e {} ]; then exec sleep 3600; fi\nexec {} \"$@\"\n", hang.display(), real.trim());
+        let (hang, slow) = (dir.join("hang"), dir.join("slow"));
+        let script = format!(
+            "#!/bin/sh\nif [ -e {} ]; then exec sleep 3600; fi\nif [ -e {} ]; then sleep 1; fi\nexec {} \"$@\"\n",
+            hang.display(),
+            slow.display(),
+            real.trim()
+        );
         let nft = dir.join("nft");
         std::fs::write(&nft, script).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self { dir, hang }
+        Self { dir, hang, slow }
     }
 
     fn path_env(&self) -> String {
@@ -36,11 +43,19 @@ impl HangingNft {
     }
 
     fn hang(&self, on: bool) {
-        if on {
-            std::fs::write(&self.hang, b"").unwrap();
-        } else {
-            let _ = std::fs::remove_file(&self.hang);
-        }
+        switch(&self.hang, on);
+    }
+
+    fn slow(&self, on: bool) {
+        switch(&self.slow, on);
+    }
+}
+
+fn switch(flag: &std::path::Path, on: bool) {
+    if on {
+        std::fs::write(flag, b"").unwrap();
+    } else {
+        let _ = std::fs::remove_file(flag);
     }
 }
 
@@ -288,4 +303,35 @@ fn long_reads_do_not_hold_up_writers() {
     eprintln!("writes while {reads} full audit reads ran: slowest {slowest:?}");
     assert!(reads >= 1, "the reads ran alongside");
     assert!(slowest < Duration::from_millis(100), "a write waited {slowest:?} behind a read");
+}
+
+#[test]
+fn after_a_restart_reads_are_answered_at_once_and_writes_wait_for_the_reconciliation() {
+    let a = Topology::new();
+    let nft = HangingNft::new();
+    let path = nft.path_env();
+    let mut daemon = Daemon::start_with_env(None, &[], &[("PATH", &path)]);
+    daemon.add_router(&a.router_id);
+    let helper = daemon.create_helper(&a.router_id, "tcp", 21, "ftp");
+    // Every nft run takes a second longer: the router's glue check at start
+    // takes a few.
+    nft.slow(true);
+    daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    daemon.spawn();
+    enforcer_tests::wait_for("the API to answer", 30, || std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok());
+    let mut session = daemon.session();
+    let status = session.request(&json!({"op": "status"})).unwrap();
+    assert_eq!(status["ok"]["ready"], false, "still reconciling: {status}");
+    let t = Instant::now();
+    let listed = session.request(&json!({"op": "helper_list", "router_id": a.router_id})).unwrap();
+    assert!(t.elapsed() < Duration::from_millis(500), "a read is answered at once: {:?}", t.elapsed());
+    assert_eq!(listed["ok"][0]["id"], helper.as_str(), "from the store: {listed}");
+    // A write waits for the reconciliation, then goes through.
+    let created = session.request(&json!({"op": "helper_create", "router_id": a.router_id, "protocol": "tcp", "port": 2121, "helper": "ftp"})).unwrap();
+    assert!(created.get("ok").is_some(), "{created}");
+    let status = session.request(&json!({"op": "status"})).unwrap();
+    assert_eq!(status["ok"]["ready"], true, "the write was applied after the reconciliation: {status}");
+    assert!(status["ok"]["ready_after_ms"].as_u64().unwrap() >= 1000, "{status}");
+    nft.slow(false);
+    assert_eq!(daemon.live_ports(), vec![21, 2121]);
 }

@@ -42,6 +42,11 @@ pub struct Results {
     pub clients: usize,
     pub delete_p50_ms: f64,
     pub delete_p99_ms: f64,
+    /// Changes per store commit in the concurrent creates (group commit).
+    pub changes_per_commit: f64,
+    /// One helper set request of this many helpers on a fresh router, and
+    /// how long it took (ms).
+    pub bulk_set: (usize, f64),
 }
 
 /// A router namespace with one veth pair, as a Neutron router has ports.
@@ -137,6 +142,10 @@ pub fn measure(scale: Scale) -> Results {
     out.rss_after_churn = rss(&daemon);
 
     changes(&daemon, &ids[0], &mut out);
+    let bulk = scale.pick(2000, 20_000);
+    let specs: Vec<Value> = (0..bulk).map(|i| json!({"protocol": if i % 2 == 0 { "tcp" } else { "udp" }, "port": 1 + i / 2, "helper": "sip"})).collect();
+    let took = timed(|| drop(call(&mut daemon.session(), json!({"op": "helper_set", "router_id": ids[1], "helpers": specs}))));
+    out.bulk_set = (bulk, took);
     drop(daemon);
 
     // The Neutron way: each router's raw table with its helper chains, saved
@@ -181,6 +190,8 @@ fn changes(daemon: &Daemon, router: &str, out: &mut Results) {
     let ids: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     out.creates_per_sec = ids.len() as f64 / start.elapsed().as_secs_f64();
     let mut s = daemon.session();
+    let status = call(&mut s, json!({"op": "status"}));
+    out.changes_per_commit = status["changes"].as_f64().unwrap_or(0.0) / status["commits"].as_f64().unwrap_or(1.0).max(1.0);
     let samples: Vec<f64> = ids
         .iter()
         .take(2000)
