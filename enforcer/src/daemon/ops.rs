@@ -619,15 +619,12 @@ impl Daemon {
         let mark = self.slot_mark(old.slot);
         let quiet = self.config.revoked_quiet_secs;
         let datapath = &mut self.datapath;
-        let router_id = key.0.clone();
         // As for a delete: one transaction, the old slot quarantined only if
         // the conntrack clean-up left something carrying it.
         let result = self.store.apply_then(&[Change::PutHelper(new.clone())], || {
-            revoke_record(datapath, index, &old)?;
+            let revoked = super::revoke::revoke_rule(datapath, &ns, index, &old, mark, quiet)?;
             allow_record(datapath, index, &new, kind)?;
-            let report = super::revoke::flush(datapath, &ns, index, old.slot, mark, quiet);
-            let more = if report.slot_released { vec![] } else { vec![Change::Quarantine { router_id, slot: old.slot }] };
-            Ok((report, more))
+            Ok(revoked)
         });
         let report = match result {
             Ok(report) => report,
@@ -660,14 +657,10 @@ impl Daemon {
         let mark = self.slot_mark(old.slot);
         let quiet = self.config.revoked_quiet_secs;
         let datapath = &mut self.datapath;
-        let router_id = key.0.clone();
         // One transaction: the helper goes, and its slot is quarantined only
         // if the conntrack clean-up left something carrying it.
         let result = self.store.apply_then(&[Change::DeleteHelper { router_id: key.0.clone(), helper_id: key.1.clone() }], || {
-            revoke_record(datapath, index, &old)?;
-            let report = super::revoke::flush(datapath, &ns, index, old.slot, mark, quiet);
-            let more = if report.slot_released { vec![] } else { vec![Change::Quarantine { router_id, slot: old.slot }] };
-            Ok((report, more))
+            super::revoke::revoke_rule(datapath, &ns, index, &old, mark, quiet)
         });
         let report = match result {
             Ok(report) => report,

@@ -12,7 +12,7 @@ use super::Daemon;
 use crate::{
     api::RevokeReport,
     kernel::{Datapath, Remembered, conntrack, netns},
-    store::Change,
+    store::{Change, HelperRecord},
 };
 
 /// Dump-and-delete rounds before a slot is left quarantined.
@@ -76,21 +76,38 @@ fn rounds(steps: &mut impl FlushSteps, report: &mut RevokeReport) -> anyhow::Res
 /// with `mark`, keeping their flows dead in the datapath first, in one visit
 /// to the namespace. A step that fails leaves the report's `flush_error`
 /// set (and the slot quarantined by the caller).
-///
-/// A rule that never tagged a packet cannot have marked a connection: the
-/// table is not visited (most deletes: a delete then costs no more with a
-/// big conntrack table). A packet tagged in the instant before the rule
-/// went is caught by the re-check after the cooling time (see `cooled`).
 pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, mark: (u32, u32), quiet_secs: u64) -> RevokeReport {
     let mut report = RevokeReport { quiet_secs, ..Default::default() };
-    if datapath.tagged(index, slot).is_ok_and(|n| n == 0) {
-        report.never_tagged = true;
-        report.slot_released = true;
-        return report;
-    }
     let result = netns::run_in(ns, || rounds(&mut KernelFlush { datapath, index, slot, mark }, &mut report));
     settle(&mut report, result);
     report
+}
+
+/// Revokes the live rule `h` of the router in `ns` completely: out of the
+/// maps, then its slot cleaned from conntrack. Returns the report, and the
+/// quarantine of the slot if something still carries it, to be written in
+/// the same transaction as the change.
+///
+/// A rule that never tagged a packet since it was allowed (its counters
+/// start at zero then) cannot have marked a connection: the table is not
+/// visited, so such a delete costs no more with a big conntrack table. A
+/// packet tagged in the instant before the rule went is caught by the
+/// re-check after the cooling time (see `cooled`).
+pub(super) fn revoke_rule(
+    datapath: &mut Datapath,
+    ns: &Path,
+    index: u32,
+    h: &HelperRecord,
+    mark: (u32, u32),
+    quiet_secs: u64,
+) -> anyhow::Result<(RevokeReport, Vec<Change>)> {
+    super::ops::revoke_record(datapath, index, h)?;
+    if datapath.tagged(index, h.slot).is_ok_and(|n| n == 0) {
+        return Ok((RevokeReport { quiet_secs, slot_released: true, never_tagged: true, ..Default::default() }, Vec::new()));
+    }
+    let report = flush(datapath, ns, index, h.slot, mark, quiet_secs);
+    let more = if report.slot_released { Vec::new() } else { vec![Change::Quarantine { router_id: h.helper.router_id.clone(), slot: h.slot }] };
+    Ok((report, more))
 }
 
 fn settle(report: &mut RevokeReport, result: anyhow::Result<usize>) {

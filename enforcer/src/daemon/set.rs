@@ -29,7 +29,20 @@ fn at(i: usize, e: ApiError) -> ApiError {
     ApiError { message: format!("helpers[{i}]: {}", e.message), field: Some(format!("helpers[{i}].{}", e.field.as_deref().unwrap_or(""))), ..e }
 }
 
+/// Whether `new` is a rule of its own (a new helper, or a changed one), with
+/// a slot of its own.
+fn new_rule(old: &Option<HelperRecord>, new: &HelperRecord) -> bool {
+    old.as_ref().is_none_or(|o| o.slot != new.slot)
+}
+
 impl Daemon {
+    /// Gives back the slots held for the new rules of a set not applied.
+    fn free_new_slots(&mut self, router: &str, put: &[(Option<HelperRecord>, HelperRecord)]) {
+        for (_, new) in put.iter().filter(|(o, n)| new_rule(o, n)) {
+            self.index.free(router, new.slot);
+        }
+    }
+
     /// Checks every entry before anything changes; an entry without an id
     /// is the router's helper on its protocol and port, or a new one.
     fn check_set(&self, router: &str, specs: Vec<HelperSpec>) -> Result<Vec<Wanted>, ApiError> {
@@ -90,43 +103,39 @@ impl Daemon {
         let mut report = SetReport::default();
         let keep: HashSet<&str> = wanted.iter().map(|w| w.id.as_str()).collect();
         let gone: Vec<HelperRecord> = current.values().filter(|h| !keep.contains(h.helper.id.as_str())).cloned().collect();
-        // (old record if any, new record): changed rules get a new slot.
+        // (old record if any, new record): a changed rule gets a new slot.
         let mut put: Vec<(Option<HelperRecord>, HelperRecord)> = Vec::new();
-        let mut new_slots = Vec::new();
-        let mut plan = || -> Result<(), ApiError> {
-            for w in &wanted {
-                let helper = Helper {
-                    id: w.id.clone(),
-                    router_id: router.clone(),
-                    project_id: w.project.clone(),
-                    protocol: w.protocol,
-                    port: w.port,
-                    helper: w.kind.name.to_string(),
-                };
-                let old = current.get(&w.id);
-                let same_rule = old.is_some_and(|o| (o.helper.protocol, o.helper.port, o.helper.helper.as_str()) == (w.protocol, w.port, w.kind.name));
-                match old {
-                    Some(o) if o.helper == helper => report.unchanged += 1,
-                    // Only the project changed: same rule, same slot.
-                    Some(o) if same_rule => put.push((Some(o.clone()), HelperRecord { helper, slot: o.slot })),
-                    _ => {
-                        let slot = self.free_slot(&router)?;
-                        self.index.hold(&router, slot);
-                        new_slots.push(slot);
-                        put.push((old.cloned(), HelperRecord { helper, slot }));
-                    }
+        for w in &wanted {
+            let helper = Helper {
+                id: w.id.clone(),
+                router_id: router.clone(),
+                project_id: w.project.clone(),
+                protocol: w.protocol,
+                port: w.port,
+                helper: w.kind.name.to_string(),
+            };
+            let old = current.get(&w.id);
+            let slot = match old {
+                Some(o) if o.helper == helper => {
+                    report.unchanged += 1;
+                    continue;
                 }
-            }
-            Ok(())
-        };
-        let planned = plan();
-        let release_new = |d: &mut Daemon| new_slots.iter().for_each(|s| d.index.free(&router, *s));
-        if let Err(e) = planned {
-            release_new(self);
-            return Err(e);
+                // Only the project changed: same rule, same slot.
+                Some(o) if (o.helper.protocol, o.helper.port, o.helper.helper.as_str()) == (w.protocol, w.port, w.kind.name) => o.slot,
+                _ => match self.free_slot(&router) {
+                    Ok(slot) => {
+                        self.index.hold(&router, slot);
+                        slot
+                    }
+                    Err(e) => {
+                        self.free_new_slots(&router, &put);
+                        return Err(e);
+                    }
+                },
+            };
+            put.push((old.cloned(), HelperRecord { helper, slot }));
         }
-        let revoked: Vec<HelperRecord> =
-            gone.iter().cloned().chain(put.iter().filter_map(|(old, new)| old.clone().filter(|o| o.slot != new.slot))).collect();
+        let revoked: Vec<HelperRecord> = gone.iter().cloned().chain(put.iter().filter(|(o, n)| new_rule(o, n)).filter_map(|(o, _)| o.clone())).collect();
         let mut changes: Vec<Change> =
             gone.iter().map(|h| Change::DeleteHelper { router_id: router.clone(), helper_id: h.helper.id.clone() }).collect();
         changes.extend(put.iter().map(|(_, new)| Change::PutHelper(new.clone())));
@@ -139,22 +148,14 @@ impl Daemon {
         let marks: Vec<(u32, u32)> = revoked.iter().map(|h| self.slot_mark(h.slot)).collect();
         let datapath = &mut self.datapath;
         let result = self.store.apply_then(&changes, || {
-            for h in &revoked {
-                super::ops::revoke_record(datapath, index, h)?;
-            }
-            for (old, new) in &put {
-                if old.as_ref().is_none_or(|o| o.slot != new.slot) {
-                    super::ops::allow_record(datapath, index, new, kind_of(&new.helper)?)?;
-                }
-            }
-            let mut more = Vec::new();
-            let mut reports = Vec::new();
+            let (mut reports, mut more) = (Vec::new(), Vec::new());
             for (h, mark) in revoked.iter().zip(&marks) {
-                let r = super::revoke::flush(datapath, &ns, index, h.slot, *mark, quiet);
-                if !r.slot_released {
-                    more.push(Change::Quarantine { router_id: router.clone(), slot: h.slot });
-                }
-                reports.push(r);
+                let (report, quarantine) = super::revoke::revoke_rule(datapath, &ns, index, h, *mark, quiet)?;
+                reports.push(report);
+                more.extend(quarantine);
+            }
+            for (_, new) in put.iter().filter(|(o, n)| new_rule(o, n)) {
+                super::ops::allow_record(datapath, index, new, kind_of(&new.helper)?)?;
             }
             Ok((reports, more))
         });
@@ -165,7 +166,7 @@ impl Daemon {
                 if let Err(e) = self.desired().and_then(|want| self.datapath.reconcile(&want, true)) {
                     tracing::error!(router = %router, "putting the maps back: {e:#}");
                 }
-                release_new(self);
+                self.free_new_slots(&router, &put);
                 return Err(e.into());
             }
         };
