@@ -110,8 +110,7 @@ impl Audit {
         if entry.result != "ok" && !self.allow_refusal(&entry.caller) {
             return Ok(());
         }
-        self.append(entry)?;
-        self.sync()
+        self.write(entry)
     }
 
     /// Appends the entries of a group of requests, then syncs once: their

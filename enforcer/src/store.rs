@@ -57,12 +57,10 @@ pub struct State {
 }
 
 pub struct Store {
-    /// None only while being reopened.
+    /// None after a failed commit, until opened again: redb refuses all
+    /// further use of a database after an I/O error (a full disk, say).
     db: Option<Database>,
     path: std::path::PathBuf,
-    /// A commit failed: redb refuses all further use of the database after
-    /// an I/O error (a full disk, say) until it is opened again.
-    failed: bool,
     /// The open group transaction, if any (see [`Store::begin_group`]).
     group: Option<Group>,
 }
@@ -102,17 +100,15 @@ impl Store {
         txn.open_table(HELPERS)?;
         txn.open_table(QUARANTINE)?;
         txn.commit()?;
-        Ok(Self { db: Some(db), path, failed: false, group: None })
+        Ok(Self { db: Some(db), path, group: None })
     }
 
     /// The database, opened again first if a commit failed.
     fn db(&mut self) -> Result<&Database> {
-        if self.failed || self.db.is_none() {
+        if self.db.is_none() {
             self.group = None;
-            self.db = None;
             let db = Database::create(&self.path).with_context(|| format!("opening store {} again after a failed commit", self.path.display()))?;
             self.db = Some(db);
-            self.failed = false;
         }
         self.db.as_ref().context("store not open")
     }
@@ -162,7 +158,7 @@ impl Store {
         let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
         write(&txn, changes).and_then(|()| write(&txn, &more)).map_err(ApplyError::Store)?;
         if let Err(e) = txn.commit() {
-            self.failed = true;
+            self.db = None;
             return Err(ApplyError::Commit(e.into()));
         }
         Ok(out)
@@ -194,7 +190,7 @@ impl Store {
             return Err(ApplyError::Store(anyhow::anyhow!("a write failed: {e}")));
         }
         group.txn.commit().map_err(|e| {
-            self.failed = true;
+            self.db = None;
             ApplyError::Commit(e.into())
         })
     }

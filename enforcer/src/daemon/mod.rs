@@ -300,8 +300,9 @@ impl Daemon {
 
     /// Brings up one stored router at start (see [`Daemon::startup_jobs`]).
     pub(super) fn start_router(&mut self, id: &str, glue: Option<GlueDone>) {
+        let brought = self.bring_up(id, glue);
         let report = &mut self.started_with;
-        match Self::bring_up_with(&mut self.routers, &mut self.datapath, &self.offered, id, glue) {
+        match brought {
             Ok(Some((glue_added, links))) => {
                 report.glue_installed += glue_added as usize;
                 report.links_attached += links.attached;
@@ -358,18 +359,9 @@ impl Daemon {
     /// The glue comes from `glue` (done without the lock) when given; else,
     /// for a namespace attached for the first time, it is installed here.
     fn bring_up(&mut self, id: &str, glue: Option<GlueDone>) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
-        Self::bring_up_with(&mut self.routers, &mut self.datapath, &self.offered, id, glue)
-    }
-
-    fn bring_up_with(
-        routers: &mut BTreeMap<String, RouterState>,
-        datapath: &mut Datapath,
-        offered: &Offered,
-        id: &str,
-        glue: Option<GlueDone>,
-    ) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
+        let (datapath, offered) = (&mut self.datapath, &self.offered);
         let layout = datapath.layout();
-        let state = routers.get_mut(id).context("unknown router")?;
+        let state = self.routers.get_mut(id).context("unknown router")?;
         let Some(ns_id) = netns_id(&state.record.netns) else {
             state.attachment = None;
             state.netns_id = None;
@@ -458,9 +450,8 @@ impl Daemon {
     }
 
     /// After a group commit failed: helpers, slots and the maps as the store
-    /// has them (the cooling entries the group added go too).
-    pub(super) fn back_to_store(&mut self, cooling: usize) {
-        self.cooling.truncate(cooling);
+    /// has them.
+    pub(super) fn back_to_store(&mut self) {
         match self.store.load() {
             Ok(state) => {
                 // A slot live again (its delete was not kept) is not cooling.
@@ -497,9 +488,9 @@ impl Daemon {
             warn!("audit: {e:#}");
         }
         self.cooled();
-        // Loading a router's programs parses the eBPF object on a blocking
-        // thread; glibc keeps what those threads freed in their own arenas.
-        // Handing it back keeps the daemon's memory flat under router churn.
+        // Requests are handled on the runtime's blocking threads, and glibc
+        // keeps what each thread frees in its own arena: handed back here,
+        // so memory follows the state, not the busiest moment so far.
         // SAFETY: malloc_trim only releases free memory.
         unsafe { libc::malloc_trim(0) };
         let referenced = match self.datapath.sweep_revoked() {

@@ -155,13 +155,12 @@ impl Daemon {
     pub(super) fn handle_group(&mut self, group: Vec<(Owner, Caller, Request)>) -> Vec<Result<Reply, ApiError>> {
         if self.store.abandon_group() {
             // The last group panicked halfway: nothing of it was kept.
-            self.back_to_store(self.cooling.len());
+            self.back_to_store();
         }
         if let Err(e) = self.store.begin_group() {
             let error = ApiError::from(e);
             return group.iter().map(|_| Err(error.clone())).collect();
         }
-        let cooling = self.cooling.len();
         let mut done: Vec<(Result<Reply, ApiError>, Option<AuditEntry>)> =
             group.into_iter().map(|(origin, caller, req)| self.handle_audited(origin, caller, req, None)).collect();
         self.changes += done.len() as u64;
@@ -169,7 +168,7 @@ impl Daemon {
         if let Err(e) = self.store.commit_group() {
             warn!("group commit of {} changes failed: {e}", done.len());
             let error = ApiError::internal(format!("{e}; the change was not kept (nothing of it is enforced)"));
-            self.back_to_store(cooling);
+            self.back_to_store();
             for (result, entry) in &mut done {
                 if result.is_ok() {
                     *result = Err(error.clone());

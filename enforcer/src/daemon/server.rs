@@ -347,7 +347,9 @@ async fn housekeeping(daemon: Shared) {
 /// Checks every router's glue as a whole and its attachments against the
 /// kernel every `every`, putting back what someone removed or changed.
 async fn verify(daemon: Shared, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+    // The first check comes one period after start: the start-up
+    // reconciliation has just installed every router's glue and links.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
