@@ -135,7 +135,7 @@ impl Daemon {
         let mut session = self.session();
         loop {
             let status = session.request(&serde_json::json!({"op": "status"})).unwrap_or_default();
-            if status["ok"]["ready"] != false {
+            if status["ok"]["ready"] == true {
                 break;
             }
             if let Ok(Some(status)) = self.process.child.try_wait() {
@@ -328,6 +328,32 @@ impl Daemon {
         let mut ports: Vec<u64> = listed.as_array().unwrap().iter().map(|h| h["port"].as_u64().unwrap()).collect();
         ports.sort();
         ports
+    }
+
+    /// `clients` sessions at once, each sending `each` requests, where
+    /// `request(c, i)` is request i of client c. Returns every request
+    /// with its answer and how long it took.
+    pub fn concurrent<F>(&self, clients: u64, each: u64, request: F) -> Vec<(serde_json::Value, serde_json::Value, Duration)>
+    where
+        F: Fn(u64, u64) -> serde_json::Value + Send + Sync + 'static,
+    {
+        let request = std::sync::Arc::new(request);
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let (mut session, request) = (self.session(), request.clone());
+                std::thread::spawn(move || {
+                    (0..each)
+                        .map(|i| {
+                            let req = request(c, i);
+                            let t = Instant::now();
+                            let answer = session.request(&req).expect("the daemon answers");
+                            (req, answer, t.elapsed())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().expect("a client thread")).collect()
     }
 
     /// `maps dump -o json`, parsed.

@@ -19,29 +19,14 @@ fn create(router: &str, port: u64) -> Value {
 /// client, at once. Returns (acknowledged ports, refused ports with their
 /// errors).
 fn concurrent_creates(daemon: &Daemon, router: &str, clients: u64, each: u64, first: u64) -> (Vec<u64>, Vec<(u64, Value)>) {
-    let threads: Vec<_> = (0..clients)
-        .map(|c| {
-            let mut session = daemon.session();
-            let router = router.to_string();
-            std::thread::spawn(move || {
-                let (mut acked, mut refused) = (Vec::new(), Vec::new());
-                for i in 0..each {
-                    let port = first + c * each + i;
-                    let answer = session.request(&create(&router, port)).expect("the daemon answers");
-                    match answer.get("ok") {
-                        Some(_) => acked.push(port),
-                        None => refused.push((port, answer["error"].clone())),
-                    }
-                }
-                (acked, refused)
-            })
-        })
-        .collect();
+    let router = router.to_string();
     let (mut acked, mut refused) = (Vec::new(), Vec::new());
-    for t in threads {
-        let (a, r) = t.join().unwrap();
-        acked.extend(a);
-        refused.extend(r);
+    for (req, answer, _) in daemon.concurrent(clients, each, move |c, i| create(&router, first + c * each + i)) {
+        let port = req["port"].as_u64().unwrap();
+        match answer.get("ok") {
+            Some(_) => acked.push(port),
+            None => refused.push((port, answer["error"].clone())),
+        }
     }
     acked.sort();
     (acked, refused)

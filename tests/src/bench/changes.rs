@@ -112,22 +112,17 @@ pub fn measure(scale: Scale) -> Results {
     // Many clients at once.
     let per = k / out.clients as u32;
     let start = Instant::now();
-    let threads: Vec<_> = (0..out.clients as u32)
-        .map(|c| {
-            let mut s = daemon.session();
-            let r = r.clone();
-            std::thread::spawn(move || {
-                (0..per)
-                    .map(|i| {
-                        let t = Instant::now();
-                        create(&mut s, &r, "tcp", 1 + c * per + i);
-                        ms(t.elapsed())
-                    })
-                    .collect::<Vec<f64>>()
-            })
+    let router = r.clone();
+    let answers = daemon.concurrent(out.clients as u64, per as u64, move |c, i| {
+        json!({"op": "helper_create", "router_id": router, "protocol": "tcp", "port": 1 + c * per as u64 + i, "helper": "sip"})
+    });
+    let samples: Vec<f64> = answers
+        .iter()
+        .map(|(req, answer, took)| {
+            assert!(answer.get("ok").is_some(), "{req} refused: {answer}");
+            ms(*took)
         })
         .collect();
-    let samples: Vec<f64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     out.create_many_clients = latency(samples, start.elapsed().as_secs_f64());
     eprintln!("bench: API latency done");
 

@@ -124,7 +124,7 @@ pub fn measure(scale: Scale) -> Results {
     }
     out.restart_answer_ms = ms(start.elapsed());
     let mut s = daemon.session();
-    while call(&mut s, json!({"op": "status"}))["ready"] == false {
+    while call(&mut s, json!({"op": "status"}))["ready"] != true {
         assert!(start.elapsed() < Duration::from_secs(600), "not ready after 10 minutes");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -167,28 +167,14 @@ pub fn measure(scale: Scale) -> Results {
 /// Creates from many clients at once (group commit), then deletes of rules
 /// that never tagged a packet, one at a time.
 fn changes(daemon: &Daemon, router: &str, out: &mut Results) {
-    let per = 1000u64;
-    let clients = out.clients as u64;
+    let (per, router_id) = (1000u64, router.to_string());
     let start = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|c| {
-            let mut s = daemon.session();
-            let router = router.to_string();
-            std::thread::spawn(move || {
-                (0..per)
-                    .map(|i| {
-                        let port = 10_000 + c * per + i;
-                        call(&mut s, json!({"op": "helper_create", "router_id": router, "protocol": "udp", "port": port, "helper": "sip"}))["id"]
-                            .as_str()
-                            .unwrap()
-                            .to_string()
-                    })
-                    .collect::<Vec<String>>()
-            })
-        })
-        .collect();
-    let ids: Vec<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    out.creates_per_sec = ids.len() as f64 / start.elapsed().as_secs_f64();
+    let answers = daemon.concurrent(out.clients as u64, per, move |c, i| {
+        json!({"op": "helper_create", "router_id": router_id, "protocol": "udp", "port": 10_000 + c * per + i, "helper": "sip"})
+    });
+    out.creates_per_sec = answers.len() as f64 / start.elapsed().as_secs_f64();
+    let ids: Vec<String> =
+        answers.iter().map(|(req, answer, _)| answer["ok"]["id"].as_str().unwrap_or_else(|| panic!("{req} refused: {answer}")).to_string()).collect();
     let mut s = daemon.session();
     let status = call(&mut s, json!({"op": "status"}));
     out.changes_per_commit = status["changes"].as_f64().unwrap_or(0.0) / status["commits"].as_f64().unwrap_or(1.0).max(1.0);
