@@ -366,18 +366,24 @@ pub struct StatusReport {
     /// Attachments found missing in the kernel and put back since start.
     #[serde(default)]
     pub link_repairs: u64,
-    /// Helper changes applied since start, and the store transactions they
-    /// took (group commit: many concurrent changes share one).
     /// Whether the start-up reconciliation is done (until then writes
     /// wait), and how long it took.
     #[serde(default = "yes")]
     pub ready: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_after_ms: Option<u64>,
+    /// Helper changes applied since start, and the store transactions they
+    /// took (group commit: many concurrent changes share one).
     #[serde(default)]
     pub changes: u64,
     #[serde(default)]
     pub commits: u64,
+    /// Rounds of the periodic glue and attachment check done since start,
+    /// and how long the last one took.
+    #[serde(default)]
+    pub check_rounds: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_ms: Option<u64>,
 }
 
 /// A router's netfilter glue, as its last whole-table check found it.

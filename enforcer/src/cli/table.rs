@@ -165,6 +165,13 @@ fn print_status(s: &StatusReport) {
         s.revoked_flows_overflowed
     );
     print_reconcile("changed at start", &s.started_with);
+    let ready = match (s.ready, s.ready_after_ms) {
+        (true, Some(ms)) => format!("ready after {ms} ms"),
+        (true, None) => "ready".to_string(),
+        (false, _) => "reconciling at start (writes wait)".to_string(),
+    };
+    let last = s.last_check_ms.map(|ms| format!(", the last took {ms} ms")).unwrap_or_default();
+    println!("{ready}; {} helper changes in {} commits; {} check rounds{last}", s.changes, s.commits, s.check_rounds);
     println!("repaired since start: glue {}, attachments {}", s.glue_repairs, s.link_repairs);
     if s.drift.is_empty() {
         println!("drift: none");

@@ -13,6 +13,7 @@ mod revoke;
 mod server;
 mod set;
 mod sync;
+mod verified;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -27,7 +28,7 @@ use tracing::{info, warn};
 pub use server::serve;
 
 use crate::{
-    api::{ApiError, Protocol, ReconcileReport},
+    api::{ApiError, GlueState, Protocol, ReconcileReport},
     audit::Audit,
     catalogue::{self, HelperKind, Offered},
     config::Config,
@@ -47,7 +48,7 @@ struct RouterState {
     /// deleted and created again under the same name is a new one.
     netns_id: Option<NetnsId>,
     /// What the last check of its glue found.
-    glue: crate::api::GlueState,
+    glue: GlueState,
     /// (missing, stale) attachments, as the last check found them.
     links: (usize, usize),
 }
@@ -154,11 +155,15 @@ pub struct Daemon {
     /// The Neutron sync's last report, and when it last completed a poll.
     sync_status: Option<crate::api::SyncStatus>,
     last_sync: Option<Instant>,
-    /// The glue table as installing it leaves it (see `glue::reference`).
-    glue_reference: std::sync::Arc<serde_json::Value>,
+    /// The glue table as installing it leaves it (see `glue::reference`),
+    /// and where each namespace's glue was last found so.
+    verified: verified::Verified,
     glue_repairs: u64,
     /// Attachments found missing in the kernel and put back since start.
     link_repairs: u64,
+    /// Rounds of the periodic check done, and how long the last took.
+    check_rounds: u64,
+    last_check: Option<std::time::Duration>,
     /// Helper changes handled in groups, and the groups' commits.
     changes: u64,
     commits: u64,
@@ -176,6 +181,17 @@ pub(super) struct GlueJob {
     netns: String,
     offered: Offered,
     layout: enforcer_common::MarkLayout,
+    /// Compare first and install only where the table differs (at start,
+    /// where the glue is almost always in place: a check is cheaper than a
+    /// rewrite).
+    check: Option<GlueCheck>,
+}
+
+/// A check of the glue against the reference, skipped if the ruleset is
+/// still at the generation where it was last found intact.
+pub(super) struct GlueCheck {
+    reference: std::sync::Arc<serde_json::Value>,
+    known: Option<glue::Generation>,
 }
 
 /// What a [`GlueJob`] did: whether the glue was missing, or why it failed.
@@ -183,13 +199,24 @@ pub(super) struct GlueDone {
     netns: String,
     added: Result<bool, String>,
     took: std::time::Duration,
+    /// Where the glue was found intact (none if it was installed).
+    intact_at: Option<glue::Generation>,
 }
 
 impl GlueJob {
     pub(super) fn run(self) -> GlueDone {
         let start = Instant::now();
-        let added = glue::install(&netns::path(&self.netns), &self.offered, &self.layout).map_err(|e| format!("{e:#}"));
-        GlueDone { netns: self.netns, added, took: start.elapsed() }
+        let ns = netns::path(&self.netns);
+        let install = || glue::install(&ns, &self.offered, &self.layout);
+        let (added, intact_at) = match &self.check {
+            Some(c) => match glue::check(&ns, &c.reference, c.known) {
+                Ok(glue::Found { state: GlueState::Intact, intact_at }) => (Ok(false), intact_at),
+                Ok(_) => (install().map(|_| true), None),
+                Err(e) => (Err(e), None),
+            },
+            None => (install(), None),
+        };
+        GlueDone { netns: self.netns, added: added.map_err(|e| format!("{e:#}")), took: start.elapsed(), intact_at }
     }
 }
 
@@ -241,11 +268,25 @@ impl Daemon {
         let mut store = Store::open(&config.state_dir).with_context(unreadable)?;
         let state = store.load().with_context(unreadable)?;
         let audit = Audit::open(&config.state_dir, config.audit_limits())?;
-        let probed = crate::kernel::probe::probe().context("probing the kernel's conntrack helpers")?;
-        let offered = Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg)?;
-        info!(helpers = ?offered.names(), "helpers offered");
-        let glue_reference = glue::reference(&offered, &layout).context("listing the glue as installed")?;
-        let mut datapath = Datapath::load(&config.bpffs, layout, config.max_rules, config.revoked_policy())?;
+        // The programs are verified while nft probes the helpers and lists
+        // the reference glue: neither needs the other.
+        let (offered, glue_reference, datapath) = std::thread::scope(|s| {
+            let loading = s.spawn(|| Datapath::load(&config.bpffs, layout, config.max_rules, config.revoked_policy()));
+            let probing = Instant::now();
+            let offered = crate::kernel::probe::probe()
+                .context("probing the kernel's conntrack helpers")
+                .and_then(|probed| Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg));
+            if let Ok(offered) = &offered {
+                info!(helpers = ?offered.names(), probe_ms = probing.elapsed().as_millis() as u64, "helpers offered");
+            }
+            let reference = offered.as_ref().ok().map(|o| glue::reference(o, &layout).context("listing the glue as installed"));
+            let datapath = loading.join().map_err(|_| anyhow::anyhow!("loading the programs panicked"));
+            (offered, reference, datapath)
+        });
+        let offered = offered?;
+        let glue_reference = glue_reference.context("no reference glue")??;
+        let mut datapath = datapath??;
+        let verified = verified::Verified::load(&config.state_dir, std::sync::Arc::new(glue_reference));
         datapath.set_attach_mode(mode);
         info!(?mode, "attach mode");
         let routers = state
@@ -273,11 +314,13 @@ impl Daemon {
             origin: crate::api::Owner::Local,
             sync_status: None,
             last_sync: None,
-            glue_reference: std::sync::Arc::new(glue_reference),
+            verified,
             glue_repairs: 0,
             link_repairs: 0,
             changes: 0,
             commits: 0,
+            check_rounds: 0,
+            last_check: None,
             unglue: Vec::new(),
             routers_changed: Default::default(),
         };
@@ -294,7 +337,10 @@ impl Daemon {
     pub(super) fn startup_jobs(&self) -> Vec<(String, Option<GlueJob>)> {
         self.routers
             .values()
-            .map(|r| (r.record.id.clone(), netns_id(&r.record.netns).map(|_| self.glue_job(&r.record.netns))))
+            .map(|r| {
+                let job = netns_id(&r.record.netns).map(|_| GlueJob { check: Some(self.glue_check(&r.record.netns)), ..self.glue_job(&r.record.netns) });
+                (r.record.id.clone(), job)
+            })
             .collect()
     }
 
@@ -330,6 +376,7 @@ impl Daemon {
         self.started_with.maps = self.datapath.reconcile(&self.desired()?, true)?;
         self.started_with.slots_released = self.release_quarantine();
         self.datapath.set_replace_programs(false);
+        self.save_verified();
         self.ready = Some(self.started.elapsed());
         let r = &self.started_with;
         info!(
@@ -348,9 +395,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Keeps where each namespace's glue was found intact for the next
+    /// start (see `verified`).
+    pub(super) fn save_verified(&mut self) {
+        self.verified.save();
+    }
+
     /// The glue step for namespace `netns`, to run without the lock.
     pub(super) fn glue_job(&self, netns: &str) -> GlueJob {
-        GlueJob { netns: netns.to_string(), offered: self.offered.clone(), layout: self.datapath.layout() }
+        GlueJob { netns: netns.to_string(), offered: self.offered.clone(), layout: self.datapath.layout(), check: None }
+    }
+
+    /// The check of namespace `netns`'s glue, from where it was last found
+    /// intact.
+    pub(super) fn glue_check(&self, netns: &str) -> GlueCheck {
+        GlueCheck { reference: self.verified.reference(), known: self.verified.get(netns) }
     }
 
     /// Attaches a stored router if its namespace exists. Returns whether the
@@ -359,7 +418,7 @@ impl Daemon {
     /// The glue comes from `glue` (done without the lock) when given; else,
     /// for a namespace attached for the first time, it is installed here.
     fn bring_up(&mut self, id: &str, glue: Option<GlueDone>) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
-        let (datapath, offered) = (&mut self.datapath, &self.offered);
+        let (datapath, offered, verified) = (&mut self.datapath, &self.offered, &mut self.verified);
         let layout = datapath.layout();
         let state = self.routers.get_mut(id).context("unknown router")?;
         let Some(ns_id) = netns_id(&state.record.netns) else {
@@ -376,8 +435,14 @@ impl Daemon {
         }
         let path = netns::path(&state.record.netns);
         let glue_added = match glue {
-            Some(done) if done.netns == state.record.netns => done.added.map_err(anyhow::Error::msg)?,
-            _ if fresh => glue::install(&path, offered, &layout)?,
+            Some(done) if done.netns == state.record.netns => {
+                verified.set(&done.netns, done.intact_at);
+                done.added.map_err(anyhow::Error::msg)?
+            }
+            _ if fresh => {
+                verified.set(&state.record.netns, None);
+                glue::install(&path, offered, &layout)?
+            }
             // Same namespace, glue in place (the glue check repairs it).
             _ => false,
         };

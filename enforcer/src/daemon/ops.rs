@@ -412,6 +412,7 @@ impl Daemon {
         }
         self.datapath.forget_router_state(index);
         // nft may be slow: the glue goes after the lock is released.
+        self.verified.set(&state.record.netns, None);
         self.unglue.push(state.record.netns.clone());
     }
 
@@ -753,6 +754,8 @@ impl Daemon {
             ready_after_ms: self.ready.map(|d| d.as_millis() as u64),
             changes: self.changes,
             commits: self.commits,
+            check_rounds: self.check_rounds,
+            last_check_ms: self.last_check.map(|d| d.as_millis() as u64),
         })
     }
 }

@@ -4,11 +4,9 @@
 //! glue repair spawn nft or tc, so they run without the daemon's lock; only
 //! the bookkeeping (state, counter, audit) and re-attaching take it.
 
-use std::sync::Arc;
-
 use tracing::{info, warn};
 
-use super::{Daemon, GlueJob, NetnsId, netns_id};
+use super::{Daemon, GlueCheck, GlueJob, NetnsId, netns_id};
 use crate::{
     api::{ApiError, GlueState, Owner},
     audit::{Audit, AuditEntry},
@@ -20,7 +18,7 @@ use crate::{
 pub(super) struct Check {
     id: String,
     netns_id: Option<NetnsId>,
-    reference: Arc<serde_json::Value>,
+    glue: GlueCheck,
     repair: GlueJob,
     links: LinkCheck,
 }
@@ -30,7 +28,7 @@ pub(super) struct Checked {
     id: String,
     netns: String,
     netns_id: Option<NetnsId>,
-    found: Result<GlueState, String>,
+    found: Result<glue::Found, String>,
     repaired: Option<Result<(), String>>,
     /// (missing, stale) attachments.
     links: Result<(usize, usize), String>,
@@ -43,9 +41,9 @@ impl Check {
 
     pub(super) fn run(self) -> Checked {
         let netns = self.repair.netns.clone();
-        let found = glue::check(&netns::path(&netns), &self.reference).map_err(|e| format!("{e:#}"));
+        let found = glue::check(&netns::path(&netns), &self.glue.reference, self.glue.known).map_err(|e| format!("{e:#}"));
         let repaired = match found {
-            Ok(GlueState::Missing | GlueState::Altered) => Some(self.repair.run().added.map(|_| ())),
+            Ok(glue::Found { state: GlueState::Missing | GlueState::Altered, .. }) => Some(self.repair.run().added.map(|_| ())),
             _ => None,
         };
         let links = self.links.drift().map_err(|e| format!("{e:#}"));
@@ -62,7 +60,7 @@ impl Daemon {
             .map(|r| Check {
                 id: r.record.id.clone(),
                 netns_id: r.netns_id,
-                reference: self.glue_reference.clone(),
+                glue: self.glue_check(&r.record.netns),
                 repair: self.glue_job(&r.record.netns),
                 links: self.datapath.link_check(&netns::path(&r.record.netns), r.record.index),
             })
@@ -113,7 +111,10 @@ impl Daemon {
         }
         let Some(state) = self.routers.get_mut(&id) else { return };
         let found = match found {
-            Ok(found) => found,
+            Ok(found) => {
+                self.verified.set(&netns, found.intact_at);
+                found.state
+            }
             Err(e) => return warn!(router = %id, "checking the glue: {e}"),
         };
         state.glue = match &repaired {
@@ -132,6 +133,14 @@ impl Daemon {
         }
         let now = if repaired.is_ok() { serde_json::json!("intact") } else { what.clone() };
         self.record_repair(&id, "glue_repair", serde_json::json!({ "glue": what }), serde_json::json!({ "glue": now }), repaired);
+    }
+
+    /// Ends a round of checks: counted, and where the glue was found intact
+    /// kept for the next start.
+    pub(super) fn checks_done(&mut self, took: std::time::Duration) {
+        self.check_rounds += 1;
+        self.last_check = Some(took);
+        self.save_verified();
     }
 
     /// Audits a repair the daemon made on its own.

@@ -119,6 +119,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     for task in background.iter().chain(sync.as_ref()) {
         task.abort();
     }
+    lock(&daemon).save_verified();
     info!("stopping; enforcement stays in place");
     let _ = std::fs::remove_file(socket);
     Ok(())
@@ -353,11 +354,13 @@ async fn verify(daemon: Shared, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let start = std::time::Instant::now();
         for check in with_daemon(&daemon, |d| d.checks()).await {
             let _turn = netns_turn(Some(check.netns())).await;
             let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
             with_daemon(&daemon, move |d| d.checked(checked)).await;
         }
+        with_daemon(&daemon, move |d| d.checks_done(start.elapsed())).await;
     }
 }
 

@@ -71,8 +71,13 @@ pub fn run(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output> {
 /// carries its stderr.
 pub fn check(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output> {
     let out = run(cmd, input)?;
+    succeeded(&cmd.get_program().to_string_lossy(), out)
+}
+
+/// `out` of program `name` if it exited with success; else an error that
+/// carries its stderr.
+pub fn succeeded(name: &str, out: Output) -> Result<Output> {
     if !out.status.success() {
-        let name = cmd.get_program().to_string_lossy().into_owned();
         bail!("{name} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)

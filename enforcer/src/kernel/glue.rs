@@ -16,7 +16,11 @@
 //! Rules are built from catalogue constants and the mark layout only, as
 //! nftables JSON through the `nftables` crate: nothing a user typed.
 
-use std::{borrow::Cow, path::Path, process::Command};
+use std::{
+    borrow::Cow,
+    path::Path,
+    process::{Command, Output},
+};
 
 use anyhow::{Context, Result, bail};
 use enforcer_common::MarkLayout;
@@ -28,7 +32,7 @@ use nftables::{
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
-use super::exec;
+use super::{exec, netns, nfnl};
 use crate::{
     api::{GlueState, Protocol},
     catalogue::{HelperKind, Offered},
@@ -175,24 +179,23 @@ pub fn ruleset(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
     batch.to_nftables()
 }
 
-/// `nft` run inside the namespace at `ns`.
-fn nft_in(ns: &Path) -> Command {
-    let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net={}", ns.display())).arg("nft");
-    cmd
+/// Runs `program` inside the namespace at `ns`: spawned from a thread in
+/// it, the child starts there (the one way into a namespace, see `netns`).
+fn run_in(ns: &Path, program: &str, args: &[&str], input: Option<&[u8]>) -> Result<Output> {
+    netns::run_in(ns, || exec::run(Command::new(program).args(args), input))
 }
 
 /// Commits `ruleset` (the crate's JSON schema) in one `nft -j -f -` run,
 /// under the command time limit.
 fn apply(ns: &Path, ruleset: &Nftables) -> Result<()> {
     let json = serde_json::to_vec(ruleset).context("serializing the nftables ruleset")?;
-    exec::check(nft_in(ns).args(["-j", "-f", "-"]), Some(&json)).with_context(|| format!("nft in {}", ns.display()))?;
+    exec::succeeded("nft", run_in(ns, "nft", &["-j", "-f", "-"], Some(&json))?).with_context(|| format!("nft in {}", ns.display()))?;
     Ok(())
 }
 
 /// Whether enforcer's table exists in the namespace.
 pub fn installed(ns: &Path) -> Result<bool> {
-    let out = exec::run(nft_in(ns).args(["list", "table", "inet", TABLE]), None)
+    let out = run_in(ns, "nft", &["list", "table", "inet", TABLE], None)
         .with_context(|| format!("nft in {} (is nftables installed?)", ns.display()))?;
     Ok(out.status.success())
 }
@@ -218,8 +221,10 @@ fn normalized(listing: &[u8]) -> Result<serde_json::Value> {
     Ok(v)
 }
 
-fn listing(cmd: &mut Command) -> Result<Option<serde_json::Value>> {
-    let out = exec::run(cmd.args(["-j", "list", "table", "inet", TABLE]), None)?;
+const LIST: [&str; 5] = ["-j", "list", "table", "inet", TABLE];
+
+/// The normalized table from nft's listing, or None if there is none.
+fn listing(out: Output) -> Result<Option<serde_json::Value>> {
     if !out.status.success() {
         return Ok(None);
     }
@@ -236,20 +241,71 @@ pub fn reference(offered: &Offered, layout: &MarkLayout) -> Result<serde_json::V
         s.spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unsharing a scratch network namespace")?;
             exec::check(Command::new("nft").args(["-j", "-f", "-"]), Some(&json)).context("installing the glue in a scratch namespace")?;
-            listing(&mut Command::new("nft"))?.context("the glue vanished from the scratch namespace")
+            listing(exec::run(Command::new("nft").args(LIST), None)?)?.context("the glue vanished from the scratch namespace")
         })
         .join()
         .map_err(|_| anyhow::anyhow!("glue reference thread panicked"))?
     })
 }
 
+/// Where a namespace's nftables ruleset stands: the namespace's cookie
+/// (never reused) and its ruleset generation, which every commit in that
+/// namespace bumps, whoever makes it (nft, iptables-nft, Neutron). The same
+/// generation seen again means nothing changed in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Generation {
+    pub netns: u64,
+    pub id: u32,
+}
+
+/// The generation of the calling thread's namespace (NFT_MSG_GETGEN).
+fn generation_here() -> Result<Generation> {
+    use netlink_packet_netfilter::{
+        NetfilterMessageInner,
+        nftables::{GenAttribute, GenMessage, NfTablesMessage},
+    };
+    let sock = nfnl::socket()?;
+    nfnl::send(&sock, NfTablesMessage::GetGen(GenMessage { attributes: Vec::new() }), netlink_packet_core::NLM_F_REQUEST)?;
+    let mut id = None;
+    nfnl::receive(&sock, true, |m| {
+        if let NetfilterMessageInner::NfTables(NfTablesMessage::NewGen(g)) = m {
+            id = g.attributes.iter().find_map(|a| if let GenAttribute::Id(id) = a { Some(*id) } else { None });
+        }
+    })?;
+    Ok(Generation { netns: nfnl::netns_cookie(&sock)?, id: id.context("nftables sent no generation id")? })
+}
+
+/// What a check found, and the generation it found it at if the glue was
+/// intact (for the next check to skip the listing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub state: GlueState,
+    pub intact_at: Option<Generation>,
+}
+
 /// Checks the whole table in the namespace at `ns` against `reference`.
-pub fn check(ns: &Path, reference: &serde_json::Value) -> Result<GlueState> {
-    Ok(match listing(&mut nft_in(ns)).with_context(|| format!("listing the glue in {}", ns.display()))? {
+/// If the ruleset is still at `known`, a generation at which the glue was
+/// found intact, nothing changed since and nft is not run at all.
+pub fn check(ns: &Path, reference: &serde_json::Value, known: Option<Generation>) -> Result<Found> {
+    // The generation is read before the listing: a change racing the
+    // listing then shows as a new generation next time.
+    let (generation, out) = netns::run_in(ns, || {
+        let generation = generation_here()?;
+        if Some(generation) == known {
+            return Ok((generation, None));
+        }
+        Ok((generation, Some(exec::run(Command::new("nft").args(LIST), None)?)))
+    })
+    .with_context(|| format!("checking the glue in {}", ns.display()))?;
+    let Some(out) = out else {
+        return Ok(Found { state: GlueState::Intact, intact_at: Some(generation) });
+    };
+    let state = match listing(out).with_context(|| format!("listing the glue in {}", ns.display()))? {
         None => GlueState::Missing,
         Some(table) if &table == reference => GlueState::Intact,
         Some(_) => GlueState::Altered,
-    })
+    };
+    Ok(Found { state, intact_at: (state == GlueState::Intact).then_some(generation) })
 }
 
 /// Installs (or rewrites) the glue in one transaction. Idempotent. Returns
@@ -289,23 +345,18 @@ pub fn remove(ns: &Path) -> Result<()> {
 /// `CT --helper` chain and mangle CONNMARK chain, jumped to from
 /// PREROUTING). Only ever removed.
 pub mod legacy {
-    use std::{path::Path, process::Command};
+    use std::path::Path;
 
     use anyhow::Result;
 
+    use super::run_in;
     use crate::kernel::exec;
 
     pub const CHAINS: [(&str, &str); 2] = [("raw", "ENFORCER-HELPERS"), ("mangle", "ENFORCER-CONNMARK")];
 
-    fn in_netns(ns: &Path, program: &str) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", ns.display())).arg(program);
-        cmd
-    }
-
     /// Whether `table` has `chain` in the family of `tool`.
     fn has_chain(ns: &Path, tool: &str, table: &str, chain: &str) -> Result<bool> {
-        Ok(exec::run(in_netns(ns, tool).args(["--wait", "-t", table, "-n", "-L", chain]), None)?.status.success())
+        Ok(run_in(ns, tool, &["--wait", "-t", table, "-n", "-L", chain], None)?.status.success())
     }
 
     /// Removes the old chains and their jumps, where they exist.
@@ -316,7 +367,7 @@ pub mod legacy {
                 if has_chain(ns, tool, table, chain)? {
                     // Jumps may be there once or not at all; -D of a missing
                     // one would fail the whole restore, so each goes alone.
-                    while exec::run(in_netns(ns, tool).args(["--wait", "-t", table, "-D", "PREROUTING", "-j", chain]), None)?
+                    while run_in(ns, tool, &["--wait", "-t", table, "-D", "PREROUTING", "-j", chain], None)?
                         .status
                         .success()
                     {}
@@ -324,7 +375,8 @@ pub mod legacy {
                 }
             }
             if !script.is_empty() {
-                exec::check(in_netns(ns, &format!("{tool}-restore")).args(["--noflush", "--wait"]), Some(script.as_bytes()))?;
+                let restore = format!("{tool}-restore");
+                exec::succeeded(&restore, run_in(ns, &restore, &["--noflush", "--wait"], Some(script.as_bytes()))?)?;
             }
         }
         Ok(())

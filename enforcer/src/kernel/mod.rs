@@ -10,6 +10,7 @@ pub mod glue;
 pub mod pins;
 pub mod probe;
 pub mod netns;
+pub mod nfnl;
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
