@@ -355,7 +355,9 @@ pub struct StatusReport {
     pub revoked_flows_overflowed: u64,
     /// What the start-up reconciliation changed.
     pub started_with: ReconcileReport,
-    /// What differs now between the kernel and the store.
+    /// What differs between the kernel and the store and could not be put
+    /// back, as the last check found it (every `glue_check_secs`; the glue
+    /// and links of a router at once, the maps at the end of the round).
     pub drift: ReconcileReport,
     /// The Neutron sync, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -363,6 +365,10 @@ pub struct StatusReport {
     /// Glue tables found missing or altered and put back since start.
     #[serde(default)]
     pub glue_repairs: u64,
+    /// Checks that found map entries differing from the store and put
+    /// them back.
+    #[serde(default)]
+    pub map_repairs: u64,
     /// Attachments found missing in the kernel and put back since start.
     #[serde(default)]
     pub link_repairs: u64,

@@ -7,7 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use enforcer_tests::{Daemon, Netns, Topology, unique};
+use enforcer_tests::{
+    Daemon, Family, Netns, Topology,
+    peers::{FtpClient, FtpServer},
+    unique,
+};
 use serde_json::json;
 
 /// A directory put first on the daemon's PATH, holding an `nft` that runs
@@ -251,6 +255,36 @@ fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
     assert_eq!(status()["drift"]["links_attached"], 0);
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
     assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "link_repair" && e["router_id"] == topo.router_id.as_str()), "{audit}");
+}
+
+#[test]
+fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
+    let topo = Topology::new();
+    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
+    let daemon = Daemon::start_with(None, &["--config", config.path()]);
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    FtpClient::login(&topo, Family::V4).ok("list passive");
+
+    // What a stray `bpftool map delete` does: the rule goes, behind the
+    // daemon's back.
+    let pin = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_RULES)).unwrap();
+    let mut rules: aya::maps::HashMap<_, enforcer_common::RuleKey, enforcer_common::RuleValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pin)).unwrap();
+    let key = rules.keys().map(Result::unwrap).find(|k| k.port == 21).expect("the FTP rule in the map");
+    rules.remove(&key).unwrap();
+    let dumped = daemon.dump();
+    assert!(dumped["slots"].as_array().unwrap().iter().all(|s| s["port"].is_null()), "no slot has its rule: {dumped}");
+
+    let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
+    eventually("the repair of the maps", || status()["map_repairs"] == 1);
+    assert_eq!(daemon.live_ports(), vec![21], "put back");
+    assert_eq!(status()["drift"]["maps"]["rules_added"], 0);
+    FtpClient::login(&topo, Family::V4).ok("list passive");
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    let repair = audit.as_array().unwrap().iter().find(|e| e["op"] == "map_repair").unwrap_or_else(|| panic!("no map_repair in {audit}"));
+    assert_eq!(repair["before"]["maps"]["rules_added"], 1, "{repair}");
 }
 
 #[test]

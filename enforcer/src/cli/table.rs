@@ -172,7 +172,7 @@ fn print_status(s: &StatusReport) {
     };
     let last = s.last_check_ms.map(|ms| format!(", the last took {ms} ms")).unwrap_or_default();
     println!("{ready}; {} helper changes in {} commits; {} check rounds{last}", s.changes, s.commits, s.check_rounds);
-    println!("repaired since start: glue {}, attachments {}", s.glue_repairs, s.link_repairs);
+    println!("repaired since start: glue {}, attachments {}, maps {}", s.glue_repairs, s.link_repairs, s.map_repairs);
     if s.drift.is_empty() {
         println!("drift: none");
     } else {

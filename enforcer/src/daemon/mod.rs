@@ -161,6 +161,10 @@ pub struct Daemon {
     glue_repairs: u64,
     /// Attachments found missing in the kernel and put back since start.
     link_repairs: u64,
+    /// Map entries the last check could not put back (status reads this
+    /// instead of walking every map), and rounds that had to repair maps.
+    map_drift: crate::api::MapDrift,
+    map_repairs: u64,
     /// Rounds of the periodic check done, and how long the last took.
     check_rounds: u64,
     last_check: Option<std::time::Duration>,
@@ -320,6 +324,8 @@ impl Daemon {
             changes: 0,
             commits: 0,
             check_rounds: 0,
+            map_drift: Default::default(),
+            map_repairs: 0,
             last_check: None,
             unglue: Vec::new(),
             routers_changed: Default::default(),

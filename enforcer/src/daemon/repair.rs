@@ -84,7 +84,7 @@ impl Daemon {
         }
         self.link_repairs += changes.attached as u64;
         warn!(router = %id, attached = changes.attached, "attachments missing in the kernel: put back");
-        self.record_repair(id, "link_repair", serde_json::json!({ "links_missing": changes.attached }), serde_json::json!({ "links_missing": 0 }), Ok(()));
+        self.record_repair(Some(id), "link_repair", serde_json::json!({ "links_missing": changes.attached }), serde_json::json!({ "links_missing": 0 }), Ok(()));
     }
 
     /// Records a check: the router's glue and attachment state, and for a
@@ -132,25 +132,46 @@ impl Daemon {
             Err(e) => warn!(router = %id, found = %what, "glue could not be repaired: {e}"),
         }
         let now = if repaired.is_ok() { serde_json::json!("intact") } else { what.clone() };
-        self.record_repair(&id, "glue_repair", serde_json::json!({ "glue": what }), serde_json::json!({ "glue": now }), repaired);
+        self.record_repair(Some(&id), "glue_repair", serde_json::json!({ "glue": what }), serde_json::json!({ "glue": now }), repaired);
     }
 
     /// Ends a round of checks: counted, and where the glue was found intact
     /// kept for the next start.
     pub(super) fn checks_done(&mut self, took: std::time::Duration) {
+        self.check_maps();
         self.check_rounds += 1;
         self.last_check = Some(took);
         self.save_verified();
     }
 
+    /// Brings the maps back in line with the store where someone changed
+    /// them (a stray `bpftool map delete`): counted and audited like a glue
+    /// repair. What could not be put back stays in `map_drift` for status.
+    fn check_maps(&mut self) {
+        let found = self.desired().and_then(|want| self.datapath.reconcile(&want, true));
+        self.map_drift = match found {
+            Ok(found) if found.is_empty() => found,
+            Ok(found) => {
+                self.map_repairs += 1;
+                warn!(?found, "map entries differed from the store: put back");
+                self.record_repair(None, "map_repair", serde_json::json!({ "maps": found }), serde_json::json!({ "maps": "as stored" }), Ok(()));
+                Default::default()
+            }
+            Err(e) => {
+                warn!("checking the maps: {e:#}");
+                self.desired().and_then(|want| self.datapath.reconcile(&want, false)).unwrap_or_default()
+            }
+        };
+    }
+
     /// Audits a repair the daemon made on its own.
-    fn record_repair(&mut self, id: &str, op: &str, before: serde_json::Value, after: serde_json::Value, result: Result<(), String>) {
+    fn record_repair(&mut self, id: Option<&str>, op: &str, before: serde_json::Value, after: serde_json::Value, result: Result<(), String>) {
         let entry = AuditEntry {
             time: Audit::now(),
             caller: Caller { uid: 0, gid: 0, pid: Some(std::process::id() as i32), groups: Vec::new() },
             origin: Owner::Local,
             op: op.to_string(),
-            router_id: Some(id.to_string()),
+            router_id: id.map(str::to_string),
             helper_id: None,
             before: Some(before),
             after: Some(after),
