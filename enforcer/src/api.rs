@@ -163,6 +163,13 @@ pub enum Request {
     Catalogue {},
 }
 
+impl Request {
+    /// A change of helpers: applied in groups, one store commit each.
+    pub fn is_helper_change(&self) -> bool {
+        matches!(self, Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } | Request::HelperSet { .. })
+    }
+}
+
 /// One helper of a router's desired set. Without an id it is the helper
 /// the router already has on the same protocol and port, or a new one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

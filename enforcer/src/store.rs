@@ -65,12 +65,11 @@ pub struct Store {
     group: Option<Group>,
 }
 
-/// A transaction shared by many changes, committed once.
+/// A transaction shared by many changes, committed once. The changes are
+/// written into it at the commit, all at once (each table opened once).
 struct Group {
     txn: redb::WriteTransaction,
-    /// A write into it failed: it may hold part of a change, so it is
-    /// never committed.
-    poisoned: Option<String>,
+    pending: Vec<Change>,
 }
 
 /// Sets `mode` on `path` (the daemon's own files: never wider).
@@ -146,13 +145,7 @@ impl Store {
     pub fn apply_then<T>(&mut self, changes: &[Change], kernel: impl FnOnce() -> Result<(T, Vec<Change>)>) -> Result<T, ApplyError> {
         let (out, more) = kernel().map_err(ApplyError::Kernel)?;
         if let Some(group) = &mut self.group {
-            if let Some(e) = &group.poisoned {
-                return Err(ApplyError::Store(anyhow::anyhow!("an earlier change of this group failed to write: {e}")));
-            }
-            if let Err(e) = write(&group.txn, changes).and_then(|()| write(&group.txn, &more)) {
-                group.poisoned = Some(format!("{e:#}"));
-                return Err(ApplyError::Store(e));
-            }
+            group.pending.extend(changes.iter().cloned().chain(more));
             return Ok(out);
         }
         let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
@@ -171,7 +164,7 @@ impl Store {
         // One writer at a time: a group left open (a panic) would block.
         self.abandon_group();
         let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
-        self.group = Some(Group { txn, poisoned: None });
+        self.group = Some(Group { txn, pending: Vec::new() });
         Ok(())
     }
 
@@ -185,9 +178,9 @@ impl Store {
     /// such as a full disk that only shows at the sync) none is.
     pub fn commit_group(&mut self) -> Result<(), ApplyError> {
         let Some(group) = self.group.take() else { return Ok(()) };
-        if let Some(e) = group.poisoned {
+        if let Err(e) = write(&group.txn, &group.pending) {
             let _ = group.txn.abort();
-            return Err(ApplyError::Store(anyhow::anyhow!("a write failed: {e}")));
+            return Err(ApplyError::Store(e));
         }
         group.txn.commit().map_err(|e| {
             self.db = None;
@@ -306,12 +299,11 @@ mod tests {
         store.commit_group().unwrap();
         let helpers = store.load().unwrap().helpers;
         assert_eq!(helpers.keys().map(|(_, h)| h.as_str()).collect::<Vec<_>>(), ["a", "b"]);
-        // A poisoned group commits nothing.
+        // An abandoned group keeps nothing.
         store.begin_group().unwrap();
         store.apply(&[Change::DeleteHelper { router_id: "r".into(), helper_id: "a".into() }], || Ok(())).unwrap();
-        store.group.as_mut().unwrap().poisoned = Some("disk".into());
-        assert!(store.apply(&[Change::PutHelper(helper("r", "d", 4))], || Ok(())).is_err());
-        assert!(matches!(store.commit_group(), Err(ApplyError::Store(_))));
+        store.apply(&[Change::PutHelper(helper("r", "d", 4))], || Ok(())).unwrap();
+        assert!(store.abandon_group());
         assert_eq!(store.load().unwrap().helpers.len(), 2);
         std::fs::remove_dir_all(dir).unwrap();
     }

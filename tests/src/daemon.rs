@@ -39,6 +39,30 @@ impl Session {
         }
         Ok(serde_json::from_str(&answer)?)
     }
+
+    /// Sends every request without waiting for answers (pipelined; a
+    /// thread writes while this one reads) and returns the answers, in
+    /// order.
+    pub fn pipeline(&mut self, reqs: &[serde_json::Value]) -> std::io::Result<Vec<serde_json::Value>> {
+        use std::io::{BufRead, Write};
+        let mut lines = Vec::new();
+        for req in reqs {
+            lines.extend(serde_json::to_vec(req)?);
+            lines.push(b'\n');
+        }
+        let mut stream = self.stream.try_clone()?;
+        let writer = std::thread::spawn(move || stream.write_all(&lines));
+        let mut answers = Vec::with_capacity(reqs.len());
+        for _ in reqs {
+            let mut answer = String::new();
+            if self.reader.read_line(&mut answer)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            answers.push(serde_json::from_str(&answer)?);
+        }
+        writer.join().map_err(|_| std::io::Error::other("writer panicked"))??;
+        Ok(answers)
+    }
 }
 
 /// What a CLI call printed.
@@ -350,6 +374,26 @@ impl Daemon {
                             (req, answer, t.elapsed())
                         })
                         .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().expect("a client thread")).collect()
+    }
+
+    /// As [`Daemon::concurrent`], each client sending all its requests at
+    /// once on its connection (pipelined) and then reading the answers.
+    pub fn pipelined<F>(&self, clients: u64, each: u64, request: F) -> Vec<(serde_json::Value, serde_json::Value)>
+    where
+        F: Fn(u64, u64) -> serde_json::Value + Send + Sync + 'static,
+    {
+        let request = std::sync::Arc::new(request);
+        let threads: Vec<_> = (0..clients)
+            .map(|c| {
+                let (mut session, request) = (self.session(), request.clone());
+                std::thread::spawn(move || {
+                    let reqs: Vec<_> = (0..each).map(|i| request(c, i)).collect();
+                    let answers = session.pipeline(&reqs).expect("the daemon answers");
+                    reqs.into_iter().zip(answers).collect::<Vec<_>>()
                 })
             })
             .collect();

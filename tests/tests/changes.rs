@@ -193,3 +193,34 @@ fn a_rule_that_never_tagged_a_packet_is_deleted_without_visiting_conntrack() {
     assert!(report["conntrack_entries_removed"].as_u64().unwrap() >= 1, "{report}");
     session.fails("noop");
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order_and_each_sees_those_before_it() {
+    let topo = Topology::new();
+    let daemon = Daemon::start();
+    let router = topo.router_id.as_str();
+    let tcp = |port: u16| json!({"op": "helper_create", "router_id": router, "protocol": "tcp", "port": port, "helper": "ftp"});
+    let mut reqs = vec![
+        // The creates after it wait for the router to exist.
+        json!({"op": "router_add", "router_id": router}),
+        tcp(21),
+        tcp(21),
+        json!({"op": "helper_list", "router_id": router}),
+    ];
+    reqs.extend((0..200).map(|i| create(router, 5000 + i)));
+    reqs.push(json!({"op": "helper_list", "router_id": router}));
+    let answers = daemon.session().pipeline(&reqs).unwrap();
+    assert_eq!(answers.len(), reqs.len());
+    assert!(answers[0].get("ok").is_some(), "{}", answers[0]);
+    assert_eq!(answers[1]["ok"]["port"], 21, "{}", answers[1]);
+    assert_eq!(answers[2]["error"]["code"], "conflict", "the same tuple again, after the first: {}", answers[2]);
+    assert_eq!(answers[3]["ok"].as_array().map(Vec::len), Some(1), "the list sees the create before it: {}", answers[3]);
+    for (req, answer) in reqs.iter().zip(&answers).skip(4).take(200) {
+        assert_eq!(answer["ok"]["port"], req["port"], "answers in the order of the requests");
+    }
+    assert_eq!(answers.last().unwrap()["ok"].as_array().map(Vec::len), Some(201));
+    assert_eq!(daemon.live_ports().len(), 201);
+    // Pipelined changes share commits.
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    assert!(status["commits"].as_u64().unwrap() < 100, "{status}");
+}

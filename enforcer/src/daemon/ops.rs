@@ -742,7 +742,7 @@ impl Daemon {
             routers,
             helpers: self.helpers.len(),
             quarantined_slots: self.quarantine.len(),
-            revoked_flows: self.datapath.revoked_flows(),
+            revoked_flows: self.datapath.revoked_flows_swept(),
             revoked_flows_overflowed: self.datapath.revoked_overflows(),
             started_with: self.started_with,
             drift,

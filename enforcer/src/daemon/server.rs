@@ -6,7 +6,10 @@ use std::{
     collections::HashMap,
     os::fd::AsRawFd,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering::SeqCst},
+    },
     time::Duration,
 };
 
@@ -195,8 +198,8 @@ pub(super) async fn request(daemon: &Shared, changes: &Changes, ready: &Ready, o
     if matches!(req, Request::RouterAdd { .. } | Request::RouterRemove { .. } | Request::Teardown {}) {
         wait_ready(ready).await;
     }
-    if matches!(req, Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } | Request::HelperSet { .. }) {
-        return (changes.apply(origin, caller, req).await, false);
+    if req.is_helper_change() {
+        return (changes.submit(origin, caller, req).await, false);
     }
     // Only these may have work to do outside the lock; the rest (helper
     // changes above all) take it once.
@@ -287,7 +290,7 @@ async fn startup(daemon: Shared, ready: tokio::sync::watch::Sender<bool>) {
 /// while a group is being committed make the next group, with one store
 /// transaction and one sync of the audit log between them (group commit).
 /// Each is answered once its group is durable. The queue is bounded by the
-/// connection caps: a connection has one request in flight.
+/// connection caps times the requests a connection may pipeline.
 #[derive(Clone)]
 pub(super) struct Changes(tokio::sync::mpsc::UnboundedSender<Queued>);
 
@@ -326,13 +329,16 @@ impl Changes {
         Self(tx)
     }
 
-    /// Queues a change and returns the wire form of its answer.
-    async fn apply(&self, origin: Owner, caller: Caller, req: Request) -> Vec<u8> {
+    /// Queues a change now and returns the wire form of its answer to come.
+    fn submit(&self, origin: Owner, caller: Caller, req: Request) -> impl std::future::Future<Output = Vec<u8>> + Send + 'static {
         let (answer, done) = tokio::sync::oneshot::channel();
-        if self.0.send(Queued { origin, caller, req, answer }).is_err() {
-            return wire(Err(ApiError::internal("the daemon is stopping")));
+        let queued = self.0.send(Queued { origin, caller, req, answer }).is_ok();
+        async move {
+            if !queued {
+                return wire(Err(ApiError::internal("the daemon is stopping")));
+            }
+            wire(done.await.unwrap_or_else(|_| Err(ApiError::internal("the change was dropped unanswered"))))
         }
-        wire(done.await.unwrap_or_else(|_| Err(ApiError::internal("the change was dropped unanswered"))))
     }
 }
 
@@ -446,46 +452,105 @@ fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     Vec::new()
 }
 
+/// Requests one connection may have in flight (pipelined: sent before the
+/// answers to earlier ones came back).
+const PIPELINE: usize = 64;
+
+/// An answer to come: its wire form, and whether the daemon is to stop.
+type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<u8>, bool)> + Send>>;
+
+/// One client connection. Requests may be pipelined: answers come back in
+/// the order of the requests. Helper changes are queued the moment they are
+/// read, so a client's changes keep their order and join a group commit
+/// together; any other request runs once every earlier one is done (it sees
+/// their effects), and the next request is read only once it is done.
 async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, ready: Ready, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
     let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups: peer_groups(stream.as_raw_fd()) };
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    let (answers, pending) = tokio::sync::mpsc::channel::<Answer>(PIPELINE);
+    // Answers not yet written.
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_answers(write, pending, stop, in_flight.clone()));
     let mut reader = BufReader::new(read).take(MAX_REQUEST_BYTES as u64 + 1);
     let mut line = Vec::new();
     loop {
         line.clear();
         reader.set_limit(MAX_REQUEST_BYTES as u64 + 1);
-        // A connection that sends nothing for `idle` is closed.
-        match tokio::time::timeout(idle, reader.read_until(b'\n', &mut line)).await {
-            Err(_) | Ok(Ok(0)) => return Ok(()),
-            Ok(read) => read?,
+        // A connection that sends nothing for `idle`, with no answer still
+        // to come, is closed. (Cancelling read_until keeps what it read in
+        // `line`, so calling it again goes on where it stopped.)
+        let read = loop {
+            match tokio::time::timeout(idle, reader.read_until(b'\n', &mut line)).await {
+                Err(_) if in_flight.load(SeqCst) > 0 => continue,
+                Err(_) => break 0,
+                Ok(read) => break read?,
+            }
         };
+        if read == 0 {
+            break;
+        }
         let oversized = line.len() > MAX_REQUEST_BYTES;
-        let mut stopping = false;
         let parsed = if oversized {
             Err(ApiError::new(ErrorCode::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes")))
         } else {
             serde_json::from_slice::<Request>(&line).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
         };
-        let mut text = match parsed {
+        let mut finished = None;
+        let answer: Answer = match parsed {
+            Ok(req) if req.is_helper_change() => {
+                let done = changes.submit(Owner::Local, caller.clone(), req);
+                Box::pin(async move { (done.await, false) })
+            }
+            // Runs when the writer comes to it, after every earlier answer;
+            // nothing after it is read before it is done.
             Ok(req) => {
-                let (line, stop_now) = request(&daemon, &changes, &ready, Owner::Local, caller.clone(), req).await;
-                stopping = stop_now;
-                line
+                let (daemon, changes, ready, caller) = (daemon.clone(), changes.clone(), ready.clone(), caller.clone());
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                finished = Some(rx);
+                Box::pin(async move {
+                    let answer = request(&daemon, &changes, &ready, Owner::Local, caller, req).await;
+                    let _ = tx.send(());
+                    answer
+                })
             }
             Err(e) => {
                 let (c, audited) = (caller.clone(), e.clone());
                 with_daemon(&daemon, move |d| d.audit_refused(c, audited)).await;
-                serde_json::to_vec(&Response::Error(e))?
+                let line = wire(Err(e));
+                Box::pin(async move { (line, false) })
             }
         };
+        in_flight.fetch_add(1, SeqCst);
+        if answers.send(answer).await.is_err() || oversized {
+            break;
+        }
+        if let Some(finished) = finished
+            && finished.await.is_err()
+        {
+            break;
+        }
+    }
+    // The answers still to come are written before the connection closes.
+    drop(answers);
+    writer.await.context("answer writer")?
+}
+
+/// Writes the answers of a connection in the order of its requests.
+async fn write_answers(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut pending: tokio::sync::mpsc::Receiver<Answer>,
+    stop: tokio::sync::mpsc::Sender<()>,
+    in_flight: Arc<AtomicUsize>,
+) -> Result<()> {
+    while let Some(answer) = pending.recv().await {
+        let (mut text, stopping) = answer.await;
         text.push(b'\n');
         write.write_all(&text).await?;
+        in_flight.fetch_sub(1, SeqCst);
         if stopping {
             let _ = stop.send(()).await;
         }
-        if oversized {
-            return Ok(());
-        }
     }
+    Ok(())
 }

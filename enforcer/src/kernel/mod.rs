@@ -161,7 +161,7 @@ impl Datapath {
             let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
             T::try_from(map).with_context(|| format!("map {name}"))
         }
-        Ok(Self {
+        let mut datapath = Self {
             rules: take(&mut control, MAP_RULES)?,
             slots: take(&mut control, MAP_SLOTS)?,
             counters: take(&mut control, MAP_COUNTERS)?,
@@ -177,7 +177,10 @@ impl Datapath {
             revoked_overflows: 0,
             mode: AttachMode::Tcx,
             replace_programs: false,
-        })
+        };
+        // Counts the revoked flows an earlier run left in the pinned map.
+        datapath.sweep_revoked()?;
+        Ok(datapath)
     }
 
     pub fn layout(&self) -> MarkLayout {
@@ -508,6 +511,11 @@ impl Datapath {
     /// for that tuple was created again, and its flows are wanted. Returns
     /// how many directions were forgotten.
     pub fn clear_revoked(&mut self, router: RouterIndex, proto: u8, port: u16) -> usize {
+        // The count is never below what the map holds (see `load`), so a
+        // router without revoked flows costs no walk of the map.
+        if self.revoked_per_router.get(&router).is_none_or(|n| *n == 0) {
+            return 0;
+        }
         let keys: Vec<FlowKey> = self
             .revoked
             .keys()
@@ -551,9 +559,16 @@ impl Datapath {
         self.revoked_overflows
     }
 
-    /// Number of revoked flows the datapath still keeps dead.
+    /// Number of revoked flows the datapath still keeps dead (a walk of
+    /// the whole map).
     pub fn revoked_flows(&self) -> usize {
         self.revoked.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// The same as of the last sweep (at most a second old; a flow that
+    /// went quiet since may still be counted), without walking the map.
+    pub fn revoked_flows_swept(&self) -> usize {
+        self.revoked_per_router.values().sum()
     }
 
     /// Drops the counters of a slot that will never be seen again.
@@ -750,7 +765,13 @@ fn interned(index: RouterIndex) -> &'static RouterIndex {
     indexes.entry(index).or_insert_with(|| Box::leak(Box::new(index)))
 }
 
+/// Possible CPUs (the width of per-CPU values), read once.
 fn nr_cpus() -> Result<usize> {
-    aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if let Some(n) = CPUS.get() {
+        return Ok(*n);
+    }
+    let n = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+    Ok(*CPUS.get_or_init(|| n))
 }
 

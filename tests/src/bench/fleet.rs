@@ -187,12 +187,12 @@ fn restart(daemon: &mut Daemon) -> (f64, f64) {
 fn changes(daemon: &Daemon, router: &str, out: &mut Results) {
     let (per, router_id) = (1000u64, router.to_string());
     let start = Instant::now();
-    let answers = daemon.concurrent(out.clients as u64, per, move |c, i| {
+    let answers = daemon.pipelined(out.clients as u64, per, move |c, i| {
         json!({"op": "helper_create", "router_id": router_id, "protocol": "udp", "port": 10_000 + c * per + i, "helper": "sip"})
     });
     out.creates_per_sec = answers.len() as f64 / start.elapsed().as_secs_f64();
     let ids: Vec<String> =
-        answers.iter().map(|(req, answer, _)| answer["ok"]["id"].as_str().unwrap_or_else(|| panic!("{req} refused: {answer}")).to_string()).collect();
+        answers.iter().map(|(req, answer)| answer["ok"]["id"].as_str().unwrap_or_else(|| panic!("{req} refused: {answer}")).to_string()).collect();
     let mut s = daemon.session();
     let status = call(&mut s, json!({"op": "status"}));
     out.changes_per_commit = status["changes"].as_f64().unwrap_or(0.0) / status["commits"].as_f64().unwrap_or(1.0).max(1.0);
