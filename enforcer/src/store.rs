@@ -78,6 +78,15 @@ pub fn private(path: &Path, mode: u32) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("setting mode {mode:o} on {}", path.display()))
 }
 
+/// redb's page cache: everything is read once at start and kept in the
+/// daemon's own memory, so the cache serves only writes; redb's default
+/// (1 GiB) would let it grow with every page a long run touches.
+const CACHE_BYTES: usize = 16 << 20;
+
+fn open_db(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
+}
+
 fn helper_key(router: &str, helper: &str) -> String {
     format!("{router}/{helper}")
 }
@@ -92,7 +101,7 @@ impl Store {
         // Whatever the umask: the state is the daemon's alone.
         private(dir, 0o700)?;
         let path = dir.join("enforcer.redb");
-        let db = Database::create(&path).with_context(|| format!("opening store {}", path.display()))?;
+        let db = open_db(&path).with_context(|| format!("opening store {}", path.display()))?;
         private(&path, 0o600)?;
         let txn = db.begin_write()?;
         txn.open_table(ROUTERS)?;
@@ -106,7 +115,7 @@ impl Store {
     fn db(&mut self) -> Result<&Database> {
         if self.db.is_none() {
             self.group = None;
-            let db = Database::create(&self.path).with_context(|| format!("opening store {} again after a failed commit", self.path.display()))?;
+            let db = open_db(&self.path).with_context(|| format!("opening store {} again after a failed commit", self.path.display()))?;
             self.db = Some(db);
         }
         self.db.as_ref().context("store not open")

@@ -40,8 +40,8 @@ pub struct Results {
     pub rss_restarted: f64,
     pub rss_before_churn: f64,
     pub rss_after_churn: f64,
-    /// Helper creates per second from many clients on one router, and the
-    /// number of clients; deletes of rules without connections, one client.
+    /// Helper creates per second from many clients on one router, each
+    /// pipelining its requests, and the number of clients; deletes of rules without connections, one client.
     pub creates_per_sec: f64,
     pub clients: usize,
     pub delete_p50_ms: f64,
@@ -182,8 +182,8 @@ fn restart(daemon: &mut Daemon) -> (f64, f64) {
     (answered, ready)
 }
 
-/// Creates from many clients at once (group commit), then deletes of rules
-/// that never tagged a packet, one at a time.
+/// Creates from many clients at once, each pipelining its requests (group
+/// commit), then deletes of rules that never tagged a packet, one at a time.
 fn changes(daemon: &Daemon, router: &str, out: &mut Results) {
     let (per, router_id) = (1000u64, router.to_string());
     let start = Instant::now();
