@@ -83,6 +83,15 @@ fn contract_output() {
     assert_eq!(listed, serde_json::json!([created]));
     let table = daemon.cli(&["helper", "list"]).ok().stdout;
     assert!(table.starts_with("ID") && table.contains("sip") && table.contains("5060"), "{table}");
+    // A reader that goes away first (`| head`) ends the command quietly:
+    // killed by SIGPIPE (141 under pipefail) or done, never a panic.
+    let piped = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -o pipefail; '{}' --socket '{}' status | true", enforcer_tests::enforcer_bin().display(), daemon.socket.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(matches!(piped.status.code(), Some(0 | 141)) && !stderr.contains("panicked"), "{:?}: {stderr}", piped.status);
 
     let dump = daemon.dump();
     assert_eq!(dump["slots"][0]["router_id"], r);

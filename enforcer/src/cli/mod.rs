@@ -221,6 +221,12 @@ pub const EXIT_REFUSED: i32 = 1;
 /// Exit status of a failure to reach the daemon or the kernel.
 pub const EXIT_FAILED: i32 = 2;
 
+impl Cli {
+    pub fn is_daemon(&self) -> bool {
+        matches!(self.command, Command::Daemon(_))
+    }
+}
+
 pub fn run(cli: Cli) -> Result<i32> {
     let (request, output) = match cli.command {
         Command::Daemon(args) => return run_daemon(args, cli.socket).map(|_| 0),
