@@ -288,6 +288,28 @@ fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
 }
 
 #[test]
+fn the_check_leaves_alone_what_revoked_slots_still_count() {
+    let topo = Topology::new();
+    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
+    let daemon = Daemon::start_with(None, &["--config", config.path()]);
+    daemon.add_router(&topo.router_id);
+    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+    ftp.ok("list passive");
+    // Its flows are kept dropped, counted on the revoked slot.
+    daemon.delete_helper(&topo.router_id, &id);
+    ftp.fails("noop");
+    let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
+    let rounds = status()["check_rounds"].as_u64().unwrap();
+    eventually("two more check rounds", || status()["check_rounds"].as_u64().unwrap() >= rounds + 2);
+    assert_eq!(status()["map_repairs"], 0, "nothing differed from the store:\n{}", daemon.log());
+    let dump = daemon.dump();
+    assert_eq!(dump["slots"][0]["state"], "revoked", "{dump}");
+    assert!(dump["slots"][0]["dropped"].as_u64().unwrap() > 0, "{dump}");
+}
+
+#[test]
 fn long_reads_do_not_hold_up_writers() {
     let topo = Topology::new();
     let scratch = enforcer_tests::Scratch::dir("state");

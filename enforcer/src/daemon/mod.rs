@@ -482,9 +482,12 @@ impl Daemon {
                 RuleValue { slot: h.slot, helper: kind.id, _pad: [0; 5] },
             );
         }
-        for (router, slot) in &self.quarantine {
+        // Quarantined and cooling slots keep their counters (a cooling
+        // slot's are read once more before it is released).
+        let held = self.quarantine.iter().map(|(r, s)| (r, *s)).chain(self.cooling.iter().map(|(r, s, _)| (r, *s)));
+        for (router, slot) in held {
             if let Some(state) = self.routers.get(router) {
-                want.quarantined.push((state.record.index, *slot));
+                want.quarantined.push((state.record.index, slot));
             }
         }
         Ok(want)

@@ -54,6 +54,9 @@ pub struct Datapath {
     /// Revoked flows per router, as of the last remember or sweep: each
     /// router's share of the map is enforced on it.
     revoked_per_router: StdHashMap<RouterIndex, usize>,
+    /// Slots that revoked flows name, as of the last remember or sweep:
+    /// their counters count the flows' drops, so reconciling keeps them.
+    revoked_slots: HashSet<SlotKey>,
     /// Revoked flows that could not be kept dropped (share or map full).
     revoked_overflows: u64,
     mode: AttachMode,
@@ -174,6 +177,7 @@ impl Datapath {
             layout,
             revoked_policy: revoked,
             revoked_per_router: StdHashMap::new(),
+            revoked_slots: HashSet::new(),
             revoked_overflows: 0,
             mode: AttachMode::Tcx,
             replace_programs: false,
@@ -365,6 +369,7 @@ impl Datapath {
         remove_router_keys!(self.counters);
         remove_router_keys!(self.revoked);
         self.revoked_per_router.remove(&index);
+        self.revoked_slots.retain(|k| k.router != index);
         let _ = self.routers.remove(&index);
     }
 
@@ -421,12 +426,14 @@ impl Datapath {
             .collect();
         let want_routers: StdHashMap<RouterIndex, RouterValue> =
             want.routers.iter().map(|(i, id)| (*i, RouterValue { id: *id.as_bytes() })).collect();
-        // Counters are kept for live and quarantined slots; their values are
-        // per-CPU statistics, so only presence is compared.
+        // Counters are kept for live and quarantined slots and for slots that
+        // revoked flows name; their values are per-CPU statistics, so only
+        // presence is compared.
         let counted: HashSet<SlotKey> = want_slots
             .keys()
             .copied()
             .chain(want.quarantined.iter().map(|(r, s)| SlotKey::new(*r, *s as u32)))
+            .chain(self.revoked_slots.iter().copied())
             .collect();
         let have_counters: HashSet<SlotKey> = self.counters.keys().collect::<Result<_, _>>()?;
         let counters_add: Vec<SlotKey> = counted.difference(&have_counters).copied().collect();
@@ -502,6 +509,7 @@ impl Datapath {
         }
         self.revoked_overflows += done.overflowed as u64;
         if done.kept > 0 {
+            self.revoked_slots.insert(SlotKey::new(router, slot as u32));
             self.revoked_active.set(0, 1, 0).context("activating the revoked-flows check")?;
         }
         Ok(done)
@@ -550,6 +558,7 @@ impl Datapath {
         // between this check and the write.
         let active = u32::from(!per_router.is_empty());
         self.revoked_per_router = per_router;
+        self.revoked_slots = referenced.clone();
         self.revoked_active.set(0, active, 0)?;
         Ok(referenced)
     }
