@@ -361,23 +361,16 @@ impl Daemon {
     where
         F: Fn(u64, u64) -> serde_json::Value + Send + Sync + 'static,
     {
-        let request = std::sync::Arc::new(request);
-        let threads: Vec<_> = (0..clients)
-            .map(|c| {
-                let (mut session, request) = (self.session(), request.clone());
-                std::thread::spawn(move || {
-                    (0..each)
-                        .map(|i| {
-                            let req = request(c, i);
-                            let t = Instant::now();
-                            let answer = session.request(&req).expect("the daemon answers");
-                            (req, answer, t.elapsed())
-                        })
-                        .collect::<Vec<_>>()
+        self.fan_out(clients, move |mut session, c| {
+            (0..each)
+                .map(|i| {
+                    let req = request(c, i);
+                    let t = Instant::now();
+                    let answer = session.request(&req).expect("the daemon answers");
+                    (req, answer, t.elapsed())
                 })
-            })
-            .collect();
-        threads.into_iter().flat_map(|t| t.join().expect("a client thread")).collect()
+                .collect()
+        })
     }
 
     /// As [`Daemon::concurrent`], each client sending all its requests at
@@ -386,15 +379,25 @@ impl Daemon {
     where
         F: Fn(u64, u64) -> serde_json::Value + Send + Sync + 'static,
     {
-        let request = std::sync::Arc::new(request);
+        self.fan_out(clients, move |mut session, c| {
+            let reqs: Vec<_> = (0..each).map(|i| request(c, i)).collect();
+            let answers = session.pipeline(&reqs).expect("the daemon answers");
+            reqs.into_iter().zip(answers).collect()
+        })
+    }
+
+    /// Runs `client(session, c)` for `clients` sessions at once, each on
+    /// its own thread; what they return, client after client.
+    fn fan_out<T, F>(&self, clients: u64, client: F) -> Vec<T>
+    where
+        T: Send + 'static,
+        F: Fn(Session, u64) -> Vec<T> + Send + Sync + 'static,
+    {
+        let client = std::sync::Arc::new(client);
         let threads: Vec<_> = (0..clients)
             .map(|c| {
-                let (mut session, request) = (self.session(), request.clone());
-                std::thread::spawn(move || {
-                    let reqs: Vec<_> = (0..each).map(|i| request(c, i)).collect();
-                    let answers = session.pipeline(&reqs).expect("the daemon answers");
-                    reqs.into_iter().zip(answers).collect::<Vec<_>>()
-                })
+                let (session, client) = (self.session(), client.clone());
+                std::thread::spawn(move || client(session, c))
             })
             .collect();
         threads.into_iter().flat_map(|t| t.join().expect("a client thread")).collect()

@@ -179,12 +179,19 @@ fn eventually(what: &str, f: impl FnMut() -> bool) {
     enforcer_tests::wait_for(what, 10, f);
 }
 
-#[test]
-fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
-    let topo = Topology::new();
+/// A daemon that checks glue, attachments and maps every second, with the
+/// router of `topo` added; the config file lives as long as the guard.
+fn checked_every_second(topo: &Topology) -> (Daemon, enforcer_tests::Scratch) {
     let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
     let daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
+    (daemon, config)
+}
+
+#[test]
+fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
+    let topo = Topology::new();
+    let (daemon, _config) = checked_every_second(&topo);
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
     eventually("the first check", || status()["routers"][0]["glue"] == "intact");
     let glue = || topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
@@ -227,9 +234,7 @@ fn detach_pinned_link(pin: &std::path::Path) {
 #[test]
 fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
     let topo = Topology::new();
-    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
-    let daemon = Daemon::start_with(None, &["--config", config.path()]);
-    daemon.add_router(&topo.router_id);
+    let (daemon, _config) = checked_every_second(&topo);
     // Let the router's link watcher start (its first re-sync would put the
     // attachment back before the periodic check could notice).
     std::thread::sleep(Duration::from_millis(1500));
@@ -260,9 +265,7 @@ fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
 #[test]
 fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
     let topo = Topology::new();
-    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
-    let daemon = Daemon::start_with(None, &["--config", config.path()]);
-    daemon.add_router(&topo.router_id);
+    let (daemon, _config) = checked_every_second(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let _server = FtpServer::start(&topo, Family::V4);
     FtpClient::login(&topo, Family::V4).ok("list passive");
@@ -290,9 +293,7 @@ fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
 #[test]
 fn the_check_leaves_alone_what_revoked_slots_still_count() {
     let topo = Topology::new();
-    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
-    let daemon = Daemon::start_with(None, &["--config", config.path()]);
-    daemon.add_router(&topo.router_id);
+    let (daemon, _config) = checked_every_second(&topo);
     let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let _server = FtpServer::start(&topo, Family::V4);
     let mut ftp = FtpClient::login(&topo, Family::V4);
