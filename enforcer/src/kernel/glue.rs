@@ -288,24 +288,25 @@ pub struct Found {
 /// found intact, nothing changed since and nft is not run at all.
 pub fn check(ns: &Path, reference: &serde_json::Value, known: Option<Generation>) -> Result<Found> {
     // The generation is read before the listing: a change racing the
-    // listing then shows as a new generation next time.
+    // listing then shows as a new generation next time. Without it (a
+    // kernel that refuses the query) the table is listed every time.
     let (generation, out) = netns::run_in(ns, || {
-        let generation = generation_here()?;
-        if Some(generation) == known {
+        let generation = generation_here().ok();
+        if generation.is_some() && generation == known {
             return Ok((generation, None));
         }
         Ok((generation, Some(exec::run(Command::new("nft").args(LIST), None)?)))
     })
     .with_context(|| format!("checking the glue in {}", ns.display()))?;
     let Some(out) = out else {
-        return Ok(Found { state: GlueState::Intact, intact_at: Some(generation) });
+        return Ok(Found { state: GlueState::Intact, intact_at: generation });
     };
     let state = match listing(out).with_context(|| format!("listing the glue in {}", ns.display()))? {
         None => GlueState::Missing,
         Some(table) if &table == reference => GlueState::Intact,
         Some(_) => GlueState::Altered,
     };
-    Ok(Found { state, intact_at: (state == GlueState::Intact).then_some(generation) })
+    Ok(Found { state, intact_at: generation.filter(|_| state == GlueState::Intact) })
 }
 
 /// Installs (or rewrites) the glue in one transaction. Idempotent. Returns
