@@ -99,12 +99,15 @@ struct FixedPortFlow {
 
 impl FixedPortFlow {
     fn start(topo: &Topology) -> Self {
-        let count = enforcer_tests::Scratch::file("count", "0");
-        let server = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],5060))\nn=0\nwhile True:\n s.recv(2048)\n n+=1\n open(sys.argv[2],'w').write(str(n))\n";
+        let count = enforcer_tests::Scratch::dir("count");
+        // The count is replaced whole (written aside, then renamed): a
+        // reader never sees the file truncated mid-write, which would read
+        // as no datagrams at all.
+        let server = "import os,socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],5060))\nn=0\nwhile True:\n s.recv(2048)\n n+=1\n open(sys.argv[2]+'.new','w').write(str(n))\n os.replace(sys.argv[2]+'.new',sys.argv[2])\n";
         let client = "import socket,sys,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],5060))\nwhile True:\n s.sendto(b'hello',(sys.argv[2],5060))\n time.sleep(0.05)\n";
         let server = enforcer_tests::Process::spawn(
             "udp server",
-            topo.server.cmd("python3").args(["-c", server, Topology::SERVER_V4, count.path()]),
+            topo.server.cmd("python3").args(["-c", server, Topology::SERVER_V4]).arg(count.0.join("n")),
         );
         let client = enforcer_tests::Process::spawn(
             "udp client",
@@ -114,7 +117,7 @@ impl FixedPortFlow {
     }
 
     fn received(&self) -> u64 {
-        std::fs::read_to_string(&self.count.0).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+        std::fs::read_to_string(self.count.0.join("n")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Whether datagrams arrive within `wait`.
