@@ -22,10 +22,10 @@ use crate::kernel::glue::Generation;
 const FILE: &str = "glue-verified.json";
 
 #[derive(Serialize, Deserialize)]
-struct OnDisk {
-    reference: serde_json::Value,
+struct OnDisk<R, N> {
+    reference: R,
     /// Namespace name -> generation at which its glue was found intact.
-    namespaces: BTreeMap<String, Generation>,
+    namespaces: N,
 }
 
 pub(super) struct Verified {
@@ -41,7 +41,7 @@ impl Verified {
         let path = state_dir.join(FILE);
         let namespaces = std::fs::read(&path)
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<OnDisk>(&bytes).ok())
+            .and_then(|bytes| serde_json::from_slice::<OnDisk<serde_json::Value, BTreeMap<String, Generation>>>(&bytes).ok())
             .filter(|d| d.reference == *reference)
             .map(|d| d.namespaces)
             .unwrap_or_default();
@@ -72,7 +72,7 @@ impl Verified {
         if !self.dirty {
             return;
         }
-        let on_disk = OnDisk { reference: (*self.reference).clone(), namespaces: std::mem::take(&mut self.namespaces) };
+        let on_disk = OnDisk { reference: &*self.reference, namespaces: &self.namespaces };
         let tmp = self.path.with_extension("json.new");
         let written = serde_json::to_vec(&on_disk).map_err(std::io::Error::other).and_then(|bytes| {
             use std::{io::Write, os::unix::fs::OpenOptionsExt};
@@ -80,10 +80,34 @@ impl Verified {
             std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?.write_all(&bytes)?;
             std::fs::rename(&tmp, &self.path)
         });
-        self.namespaces = on_disk.namespaces;
         match written {
             Ok(()) => self.dirty = false,
             Err(e) => warn!(path = %self.path.display(), "saving where the glue was verified: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn records_come_back_only_for_the_reference_they_were_made_against() {
+        let dir = std::env::temp_dir().join(format!("enforcer-verified-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let reference = Arc::new(serde_json::json!({"table": "a"}));
+        let at = Generation { netns: 7, id: 3 };
+        let mut v = Verified::load(&dir, reference.clone());
+        v.set("qrouter-1", Some(at));
+        v.set("qrouter-2", Some(at));
+        v.set("qrouter-2", None);
+        v.save();
+        let again = Verified::load(&dir, reference);
+        assert_eq!((again.get("qrouter-1"), again.get("qrouter-2")), (Some(at), None));
+        let other = Verified::load(&dir, Arc::new(serde_json::json!({"table": "b"})));
+        assert_eq!(other.get("qrouter-1"), None, "a record against another reference is stale");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
