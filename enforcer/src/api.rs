@@ -212,6 +212,33 @@ pub enum ErrorCode {
     PermissionDenied,
 }
 
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 8] = [
+        Self::InvalidArgument,
+        Self::NotFound,
+        Self::Conflict,
+        Self::BadRequest,
+        Self::Exhausted,
+        Self::Kernel,
+        Self::Internal,
+        Self::PermissionDenied,
+    ];
+
+    /// The wire name (as serialized).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidArgument => "invalid_argument",
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
+            Self::BadRequest => "bad_request",
+            Self::Exhausted => "exhausted",
+            Self::Kernel => "kernel",
+            Self::Internal => "internal",
+            Self::PermissionDenied => "permission_denied",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
@@ -503,6 +530,13 @@ impl From<Response> for Result<Reply, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_code_names_are_their_wire_names() {
+        for code in ErrorCode::ALL {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
 
     #[test]
     fn requests_round_trip_with_neutron_field_names() {

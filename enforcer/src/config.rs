@@ -66,6 +66,44 @@ pub struct Config {
     pub audit_refusals_per_sec: u32,
     /// Follow Neutron (absent: local routers only).
     pub neutron: Option<crate::neutron::NeutronConfig>,
+    /// Where Prometheus scrapes `/metrics`: `"127.0.0.1:9617"`, or
+    /// `"unix:/run/enforcer/metrics.sock"` (absent: no metrics endpoint).
+    pub metrics: Option<MetricsAddr>,
+    /// Packet counters per rule as well as per router (a series per rule:
+    /// up to ten times as many at ten helpers per router).
+    pub metrics_per_rule: bool,
+}
+
+/// The metrics endpoint's address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum MetricsAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl TryFrom<String> for MetricsAddr {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.strip_prefix("unix:") {
+            Some(path) if path.starts_with('/') => Ok(Self::Unix(PathBuf::from(path))),
+            Some(_) => Err(format!("metrics = {text:?}: a unix socket needs an absolute path (unix:/run/enforcer/metrics.sock)")),
+            None => text
+                .parse()
+                .map(Self::Tcp)
+                .map_err(|_| format!("metrics = {text:?}: expected ADDRESS:PORT (127.0.0.1:9617, [::1]:9617) or unix:/PATH")),
+        }
+    }
+}
+
+impl std::fmt::Display for MetricsAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 impl Default for Config {
@@ -94,6 +132,8 @@ impl Default for Config {
             audit_max_bytes: 64 << 20,
             audit_refusals_per_sec: 10,
             neutron: None,
+            metrics: None,
+            metrics_per_rule: false,
         }
     }
 }
@@ -220,5 +260,18 @@ mod tests {
         let c: Config = toml::from_str("attach = \"netlink\"\n").unwrap();
         assert_eq!(c.attach, crate::kernel::AttachSetting::Netlink);
         assert!(toml::from_str::<Config>("attach = \"clsact\"\n").is_err());
+    }
+
+    #[test]
+    fn parses_the_metrics_address() {
+        let c: Config = toml::from_str("metrics = \"127.0.0.1:9617\"\n").unwrap();
+        assert_eq!(c.metrics, Some(MetricsAddr::Tcp("127.0.0.1:9617".parse().unwrap())));
+        let c: Config = toml::from_str("metrics = \"unix:/run/enforcer/metrics.sock\"\n").unwrap();
+        assert_eq!(c.metrics, Some(MetricsAddr::Unix(PathBuf::from("/run/enforcer/metrics.sock"))));
+        for bad in ["localhost", "9617", "unix:metrics.sock", ""] {
+            let e = toml::from_str::<Config>(&format!("metrics = {bad:?}\n")).unwrap_err();
+            assert!(e.to_string().contains("metrics ="), "{bad}: {e}");
+        }
+        assert_eq!(Config::default().metrics, None, "off unless asked for");
     }
 }

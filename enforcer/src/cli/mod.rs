@@ -1,5 +1,6 @@
 //! The `enforcer` command line: the daemon, and a client for its API.
 
+mod generate;
 mod table;
 
 use std::path::PathBuf;
@@ -69,6 +70,16 @@ enum Command {
     /// helpers' conntrack entries), then stop the daemon. Stopping the daemon otherwise (SIGTERM)
     /// leaves enforcement in place.
     Teardown,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// For bash: `enforcer completions bash > /etc/bash_completion.d/enforcer`.
+    Completions { shell: clap_complete::Shell },
+    /// Write completions and man pages under a directory (used by packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -230,6 +241,11 @@ impl Cli {
 pub fn run(cli: Cli) -> Result<i32> {
     let (request, output) = match cli.command {
         Command::Daemon(args) => return run_daemon(args, cli.socket).map(|_| 0),
+        Command::Completions { shell } => {
+            generate::completions(shell);
+            return Ok(0);
+        }
+        Command::Generate { out } => return generate::all(&out).map(|_| 0),
         // Root reads the pins directly (works with the daemon down); other
         // callers ask the daemon, which confines the dump to their project.
         Command::Maps(MapsCmd::Dump { bpffs, output }) if nix::unistd::geteuid().is_root() => {

@@ -7,6 +7,8 @@
 //! and links, the glue) stays in place when the daemon stops.
 
 mod follow;
+mod metrics;
+mod notify;
 mod ops;
 mod repair;
 mod revoke;
@@ -165,6 +167,8 @@ pub struct Daemon {
     /// instead of walking every map), and rounds that had to repair maps.
     map_drift: crate::api::MapDrift,
     map_repairs: u64,
+    /// What revocations removed since start (metrics).
+    revocations: Revocations,
     /// Rounds of the periodic check done, and how long the last took.
     check_rounds: u64,
     last_check: Option<std::time::Duration>,
@@ -177,6 +181,14 @@ pub struct Daemon {
     /// Wakes the namespace follower when routers are added or removed, so
     /// their link watchers start or stop at once.
     routers_changed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Revocations since start, and what they removed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Revocations {
+    rules: u64,
+    conntrack_entries: u64,
+    flows_kept: u64,
 }
 
 /// The glue step of one namespace: it spawns nft, which may be slow or hang
@@ -331,6 +343,7 @@ impl Daemon {
             check_rounds: 0,
             map_drift: Default::default(),
             map_repairs: 0,
+            revocations: Revocations::default(),
             last_check: None,
             unglue: Vec::new(),
             routers_changed: Default::default(),

@@ -54,7 +54,7 @@ impl ReadJob {
 }
 
 /// The audit name of a request, and whether it changes anything.
-fn describe(req: &Request) -> (&'static str, bool) {
+pub(super) fn describe(req: &Request) -> (&'static str, bool) {
     match req {
         Request::RouterAdd { .. } => ("router_add", true),
         Request::RouterRemove { .. } => ("router_remove", true),

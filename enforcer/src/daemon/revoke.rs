@@ -127,6 +127,7 @@ impl Daemon {
     /// After a rule was revoked: a slot that never tagged a packet cools
     /// down before it is free; any other is settled by its flush.
     pub(super) fn revoked_slot(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
+        self.revocations.rules += 1;
         if report.never_tagged {
             self.index.hold(router_id, slot);
             self.cooling.push((router_id.to_string(), slot, std::time::Instant::now()));
@@ -158,6 +159,8 @@ impl Daemon {
     /// Logs a flush, and frees or keeps the slot in memory accordingly (the
     /// store was told in the same transaction, or by the caller).
     pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
+        self.revocations.conntrack_entries += report.conntrack_entries_removed as u64;
+        self.revocations.flows_kept += report.flows_kept_dead as u64;
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
             self.quarantine.insert((router_id.to_string(), slot));

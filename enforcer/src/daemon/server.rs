@@ -21,7 +21,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::{Daemon, GlueDone, GlueJob, ops::Prepared};
+use super::{Daemon, GlueDone, GlueJob, metrics::ApiMetrics, ops::{Prepared, describe}};
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
     auth::Caller,
@@ -68,8 +68,20 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }))?;
     info!(socket = %socket.display(), "serving");
     let neutron = daemon.config.neutron.clone();
+    let metrics_addr = daemon.config.metrics.clone();
     let limits = Limits::new(&daemon.config);
     let daemon: Shared = Arc::new(Mutex::new(daemon));
+    let api = ApiMetrics::new();
+    let metrics = match metrics_addr {
+        Some(addr) => match super::metrics::serve(addr, daemon.clone(), api.clone()).await {
+            Ok(task) => Some(task),
+            Err(e) => {
+                let _ = std::fs::remove_file(socket);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     // The API answers at once; the kernel is reconciled with the store in
     // the background. Until that is done reads are served and writes wait.
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
@@ -85,6 +97,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     let background = [
         supervise("namespace following", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), super::follow::follow_namespaces(d.clone())) }),
         supervise("housekeeping", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), housekeeping(d.clone())) }),
+        tokio::spawn(super::notify::watchdog(daemon.clone())),
         supervise("glue and attachment checks", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), verify(d.clone(), glue_every)) }),
     ];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -106,9 +119,9 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
                     tokio::spawn(refuse_busy(stream));
                     continue;
                 };
-                let (daemon, changes, stop, idle, ready) = (daemon.clone(), changes.clone(), stop_tx.clone(), limits.idle, ready.clone());
+                let (daemon, changes, stop, idle, ready, api) = (daemon.clone(), changes.clone(), stop_tx.clone(), limits.idle, ready.clone(), api.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, daemon, changes, ready, stop, idle).await {
+                    if let Err(e) = connection(stream, Served { daemon, changes, ready, api }, stop, idle).await {
                         warn!("connection: {e:#}");
                     }
                     drop(slot);
@@ -119,7 +132,8 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    for task in background.iter().chain(sync.as_ref()) {
+    super::notify::stopping();
+    for task in background.iter().chain(sync.as_ref()).chain(metrics.as_ref()) {
         task.abort();
     }
     lock(&daemon).save_verified();
@@ -284,6 +298,8 @@ async fn startup(daemon: Shared, ready: tokio::sync::watch::Sender<bool>) {
         std::process::exit(1);
     }
     let _ = ready.send(true);
+    let routers = with_daemon(&daemon, |d| d.routers.len()).await;
+    super::notify::ready(routers);
 }
 
 /// Helper changes queue here and are applied in groups: those that arrive
@@ -464,7 +480,22 @@ type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<u8>, bool)
 /// read, so a client's changes keep their order and join a group commit
 /// together; any other request runs once every earlier one is done (it sees
 /// their effects), and the next request is read only once it is done.
-async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, ready: Ready, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
+/// What a connection serves requests with.
+struct Served {
+    daemon: Shared,
+    changes: Changes,
+    ready: Ready,
+    api: ApiMetrics,
+}
+
+/// The result label of an answer in its wire form: `ok`, or its error code.
+fn result_of(line: &[u8]) -> &'static str {
+    let Some(rest) = line.strip_prefix(br#"{"error":{"code":""#) else { return "ok" };
+    ErrorCode::ALL.iter().map(|c| c.as_str()).find(|c| rest.strip_prefix(c.as_bytes()).is_some_and(|r| r.first() == Some(&b'"'))).unwrap_or("error")
+}
+
+async fn connection(stream: UnixStream, served: Served, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
+    let Served { daemon, changes, ready, api } = served;
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
     let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups: peer_groups(stream.as_raw_fd()) };
     let (read, write) = stream.into_split();
@@ -497,6 +528,7 @@ async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, ready:
             serde_json::from_slice::<Request>(&line).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
         };
         let mut finished = None;
+        let (op, start) = (parsed.as_ref().map(|r| describe(r).0).unwrap_or("unparsed"), std::time::Instant::now());
         let answer: Answer = match parsed {
             Ok(req) if req.is_helper_change() => {
                 let done = changes.submit(Owner::Local, caller.clone(), req);
@@ -521,6 +553,12 @@ async fn connection(stream: UnixStream, daemon: Shared, changes: Changes, ready:
                 Box::pin(async move { (line, false) })
             }
         };
+        let api = api.clone();
+        let answer: Answer = Box::pin(async move {
+            let (line, stopping) = answer.await;
+            api.answered(op, result_of(&line), start.elapsed());
+            (line, stopping)
+        });
         in_flight.fetch_add(1, SeqCst);
         if answers.send(answer).await.is_err() || oversized {
             break;
