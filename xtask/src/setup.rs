@@ -26,7 +26,15 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "the netfilter glue (nft), and the nftables baseline of the benchmark"),
     ("tcpdump", "counting packets after revocation in the benchmark"),
     ("python3-venv", "the venv of the pinned neutron release the tests run"),
+    ("prometheus", "a real Prometheus server scrapes the daemon's metrics in a test"),
+    ("curl", "HTTP requests to the metrics endpoint and to Prometheus in tests"),
+    ("tmux", "runs `enforcer top` in a terminal the tests read back"),
 ];
+
+/// Debian's way to keep a package's service from being started on install
+/// (`invoke-rc.d` asks this script): the servers above are run by the tests
+/// that need them, on loopback, and nothing is left listening on the host.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPF_LINKER: &str = "bpf-linker@0.10.0";
 
@@ -85,12 +93,22 @@ fn packages() -> Result<()> {
         println!("setup: installing {p} ({why})");
     }
     status(Command::new("apt-get").arg("update").arg("-q"))?;
-    status(
+    // Our own policy only if the host has none, and removed afterwards.
+    let policy = !Path::new(POLICY_RC_D).exists();
+    if policy {
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\n# cargo xtask setup: no service starts while it installs packages\nexit 101\n")?;
+        std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = status(
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    );
+    if policy {
+        let _ = std::fs::remove_file(POLICY_RC_D);
+    }
+    result
 }
 
 fn bpf_linker() -> Result<()> {

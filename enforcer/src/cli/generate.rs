@@ -18,8 +18,9 @@ pub fn completions(shell: Shell) {
     clap_complete::generate(shell, &mut Cli::command(), "enforcer", &mut std::io::stdout());
 }
 
-/// Writes `completions/` (bash, zsh, fish) and `man/` (enforcer.8 and one
-/// page per subcommand, `enforcer-router-add.8`, ...) under `out`.
+/// Writes `completions/` (bash, zsh, fish) and `man/man8/` (enforcer.8 and
+/// one page per subcommand, `enforcer-router-add.8`, ...) under `out`: the
+/// layout of /usr/share/man, so `out/man` can be put on MANPATH.
 pub fn all(out: &Path) -> Result<()> {
     let completions = out.join("completions");
     std::fs::create_dir_all(&completions).with_context(|| format!("creating {}", completions.display()))?;
@@ -28,7 +29,7 @@ pub fn all(out: &Path) -> Result<()> {
             .with_context(|| format!("writing {shell} completions"))?;
         println!("{}", path.display());
     }
-    let man = out.join("man");
+    let man = out.join("man/man8");
     std::fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
     // Section 8: a daemon and its administration commands.
     pages(&Cli::command(), "enforcer", &man)

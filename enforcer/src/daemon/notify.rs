@@ -20,8 +20,8 @@ fn send(states: &[NotifyState]) {
 }
 
 /// Start-up reconciliation is done: the daemon enforces what the store says.
-pub(super) fn ready(routers: usize) {
-    let status = format!("enforcing {routers} routers");
+pub(super) fn ready(routers: usize, took: Duration) {
+    let status = format!("enforcing {routers} routers (reconciled in {} ms)", took.as_millis());
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 

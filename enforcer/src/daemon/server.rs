@@ -298,8 +298,8 @@ async fn startup(daemon: Shared, ready: tokio::sync::watch::Sender<bool>) {
         std::process::exit(1);
     }
     let _ = ready.send(true);
-    let routers = with_daemon(&daemon, |d| d.routers.len()).await;
-    super::notify::ready(routers);
+    let (routers, took) = with_daemon(&daemon, |d| (d.routers.len(), d.ready)).await;
+    super::notify::ready(routers, took.unwrap_or_default());
 }
 
 /// Helper changes queue here and are applied in groups: those that arrive

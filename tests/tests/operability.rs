@@ -1,0 +1,259 @@
+//! The daemon as a host service: a real Prometheus server scraping its
+//! metrics, the systemd notify protocol and watchdog, the unit file
+//! checked by systemd-analyze, completions and man pages.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use enforcer_tests::{
+    Daemon, Family, Process, Scratch, Topology, enforcer_bin,
+    peers::{FtpClient, FtpServer},
+    run, unique, wait_for,
+};
+use serde_json::Value;
+
+/// A port on loopback nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn curl(args: &[&str]) -> String {
+    String::from_utf8(run(Command::new("curl").args(["-sS", "--max-time", "10"]).args(args)).stdout).unwrap()
+}
+
+/// A Prometheus server of this test, on loopback, scraping `target` every
+/// second; its data in a scratch directory.
+struct Prometheus {
+    _process: Process,
+    _dir: Scratch,
+    port: u16,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let dir = Scratch::dir("prom");
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: enforcer\n    static_configs:\n      - targets: ['{target}']\n"),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.0.join("prometheus.log")).unwrap();
+        let process = Process::spawn(
+            "prometheus",
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(log),
+        );
+        let p = Self { _process: process, _dir: dir, port };
+        wait_for("prometheus to answer", 30, || Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/-/ready")]).output().is_ok_and(|o| o.status.success()));
+        p
+    }
+
+    /// The value of the one series `query` selects, read through
+    /// Prometheus's HTTP API (None while it has no such series).
+    fn value(&self, query: &str) -> Option<f64> {
+        let body = curl(&[&format!("http://127.0.0.1:{}/api/v1/query", self.port), "--data-urlencode", &format!("query={query}")]);
+        let answer: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("prometheus answered {body}: {e}"));
+        assert_eq!(answer["status"], "success", "{query}: {answer}");
+        let result = answer["data"]["result"].as_array()?;
+        assert!(result.len() <= 1, "{query} selects one series: {answer}");
+        result.first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until `query`'s value satisfies `ok`; returns it.
+    fn eventually(&self, query: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.value(query);
+            if let Some(v) = v.filter(|v| ok(*v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{query} is {v:?} after 30 s of scrapes");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+#[test]
+fn prometheus_reads_packets_revocations_and_requests_back() {
+    let topo = Topology::new();
+    let port = free_port();
+    let config = Scratch::file("cfg", &format!("metrics = \"127.0.0.1:{port}\"\nmetrics_per_rule = true\n"));
+    let daemon = Daemon::start_with(None, &["--config", config.path()]);
+    daemon.add_router(&topo.router_id);
+    let helper = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+    ftp.ok("retr small.bin passive");
+
+    let prometheus = Prometheus::start(&format!("127.0.0.1:{port}"));
+    let router = &topo.router_id;
+    assert_eq!(prometheus.eventually("up{job=\"enforcer\"}", |v| v == 1.0), 1.0);
+    let tagged = prometheus.eventually(&format!("enforcer_router_tagged_packets_total{{router=\"{router}\"}}"), |v| v > 0.0);
+    // The per-rule series agree with the router's.
+    let rule = prometheus.eventually(&format!("enforcer_rule_tagged_packets_total{{router=\"{router}\",protocol=\"tcp\",port=\"21\",helper=\"ftp\"}}"), |v| v > 0.0);
+    assert!(rule <= tagged, "rule {rule} within router {tagged}");
+    assert_eq!(prometheus.eventually("enforcer_routers", |_| true), 1.0);
+    assert_eq!(prometheus.eventually("enforcer_helpers", |_| true), 1.0);
+    assert_eq!(prometheus.eventually("enforcer_api_requests_total{op=\"helper_create\",result=\"ok\"}", |_| true), 1.0);
+    assert!(prometheus.eventually("enforcer_api_request_duration_seconds_count{op=\"router_add\"}", |_| true) >= 1.0);
+    assert_eq!(prometheus.eventually("enforcer_catalogue_helper_info{helper=\"ftp\",protocol=\"tcp\",family=\"ipv4\"}", |_| true), 1.0);
+    assert_eq!(prometheus.eventually("enforcer_build_info", |_| true), 1.0);
+    assert_eq!(prometheus.eventually("enforcer_revocations_total", |_| true), 0.0);
+
+    // A refused request is counted by its error code.
+    daemon.cli(&["helper", "delete", router, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"]);
+    assert_eq!(prometheus.eventually("enforcer_api_requests_total{op=\"helper_delete\",result=\"not_found\"}", |_| true), 1.0);
+
+    // Revoking with the control connection open removes its conntrack entry.
+    daemon.delete_helper(router, &helper);
+    assert_eq!(prometheus.eventually("enforcer_revocations_total", |v| v > 0.0), 1.0);
+    assert!(prometheus.eventually("enforcer_revoked_conntrack_entries_total", |v| v > 0.0) >= 1.0);
+    assert_eq!(prometheus.eventually("enforcer_helpers", |v| v == 0.0), 0.0);
+    drop(ftp);
+}
+
+#[test]
+fn metrics_on_a_unix_socket() {
+    let dir = Scratch::dir("m");
+    let socket = dir.0.join("metrics.sock");
+    let config = Scratch::file("cfg", &format!("metrics = \"unix:{}\"\n", socket.display()));
+    let _daemon = Daemon::start_with(None, &["--config", config.path()]);
+    let sock = socket.to_str().unwrap();
+    let text = curl(&["--unix-socket", sock, "http://localhost/metrics"]);
+    assert!(text.lines().any(|l| l == "enforcer_ready 1.0"), "{text}");
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    let code = curl(&["--unix-socket", sock, "-o", "/dev/null", "-w", "%{http_code}", "http://localhost/other"]);
+    assert_eq!(code, "404");
+}
+
+#[test]
+fn a_metrics_port_in_use_stops_the_start_with_the_reason() {
+    enforcer_tests::require_root();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = Scratch::dir("m");
+    let config = Scratch::file("cfg", &format!("metrics = \"127.0.0.1:{port}\"\n"));
+    let bpffs = format!("/sys/fs/bpf/{}", unique("m"));
+    let out = Command::new(enforcer_bin())
+        .arg("--socket")
+        .arg(dir.0.join("s.sock"))
+        .args(["daemon", "--config", config.path(), "--state-dir"])
+        .arg(dir.0.join("state"))
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("binding the metrics address 127.0.0.1:{port}")), "{err}");
+    assert!(!dir.0.join("s.sock").exists(), "the API socket is not left behind");
+    let _ = std::fs::remove_dir_all(&bpffs);
+}
+
+/// What the daemon told the service manager, as datagrams on `socket`.
+fn notifications(socket: &UnixDatagram, within: Duration) -> Vec<String> {
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+#[test]
+fn systemd_hears_ready_once_reconciled_and_the_watchdog_is_fed() {
+    let topo = Topology::new();
+    let dir = Scratch::dir("sd");
+    let path = dir.0.join("notify");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    let env = [("NOTIFY_SOCKET", path.to_str().unwrap()), ("WATCHDOG_USEC", "400000")];
+    let mut daemon = Daemon::start_with_env(None, &[], &env);
+    let first = notifications(&socket, Duration::from_millis(1500));
+    let ready: Vec<_> = first.iter().filter(|m| m.lines().any(|l| l == "READY=1")).collect();
+    assert_eq!(ready.len(), 1, "one READY=1: {first:?}");
+    // Sent with the reconciliation's figures: only once it is done.
+    assert!(ready[0].contains("STATUS=enforcing 0 routers (reconciled in "), "{first:?}");
+    let fed = first.iter().filter(|m| m.trim() == "WATCHDOG=1").count();
+    assert!(fed >= 4, "the 400 ms watchdog is fed every 200 ms: {first:?}");
+
+    // A restart with a router: READY=1 again, after its reconciliation.
+    daemon.add_router(&topo.router_id);
+    daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    let stopped = notifications(&socket, Duration::from_millis(200));
+    assert!(stopped.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")), "{stopped:?}");
+    daemon.restart();
+    let again = notifications(&socket, Duration::from_millis(500));
+    assert!(again.iter().any(|m| m.contains("READY=1\nSTATUS=enforcing 1 routers (reconciled in ")), "{again:?}");
+}
+
+#[test]
+fn no_watchdog_and_no_notifications_outside_systemd() {
+    let daemon = Daemon::start();
+    // Nothing to assert on a socket that does not exist; the daemon runs
+    // and logs no complaint about the service manager.
+    assert!(daemon.cli(&["status", "-o", "json"]).ok().json()["ready"] == true);
+    let log = daemon.log();
+    assert!(!log.contains("service manager") && !log.contains("watchdog"), "{log}");
+}
+
+/// Completions and man pages, generated from the clap definitions.
+fn generated() -> Scratch {
+    let out = Scratch::dir("gen");
+    run(Command::new(enforcer_bin()).args(["generate", "--out", out.path()]));
+    out
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    let pages = generated();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/enforcer.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/sbin/enforcer daemon"), "the package installs the binary there");
+    // The same unit, pointing at the binary under test (verify checks that
+    // ExecStart is executable) with the generated man pages on MANPATH
+    // (verify runs `man` for each Documentation= page).
+    let dir = Scratch::dir("unit");
+    let path = dir.0.join("enforcer.service");
+    std::fs::write(&path, unit.replace("/usr/sbin/enforcer", enforcer_bin().to_str().unwrap())).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).env("MANPATH", pages.0.join("man")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify:\n{err}");
+    // A unit that names a page nobody wrote fails the same check: the
+    // check above can fail.
+    std::fs::write(&path, unit.replace("/usr/sbin/enforcer", enforcer_bin().to_str().unwrap()).replace("man:enforcer(8)", "man:enforcer-nope(8)")).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).env("MANPATH", pages.0.join("man")).output().unwrap();
+    assert!(!out.status.success() || !out.stderr.is_empty(), "a missing page is reported");
+    let tmpfiles = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/enforcer.tmpfiles")).unwrap();
+    for dir in ["/run/enforcer", "/var/lib/enforcer"] {
+        assert!(unit.contains(dir) && tmpfiles.contains(dir), "{dir} in the unit and the tmpfiles entry");
+    }
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_clap_definitions() {
+    let out = generated();
+    let bash = out.0.join("completions/enforcer.bash");
+    run(Command::new("bash").arg("-n").arg(&bash));
+    let script = std::fs::read_to_string(&bash).unwrap();
+    for word in ["router", "helper", "catalogue", "--protocol"] {
+        assert!(script.contains(word), "bash completion knows {word}");
+    }
+    assert!(out.0.join("completions/_enforcer").exists() && out.0.join("completions/enforcer.fish").exists());
+    let page = Command::new("man").arg("-l").arg(out.0.join("man/man8/enforcer-helper-create.8")).env("MANWIDTH", "100").output().unwrap();
+    let page = String::from_utf8_lossy(&page.stdout);
+    assert!(page.contains("--protocol") && page.contains("Destination port of the control connection"), "{page}");
+    let printed = run(Command::new(enforcer_bin()).args(["completions", "fish"]));
+    assert!(String::from_utf8_lossy(&printed.stdout).contains("complete -c enforcer"));
+}
