@@ -159,6 +159,10 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<String>,
     },
+    /// Streams events (changes, revocations, repairs, refusals) as they
+    /// happen: a `done` answer, then one event per line until the client
+    /// closes the connection. Administrators only, like the audit log.
+    Events {},
     /// The helpers this host offers.
     Catalogue {},
 }

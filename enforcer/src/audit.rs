@@ -46,6 +46,47 @@ pub struct AuditEntry {
 
 const FILE: &str = "audit.jsonl";
 
+/// What `enforcer events` streams: each audit entry once it is durable,
+/// and each revocation with what it removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A change made through the API or by the Neutron sync.
+    Change,
+    /// A rule's flows cut and its conntrack entries removed.
+    Revocation,
+    /// Kernel state someone else changed, put back by the daemon.
+    Repair,
+    /// A request refused (or failed), as audited.
+    Refusal,
+    /// The subscriber fell behind; `after.missed` events were dropped.
+    Lagged,
+}
+
+impl Event {
+    /// The event of an audit entry.
+    pub fn of(entry: &AuditEntry) -> Self {
+        let kind = if entry.op.ends_with("_repair") {
+            EventKind::Repair
+        } else if entry.result != "ok" {
+            EventKind::Refusal
+        } else {
+            EventKind::Change
+        };
+        Self { kind, entry: entry.clone() }
+    }
+}
+
+/// Events a subscriber may fall behind by before it is told it lagged.
+const EVENT_BACKLOG: usize = 4096;
+
 /// Bounds of the audit trail.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AuditLimits {
@@ -77,6 +118,8 @@ pub struct Audit {
     size: u64,
     limits: AuditLimits,
     refusals: HashMap<u32, Allowance>,
+    /// Subscribers of `enforcer events`.
+    events: tokio::sync::broadcast::Sender<Event>,
 }
 
 impl Audit {
@@ -84,7 +127,8 @@ impl Audit {
         let path = state_dir.join(FILE);
         let file = Self::open_file(&path)?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(Self { path, file, size, limits, refusals: HashMap::new() })
+        let (events, _) = tokio::sync::broadcast::channel(EVENT_BACKLOG);
+        Ok(Self { path, file, size, limits, refusals: HashMap::new(), events })
     }
 
     fn open_file(path: &Path) -> Result<File> {
@@ -116,17 +160,37 @@ impl Audit {
     /// Appends the entries of a group of requests, then syncs once: their
     /// changes were committed together.
     pub fn record_all(&mut self, entries: &[AuditEntry]) -> Result<()> {
+        let mut written = Vec::with_capacity(entries.len());
         for entry in entries {
             if entry.result == "ok" || self.allow_refusal(&entry.caller) {
                 self.append(entry)?;
+                written.push(entry);
             }
         }
-        self.sync()
+        self.sync()?;
+        for entry in written {
+            self.announce(Event::of(entry));
+        }
+        Ok(())
     }
 
     fn write(&mut self, entry: &AuditEntry) -> Result<()> {
         self.append(entry)?;
-        self.sync()
+        self.sync()?;
+        self.announce(Event::of(entry));
+        Ok(())
+    }
+
+    /// A stream of the events from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Tells the subscribers, if any (costs nothing without one).
+    pub fn announce(&self, event: Event) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event);
+        }
     }
 
     fn sync(&mut self) -> Result<()> {

@@ -20,6 +20,11 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The daemon itself, for what it does on its own (repairs, flushes).
+    pub fn daemon() -> Self {
+        Self { uid: 0, gid: 0, pid: Some(std::process::id() as i32), groups: Vec::new() }
+    }
+
     fn in_group(&self, gid: u32) -> bool {
         self.gid == gid || self.groups.contains(&gid)
     }

@@ -40,6 +40,20 @@ impl Session {
         Ok(serde_json::from_str(&answer)?)
     }
 
+    /// The next line the daemon sends (after an `events` request: the next
+    /// event), waiting at most `within`.
+    pub fn next_line(&mut self, within: Duration) -> std::io::Result<serde_json::Value> {
+        use std::io::BufRead;
+        self.stream.set_read_timeout(Some(within))?;
+        let mut line = String::new();
+        let read = self.reader.read_line(&mut line);
+        self.stream.set_read_timeout(None)?;
+        if read? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
     /// Sends every request without waiting for answers (pipelined; a
     /// thread writes while this one reads) and returns the answers, in
     /// order.

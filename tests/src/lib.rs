@@ -19,7 +19,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-pub use daemon::Daemon;
+pub use daemon::{Daemon, Session};
 pub use topology::{Family, Netns, Topology};
 
 /// Fails the calling test unless it can use the kernel for real.

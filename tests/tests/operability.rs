@@ -257,3 +257,78 @@ fn completions_and_man_pages_come_from_the_clap_definitions() {
     let printed = run(Command::new(enforcer_bin()).args(["completions", "fish"]));
     assert!(String::from_utf8_lossy(&printed.stdout).contains("complete -c enforcer"));
 }
+
+/// Events until one satisfies `want`; returns it and those before it.
+fn event_where(session: &mut enforcer_tests::Session, what: &str, want: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no {what} event within 20 s; saw {before:?}");
+        let event = session.next_line(left).unwrap_or_else(|e| panic!("waiting for {what}: {e}; saw {before:?}"));
+        if want(&event) {
+            return (event, before);
+        }
+        before.push(event);
+    }
+}
+
+#[test]
+fn events_stream_changes_revocations_repairs_and_refusals() {
+    let topo = Topology::new();
+    let config = Scratch::file("cfg", "glue_check_secs = 1\n");
+    let daemon = Daemon::start_with(None, &["--config", config.path()]);
+    let mut events = daemon.session();
+    assert_eq!(events.request(&serde_json::json!({"op": "events"})).unwrap(), serde_json::json!({"ok": {}}));
+    let router = topo.router_id.as_str();
+
+    daemon.add_router(router);
+    let (added, _) = event_where(&mut events, "router_add", |e| e["op"] == "router_add");
+    assert_eq!((added["kind"].as_str(), added["router_id"].as_str(), added["result"].as_str()), (Some("change"), Some(router), Some("ok")), "{added}");
+    let helper = daemon.create_helper(router, "tcp", 21, "ftp");
+    let (created, _) = event_where(&mut events, "helper_create", |e| e["op"] == "helper_create");
+    assert_eq!(created["helper_id"], helper.as_str(), "{created}");
+    assert_eq!(created["after"]["port"], 21, "{created}");
+
+    // A refusal, with its error code and message.
+    let refused = daemon.cli(&["helper", "create", router, "--protocol", "tcp", "--port", "70000", "--helper", "ftp"]);
+    assert_ne!(refused.code, 0);
+    let (refusal, _) = event_where(&mut events, "refusal", |e| e["kind"] == "refusal");
+    assert_eq!((refusal["op"].as_str(), refusal["result"].as_str()), (Some("helper_create"), Some("invalid_argument")), "{refusal}");
+
+    // A revocation with what it removed: the open control connection.
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+    ftp.ok("retr small.bin passive");
+    daemon.delete_helper(router, &helper);
+    let (revocation, _) = event_where(&mut events, "revocation", |e| e["kind"] == "revocation");
+    assert_eq!(revocation["router_id"], router, "{revocation}");
+    assert!(revocation["after"]["conntrack_entries_removed"].as_u64().unwrap() >= 1, "{revocation}");
+    let (deleted, _) = event_where(&mut events, "helper_delete", |e| e["op"] == "helper_delete");
+    assert_eq!(deleted["kind"], "change");
+
+    // A repair: someone removes enforcer's glue table.
+    topo.router.sh("nft", &["delete", "table", "inet", "enforcer"]);
+    let (repair, _) = event_where(&mut events, "glue_repair", |e| e["op"] == "glue_repair");
+    assert_eq!((repair["kind"].as_str(), repair["router_id"].as_str()), (Some("repair"), Some(router)), "{repair}");
+
+    // The CLI: one JSON object per line, and a readable line per event.
+    let json = Command::new(enforcer_bin()).arg("--socket").arg(&daemon.socket).args(["events", "-o", "json", "--count", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let table = Command::new(enforcer_bin()).arg("--socket").arg(&daemon.socket).args(["events", "--count", "1"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let (json, table) = (Process { child: json, what: "events -o json".into() }, Process { child: table, what: "events".into() });
+    // Both subscribe in their own time: refusals until both have one.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = |p: &mut Process| matches!(p.child.try_wait(), Ok(Some(_)));
+    let (mut json, mut table) = (json, table);
+    while !(done(&mut json) && done(&mut table)) {
+        assert!(Instant::now() < deadline, "the CLI streams got no event");
+        daemon.cli(&["router", "remove", "not-a-uuid"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let read = |p: &mut Process| std::io::read_to_string(p.child.stdout.take().unwrap()).unwrap();
+    let (json, table) = (read(&mut json), read(&mut table));
+    let event: Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{json}: {e}"));
+    assert_eq!((event["kind"].as_str(), event["op"].as_str()), (Some("refusal"), Some("router_remove")), "{event}");
+    assert!(table.contains("refusal") && table.contains("router_remove") && table.contains("invalid_argument"), "{table}");
+    drop(ftp);
+}

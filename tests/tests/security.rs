@@ -101,6 +101,9 @@ fn each_caller_gets_exactly_its_roles_rights() {
     refused(&daemon, OPERATOR_P1, &["status"], "permission denied");
     refused(&daemon, OPERATOR_P1, &["teardown"], "permission denied");
     refused(&daemon, OPERATOR_P1, &["audit"], "permission denied");
+    // The event stream shows every project's changes: administrators only.
+    refused(&daemon, OPERATOR_P1, &["events", "--count", "1"], "permission denied");
+    refused(&daemon, READER, &["events", "--count", "1"], "permission denied");
     let dump = ok_json(&daemon, OPERATOR_P1, &["maps", "dump", "-o", "json"]);
     assert!(dump["slots"].as_array().unwrap().iter().all(|s| s["router_id"] == ra), "{dump}");
     let (code, _, err) = as_uid(&daemon, OPERATOR_P1, &["helper", "delete", ra, created["id"].as_str().unwrap()]);

@@ -66,6 +66,16 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Stream changes, revocations, repairs and refusals as they happen (one
+    /// line each; `-o json` gives one JSON object per line, for SIEM
+    /// pipelines). Runs until interrupted. Administrators only.
+    Events {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Remove every router and all enforcement (links, glue, maps, the
     /// helpers' conntrack entries), then stop the daemon. Stopping the daemon otherwise (SIGTERM)
     /// leaves enforcement in place.
@@ -246,6 +256,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             return Ok(0);
         }
         Command::Generate { out } => return generate::all(&out).map(|_| 0),
+        Command::Events { output, count } => return events(&cli.socket, output, count),
         // Root reads the pins directly (works with the daemon down); other
         // callers ask the daemon, which confines the dump to their project.
         Command::Maps(MapsCmd::Dump { bpffs, output }) if nix::unistd::geteuid().is_root() => {
@@ -283,6 +294,32 @@ pub fn run(cli: Cli) -> Result<i32> {
             table::print_reply(&reply, output)?;
             Ok(0)
         }
+        Err(err) => {
+            print_error(&err, output);
+            Ok(EXIT_REFUSED)
+        }
+    }
+}
+
+fn events(socket: &std::path::Path, output: Output, count: Option<u64>) -> Result<i32> {
+    use std::io::Write;
+    let mut left = count.unwrap_or(u64::MAX);
+    if left == 0 {
+        return Ok(0);
+    }
+    let streamed = client::stream(socket, &Request::Events {}, |line| {
+        let event: enforcer::audit::Event = serde_json::from_str(line).with_context(|| format!("bad event from the daemon: {line:?}"))?;
+        match output {
+            Output::Json => println!("{line}"),
+            Output::Table => table::print_event(&event),
+        }
+        // Each event as it comes, also into a pipe.
+        std::io::stdout().flush()?;
+        left -= 1;
+        Ok(left > 0)
+    })?;
+    match streamed {
+        Ok(()) => Ok(0),
         Err(err) => {
             print_error(&err, output);
             Ok(EXIT_REFUSED)

@@ -244,3 +244,26 @@ pub fn print_dump(dump: &Dump, output: Output) -> Result<()> {
     }
     Ok(())
 }
+
+/// One event on one line: time, kind, operation, what it touched, result,
+/// and the figures or error that matter.
+pub fn print_event(e: &enforcer::audit::Event) {
+    let entry = &e.entry;
+    let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let mut line = format!("{}  {kind:<10}  {:<14}  {}", entry.time, entry.op, entry.result);
+    if let Some(r) = &entry.router_id {
+        line.push_str(&format!("  router={r}"));
+    }
+    if let Some(h) = &entry.helper_id {
+        line.push_str(&format!("  helper={h}"));
+    }
+    let after = entry.after.as_ref();
+    let figure = |key: &str| after.and_then(|a| a.get(key)).filter(|v| !v.is_null()).map(|v| format!("  {key}={v}"));
+    for key in ["slot", "conntrack_entries_removed", "flows_kept_dead", "missed"] {
+        line.push_str(&figure(key).unwrap_or_default());
+    }
+    if let Some(err) = &entry.error {
+        line.push_str(&format!("  error={:?}", err.message));
+    }
+    println!("{line}");
+}

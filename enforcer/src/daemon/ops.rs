@@ -69,6 +69,7 @@ pub(super) fn describe(req: &Request) -> (&'static str, bool) {
         Request::Teardown {} => ("teardown", true),
         Request::MapsDump {} => ("maps_dump", false),
         Request::Audit { .. } => ("audit", false),
+        Request::Events {} => ("events", false),
         Request::Catalogue {} => ("catalogue", false),
     }
 }
@@ -322,7 +323,14 @@ impl Daemon {
             Request::MapsDump {} => self.dump_job(self.scope.as_deref()).run(),
             Request::Audit { since } => self.audit_job(since.as_deref())?.run(),
             Request::Catalogue {} => Ok(Reply::Catalogue(self.offered.describe())),
+            // Permitted: the connection streams events after this answer.
+            Request::Events {} => Ok(Reply::Done {}),
         }
+    }
+
+    /// Subscribes `caller` to the event stream, if it may read it.
+    pub(super) fn subscribe(&mut self, caller: Caller) -> Result<tokio::sync::broadcast::Receiver<audit::Event>, ApiError> {
+        self.handle_from(Owner::Local, caller, Request::Events {}, None).map(|_| self.audit.subscribe())
     }
 
     fn router_view(state: &RouterState) -> Router {

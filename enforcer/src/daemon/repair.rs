@@ -168,7 +168,7 @@ impl Daemon {
     fn record_repair(&mut self, id: Option<&str>, op: &str, before: serde_json::Value, after: serde_json::Value, result: Result<(), String>) {
         let entry = AuditEntry {
             time: Audit::now(),
-            caller: Caller { uid: 0, gid: 0, pid: Some(std::process::id() as i32), groups: Vec::new() },
+            caller: Caller::daemon(),
             origin: Owner::Local,
             op: op.to_string(),
             router_id: id.map(str::to_string),

@@ -129,6 +129,7 @@ impl Daemon {
     pub(super) fn revoked_slot(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
         self.revocations.rules += 1;
         if report.never_tagged {
+            self.announce_revocation(router_id, slot, report);
             self.index.hold(router_id, slot);
             self.cooling.push((router_id.to_string(), slot, std::time::Instant::now()));
         } else {
@@ -161,6 +162,7 @@ impl Daemon {
     pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
         self.revocations.conntrack_entries += report.conntrack_entries_removed as u64;
         self.revocations.flows_kept += report.flows_kept_dead as u64;
+        self.announce_revocation(router_id, slot, report);
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
             self.quarantine.insert((router_id.to_string(), slot));
@@ -175,6 +177,28 @@ impl Daemon {
             );
             self.slot_released(router_id, slot);
         }
+    }
+
+    /// Tells event subscribers what a revocation (or a later flush of its
+    /// slot) removed.
+    fn announce_revocation(&self, router_id: &str, slot: u16, report: &RevokeReport) {
+        let mut after = serde_json::to_value(report).unwrap_or_default();
+        after["slot"] = slot.into();
+        self.audit.announce(crate::audit::Event {
+            kind: crate::audit::EventKind::Revocation,
+            entry: crate::audit::AuditEntry {
+                time: crate::audit::Audit::now(),
+                caller: crate::auth::Caller::daemon(),
+                origin: self.origin,
+                op: "revocation".to_string(),
+                router_id: Some(router_id.to_string()),
+                helper_id: None,
+                before: None,
+                after: Some(after),
+                result: if report.flush_error.is_some() { "incomplete" } else { "ok" }.to_string(),
+                error: report.flush_error.clone().map(crate::api::ApiError::kernel),
+            },
+        });
     }
 
     /// Cleans the conntrack table of router `router_id` of a quarantined

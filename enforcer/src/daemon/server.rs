@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 use super::{Daemon, GlueDone, GlueJob, metrics::ApiMetrics, ops::{Prepared, describe}};
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
+    audit::{Audit, AuditEntry, Event, EventKind},
     auth::Caller,
 };
 
@@ -528,8 +529,20 @@ async fn connection(stream: UnixStream, served: Served, stop: tokio::sync::mpsc:
             serde_json::from_slice::<Request>(&line).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
         };
         let mut finished = None;
+        let mut stream = None;
         let (op, start) = (parsed.as_ref().map(|r| describe(r).0).unwrap_or("unparsed"), std::time::Instant::now());
         let answer: Answer = match parsed {
+            Ok(Request::Events {}) => {
+                let c = caller.clone();
+                let line = match with_daemon(&daemon, move |d| d.subscribe(c)).await {
+                    Ok(events) => {
+                        stream = Some(events);
+                        wire(Ok(Reply::Done {}))
+                    }
+                    Err(e) => wire(Err(e)),
+                };
+                Box::pin(async move { (line, false) })
+            }
             Ok(req) if req.is_helper_change() => {
                 let done = changes.submit(Owner::Local, caller.clone(), req);
                 Box::pin(async move { (done.await, false) })
@@ -563,6 +576,13 @@ async fn connection(stream: UnixStream, served: Served, stop: tokio::sync::mpsc:
         if answers.send(answer).await.is_err() || oversized {
             break;
         }
+        if let Some(events) = stream {
+            // Every earlier answer and the `done` are written first.
+            drop(answers);
+            let write = writer.await.context("answer writer")??;
+            reader.set_limit(u64::MAX);
+            return stream_events(reader, write, events).await;
+        }
         if let Some(finished) = finished
             && finished.await.is_err()
         {
@@ -571,7 +591,7 @@ async fn connection(stream: UnixStream, served: Served, stop: tokio::sync::mpsc:
     }
     // The answers still to come are written before the connection closes.
     drop(answers);
-    writer.await.context("answer writer")?
+    writer.await.context("answer writer")?.map(drop)
 }
 
 /// Writes the answers of a connection in the order of its requests.
@@ -580,7 +600,7 @@ async fn write_answers(
     mut pending: tokio::sync::mpsc::Receiver<Answer>,
     stop: tokio::sync::mpsc::Sender<()>,
     in_flight: Arc<AtomicUsize>,
-) -> Result<()> {
+) -> Result<tokio::net::unix::OwnedWriteHalf> {
     while let Some(answer) = pending.recv().await {
         let (mut text, stopping) = answer.await;
         text.push(b'\n');
@@ -590,5 +610,47 @@ async fn write_answers(
             let _ = stop.send(()).await;
         }
     }
-    Ok(())
+    Ok(write)
+}
+
+/// After an `events` request: one line per event until the client closes
+/// the connection (what it sends from then on is ignored). A subscriber
+/// that falls behind is told how many events it missed.
+async fn stream_events(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+) -> Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut ignored = [0u8; 512];
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => event,
+                Err(RecvError::Lagged(missed)) => Event {
+                    kind: EventKind::Lagged,
+                    entry: AuditEntry {
+                        time: Audit::now(),
+                        caller: Caller::daemon(),
+                        origin: Owner::Local,
+                        op: "lagged".to_string(),
+                        router_id: None,
+                        helper_id: None,
+                        before: None,
+                        after: Some(serde_json::json!({ "missed": missed })),
+                        result: "ok".to_string(),
+                        error: None,
+                    },
+                },
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            read = reader.read(&mut ignored) => match read? {
+                0 => return Ok(()),
+                _ => continue,
+            },
+        };
+        let mut line = serde_json::to_vec(&event)?;
+        line.push(b'\n');
+        write.write_all(&line).await?;
+    }
 }
