@@ -332,3 +332,92 @@ fn events_stream_changes_revocations_repairs_and_refusals() {
     assert!(table.contains("refusal") && table.contains("router_remove") && table.contains("invalid_argument"), "{table}");
     drop(ftp);
 }
+
+/// A tmux server of this test (its own socket), killed on drop.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(width: u16, height: u16, command: &str) -> Self {
+        let t = Self(unique("tmux"));
+        run(Command::new("tmux").args(["-L", &t.0, "new-session", "-d", "-s", "top", "-x", &width.to_string(), "-y", &height.to_string(), command]));
+        t
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux").args(["-L", &self.0, "capture-pane", "-p", "-t", "top"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        run(Command::new("tmux").args(["-L", &self.0, "send-keys", "-t", "top", keys]));
+    }
+
+    /// Waits until the screen shows every one of `texts`; returns it.
+    fn shows(&self, texts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let screen = self.screen();
+            if texts.iter().all(|t| screen.contains(t)) {
+                return screen;
+            }
+            assert!(Instant::now() < deadline, "the screen never showed {texts:?}:\n{screen}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn running(&self) -> bool {
+        Command::new("tmux").args(["-L", &self.0, "has-session", "-t", "top"]).output().is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["-L", &self.0, "kill-server"]).output();
+    }
+}
+
+#[test]
+fn top_shows_rates_drops_and_rules_and_goes_on_with_the_daemon_down() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    let router = topo.router_id.as_str();
+    daemon.add_router(router);
+    let helper = daemon.create_helper(router, "tcp", 21, "ftp");
+    daemon.create_helper(router, "udp", 69, "tftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+
+    let command = format!("{} --socket {} top --bpffs {}", enforcer_bin().display(), daemon.socket.display(), daemon.bpffs.display());
+    let tmux = Tmux::start(150, 30, &command);
+    tmux.shows(&[router, "daemon running", "1 routers  2 live rules  0 revoked", "routers, by tagged/s"]);
+    // Traffic shows as a rate on the router's line.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        ftp.ok("retr small.bin passive");
+        let screen = tmux.screen();
+        let line = screen.lines().find(|l| l.contains(router)).unwrap_or_default().to_string();
+        let rate: f64 = line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        if rate > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no tagged/s on the router's line:\n{screen}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    tmux.keys("s");
+    tmux.shows(&["routers, by dropped/s"]);
+    tmux.keys("Tab");
+    let rules = tmux.shows(&[&format!("rules of router {router}"), "ftp", "tftp"]);
+    assert!(rules.lines().any(|l| l.contains("tcp") && l.contains("21") && l.contains("live")), "{rules}");
+
+    // A revoked rule shows as revoked, with its drops counted.
+    daemon.delete_helper(router, &helper);
+    tmux.keys("Tab");
+    tmux.shows(&["1 live rules  1 revoked"]);
+
+    // The daemon stops; enforcement and the view go on.
+    daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    tmux.shows(&["daemon DOWN", router, "1 live rules  1 revoked"]);
+    tmux.keys("q");
+    wait_for("top to quit on q", 10, || !tmux.running());
+    drop(ftp);
+}

@@ -2,6 +2,7 @@
 
 mod generate;
 mod table;
+mod top;
 
 use std::path::PathBuf;
 
@@ -65,6 +66,14 @@ enum Command {
         since: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
+    },
+    /// A live view of routers and rules: packet rates, drops and revoked
+    /// rules, refreshed every second. Reads the pinned maps (root), so it
+    /// works while the daemon is down. Keys: q quit, s sort, tab rules.
+    Top {
+        /// bpffs directory of the pinned maps.
+        #[arg(long, default_value = kernel::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
     },
     /// Stream changes, revocations, repairs and refusals as they happen (one
     /// line each; `-o json` gives one JSON object per line, for SIEM
@@ -256,6 +265,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             return Ok(0);
         }
         Command::Generate { out } => return generate::all(&out).map(|_| 0),
+        Command::Top { bpffs } => return top::run(&bpffs, &cli.socket).map(|_| 0),
         Command::Events { output, count } => return events(&cli.socket, output, count),
         // Root reads the pins directly (works with the daemon down); other
         // callers ask the daemon, which confines the dump to their project.
