@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, run, demo and tests of enforcer.
 
+mod install;
 mod setup;
 
 use std::{
@@ -49,6 +50,17 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Build, then install the binary, systemd unit, tmpfiles entry,
+    /// default configuration (an existing one is kept), man pages and shell
+    /// completions (as root).
+    Install {
+        /// Install under this directory instead of / (staging, packaging).
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+    },
+    /// Build the Debian package (cargo-deb) into target/debian/, and check
+    /// it against the install list.
+    Package,
     /// Set up, build, and run every test (unit, datapath, integration; the
     /// integration tests in both attach modes, tcx and netlink), then the
     /// quick benchmark (into a scratch directory, no thresholds).
@@ -116,6 +128,11 @@ fn main() -> Result<()> {
             let out = out.unwrap_or_else(|| PathBuf::from(if quick { "target/bench-quick" } else { "bench" }));
             bench(&bin, quick, &out)
         }
+        Cmd::Install { destdir } => install::install(&build()?, destdir.as_deref()),
+        Cmd::Package => {
+            setup::run()?;
+            install::check_package(&install::package(&build()?)?)
+        }
         Cmd::Test { args } => {
             setup::run()?;
             let bin = build()?;
@@ -139,6 +156,8 @@ fn main() -> Result<()> {
                     .env("RUST_TEST_THREADS", "2"),
             )?;
             if !filtered {
+                println!("xtask: the Debian package, checked against the install list");
+                install::check_package(&install::package(&bin)?)?;
                 let scratch = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
                 let result = bench(&bin, true, &scratch);
                 let _ = std::fs::remove_dir_all(&scratch);

@@ -37,6 +37,8 @@ const PACKAGES: &[(&str, &str)] = &[
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
 const BPF_LINKER: &str = "bpf-linker@0.10.0";
+/// Builds the Debian package (`cargo xtask package`).
+const CARGO_DEB: &str = "cargo-deb@3.8.0";
 
 /// The OpenStack releases the tests run: Neutron's L3 agent code beside
 /// enforcer, and neutron-server with Keystone for the Neutron sync. One venv:
@@ -52,6 +54,7 @@ pub fn run() -> Result<()> {
     nightly()?;
     packages()?;
     bpf_linker()?;
+    cargo_deb()?;
     rust_src()?;
     bpffs()?;
     openstack_venv()?;
@@ -117,6 +120,15 @@ fn bpf_linker() -> Result<()> {
     }
     println!("setup: installing {BPF_LINKER} (a few minutes)");
     status(Command::new("cargo").args(["+stable", "install", BPF_LINKER, "--locked"]))
+}
+
+fn cargo_deb() -> Result<()> {
+    let want = CARGO_DEB.split('@').nth(1).unwrap_or_default();
+    if output(Command::new("cargo").args(["deb", "--version"])).is_some_and(|v| v.contains(want)) {
+        return Ok(());
+    }
+    println!("setup: installing {CARGO_DEB} (about a minute)");
+    status(Command::new("cargo").args(["+stable", "install", CARGO_DEB, "--locked"]))
 }
 
 fn version_of(text: &str) -> Option<(u32, u32)> {
