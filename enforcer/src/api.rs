@@ -349,6 +349,10 @@ pub struct ReconcileReport {
     pub routers_detached: usize,
     pub slots_released: usize,
     pub maps: MapDrift,
+    /// Attachments whose program was replaced in place at start (after an
+    /// upgrade or a change of the constants the programs are built with).
+    #[serde(default)]
+    pub programs_replaced: usize,
 }
 
 impl ReconcileReport {

@@ -78,6 +78,15 @@ pub fn private(path: &Path, mode: u32) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("setting mode {mode:o} on {}", path.display()))
 }
 
+/// Replaces the file at `path` with `bytes` (mode 0600): written aside and
+/// renamed over it, so a crash leaves the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let tmp = path.with_extension("new");
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?.write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// redb's page cache: everything is read once at start and kept in the
 /// daemon's own memory, so the cache serves only writes; redb's default
 /// (1 GiB) would let it grow with every page a long run touches.

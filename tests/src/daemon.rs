@@ -244,38 +244,56 @@ impl Daemon {
     /// attach mode: tcx programs that use this daemon's maps, and bpf
     /// filters at enforcer's netlink priority.
     pub fn attachments(&self, ns: &crate::Netns) -> usize {
+        self.attached_programs(ns).len()
+    }
+
+    /// The ids of enforcer's programs attached to the interfaces of `ns`
+    /// (see [`Daemon::attachments`]), sorted.
+    pub fn attached_programs(&self, ns: &crate::Netns) -> Vec<u32> {
+        attached_programs(&self.bpffs, std::path::Path::new(&ns.path()))
+    }
+}
+
+/// The ids of the programs using the maps pinned in `bpffs` that are
+/// attached to the interfaces of the namespace at `ns` (tcx programs, and
+/// bpf filters at enforcer's netlink priority), sorted. Usable from any
+/// thread, also while the daemon restarts.
+pub fn attached_programs(bpffs: &std::path::Path, ns: &std::path::Path) -> Vec<u32> {
         use aya::programs::{SchedClassifier, TcAttachType};
         // tag reads the rules map, enforce the slots map.
         let ids: Vec<u32> = ["ENFORCER_RULES", "ENFORCER_SLOTS"]
             .iter()
-            .map(|m| aya::maps::MapData::from_pin(self.bpffs.join(m)).expect("map pin").info().expect("map info").id())
+            .map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id())
             .collect();
-        let path = std::path::PathBuf::from(ns.path());
-        enforcer::kernel::netns::run_in(&path, || {
-            let mut n = 0;
+        enforcer::kernel::netns::run_in(ns, || {
+            let mut found = Vec::new();
             for (iface, _) in enforcer::kernel::netns::interfaces()? {
                 for (kind, dir) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
                     if let Ok((_, programs)) = SchedClassifier::query_tcx(&iface, kind) {
-                        n += programs
-                            .iter()
-                            .filter(|p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id))))
-                            .count();
+                        found.extend(
+                            programs.iter().filter(|p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id)))).map(|p| p.id()),
+                        );
                     }
                     let out = Command::new("tc").args(["-j", "filter", "show", "dev", &iface, dir]).output()?;
                     let filters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-                    n += filters
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|f| f["pref"].as_u64() == Some(enforcer::kernel::attach::NETLINK_PRIORITY.into()) && f.get("options").is_some())
-                        .count();
+                    found.extend(
+                        filters
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|f| f["pref"].as_u64() == Some(enforcer::kernel::attach::NETLINK_PRIORITY.into()))
+                            .filter_map(|f| f["options"]["prog"]["id"].as_u64())
+                            .map(|id| id as u32),
+                    );
                 }
             }
-            Ok(n)
+            found.sort();
+            Ok(found)
         })
         .expect("counting attachments")
-    }
+}
 
+impl Daemon {
     /// Every pin under this daemon's bpffs directory (maps and links).
     pub fn pins(&self) -> Vec<String> {
         fn walk(dir: &std::path::Path, out: &mut Vec<String>) {

@@ -325,3 +325,57 @@ fn pinned_maps_of_another_layout_or_capacity_are_refused_not_reused() {
     let helpers = daemon.cli(&["helper", "list", "-o", "json"]).ok().json();
     assert_eq!(helpers.as_array().map(Vec::len), Some(1), "{helpers}");
 }
+
+/// An upgrade (programs other than those attached at the last start, here
+/// the record of them changed by hand) replaces every router's programs in
+/// place: the hooks are never without one, a connection made before goes
+/// on, new ones get their helper. A plain restart replaces nothing.
+#[test]
+fn an_upgrade_replaces_the_programs_in_place_without_a_gap() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+    ftp.ok("retr small.bin passive");
+    let first = daemon.attached_programs(&topo.router);
+    assert_eq!(first.len(), 4, "tag and enforce on both interfaces");
+
+    // A plain restart: same programs, nothing replaced.
+    daemon.restart();
+    assert_eq!(daemon.attached_programs(&topo.router), first, "a restart keeps the programs");
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    assert_eq!(status["started_with"]["programs_replaced"], 0, "{status}");
+
+    // The upgrade, watched: the hooks never run fewer than four programs.
+    let record = daemon.state.join("programs-attached");
+    assert!(record.exists(), "the programs attached are recorded in the state directory");
+    std::fs::write(&record, "an older build\n").unwrap();
+    daemon.stop(Signal::SIGTERM);
+    let fewest = Arc::new(AtomicUsize::new(usize::MAX));
+    let watching = Arc::new(AtomicUsize::new(1));
+    let watcher = {
+        let (fewest, watching, ns, maps) = (fewest.clone(), watching.clone(), std::path::PathBuf::from(topo.router.path()), daemon.bpffs.clone());
+        std::thread::spawn(move || {
+            while watching.load(Ordering::SeqCst) == 1 {
+                fewest.fetch_min(enforcer_tests::daemon::attached_programs(&maps, &ns).len(), Ordering::SeqCst);
+            }
+        })
+    };
+    daemon.restart();
+    watching.store(0, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert_eq!(fewest.load(Ordering::SeqCst), 4, "the hooks always ran enforcer's programs");
+    let upgraded = daemon.attached_programs(&topo.router);
+    assert_eq!(upgraded.len(), 4, "no second copy");
+    assert!(upgraded.iter().all(|id| !first.contains(id)), "every program replaced: {first:?} -> {upgraded:?}");
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    assert_eq!(status["started_with"]["programs_replaced"], 4, "{status}");
+    assert_ne!(std::fs::read_to_string(&record).unwrap(), "an older build\n", "the new programs are recorded");
+
+    // The control connection made before the upgrade goes on, with its
+    // helper, and so does a new one.
+    ftp.ok("retr small.bin passive");
+    FtpClient::login(&topo, Family::V4).ok("retr small.bin active");
+}

@@ -133,10 +133,11 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
 fn print_reconcile(label: &str, r: &ReconcileReport) {
     let m = &r.maps;
     println!(
-        "{label}: glue {} | links +{} -{} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | slots +{} -{} | counters +{} -{} | routers +{} -{}",
+        "{label}: glue {} | links +{} -{} | programs replaced {} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | slots +{} -{} | counters +{} -{} | routers +{} -{}",
         r.glue_installed,
         r.links_attached,
         r.links_detached,
+        r.programs_replaced,
         r.orphan_routers_removed,
         r.routers_detached,
         r.slots_released,

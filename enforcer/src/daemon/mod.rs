@@ -38,6 +38,10 @@ use crate::{
     store::{ApplyError, Change, HelperRecord, RouterRecord, Store},
 };
 
+/// In the state directory: which programs the routers run (see
+/// `Datapath::program_identity`).
+const PROGRAMS_FILE: &str = "programs-attached";
+
 /// Project of objects created without one.
 pub const DEFAULT_PROJECT: &str = "default";
 
@@ -348,10 +352,16 @@ impl Daemon {
             unglue: Vec::new(),
             routers_changed: Default::default(),
         };
-        // Until the start-up reconciliation is done a router's filters get
-        // this build's programs (an upgrade replaces them in place); later
-        // re-syncs only add what is missing.
-        daemon.datapath.set_replace_programs(true);
+        // If the programs are not those attached at the last start (an
+        // upgrade, or new constants), every router gets this build's in
+        // place of its old ones during the start-up reconciliation; the old
+        // ones enforce until then. Later re-syncs only add what is missing.
+        let identity = daemon.datapath.program_identity();
+        let attached = std::fs::read_to_string(daemon.config.state_dir.join(PROGRAMS_FILE)).unwrap_or_default();
+        if attached.trim() != identity {
+            info!(before = attached.trim(), now = %identity, "programs changed since the last start: replacing them in place on every router");
+            daemon.datapath.set_replace_programs(true);
+        }
         info!(routers = daemon.routers.len(), helpers = daemon.helpers.len(), "store read; reconciling the kernel in the background");
         Ok(daemon)
     }
@@ -377,6 +387,7 @@ impl Daemon {
                 report.glue_installed += glue_added as usize;
                 report.links_attached += links.attached;
                 report.links_detached += links.detached;
+                report.programs_replaced += links.replaced;
             }
             Ok(None) => report.routers_detached += 1,
             Err(e) => {
@@ -400,6 +411,10 @@ impl Daemon {
         self.started_with.maps = self.datapath.reconcile(&self.desired()?, true)?;
         self.started_with.slots_released = self.release_quarantine();
         self.datapath.set_replace_programs(false);
+        if let Err(e) = crate::store::write_atomic(&self.config.state_dir.join(PROGRAMS_FILE), self.datapath.program_identity().as_bytes()) {
+            // Costs a replacement of every program at the next start.
+            warn!("recording the programs attached: {e:#}");
+        }
         self.save_verified();
         self.ready = Some(self.started.elapsed());
         let r = &self.started_with;

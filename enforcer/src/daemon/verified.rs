@@ -73,13 +73,7 @@ impl Verified {
             return;
         }
         let on_disk = OnDisk { reference: &*self.reference, namespaces: &self.namespaces };
-        let tmp = self.path.with_extension("json.new");
-        let written = serde_json::to_vec(&on_disk).map_err(std::io::Error::other).and_then(|bytes| {
-            use std::{io::Write, os::unix::fs::OpenOptionsExt};
-            // Private like the rest of the state directory.
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?.write_all(&bytes)?;
-            std::fs::rename(&tmp, &self.path)
-        });
+        let written = serde_json::to_vec(&on_disk).map_err(std::io::Error::other).and_then(|bytes| crate::store::write_atomic(&self.path, &bytes));
         match written {
             Ok(()) => self.dirty = false,
             Err(e) => warn!(path = %self.path.display(), "saving where the glue was verified: {e}"),

@@ -113,6 +113,8 @@ pub struct Attachment {
 pub struct LinkChanges {
     pub attached: usize,
     pub detached: usize,
+    /// Attachments that kept their place and got this build's program.
+    pub replaced: usize,
 }
 
 /// A program on an interface's hook: (interface, ifindex, program, hook).
@@ -200,9 +202,23 @@ impl Datapath {
         self.mode
     }
 
+    /// What the programs attached by this datapath are: the eBPF object and
+    /// the constants it is loaded with (mark layout, quiet time). Another
+    /// value than the one recorded at the last start means an upgrade or a
+    /// configuration change: the programs must be replaced everywhere.
+    pub fn program_identity(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        PROGRAMS.hash(&mut h);
+        let l = self.layout;
+        (l.helper_mask, l.slot_mask, l.slot_shift, l.stamp, self.revoked_policy.quiet_ns).hash(&mut h);
+        format!("{:016x}-{}", h.finish(), PROGRAMS.len())
+    }
+
     /// Whether routers synced from now on get this build's programs even
-    /// where filters are already attached (netlink mode; tcx links are
-    /// replaced through their pins).
+    /// where they are already attached: netlink filters get the new program
+    /// in place, tcx links are updated to it (bpf_link_update), so the hook
+    /// never runs without a program.
     pub fn set_replace_programs(&mut self, replace: bool) {
         self.replace_programs = replace;
     }
@@ -265,7 +281,11 @@ impl Datapath {
                         for (name, kind) in PROGRAMS_AND_HOOKS {
                             let prog: &mut SchedClassifier =
                                 programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
-                            changes.attached += usize::from(attach::netlink_attach(prog, iface, kind)?);
+                            if attach::netlink_attach(prog, iface, kind)? {
+                                changes.attached += 1;
+                            } else {
+                                changes.replaced += 1;
+                            }
                         }
                     }
                     Ok(changes)
@@ -300,10 +320,33 @@ impl Datapath {
             }
             missing.push((iface, idx, name, kind));
         }
-        if missing.is_empty() {
+        // Links in place that must run this build's programs.
+        let intact: Vec<(u32, &'static str)> = if self.replace_programs {
+            current
+                .iter()
+                .flat_map(|(_, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(name, _)| (*idx, name)))
+                .filter(|(idx, name)| !missing.iter().any(|(_, i, n, _)| i == idx && n == name))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if missing.is_empty() && intact.is_empty() {
             return Ok(changes);
         }
         let mut programs = self.loader.instance(index)?;
+        for (idx, name) in intact {
+            let path = dir.join(pin_name(idx, name));
+            let link = FdLink::from(aya::programs::links::PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?);
+            let link = aya::programs::tc::SchedClassifierLink::try_from(link).with_context(|| format!("{} is not a tcx link", path.display()))?;
+            let prog: &mut SchedClassifier = programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+            let id = prog.attach_to_link(link).with_context(|| format!("replacing the program of {}", path.display()))?;
+            // The pin keeps the link; this descriptor is not needed.
+            drop(prog.take_link(id)?);
+            changes.replaced += 1;
+        }
+        if missing.is_empty() {
+            return Ok(changes);
+        }
         let ebpf = &mut programs;
         let links = netns::run_in(ns, || {
             let mut links = Vec::new();
