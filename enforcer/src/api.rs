@@ -471,6 +471,9 @@ pub struct SyncStatus {
     pub last_error: Option<String>,
     pub polls: u64,
     pub failed_polls_in_a_row: u64,
+    /// Failed polls since start.
+    #[serde(default)]
+    pub failed_polls: u64,
     /// HTTP requests of the last complete poll (logins included).
     pub requests_last_poll: u64,
     /// How long the last complete poll took, in milliseconds.

@@ -3,17 +3,17 @@ mod cli;
 use clap::Parser;
 
 /// Whether standard error is the journal's stream: systemd sets
-/// JOURNAL_STREAM to its device and inode (what sd_journal_stream_fd's
-/// users check), so a redirected stderr under systemd still gets text.
+/// JOURNAL_STREAM to its device and inode, so a stderr redirected elsewhere
+/// under systemd still gets text.
 fn stderr_is_journal() -> bool {
     use std::os::fd::AsRawFd;
-    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().and_then(|v| {
-        let (d, i) = v.split_once(':')?;
-        Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
-    }) else {
-        return false;
-    };
-    nix::sys::stat::fstat(std::io::stderr().as_raw_fd()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_raw_fd()) else { return false };
+    is_journal_stream(std::env::var("JOURNAL_STREAM").ok().as_deref(), (st.st_dev, st.st_ino))
+}
+
+/// `JOURNAL_STREAM` ("DEVICE:INODE") names the file `(dev, ino)`.
+fn is_journal_stream(var: Option<&str>, (dev, ino): (u64, u64)) -> bool {
+    var.and_then(|v| v.split_once(':')).is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
 }
 
 /// Logs go to journald, with fields and priorities, when the daemon runs
@@ -48,4 +48,18 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_journal_stream;
+
+    #[test]
+    fn journal_stream_is_matched_by_device_and_inode() {
+        assert!(is_journal_stream(Some("8:1234"), (8, 1234)));
+        assert!(!is_journal_stream(Some("8:1234"), (8, 1235)), "stderr redirected elsewhere");
+        assert!(!is_journal_stream(Some("9:1234"), (8, 1234)));
+        assert!(!is_journal_stream(None, (8, 1234)), "not under systemd");
+        assert!(!is_journal_stream(Some("garbage"), (8, 1234)));
+    }
 }

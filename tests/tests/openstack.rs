@@ -53,6 +53,15 @@ fn helpers(daemon: &Daemon, router: &str) -> Vec<Value> {
     out.json().as_array().cloned().unwrap_or_default()
 }
 
+/// One sample's value in the daemon's metrics endpoint on `port`.
+fn metric(port: u16, name: &str) -> f64 {
+    let out = enforcer_tests::run(std::process::Command::new("curl").args(["-sS", &format!("http://127.0.0.1:{port}/metrics")]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
 /// A daemon that follows `os` through the application credential of its
 /// clouds.yaml, polling every `poll` seconds.
 fn following(os: &OpenStack, poll: f64) -> Daemon {
@@ -194,9 +203,16 @@ fn an_outage_keeps_enforcement_and_changes_made_meanwhile_apply_on_return() {
     let router = os.create_router("u1", "r1");
     let topo = Topology::for_router(&router);
     let _server = FtpServer::start(&topo, Family::V4);
-    let daemon = following(&os, 1.0);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let daemon = following_with(&os, 1.0, &format!("metrics = \"127.0.0.1:{port}\""));
     let helper = os.create_helper("u1", &router, "tcp", 21, "ftp");
     within(10.0, "applied", || helpers(&daemon, &router).first().cloned());
+    let metric = |name: &str| metric(port, name);
+    assert!(metric("enforcer_neutron_sync_polls_total") >= 1.0);
+    assert_eq!(metric("enforcer_neutron_sync_errors_total"), 0.0);
+    let last_success = metric("enforcer_neutron_sync_last_success_timestamp_seconds");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - last_success).abs() < 10.0, "last success {last_success}, now {now}");
     let polls = status(&daemon)["neutron"]["polls"].as_u64().unwrap();
     let sync = within(5.0, "a later poll", || Some(status(&daemon)["neutron"].clone()).filter(|s| s["polls"].as_u64() > Some(polls + 1)));
     assert_eq!(sync["state"], "ok", "{sync}");
@@ -210,6 +226,10 @@ fn an_outage_keeps_enforcement_and_changes_made_meanwhile_apply_on_return() {
     assert!(stale["age_secs"].as_f64().unwrap() >= 3.0, "status shows how stale the view is: {stale}");
     assert_eq!(helpers(&daemon, &router).len(), 1, "enforcement stays as last applied");
     FtpClient::login(&topo, Family::V4).ok("list passive");
+    // What an alert would watch: errors counted, the lag growing.
+    assert!(metric("enforcer_neutron_sync_errors_total") >= 1.0);
+    assert!(metric("enforcer_neutron_sync_failed_polls_in_a_row") >= 1.0);
+    assert!(metric("enforcer_neutron_sync_lag_seconds") >= 3.0);
 
     os.start_neutron();
     os.delete("u1", &format!("/routers/{router}/conntrack_helpers/{helper}"));

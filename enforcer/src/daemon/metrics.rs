@@ -165,7 +165,8 @@ impl Collector for Scrape {
             let last = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0) - age;
             gauge(&mut e, "neutron_sync_last_success_timestamp_seconds", "When the last poll of Neutron completed (Unix time)", if age.is_finite() { last } else { 0.0 })?;
             counter(&mut e, "neutron_sync_polls", "Complete polls of Neutron", sync.polls)?;
-            gauge(&mut e, "neutron_sync_failed_polls", "Polls failed in a row (0 when the last succeeded)", sync.failed_polls_in_a_row as f64)?;
+            gauge(&mut e, "neutron_sync_failed_polls_in_a_row", "Polls failed in a row (0 when the last succeeded)", sync.failed_polls_in_a_row as f64)?;
+            counter(&mut e, "neutron_sync_errors", "Polls of Neutron that failed", sync.failed_polls)?;
             counter(&mut e, "neutron_sync_helper_errors", "Neutron helpers that could not be applied here", sync.helper_errors_total)?;
         }
         let mut catalogue = e.encode_descriptor("catalogue_helper", "A helper this host offers, by protocol and family", None, MetricType::Info)?;

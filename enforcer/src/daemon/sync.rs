@@ -270,6 +270,7 @@ pub async fn follow(daemon: Shared, config: NeutronConfig) {
                 poller.status.state = "stale".into();
                 poller.status.last_error = Some(e.to_string());
                 poller.status.failed_polls_in_a_row += 1;
+                poller.status.failed_polls += 1;
                 warn!(failures = poller.status.failed_polls_in_a_row, "Neutron sync: {e}; enforcement stays as last applied");
                 if matches!(e, NeutronError::Credentials(_)) {
                     poller.neutron.logout();
