@@ -476,11 +476,6 @@ const PIPELINE: usize = 64;
 /// An answer to come: its wire form, and whether the daemon is to stop.
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<u8>, bool)> + Send>>;
 
-/// One client connection. Requests may be pipelined: answers come back in
-/// the order of the requests. Helper changes are queued the moment they are
-/// read, so a client's changes keep their order and join a group commit
-/// together; any other request runs once every earlier one is done (it sees
-/// their effects), and the next request is read only once it is done.
 /// What a connection serves requests with.
 struct Served {
     daemon: Shared,
@@ -495,6 +490,12 @@ fn result_of(line: &[u8]) -> &'static str {
     ErrorCode::ALL.iter().map(|c| c.as_str()).find(|c| rest.strip_prefix(c.as_bytes()).is_some_and(|r| r.first() == Some(&b'"'))).unwrap_or("error")
 }
 
+/// One client connection. Requests may be pipelined: answers come back in
+/// the order of the requests. Helper changes are queued the moment they are
+/// read, so a client's changes keep their order and join a group commit
+/// together; any other request runs once every earlier one is done (it sees
+/// their effects), and the next request is read only once it is done. An
+/// `events` request ends the requests: the connection streams events.
 async fn connection(stream: UnixStream, served: Served, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
     let Served { daemon, changes, ready, api } = served;
     let cred = stream.peer_cred().context("reading the peer's credentials")?;
@@ -652,5 +653,18 @@ async fn stream_events(
         let mut line = serde_json::to_vec(&event)?;
         line.push(b'\n');
         write.write_all(&line).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_result_label_is_read_from_the_wire_form() {
+        assert_eq!(result_of(&wire(Ok(Reply::Done {}))), "ok");
+        for code in ErrorCode::ALL {
+            assert_eq!(result_of(&wire(Err(ApiError::new(code, "x")))), code.as_str());
+        }
     }
 }
