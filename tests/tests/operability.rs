@@ -421,3 +421,43 @@ fn top_shows_rates_drops_and_rules_and_goes_on_with_the_daemon_down() {
     wait_for("top to quit on q", 10, || !tmux.running());
     drop(ftp);
 }
+
+/// Under systemd (stderr is the journal's stream, JOURNAL_STREAM says so)
+/// the daemon logs to journald with its identifier, priorities and fields.
+/// A real systemd-journald runs in a private mount namespace with its own
+/// /run, so nothing of the host's is touched; `systemd-cat` plays the
+/// service manager's part of connecting stderr to the journal.
+#[test]
+fn under_systemd_the_daemon_logs_to_journald() {
+    enforcer_tests::require_root();
+    let dir = Scratch::dir("journal");
+    let bpffs = format!("/sys/fs/bpf/{}", unique("j"));
+    let script = format!(
+        r#"set -e
+mount -t tmpfs tmpfs /run
+/lib/systemd/systemd-journald &
+journald=$!
+trap 'kill $journald' EXIT
+for i in $(seq 100); do [ -S /run/systemd/journal/stdout ] && break; sleep 0.05; done
+systemd-cat -t enforcer-stderr sh -c 'export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); exec {bin} --socket {dir}/s.sock daemon --bpffs {bpffs} --state-dir {dir}/state' &
+daemon=$!
+for i in $(seq 200); do [ -S {dir}/s.sock ] && break; sleep 0.05; done
+{bin} --socket {dir}/s.sock status > /dev/null
+kill $daemon
+wait $daemon || true
+journalctl -D /run/log/journal -o json --no-pager
+"#,
+        bin = enforcer_bin().display(),
+        dir = dir.path(),
+    );
+    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let _ = std::fs::remove_dir_all(&bpffs);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let entries: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let ours: Vec<&Value> = entries.iter().filter(|e| e["SYSLOG_IDENTIFIER"] == "enforcer").collect();
+    assert!(ours.iter().any(|e| e["MESSAGE"] == "serving" && e["TARGET"] == "enforcer::daemon::server"), "journald entries with fields: {ours:?}");
+    assert!(ours.iter().all(|e| e["PRIORITY"].as_str().is_some()), "{ours:?}");
+    // Native entries, not text lines through the stderr stream.
+    assert!(!entries.iter().any(|e| e["SYSLOG_IDENTIFIER"] == "enforcer-stderr" && e["MESSAGE"].as_str().is_some_and(|m| m.contains("serving"))), "{entries:?}");
+}

@@ -29,6 +29,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "a real Prometheus server scrapes the daemon's metrics in a test"),
     ("curl", "HTTP requests to the metrics endpoint and to Prometheus in tests"),
     ("tmux", "runs `enforcer top` in a terminal the tests read back"),
+    ("systemd", "systemd-analyze verify of the unit, and a journald the logging test reads back"),
 ];
 
 /// Debian's way to keep a package's service from being started on install

@@ -357,10 +357,14 @@ impl Daemon {
         // place of its old ones during the start-up reconciliation; the old
         // ones enforce until then. Later re-syncs only add what is missing.
         let identity = daemon.datapath.program_identity();
-        let attached = std::fs::read_to_string(daemon.config.state_dir.join(PROGRAMS_FILE)).unwrap_or_default();
-        if attached.trim() != identity {
-            info!(before = attached.trim(), now = %identity, "programs changed since the last start: replacing them in place on every router");
-            daemon.datapath.set_replace_programs(true);
+        match std::fs::read_to_string(daemon.config.state_dir.join(PROGRAMS_FILE)) {
+            Ok(attached) if attached.trim() == identity => {}
+            Ok(attached) => {
+                info!(before = attached.trim(), now = %identity, "programs changed since the last start: replacing them in place on every router");
+                daemon.datapath.set_replace_programs(true);
+            }
+            // A first start, or one after a version that kept no record.
+            Err(_) => daemon.datapath.set_replace_programs(true),
         }
         info!(routers = daemon.routers.len(), helpers = daemon.helpers.len(), "store read; reconciling the kernel in the background");
         Ok(daemon)
