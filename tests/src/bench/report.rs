@@ -410,7 +410,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          links; the helper probe runs in parallel scratch namespaces while the programs verify. In a Neutron \
          router the L3 agent's iptables-nft rewrites move the generation, so there a restart lists those routers' \
          glue as in the cold row. `status` reads what the last periodic check found and walks no map. \
-         Memory under churn: the growth is in a few large anonymous mappings (single allocations of 8 to 10 MiB, fully resident) that appear when routers are added again after being removed (300 routers: 35 MiB, 40 after the removes, 51 after the adds); it is not malloc's arenas (one arena, or a fixed mmap threshold, changes nothing), nor redb's cache (2 MiB instead of 16 changes nothing). The owner of those allocations is not found yet; a heap profile of the add path after a remove is the next step."
+         Memory under churn: the growth is a malloc heap that the runtime's threads grow page by page while routers are added again after being removed (300 routers: 35 MiB, 40 after the removes, 51 after the adds; `perf` shows no large mmap by the daemon, only single-page mprotects of an arena's heap), and that `malloc_trim` cannot hand back: pages still hold live allocations. A fixed mmap threshold, one arena, or redb's cache at 2 MiB instead of 16 change nothing; jemalloc (two arenas, freed pages purged after 1 s) makes it worse (52 to 117 MiB) though creates run a third faster. The next step is a heap profile of the add path after a remove, to find what each re-add keeps."
     );
     std::fs::write(dir.join("results.md"), md)
 }
