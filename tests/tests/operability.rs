@@ -126,13 +126,15 @@ fn metrics_on_a_unix_socket() {
     let dir = Scratch::dir("m");
     let socket = dir.0.join("metrics.sock");
     let config = Scratch::file("cfg", &format!("metrics = \"unix:{}\"\n", socket.display()));
-    let _daemon = Daemon::start_with(None, &["--config", config.path()]);
+    let mut daemon = Daemon::start_with(None, &["--config", config.path()]);
     let sock = socket.to_str().unwrap();
     let text = curl(&["--unix-socket", sock, "http://localhost/metrics"]);
     assert!(text.lines().any(|l| l == "enforcer_ready 1.0"), "{text}");
     assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
     let code = curl(&["--unix-socket", sock, "-o", "/dev/null", "-w", "%{http_code}", "http://localhost/other"]);
     assert_eq!(code, "404");
+    daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(!socket.exists(), "the metrics socket goes with the daemon");
 }
 
 #[test]

@@ -73,7 +73,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     let limits = Limits::new(&daemon.config);
     let daemon: Shared = Arc::new(Mutex::new(daemon));
     let api = ApiMetrics::new();
-    let metrics = match metrics_addr {
+    let metrics = match metrics_addr.clone() {
         Some(addr) => match super::metrics::serve(addr, daemon.clone(), api.clone()).await {
             Ok(task) => Some(task),
             Err(e) => {
@@ -140,6 +140,9 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     lock(&daemon).save_verified();
     info!("stopping; enforcement stays in place");
     let _ = std::fs::remove_file(socket);
+    if let Some(crate::config::MetricsAddr::Unix(path)) = metrics_addr {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 
