@@ -46,6 +46,26 @@ pub struct AuditEntry {
 
 const FILE: &str = "audit.jsonl";
 
+impl AuditEntry {
+    /// An entry for what the daemon did on its own (a repair, a
+    /// revocation's flush, a notice to a subscriber): caller the daemon,
+    /// result `ok` unless `error` says otherwise (`failed` names its result).
+    pub fn by_daemon(op: &str, router_id: Option<&str>, before: Option<Value>, after: Value, error: Option<(&str, ApiError)>) -> Self {
+        Self {
+            time: Audit::now(),
+            caller: Caller::daemon(),
+            origin: crate::api::Owner::Local,
+            op: op.to_string(),
+            router_id: router_id.map(str::to_string),
+            helper_id: None,
+            before,
+            after: Some(after),
+            result: error.as_ref().map_or("ok", |(failed, _)| *failed).to_string(),
+            error: error.map(|(_, e)| e),
+        }
+    }
+}
+
 /// What `enforcer events` streams: each audit entry once it is durable,
 /// and each revocation with what it removed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

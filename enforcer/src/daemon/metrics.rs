@@ -101,10 +101,7 @@ impl super::Daemon {
             check_rounds: self.check_rounds,
             changes: self.changes,
             commits: self.commits,
-            sync: self.sync_status.clone().map(|mut s| {
-                s.age_secs = self.last_sync.map(|t| t.elapsed().as_secs_f64());
-                s
-            }),
+            sync: self.sync_report(),
             offered: self.offered.offers.iter().map(|o| (o.kind.name, o.protocol.to_string(), format!("{:?}", o.family).to_lowercase())).collect(),
         }
     }

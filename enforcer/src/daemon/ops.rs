@@ -706,6 +706,14 @@ impl Daemon {
         ))
     }
 
+    /// The Neutron sync's last report, with its age now.
+    pub(super) fn sync_report(&self) -> Option<crate::api::SyncStatus> {
+        self.sync_status.clone().map(|mut s| {
+            s.age_secs = self.last_sync.map(|t| t.elapsed().as_secs_f64());
+            s
+        })
+    }
+
     fn status(&mut self) -> Result<StatusReport> {
         // Everything as the last check found it: status spawns no process
         // and walks no map, whatever the number of routers.
@@ -754,10 +762,7 @@ impl Daemon {
             revoked_flows_overflowed: self.datapath.revoked_overflows(),
             started_with: self.started_with,
             drift,
-            neutron: self.sync_status.clone().map(|mut s| {
-                s.age_secs = self.last_sync.map(|t| t.elapsed().as_secs_f64());
-                s
-            }),
+            neutron: self.sync_report(),
             glue_repairs: self.glue_repairs,
             map_repairs: self.map_repairs,
             link_repairs: self.link_repairs,

@@ -8,9 +8,8 @@ use tracing::{info, warn};
 
 use super::{Daemon, GlueCheck, GlueJob, NetnsId, netns_id};
 use crate::{
-    api::{ApiError, GlueState, Owner},
-    audit::{Audit, AuditEntry},
-    auth::Caller,
+    api::{ApiError, GlueState},
+    audit::AuditEntry,
     kernel::{LinkCheck, glue, netns},
 };
 
@@ -166,18 +165,7 @@ impl Daemon {
 
     /// Audits a repair the daemon made on its own.
     fn record_repair(&mut self, id: Option<&str>, op: &str, before: serde_json::Value, after: serde_json::Value, result: Result<(), String>) {
-        let entry = AuditEntry {
-            time: Audit::now(),
-            caller: Caller::daemon(),
-            origin: Owner::Local,
-            op: op.to_string(),
-            router_id: id.map(str::to_string),
-            helper_id: None,
-            before: Some(before),
-            after: Some(after),
-            result: if result.is_ok() { "ok".to_string() } else { "kernel".to_string() },
-            error: result.err().map(ApiError::kernel),
-        };
+        let entry = AuditEntry::by_daemon(op, id, Some(before), after, result.err().map(|e| ("kernel", ApiError::kernel(e))));
         if let Err(e) = self.audit.record(&entry) {
             warn!("audit: {e:#}");
         }

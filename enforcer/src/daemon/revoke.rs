@@ -184,21 +184,11 @@ impl Daemon {
     fn announce_revocation(&self, router_id: &str, slot: u16, report: &RevokeReport) {
         let mut after = serde_json::to_value(report).unwrap_or_default();
         after["slot"] = slot.into();
-        self.audit.announce(crate::audit::Event {
-            kind: crate::audit::EventKind::Revocation,
-            entry: crate::audit::AuditEntry {
-                time: crate::audit::Audit::now(),
-                caller: crate::auth::Caller::daemon(),
-                origin: self.origin,
-                op: "revocation".to_string(),
-                router_id: Some(router_id.to_string()),
-                helper_id: None,
-                before: None,
-                after: Some(after),
-                result: if report.flush_error.is_some() { "incomplete" } else { "ok" }.to_string(),
-                error: report.flush_error.clone().map(crate::api::ApiError::kernel),
-            },
-        });
+        let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
+        let mut entry = crate::audit::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
+        // Made for the request (or the sync) whose change revoked the rule.
+        entry.origin = self.origin;
+        self.audit.announce(crate::audit::Event { kind: crate::audit::EventKind::Revocation, entry });
     }
 
     /// Cleans the conntrack table of router `router_id` of a quarantined

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 use super::{Daemon, GlueDone, GlueJob, metrics::ApiMetrics, ops::{Prepared, describe}};
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
-    audit::{Audit, AuditEntry, Event, EventKind},
+    audit::{AuditEntry, Event, EventKind},
     auth::Caller,
 };
 
@@ -633,18 +633,7 @@ async fn stream_events(
                 Ok(event) => event,
                 Err(RecvError::Lagged(missed)) => Event {
                     kind: EventKind::Lagged,
-                    entry: AuditEntry {
-                        time: Audit::now(),
-                        caller: Caller::daemon(),
-                        origin: Owner::Local,
-                        op: "lagged".to_string(),
-                        router_id: None,
-                        helper_id: None,
-                        before: None,
-                        after: Some(serde_json::json!({ "missed": missed })),
-                        result: "ok".to_string(),
-                        error: None,
-                    },
+                    entry: AuditEntry::by_daemon("lagged", None, None, serde_json::json!({ "missed": missed }), None),
                 },
                 Err(RecvError::Closed) => return Ok(()),
             },
