@@ -10,10 +10,8 @@ use tracing::{info, warn};
 
 use super::server::{Shared, with_daemon};
 
+/// Outside systemd (no NOTIFY_SOCKET) sd_notify sends nothing.
 fn send(states: &[NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
     if let Err(e) = sd_notify::notify(states) {
         warn!("telling the service manager {states:?}: {e}");
     }
