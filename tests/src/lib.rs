@@ -72,7 +72,6 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// A process this test started; killed by its PID when dropped.
 /// Polls `f` every 100 ms until it holds; fails the test after `secs`.
 pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
