@@ -52,11 +52,11 @@ pub fn run() -> Result<()> {
     if !nix_is_root() {
         bail!("`cargo xtask setup` needs root (apt-get, bpffs mount); run it with sudo -E");
     }
-    nightly()?;
+    let nightly = nightly()?;
     packages()?;
-    bpf_linker()?;
-    cargo_deb()?;
-    rust_src()?;
+    cargo_tool(BPF_LINKER, &["bpf-linker", "--version"], "links the eBPF programs; a few minutes")?;
+    cargo_tool(CARGO_DEB, &["cargo", "deb", "--version"], "builds the Debian package; about a minute")?;
+    rust_src(&nightly)?;
     bpffs()?;
     openstack_venv()?;
     println!("setup: ready");
@@ -73,15 +73,50 @@ fn output(cmd: &mut Command) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn nightly() -> Result<()> {
+/// The eBPF crate's pinned nightly (its rust-toolchain.toml), installed by
+/// rustup where its servers answer. Where they do not, a `nightly` already
+/// installed is used if it is that very build (its manifest's date): it is
+/// then linked under the pinned name, which rustup takes as installed.
+fn nightly() -> Result<String> {
+    let pinned = pinned_nightly()?;
     let list = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
-    if !list.lines().any(|l| l.starts_with("nightly")) {
+    if list.lines().any(|l| l.starts_with(&format!("{pinned}-"))) {
+        return Ok(pinned);
+    }
+    println!("setup: installing the Rust toolchain {pinned} (build-std of the eBPF crate)");
+    if status(Command::new("rustup").args(["toolchain", "install", &pinned, "--profile", "minimal", "--component", "rust-src"])).is_ok() {
+        return Ok(pinned);
+    }
+    let date = pinned.strip_prefix("nightly-").context("the pinned channel is not a dated nightly")?;
+    let home = PathBuf::from(output(Command::new("rustc").arg("+nightly").args(["--print", "sysroot"])).with_context(|| {
+        format!("rustup could not install {pinned} and there is no `nightly` either; install {pinned} and run `cargo xtask setup` again")
+    })?);
+    let manifest = std::fs::read_to_string(home.join("lib/rustlib/multirust-channel-manifest.toml")).unwrap_or_default();
+    if !manifest.lines().any(|l| l.trim() == format!("date = \"{date}\"")) {
         bail!(
-            "the nightly Rust toolchain is missing; the eBPF crate needs it (build-std for bpfel-unknown-none).\n\
-             Install it with `rustup toolchain install nightly` and run `cargo xtask setup` again."
+            "rustup could not install {pinned}, and the installed `nightly` ({}) is another build.\n\
+             Install {pinned} (`rustup toolchain install {pinned}`) and run `cargo xtask setup` again.",
+            output(Command::new("rustc").args(["+nightly", "--version"])).unwrap_or_default()
         );
     }
-    Ok(())
+    let name = home.file_name().context("nightly sysroot")?.to_string_lossy().replacen("nightly", &pinned, 1);
+    let alias = home.with_file_name(&name);
+    println!("setup: the installed nightly is the {date} build; linking it as {}", alias.display());
+    std::os::unix::fs::symlink(&home, &alias).with_context(|| format!("linking {}", alias.display()))?;
+    Ok(pinned)
+}
+
+/// The channel pinned in enforcer-ebpf/rust-toolchain.toml.
+fn pinned_nightly() -> Result<String> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../enforcer-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("parsing {}", file.display()))?;
+    table
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(|c| c.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("no toolchain.channel in {}", file.display()))
 }
 
 fn installed(pkg: &str) -> bool {
@@ -115,21 +150,20 @@ fn packages() -> Result<()> {
     result
 }
 
-fn bpf_linker() -> Result<()> {
-    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+/// A cargo-installed tool at the version `spec` (`name@version`) pins,
+/// checked by what `version` (a command line) prints; another version is
+/// replaced.
+fn cargo_tool(spec: &str, version: &[&str], why: &str) -> Result<()> {
+    let want = spec.split_once('@').context("tool spec without a version")?.1;
+    let found = output(Command::new(version[0]).args(&version[1..]));
+    if found.as_deref().is_some_and(|v| v.split_whitespace().any(|w| w == want)) {
         return Ok(());
     }
-    println!("setup: installing {BPF_LINKER} (a few minutes)");
-    status(Command::new("cargo").args(["+stable", "install", BPF_LINKER, "--locked"]))
-}
-
-fn cargo_deb() -> Result<()> {
-    let want = CARGO_DEB.split('@').nth(1).unwrap_or_default();
-    if output(Command::new("cargo").args(["deb", "--version"])).is_some_and(|v| v.contains(want)) {
-        return Ok(());
+    match found {
+        Some(other) => println!("setup: {other} found, {want} wanted; installing {spec} ({why})"),
+        None => println!("setup: installing {spec} ({why})"),
     }
-    println!("setup: installing {CARGO_DEB} (about a minute)");
-    status(Command::new("cargo").args(["+stable", "install", CARGO_DEB, "--locked"]))
+    status(Command::new("cargo").args(["+stable", "install", spec, "--locked", "--force"]))
 }
 
 fn version_of(text: &str) -> Option<(u32, u32)> {
@@ -138,11 +172,18 @@ fn version_of(text: &str) -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-/// Debian's standard library source (the rust-web-src package), made usable
-/// for the nightly toolchain's build-std. rustup cannot download rust-src
-/// here. When the nightly is newer than the source, a copy is patched for the
-/// few lang items the compiler renamed since.
-fn rust_src() -> Result<()> {
+/// The standard library source that build-std of the pinned nightly needs.
+/// A rust-src that rustup installed (a real directory) is used as it is.
+/// Otherwise (rustup cannot download it here) Debian's source, the
+/// rust-web-src package, is linked in; when the nightly is newer than that
+/// source, a copy is patched for the few lang items the compiler renamed.
+fn rust_src(nightly: &str) -> Result<()> {
+    let sysroot = PathBuf::from(output(Command::new("rustc").arg(format!("+{nightly}")).args(["--print", "sysroot"])).context("nightly sysroot")?);
+    let link = sysroot.join("lib/rustlib/src/rust");
+    let is_link = std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link && link.join("library/core/src/lib.rs").exists() {
+        return Ok(());
+    }
     let files = output(Command::new("dpkg").args(["-L", "rust-web-src"])).context("listing rust-web-src")?;
     let source = files
         .lines()
@@ -150,9 +191,7 @@ fn rust_src() -> Result<()> {
         .map(PathBuf::from)
         .context("rust-web-src has no /usr/src/rustc-* directory")?;
     let source_version = version_of(&source.to_string_lossy()).context("version of rust-web-src")?;
-    let sysroot = PathBuf::from(output(Command::new("rustc").arg("+nightly").args(["--print", "sysroot"])).context("nightly sysroot")?);
-    let nightly_version = version_of(&output(Command::new("rustc").args(["+nightly", "--version"])).unwrap_or_default()).context("nightly version")?;
-    let link = sysroot.join("lib/rustlib/src/rust");
+    let nightly_version = version_of(&output(Command::new("rustc").arg(format!("+{nightly}")).arg("--version")).unwrap_or_default()).context("nightly version")?;
 
     let target = if nightly_version > source_version {
         let copy = PathBuf::from("/var/cache/enforcer").join(format!(
@@ -175,7 +214,13 @@ fn rust_src() -> Result<()> {
     if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
         println!("setup: linking {} -> {}", link.display(), target.display());
         std::fs::create_dir_all(link.parent().context("link parent")?)?;
-        let _ = std::fs::remove_file(&link);
+        // An empty or partial directory left by an interrupted install, or
+        // an older link: replaced.
+        if is_link {
+            std::fs::remove_file(&link)?;
+        } else if link.exists() {
+            std::fs::remove_dir_all(&link).with_context(|| format!("removing the incomplete {}", link.display()))?;
+        }
         std::os::unix::fs::symlink(&target, &link)?;
     }
     Ok(())

@@ -31,7 +31,8 @@ use enforcer_common::{
     RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
-/// The eBPF object, built by build.rs from enforcer-ebpf.
+/// The eBPF object, built by build.rs from enforcer-ebpf (empty in a build
+/// with AYA_BUILD_SKIP set).
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer.bpf.o"));
 
 /// Default bpffs directory of the pinned maps.
@@ -793,6 +794,9 @@ impl Loader {
 
     /// The programs of router `index`, verified.
     fn instance(&mut self, index: RouterIndex) -> Result<Ebpf> {
+        if PROGRAMS.is_empty() {
+            anyhow::bail!("this binary was built with AYA_BUILD_SKIP set and carries no eBPF programs: build it again without that variable");
+        }
         let mut ebpf = self
             .0
             .override_global(GLOBAL_ROUTER, interned(index), true)
