@@ -392,3 +392,31 @@ fn after_a_restart_reads_are_answered_at_once_and_writes_wait_for_the_reconcilia
     nft.slow(false);
     assert_eq!(daemon.live_ports(), vec![21, 2121]);
 }
+
+#[test]
+fn a_host_without_nft_and_tc_is_refused_naming_both_before_anything_changes() {
+    enforcer_tests::require_root();
+    let dir = std::env::temp_dir().join(unique("nofeat"));
+    let empty = dir.join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let bpffs = PathBuf::from("/sys/fs/bpf").join(unique("nofeat"));
+    let out = std::process::Command::new(enforcer_tests::enforcer_bin())
+        .arg("--socket")
+        .arg(dir.join("enforcer.sock"))
+        .args(["daemon", "--attach", "netlink", "--bpffs"])
+        .arg(&bpffs)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("PATH", &empty)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let made = (bpffs.exists(), dir.join("state").exists(), dir.join("enforcer.sock").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir(&bpffs);
+    assert!(!out.status.success(), "started without nft and tc:\n{stderr}");
+    assert!(stderr.contains("lacks what enforcer needs"), "{stderr}");
+    assert!(stderr.contains("`nft` command") && stderr.contains("`tc` command"), "both missing tools are named:\n{stderr}");
+    assert!(!stderr.contains("BPF hash maps") && !stderr.contains("connection tracking"), "only what is missing is named:\n{stderr}");
+    assert_eq!(made, (false, false, false), "nothing was made: bpffs directory, store, socket");
+}

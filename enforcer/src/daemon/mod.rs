@@ -277,6 +277,7 @@ impl Daemon {
     pub fn start(config: Config) -> Result<Self> {
         let layout = config.layout()?;
         let mode = crate::kernel::attach::resolve(config.attach)?;
+        crate::kernel::features::check(mode)?;
         crate::auth::check_rules(&config.access).map_err(anyhow::Error::msg)?;
         if let Some(neutron) = &config.neutron {
             neutron.check()?;

@@ -50,12 +50,8 @@ fn kernel_has_tcx() -> Result<bool> {
     Ok(v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
-fn tool_runs(program: &str, args: &[&str]) -> bool {
-    super::exec::run(Command::new(program).args(args), None).is_ok_and(|o| o.status.success())
-}
-
-/// Resolves the setting against this kernel and checks that what the mode
-/// needs is there; an error names what is missing.
+/// Resolves the setting against this kernel (what else the mode needs is
+/// checked by `features::check`).
 pub fn resolve(setting: AttachSetting) -> Result<AttachMode> {
     let tcx = kernel_has_tcx()?;
     let mode = match setting {
@@ -67,12 +63,6 @@ pub fn resolve(setting: AttachSetting) -> Result<AttachMode> {
             bail!("attach = \"tcx\" needs kernel 6.6 or later (tcx links); this kernel is {v}: use attach = \"netlink\" or \"auto\"")
         }
     };
-    if !tool_runs("nft", &["--version"]) {
-        bail!("the `nft` command (nftables) is missing: enforcer's netfilter glue is an nftables table");
-    }
-    if mode == AttachMode::Netlink && !tool_runs("tc", &["-V"]) {
-        bail!("the `tc` command (iproute2) is missing: netlink attach reads the interfaces' qdiscs and filters with it");
-    }
     Ok(mode)
 }
 

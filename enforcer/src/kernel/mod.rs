@@ -6,6 +6,7 @@ pub mod attach;
 pub mod conntrack;
 pub mod dump;
 pub mod exec;
+pub mod features;
 pub mod glue;
 pub mod pins;
 pub mod probe;

@@ -1,0 +1,75 @@
+//! What enforcer needs of the running kernel and of the host, checked at
+//! start before anything is changed, so that a host lacking a piece gets
+//! one error naming every missing piece instead of a failure halfway
+//! through loading or attaching.
+
+use std::{path::Path, process::Command};
+
+use aya::{maps::MapType, programs::ProgramType};
+
+use super::AttachMode;
+
+/// One requirement: what it is, and whether the host meets it.
+struct Need {
+    what: &'static str,
+    met: bool,
+}
+
+/// Checks every requirement of attach mode `mode`; the error lists all
+/// that are missing.
+pub fn check(mode: AttachMode) -> anyhow::Result<()> {
+    let missing = missing(&needs(mode));
+    if missing.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!("this host lacks what enforcer needs:\n  - {}", missing.join("\n  - "))
+}
+
+fn missing(needs: &[Need]) -> Vec<&'static str> {
+    needs.iter().filter(|n| !n.met).map(|n| n.what).collect()
+}
+
+fn needs(mode: AttachMode) -> Vec<Need> {
+    let program = |t| aya::sys::is_program_supported(t).unwrap_or(false);
+    let map = |t| aya::sys::is_map_supported(t).unwrap_or(false);
+    let mut needs = vec![
+        Need { what: "BPF programs of type sched_cls (CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, CONFIG_NET_CLS_ACT)", met: program(ProgramType::SchedClassifier) },
+        Need { what: "BPF hash maps (CONFIG_BPF_SYSCALL)", met: map(MapType::Hash) },
+        Need { what: "BPF per-CPU hash maps (kernel 4.6 or later)", met: map(MapType::PerCpuHash) },
+        Need { what: "BPF array maps (CONFIG_BPF_SYSCALL)", met: map(MapType::Array) },
+        Need { what: "connection tracking (CONFIG_NF_CONNTRACK; module nf_conntrack)", met: conntrack() },
+        Need { what: "the `nft` command (package nftables): enforcer's netfilter glue is an nftables table", met: runs("nft", &["--version"]) },
+    ];
+    if mode == AttachMode::Netlink {
+        needs.push(Need { what: "the `tc` command (package iproute2): netlink attach reads the interfaces' qdiscs and filters with it", met: runs("tc", &["-V"]) });
+    }
+    needs
+}
+
+/// Conntrack is there, or its module loads (as nftables would load it).
+fn conntrack() -> bool {
+    let present = || Path::new("/proc/sys/net/netfilter/nf_conntrack_max").exists();
+    present() || (runs("modprobe", &["nf_conntrack"]) && present())
+}
+
+fn runs(program: &str, args: &[&str]) -> bool {
+    super::exec::run(Command::new(program).args(args), None).is_ok_and(|o| o.status.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_missing_piece_is_named_once_in_order() {
+        let needs = [Need { what: "a", met: false }, Need { what: "b", met: true }, Need { what: "c", met: false }];
+        assert_eq!(missing(&needs), ["a", "c"]);
+    }
+
+    #[test]
+    fn netlink_mode_needs_tc_and_tcx_does_not() {
+        let names = |mode| needs(mode).iter().map(|n| n.what).collect::<Vec<_>>().join("\n");
+        assert!(names(AttachMode::Netlink).contains("`tc`"));
+        assert!(!names(AttachMode::Tcx).contains("`tc`"));
+    }
+}
