@@ -16,33 +16,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{api::ApiError, auth::Caller};
+use crate::api::{ApiError, AuditEntry, Caller, Event};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// RFC 3339, UTC.
-    pub time: String,
-    pub caller: Caller,
-    /// Who the change was made for: the local API, or the Neutron sync.
-    #[serde(default, skip_serializing_if = "crate::api::Owner::is_local")]
-    pub origin: crate::api::Owner,
-    pub op: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub router_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub helper_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub before: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after: Option<Value>,
-    /// `ok`, or the error code.
-    pub result: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<ApiError>,
-}
 
 const FILE: &str = "audit.jsonl";
 
@@ -66,43 +43,6 @@ impl AuditEntry {
     }
 }
 
-/// What `enforcer events` streams: each audit entry once it is durable,
-/// and each revocation with what it removed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub kind: EventKind,
-    #[serde(flatten)]
-    pub entry: AuditEntry,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// A change made through the API or by the Neutron sync.
-    Change,
-    /// A rule's flows cut and its conntrack entries removed.
-    Revocation,
-    /// Kernel state someone else changed, put back by the daemon.
-    Repair,
-    /// A request refused (or failed), as audited.
-    Refusal,
-    /// The subscriber fell behind; `after.missed` events were dropped.
-    Lagged,
-}
-
-impl Event {
-    /// The event of an audit entry.
-    pub fn of(entry: &AuditEntry) -> Self {
-        let kind = if entry.op.ends_with("_repair") {
-            EventKind::Repair
-        } else if entry.result != "ok" {
-            EventKind::Refusal
-        } else {
-            EventKind::Change
-        };
-        Self { kind, entry: entry.clone() }
-    }
-}
 
 /// Events a subscriber may fall behind by before it is told it lagged.
 const EVENT_BACKLOG: usize = 4096;

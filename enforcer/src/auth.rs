@@ -8,23 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{ApiError, ErrorCode, Request};
 
-/// The peer of an API connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-    /// Supplementary groups at connect time.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub groups: Vec<u32>,
-}
+use crate::api::Caller;
 
 impl Caller {
-    /// The daemon itself, for what it does on its own (repairs, flushes).
-    pub fn daemon() -> Self {
-        Self { uid: 0, gid: 0, pid: Some(std::process::id() as i32), groups: Vec::new() }
-    }
-
     fn in_group(&self, gid: u32) -> bool {
         self.gid == gid || self.groups.contains(&gid)
     }

@@ -57,17 +57,7 @@ impl HelperKind {
     }
 }
 
-/// An address family of the netfilter glue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
-}
+use crate::api::Family;
 
 /// One assignable (helper, protocol, family), as the kernel accepted it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

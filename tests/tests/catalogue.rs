@@ -2,7 +2,7 @@
 
 use enforcer::{
     api::Protocol::{Tcp, Udp},
-    catalogue::Family::{Ipv4, Ipv6},
+    api::Family::{Ipv4, Ipv6},
     kernel::probe,
 };
 use enforcer_tests::require_root;

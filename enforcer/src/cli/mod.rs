@@ -318,7 +318,7 @@ fn events(socket: &std::path::Path, output: Output, count: Option<u64>) -> Resul
         return Ok(0);
     }
     let streamed = client::stream(socket, &Request::Events {}, |line| {
-        let event: enforcer::audit::Event = serde_json::from_str(line).with_context(|| format!("bad event from the daemon: {line:?}"))?;
+        let event: enforcer::api::Event = serde_json::from_str(line).with_context(|| format!("bad event from the daemon: {line:?}"))?;
         match output {
             Output::Json => println!("{line}"),
             Output::Table => table::print_event(&event),

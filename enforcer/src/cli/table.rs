@@ -3,7 +3,7 @@
 use anyhow::Result;
 use enforcer::{
     api::{Helper, ReconcileReport, Reply, Router, StatusReport},
-    kernel::dump::Dump,
+    api::Dump,
 };
 
 use super::Output;
@@ -248,7 +248,7 @@ pub fn print_dump(dump: &Dump, output: Output) -> Result<()> {
 
 /// One event on one line: time, kind, operation, what it touched, result,
 /// and the figures or error that matter.
-pub fn print_event(e: &enforcer::audit::Event) {
+pub fn print_event(e: &enforcer::api::Event) {
     let entry = &e.entry;
     let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     let mut line = format!("{}  {kind:<10}  {:<14}  {}", entry.time, entry.op, entry.result);

@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::Result;
-use enforcer::kernel::dump::{self, Dump, SlotEntry};
+use enforcer::{
+    api::{Dump, SlotEntry},
+    kernel::dump,
+};
 use ratatui::{
     DefaultTerminal, Frame,
     crossterm::event::{self, Event, KeyCode, KeyEventKind},

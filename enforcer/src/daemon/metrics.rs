@@ -182,7 +182,7 @@ impl Collector for Scrape {
 }
 
 impl Scrape {
-    fn packets(&self, e: &mut DescriptorEncoder, d: &dump::Dump) -> Result<(), std::fmt::Error> {
+    fn packets(&self, e: &mut DescriptorEncoder, d: &crate::api::Dump) -> Result<(), std::fmt::Error> {
         let mut per_router: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
         for s in &d.slots {
             let t = per_router.entry(s.router_id.as_deref().unwrap_or("unknown")).or_default();
@@ -192,7 +192,7 @@ impl Scrape {
         counters(e, "router_tagged_packets", "Packets tagged for their helper, per router", per_router.iter().map(|(r, t)| ([("router", *r)], t.0)))?;
         counters(e, "router_dropped_packets", "Packets of revoked rules dropped, per router", per_router.iter().map(|(r, t)| ([("router", *r)], t.1)))?;
         if self.per_rule {
-            let rule = |s: &dump::SlotEntry| {
+            let rule = |s: &crate::api::SlotEntry| {
                 [
                     ("router", s.router_id.clone().unwrap_or_default()),
                     ("slot", s.slot.to_string()),

@@ -8,8 +8,9 @@ use tracing::{info, warn};
 use super::{DEFAULT_PROJECT, Daemon, GlueDone, RouterState, kind_of, netns_id, rule_key};
 use crate::{
     api::{ApiError, ErrorCode, GlueState, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
-    audit::{self, Audit, AuditEntry},
-    auth::{self, Caller},
+    api::{AuditEntry, Caller, Event},
+    audit::{self, Audit},
+    auth,
     catalogue::HelperKind,
     kernel::{Datapath, netns},
     store::{ApplyError, Change, HelperRecord, RouterRecord},
@@ -329,7 +330,7 @@ impl Daemon {
     }
 
     /// Subscribes `caller` to the event stream, if it may read it.
-    pub(super) fn subscribe(&mut self, caller: Caller) -> Result<tokio::sync::broadcast::Receiver<audit::Event>, ApiError> {
+    pub(super) fn subscribe(&mut self, caller: Caller) -> Result<tokio::sync::broadcast::Receiver<Event>, ApiError> {
         self.handle_from(Owner::Local, caller, Request::Events {}, None).map(|_| self.audit.subscribe())
     }
 

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::{Daemon, GlueCheck, GlueJob, NetnsId, netns_id};
 use crate::{
     api::{ApiError, GlueState},
-    audit::AuditEntry,
+    api::AuditEntry,
     kernel::{LinkCheck, glue, netns},
 };
 

@@ -185,10 +185,10 @@ impl Daemon {
         let mut after = serde_json::to_value(report).unwrap_or_default();
         after["slot"] = slot.into();
         let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
-        let mut entry = crate::audit::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
+        let mut entry = crate::api::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
         // Made for the request (or the sync) whose change revoked the rule.
         entry.origin = self.origin;
-        self.audit.announce(crate::audit::Event { kind: crate::audit::EventKind::Revocation, entry });
+        self.audit.announce(crate::api::Event { kind: crate::api::EventKind::Revocation, entry });
     }
 
     /// Cleans the conntrack table of router `router_id` of a quarantined

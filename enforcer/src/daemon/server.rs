@@ -24,8 +24,7 @@ use tracing::{error, info, warn};
 use super::{Daemon, GlueDone, GlueJob, metrics::ApiMetrics, ops::{Prepared, describe}};
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
-    audit::{AuditEntry, Event, EventKind},
-    auth::Caller,
+    api::{AuditEntry, Caller, Event, EventKind},
 };
 
 pub(super) type Shared = Arc<Mutex<Daemon>>;

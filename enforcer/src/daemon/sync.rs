@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     api::{ApiError, ErrorCode, HelperError, HelperSpec, Owner, Reply, Request, SyncStatus},
-    auth::Caller,
+    api::Caller,
     neutron::{
         NeutronConfig,
         client::{Neutron, NeutronError},

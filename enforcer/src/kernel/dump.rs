@@ -8,34 +8,10 @@ use enforcer_common::{
     Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RouterIndex, RouterValue, RuleKey,
     RuleValue, SlotKey, SlotValue,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::{api::Protocol, catalogue};
 
-/// One rule slot as the kernel sees it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SlotEntry {
-    /// The router's id, if the routers map knows the index.
-    pub router_id: Option<String>,
-    pub router_index: RouterIndex,
-    pub slot: u32,
-    /// Protocol and port of the rule that tags this slot (none once revoked).
-    pub protocol: Option<Protocol>,
-    pub port: Option<u16>,
-    pub helper: Option<String>,
-    /// `live`, or `revoked`: packets carrying it are dropped.
-    pub state: String,
-    /// Summed over CPUs.
-    pub tagged: u64,
-    pub dropped: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Dump {
-    pub bpffs: String,
-    pub routers: usize,
-    pub slots: Vec<SlotEntry>,
-}
+use crate::api::{Dump, SlotEntry};
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);

@@ -387,7 +387,7 @@ pub mod legacy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalogue::{Family, Offer};
+    use crate::{api::Family, catalogue::Offer};
 
     fn json(offered: &Offered, layout: &MarkLayout) -> serde_json::Value {
         serde_json::to_value(ruleset(offered, layout)).unwrap()

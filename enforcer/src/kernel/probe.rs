@@ -12,7 +12,10 @@ use nftables::{
     types::NfFamily,
 };
 
-use crate::catalogue::{Family, Offer, Offered};
+use crate::{
+    api::Family,
+    catalogue::{Offer, Offered},
+};
 
 const TABLE: &str = "enforcer_probe";
 

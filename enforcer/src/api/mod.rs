@@ -8,6 +8,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+mod audit;
+mod dump;
+
+pub use audit::{AuditEntry, Caller, Event, EventKind};
+pub use dump::{Dump, SlotEntry};
+
 /// Default socket path; `--socket` or `ENFORCER_SOCKET` change it.
 pub const DEFAULT_SOCKET: &str = "/run/enforcer/enforcer.sock";
 /// Requests larger than this are refused before parsing: room for a helper
@@ -49,6 +55,18 @@ impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// An address family of the netfilter glue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
 }
 
 /// Who decides a router's helpers.
@@ -492,7 +510,7 @@ pub struct SyncStatus {
 pub struct OfferedHelper {
     pub helper: String,
     pub protocols: Vec<Protocol>,
-    pub families: Vec<crate::catalogue::Family>,
+    pub families: Vec<Family>,
     pub usual_port: u16,
 }
 
@@ -507,8 +525,8 @@ pub enum Reply {
     Revoked(RevokeReport),
     HelperSet(SetReport),
     Status(Box<StatusReport>),
-    Dump(crate::kernel::dump::Dump),
-    Audit(Vec<crate::audit::AuditEntry>),
+    Dump(Dump),
+    Audit(Vec<AuditEntry>),
     Catalogue(Vec<OfferedHelper>),
     Done {},
 }
