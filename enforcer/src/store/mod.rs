@@ -1,6 +1,7 @@
 //! The desired state, in an embedded ACID store (redb) in the state
 //! directory. A change is written in one transaction that commits only after
-//! the kernel step succeeded.
+//! the kernel step succeeded. The records on disk are `schema`'s, not the
+//! API's.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -8,32 +9,27 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use redb::{Database, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Database, ReadableTable};
 
 use crate::api::{Helper, Owner};
 
-const ROUTERS: TableDefinition<&str, &str> = TableDefinition::new("routers");
-const HELPERS: TableDefinition<&str, &str> = TableDefinition::new("helpers");
-/// Revoked slots, kept out of reuse: an old connection must never come back
-/// to life under a new rule.
-const QUARANTINE: TableDefinition<&str, u64> = TableDefinition::new("quarantine");
+mod schema;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+use schema::{HELPERS, QUARANTINE, ROUTERS, StoredHelper, StoredRouter};
+pub use schema::VERSION as SCHEMA_VERSION;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterRecord {
     pub id: String,
     /// The router's index in the kernel maps (`RuleKey::router`).
     pub index: u32,
     pub project_id: String,
     pub netns: String,
-    /// Absent in stores of earlier versions: local.
-    #[serde(default, skip_serializing_if = "Owner::is_local")]
     pub owner: Owner,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelperRecord {
-    #[serde(flatten)]
     pub helper: Helper,
     pub slot: u16,
 }
@@ -113,10 +109,11 @@ impl Store {
         let db = open_db(&path).with_context(|| format!("opening store {}", path.display()))?;
         private(&path, 0o600)?;
         let txn = db.begin_write()?;
-        txn.open_table(ROUTERS)?;
-        txn.open_table(HELPERS)?;
-        txn.open_table(QUARANTINE)?;
+        let found = schema::upgrade(&txn)?;
         txn.commit()?;
+        if let Some(from) = found.filter(|v| *v < SCHEMA_VERSION) {
+            tracing::info!(from, to = SCHEMA_VERSION, "store schema upgraded");
+        }
         Ok(Self { db: Some(db), path, group: None })
     }
 
@@ -135,12 +132,12 @@ impl Store {
         let mut state = State::default();
         for row in txn.open_table(ROUTERS)?.iter()? {
             let (_, v) = row?;
-            let r: RouterRecord = serde_json::from_str(v.value()).context("corrupt router record")?;
+            let r = schema::router(v.value())?;
             state.routers.insert(r.id.clone(), r);
         }
         for row in txn.open_table(HELPERS)?.iter()? {
             let (_, v) = row?;
-            let h: HelperRecord = serde_json::from_str(v.value()).context("corrupt helper record")?;
+            let h = schema::helper(v.value())?;
             state.helpers.insert((h.helper.router_id.clone(), h.helper.id.clone()), h);
         }
         for row in txn.open_table(QUARANTINE)?.iter()? {
@@ -216,14 +213,14 @@ fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
     for change in changes {
         match change {
             Change::PutRouter(r) => {
-                routers.insert(r.id.as_str(), serde_json::to_string(r)?.as_str())?;
+                routers.insert(r.id.as_str(), schema::encode(&StoredRouter::from(r))?.as_str())?;
             }
             Change::DeleteRouter(id) => {
                 routers.remove(id.as_str())?;
             }
             Change::PutHelper(h) => {
                 let key = helper_key(&h.helper.router_id, &h.helper.id);
-                helpers.insert(key.as_str(), serde_json::to_string(h)?.as_str())?;
+                helpers.insert(key.as_str(), schema::encode(&StoredHelper::from(h))?.as_str())?;
             }
             Change::DeleteHelper { router_id, helper_id } => {
                 helpers.remove(helper_key(router_id, helper_id).as_str())?;
@@ -289,6 +286,59 @@ mod tests {
         assert_eq!(state.routers.len(), 1);
         assert_eq!(state.helpers[&("r".to_string(), "h".to_string())].slot, 3);
         assert!(state.quarantine.contains(&("r".to_string(), 2)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A store as the release before schema versions wrote it, through its
+    /// CLI: router 0b7c2a5e-… (local, so its record has no `owner`) with
+    /// ftp on tcp/21, sip on udp/5060 and tftp on udp/69 (project
+    /// other-project).
+    fn store_of_version_1() -> std::path::PathBuf {
+        let dir = tempdir();
+        let packed = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/store-v1.redb.gz")).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&packed[..]), &mut bytes).unwrap();
+        std::fs::write(dir.join("enforcer.redb"), bytes).unwrap();
+        dir
+    }
+
+    fn recorded_version(dir: &Path) -> Option<u64> {
+        let db = Database::open(dir.join("enforcer.redb")).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        txn.open_table(meta).ok()?.get("schema").unwrap().map(|v| v.value())
+    }
+
+    #[test]
+    fn a_store_of_the_previous_release_is_upgraded_and_keeps_everything() {
+        let dir = store_of_version_1();
+        assert_eq!(recorded_version(&dir), None);
+        let state = Store::open(&dir).unwrap().load().unwrap();
+        assert_eq!(recorded_version(&dir), Some(SCHEMA_VERSION));
+        let router = &state.routers["0b7c2a5e-5d7e-4b8e-9d0a-3f1e2d4c5b6a"];
+        assert_eq!((router.index, router.netns.as_str(), router.owner), (1, "qrouter-fx-11111111", Owner::Local));
+        let mut helpers: Vec<_> = state.helpers.values().map(|h| (h.helper.port, h.helper.protocol, h.helper.helper.as_str(), h.helper.project_id.as_str(), h.slot)).collect();
+        helpers.sort();
+        assert_eq!(helpers, [(21, Protocol::Tcp, "ftp", "default", 1), (69, Protocol::Udp, "tftp", "other-project", 2), (5060, Protocol::Udp, "sip", "default", 3)]);
+        // Opened again: already current, the same state.
+        let again = Store::open(&dir).unwrap().load().unwrap();
+        assert_eq!((again.routers, again.helpers), (state.routers, state.helpers));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_of_a_later_release_is_refused_and_left_as_it_is() {
+        let dir = tempdir();
+        Store::open(&dir).unwrap();
+        {
+            let db = Database::open(dir.join("enforcer.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(redb::TableDefinition::<&str, u64>::new("meta")).unwrap().insert("schema", SCHEMA_VERSION + 1).unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Store::open(&dir).err().unwrap().to_string();
+        assert!(err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)) && err.contains("later release"), "{err}");
+        assert_eq!(recorded_version(&dir), Some(SCHEMA_VERSION + 1));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1,0 +1,174 @@
+//! The store's disk format. It has record types of its own, so a change to
+//! the API's wire types never changes what is on disk, and a version, so a
+//! store written by an earlier release is brought up to date in one
+//! transaction at open, and one written by a later release is refused
+//! rather than misread.
+//!
+//! Versions:
+//! 1. The first releases: no version recorded; a router's `owner` was left
+//!    out when local, and absent altogether before the Neutron sync.
+//! 2. The version is recorded; every router states its owner.
+
+use anyhow::{Context, Result, bail};
+use redb::{ReadableTable, TableDefinition, TableHandle};
+use serde::{Deserialize, Serialize};
+
+use super::{HelperRecord, RouterRecord};
+use crate::api::{Helper, Owner, Protocol};
+
+pub const VERSION: u64 = 2;
+
+pub(super) const ROUTERS: TableDefinition<&str, &str> = TableDefinition::new("routers");
+pub(super) const HELPERS: TableDefinition<&str, &str> = TableDefinition::new("helpers");
+/// Revoked slots, kept out of reuse: an old connection must never come back
+/// to life under a new rule.
+pub(super) const QUARANTINE: TableDefinition<&str, u64> = TableDefinition::new("quarantine");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SCHEMA_KEY: &str = "schema";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StoredOwner {
+    Local,
+    Neutron,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StoredProtocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct StoredRouter {
+    id: String,
+    index: u32,
+    project_id: String,
+    netns: String,
+    owner: StoredOwner,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct StoredHelper {
+    id: String,
+    router_id: String,
+    project_id: String,
+    protocol: StoredProtocol,
+    port: u16,
+    helper: String,
+    slot: u16,
+}
+
+/// A router as version 1 wrote it.
+#[derive(Deserialize)]
+struct RouterV1 {
+    id: String,
+    index: u32,
+    project_id: String,
+    netns: String,
+    #[serde(default)]
+    owner: Option<StoredOwner>,
+}
+
+impl From<&RouterRecord> for StoredRouter {
+    fn from(r: &RouterRecord) -> Self {
+        let owner = match r.owner {
+            Owner::Local => StoredOwner::Local,
+            Owner::Neutron => StoredOwner::Neutron,
+        };
+        Self { id: r.id.clone(), index: r.index, project_id: r.project_id.clone(), netns: r.netns.clone(), owner }
+    }
+}
+
+impl From<StoredRouter> for RouterRecord {
+    fn from(r: StoredRouter) -> Self {
+        let owner = match r.owner {
+            StoredOwner::Local => Owner::Local,
+            StoredOwner::Neutron => Owner::Neutron,
+        };
+        Self { id: r.id, index: r.index, project_id: r.project_id, netns: r.netns, owner }
+    }
+}
+
+impl From<&HelperRecord> for StoredHelper {
+    fn from(h: &HelperRecord) -> Self {
+        let protocol = match h.helper.protocol {
+            Protocol::Tcp => StoredProtocol::Tcp,
+            Protocol::Udp => StoredProtocol::Udp,
+        };
+        let Helper { id, router_id, project_id, port, helper, .. } = h.helper.clone();
+        Self { id, router_id, project_id, protocol, port, helper, slot: h.slot }
+    }
+}
+
+impl From<StoredHelper> for HelperRecord {
+    fn from(h: StoredHelper) -> Self {
+        let protocol = match h.protocol {
+            StoredProtocol::Tcp => Protocol::Tcp,
+            StoredProtocol::Udp => Protocol::Udp,
+        };
+        let helper = Helper { id: h.id, router_id: h.router_id, project_id: h.project_id, protocol, port: h.port, helper: h.helper };
+        Self { helper, slot: h.slot }
+    }
+}
+
+pub(super) fn encode(value: &impl Serialize) -> Result<String> {
+    Ok(serde_json::to_string(value)?)
+}
+
+pub(super) fn router(text: &str) -> Result<RouterRecord> {
+    Ok(serde_json::from_str::<StoredRouter>(text).context("corrupt router record")?.into())
+}
+
+pub(super) fn helper(text: &str) -> Result<HelperRecord> {
+    Ok(serde_json::from_str::<StoredHelper>(text).context("corrupt helper record")?.into())
+}
+
+/// The version of the store `txn` sees: recorded, or 1 where a store of
+/// the first releases has tables but no version, or none for a new file.
+fn version(txn: &redb::WriteTransaction) -> Result<Option<u64>> {
+    let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_string()).collect();
+    if tables.iter().any(|t| t == META.name()) {
+        let meta = txn.open_table(META)?;
+        let recorded = meta.get(SCHEMA_KEY)?.map(|v| v.value());
+        return Ok(recorded);
+    }
+    Ok(tables.iter().any(|t| t == ROUTERS.name()).then_some(1))
+}
+
+/// Brings the store up to [`VERSION`] within `txn` (the caller commits);
+/// returns the version it found. A store of a later version is refused.
+pub(super) fn upgrade(txn: &redb::WriteTransaction) -> Result<Option<u64>> {
+    let found = version(txn)?;
+    match found {
+        Some(v) if v > VERSION => {
+            bail!("the store is of schema version {v}, written by a later release of enforcer; this one reads up to version {VERSION}: run the later release, or restore a backup of the store")
+        }
+        Some(VERSION) => return Ok(found),
+        Some(1) => routers_state_their_owner(txn)?,
+        _ => {}
+    }
+    txn.open_table(ROUTERS)?;
+    txn.open_table(HELPERS)?;
+    txn.open_table(QUARANTINE)?;
+    txn.open_table(META)?.insert(SCHEMA_KEY, VERSION)?;
+    Ok(found)
+}
+
+/// 1 to 2: every router record states its owner (local where it was left
+/// out).
+fn routers_state_their_owner(txn: &redb::WriteTransaction) -> Result<()> {
+    let mut table = txn.open_table(ROUTERS)?;
+    let mut rewritten = Vec::new();
+    for row in table.iter()? {
+        let (key, value) = row?;
+        let old: RouterV1 = serde_json::from_str(value.value()).with_context(|| format!("corrupt router record {}", key.value()))?;
+        let new = StoredRouter { id: old.id, index: old.index, project_id: old.project_id, netns: old.netns, owner: old.owner.unwrap_or(StoredOwner::Local) };
+        rewritten.push((key.value().to_string(), encode(&new)?));
+    }
+    for (key, value) in rewritten {
+        table.insert(key.as_str(), value.as_str())?;
+    }
+    Ok(())
+}
