@@ -81,7 +81,7 @@ fn namespaces_are_followed_by_events_and_one_made_again_gets_fresh_attachments()
     let within = |limit_ms: u64, what: &str, f: &dyn Fn() -> bool| {
         let started = std::time::Instant::now();
         while !f() {
-            assert!(started.elapsed() < std::time::Duration::from_millis(limit_ms), "{what} took longer than {limit_ms} ms");
+            assert!(started.elapsed() < std::time::Duration::from_millis(limit_ms), "{what} took longer than {limit_ms} ms:\n{}", daemon.log());
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         eprintln!("{what}: {:?}", started.elapsed());

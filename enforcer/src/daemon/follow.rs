@@ -23,8 +23,13 @@ pub(super) async fn follow_namespaces(daemon: Shared) {
     let events = netns_events().map_err(|e| warn!("cannot watch /run/netns, checking it every second instead: {e:#}")).ok();
     let mut tick = tokio::time::interval(if events.is_some() { Duration::from_secs(10) } else { Duration::from_secs(1) });
     let routers_changed = with_daemon(&daemon, |d| d.routers_changed()).await;
+    // Since when a namespace file has been there without its namespace.
+    let mut mounting: Option<std::time::Instant> = None;
     loop {
         match &events {
+            // Look again soon, for a while (a file left by a failed
+            // `ip netns add` waits for the regular check).
+            _ if mounting.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) => tokio::time::sleep(Duration::from_millis(20)).await,
             Some(events) => tokio::select! {
                 _ = tick.tick() => {}
                 _ = routers_changed.notified() => {}
@@ -54,7 +59,8 @@ pub(super) async fn follow_namespaces(daemon: Shared) {
                 warn!(router = %id, "{e:#}");
             }
         }
-        let attached = with_daemon(&daemon, |d| d.attached()).await;
+        let (attached, now_mounting) = with_daemon(&daemon, |d| (d.attached(), d.namespaces_mounting())).await;
+        mounting = if now_mounting { mounting.or_else(|| Some(std::time::Instant::now())) } else { None };
         follow(&daemon, &mut watchers, attached);
     }
 }

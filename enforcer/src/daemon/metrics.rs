@@ -92,7 +92,7 @@ impl super::Daemon {
             ready: self.ready.is_some(),
             routers: self.routers.len(),
             helpers: self.helpers.len(),
-            quarantined: self.quarantine.len(),
+            quarantined: self.slots.quarantined().count(),
             revocations: self.revocations,
             revoked_flows: self.datapath.revoked_flows_swept(),
             revoked_capacity: self.config.revoked_flows_max,

@@ -14,17 +14,18 @@ mod repair;
 mod revoke;
 mod server;
 mod set;
+mod slots;
 mod sync;
 mod verified;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    os::unix::fs::MetadataExt,
     time::Instant,
 };
 
 use anyhow::{Context, Result};
 use enforcer_common::{RuleKey, RuleValue};
+use slots::Slots;
 use tracing::{info, warn};
 
 pub use server::serve;
@@ -59,28 +60,21 @@ struct RouterState {
     links: (usize, usize),
 }
 
-/// Indexes over the helpers and quarantined slots, so that a create or
-/// delete costs the same with 10 helpers or 100,000.
+/// Indexes over the helpers, so that a create or delete costs the same
+/// with 10 helpers or 100,000.
 #[derive(Default)]
 struct Index {
     /// Helper id -> router id (ids are unique across routers).
     ids: HashMap<String, String>,
     /// (router, protocol, port) -> helper id.
     tuples: HashMap<(String, Protocol, u16), String>,
-    /// Slots in use or quarantined, per router.
-    slots: HashMap<String, BTreeSet<u16>>,
-    /// Where the next free-slot search starts, per router.
-    hint: HashMap<String, u16>,
 }
 
 impl Index {
-    fn of(helpers: &BTreeMap<(String, String), HelperRecord>, quarantine: &BTreeSet<(String, u16)>) -> Self {
+    fn of(helpers: &BTreeMap<(String, String), HelperRecord>) -> Self {
         let mut index = Index::default();
         for h in helpers.values() {
             index.add(h);
-        }
-        for (router, slot) in quarantine {
-            index.hold(router, *slot);
         }
         index
     }
@@ -89,41 +83,17 @@ impl Index {
         let r = &h.helper.router_id;
         self.ids.insert(h.helper.id.clone(), r.clone());
         self.tuples.insert((r.clone(), h.helper.protocol, h.helper.port), h.helper.id.clone());
-        self.hold(r, h.slot);
     }
 
     fn remove(&mut self, h: &HelperRecord) {
         let r = &h.helper.router_id;
         self.ids.remove(&h.helper.id);
         self.tuples.remove(&(r.clone(), h.helper.protocol, h.helper.port));
-        self.free(r, h.slot);
-    }
-
-    fn hold(&mut self, router: &str, slot: u16) {
-        self.slots.entry(router.to_string()).or_default().insert(slot);
-    }
-
-    fn free(&mut self, router: &str, slot: u16) {
-        if let Some(s) = self.slots.get_mut(router) {
-            s.remove(&slot);
-        }
     }
 
     fn forget_router(&mut self, router: &str) {
         self.ids.retain(|_, r| r != router);
         self.tuples.retain(|(r, ..), _| r != router);
-        self.slots.remove(router);
-        self.hint.remove(router);
-    }
-
-    /// A free slot of `router` in 1..=max, searching on from the last one
-    /// handed out (amortized constant for steady creation).
-    fn next_slot(&mut self, router: &str, max: u16) -> Option<u16> {
-        let used = self.slots.get(router);
-        let start = self.hint.get(router).copied().unwrap_or(1).clamp(1, max);
-        let free = (start..=max).chain(1..start).find(|s| used.is_none_or(|u| !u.contains(s)))?;
-        self.hint.insert(router.to_string(), if free == max { 1 } else { free + 1 });
-        Some(free)
     }
 }
 
@@ -140,15 +110,8 @@ pub struct Daemon {
     routers: BTreeMap<String, RouterState>,
     /// Keyed by (router id, helper id).
     helpers: BTreeMap<(String, String), HelperRecord>,
-    /// Revoked slots some conntrack entry may still carry.
-    quarantine: BTreeSet<(String, u16)>,
-    /// Released slots whose counters go once no revoked flow counts its
-    /// drops against them any more.
-    released: BTreeSet<(u32, u16)>,
-    /// Slots of rules that never tagged a packet, revoked without a visit to
-    /// conntrack, with when: held out of reuse until re-checked (see
-    /// `revoke::COOLING`). Oldest first.
-    cooling: Vec<(String, u16, Instant)>,
+    /// Every router's rule slots: live, cooling, quarantined.
+    slots: Slots,
     started: Instant,
     started_with: ReconcileReport,
     /// When the start-up reconciliation was done (None while it runs:
@@ -267,8 +230,13 @@ pub(super) type NetnsId = (u64, u64);
 /// the namespace it was attached in.
 pub(super) type Followed = (String, String, Option<NetnsId>);
 
+/// The namespace a router's name stands for now; none while it is absent
+/// or still being mounted.
 fn netns_id(name: &str) -> Option<NetnsId> {
-    std::fs::metadata(netns::path(name)).ok().map(|m| (m.dev(), m.ino()))
+    match netns::presence(name) {
+        netns::Presence::Present(dev, ino) => Some((dev, ino)),
+        netns::Presence::Absent | netns::Presence::Mounting => None,
+    }
 }
 
 impl Daemon {
@@ -321,7 +289,8 @@ impl Daemon {
             .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) }))
             .collect();
         let mut daemon = Daemon {
-            index: Index::of(&state.helpers, &state.quarantine),
+            index: Index::of(&state.helpers),
+            slots: Slots::of(state.helpers.values(), &state.quarantine),
             audit,
             scope: None,
             datapath,
@@ -330,9 +299,6 @@ impl Daemon {
             config,
             routers,
             helpers: state.helpers,
-            quarantine: state.quarantine,
-            released: BTreeSet::new(),
-            cooling: Vec::new(),
             started: Instant::now(),
             started_with: ReconcileReport::default(),
             ready: None,
@@ -515,10 +481,7 @@ impl Daemon {
                 RuleValue { slot: h.slot, helper: kind.id, _pad: [0; 5] },
             );
         }
-        // Quarantined and cooling slots keep their counters (a cooling
-        // slot's are read once more before it is released).
-        let held = self.quarantine.iter().map(|(r, s)| (r, *s)).chain(self.cooling.iter().map(|(r, s, _)| (r, *s)));
-        for (router, slot) in held {
+        for (router, slot) in self.slots.revoked_not_free() {
             if let Some(state) = self.routers.get(router) {
                 want.quarantined.push((state.record.index, slot));
             }
@@ -530,18 +493,18 @@ impl Daemon {
     /// Returns how many were freed.
     fn release_quarantine(&mut self) -> usize {
         let mut free = Vec::new();
-        for (router, slot) in &self.quarantine {
+        for (router, slot) in self.slots.quarantined() {
             let Some(state) = self.routers.get(router) else { continue };
             let carried = match &state.attachment {
                 // The namespace is gone, and its conntrack table with it.
                 None => Ok(0),
                 Some(_) => {
-                    let (mark, mask) = self.slot_mark(*slot);
+                    let (mark, mask) = self.slot_mark(slot);
                     netns::run_in(&netns::path(&state.record.netns), || Ok(conntrack::entries_with_mark(mark, mask)?.len()))
                 }
             };
             match carried {
-                Ok(0) => free.push((router.clone(), *slot)),
+                Ok(0) => free.push((router.to_string(), slot)),
                 Ok(_) => {}
                 Err(e) => warn!(router = %router, slot, "checking a quarantined slot: {e:#}"),
             }
@@ -566,17 +529,11 @@ impl Daemon {
     pub(super) fn back_to_store(&mut self) {
         match self.store.load() {
             Ok(state) => {
-                // A slot live again (its delete was not kept) is not cooling.
-                let live: BTreeSet<(&str, u16)> = state.helpers.values().map(|h| (h.helper.router_id.as_str(), h.slot)).collect();
-                self.cooling.retain(|(r, s, _)| !live.contains(&(r.as_str(), *s)));
-                self.index = Index::of(&state.helpers, &state.quarantine);
+                self.index = Index::of(&state.helpers);
+                self.slots.reload(state.helpers.values(), &state.quarantine);
                 self.helpers = state.helpers;
-                self.quarantine = state.quarantine;
             }
             Err(e) => tracing::error!("reading the store back after a failed commit: {e:#}"),
-        }
-        for (router, slot, _) in &self.cooling {
-            self.index.hold(router, *slot);
         }
         if let Err(e) = self.desired().and_then(|want| self.datapath.reconcile(&want, true)) {
             tracing::error!("putting the maps back after a failed commit: {e:#}");
@@ -585,10 +542,8 @@ impl Daemon {
 
     /// Bookkeeping of a slot nothing carries any more.
     pub(super) fn slot_released(&mut self, router: &str, slot: u16) {
-        self.quarantine.remove(&(router.to_string(), slot));
-        self.index.free(router, slot);
         if let Some(state) = self.routers.get(router) {
-            self.released.insert((state.record.index, slot));
+            self.slots.free(router, state.record.index, slot);
         }
     }
 
@@ -609,7 +564,7 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => return warn!("sweeping revoked flows: {e:#}"),
         };
-        if self.released.is_empty() {
+        if self.slots.released().is_empty() {
             return;
         }
         let live: BTreeSet<(u32, u16)> = self
@@ -618,13 +573,14 @@ impl Daemon {
             .filter_map(|h| Some((self.routers.get(&h.helper.router_id)?.record.index, h.slot)))
             .collect();
         let done: Vec<(u32, u16)> = self
-            .released
+            .slots
+            .released()
             .iter()
             .copied()
             .filter(|(index, slot)| !referenced.contains(&enforcer_common::SlotKey::new(*index, *slot as u32)))
             .collect();
         for (index, slot) in done {
-            self.released.remove(&(index, slot));
+            self.slots.swept(index, slot);
             if !live.contains(&(index, slot)) {
                 self.datapath.forget_slot(index, slot);
             }
@@ -671,6 +627,13 @@ impl Daemon {
                 Some((state.record.id.clone(), now.map(|_| self.glue_job(&state.record.netns))))
             })
             .collect()
+    }
+
+    /// Whether a router's namespace is being made (its file is there, the
+    /// namespace not yet mounted on it): its mount brings no event, so the
+    /// follower looks again shortly.
+    pub(super) fn namespaces_mounting(&self) -> bool {
+        self.routers.values().any(|r| netns::presence(&r.record.netns) == netns::Presence::Mounting)
     }
 
     /// Re-syncs one router with its namespace (after a link event or a

@@ -452,7 +452,7 @@ impl Daemon {
         let index = state.record.index;
         let attached = state.attachment.is_some();
         let helpers: Vec<HelperRecord> = self.helpers_of(id).cloned().collect();
-        let quarantined: Vec<u16> = self.quarantine.iter().filter(|(r, _)| r == id).map(|(_, s)| *s).collect();
+        let quarantined: Vec<u16> = self.slots.quarantined().filter(|(r, _)| *r == id).map(|(_, s)| s).collect();
         let mut changes = vec![Change::DeleteRouter(id.to_string())];
         changes.extend(helpers.iter().map(|h| Change::DeleteHelper { router_id: id.to_string(), helper_id: h.helper.id.clone() }));
         changes.extend(quarantined.iter().map(|s| Change::Release { router_id: id.to_string(), slot: *s }));
@@ -472,8 +472,7 @@ impl Daemon {
         self.take_down(id);
         self.routers.remove(id);
         self.helpers.retain(|(r, _), _| r != id);
-        self.quarantine.retain(|(r, _)| r != id);
-        self.cooling.retain(|(r, ..)| r != id);
+        self.slots.forget_router(id);
         self.index.forget_router(id);
         self.routers_changed.notify_one();
         info!(router = %id, "router removed");
@@ -529,11 +528,12 @@ impl Daemon {
         }
     }
 
-    /// A slot neither in use nor quarantined on this router.
-    pub(super) fn free_slot(&mut self, router: &str) -> Result<u16, ApiError> {
+    /// Takes a free slot of this router for a new rule (given back with
+    /// `slots.untake` if the rule is not applied).
+    pub(super) fn take_slot(&mut self, router: &str) -> Result<u16, ApiError> {
         let max = self.config.max_slot();
-        self.index
-            .next_slot(router, max)
+        self.slots
+            .take(router, max)
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, format!("router {router} has no free rule slot")))
     }
 
@@ -576,7 +576,7 @@ impl Daemon {
             }
         }
         self.check_tuple_free(&router, protocol, port, None)?;
-        let slot = self.free_slot(&router)?;
+        let slot = self.take_slot(&router)?;
         let record = HelperRecord {
             helper: Helper { id: id.clone(), router_id: router.clone(), project_id: project, protocol, port, helper: kind.name.to_string() },
             slot,
@@ -588,6 +588,7 @@ impl Daemon {
                 let _ = revoke_record(&mut self.datapath, index, &record);
                 self.datapath.forget_slot(index, slot);
             }
+            self.slots.untake(&router, slot);
             return Err(e.into());
         }
         // Flows of this tuple revoked earlier are wanted again.
@@ -622,7 +623,7 @@ impl Daemon {
         }
         self.check_tuple_free(&key.0, protocol, port, Some(&key.1))?;
         // A new slot: the old tuple's flows are revoked, not carried over.
-        let slot = self.free_slot(&key.0)?;
+        let slot = self.take_slot(&key.0)?;
         let new = HelperRecord { helper: Helper { protocol, port, helper: kind.name.to_string(), ..old.helper.clone() }, slot };
         let ns = netns::path(&self.routers[&key.0].record.netns);
         let mark = self.slot_mark(old.slot);
@@ -641,6 +642,7 @@ impl Daemon {
                 // Put the old rule back as it was.
                 let _ = revoke_record(&mut self.datapath, index, &new);
                 self.datapath.forget_slot(index, new.slot);
+                self.slots.untake(&key.0, new.slot);
                 if let Ok(old_kind) = kind_of(&old.helper) {
                     let _ = allow_record(&mut self.datapath, index, &old, old_kind);
                 }
@@ -758,7 +760,7 @@ impl Daemon {
             uptime_secs: self.started.elapsed().as_secs(),
             routers,
             helpers: self.helpers.len(),
-            quarantined_slots: self.quarantine.len(),
+            quarantined_slots: self.slots.quarantined().count(),
             revoked_flows: self.datapath.revoked_flows_swept(),
             revoked_flows_overflowed: self.datapath.revoked_overflows(),
             started_with: self.started_with,

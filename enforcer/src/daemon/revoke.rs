@@ -130,8 +130,9 @@ impl Daemon {
         self.revocations.rules += 1;
         if report.never_tagged {
             self.announce_revocation(router_id, slot, report);
-            self.index.hold(router_id, slot);
-            self.cooling.push((router_id.to_string(), slot, std::time::Instant::now()));
+            if let Some(state) = self.routers.get(router_id) {
+                self.slots.revoked(router_id, state.record.index, slot, report);
+            }
         } else {
             self.after_flush(router_id, slot, report);
         }
@@ -141,8 +142,7 @@ impl Daemon {
     /// tagged a packet; else a packet was tagged just before the rule went,
     /// and the slot is quarantined and flushed like any revoked slot.
     pub(super) fn cooled(&mut self) {
-        let due = self.cooling.iter().take_while(|(.., at)| at.elapsed() >= COOLING).count();
-        for (router, slot, _) in self.cooling.drain(..due).collect::<Vec<_>>() {
+        for (router, slot) in self.slots.cooled(COOLING) {
             let Some(index) = self.routers.get(&router).map(|r| r.record.index) else { continue };
             if self.datapath.tagged(index, slot).is_ok_and(|n| n == 0) {
                 self.slot_released(&router, slot);
@@ -152,7 +152,7 @@ impl Daemon {
             if let Err(e) = self.store.apply(&[Change::Quarantine { router_id: router.clone(), slot }], || Ok(())) {
                 warn!(router = %router, slot, "quarantining: {e}");
             }
-            self.quarantine.insert((router.clone(), slot));
+            self.slots.quarantine(&router, slot);
             self.flush_slot(&router, slot);
         }
     }
@@ -165,8 +165,7 @@ impl Daemon {
         self.announce_revocation(router_id, slot, report);
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
-            self.quarantine.insert((router_id.to_string(), slot));
-            self.index.hold(router_id, slot);
+            self.slots.quarantine(router_id, slot);
         } else {
             info!(
                 router = %router_id,

@@ -39,7 +39,7 @@ impl Daemon {
     /// Gives back the slots held for the new rules of a set not applied.
     fn free_new_slots(&mut self, router: &str, put: &[(Option<HelperRecord>, HelperRecord)]) {
         for (_, new) in put.iter().filter(|(o, n)| new_rule(o, n)) {
-            self.index.free(router, new.slot);
+            self.slots.untake(router, new.slot);
         }
     }
 
@@ -122,11 +122,8 @@ impl Daemon {
                 }
                 // Only the project changed: same rule, same slot.
                 Some(o) if (o.helper.protocol, o.helper.port, o.helper.helper.as_str()) == (w.protocol, w.port, w.kind.name) => o.slot,
-                _ => match self.free_slot(&router) {
-                    Ok(slot) => {
-                        self.index.hold(&router, slot);
-                        slot
-                    }
+                _ => match self.take_slot(&router) {
+                    Ok(slot) => slot,
                     Err(e) => {
                         self.free_new_slots(&router, &put);
                         return Err(e);

@@ -18,6 +18,29 @@ pub fn path(name: &str) -> PathBuf {
     Path::new("/run/netns").join(name)
 }
 
+/// What `ip netns add` has at `path` so far: nothing, the file it mounts
+/// the namespace on (for a moment, and with no event when the mount
+/// follows), or the namespace itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Absent,
+    Mounting,
+    /// The namespace's (device, inode): a namespace made again under the
+    /// same name has another.
+    Present(u64, u64),
+}
+
+pub fn presence(name: &str) -> Presence {
+    use std::os::unix::fs::MetadataExt;
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let path = path(name);
+    match std::fs::metadata(&path) {
+        Err(_) => Presence::Absent,
+        Ok(m) if nix::sys::statfs::statfs(&path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC) => Presence::Present(m.dev(), m.ino()),
+        Ok(_) => Presence::Mounting,
+    }
+}
+
 /// Runs `f` on a thread inside the network namespace at `ns`.
 pub fn run_in<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let handle = File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))?;
