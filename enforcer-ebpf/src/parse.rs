@@ -5,18 +5,33 @@
 //! `bpf_skb_load_bytes` (`TcContext::load`) where they are not, so it works
 //! on non-linear skbs too. Anything it does not fully understand yields
 //! `None`: the packet is then left untouched, never mis-tagged.
+//!
+//! The header layouts are network-types'. Their protocol fields are enums
+//! that do not list every value a packet may carry, and a value an enum
+//! does not list must never be made into one: headers are copied out as
+//! `MaybeUninit` and those fields read as the bytes they are.
+
+use core::mem::{MaybeUninit, offset_of};
 
 use aya_ebpf::programs::TcContext;
 use enforcer_common::{IPPROTO_TCP, IPPROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
 
-const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-const VLAN_HLEN: usize = 4;
 
-const IPV6_HLEN: usize = 40;
+// TCP and UDP keep their ports at the same offsets: one read serves both.
+const _: () = assert!(offset_of!(TcpHdr, source) == 0 && offset_of!(UdpHdr, src) == 0);
+const _: () = assert!(offset_of!(TcpHdr, dest) == 2 && offset_of!(UdpHdr, dst) == 2);
+
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -60,14 +75,14 @@ fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
 /// Parses Ethernet (with up to two VLAN tags), IPv4 or IPv6, TCP or UDP.
 #[inline(always)]
 pub fn flow(ctx: &TcContext) -> Option<Flow> {
-    let mut off = ETH_HLEN;
-    let mut proto = be16(ctx, 12)?;
+    let mut off = EthHdr::LEN;
+    let mut proto = be16(ctx, offset_of!(EthHdr, ether_type))?;
     // In-band VLAN tags (most drivers strip them into skb->vlan_tci, but a
     // frame may still carry them, e.g. stacked QinQ).
     for _ in 0..2 {
         if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-            proto = be16(ctx, off + 2)?;
-            off += VLAN_HLEN;
+            proto = be16(ctx, off + offset_of!(VlanHdr, eth_type))?;
+            off += VlanHdr::LEN;
         }
     }
     let (family, (l4proto, l4off, src, dst)) = match proto {
@@ -78,71 +93,63 @@ pub fn flow(ctx: &TcContext) -> Option<Flow> {
     if l4proto != IPPROTO_TCP && l4proto != IPPROTO_UDP {
         return None;
     }
-    // Destination port sits at offset 2 for both TCP and UDP; reading the full
-    // 4 bytes of ports proves the header is not truncated there.
+    // Reading both ports at once proves the header is not truncated there.
     let ports = read::<u32>(ctx, l4off)?;
     let dport = u16::from_be((ports >> 16) as u16);
     let sport = u16::from_be(ports as u16);
     Some(Flow { proto: l4proto, family, sport, dport, src, dst })
 }
 
-/// The fixed IPv4 header, read in one helper call.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Hdr {
-    vihl: u8,
-    _tos: u8,
-    _len: u16,
-    _id: u16,
-    frag: u16,
-    _ttl: u8,
-    proto: u8,
-    _csum: u16,
-    src: u32,
-    dst: u32,
+/// A byte of a header copied out as `MaybeUninit`, at `field`'s offset:
+/// every byte of it came from the packet.
+#[inline(always)]
+fn byte<T>(h: &MaybeUninit<T>, field: usize) -> u8 {
+    // SAFETY: `field` is an offset within T (from offset_of!), and all of
+    // T's bytes were written by the copy.
+    unsafe { h.as_ptr().cast::<u8>().add(field).read() }
 }
 
-/// The fixed IPv6 header, read in one helper call.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv6Hdr {
-    vtcfl: u32,
-    _len: u16,
-    next: u8,
-    _hop: u8,
-    src: [u32; 4],
-    dst: [u32; 4],
+/// `N` bytes of a header copied out as `MaybeUninit`, from `field`.
+#[inline(always)]
+fn bytes<T, const N: usize>(h: &MaybeUninit<T>, field: usize) -> [u8; N] {
+    // SAFETY: as for `byte`; the callers' fields are N bytes long.
+    unsafe { h.as_ptr().cast::<u8>().add(field).cast::<[u8; N]>().read_unaligned() }
 }
 
 /// (protocol, L4 offset, source, destination) of an IPv4 packet.
 #[inline(always)]
 fn ipv4(ctx: &TcContext, off: usize) -> Option<(u8, usize, [u32; 4], [u32; 4])> {
-    let ip = read::<Ipv4Hdr>(ctx, off)?;
-    if ip.vihl >> 4 != 4 {
+    let ip = read::<MaybeUninit<Ipv4Hdr>>(ctx, off)?;
+    let vihl = byte(&ip, offset_of!(Ipv4Hdr, vihl));
+    if vihl >> 4 != 4 {
         return None;
     }
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ihl < 20 {
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < Ipv4Hdr::LEN {
         return None;
     }
     // Non-first fragments carry no L4 header: never tag them.
-    if u16::from_be(ip.frag) & 0x1fff != 0 {
+    if u16::from_be_bytes(bytes(&ip, offset_of!(Ipv4Hdr, frags))) & 0x1fff != 0 {
         return None;
     }
-    Some((ip.proto, off + ihl, [ip.src, 0, 0, 0], [ip.dst, 0, 0, 0]))
+    let src = u32::from_ne_bytes(bytes(&ip, offset_of!(Ipv4Hdr, src_addr)));
+    let dst = u32::from_ne_bytes(bytes(&ip, offset_of!(Ipv4Hdr, dst_addr)));
+    Some((byte(&ip, offset_of!(Ipv4Hdr, proto)), off + ihl, [src, 0, 0, 0], [dst, 0, 0, 0]))
 }
 
 /// (protocol, L4 offset, source, destination) of an IPv6 packet, after
 /// its extension headers.
 #[inline(always)]
 fn ipv6(ctx: &TcContext, off: usize) -> Option<(u8, usize, [u32; 4], [u32; 4])> {
-    let ip = read::<Ipv6Hdr>(ctx, off)?;
-    // The version is the top nibble of the first byte (network order).
-    if (ip.vtcfl as u8) >> 4 != 6 {
+    let ip = read::<MaybeUninit<Ipv6Hdr>>(ctx, off)?;
+    // The version is the top nibble of the first byte.
+    if byte(&ip, offset_of!(Ipv6Hdr, vcf)) >> 4 != 6 {
         return None;
     }
-    let mut next = ip.next;
-    let mut off = off + IPV6_HLEN;
+    let words = |field: usize| [0, 1, 2, 3].map(|k| u32::from_ne_bytes(bytes(&ip, field + 4 * k)));
+    let (src, dst) = (words(offset_of!(Ipv6Hdr, src_addr)), words(offset_of!(Ipv6Hdr, dst_addr)));
+    let mut next = byte(&ip, offset_of!(Ipv6Hdr, next_hdr));
+    let mut off = off + Ipv6Hdr::LEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
@@ -164,7 +171,7 @@ fn ipv6(ctx: &TcContext, off: usize) -> Option<(u8, usize, [u32; 4], [u32; 4])> 
                 next = nh;
                 off += (len as usize + 2) * 4;
             }
-            _ => return Some((next, off, ip.src, ip.dst)),
+            _ => return Some((next, off, src, dst)),
         }
     }
     // Too many extension headers: do not guess.

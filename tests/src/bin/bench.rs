@@ -20,9 +20,10 @@ fn main() {
     let started = std::time::Instant::now();
     if let Some(section) = only {
         match section.as_str() {
+            "packet" => eprintln!("{:#?}", bench::packet::measure(scale)),
             "changes" => eprintln!("{:#?}", bench::changes::measure(scale)),
             "fleet" => eprintln!("{:#?}", bench::fleet::measure(scale)),
-            other => panic!("--only: unknown section {other} (changes, fleet)"),
+            other => panic!("--only: unknown section {other} (packet, changes, fleet)"),
         }
         return;
     }
