@@ -17,6 +17,12 @@ pub const MAP_COUNTERS: &str = "ENFORCER_COUNTERS";
 pub const MAP_ROUTERS: &str = "ENFORCER_ROUTERS";
 pub const MAP_REVOKED: &str = "ENFORCER_REVOKED";
 pub const MAP_REVOKED_ACTIVE: &str = "ENFORCER_REVOKED_ACTIVE";
+/// How many more drops the programs may describe in the datapath log
+/// (`enforcer debug datapath on`); 0, the default, logs nothing.
+pub const MAP_DEBUG: &str = "ENFORCER_DEBUG";
+/// aya-log's ring buffer, pinned so that every router's programs write to
+/// the one the daemon reads.
+pub const MAP_LOGS: &str = "AYA_LOGS";
 pub const PROG_TAG: &str = "tag";
 pub const PROG_ENFORCE: &str = "enforce";
 /// Benchmark baselines in the same object (never attached).

@@ -50,6 +50,12 @@ static REVOKED: HashMap<FlowKey, RevokedFlow> = HashMap::pinned(MAX_REVOKED_FLOW
 #[map(name = "ENFORCER_REVOKED_ACTIVE")]
 static REVOKED_ACTIVE: Array<u32> = Array::pinned(1, 0);
 
+/// How many more drops may be described in the datapath log (set by
+/// `enforcer debug datapath`). Only a drop reads it: passing packets never
+/// pay for the diagnostics, and a drop pays one array read while it is 0.
+#[map(name = "ENFORCER_DEBUG")]
+static DEBUG: Array<u32> = Array::pinned(1, 0);
+
 /// Not read here: lets userspace name the router of an index from the pins.
 #[map(name = "ENFORCER_ROUTERS")]
 static ROUTERS: HashMap<RouterIndex, RouterValue> = HashMap::pinned(65536, NO_PREALLOC);
@@ -100,7 +106,7 @@ pub fn tag(ctx: TcContext) -> i32 {
         return NEXT;
     };
     let router = router();
-    if revoked(router, &flow) {
+    if revoked(&ctx, router, &flow) {
         return TC_ACT_SHOT;
     }
     let key = RuleKey::new(router, flow.proto, flow.dport);
@@ -115,7 +121,7 @@ pub fn tag(ctx: TcContext) -> i32 {
 /// Whether the packet belongs to a revoked connection that is still
 /// talking; refreshes its quiet timer if so.
 #[inline(always)]
-fn revoked(router: RouterIndex, flow: &parse::Flow) -> bool {
+fn revoked(ctx: &TcContext, router: RouterIndex, flow: &parse::Flow) -> bool {
     if REVOKED_ACTIVE.get(0).is_none_or(|active| *active == 0) {
         return false;
     }
@@ -142,6 +148,35 @@ fn revoked(router: RouterIndex, flow: &parse::Flow) -> bool {
     }
     entry.last_seen_ns = now;
     count(&SlotKey::new(router, entry.slot), |c| c.dropped += 1);
+    if debugging() {
+        aya_log_ebpf::info!(
+            ctx,
+            "dropped: router {} slot {}: a flow of a revoked rule (proto {} port {} -> {}, family {})",
+            router,
+            entry.slot,
+            flow.proto,
+            flow.sport,
+            flow.dport,
+            flow.family
+        );
+    }
+    true
+}
+
+/// Whether a drop is to be described in the log: while the budget the
+/// daemon set lasts (decremented without a lock: CPUs racing may log a few
+/// more).
+#[inline(always)]
+fn debugging() -> bool {
+    let Some(budget) = DEBUG.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a map value pointer.
+    let budget = unsafe { &mut *budget };
+    if *budget == 0 {
+        return false;
+    }
+    *budget -= 1;
     true
 }
 
@@ -162,6 +197,9 @@ pub fn enforce(ctx: TcContext) -> i32 {
         return NEXT;
     }
     count(&key, |c| c.dropped += 1);
+    if debugging() {
+        aya_log_ebpf::info!(&ctx, "dropped: router {} slot {}: the slot's rule was revoked", key.router, slot);
+    }
     TC_ACT_SHOT
 }
 

@@ -178,6 +178,9 @@ mod tests {
         assert!(permits(Some(&op), &create(Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), None)).is_err());
         assert!(permits(Some(&op), &Request::RouterAdd { router_id: "r".into(), netns: None, project_id: None }).is_err());
         assert!(permits(Some(&op), &Request::Teardown {}).is_err());
+        assert!(permits(Some(&op), &Request::DebugDatapath { drops: 10 }).is_err());
+        assert!(permits(Some(&reader), &Request::DebugDatapath { drops: 0 }).is_err());
+        assert!(permits(Some(&Role::Admin), &Request::DebugDatapath { drops: 10 }).is_ok());
         assert!(permits(Some(&reader), &Request::HelperList { router_id: None }).is_ok());
         assert!(permits(Some(&reader), &create(None, None)).is_err());
         assert!(permits(Some(&reader), &Request::Status {}).is_err());

@@ -148,3 +148,43 @@ fn a_revoked_flow_that_never_goes_quiet_passes_again_when_its_rule_returns() {
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
     assert_eq!(status["revoked_flows"], 0, "its revoked entries were cleared: {status}");
 }
+
+/// `debug datapath on` has the programs describe the drops of a revoked
+/// connection in the daemon's log, at most the number asked for; off, they
+/// describe none.
+#[test]
+fn debug_datapath_describes_drops_only_while_on() {
+    let topo = Topology::new();
+    let daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    let ftp = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut first = FtpClient::login(&topo, Family::V4);
+    let mut second = FtpClient::login(&topo, Family::V4);
+    let described = || count(&daemon.log(), "dropped: router");
+
+    let on = daemon.cli(&["debug", "datapath", "on", "--drops", "3"]).ok();
+    assert!(on.stdout.contains("on, for the next 3 drops"), "{}", on.stdout);
+    daemon.delete_helper(&topo.router_id, &ftp);
+    // The client's retransmissions are dropped as the rule's: more than 3.
+    first.fails("noop");
+    enforcer_tests::wait_for("drops described in the log", 10, || described() >= 3);
+    std::thread::sleep(Duration::from_millis(500));
+    let log = daemon.log();
+    assert_eq!(described(), 3, "no more than asked for:\n{log}");
+    assert!(log.contains("datapath") && log.contains("slot 1"), "names the router's slot:\n{log}");
+    let dump = daemon.dump();
+    assert!(dump["slots"].as_array().unwrap().iter().map(|s| s["dropped"].as_u64().unwrap()).sum::<u64>() > 3, "more drops than described: {dump}");
+
+    daemon.cli(&["debug", "datapath", "on", "--drops", "50"]).ok();
+    let off = daemon.cli(&["debug", "datapath", "off"]).ok();
+    assert!(off.stdout.contains("off"), "{}", off.stdout);
+    second.fails("noop");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(described(), 3, "off: nothing more described");
+    // Administrators only; the change is audited.
+    let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
+    assert_eq!(audit.as_array().unwrap().iter().filter(|e| e["op"] == "debug_datapath").count(), 3, "{audit}");
+    let refused = daemon.cli(&["debug", "datapath", "on", "--drops", "0"]);
+    assert!(refused.code != 0 && refused.stderr.contains("drops"), "0 drops is not `on`: {}", refused.stderr);
+}

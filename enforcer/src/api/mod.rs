@@ -170,6 +170,11 @@ pub enum Request {
     Status {},
     /// Removes every router and all enforcement, then stops the daemon.
     Teardown {},
+    /// Lets the programs describe the next `drops` packets they drop in the
+    /// daemon's log (0: off). Administrators only.
+    DebugDatapath {
+        drops: u32,
+    },
     /// The pinned maps, read by the daemon (for callers without access to
     /// bpffs), confined to the caller's project.
     MapsDump {},
@@ -294,6 +299,18 @@ impl ApiError {
     pub fn internal(err: impl fmt::Display) -> Self {
         Self::new(ErrorCode::Internal, format!("internal: {err:#}"))
     }
+}
+
+/// The most drops one `debug datapath on` may have described: the log
+/// stays readable, and a flood of drops cannot fill it.
+pub const MAX_DEBUG_DROPS: u32 = 10_000;
+
+/// Where the datapath log stands after a `debug_datapath` request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebugReport {
+    /// Drops the programs will still describe (0: off).
+    pub datapath_log_drops: u32,
 }
 
 /// What a revocation removed from the kernel.
@@ -528,6 +545,7 @@ pub enum Reply {
     Dump(Dump),
     Audit(Vec<AuditEntry>),
     Catalogue(Vec<OfferedHelper>),
+    Debug(DebugReport),
     Done {},
 }
 

@@ -89,6 +89,9 @@ enum Command {
     /// helpers' conntrack entries), then stop the daemon. Stopping the daemon otherwise (SIGTERM)
     /// leaves enforcement in place.
     Teardown,
+    /// Diagnostics, off by default.
+    #[command(subcommand)]
+    Debug(DebugCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     ///
     /// For bash: `enforcer completions bash > /etc/bash_completion.d/enforcer`.
@@ -246,6 +249,29 @@ enum MapsCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum DebugCmd {
+    /// Describe packets the programs drop (router index, slot, why) in the
+    /// daemon's log (target `datapath`, e.g. `journalctl -u enforcer`).
+    /// Only drops are described, and only the next `--drops` of them;
+    /// while off, the programs spend nothing on it. Administrators only.
+    Datapath {
+        #[arg(value_enum)]
+        state: Switch,
+        /// How many drops to describe before it turns itself off.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=enforcer::api::MAX_DEBUG_DROPS as i64))]
+        drops: u32,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
 /// Exit status of a refused request.
 pub const EXIT_REFUSED: i32 = 1;
 /// Exit status of a failure to reach the daemon or the kernel.
@@ -279,6 +305,13 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Catalogue { output } => (Request::Catalogue {}, output),
         Command::Status { output } => (Request::Status {}, output),
         Command::Teardown => (Request::Teardown {}, Output::Table),
+        Command::Debug(DebugCmd::Datapath { state, drops, output }) => {
+            let drops = match state {
+                Switch::On => drops,
+                Switch::Off => 0,
+            };
+            (Request::DebugDatapath { drops }, output)
+        }
         Command::Router(cmd) => match cmd {
             RouterCmd::Add { router_id, netns, project_id, output } => {
                 (Request::RouterAdd { router_id, netns, project_id }, output)

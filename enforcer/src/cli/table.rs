@@ -124,6 +124,8 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                     })
                     .collect(),
             ),
+            Reply::Debug(d) if d.datapath_log_drops == 0 => println!("datapath log of drops: off"),
+            Reply::Debug(d) => println!("datapath log of drops: on, for the next {} drops", d.datapath_log_drops),
             Reply::Done {} => println!("done"),
         },
     }

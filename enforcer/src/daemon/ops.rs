@@ -68,6 +68,7 @@ pub(super) fn describe(req: &Request) -> (&'static str, bool) {
         Request::HelperShow { .. } => ("helper_show", false),
         Request::Status {} => ("status", false),
         Request::Teardown {} => ("teardown", true),
+        Request::DebugDatapath { .. } => ("debug_datapath", true),
         Request::MapsDump {} => ("maps_dump", false),
         Request::Audit { .. } => ("audit", false),
         Request::Events {} => ("events", false),
@@ -320,6 +321,7 @@ impl Daemon {
             }
             Request::Status {} => Ok(Reply::Status(Box::new(self.status().map_err(ApiError::kernel)?))),
             Request::Teardown {} => self.teardown(),
+            Request::DebugDatapath { drops } => self.debug_datapath(drops),
             // Without a prepared read (see `prepare`): the same, under the lock.
             Request::MapsDump {} => self.dump_job(self.scope.as_deref()).run(),
             Request::Audit { since } => self.audit_job(since.as_deref())?.run(),
@@ -327,6 +329,16 @@ impl Daemon {
             // Permitted: the connection streams events after this answer.
             Request::Events {} => Ok(Reply::Done {}),
         }
+    }
+
+    /// Sets how many drops the programs describe in the log from now on.
+    fn debug_datapath(&mut self, drops: u32) -> Result<Reply, ApiError> {
+        if drops > crate::api::MAX_DEBUG_DROPS {
+            return Err(ApiError::invalid("drops", format!("at most {} drops can be logged at a time", crate::api::MAX_DEBUG_DROPS)));
+        }
+        self.datapath.set_debug(drops).map_err(ApiError::kernel)?;
+        info!(drops, "datapath log of drops {}", if drops == 0 { "off" } else { "on" });
+        Ok(Reply::Debug(crate::api::DebugReport { datapath_log_drops: drops }))
     }
 
     /// Subscribes `caller` to the event stream, if it may read it.

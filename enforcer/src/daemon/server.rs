@@ -36,7 +36,7 @@ pub(super) fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Daemon> {
 
 /// Serves the API on `socket` until SIGTERM or SIGINT (or a teardown).
 /// Stopping leaves enforcement in place: maps and links stay pinned.
-pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
+pub async fn serve(mut daemon: Daemon, socket: &Path) -> Result<()> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -70,6 +70,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
     let neutron = daemon.config.neutron.clone();
     let metrics_addr = daemon.config.metrics.clone();
     let limits = Limits::new(&daemon.config);
+    let datapath_log = daemon.datapath.take_log().map(|log| tokio::spawn(read_datapath_log(log)));
     let daemon: Shared = Arc::new(Mutex::new(daemon));
     let api = ApiMetrics::new();
     let metrics = match metrics_addr.clone() {
@@ -133,7 +134,7 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
         }
     }
     super::notify::stopping();
-    for task in background.iter().chain(sync.as_ref()).chain(metrics.as_ref()) {
+    for task in background.iter().chain(sync.as_ref()).chain(metrics.as_ref()).chain(datapath_log.as_ref()) {
         task.abort();
     }
     lock(&daemon).save_verified();
@@ -143,6 +144,22 @@ pub async fn serve(daemon: Daemon, socket: &Path) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// Passes what the programs log (`debug datapath on`) to the daemon's log
+/// as it arrives.
+async fn read_datapath_log(log: crate::kernel::DatapathLog) {
+    // SAFETY: the logger owns the ring buffer's descriptor, and the AsyncFd
+    // owns the logger: the descriptor stays open while registered.
+    let mut log = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => return warn!("cannot read the datapath log: {e}"),
+    };
+    loop {
+        let Ok(mut ready) = log.readable_mut().await else { return };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }
 
 /// Runs a background task for as long as the daemon serves; one that ends

@@ -50,6 +50,10 @@ pub struct Datapath {
     routers: HashMap<MapData, RouterIndex, RouterValue>,
     revoked: HashMap<MapData, FlowKey, RevokedFlow>,
     revoked_active: aya::maps::Array<MapData, u32>,
+    /// Drops the programs may still describe in the datapath log.
+    debug: aya::maps::Array<MapData, u32>,
+    /// The reader of that log, until the daemon takes it.
+    log: Option<DatapathLog>,
     layout: MarkLayout,
     revoked_policy: RevokedPolicy,
     loader: Loader,
@@ -175,6 +179,8 @@ impl Datapath {
             routers: take(&mut control, MAP_ROUTERS)?,
             revoked: take(&mut control, MAP_REVOKED)?,
             revoked_active: take(&mut control, enforcer_common::MAP_REVOKED_ACTIVE)?,
+            debug: take(&mut control, enforcer_common::MAP_DEBUG)?,
+            log: Some(aya_log::EbpfLogger::init_with_logger(&mut control, Forward).context("reading the datapath log")?),
             control,
             loader,
             dir: dir.to_path_buf(),
@@ -193,6 +199,23 @@ impl Datapath {
 
     pub fn layout(&self) -> MarkLayout {
         self.layout
+    }
+
+    /// Lets the programs describe the next `drops` drops in the datapath
+    /// log (0: none, the default).
+    pub fn set_debug(&mut self, drops: u32) -> Result<()> {
+        self.debug.set(0, drops, 0).context("setting the datapath log budget")
+    }
+
+    /// Drops the programs may still describe.
+    pub fn debug_budget(&self) -> Result<u32> {
+        self.debug.get(&0, 0).context("reading the datapath log budget")
+    }
+
+    /// The datapath log's reader (once): readable when the programs wrote
+    /// records, which `flush` passes to the daemon's log.
+    pub fn take_log(&mut self) -> Option<DatapathLog> {
+        self.log.take()
     }
 
     /// How routers are attached from now on (default: tcx).
@@ -789,7 +812,9 @@ impl Loader {
             .map_max_entries(MAP_RULES, max_rules)
             .map_max_entries(MAP_SLOTS, max_rules)
             .map_max_entries(MAP_COUNTERS, max_rules)
-            .map_max_entries(MAP_REVOKED, revoked.capacity);
+            .map_max_entries(MAP_REVOKED, revoked.capacity)
+            // One log for every router's programs, read by the daemon.
+            .map_pin_path(enforcer_common::MAP_LOGS, dir.join(enforcer_common::MAP_LOGS));
         Self(loader)
     }
 
@@ -810,6 +835,26 @@ impl Loader {
         }
         Ok(ebpf)
     }
+}
+
+/// What the programs write with aya-log, read from the ring buffer they all
+/// share.
+pub type DatapathLog = aya_log::EbpfLogger<Forward>;
+
+/// Passes the programs' records to the daemon's log (tracing), under the
+/// target `datapath`.
+pub struct Forward;
+
+impl log::Log for Forward {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        tracing::info!(target: "datapath", "{}", record.args());
+    }
+
+    fn flush(&self) {}
 }
 
 /// A router index that lives as long as the process, for the loader: each

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
-    Counters, FlowKey, MAP_COUNTERS, MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
+    Counters, FlowKey, MAP_COUNTERS, MAP_DEBUG, MAP_LOGS, MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
     RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
@@ -33,7 +33,7 @@ fn def<K, V>(map_type: MapType, max_entries: u32) -> Definition {
 }
 
 /// Every pinned map, as this build needs it with these capacities.
-pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 6] {
+pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 8] {
     [
         (MAP_RULES, def::<RuleKey, RuleValue>(MapType::Hash, max_rules)),
         (MAP_SLOTS, def::<SlotKey, SlotValue>(MapType::Hash, max_rules)),
@@ -41,6 +41,9 @@ pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Defini
         (MAP_ROUTERS, def::<RouterIndex, RouterValue>(MapType::Hash, 65536)),
         (MAP_REVOKED, def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity)),
         (MAP_REVOKED_ACTIVE, def::<u32, u32>(MapType::Array, 1)),
+        (MAP_DEBUG, def::<u32, u32>(MapType::Array, 1)),
+        // aya-log-ebpf 0.2's ring buffer: 128 KiB.
+        (MAP_LOGS, def::<(), ()>(MapType::RingBuf, 1 << 17)),
     ]
 }
 

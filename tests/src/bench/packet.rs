@@ -58,6 +58,7 @@ pub fn measure(scale: Scale) -> Vec<Row> {
     // The hit rule: router 0 (the control instance), tcp/21, slot 1.
     dp.allow(0, IPPROTO_TCP, 21, 1, 1).unwrap();
     let live_mark = MarkLayout::DEFAULT.stamped(1);
+    let revoked_mark = MarkLayout::DEFAULT.stamped(2);
     let mut loaded = 1usize;
     let mut rows = Vec::new();
     for n in sizes {
@@ -75,6 +76,8 @@ pub fn measure(scale: Scale) -> Vec<Row> {
             ("tag", "miss ipv6", packet(true, 22), 0),
             ("enforce", "live slot", packet(false, 40000), live_mark),
             ("enforce", "no slot", packet(false, 40000), 0),
+            // The drop path, with the datapath log off (its only reader).
+            ("enforce", "revoked slot", packet(false, 40000), revoked_mark),
             ("empty program", "-", packet(false, 21), 0),
             ("one hash lookup", "-", packet(false, 21), 0),
         ];

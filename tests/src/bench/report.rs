@@ -124,7 +124,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         let _ = write!(md, " {} rules |", label(*n));
     }
     let _ = writeln!(md, "\n|---|---|{}", "---|".repeat(sizes.len()));
-    let cases = [("tag", "hit ipv4"), ("tag", "miss ipv4"), ("tag", "hit ipv6"), ("tag", "miss ipv6"), ("enforce", "live slot"), ("enforce", "no slot"), ("empty program", "-"), ("one hash lookup", "-")];
+    let cases = [("tag", "hit ipv4"), ("tag", "miss ipv4"), ("tag", "hit ipv6"), ("tag", "miss ipv6"), ("enforce", "live slot"), ("enforce", "no slot"), ("enforce", "revoked slot"), ("empty program", "-"), ("one hash lookup", "-")];
     for (p, c) in cases {
         let _ = write!(md, "| {p} | {c} |");
         for n in &sizes {
