@@ -100,8 +100,8 @@ impl Index {
 pub struct Daemon {
     index: Index,
     audit: Audit,
-    /// The project the request being handled is confined to (None: all).
-    scope: Option<String>,
+    /// Who the request being handled acts for (set around each request).
+    acting: Acting,
     datapath: Datapath,
     /// What can be assigned here (probed kernel, narrowed by configuration).
     offered: Offered,
@@ -119,22 +119,45 @@ pub struct Daemon {
     ready: Option<std::time::Duration>,
     /// Set by teardown: the server stops after answering.
     stopping: bool,
-    /// On whose behalf the request being handled is made.
-    origin: crate::api::Owner,
     /// The Neutron sync's last report, and when it last completed a poll.
     sync_status: Option<crate::api::SyncStatus>,
     last_sync: Option<Instant>,
     /// The glue table as installing it leaves it (see `glue::reference`),
     /// and where each namespace's glue was last found so.
     verified: verified::Verified,
-    glue_repairs: u64,
-    /// Attachments found missing in the kernel and put back since start.
-    link_repairs: u64,
     /// Map entries the last check could not put back (status reads this
-    /// instead of walking every map), and rounds that had to repair maps.
+    /// instead of walking every map).
     map_drift: crate::api::MapDrift,
+    /// What the daemon did since start (status and metrics).
+    tally: Tally,
+    /// Namespaces of routers taken down whose glue is still to be removed
+    /// (by the server, without the lock).
+    unglue: Vec<String>,
+    /// Wakes the namespace follower when routers are added or removed, so
+    /// their link watchers start or stop at once.
+    routers_changed: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Who a request acts for: set by `handle_audited` for the one request it
+/// handles, and back to the default (the daemon itself: all projects,
+/// local) after it.
+#[derive(Debug, Clone, Default)]
+struct Acting {
+    /// The project the caller is confined to (None: all).
+    scope: Option<String>,
+    /// On whose behalf the change is made: the local API or the Neutron sync.
+    origin: crate::api::Owner,
+}
+
+/// What the daemon did since start, for status and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    /// Glue tables put back.
+    glue_repairs: u64,
+    /// Attachments found missing in the kernel and put back.
+    link_repairs: u64,
+    /// Rounds of the periodic check that had to repair maps.
     map_repairs: u64,
-    /// What revocations removed since start (metrics).
     revocations: Revocations,
     /// Rounds of the periodic check done, and how long the last took.
     check_rounds: u64,
@@ -142,12 +165,6 @@ pub struct Daemon {
     /// Helper changes handled in groups, and the groups' commits.
     changes: u64,
     commits: u64,
-    /// Namespaces of routers taken down whose glue is still to be removed
-    /// (by the server, without the lock).
-    unglue: Vec<String>,
-    /// Wakes the namespace follower when routers are added or removed, so
-    /// their link watchers start or stop at once.
-    routers_changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Revocations since start, and what they removed.
@@ -292,7 +309,7 @@ impl Daemon {
             index: Index::of(&state.helpers),
             slots: Slots::of(state.helpers.values(), &state.quarantine),
             audit,
-            scope: None,
+            acting: Acting::default(),
             datapath,
             offered,
             store,
@@ -303,19 +320,11 @@ impl Daemon {
             started_with: ReconcileReport::default(),
             ready: None,
             stopping: false,
-            origin: crate::api::Owner::Local,
             sync_status: None,
             last_sync: None,
             verified,
-            glue_repairs: 0,
-            link_repairs: 0,
-            changes: 0,
-            commits: 0,
-            check_rounds: 0,
             map_drift: Default::default(),
-            map_repairs: 0,
-            revocations: Revocations::default(),
-            last_check: None,
+            tally: Tally::default(),
             unglue: Vec::new(),
             routers_changed: Default::default(),
         };

@@ -166,8 +166,8 @@ impl Daemon {
         }
         let mut done: Vec<(Result<Reply, ApiError>, Option<AuditEntry>)> =
             group.into_iter().map(|(origin, caller, req)| self.handle_audited(origin, caller, req, None)).collect();
-        self.changes += done.len() as u64;
-        self.commits += 1;
+        self.tally.changes += done.len() as u64;
+        self.tally.commits += 1;
         if let Err(e) = self.store.commit_group() {
             warn!("group commit of {} changes failed: {e}", done.len());
             let error = ApiError::internal(format!("{e}; the change was not kept (nothing of it is enforced)"));
@@ -199,11 +199,9 @@ impl Daemon {
         let (router_id, helper_id) = names(&req);
         let before = if mutation { self.snapshot(router_id.as_deref(), helper_id.as_deref()) } else { None };
         let result = auth::permits(role.as_ref(), &req).and_then(|()| self.check_owner(origin, &req, mutation)).and_then(|()| {
-            self.scope = role.as_ref().and_then(|r| r.scope()).map(str::to_string);
-            self.origin = origin;
+            self.acting = super::Acting { scope: role.as_ref().and_then(|r| r.scope()).map(str::to_string), origin };
             let r = self.handle(req, glue);
-            self.scope = None;
-            self.origin = Owner::Local;
+            self.acting = super::Acting::default();
             r
         });
         // Reads, and a helper set that changed nothing, leave no entry.
@@ -293,7 +291,7 @@ impl Daemon {
 
     /// Whether the current caller may see objects of `project`.
     fn in_scope(&self, project: &str) -> bool {
-        self.scope.as_deref().is_none_or(|p| p == project)
+        self.acting.scope.as_deref().is_none_or(|p| p == project)
     }
 
     /// Handles an authorized request; `glue` is the glue step already done
@@ -323,7 +321,7 @@ impl Daemon {
             Request::Teardown {} => self.teardown(),
             Request::DebugDatapath { drops } => self.debug_datapath(drops),
             // Without a prepared read (see `prepare`): the same, under the lock.
-            Request::MapsDump {} => self.dump_job(self.scope.as_deref()).run(),
+            Request::MapsDump {} => self.dump_job(self.acting.scope.as_deref()).run(),
             Request::Audit { since } => self.audit_job(since.as_deref())?.run(),
             Request::Catalogue {} => Ok(Reply::Catalogue(self.offered.describe())),
             // Permitted: the connection streams events after this answer.
@@ -396,7 +394,7 @@ impl Daemon {
         let index = (1..=u32::MAX)
             .find(|i| !used.contains(i))
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
-        let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner: self.origin };
+        let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner: self.acting.origin };
         self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
@@ -778,15 +776,15 @@ impl Daemon {
             started_with: self.started_with,
             drift,
             neutron: self.sync_report(),
-            glue_repairs: self.glue_repairs,
-            map_repairs: self.map_repairs,
-            link_repairs: self.link_repairs,
+            glue_repairs: self.tally.glue_repairs,
+            map_repairs: self.tally.map_repairs,
+            link_repairs: self.tally.link_repairs,
             ready: self.ready.is_some(),
             ready_after_ms: self.ready.map(|d| d.as_millis() as u64),
-            changes: self.changes,
-            commits: self.commits,
-            check_rounds: self.check_rounds,
-            last_check_ms: self.last_check.map(|d| d.as_millis() as u64),
+            changes: self.tally.changes,
+            commits: self.tally.commits,
+            check_rounds: self.tally.check_rounds,
+            last_check_ms: self.tally.last_check.map(|d| d.as_millis() as u64),
         })
     }
 }

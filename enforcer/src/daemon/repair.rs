@@ -81,7 +81,7 @@ impl Daemon {
         if changes.attached == 0 {
             return;
         }
-        self.link_repairs += changes.attached as u64;
+        self.tally.link_repairs += changes.attached as u64;
         warn!(router = %id, attached = changes.attached, "attachments missing in the kernel: put back");
         self.record_repair(Some(id), "link_repair", serde_json::json!({ "links_missing": changes.attached }), serde_json::json!({ "links_missing": 0 }), Ok(()));
     }
@@ -125,7 +125,7 @@ impl Daemon {
         let what = serde_json::to_value(found).unwrap_or_default();
         match &repaired {
             Ok(()) => {
-                self.glue_repairs += 1;
+                self.tally.glue_repairs += 1;
                 info!(router = %id, found = %what, "glue repaired");
             }
             Err(e) => warn!(router = %id, found = %what, "glue could not be repaired: {e}"),
@@ -138,8 +138,8 @@ impl Daemon {
     /// kept for the next start.
     pub(super) fn checks_done(&mut self, took: std::time::Duration) {
         self.check_maps();
-        self.check_rounds += 1;
-        self.last_check = Some(took);
+        self.tally.check_rounds += 1;
+        self.tally.last_check = Some(took);
         self.save_verified();
     }
 
@@ -151,7 +151,7 @@ impl Daemon {
         self.map_drift = match found {
             Ok(found) if found.is_empty() => found,
             Ok(found) => {
-                self.map_repairs += 1;
+                self.tally.map_repairs += 1;
                 warn!(?found, "map entries differed from the store: put back");
                 self.record_repair(None, "map_repair", serde_json::json!({ "maps": found }), serde_json::json!({ "maps": "as stored" }), Ok(()));
                 Default::default()

@@ -127,7 +127,7 @@ impl Daemon {
     /// After a rule was revoked: a slot that never tagged a packet cools
     /// down before it is free; any other is settled by its flush.
     pub(super) fn revoked_slot(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
-        self.revocations.rules += 1;
+        self.tally.revocations.rules += 1;
         if report.never_tagged {
             self.announce_revocation(router_id, slot, report);
             if let Some(state) = self.routers.get(router_id) {
@@ -160,8 +160,8 @@ impl Daemon {
     /// Logs a flush, and frees or keeps the slot in memory accordingly (the
     /// store was told in the same transaction, or by the caller).
     pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
-        self.revocations.conntrack_entries += report.conntrack_entries_removed as u64;
-        self.revocations.flows_kept += report.flows_kept_dead as u64;
+        self.tally.revocations.conntrack_entries += report.conntrack_entries_removed as u64;
+        self.tally.revocations.flows_kept += report.flows_kept_dead as u64;
         self.announce_revocation(router_id, slot, report);
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
@@ -186,7 +186,7 @@ impl Daemon {
         let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
         let mut entry = crate::api::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
         // Made for the request (or the sync) whose change revoked the rule.
-        entry.origin = self.origin;
+        entry.origin = self.acting.origin;
         self.audit.announce(crate::api::Event { kind: crate::api::EventKind::Revocation, entry });
     }
 
