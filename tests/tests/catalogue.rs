@@ -12,7 +12,8 @@ fn probe_finds_what_this_kernel_has() {
     require_root();
     let offers = probe::probe().expect("probing");
     let has = |name: &str, p, f| offers.iter().any(|o| o.kind.name == name && o.protocol == p && o.family == f);
-    // Verified on this kind of machine (DESIGN.md, "Helper names").
+    // The helpers a stock Debian kernel builds in, by family (the kernel has
+    // no IPv6 irc, pptp, snmp or netbios-ns helper).
     for (name, p) in [("ftp", Tcp), ("tftp", Udp), ("sip", Udp), ("sip", Tcp), ("sane", Tcp), ("amanda", Udp), ("Q.931", Tcp), ("RAS", Udp)] {
         assert!(has(name, p, Ipv4) && has(name, p, Ipv6), "{name}/{p:?} in both families");
     }
