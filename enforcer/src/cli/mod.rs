@@ -253,8 +253,9 @@ enum MapsCmd {
 enum DebugCmd {
     /// Describe packets the programs drop (router index, slot, why) in the
     /// daemon's log (target `datapath`, e.g. `journalctl -u enforcer`).
-    /// Only drops are described, and only the next `--drops` of them;
-    /// while off, the programs spend nothing on it. Administrators only.
+    /// Only drops are described, and only the next `--drops` of them:
+    /// passing packets never pay for it, and while it is off a drop pays one
+    /// map read. Administrators only.
     Datapath {
         #[arg(value_enum)]
         state: Switch,
