@@ -104,6 +104,25 @@ fn bench(bin: &Path, quick: bool, out: &Path) -> Result<()> {
     status(&mut cmd)
 }
 
+/// `cargo check` of the workspace as a contributor without the eBPF
+/// toolchain runs it: the stable toolchain's own cargo, a PATH with neither
+/// rustup nor bpf-linker, and AYA_BUILD_SKIP=1. Its own target directory
+/// leaves the real build as it is.
+fn userspace_check() -> Result<()> {
+    let out = Command::new("rustc").args(["+stable", "--print", "sysroot"]).output().context("finding the stable toolchain")?;
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin");
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    status(
+        Command::new(bin.join("cargo"))
+            .current_dir(root())
+            .args(["check", "--locked", "--workspace", "--target-dir", "target/userspace-check"])
+            .env_clear()
+            .env("HOME", home)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .env("AYA_BUILD_SKIP", "1"),
+    )
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
@@ -158,6 +177,8 @@ fn main() -> Result<()> {
             if !filtered {
                 println!("xtask: the Debian package, checked against the install list");
                 install::check_package(&install::package(&bin)?)?;
+                println!("xtask: the userspace crates checked with the stable toolchain alone (AYA_BUILD_SKIP=1)");
+                userspace_check()?;
                 let scratch = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
                 let result = bench(&bin, true, &scratch);
                 let _ = std::fs::remove_dir_all(&scratch);
