@@ -1,4 +1,5 @@
-//! The CLI's side of the control API.
+//! The CLI's side of the control API: it needs only `api`, so a program
+//! that drives enforcer can use it without the daemon's code.
 
 use std::{
     io::{BufRead, BufReader, Write},

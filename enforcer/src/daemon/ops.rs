@@ -1,4 +1,7 @@
-//! The API operations.
+//! The API operations. Each checks its input first, runs its kernel step
+//! inside the store transaction, and on any failure puts the maps back as
+//! the store has them, so an answer (ok or error) always describes what the
+//! kernel enforces. Who the request acts for is in `Daemon::acting`.
 
 use std::collections::BTreeSet;
 
