@@ -145,6 +145,19 @@ fn vlan(inner: Vec<u8>, tpids: &[u16]) -> Vec<u8> {
     p
 }
 
+/// The object's BTF is accepted by the kernel: a name it refuses (a Rust
+/// generic such as aya-log's `Global<u8>`, left as it is by an older
+/// bpf-linker) makes aya load the programs without their BTF, and log a
+/// warning with the whole type dump at every router add.
+#[test]
+fn the_programs_load_with_their_btf() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    for prog in [PROG_TAG, PROG_ENFORCE] {
+        let info = bed.dp.program(prog).unwrap().info().expect("program info");
+        assert!(info.btf_id().is_some_and(|id| id != 0), "{prog} was loaded without BTF");
+    }
+}
+
 #[test]
 fn tags_allowed_ipv4_and_ipv6_flows() {
     let bed = Bed::new(MarkLayout::DEFAULT);

@@ -37,7 +37,9 @@ const PACKAGES: &[(&str, &str)] = &[
 /// that need them, on loopback, and nothing is left listening on the host.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 
-const BPF_LINKER: &str = "bpf-linker@0.10.0";
+/// 0.10.2 and later name Rust generic unions (aya-log's `Global<u8>`) in BTF the
+/// way the kernel accepts; with 0.10.0 the kernel refused the object's BTF.
+const BPF_LINKER: &str = "bpf-linker@0.10.2";
 /// Builds the Debian package (`cargo xtask package`).
 const CARGO_DEB: &str = "cargo-deb@3.8.0";
 
