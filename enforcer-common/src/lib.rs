@@ -20,6 +20,9 @@ pub const MAP_REVOKED_ACTIVE: &str = "ENFORCER_REVOKED_ACTIVE";
 /// How many more drops the programs may describe in the datapath log
 /// (`enforcer debug datapath on`); 0, the default, logs nothing.
 pub const MAP_DEBUG: &str = "ENFORCER_DEBUG";
+/// One bit per (TCP or UDP, port) that some router has a rule for: the
+/// ingress program looks a packet's rule up only when its bit is set.
+pub const MAP_PORTS: &str = "ENFORCER_PORTS";
 /// aya-log's ring buffer, pinned so that every router's programs write to
 /// the one the daemon reads.
 pub const MAP_LOGS: &str = "AYA_LOGS";
@@ -33,6 +36,22 @@ pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
 pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";
 pub const GLOBAL_ROUTER: &str = "ROUTER";
 pub const GLOBAL_QUIET_NS: &str = "QUIET_NS";
+
+/// Words of `MAP_PORTS`: 65,536 ports for each of TCP and UDP.
+pub const PORT_WORDS: u32 = 2 * 65536 / 64;
+
+/// Where (TCP or UDP, `port`) is in `MAP_PORTS`: (word, bit mask). Other
+/// protocols have no rules, so no bit.
+#[inline(always)]
+pub const fn port_bit(proto: u8, port: u16) -> Option<(u32, u64)> {
+    let base = match proto {
+        IPPROTO_TCP => 0,
+        IPPROTO_UDP => 65536,
+        _ => return None,
+    };
+    let n = base + port as u32;
+    Some((n / 64, 1 << (n % 64)))
+}
 
 /// Default capacity of the revoked-flows map. A plain hash map: when it is
 /// full a new entry is refused (and counted), never another one evicted.

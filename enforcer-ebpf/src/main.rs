@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout,
+    Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout, PORT_WORDS,
     RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
@@ -41,6 +41,11 @@ static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(DEFAULT_MAX_RULES, N
 #[map(name = "ENFORCER_COUNTERS")]
 static COUNTERS: PerCpuHashMap<SlotKey, Counters> =
     PerCpuHashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
+
+/// Ports some rule names (set by the daemon, see `port_bit`): a packet to
+/// any other port leaves after one array read, without hashing its key.
+#[map(name = "ENFORCER_PORTS")]
+static PORTS: Array<u64> = Array::pinned(PORT_WORDS, 0);
 
 #[map(name = "ENFORCER_REVOKED")]
 static REVOKED: HashMap<FlowKey, RevokedFlow> = HashMap::pinned(MAX_REVOKED_FLOWS, 0);
@@ -109,6 +114,9 @@ pub fn tag(ctx: TcContext) -> i32 {
     if revoked(&ctx, router, &flow) {
         return TC_ACT_SHOT;
     }
+    if !listed(flow.proto, flow.dport) {
+        return NEXT;
+    }
     let key = RuleKey::new(router, flow.proto, flow.dport);
     if let Some(rule) = unsafe { RULES.get(&key) } {
         let layout = layout();
@@ -116,6 +124,15 @@ pub fn tag(ctx: TcContext) -> i32 {
         count(&SlotKey::new(router, rule.slot as u32), |c| c.tagged += 1);
     }
     NEXT
+}
+
+/// Whether some router has a rule for (protocol, port).
+#[inline(always)]
+fn listed(proto: u8, port: u16) -> bool {
+    let Some((word, bit)) = enforcer_common::port_bit(proto, port) else {
+        return false;
+    };
+    PORTS.get(word).is_some_and(|w| *w & bit != 0)
 }
 
 /// Whether the packet belongs to a revoked connection that is still

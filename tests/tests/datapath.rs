@@ -412,3 +412,57 @@ fn one_routers_mass_revocation_cannot_take_anothers_room() {
     assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT);
     assert_eq!(bed.dp.revoked_flows(), 8);
 }
+
+/// The ports prefilter's bit for (protocol, port), read from the pinned map.
+fn port_listed(bed: &Bed, proto: u8, port: u16) -> bool {
+    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS)).expect("the ports map is pinned");
+    let ports = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
+    let (word, bit) = enforcer_common::port_bit(proto, port).unwrap();
+    ports.get(&word, 0).unwrap() & bit != 0
+}
+
+#[test]
+fn a_port_is_listed_while_any_router_has_a_rule_for_it_and_the_list_is_repaired() {
+    let mut bed = Bed::new(MarkLayout::DEFAULT);
+    let l = MarkLayout::DEFAULT;
+    assert!(port_listed(&bed, IPPROTO_TCP, 21) && port_listed(&bed, IPPROTO_UDP, 69));
+    assert!(!port_listed(&bed, IPPROTO_TCP, 22) && !port_listed(&bed, IPPROTO_UDP, 21));
+    // Another router's rule on the same port keeps it listed when this one's goes.
+    bed.dp.allow(ROUTER + 1, IPPROTO_TCP, 21, FTP, 3).unwrap();
+    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
+    assert!(port_listed(&bed, IPPROTO_TCP, 21), "router 1 still has a rule on tcp/21");
+    bed.dp.revoke(ROUTER + 1, IPPROTO_TCP, 21, 3).unwrap();
+    assert!(!port_listed(&bed, IPPROTO_TCP, 21), "the last rule on tcp/21 went");
+    bed.dp.allow(ROUTER, IPPROTO_TCP, 21, FTP, 9).unwrap();
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), l.encode(FTP, 9));
+
+    // The program trusts the list: a word cleared behind the daemon's back
+    // stops tagging, and the next reconciliation puts it back.
+    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS)).unwrap();
+    let mut ports = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
+    let (word, _) = enforcer_common::port_bit(IPPROTO_UDP, 69).unwrap();
+    ports.set(word, 0, 0).unwrap();
+    assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), 0);
+    let mut want = enforcer::kernel::Desired::default();
+    for (proto, port, helper, slot) in [(IPPROTO_TCP, 21, FTP, 9u16), (IPPROTO_UDP, 69, TFTP, 8)] {
+        want.rules.insert(enforcer_common::RuleKey::new(ROUTER, proto, port), enforcer_common::RuleValue { slot, helper, _pad: [0; 5] });
+    }
+    let drift = bed.dp.reconcile(&want, true).unwrap();
+    assert_eq!(drift.ports_fixed, 1, "{drift:?}");
+    assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), l.encode(TFTP, 8));
+    assert!(bed.dp.reconcile(&want, false).unwrap().is_empty());
+}
+
+#[test]
+fn a_restart_lists_the_ports_of_the_rules_it_finds() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    // A map of an earlier version had no list: emptied, then loaded again.
+    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS)).unwrap();
+    let mut ports = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
+    for w in 0..enforcer_common::PORT_WORDS {
+        ports.set(w, 0, 0).unwrap();
+    }
+    let again = Datapath::load(&bed.dir, MarkLayout::DEFAULT, 1024, RevokedPolicy { quiet_ns: QUIET_NS, ..Default::default() }).unwrap();
+    assert!(port_listed(&bed, IPPROTO_TCP, 21) && port_listed(&bed, IPPROTO_UDP, 69));
+    drop(again);
+}

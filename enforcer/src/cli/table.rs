@@ -135,7 +135,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
 fn print_reconcile(label: &str, r: &ReconcileReport) {
     let m = &r.maps;
     println!(
-        "{label}: glue {} | links +{} -{} | programs replaced {} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | slots +{} -{} | counters +{} -{} | routers +{} -{}",
+        "{label}: glue {} | links +{} -{} | programs replaced {} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | slots +{} -{} | counters +{} -{} | routers +{} -{} | ports words fixed {}",
         r.glue_installed,
         r.links_attached,
         r.links_detached,
@@ -150,7 +150,8 @@ fn print_reconcile(label: &str, r: &ReconcileReport) {
         m.counters_added,
         m.counters_removed,
         m.routers_added,
-        m.routers_removed
+        m.routers_removed,
+        m.ports_fixed
     );
 }
 

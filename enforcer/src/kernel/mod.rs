@@ -9,6 +9,7 @@ pub mod exec;
 pub mod features;
 pub mod glue;
 pub mod pins;
+mod ports;
 pub mod probe;
 pub mod netns;
 pub mod nfnl;
@@ -45,6 +46,7 @@ pub struct Datapath {
     dir: PathBuf,
     control: Ebpf,
     rules: HashMap<MapData, RuleKey, RuleValue>,
+    ports: ports::Ports,
     slots: HashMap<MapData, SlotKey, SlotValue>,
     counters: PerCpuHashMap<MapData, SlotKey, Counters>,
     routers: HashMap<MapData, RouterIndex, RouterValue>,
@@ -172,8 +174,13 @@ impl Datapath {
             let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
             T::try_from(map).with_context(|| format!("map {name}"))
         }
+        let rules: HashMap<MapData, RuleKey, RuleValue> = take(&mut control, MAP_RULES)?;
+        // Before any program of this build runs: a rules map left by an
+        // earlier run (or version) gets its ports listed.
+        let ports = ports::Ports::new(take(&mut control, enforcer_common::MAP_PORTS)?, rules.keys().filter_map(|k| k.ok()))?;
         let mut datapath = Self {
-            rules: take(&mut control, MAP_RULES)?,
+            rules,
+            ports,
             slots: take(&mut control, MAP_SLOTS)?,
             counters: take(&mut control, MAP_COUNTERS)?,
             routers: take(&mut control, MAP_ROUTERS)?,
@@ -432,7 +439,12 @@ impl Datapath {
                 }
             };
         }
-        remove_router_keys!(self.rules);
+        let rules: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
+        for k in rules {
+            if self.rules.remove(&k).is_ok() {
+                let _ = self.ports.remove(&k);
+            }
+        }
         remove_router_keys!(self.slots);
         remove_router_keys!(self.counters);
         remove_router_keys!(self.revoked);
@@ -461,17 +473,29 @@ impl Datapath {
         let zero = PerCpuValues::try_from(vec![Counters::default(); nr_cpus()?])?;
         self.counters.insert(key, zero, 0).context("creating rule counters")?;
         self.slots.insert(key, SlotValue { helper, _pad: [0; 7] }, 0).context("marking slot live")?;
-        self.rules
-            .insert(RuleKey::new(router, proto, port), RuleValue { slot, helper, _pad: [0; 5] }, 0)
-            .context("inserting rule (is the rules map full? see max_rules)")?;
-        Ok(())
+        let rule = RuleKey::new(router, proto, port);
+        let new = self.rules.get(&rule, 0).is_err();
+        if new {
+            self.ports.add(&rule)?;
+        }
+        let inserted = self
+            .rules
+            .insert(rule, RuleValue { slot, helper, _pad: [0; 5] }, 0)
+            .context("inserting rule (is the rules map full? see max_rules)");
+        if inserted.is_err() && new {
+            self.ports.remove(&rule)?;
+        }
+        inserted
     }
 
     /// Revokes a rule: stop tagging, then kill the slot, so every packet
     /// still carrying it (control and RELATED data flows) is dropped on egress.
     /// Returns once the maps say so: the next packet sees the change.
     pub fn revoke(&mut self, router: RouterIndex, proto: u8, port: u16, slot: u16) -> Result<()> {
-        remove_if_present(&mut self.rules, &RuleKey::new(router, proto, port))?;
+        let rule = RuleKey::new(router, proto, port);
+        if remove_if_present(&mut self.rules, &rule)? {
+            self.ports.remove(&rule)?;
+        }
         remove_if_present(&mut self.slots, &SlotKey::new(router, slot as u32))?;
         Ok(())
     }
@@ -518,6 +542,7 @@ impl Datapath {
             counters_removed: counters_del.len(),
             routers_added: routers_add.len(),
             routers_removed: routers_del.len(),
+            ports_fixed: self.ports.drift(want.rules.keys().copied())?,
         };
         if !apply {
             return Ok(drift);
@@ -528,6 +553,9 @@ impl Datapath {
         for (k, v) in slots_add {
             self.slots.insert(k, v, 0)?;
         }
+        // Ports of the rules to come are listed first, and those of the
+        // rules that go only once they are gone.
+        self.ports.rebuild(want.rules.keys().chain(rules_del.iter()).copied())?;
         for (k, v) in rules_add {
             self.rules.insert(k, v, 0)?;
         }
@@ -537,6 +565,7 @@ impl Datapath {
         for k in rules_del {
             remove_if_present(&mut self.rules, &k)?;
         }
+        self.ports.rebuild(want.rules.keys().copied())?;
         for k in slots_del {
             remove_if_present(&mut self.slots, &k)?;
         }
@@ -783,10 +812,11 @@ where
 }
 
 /// Removes `key`; a key that is already gone is not an error.
-fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<()> {
+/// Whether `key` was there.
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<bool> {
     match map.remove(key) {
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => Ok(other?),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        other => Ok(other.map(|()| true)?),
     }
 }
 

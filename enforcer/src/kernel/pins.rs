@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
-    Counters, FlowKey, MAP_COUNTERS, MAP_DEBUG, MAP_LOGS, MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
-    RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
+    Counters, FlowKey, MAP_COUNTERS, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
+    PORT_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
 /// What a pinned map must be.
@@ -33,7 +33,7 @@ fn def<K, V>(map_type: MapType, max_entries: u32) -> Definition {
 }
 
 /// Every pinned map, as this build needs it with these capacities.
-pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 8] {
+pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 9] {
     [
         (MAP_RULES, def::<RuleKey, RuleValue>(MapType::Hash, max_rules)),
         (MAP_SLOTS, def::<SlotKey, SlotValue>(MapType::Hash, max_rules)),
@@ -42,6 +42,7 @@ pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Defini
         (MAP_REVOKED, def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity)),
         (MAP_REVOKED_ACTIVE, def::<u32, u32>(MapType::Array, 1)),
         (MAP_DEBUG, def::<u32, u32>(MapType::Array, 1)),
+        (MAP_PORTS, def::<u32, u64>(MapType::Array, PORT_WORDS)),
         // aya-log-ebpf 0.2's ring buffer: 128 KiB.
         (MAP_LOGS, def::<(), ()>(MapType::RingBuf, 1 << 17)),
     ]

@@ -23,6 +23,9 @@ pub enum Router {
     Bare,
     /// Neutron's rules, no enforcer.
     Neutron,
+    /// A second router like `Neutron`: its ratio shows how finely the
+    /// method resolves (ideally 1).
+    NeutronAgain,
     /// Neutron's rules and enforcer's nftables table, copied from an
     /// enforced router, without the TC programs.
     GlueOnly,
@@ -51,26 +54,30 @@ pub struct Quartiles {
 }
 
 /// All routers are built first and kept, each with a UDP sender and a
-/// receiver. Each round sends one 200 ms burst through every router, in an
-/// order that rotates from round to round, and divides each rate by the
-/// Neutron router's rate of the same round. The sender and the router's
-/// softirq work share one pinned CPU, so a rate is the inverse of the
-/// per-packet cost. Short paired bursts cancel the drift of a shared 2-vCPU
-/// machine: one-second iperf3 samples, each on a router of its own, moved
-/// by 15% between rounds.
+/// receiver. Each round visits every router in an order that rotates from
+/// round to round; each burst through a router is bracketed by bursts
+/// through the Neutron router without enforcer, and its ratio is taken to
+/// the mean of those two. The sender and the router's softirq work share
+/// one pinned CPU, so a rate is the inverse of the per-packet cost.
+///
+/// Why bracketed 100 ms bursts: the speed of a shared 2-vCPU machine
+/// drifts by several percent within seconds. Ratios to a reference burst
+/// up to a dozen bursts away spread by ±10% (quartiles), and a router's
+/// median moved by ±3% from run to run; the bracketing halves the spread.
 pub fn measure(scale: Scale) -> FixedCost {
     let sizes: Vec<usize> = scale.pick(vec![0, 10], vec![0, 1, 10, 10_000]);
     let rounds = scale.pick(10, 40);
-    let burst = Duration::from_millis(200);
+    let burst = Duration::from_millis(100);
     let bare = NeutronRouter::bare();
     let mut routers: Vec<(Router, NeutronRouter, Box<dyn std::any::Any>)> = Vec::new();
     routers.push((Router::Neutron, NeutronRouter::new(false, (None, None)), Box::new(())));
+    routers.push((Router::NeutronAgain, NeutronRouter::new(false, (None, None)), Box::new(())));
     for &n in &sizes {
         let neutron = NeutronRouter::new(false, (None, None));
         let daemon = enforce(&neutron.topo, n);
         routers.push((Router::Enforcer(n), neutron, Box::new(daemon)));
     }
-    let glue = routers[1].1.topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
+    let glue = routers[2].1.topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
     let neutron = NeutronRouter::new(false, (None, None));
     feed(&neutron.topo.router, "nft", &["-f", "-"], &glue);
     routers.push((Router::GlueOnly, neutron, Box::new(())));
@@ -82,16 +89,19 @@ pub fn measure(scale: Scale) -> FixedCost {
     let _pinned = PinnedTo::cpu(0);
     let mut samples: BTreeMap<Router, Vec<f64>> = BTreeMap::new();
     let mut ratios: BTreeMap<Router, Vec<f64>> = BTreeMap::new();
+    let reference = blasters.iter().position(|(r, _)| *r == Router::Neutron).expect("the reference router");
+    let others: Vec<usize> = (0..blasters.len()).filter(|k| *k != reference).collect();
     for round in 0..rounds {
-        let mut this_round = BTreeMap::new();
-        for k in 0..blasters.len() {
-            let (router, blaster) = &blasters[(k + round) % blasters.len()];
-            this_round.insert(*router, blaster.burst(burst));
-        }
-        let reference = this_round[&Router::Neutron];
-        for (router, rate) in this_round {
-            samples.entry(router).or_default().push(rate);
-            ratios.entry(router).or_default().push(rate / reference);
+        let mut before = blasters[reference].1.burst(burst);
+        samples.entry(Router::Neutron).or_default().push(before);
+        ratios.entry(Router::Neutron).or_default().push(1.0);
+        for j in 0..others.len() {
+            let (router, blaster) = &blasters[others[(j + round) % others.len()]];
+            let rate = blaster.burst(burst);
+            let after = blasters[reference].1.burst(burst);
+            samples.entry(*router).or_default().push(rate);
+            ratios.entry(*router).or_default().push(2.0 * rate / (before + after));
+            before = after;
         }
     }
     eprintln!("bench: fixed cost, {rounds} rounds done");

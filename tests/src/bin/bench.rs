@@ -23,7 +23,8 @@ fn main() {
             "packet" => eprintln!("{:#?}", bench::packet::measure(scale)),
             "changes" => eprintln!("{:#?}", bench::changes::measure(scale)),
             "fleet" => eprintln!("{:#?}", bench::fleet::measure(scale)),
-            other => panic!("--only: unknown section {other} (packet, changes, fleet)"),
+            "fixed" => eprintln!("{:#?}", bench::fixed_cost::measure(scale)),
+            other => panic!("--only: unknown section {other} (packet, changes, fleet, fixed)"),
         }
         return;
     }
