@@ -185,6 +185,9 @@ pub(super) struct GlueJob {
     /// where the glue is almost always in place: a check is cheaper than a
     /// rewrite).
     check: Option<GlueCheck>,
+    /// A router being added: not stored, so no earlier version's glue to
+    /// look for.
+    new_router: bool,
 }
 
 /// A check of the glue against the reference, skipped if the ruleset is
@@ -214,6 +217,7 @@ impl GlueJob {
                 Ok(_) => (install().map(|_| true), None),
                 Err(e) => (Err(e), None),
             },
+            None if self.new_router => (glue::install_new(&ns, &self.offered, &self.layout).map(|()| true), None),
             None => (install(), None),
         };
         GlueDone { netns: self.netns, added: added.map_err(|e| format!("{e:#}")), took: start.elapsed(), intact_at }
@@ -422,7 +426,7 @@ impl Daemon {
 
     /// The glue step for namespace `netns`, to run without the lock.
     pub(super) fn glue_job(&self, netns: &str) -> GlueJob {
-        GlueJob { netns: netns.to_string(), offered: self.offered.clone(), layout: self.datapath.layout(), check: None }
+        GlueJob { netns: netns.to_string(), offered: self.offered.clone(), layout: self.datapath.layout(), check: None, new_router: false }
     }
 
     /// The check of namespace `netns`'s glue, from where it was last found

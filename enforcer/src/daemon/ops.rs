@@ -114,7 +114,7 @@ impl Daemon {
             Request::RouterAdd { router_id, netns, project_id } => {
                 self.check_owner(origin, req, true).ok()?;
                 let (_, netns, ..) = self.check_router_add(router_id, netns.clone(), project_id.clone()).ok()?;
-                Some(Prepared::Glue(self.glue_job(&netns)))
+                Some(Prepared::Glue(super::GlueJob { new_router: true, ..self.glue_job(&netns) }))
             }
             Request::MapsDump {} => Some(Prepared::Read(self.dump_job(scope))),
             Request::Audit { since } => self.audit_job(since.as_deref()).ok().map(Prepared::Read),

@@ -321,6 +321,15 @@ pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<bool
     Ok(missing)
 }
 
+/// The glue of a router enforcer does not know yet, in one transaction
+/// (replacing any table of that name), without looking for the iptables
+/// glue of earlier versions first: that costs four iptables runs, and only
+/// a router an earlier version managed can have it, which start-up (for
+/// the stored routers) and [`remove`] clear.
+pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<()> {
+    apply(ns, &ruleset(offered, layout))
+}
+
 /// Removes the glue (and any earlier iptables glue); absent glue is not an
 /// error. Every step is tried; errors are reported together.
 pub fn remove(ns: &Path) -> Result<()> {
