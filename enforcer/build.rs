@@ -58,10 +58,11 @@ fn main() -> anyhow::Result<()> {
 /// nightly is pinned (setup reads it too).
 fn pinned_toolchain(file: &std::path::Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("channel"))
-        .filter_map(|rest| rest.trim().strip_prefix('='))
-        .map(|v| v.trim().trim_matches('"').to_string())
-        .next()
-        .with_context(|| format!("no channel in {}", file.display()))
+    let table: toml::Table = text.parse().with_context(|| format!("parsing {}", file.display()))?;
+    table
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(|c| c.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("no toolchain.channel in {}", file.display()))
 }

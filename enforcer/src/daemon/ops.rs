@@ -485,7 +485,7 @@ impl Daemon {
         self.take_down(id);
         self.routers.remove(id);
         self.helpers.retain(|(r, _), _| r != id);
-        self.slots.forget_router(id);
+        self.slots.forget_router(id, index);
         self.index.forget_router(id);
         self.routers_changed.notify_one();
         info!(router = %id, "router removed");

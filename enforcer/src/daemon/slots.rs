@@ -183,10 +183,13 @@ impl Slots {
         self.released.remove(&(index, slot));
     }
 
-    /// A removed router: its slots go with it.
-    pub(super) fn forget_router(&mut self, router: &str) {
+    /// A removed router (`index` in the maps): its slots go with it, and so
+    /// do its counters awaiting the sweep (the maps lost them with the
+    /// router; a new router given the index must not have its own swept).
+    pub(super) fn forget_router(&mut self, router: &str, index: u32) {
         self.routers.remove(router);
         self.cooling.retain(|(r, ..)| r != router);
+        self.released.retain(|(i, _)| *i != index);
     }
 }
 
@@ -253,7 +256,7 @@ mod tests {
         s.revoked("r", 1, a, &report(true, false));
         s.revoked("gone", 2, b, &report(true, false));
         s.free("r", 1, a);
-        s.forget_router("gone");
+        s.forget_router("gone", 2);
         assert!(s.cooled(Duration::ZERO).is_empty());
     }
 
@@ -285,5 +288,16 @@ mod tests {
         assert_eq!(s.state("r", b), Some(SlotState::Live));
         assert!(s.released().contains(&(1, 9)));
         assert_eq!(s.cooled(Duration::ZERO), [("r".to_string(), a)]);
+    }
+
+    #[test]
+    fn a_forgotten_router_leaves_no_counters_to_sweep_under_its_index() {
+        let mut s = Slots::default();
+        let slot = s.take("old", 10).unwrap();
+        s.free("old", 4, slot);
+        s.free("other", 5, 1);
+        s.forget_router("old", 4);
+        assert_eq!(s.released().iter().copied().collect::<Vec<_>>(), vec![(5, 1)]);
+        assert_eq!(s.take("old", 10), Some(1), "a router added again under the name starts afresh");
     }
 }

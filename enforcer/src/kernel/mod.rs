@@ -470,8 +470,22 @@ impl Datapath {
     /// always finds its slot live.
     pub fn allow(&mut self, router: RouterIndex, proto: u8, port: u16, helper: u8, slot: u16) -> Result<()> {
         let key = SlotKey::new(router, slot as u32);
-        let zero = PerCpuValues::try_from(vec![Counters::default(); nr_cpus()?])?;
-        self.counters.insert(key, zero, 0).context("creating rule counters")?;
+        let cpus = nr_cpus()?;
+        // A per-CPU entry of a map that is not preallocated comes from
+        // caches the kernel refills in the background: a burst of inserts
+        // can find them empty for a moment (ENOMEM) with memory to spare.
+        let mut wait = std::time::Duration::from_millis(1);
+        loop {
+            match self.counters.insert(key, PerCpuValues::try_from(vec![Counters::default(); cpus])?, 0) {
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOMEM) && wait <= std::time::Duration::from_millis(32) =>
+                {
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                other => break other.context("creating rule counters")?,
+            }
+        }
         self.slots.insert(key, SlotValue { helper, _pad: [0; 7] }, 0).context("marking slot live")?;
         let rule = RuleKey::new(router, proto, port);
         let new = self.rules.get(&rule, 0).is_err();
