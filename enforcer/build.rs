@@ -13,6 +13,9 @@ use anyhow::{Context, bail};
 
 const SKIP: &str = "AYA_BUILD_SKIP";
 
+#[path = "../enforcer-ebpf/toolchain.rs"]
+mod toolchain;
+
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let ebpf_dir = manifest.join("../enforcer-ebpf");
@@ -28,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(dir).display());
     }
     println!("cargo:rerun-if-changed={}", manifest.join("../enforcer-common/src").display());
-    let toolchain = pinned_toolchain(&ebpf_dir.join("rust-toolchain.toml"))?;
+    let toolchain = toolchain::pinned(&ebpf_dir.join("rust-toolchain.toml"))?;
     let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
     let target_dir = out_dir.join("ebpf-target");
 
@@ -54,15 +57,3 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `channel` of the eBPF crate's rust-toolchain.toml: the one place the
-/// nightly is pinned (setup reads it too).
-fn pinned_toolchain(file: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("parsing {}", file.display()))?;
-    table
-        .get("toolchain")
-        .and_then(|t| t.get("channel"))
-        .and_then(|c| c.as_str())
-        .map(str::to_string)
-        .with_context(|| format!("no toolchain.channel in {}", file.display()))
-}

@@ -10,6 +10,9 @@ use anyhow::{Context, Result, bail};
 
 use crate::status;
 
+#[path = "../../enforcer-ebpf/toolchain.rs"]
+mod toolchain;
+
 /// Debian packages: tools the daemon calls, and the real protocol peers the
 /// tests and the demo use.
 const PACKAGES: &[(&str, &str)] = &[
@@ -110,15 +113,7 @@ fn nightly() -> Result<String> {
 
 /// The channel pinned in enforcer-ebpf/rust-toolchain.toml.
 fn pinned_nightly() -> Result<String> {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../enforcer-ebpf/rust-toolchain.toml");
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let table: toml::Table = text.parse().with_context(|| format!("parsing {}", file.display()))?;
-    table
-        .get("toolchain")
-        .and_then(|t| t.get("channel"))
-        .and_then(|c| c.as_str())
-        .map(str::to_string)
-        .with_context(|| format!("no toolchain.channel in {}", file.display()))
+    toolchain::pinned(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../enforcer-ebpf/rust-toolchain.toml"))
 }
 
 fn installed(pkg: &str) -> bool {

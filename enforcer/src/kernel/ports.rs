@@ -25,7 +25,7 @@ impl Ports {
     /// Takes the map and makes it match `rules` (the rules map as it is).
     pub fn new(map: Array<MapData, u64>, rules: impl IntoIterator<Item = RuleKey>) -> Result<Self> {
         let mut ports = Self { map, words: vec![0; PORT_WORDS as usize], rules: HashMap::new() };
-        ports.drift(std::iter::empty())?;
+        ports.read()?;
         ports.rebuild(rules)?;
         Ok(ports)
     }
@@ -51,9 +51,7 @@ impl Ports {
     /// Words of the map (read again from the kernel, in case someone else
     /// wrote them) that differ from what `rules` need.
     pub fn drift(&mut self, rules: impl IntoIterator<Item = RuleKey>) -> Result<usize> {
-        for i in 0..PORT_WORDS {
-            self.words[i as usize] = self.map.get(&i, 0).context("reading the ports map")?;
-        }
+        self.read()?;
         Ok(wanted(rules).1.iter().zip(&self.words).filter(|(want, have)| want != have).count())
     }
 
@@ -65,6 +63,14 @@ impl Ports {
             if self.words[i] != w {
                 self.write(i as u32, w)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Takes what the kernel's map holds as the known words.
+    fn read(&mut self) -> Result<()> {
+        for i in 0..PORT_WORDS {
+            self.words[i as usize] = self.map.get(&i, 0).context("reading the ports map")?;
         }
         Ok(())
     }
