@@ -112,6 +112,13 @@ impl Daemon {
         Self::start_with(None, &[])
     }
 
+    /// A daemon enforcing the router of `topo`, as most tests begin.
+    pub fn enforcing(topo: &crate::Topology) -> Self {
+        let daemon = Self::start();
+        daemon.add_router(&topo.router_id);
+        daemon
+    }
+
     /// Starts a daemon with its store in `state` (default: its own
     /// directory) and extra `daemon` arguments.
     pub fn start_with(state: Option<PathBuf>, extra: &[&str]) -> Self {

@@ -95,8 +95,7 @@ fn a_full_disk_at_the_commit_fails_the_whole_group_and_keeps_nothing_of_it() {
 #[test]
 fn a_create_retried_with_its_id_after_a_lost_answer_succeeds() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let id = uuid::Uuid::new_v4().to_string();
     let args = |port: &str, helper: &str| {
         vec!["helper", "create", &topo.router_id, "--protocol", "tcp", "--port", port, "--helper", helper, "--id", &id, "-o", "json"]
@@ -119,8 +118,7 @@ fn a_create_retried_with_its_id_after_a_lost_answer_succeeds() {
 #[test]
 fn a_helper_set_is_applied_whole_or_not_at_all_and_revokes_what_it_drops() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let router = topo.router_id.as_str();
     let set = |helpers: Value| {
         let file = enforcer_tests::Scratch::file("set", &helpers.to_string());
@@ -177,8 +175,7 @@ fn a_helper_set_is_applied_whole_or_not_at_all_and_revokes_what_it_drops() {
 #[test]
 fn a_rule_that_never_tagged_a_packet_is_deleted_without_visiting_conntrack() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let quiet = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let report = daemon.cli(&["helper", "delete", &topo.router_id, &quiet, "-o", "json"]).ok().json();
     assert_eq!(report["never_tagged"], true, "{report}");

@@ -14,8 +14,7 @@ fn snapshot(daemon: &Daemon) -> (String, String, String) {
 #[test]
 fn invalid_input_is_refused_and_changes_nothing() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let r = topo.router_id.as_str();
     let id = daemon.create_helper(r, "tcp", 21, "ftp");
     let unknown_router = uuid::Uuid::new_v4().to_string();

@@ -52,8 +52,7 @@ fn ftp_with_helper_ipv6() {
 /// proves the tests above can fail.
 fn ftp_blocked_without_helper(family: Family) {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let _daemon = Daemon::enforcing(&topo);
     let _server = FtpServer::start(&topo, family);
     let mut ftp = FtpClient::login(&topo, family);
     ftp.ok("noop");

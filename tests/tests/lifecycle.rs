@@ -19,8 +19,7 @@ fn interfaces(daemon: &Daemon) -> Vec<String> {
 #[test]
 fn interfaces_added_later_are_enforced_and_removed_ones_forgotten() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     // Move the server behind a new interface pair, added after router add.
     run(std::process::Command::new("ip").args([
@@ -49,8 +48,7 @@ fn interfaces_added_later_are_enforced_and_removed_ones_forgotten() {
 #[test]
 fn a_namespace_deleted_from_outside_is_cleaned_up() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     assert_eq!(daemon.dump()["routers"], 1);
 
@@ -73,8 +71,7 @@ fn a_namespace_deleted_from_outside_is_cleaned_up() {
 #[test]
 fn namespaces_are_followed_by_events_and_one_made_again_gets_fresh_attachments() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
     // The safety-net check runs every 10 s (and a poll ran every second
     // before): within half a second means an event.

@@ -92,8 +92,7 @@ fn a_classic_filter_and_a_second_tcx_program_see_every_packet() {
           "ip", "dport", "21", "0xffff", "action", "mirred", "egress", "mirror", "dev", "m0"],
     );
 
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let neighbour = Neighbour::attach(&topo.router, "r0");
 

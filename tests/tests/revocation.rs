@@ -131,8 +131,7 @@ impl FixedPortFlow {
 #[test]
 fn a_revoked_flow_that_never_goes_quiet_passes_again_when_its_rule_returns() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let sip = daemon.create_helper(&topo.router_id, "udp", 5060, "sip");
     let flow = FixedPortFlow::start(&topo);
     assert!(flow.passes(Duration::from_secs(2)), "the flow passes with its rule");
@@ -155,8 +154,7 @@ fn a_revoked_flow_that_never_goes_quiet_passes_again_when_its_rule_returns() {
 #[test]
 fn debug_datapath_describes_drops_only_while_on() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let ftp = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let _server = FtpServer::start(&topo, Family::V4);
     let mut first = FtpClient::login(&topo, Family::V4);

@@ -389,8 +389,7 @@ fn a_supplementary_group_grants_its_role() {
 #[test]
 fn two_names_for_one_namespace_are_refused() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     // A second name for the router's namespace: a bind mount of its handle.
     let alias = enforcer_tests::unique("alias");
     let path = format!("/run/netns/{alias}");

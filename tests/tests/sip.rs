@@ -46,8 +46,7 @@ fn uas(topo: &Topology) -> Process {
 #[test]
 fn sip_helper_opens_media_expectations_and_revocation_removes_them() {
     let topo = Topology::new();
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(&topo);
     let _uas = uas(&topo);
     std::thread::sleep(Duration::from_millis(500));
 
@@ -80,8 +79,7 @@ fn sip_through_a_neutron_routers_floating_ip() {
     // inside the SIP messages and the SDP, so that the media can come back.
     let n = NeutronRouter::new(true, (None, None));
     let topo = &n.topo;
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(topo);
     let _uas = uas(topo);
     std::thread::sleep(Duration::from_millis(500));
     let mut call = sipp_call(topo, 5061, 1000);

@@ -10,8 +10,7 @@ use enforcer_tests::{
 };
 
 fn tftp(topo: &Topology, family: Family) {
-    let daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let daemon = Daemon::enforcing(topo);
     let _server = TftpServer::start(topo, family);
 
     assert!(!tftp_get(topo, family), "without a helper the reply from a new port is blocked");

@@ -89,7 +89,7 @@ struct Snapshot {
 impl super::Daemon {
     fn metrics_snapshot(&self) -> Snapshot {
         Snapshot {
-            ready: self.ready.is_some(),
+            ready: self.life.ready.is_some(),
             routers: self.routers.len(),
             helpers: self.helpers.len(),
             quarantined: self.slots.quarantined().count(),

@@ -100,8 +100,6 @@ impl Index {
 pub struct Daemon {
     index: Index,
     audit: Audit,
-    /// Who the request being handled acts for (set around each request).
-    acting: Acting,
     datapath: Datapath,
     /// What can be assigned here (probed kernel, narrowed by configuration).
     offered: Offered,
@@ -112,16 +110,9 @@ pub struct Daemon {
     helpers: BTreeMap<(String, String), HelperRecord>,
     /// Every router's rule slots: live, cooling, quarantined.
     slots: Slots,
-    started: Instant,
-    started_with: ReconcileReport,
-    /// When the start-up reconciliation was done (None while it runs:
-    /// reads are served, writes wait).
-    ready: Option<std::time::Duration>,
-    /// Set by teardown: the server stops after answering.
-    stopping: bool,
+    life: Life,
     /// The Neutron sync's last report, and when it last completed a poll.
-    sync_status: Option<crate::api::SyncStatus>,
-    last_sync: Option<Instant>,
+    sync_seen: Option<(crate::api::SyncStatus, Option<Instant>)>,
     /// The glue table as installing it leaves it (see `glue::reference`),
     /// and where each namespace's glue was last found so.
     verified: verified::Verified,
@@ -138,15 +129,35 @@ pub struct Daemon {
     routers_changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
-/// Who a request acts for: set by `handle_audited` for the one request it
-/// handles, and back to the default (the daemon itself: all projects,
-/// local) after it.
+/// Who a request acts for, handed down the one request's call chain (never
+/// kept in the daemon, so no request can see another's). The default is
+/// the daemon itself: all projects, local.
 #[derive(Debug, Clone, Default)]
 struct Acting {
     /// The project the caller is confined to (None: all).
     scope: Option<String>,
     /// On whose behalf the change is made: the local API or the Neutron sync.
     origin: crate::api::Owner,
+}
+
+impl Acting {
+    /// Whether the caller may see objects of `project`.
+    fn sees(&self, project: &str) -> bool {
+        self.scope.as_deref().is_none_or(|p| p == project)
+    }
+}
+
+/// Where the daemon is in its life: start-up, ready, stopping.
+#[derive(Debug)]
+struct Life {
+    started: Instant,
+    /// What the start-up reconciliation found and repaired.
+    started_with: ReconcileReport,
+    /// When the start-up reconciliation was done (None while it runs:
+    /// reads are served, writes wait).
+    ready: Option<std::time::Duration>,
+    /// Set by teardown: the server stops after answering.
+    stopping: bool,
 }
 
 /// What the daemon did since start, for status and metrics.
@@ -313,19 +324,14 @@ impl Daemon {
             index: Index::of(&state.helpers),
             slots: Slots::of(state.helpers.values(), &state.quarantine),
             audit,
-            acting: Acting::default(),
             datapath,
             offered,
             store,
             config,
             routers,
             helpers: state.helpers,
-            started: Instant::now(),
-            started_with: ReconcileReport::default(),
-            ready: None,
-            stopping: false,
-            sync_status: None,
-            last_sync: None,
+            life: Life { started: Instant::now(), started_with: ReconcileReport::default(), ready: None, stopping: false },
+            sync_seen: None,
             verified,
             map_drift: Default::default(),
             tally: Tally::default(),
@@ -365,7 +371,7 @@ impl Daemon {
     /// Brings up one stored router at start (see [`Daemon::startup_jobs`]).
     pub(super) fn start_router(&mut self, id: &str, glue: Option<GlueDone>) {
         let brought = self.bring_up(id, glue);
-        let report = &mut self.started_with;
+        let report = &mut self.life.started_with;
         match brought {
             Ok(Some((glue_added, links))) => {
                 report.glue_installed += glue_added as usize;
@@ -389,23 +395,23 @@ impl Daemon {
         for index in self.datapath.pinned_routers() {
             if !known.contains(&index) {
                 self.datapath.detach_router(index, None)?;
-                self.started_with.orphan_routers_removed += 1;
+                self.life.started_with.orphan_routers_removed += 1;
             }
         }
-        self.started_with.maps = self.datapath.reconcile(&self.desired()?, true)?;
-        self.started_with.slots_released = self.release_quarantine();
+        self.life.started_with.maps = self.datapath.reconcile(&self.desired()?, true)?;
+        self.life.started_with.slots_released = self.release_quarantine();
         self.datapath.set_replace_programs(false);
         if let Err(e) = crate::store::write_atomic(&self.config.state_dir.join(PROGRAMS_FILE), self.datapath.program_identity().as_bytes()) {
             // Costs a replacement of every program at the next start.
             warn!("recording the programs attached: {e:#}");
         }
         self.save_verified();
-        self.ready = Some(self.started.elapsed());
-        let r = &self.started_with;
+        self.life.ready = Some(self.life.started.elapsed());
+        let r = &self.life.started_with;
         info!(
             routers = self.routers.len(),
             helpers = self.helpers.len(),
-            took_ms = self.started.elapsed().as_millis() as u64,
+            took_ms = self.life.started.elapsed().as_millis() as u64,
             glue_installed = r.glue_installed,
             links_attached = r.links_attached,
             links_detached = r.links_detached,
@@ -608,7 +614,7 @@ impl Daemon {
 
     /// Whether a teardown asked the server to stop.
     pub fn stopping(&self) -> bool {
-        self.stopping
+        self.life.stopping
     }
 
     /// Routers attached now, with their namespace and its identity: what

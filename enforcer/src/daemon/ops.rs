@@ -1,17 +1,17 @@
 //! The API operations. Each checks its input first, runs its kernel step
 //! inside the store transaction, and on any failure puts the maps back as
 //! the store has them, so an answer (ok or error) always describes what the
-//! kernel enforces. Who the request acts for is in `Daemon::acting`.
+//! kernel enforces. Who the request acts for (`Acting`) is passed down.
 
 use std::collections::BTreeSet;
 
 use anyhow::Result;
 use tracing::{info, warn};
 
-use super::{DEFAULT_PROJECT, Daemon, GlueDone, RouterState, kind_of, netns_id, rule_key};
+use super::{Acting, DEFAULT_PROJECT, Daemon, GlueDone, RouterState, kind_of, netns_id, rule_key};
 use crate::{
     api::{ApiError, ErrorCode, GlueState, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
-    api::{AuditEntry, Caller, Event},
+    api::{AuditEntry, Caller, Event, HelperSpec},
     audit::{self, Audit},
     auth,
     catalogue::HelperKind,
@@ -202,10 +202,8 @@ impl Daemon {
         let (router_id, helper_id) = names(&req);
         let before = if mutation { self.snapshot(router_id.as_deref(), helper_id.as_deref()) } else { None };
         let result = auth::permits(role.as_ref(), &req).and_then(|()| self.check_owner(origin, &req, mutation)).and_then(|()| {
-            self.acting = super::Acting { scope: role.as_ref().and_then(|r| r.scope()).map(str::to_string), origin };
-            let r = self.handle(req, glue);
-            self.acting = super::Acting::default();
-            r
+            let by = Acting { scope: role.as_ref().and_then(|r| r.scope()).map(str::to_string), origin };
+            self.handle(req, glue, &by)
         });
         // Reads, and a helper set that changed nothing, leave no entry.
         let unchanged = matches!(&result, Ok(Reply::HelperSet(r)) if r.created + r.updated + r.deleted == 0);
@@ -292,39 +290,34 @@ impl Daemon {
         serde_json::to_value(Self::router_view(self.routers.get(router)?)).ok()
     }
 
-    /// Whether the current caller may see objects of `project`.
-    fn in_scope(&self, project: &str) -> bool {
-        self.acting.scope.as_deref().is_none_or(|p| p == project)
-    }
-
     /// Handles an authorized request; `glue` is the glue step already done
     /// for a router add (see [`Daemon::prepare`]).
-    fn handle(&mut self, req: Request, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
+    fn handle(&mut self, req: Request, glue: Option<GlueDone>, by: &Acting) -> Result<Reply, ApiError> {
         match req {
-            Request::RouterAdd { router_id, netns, project_id } => self.router_add(router_id, netns, project_id, glue),
+            Request::RouterAdd { router_id, netns, project_id } => self.router_add(router_id, netns, project_id, glue, by.origin),
             Request::RouterRemove { router_id } => {
                 let id = validate::uuid("router_id", &router_id)?;
-                self.router_remove(&id)
+                self.router_remove(&id, by.origin)
             }
-            Request::RouterList {} => Ok(Reply::Routers(self.router_list())),
+            Request::RouterList {} => Ok(Reply::Routers(self.router_list(by))),
             Request::HelperCreate { router_id, protocol, port, helper, id, project_id } => {
-                self.helper_create(&router_id, &protocol, port, &helper, id, project_id)
+                self.helper_create(&router_id, HelperSpec { id, protocol, port, helper, project_id }, by)
             }
             Request::HelperUpdate { router_id, helper_id, protocol, port, helper } => {
-                self.helper_update(&router_id, &helper_id, protocol, port, helper)
+                self.helper_update(&router_id, &helper_id, protocol, port, helper, by)
             }
-            Request::HelperDelete { router_id, helper_id } => self.helper_delete(&router_id, &helper_id),
-            Request::HelperSet { router_id, helpers } => self.helper_set(&router_id, helpers),
-            Request::HelperList { router_id } => self.helper_list(router_id),
+            Request::HelperDelete { router_id, helper_id } => self.helper_delete(&router_id, &helper_id, by),
+            Request::HelperSet { router_id, helpers } => self.helper_set(&router_id, helpers, by),
+            Request::HelperList { router_id } => self.helper_list(router_id, by),
             Request::HelperShow { router_id, helper_id } => {
-                let (_, key) = self.find_helper(&router_id, &helper_id)?;
+                let (_, key) = self.find_helper(&router_id, &helper_id, by)?;
                 Ok(Reply::Helper(self.helpers[&key].helper.clone()))
             }
             Request::Status {} => Ok(Reply::Status(Box::new(self.status().map_err(ApiError::kernel)?))),
-            Request::Teardown {} => self.teardown(),
+            Request::Teardown {} => self.teardown(by.origin),
             Request::DebugDatapath { drops } => self.debug_datapath(drops),
             // Without a prepared read (see `prepare`): the same, under the lock.
-            Request::MapsDump {} => self.dump_job(self.acting.scope.as_deref()).run(),
+            Request::MapsDump {} => self.dump_job(by.scope.as_deref()).run(),
             Request::Audit { since } => self.audit_job(since.as_deref())?.run(),
             Request::Catalogue {} => Ok(Reply::Catalogue(self.offered.describe())),
             // Permitted: the connection streams events after this answer.
@@ -358,8 +351,8 @@ impl Daemon {
         }
     }
 
-    fn router_list(&self) -> Vec<Router> {
-        self.routers.values().filter(|r| self.in_scope(&r.record.project_id)).map(Self::router_view).collect()
+    fn router_list(&self, by: &Acting) -> Vec<Router> {
+        self.routers.values().filter(|r| by.sees(&r.record.project_id)).map(Self::router_view).collect()
     }
 
     /// The checks of a router add that need no kernel step: (id, netns,
@@ -391,13 +384,13 @@ impl Daemon {
         Ok((id, netns, project))
     }
 
-    fn router_add(&mut self, id: String, netns: Option<String>, project: Option<String>, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
+    fn router_add(&mut self, id: String, netns: Option<String>, project: Option<String>, glue: Option<GlueDone>, owner: Owner) -> Result<Reply, ApiError> {
         let (id, netns, project) = self.check_router_add(&id, netns, project)?;
         let used: BTreeSet<u32> = self.routers.values().map(|r| r.record.index).collect();
         let index = (1..=u32::MAX)
             .find(|i| !used.contains(i))
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
-        let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner: self.acting.origin };
+        let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner };
         self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
@@ -458,7 +451,7 @@ impl Daemon {
         }
     }
 
-    pub(super) fn router_remove(&mut self, id: &str) -> Result<Reply, ApiError> {
+    pub(super) fn router_remove(&mut self, id: &str, origin: Owner) -> Result<Reply, ApiError> {
         let Some(state) = self.routers.get(id) else {
             return Err(ApiError::not_found("router", id));
         };
@@ -476,7 +469,7 @@ impl Daemon {
         self.store.apply(&changes, || Ok(()))?;
         if attached {
             for slot in helpers.iter().map(|h| h.slot).chain(quarantined) {
-                let report = self.flush_slot(id, slot);
+                let report = self.flush_slot(id, slot, origin);
                 if let Some(e) = report.flush_error {
                     warn!(router = %id, slot, "{e}");
                 }
@@ -492,13 +485,13 @@ impl Daemon {
         Ok(Reply::Done {})
     }
 
-    fn teardown(&mut self) -> Result<Reply, ApiError> {
+    fn teardown(&mut self, origin: Owner) -> Result<Reply, ApiError> {
         let ids: Vec<String> = self.routers.keys().cloned().collect();
         for id in ids {
-            self.router_remove(&id)?;
+            self.router_remove(&id, origin)?;
         }
         self.datapath.unpin_all().map_err(ApiError::kernel)?;
-        self.stopping = true;
+        self.life.stopping = true;
         info!("teardown: all enforcement removed; stopping");
         Ok(Reply::Done {})
     }
@@ -507,9 +500,9 @@ impl Daemon {
         self.helpers.range((router.to_string(), String::new())..).take_while(move |((r, _), _)| r == router).map(|(_, h)| h)
     }
 
-    pub(super) fn live_router(&self, id: &str) -> Result<(String, u32), ApiError> {
+    pub(super) fn live_router(&self, id: &str, by: &Acting) -> Result<(String, u32), ApiError> {
         let id = validate::uuid("router_id", id)?;
-        match self.routers.get(&id).filter(|r| self.in_scope(&r.record.project_id)) {
+        match self.routers.get(&id).filter(|r| by.sees(&r.record.project_id)) {
             Some(r) if r.attachment.is_some() => Ok((id, r.record.index)),
             Some(_) => Err(ApiError::new(ErrorCode::Kernel, format!("router {id} is not attached (its namespace is missing)"))),
             None => Err(ApiError::not_found("router", &id)),
@@ -518,11 +511,11 @@ impl Daemon {
 
     /// Helpers are addressed by (router, id): a helper of another router is
     /// "not found", exactly like an id that does not exist.
-    fn find_helper(&self, router: &str, helper: &str) -> Result<(u32, (String, String)), ApiError> {
-        let (router, index) = self.live_router(router)?;
+    fn find_helper(&self, router: &str, helper: &str, by: &Acting) -> Result<(u32, (String, String)), ApiError> {
+        let (router, index) = self.live_router(router, by)?;
         let helper = validate::uuid("helper_id", helper).map_err(|_| ApiError::not_found("helper", helper))?;
         let key = (router, helper);
-        if !self.helpers.get(&key).is_some_and(|h| self.in_scope(&h.helper.project_id)) {
+        if !self.helpers.get(&key).is_some_and(|h| by.sees(&h.helper.project_id)) {
             return Err(ApiError::not_found("helper", &key.1));
         }
         Ok((index, key))
@@ -550,19 +543,12 @@ impl Daemon {
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, format!("router {router} has no free rule slot")))
     }
 
-    fn helper_create(
-        &mut self,
-        router: &str,
-        protocol: &str,
-        port: i64,
-        helper: &str,
-        id: Option<String>,
-        project: Option<String>,
-    ) -> Result<Reply, ApiError> {
-        let (router, index) = self.live_router(router)?;
-        let protocol = validate::protocol(protocol)?;
+    fn helper_create(&mut self, router: &str, spec: HelperSpec, by: &Acting) -> Result<Reply, ApiError> {
+        let HelperSpec { id, protocol, port, helper, project_id: project } = spec;
+        let (router, index) = self.live_router(router, by)?;
+        let protocol = validate::protocol(&protocol)?;
         let port = validate::port(port)?;
-        let kind = validate::helper(&self.offered, helper, protocol)?;
+        let kind = validate::helper(&self.offered, &helper, protocol)?;
         let id = match id {
             Some(id) => validate::uuid("id", &id)?,
             None => uuid::Uuid::new_v4().to_string(),
@@ -619,8 +605,9 @@ impl Daemon {
         protocol: Option<String>,
         port: Option<i64>,
         name: Option<String>,
+        by: &Acting,
     ) -> Result<Reply, ApiError> {
-        let (index, key) = self.find_helper(router, helper)?;
+        let (index, key) = self.find_helper(router, helper, by)?;
         let old = self.helpers[&key].clone();
         let protocol = match protocol {
             Some(p) => validate::protocol(&p)?,
@@ -670,12 +657,12 @@ impl Daemon {
         self.index.remove(&old);
         self.index.add(&new);
         self.helpers.insert(key.clone(), new.clone());
-        self.revoked_slot(&key.0, old.slot, &report);
+        self.revoked_slot(&key.0, old.slot, &report, by.origin);
         Ok(Reply::Helper(new.helper))
     }
 
-    fn helper_delete(&mut self, router: &str, helper: &str) -> Result<Reply, ApiError> {
-        let (index, key) = self.find_helper(router, helper)?;
+    fn helper_delete(&mut self, router: &str, helper: &str, by: &Acting) -> Result<Reply, ApiError> {
+        let (index, key) = self.find_helper(router, helper, by)?;
         let old = self.helpers[&key].clone();
         let ns = netns::path(&self.routers[&key.0].record.netns);
         let mark = self.slot_mark(old.slot);
@@ -698,15 +685,15 @@ impl Daemon {
         info!(router = %key.0, helper = %key.1, "deleted; slot {} revoked", old.slot);
         self.helpers.remove(&key);
         self.index.remove(&old);
-        self.revoked_slot(&key.0, old.slot, &report);
+        self.revoked_slot(&key.0, old.slot, &report, by.origin);
         Ok(Reply::Revoked(report))
     }
 
-    fn helper_list(&self, router: Option<String>) -> Result<Reply, ApiError> {
+    fn helper_list(&self, router: Option<String>, by: &Acting) -> Result<Reply, ApiError> {
         let router = match router {
             Some(r) => {
                 let id = validate::uuid("router_id", &r)?;
-                if !self.routers.get(&id).is_some_and(|r| self.in_scope(&r.record.project_id)) {
+                if !self.routers.get(&id).is_some_and(|r| by.sees(&r.record.project_id)) {
                     return Err(ApiError::not_found("router", &id));
                 }
                 Some(id)
@@ -716,7 +703,7 @@ impl Daemon {
         Ok(Reply::Helpers(
             self.helpers
                 .iter()
-                .filter(|((r, _), h)| router.as_ref().is_none_or(|want| want == r) && self.in_scope(&h.helper.project_id))
+                .filter(|((r, _), h)| router.as_ref().is_none_or(|want| want == r) && by.sees(&h.helper.project_id))
                 .map(|(_, h)| h.helper.clone())
                 .collect(),
         ))
@@ -724,8 +711,8 @@ impl Daemon {
 
     /// The Neutron sync's last report, with its age now.
     pub(super) fn sync_report(&self) -> Option<crate::api::SyncStatus> {
-        self.sync_status.clone().map(|mut s| {
-            s.age_secs = self.last_sync.map(|t| t.elapsed().as_secs_f64());
+        self.sync_seen.clone().map(|(mut s, last)| {
+            s.age_secs = last.map(|t| t.elapsed().as_secs_f64());
             s
         })
     }
@@ -770,20 +757,20 @@ impl Daemon {
                 crate::kernel::AttachMode::Netlink => "netlink",
             }
             .to_string(),
-            uptime_secs: self.started.elapsed().as_secs(),
+            uptime_secs: self.life.started.elapsed().as_secs(),
             routers,
             helpers: self.helpers.len(),
             quarantined_slots: self.slots.quarantined().count(),
             revoked_flows: self.datapath.revoked_flows_swept(),
             revoked_flows_overflowed: self.datapath.revoked_overflows(),
-            started_with: self.started_with,
+            started_with: self.life.started_with,
             drift,
             neutron: self.sync_report(),
             glue_repairs: self.tally.glue_repairs,
             map_repairs: self.tally.map_repairs,
             link_repairs: self.tally.link_repairs,
-            ready: self.ready.is_some(),
-            ready_after_ms: self.ready.map(|d| d.as_millis() as u64),
+            ready: self.life.ready.is_some(),
+            ready_after_ms: self.life.ready.map(|d| d.as_millis() as u64),
             changes: self.tally.changes,
             commits: self.tally.commits,
             check_rounds: self.tally.check_rounds,

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::Daemon;
 use crate::{
-    api::RevokeReport,
+    api::{Owner, RevokeReport},
     kernel::{Datapath, Remembered, conntrack, netns},
     store::{Change, HelperRecord},
 };
@@ -126,15 +126,15 @@ pub(super) const COOLING: std::time::Duration = std::time::Duration::from_secs(1
 impl Daemon {
     /// After a rule was revoked: a slot that never tagged a packet cools
     /// down before it is free; any other is settled by its flush.
-    pub(super) fn revoked_slot(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
+    pub(super) fn revoked_slot(&mut self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
         self.tally.revocations.rules += 1;
         if report.never_tagged {
-            self.announce_revocation(router_id, slot, report);
+            self.announce_revocation(router_id, slot, report, origin);
             if let Some(state) = self.routers.get(router_id) {
                 self.slots.revoked(router_id, state.record.index, slot, report);
             }
         } else {
-            self.after_flush(router_id, slot, report);
+            self.after_flush(router_id, slot, report, origin);
         }
     }
 
@@ -153,16 +153,17 @@ impl Daemon {
                 warn!(router = %router, slot, "quarantining: {e}");
             }
             self.slots.quarantine(&router, slot);
-            self.flush_slot(&router, slot);
+            // Settled by the daemon itself, on no one's request.
+            self.flush_slot(&router, slot, Owner::Local);
         }
     }
 
     /// Logs a flush, and frees or keeps the slot in memory accordingly (the
     /// store was told in the same transaction, or by the caller).
-    pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport) {
+    pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
         self.tally.revocations.conntrack_entries += report.conntrack_entries_removed as u64;
         self.tally.revocations.flows_kept += report.flows_kept_dead as u64;
-        self.announce_revocation(router_id, slot, report);
+        self.announce_revocation(router_id, slot, report, origin);
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
             self.slots.quarantine(router_id, slot);
@@ -180,19 +181,19 @@ impl Daemon {
 
     /// Tells event subscribers what a revocation (or a later flush of its
     /// slot) removed.
-    fn announce_revocation(&self, router_id: &str, slot: u16, report: &RevokeReport) {
+    fn announce_revocation(&self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
         let mut after = serde_json::to_value(report).unwrap_or_default();
         after["slot"] = slot.into();
         let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
         let mut entry = crate::api::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
         // Made for the request (or the sync) whose change revoked the rule.
-        entry.origin = self.acting.origin;
+        entry.origin = origin;
         self.audit.announce(crate::api::Event { kind: crate::api::EventKind::Revocation, entry });
     }
 
     /// Cleans the conntrack table of router `router_id` of a quarantined
     /// `slot` and frees the slot if nothing carries it any more.
-    pub(super) fn flush_slot(&mut self, router_id: &str, slot: u16) -> RevokeReport {
+    pub(super) fn flush_slot(&mut self, router_id: &str, slot: u16, origin: Owner) -> RevokeReport {
         let Some(state) = self.routers.get(router_id) else { return RevokeReport::default() };
         let (index, path) = (state.record.index, netns::path(&state.record.netns));
         let mark = self.slot_mark(slot);
@@ -202,7 +203,7 @@ impl Daemon {
                 report.slot_released = false;
                 report.flush_error = Some(format!("{e}"));
             }
-        self.after_flush(router_id, slot, &report);
+        self.after_flush(router_id, slot, &report, origin);
         report
     }
 }

@@ -318,7 +318,7 @@ async fn startup(daemon: Shared, ready: tokio::sync::watch::Sender<bool>) {
         std::process::exit(1);
     }
     let _ = ready.send(true);
-    let (routers, took) = with_daemon(&daemon, |d| (d.routers.len(), d.ready)).await;
+    let (routers, took) = with_daemon(&daemon, |d| (d.routers.len(), d.life.ready)).await;
     super::notify::ready(routers, took.unwrap_or_default());
 }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use tracing::info;
 
-use super::{Daemon, kind_of, netns};
+use super::{Acting, Daemon, kind_of, netns};
 use crate::{
     api::{ApiError, ErrorCode, Helper, HelperSpec, Protocol, Reply, RevokeReport, SetReport},
     catalogue::HelperKind,
@@ -96,8 +96,8 @@ impl Daemon {
     /// before any new one is allowed, so a port handed from one helper to
     /// another is free when it is needed. Either all of it is applied, or
     /// nothing: the maps are put back if a kernel step fails.
-    pub(super) fn helper_set(&mut self, router: &str, specs: Vec<HelperSpec>) -> Result<Reply, ApiError> {
-        let (router, index) = self.live_router(router)?;
+    pub(super) fn helper_set(&mut self, router: &str, specs: Vec<HelperSpec>, by: &Acting) -> Result<Reply, ApiError> {
+        let (router, index) = self.live_router(router, by)?;
         let wanted = self.check_set(&router, specs)?;
         let current: BTreeMap<String, HelperRecord> = self.helpers_of(&router).map(|h| (h.helper.id.clone(), h.clone())).collect();
         let mut report = SetReport::default();
@@ -183,7 +183,7 @@ impl Daemon {
             self.datapath.clear_revoked(index, new.helper.protocol.number(), new.helper.port);
         }
         for (h, r) in revoked.iter().zip(&reports) {
-            self.revoked_slot(&router, h.slot, r);
+            self.revoked_slot(&router, h.slot, r, by.origin);
         }
         report.deleted = gone.len();
         report.revoked = reports;

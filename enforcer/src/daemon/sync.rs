@@ -141,10 +141,8 @@ impl Daemon {
     }
 
     fn set_sync_status(&mut self, status: SyncStatus, completed: bool) {
-        if completed {
-            self.last_sync = Some(Instant::now());
-        }
-        self.sync_status = Some(status);
+        let last = if completed { Some(Instant::now()) } else { self.sync_seen.as_ref().and_then(|(_, t)| *t) };
+        self.sync_seen = Some((status, last));
     }
 }
 
