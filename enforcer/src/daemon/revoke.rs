@@ -166,7 +166,6 @@ impl Daemon {
         self.announce_revocation(router_id, slot, report, origin);
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");
-            self.slots.quarantine(router_id, slot);
         } else {
             info!(
                 router = %router_id,
@@ -175,7 +174,9 @@ impl Daemon {
                 flows = report.flows_kept_dead,
                 "conntrack cleaned, slot released"
             );
-            self.slot_released(router_id, slot);
+        }
+        if let Some(state) = self.routers.get(router_id) {
+            self.slots.revoked(router_id, state.record.index, slot, report);
         }
     }
 
