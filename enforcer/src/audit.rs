@@ -6,6 +6,13 @@
 //! (replacing the one before) and a new one starts. Refused requests are
 //! rate-limited per uid before they cost a write and an fsync; what the
 //! limit holds back is summed up in one entry per uid and second.
+//!
+//! Entries are numbered (`seq`). The entries of a group of changes are
+//! journaled in the store's transaction with the changes (see `Staged`)
+//! and appended here without a sync of their own: a group costs one sync of
+//! the disk, not two. The log is synced every second (`sync_journal`), and
+//! at open, whatever the journal holds past the log's last entry (a power
+//! loss ate the unsynced tail) is appended again.
 
 use std::{
     collections::HashMap,
@@ -30,6 +37,7 @@ impl AuditEntry {
     pub fn by_daemon(op: &str, router_id: Option<&str>, before: Option<Value>, after: Value, error: Option<(&str, ApiError)>) -> Self {
         Self {
             time: Audit::now(),
+            seq: None,
             caller: Caller::daemon(),
             origin: crate::api::Owner::Local,
             op: op.to_string(),
@@ -76,6 +84,13 @@ pub struct Audit {
     path: PathBuf,
     file: File,
     size: u64,
+    /// The number the next entry gets.
+    next_seq: u64,
+    /// The last entry appended without a sync, if any.
+    unsynced: Option<u64>,
+    /// Entries up to this one are synced to the log: the store may forget
+    /// their journal rows.
+    synced: u64,
     limits: AuditLimits,
     refusals: HashMap<u32, Allowance>,
     /// Subscribers of `enforcer events`.
@@ -83,12 +98,37 @@ pub struct Audit {
 }
 
 impl Audit {
-    pub fn open(state_dir: &Path, limits: AuditLimits) -> Result<Self> {
+    /// Opens the log in `state_dir`, first appending the rows of the
+    /// store's `journal` (seq, line) that the log lacks.
+    pub fn open(state_dir: &Path, limits: AuditLimits, journal: &[(u64, Vec<u8>)]) -> Result<Self> {
         let path = state_dir.join(FILE);
-        let file = Self::open_file(&path)?;
+        let mut file = Self::open_file(&path)?;
+        let last = match last_seq(&path)? {
+            Some(last) => last,
+            None => last_seq(&rotated(&path))?.unwrap_or(Some(0)),
+        };
+        // An unnumbered last entry: a release without the journal wrote
+        // after it, so the journal's rows are not the log's lost tail.
+        let missing: Vec<&(u64, Vec<u8>)> = match last {
+            Some(last) => journal.iter().filter(|(seq, _)| *seq > last).collect(),
+            None => Vec::new(),
+        };
+        let last = last.unwrap_or(0);
+        if !missing.is_empty() {
+            // A line cut by the power loss is ended, so the next one is whole.
+            if !ends_a_line(&path)? {
+                file.write_all(b"\n").context("writing the audit log")?;
+            }
+            for (_, line) in &missing {
+                file.write_all(&[line.as_slice(), b"\n"].concat()).context("writing the audit log")?;
+            }
+            file.sync_data().context("syncing the audit log")?;
+            tracing::warn!(entries = missing.len(), "audit: entries lost from the log's unsynced tail appended again from the store's journal");
+        }
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let newest = journal.iter().map(|(seq, _)| *seq).max().unwrap_or(0).max(last);
         let (events, _) = tokio::sync::broadcast::channel(EVENT_BACKLOG);
-        Ok(Self { path, file, size, limits, refusals: HashMap::new(), events })
+        Ok(Self { path, file, size, next_seq: newest + 1, unsynced: None, synced: newest, limits, refusals: HashMap::new(), events })
     }
 
     fn open_file(path: &Path) -> Result<File> {
@@ -117,28 +157,59 @@ impl Audit {
         self.write(entry)
     }
 
-    /// Appends the entries of a group of requests, then syncs once: their
-    /// changes were committed together.
-    pub fn record_all(&mut self, entries: &[AuditEntry]) -> Result<()> {
-        let mut written = Vec::with_capacity(entries.len());
-        for entry in entries {
-            if entry.result == "ok" || self.allow_refusal(&entry.caller) {
-                self.append(entry)?;
-                written.push(entry);
-            }
+    /// Numbers the entries of a group of requests (refusals past their
+    /// uid's allowance only counted), for the store to journal with the
+    /// group's changes; [`Audit::append`] writes them after the commit.
+    pub fn stage(&mut self, entries: Vec<AuditEntry>) -> Staged {
+        let mut seq = self.next_seq;
+        let entries = entries
+            .into_iter()
+            .filter(|e| e.result == "ok" || self.allow_refusal(&e.caller))
+            .map(|e| {
+                seq += 1;
+                AuditEntry { seq: Some(seq - 1), ..e }
+            })
+            .collect();
+        Staged { entries }
+    }
+
+    /// Appends staged entries. `journaled`: the store holds them (the
+    /// group committed), so the log is synced later; else now.
+    pub fn append(&mut self, staged: Staged, journaled: bool) -> Result<()> {
+        for entry in &staged.entries {
+            self.append_line(entry)?;
         }
-        self.sync()?;
-        for entry in written {
+        if journaled {
+            self.unsynced = staged.entries.last().and_then(|e| e.seq).or(self.unsynced);
+        } else {
+            self.sync()?;
+        }
+        for entry in &staged.entries {
             self.announce(Event::of(entry));
         }
         Ok(())
     }
 
     fn write(&mut self, entry: &AuditEntry) -> Result<()> {
-        self.append(entry)?;
+        let entry = AuditEntry { seq: Some(self.next_seq), ..entry.clone() };
+        self.append_line(&entry)?;
         self.sync()?;
-        self.announce(Event::of(entry));
+        self.announce(Event::of(&entry));
         Ok(())
+    }
+
+    /// Syncs entries appended without a sync; returns the last one synced
+    /// so far (the store may forget its journal up to there).
+    pub fn sync_journal(&mut self) -> Result<u64> {
+        if self.unsynced.is_some() {
+            self.sync()?;
+        }
+        Ok(self.synced)
+    }
+
+    /// The last entry synced to the log.
+    pub fn synced(&self) -> u64 {
+        self.synced
     }
 
     /// A stream of the events from now on.
@@ -154,11 +225,14 @@ impl Audit {
     }
 
     fn sync(&mut self) -> Result<()> {
-        self.file.sync_data().context("syncing the audit log")
+        self.file.sync_data().context("syncing the audit log")?;
+        self.synced = self.next_seq - 1;
+        self.unsynced = None;
+        Ok(())
     }
 
     /// One write of one line, so lines never interleave.
-    fn append(&mut self, entry: &AuditEntry) -> Result<()> {
+    fn append_line(&mut self, entry: &AuditEntry) -> Result<()> {
         let mut line = serde_json::to_vec(entry)?;
         tracing::info!(target: "audit", "{}", String::from_utf8_lossy(&line));
         line.push(b'\n');
@@ -167,10 +241,18 @@ impl Audit {
         }
         self.file.write_all(&line).context("writing the audit log")?;
         self.size += line.len() as u64;
+        if let Some(seq) = entry.seq {
+            self.next_seq = self.next_seq.max(seq + 1);
+        }
         Ok(())
     }
 
     fn rotate(&mut self) -> Result<()> {
+        // What the journal still holds goes into the rotated file durably:
+        // the replay at open looks no further back than that file.
+        if self.unsynced.is_some() {
+            self.sync()?;
+        }
         std::fs::rename(&self.path, rotated(&self.path)).context("rotating the audit log")?;
         self.file = Self::open_file(&self.path)?;
         self.size = 0;
@@ -210,6 +292,7 @@ impl Audit {
         for (caller, n) in summaries {
             self.write(&AuditEntry {
                 time: Self::now(),
+                seq: None,
                 caller,
                 origin: Default::default(),
                 op: "refusals_held_back".to_string(),
@@ -264,10 +347,72 @@ fn rotated(path: &Path) -> PathBuf {
     path.with_extension("jsonl.1")
 }
 
+/// The log's last entry at `path`: None if it has none, Some(None) if
+/// that entry is not numbered (written by an earlier release).
+fn last_seq(path: &Path) -> Result<Option<Option<u64>>> {
+    let mut last = None;
+    if path.exists() {
+        read_back_while(path, |e| {
+            last = Some(e.seq);
+            false
+        })?;
+    }
+    Ok(last)
+}
+
+/// Whether the log at `path` is empty or ends with a whole line.
+fn ends_a_line(path: &Path) -> Result<bool> {
+    let mut file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(true);
+    }
+    let mut last = [0u8];
+    file.seek(SeekFrom::Start(len - 1))?;
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
+/// The entries a group of changes is audited with, numbered; see
+/// [`Audit::stage`].
+pub struct Staged {
+    entries: Vec<AuditEntry>,
+}
+
+impl Staged {
+    /// (seq, line) for the store's journal.
+    pub fn journal(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.entries.iter().map(|e| Ok((e.seq.unwrap_or_default(), serde_json::to_vec(e)?))).collect()
+    }
+
+    /// The group's commit failed: what was to be done is recorded as not
+    /// done, with the reason.
+    pub fn failed(&mut self, error: &ApiError) {
+        for entry in self.entries.iter_mut().filter(|e| e.result == "ok") {
+            entry.result = "internal".to_string();
+            entry.after = None;
+            entry.error = Some(error.clone());
+        }
+    }
+}
+
 /// Adds the entries of `path` at or after `since` to `out`, newest first,
 /// reading the file backwards in chunks. Returns whether every entry of
 /// the file was that recent (older files may hold more).
 fn read_back(path: &Path, since: SystemTime, out: &mut Vec<AuditEntry>) -> Result<bool> {
+    read_back_while(path, |entry| {
+        if humantime::parse_rfc3339_weak(&entry.time).is_ok_and(|at| at < since) {
+            return false;
+        }
+        out.push(entry);
+        true
+    })
+}
+
+/// Hands the entries of `path` to `more`, newest first, reading the file
+/// backwards in chunks, while `more` asks for more. Returns whether every
+/// entry was handed.
+fn read_back_while(path: &Path, mut more: impl FnMut(AuditEntry) -> bool) -> Result<bool> {
     const CHUNK: u64 = 64 * 1024;
     let mut file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut pos = file.metadata()?.len();
@@ -284,10 +429,9 @@ fn read_back(path: &Path, since: SystemTime, out: &mut Vec<AuditEntry>) -> Resul
         tail = buf[..cut].to_vec();
         for line in buf[cut..].split(|b| *b == b'\n').rev().filter(|l| !l.is_empty()) {
             let Ok(entry) = serde_json::from_slice::<AuditEntry>(line) else { continue };
-            if humantime::parse_rfc3339_weak(&entry.time).is_ok_and(|at| at < since) {
+            if !more(entry) {
                 return Ok(false);
             }
-            out.push(entry);
         }
         pos = start;
     }
@@ -313,10 +457,11 @@ mod tests {
     fn entries_append_and_filter_by_time() {
         let dir = std::env::temp_dir().join(format!("enforcer-audit-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut audit = Audit::open(&dir, AuditLimits::default()).unwrap();
+        let mut audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
         let caller = Caller { uid: 1, gid: 2, pid: Some(3), groups: vec![4] };
         let old = AuditEntry {
             time: "2020-01-01T00:00:00Z".into(),
+            seq: None,
             caller,
             origin: Default::default(),
             op: "helper_delete".into(),
@@ -331,8 +476,9 @@ mod tests {
         let new = AuditEntry { time: Audit::now(), ..old.clone() };
         audit.record(&new).unwrap();
         drop(audit);
-        let audit = Audit::open(&dir, AuditLimits::default()).unwrap();
-        assert_eq!(audit.read(None).unwrap(), vec![old, new.clone()]);
+        let audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
+        let (old, new) = (AuditEntry { seq: Some(1), ..old }, AuditEntry { seq: Some(2), ..new });
+        assert_eq!(audit.read(None).unwrap(), vec![old, new.clone()], "numbered in the order written");
         assert_eq!(audit.read(Some(parse_since("1h").unwrap())).unwrap(), vec![new]);
         assert!(parse_since("yesterday-ish").is_err());
         std::fs::remove_dir_all(dir).unwrap();
@@ -341,6 +487,7 @@ mod tests {
     fn entry(time: &str, result: &str, uid: u32) -> AuditEntry {
         AuditEntry {
             time: time.into(),
+            seq: None,
             caller: Caller { uid, gid: 0, pid: None, groups: vec![] },
             origin: Default::default(),
             op: "helper_create".into(),
@@ -363,7 +510,7 @@ mod tests {
     fn the_log_rotates_at_its_bound_and_since_reads_back_across_files() {
         let dir = scratch();
         let limits = AuditLimits { max_bytes: 8192, ..AuditLimits::default() };
-        let mut audit = Audit::open(&dir, limits).unwrap();
+        let mut audit = Audit::open(&dir, limits, &[]).unwrap();
         // 200 entries of about 230 bytes, one second apart.
         let base = humantime::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
         let at = |i: u64| humantime::format_rfc3339(base + std::time::Duration::from_secs(i)).to_string();
@@ -392,7 +539,7 @@ mod tests {
     fn refusals_past_their_uids_allowance_are_summed_up_not_written() {
         let dir = scratch();
         let limits = AuditLimits { refusals_per_sec: 1.0, refusal_burst: 5.0, ..AuditLimits::default() };
-        let mut audit = Audit::open(&dir, limits).unwrap();
+        let mut audit = Audit::open(&dir, limits, &[]).unwrap();
         for _ in 0..1000 {
             audit.record(&entry(&Audit::now(), "permission_denied", 2009)).unwrap();
         }
@@ -413,6 +560,53 @@ mod tests {
         // Nothing more held back: no further summary.
         audit.summarize_refusals().unwrap();
         assert_eq!(audit.read(None).unwrap().len(), all.len());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_tail_lost_before_its_sync_comes_back_from_the_journal_once() {
+        let dir = scratch();
+        let path = dir.join(FILE);
+        let mut audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
+        audit.record(&entry(&Audit::now(), "ok", 1)).unwrap();
+        let staged = audit.stage((0..3).map(|_| entry(&Audit::now(), "ok", 2)).collect());
+        let journal = staged.journal().unwrap();
+        assert_eq!(journal.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [2, 3, 4]);
+        audit.append(staged, true).unwrap();
+        assert_eq!(audit.synced(), 1, "the group's entries wait for the periodic sync");
+        drop(audit);
+        // A power loss: the last two lines never reached the disk, the one
+        // before only in part.
+        let text = std::fs::read(&path).unwrap();
+        let lines: Vec<&[u8]> = text.split_inclusive(|b| *b == b'\n').collect();
+        let kept = [lines[0], lines[1], &lines[2][..20]].concat();
+        std::fs::write(&path, &kept).unwrap();
+
+        let mut audit = Audit::open(&dir, AuditLimits::default(), &journal).unwrap();
+        let seqs = |a: &Audit| a.read(None).unwrap().iter().map(|e| e.seq.unwrap()).collect::<Vec<_>>();
+        assert_eq!(seqs(&audit), [1, 2, 3, 4], "the cut line is skipped, the lost entries are back");
+        audit.record(&entry(&Audit::now(), "ok", 1)).unwrap();
+        assert_eq!(seqs(&audit), [1, 2, 3, 4, 5], "numbering goes on");
+        drop(audit);
+        // Opened again with the same journal: nothing twice.
+        let audit = Audit::open(&dir, AuditLimits::default(), &journal).unwrap();
+        assert_eq!(seqs(&audit), [1, 2, 3, 4, 5]);
+        assert_eq!(audit.synced(), 5);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_journal_older_than_an_unnumbered_last_entry_is_not_replayed() {
+        let dir = scratch();
+        let mut audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
+        let staged = audit.stage(vec![entry(&Audit::now(), "ok", 2)]);
+        let journal = staged.journal().unwrap();
+        drop(audit);
+        // A release without numbers wrote last.
+        let old = serde_json::to_vec(&entry(&Audit::now(), "ok", 3)).unwrap();
+        std::fs::write(dir.join(FILE), [old.as_slice(), b"\n"].concat()).unwrap();
+        let audit = Audit::open(&dir, AuditLimits::default(), &journal).unwrap();
+        assert_eq!(audit.read(None).unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

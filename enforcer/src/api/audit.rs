@@ -28,6 +28,11 @@ impl Caller {
 pub struct AuditEntry {
     /// RFC 3339, UTC.
     pub time: String,
+    /// Its place in the trail, given when it is written: one more than the
+    /// entry before (a gap is an entry lost). None in entries of releases
+    /// that did not number them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     pub caller: Caller,
     /// Who the change was made for: the local API, or the Neutron sync.
     #[serde(default, skip_serializing_if = "super::Owner::is_local")]

@@ -293,7 +293,11 @@ impl Daemon {
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
         let mut store = Store::open(&config.state_dir).with_context(unreadable)?;
         let state = store.load().with_context(unreadable)?;
-        let audit = Audit::open(&config.state_dir, config.audit_limits())?;
+        let journal = store.journaled().with_context(unreadable)?;
+        let audit = Audit::open(&config.state_dir, config.audit_limits(), &journal)?;
+        if !journal.is_empty() {
+            store.forget_journal().with_context(unreadable)?;
+        }
         // The programs are verified while nft probes the helpers and lists
         // the reference glue: neither needs the other.
         let (offered, glue_reference, datapath) = std::thread::scope(|s| {
@@ -571,6 +575,11 @@ impl Daemon {
     /// nothing counts against any more.
     pub fn housekeeping(&mut self) {
         if let Err(e) = self.audit.summarize_refusals() {
+            warn!("audit: {e:#}");
+        }
+        // The groups' entries, journaled by the store, reach the disk here
+        // too (their journal rows go with the next group).
+        if let Err(e) = self.audit.sync_journal() {
             warn!("audit: {e:#}");
         }
         self.cooled();

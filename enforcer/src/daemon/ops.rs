@@ -167,28 +167,27 @@ impl Daemon {
             let error = ApiError::from(e);
             return group.iter().map(|_| Err(error.clone())).collect();
         }
-        let mut done: Vec<(Result<Reply, ApiError>, Option<AuditEntry>)> =
-            group.into_iter().map(|(origin, caller, req)| self.handle_audited(origin, caller, req, None)).collect();
-        self.tally.changes += done.len() as u64;
+        let (mut results, entries): (Vec<Result<Reply, ApiError>>, Vec<Option<AuditEntry>>) =
+            group.into_iter().map(|(origin, caller, req)| self.handle_audited(origin, caller, req, None)).unzip();
+        self.tally.changes += results.len() as u64;
         self.tally.commits += 1;
-        if let Err(e) = self.store.commit_group() {
-            warn!("group commit of {} changes failed: {e}", done.len());
+        // The entries are journaled with the changes: one sync for both.
+        let mut staged = self.audit.stage(entries.into_iter().flatten().collect());
+        let journaled = staged.journal().and_then(|lines| self.store.journal(lines, self.audit.synced()));
+        if let Err(e) = &journaled {
+            warn!("audit: journaling the group's entries: {e:#}");
+        }
+        let committed = self.store.commit_group();
+        if let Err(e) = &committed {
+            warn!("group commit of {} changes failed: {e}", results.len());
             let error = ApiError::internal(format!("{e}; the change was not kept (nothing of it is enforced)"));
             self.back_to_store();
-            for (result, entry) in &mut done {
-                if result.is_ok() {
-                    *result = Err(error.clone());
-                    if let Some(entry) = entry {
-                        entry.result = "internal".to_string();
-                        entry.after = None;
-                        entry.error = Some(error.clone());
-                    }
-                }
+            for result in results.iter_mut().filter(|r| r.is_ok()) {
+                *result = Err(error.clone());
             }
+            staged.failed(&error);
         }
-        let (results, entries): (Vec<_>, Vec<_>) = done.into_iter().unzip();
-        let entries: Vec<AuditEntry> = entries.into_iter().flatten().collect();
-        if let Err(e) = self.audit.record_all(&entries) {
+        if let Err(e) = self.audit.append(staged, journaled.is_ok() && committed.is_ok()) {
             warn!("audit: {e:#}");
         }
         results
@@ -222,6 +221,7 @@ impl Daemon {
         };
         let entry = AuditEntry {
             time: Audit::now(),
+            seq: None,
             caller,
             origin,
             op: op.to_string(),
@@ -261,6 +261,7 @@ impl Daemon {
     pub fn audit_refused(&mut self, caller: Caller, error: ApiError) {
         let entry = AuditEntry {
             time: Audit::now(),
+            seq: None,
             caller,
             origin: Owner::Local,
             op: "unparsed".to_string(),

@@ -15,7 +15,7 @@ use crate::api::{Helper, Owner};
 
 mod schema;
 
-use schema::{HELPERS, QUARANTINE, ROUTERS, StoredHelper, StoredRouter};
+use schema::{AUDIT_JOURNAL, HELPERS, QUARANTINE, ROUTERS, StoredHelper, StoredRouter};
 pub use schema::VERSION as SCHEMA_VERSION;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,10 @@ pub struct Store {
 struct Group {
     txn: redb::WriteTransaction,
     pending: Vec<Change>,
+    /// Audit lines to journal with the changes (see `Store::journal`).
+    journal: Vec<(u64, Vec<u8>)>,
+    /// Journal rows up to this seq are in the synced audit log.
+    synced: u64,
 }
 
 /// Sets `mode` on `path` (the daemon's own files: never wider).
@@ -179,7 +183,7 @@ impl Store {
         // One writer at a time: a group left open (a panic) would block.
         self.abandon_group();
         let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
-        self.group = Some(Group { txn, pending: Vec::new() });
+        self.group = Some(Group { txn, pending: Vec::new(), journal: Vec::new(), synced: 0 });
         Ok(())
     }
 
@@ -189,11 +193,39 @@ impl Store {
         self.group.take().is_some()
     }
 
+    /// Journals audit lines (seq, JSON) in the open group, to be durable
+    /// with its changes; rows up to `synced` (in the synced audit log) go.
+    pub fn journal(&mut self, lines: Vec<(u64, Vec<u8>)>, synced: u64) -> Result<()> {
+        let group = self.group.as_mut().context("no group open to journal the audit lines in")?;
+        group.journal.extend(lines);
+        group.synced = synced;
+        Ok(())
+    }
+
+    /// The journal's rows, oldest first (for the audit log to catch up).
+    pub fn journaled(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let txn = self.db()?.begin_read()?;
+        let rows = match txn.open_table(AUDIT_JOURNAL) {
+            Ok(table) => table.iter()?.map(|row| row.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?,
+            Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(rows)
+    }
+
+    /// Empties the journal (the audit log has every row, synced).
+    pub fn forget_journal(&mut self) -> Result<()> {
+        let txn = self.db()?.begin_write()?;
+        txn.delete_table(AUDIT_JOURNAL)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Commits the open group: all of its changes are durable, or (an error,
     /// such as a full disk that only shows at the sync) none is.
     pub fn commit_group(&mut self) -> Result<(), ApplyError> {
         let Some(group) = self.group.take() else { return Ok(()) };
-        if let Err(e) = write(&group.txn, &group.pending) {
+        if let Err(e) = write(&group.txn, &group.pending).and_then(|()| journal(&group.txn, &group.journal, group.synced)) {
             let _ = group.txn.abort();
             return Err(ApplyError::Store(e));
         }
@@ -232,6 +264,15 @@ fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
                 quarantine.remove(slot_key(router_id, *slot).as_str())?;
             }
         }
+    }
+    Ok(())
+}
+
+fn journal(txn: &redb::WriteTransaction, lines: &[(u64, Vec<u8>)], synced: u64) -> Result<()> {
+    let mut table = txn.open_table(AUDIT_JOURNAL)?;
+    table.retain_in(..=synced, |_, _| false)?;
+    for (seq, line) in lines {
+        table.insert(*seq, line.as_slice())?;
     }
     Ok(())
 }
@@ -373,6 +414,35 @@ mod tests {
         store.apply(&[Change::PutHelper(helper("r", "d", 4))], || Ok(())).unwrap();
         assert!(store.abandon_group());
         assert_eq!(store.load().unwrap().helpers.len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn audit_lines_are_journaled_with_their_group_and_go_once_synced() {
+        let dir = tempdir();
+        let mut store = Store::open(&dir).unwrap();
+        assert!(store.journal(vec![(1, b"x".to_vec())], 0).is_err(), "only inside a group");
+        assert!(store.journaled().unwrap().is_empty());
+        store.begin_group().unwrap();
+        store.apply(&[Change::PutHelper(helper("r", "a", 1))], || Ok(())).unwrap();
+        store.journal(vec![(1, b"one".to_vec()), (2, b"two".to_vec())], 0).unwrap();
+        store.commit_group().unwrap();
+        assert_eq!(store.journaled().unwrap(), [(1, b"one".to_vec()), (2, b"two".to_vec())]);
+        // A failed group journals nothing.
+        store.begin_group().unwrap();
+        store.journal(vec![(3, b"three".to_vec())], 2).unwrap();
+        assert!(store.abandon_group());
+        assert_eq!(store.journaled().unwrap().len(), 2);
+        // The next group drops what the synced log holds.
+        store.begin_group().unwrap();
+        store.journal(vec![(3, b"three".to_vec())], 1).unwrap();
+        store.commit_group().unwrap();
+        assert_eq!(store.journaled().unwrap(), [(2, b"two".to_vec()), (3, b"three".to_vec())]);
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        assert_eq!(store.journaled().unwrap().len(), 2, "durable");
+        store.forget_journal().unwrap();
+        assert!(store.journaled().unwrap().is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -23,6 +23,10 @@ pub(super) const HELPERS: TableDefinition<&str, &str> = TableDefinition::new("he
 /// Revoked slots, kept out of reuse: an old connection must never come back
 /// to life under a new rule.
 pub(super) const QUARANTINE: TableDefinition<&str, u64> = TableDefinition::new("quarantine");
+/// Audit lines (seq → JSON) committed with the changes they describe, kept
+/// until the audit log holding them is synced. A table an earlier release
+/// ignores, so it needs no new version.
+pub(super) const AUDIT_JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_journal");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const SCHEMA_KEY: &str = "schema";
 
