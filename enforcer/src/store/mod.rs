@@ -206,7 +206,13 @@ impl Store {
     pub fn journaled(&mut self) -> Result<Vec<(u64, Vec<u8>)>> {
         let txn = self.db()?.begin_read()?;
         let rows = match txn.open_table(AUDIT_JOURNAL) {
-            Ok(table) => table.iter()?.map(|row| row.map(|(k, v)| (k.value(), v.value().to_vec()))).collect::<Result<_, _>>()?,
+            Ok(table) => {
+                let mut rows = Vec::new();
+                for row in table.iter()? {
+                    rows.extend(unframe(row?.1.value())?);
+                }
+                rows
+            }
             Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
             Err(e) => return Err(e.into()),
         };
@@ -268,13 +274,39 @@ fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
     Ok(())
 }
 
+/// A group's audit lines are one row, keyed by the group's last seq: one
+/// insert per commit, not one per line (each row of a B-tree costs its
+/// pages again at every commit that touches them). The value frames each
+/// line as seq (u64), length (u32), bytes, all little-endian.
 fn journal(txn: &redb::WriteTransaction, lines: &[(u64, Vec<u8>)], synced: u64) -> Result<()> {
     let mut table = txn.open_table(AUDIT_JOURNAL)?;
-    table.retain_in(..=synced, |_, _| false)?;
-    for (seq, line) in lines {
-        table.insert(*seq, line.as_slice())?;
+    // Rows the synced log holds, oldest first.
+    while table.first()?.is_some_and(|(k, _)| k.value() <= synced) {
+        table.pop_first()?;
     }
+    let Some(last) = lines.iter().map(|(seq, _)| *seq).max() else { return Ok(()) };
+    let mut row = Vec::with_capacity(lines.iter().map(|(_, l)| l.len() + 12).sum());
+    for (seq, line) in lines {
+        row.extend_from_slice(&seq.to_le_bytes());
+        row.extend_from_slice(&u32::try_from(line.len())?.to_le_bytes());
+        row.extend_from_slice(line);
+    }
+    table.insert(last, row.as_slice())?;
     Ok(())
+}
+
+/// The (seq, line) pairs of a journal row.
+fn unframe(mut row: &[u8]) -> Result<Vec<(u64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !row.is_empty() {
+        let (head, rest) = row.split_at_checked(12).context("corrupt audit journal row")?;
+        let seq = u64::from_le_bytes(head[..8].try_into()?);
+        let len = u32::from_le_bytes(head[8..].try_into()?) as usize;
+        let (line, rest) = rest.split_at_checked(len).context("corrupt audit journal row")?;
+        out.push((seq, line.to_vec()));
+        row = rest;
+    }
+    Ok(out)
 }
 
 /// Why a change was not applied (its kernel step may have run).
@@ -433,11 +465,15 @@ mod tests {
         store.journal(vec![(3, b"three".to_vec())], 2).unwrap();
         assert!(store.abandon_group());
         assert_eq!(store.journaled().unwrap().len(), 2);
-        // The next group drops what the synced log holds.
+        // A group's row goes once the synced log holds all of its lines.
         store.begin_group().unwrap();
         store.journal(vec![(3, b"three".to_vec())], 1).unwrap();
         store.commit_group().unwrap();
-        assert_eq!(store.journaled().unwrap(), [(2, b"two".to_vec()), (3, b"three".to_vec())]);
+        assert_eq!(store.journaled().unwrap().len(), 3, "line 2 is not synced yet");
+        store.begin_group().unwrap();
+        store.journal(vec![(4, b"four".to_vec())], 2).unwrap();
+        store.commit_group().unwrap();
+        assert_eq!(store.journaled().unwrap(), [(3, b"three".to_vec()), (4, b"four".to_vec())]);
         drop(store);
         let mut store = Store::open(&dir).unwrap();
         assert_eq!(store.journaled().unwrap().len(), 2, "durable");
@@ -446,3 +482,4 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
