@@ -114,16 +114,17 @@ impl Audit {
             None => Vec::new(),
         };
         let last = last.unwrap_or(0);
-        if !missing.is_empty() {
-            // A line cut by the power loss is ended, so the next one is whole.
-            if !ends_a_line(&path)? {
-                file.write_all(b"\n").context("writing the audit log")?;
-            }
+        // A line cut by a power loss is ended, so the next one is whole.
+        let cut = !ends_a_line(&path)?;
+        if cut {
+            file.write_all(b"\n").context("writing the audit log")?;
+        }
+        if cut || !missing.is_empty() {
             for (_, line) in &missing {
                 file.write_all(&[line.as_slice(), b"\n"].concat()).context("writing the audit log")?;
             }
             file.sync_data().context("syncing the audit log")?;
-            tracing::warn!(entries = missing.len(), "audit: entries lost from the log's unsynced tail appended again from the store's journal");
+            tracing::warn!(entries = missing.len(), cut, "audit: the log's unsynced tail was lost; appended again from the store's journal");
         }
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let newest = journal.iter().map(|(seq, _)| *seq).max().unwrap_or(0).max(last);
@@ -198,16 +199,16 @@ impl Audit {
         Ok(())
     }
 
-    /// Syncs entries appended without a sync; returns the last one synced
-    /// so far (the store may forget its journal up to there).
-    pub fn sync_journal(&mut self) -> Result<u64> {
+    /// Syncs the entries appended without a sync, if any.
+    pub fn sync_journal(&mut self) -> Result<()> {
         if self.unsynced.is_some() {
             self.sync()?;
         }
-        Ok(self.synced)
+        Ok(())
     }
 
-    /// The last entry synced to the log.
+    /// The last entry synced to the log: the store may forget its journal
+    /// up to there.
     pub fn synced(&self) -> u64 {
         self.synced
     }

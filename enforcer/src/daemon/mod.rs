@@ -295,8 +295,12 @@ impl Daemon {
         let state = store.load().with_context(unreadable)?;
         let journal = store.journaled().with_context(unreadable)?;
         let audit = Audit::open(&config.state_dir, config.audit_limits(), &journal)?;
-        if !journal.is_empty() {
-            store.forget_journal().with_context(unreadable)?;
+        // Kept on a failure (a full disk): the log's numbers tell the next
+        // start that its rows are there already.
+        if !journal.is_empty()
+            && let Err(e) = store.forget_journal()
+        {
+            warn!("audit: emptying the store's journal: {e:#}");
         }
         // The programs are verified while nft probes the helpers and lists
         // the reference glue: neither needs the other.
