@@ -86,8 +86,6 @@ pub struct Audit {
     size: u64,
     /// The number the next entry gets.
     next_seq: u64,
-    /// The last entry appended without a sync, if any.
-    unsynced: Option<u64>,
     /// Entries up to this one are synced to the log: the store may forget
     /// their journal rows.
     synced: u64,
@@ -129,7 +127,7 @@ impl Audit {
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let newest = journal.iter().map(|(seq, _)| *seq).max().unwrap_or(0).max(last);
         let (events, _) = tokio::sync::broadcast::channel(EVENT_BACKLOG);
-        Ok(Self { path, file, size, next_seq: newest + 1, unsynced: None, synced: newest, limits, refusals: HashMap::new(), events })
+        Ok(Self { path, file, size, next_seq: newest + 1, synced: newest, limits, refusals: HashMap::new(), events })
     }
 
     fn open_file(path: &Path) -> Result<File> {
@@ -161,9 +159,9 @@ impl Audit {
     /// Numbers the entries of a group of requests (refusals past their
     /// uid's allowance only counted), for the store to journal with the
     /// group's changes; [`Audit::append`] writes them after the commit.
-    pub fn stage(&mut self, entries: Vec<AuditEntry>) -> Staged {
+    pub fn stage(&mut self, entries: Vec<AuditEntry>) -> Result<Staged> {
         let mut seq = self.next_seq;
-        let entries = entries
+        let entries: Vec<AuditEntry> = entries
             .into_iter()
             .filter(|e| e.result == "ok" || self.allow_refusal(&e.caller))
             .map(|e| {
@@ -171,18 +169,17 @@ impl Audit {
                 AuditEntry { seq: Some(seq - 1), ..e }
             })
             .collect();
-        Staged { entries }
+        let lines = entries.iter().map(serde_json::to_vec).collect::<Result<_, _>>()?;
+        Ok(Staged { entries, lines })
     }
 
     /// Appends staged entries. `journaled`: the store holds them (the
     /// group committed), so the log is synced later; else now.
     pub fn append(&mut self, staged: Staged, journaled: bool) -> Result<()> {
-        for entry in &staged.entries {
-            self.append_line(entry)?;
+        for (entry, line) in staged.entries.iter().zip(staged.lines) {
+            self.append_line(entry, line)?;
         }
-        if journaled {
-            self.unsynced = staged.entries.last().and_then(|e| e.seq).or(self.unsynced);
-        } else {
+        if !journaled {
             self.sync()?;
         }
         for entry in &staged.entries {
@@ -193,7 +190,7 @@ impl Audit {
 
     fn write(&mut self, entry: &AuditEntry) -> Result<()> {
         let entry = AuditEntry { seq: Some(self.next_seq), ..entry.clone() };
-        self.append_line(&entry)?;
+        self.append_line(&entry, serde_json::to_vec(&entry)?)?;
         self.sync()?;
         self.announce(Event::of(&entry));
         Ok(())
@@ -201,10 +198,15 @@ impl Audit {
 
     /// Syncs the entries appended without a sync, if any.
     pub fn sync_journal(&mut self) -> Result<()> {
-        if self.unsynced.is_some() {
+        if self.unsynced() {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// Whether entries were appended since the last sync.
+    fn unsynced(&self) -> bool {
+        self.synced + 1 < self.next_seq
     }
 
     /// The last entry synced to the log: the store may forget its journal
@@ -228,13 +230,11 @@ impl Audit {
     fn sync(&mut self) -> Result<()> {
         self.file.sync_data().context("syncing the audit log")?;
         self.synced = self.next_seq - 1;
-        self.unsynced = None;
         Ok(())
     }
 
-    /// One write of one line, so lines never interleave.
-    fn append_line(&mut self, entry: &AuditEntry) -> Result<()> {
-        let mut line = serde_json::to_vec(entry)?;
+    /// One write of one line (`entry` as JSON), so lines never interleave.
+    fn append_line(&mut self, entry: &AuditEntry, mut line: Vec<u8>) -> Result<()> {
         tracing::info!(target: "audit", "{}", String::from_utf8_lossy(&line));
         line.push(b'\n');
         if self.size > 0 && self.size + line.len() as u64 > self.limits.max_bytes {
@@ -251,7 +251,7 @@ impl Audit {
     fn rotate(&mut self) -> Result<()> {
         // What the journal still holds goes into the rotated file durably:
         // the replay at open looks no further back than that file.
-        if self.unsynced.is_some() {
+        if self.unsynced() {
             self.sync()?;
         }
         std::fs::rename(&self.path, rotated(&self.path)).context("rotating the audit log")?;
@@ -378,21 +378,24 @@ fn ends_a_line(path: &Path) -> Result<bool> {
 /// [`Audit::stage`].
 pub struct Staged {
     entries: Vec<AuditEntry>,
+    /// Each entry as JSON, serialized once for the journal and the log.
+    lines: Vec<Vec<u8>>,
 }
 
 impl Staged {
     /// (seq, line) for the store's journal.
-    pub fn journal(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        self.entries.iter().map(|e| Ok((e.seq.unwrap_or_default(), serde_json::to_vec(e)?))).collect()
+    pub fn journal(&self) -> Vec<(u64, Vec<u8>)> {
+        self.entries.iter().zip(&self.lines).map(|(e, line)| (e.seq.unwrap_or_default(), line.clone())).collect()
     }
 
     /// The group's commit failed: what was to be done is recorded as not
     /// done, with the reason.
     pub fn failed(&mut self, error: &ApiError) {
-        for entry in self.entries.iter_mut().filter(|e| e.result == "ok") {
+        for (entry, line) in self.entries.iter_mut().zip(&mut self.lines).filter(|(e, _)| e.result == "ok") {
             entry.result = "internal".to_string();
             entry.after = None;
             entry.error = Some(error.clone());
+            *line = serde_json::to_vec(entry).unwrap_or_else(|_| std::mem::take(line));
         }
     }
 }
@@ -570,8 +573,8 @@ mod tests {
         let path = dir.join(FILE);
         let mut audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
         audit.record(&entry(&Audit::now(), "ok", 1)).unwrap();
-        let staged = audit.stage((0..3).map(|_| entry(&Audit::now(), "ok", 2)).collect());
-        let journal = staged.journal().unwrap();
+        let staged = audit.stage((0..3).map(|_| entry(&Audit::now(), "ok", 2)).collect()).unwrap();
+        let journal = staged.journal();
         assert_eq!(journal.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [2, 3, 4]);
         audit.append(staged, true).unwrap();
         assert_eq!(audit.synced(), 1, "the group's entries wait for the periodic sync");
@@ -600,8 +603,8 @@ mod tests {
     fn a_journal_older_than_an_unnumbered_last_entry_is_not_replayed() {
         let dir = scratch();
         let mut audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
-        let staged = audit.stage(vec![entry(&Audit::now(), "ok", 2)]);
-        let journal = staged.journal().unwrap();
+        let staged = audit.stage(vec![entry(&Audit::now(), "ok", 2)]).unwrap();
+        let journal = staged.journal();
         drop(audit);
         // A release without numbers wrote last.
         let old = serde_json::to_vec(&entry(&Audit::now(), "ok", 3)).unwrap();

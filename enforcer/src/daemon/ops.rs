@@ -173,7 +173,10 @@ impl Daemon {
         self.tally.commits += 1;
         // The entries are journaled with the changes: one sync for both.
         let mut staged = self.audit.stage(entries.into_iter().flatten().collect());
-        let journaled = staged.journal().and_then(|lines| self.store.journal(lines, self.audit.synced()));
+        let journaled = match &staged {
+            Ok(s) => self.store.journal(s.journal(), self.audit.synced()),
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
+        };
         if let Err(e) = &journaled {
             warn!("audit: journaling the group's entries: {e:#}");
         }
@@ -185,9 +188,11 @@ impl Daemon {
             for result in results.iter_mut().filter(|r| r.is_ok()) {
                 *result = Err(error.clone());
             }
-            staged.failed(&error);
+            if let Ok(s) = &mut staged {
+                s.failed(&error);
+            }
         }
-        if let Err(e) = self.audit.append(staged, journaled.is_ok() && committed.is_ok()) {
+        if let Err(e) = staged.and_then(|s| self.audit.append(s, journaled.is_ok() && committed.is_ok())) {
             warn!("audit: {e:#}");
         }
         results
