@@ -117,11 +117,15 @@ impl Audit {
         if cut {
             file.write_all(b"\n").context("writing the audit log")?;
         }
-        if cut || !missing.is_empty() {
-            for (_, line) in &missing {
-                file.write_all(&[line.as_slice(), b"\n"].concat()).context("writing the audit log")?;
-            }
+        for (_, line) in &missing {
+            file.write_all(&[line.as_slice(), b"\n"].concat()).context("writing the audit log")?;
+        }
+        // Synced before the daemon empties the journal: rows the log has
+        // may still be only in the page cache (a crash, not a power loss).
+        if cut || !journal.is_empty() {
             file.sync_data().context("syncing the audit log")?;
+        }
+        if cut || !missing.is_empty() {
             tracing::warn!(entries = missing.len(), cut, "audit: the log's unsynced tail was lost; appended again from the store's journal");
         }
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
