@@ -13,7 +13,9 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Names of the pinned maps (under the bpffs directory) and programs.
 pub const MAP_RULES: &str = "ENFORCER_RULES";
 pub const MAP_SLOTS: &str = "ENFORCER_SLOTS";
-pub const MAP_COUNTERS: &str = "ENFORCER_COUNTERS";
+pub const MAP_COUNTERS: &str = "ENFORCER_SLOT_COUNTERS";
+/// The per-CPU counters of earlier releases, removed at start.
+pub const MAP_COUNTERS_PER_CPU: &str = "ENFORCER_COUNTERS";
 pub const MAP_ROUTERS: &str = "ENFORCER_ROUTERS";
 pub const MAP_REVOKED: &str = "ENFORCER_REVOKED";
 pub const MAP_REVOKED_ACTIVE: &str = "ENFORCER_REVOKED_ACTIVE";
@@ -126,7 +128,7 @@ pub struct SlotValue {
     pub _pad: [u8; 7],
 }
 
-/// Per-CPU counters of one rule slot.
+/// Counters of one rule slot, shared by all CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Counters {

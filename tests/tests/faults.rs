@@ -291,6 +291,47 @@ fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
 }
 
 #[test]
+fn a_live_slot_whose_counters_were_lost_is_counted_as_having_tagged() {
+    let topo = Topology::new();
+    let (daemon, _config) = checked_every_second(&topo);
+    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+    ftp.ok("list passive");
+
+    // The counters go behind the daemon's back (as after an upgrade from a
+    // release that kept them in another map): how many packets the slot
+    // tagged is unknown now.
+    let pin = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap();
+    let mut counters: aya::maps::HashMap<_, enforcer_common::SlotKey, enforcer_common::Counters> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pin)).unwrap();
+    let keys: Vec<_> = counters.keys().map(Result::unwrap).collect();
+    assert_eq!(keys.len(), 1, "one slot counted");
+    counters.remove(&keys[0]).unwrap();
+    let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
+    eventually("the repair of the maps", || status()["map_repairs"] == 1);
+
+    // So its delete cleans conntrack instead of trusting a zero.
+    let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
+    assert_eq!(report["never_tagged"], json!(null), "{report}");
+    assert!(report["conntrack_entries_removed"].as_u64().unwrap() >= 1, "{report}");
+    ftp.fails("noop");
+}
+
+#[test]
+fn the_per_cpu_counters_of_an_earlier_release_are_unpinned_at_start() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::enforcing(&topo);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    // Any map pinned under the old name stands for the old one.
+    let legacy = daemon.bpffs.join(enforcer_common::MAP_COUNTERS_PER_CPU);
+    aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_SLOTS)).unwrap().pin(&legacy).unwrap();
+    daemon.restart();
+    assert!(!legacy.exists(), "the old pin is gone");
+    assert_eq!(daemon.live_ports(), vec![21], "enforcement goes on");
+}
+
+#[test]
 fn the_check_leaves_alone_what_revoked_slots_still_count() {
     let topo = Topology::new();
     let (daemon, _config) = checked_every_second(&topo);

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData};
 use enforcer_common::{
     Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RouterIndex, RouterValue, RuleKey,
     RuleValue, SlotKey, SlotValue,
@@ -23,7 +23,7 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
 pub fn read(dir: &Path) -> Result<Dump> {
     let rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(open(dir, MAP_RULES)?)?;
     let slots: HashMap<_, SlotKey, SlotValue> = HashMap::try_from(open(dir, MAP_SLOTS)?)?;
-    let counters: PerCpuHashMap<_, SlotKey, Counters> = PerCpuHashMap::try_from(open(dir, MAP_COUNTERS)?)?;
+    let counters: HashMap<_, SlotKey, Counters> = HashMap::try_from(open(dir, MAP_COUNTERS)?)?;
     let routers: HashMap<_, RouterIndex, RouterValue> = HashMap::try_from(open(dir, MAP_ROUTERS)?)?;
 
     let router_ids: std::collections::HashMap<RouterIndex, String> = routers
@@ -39,7 +39,7 @@ pub fn read(dir: &Path) -> Result<Dump> {
 
     let mut out = Vec::new();
     for entry in counters.iter() {
-        let (key, per_cpu) = entry.context("reading counters")?;
+        let (key, counts) = entry.context("reading counters")?;
         let live = slots.get(&key, 0).ok();
         let rule = rule_of.get(&key);
         let helper_id = rule.map(|(_, v)| v.helper).or(live.map(|v| v.helper));
@@ -51,8 +51,8 @@ pub fn read(dir: &Path) -> Result<Dump> {
             port: rule.map(|(k, _)| k.port),
             helper: helper_id.and_then(catalogue::by_id).map(|h| h.name.to_string()),
             state: if live.is_some() { "live" } else { "revoked" }.to_string(),
-            tagged: per_cpu.iter().map(|c| c.tagged).sum(),
-            dropped: per_cpu.iter().map(|c| c.dropped).sum(),
+            tagged: counts.tagged,
+            dropped: counts.dropped,
         });
     }
     out.sort_by(|a, b| (&a.router_id, a.router_index, a.slot).cmp(&(&b.router_id, b.router_index, b.slot)));

@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{HashMap, MapData},
     programs::{SchedClassifier, TcAttachType, links::FdLink},
 };
 pub use attach::{AttachMode, AttachSetting};
@@ -48,7 +48,7 @@ pub struct Datapath {
     rules: HashMap<MapData, RuleKey, RuleValue>,
     ports: ports::Ports,
     slots: HashMap<MapData, SlotKey, SlotValue>,
-    counters: PerCpuHashMap<MapData, SlotKey, Counters>,
+    counters: HashMap<MapData, SlotKey, Counters>,
     routers: HashMap<MapData, RouterIndex, RouterValue>,
     revoked: HashMap<MapData, FlowKey, RevokedFlow>,
     revoked_active: aya::maps::Array<MapData, u32>,
@@ -165,6 +165,7 @@ impl Datapath {
             return Err(anyhow!("{} is not on a bpf filesystem", dir.display()));
         }
         pins::check(dir, max_rules, revoked.capacity)?;
+        pins::remove_legacy(dir)?;
         let mut loader = Loader::new(dir, layout, max_rules, revoked);
         let mut control = loader.instance(0)?;
         fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -470,13 +471,12 @@ impl Datapath {
     /// always finds its slot live.
     pub fn allow(&mut self, router: RouterIndex, proto: u8, port: u16, helper: u8, slot: u16) -> Result<()> {
         let key = SlotKey::new(router, slot as u32);
-        let cpus = nr_cpus()?;
-        // A per-CPU entry of a map that is not preallocated comes from
-        // caches the kernel refills in the background: a burst of inserts
-        // can find them empty for a moment (ENOMEM) with memory to spare.
+        // An entry of a map that is not preallocated comes from caches the
+        // kernel refills in the background: a burst of inserts can find
+        // them empty for a moment (ENOMEM) with memory to spare.
         let mut wait = std::time::Duration::from_millis(1);
         loop {
-            match self.counters.insert(key, PerCpuValues::try_from(vec![Counters::default(); cpus])?, 0) {
+            match self.counters.insert(key, Counters::default(), 0) {
                 Err(aya::maps::MapError::SyscallError(e))
                     if e.io_error.raw_os_error() == Some(libc::ENOMEM) && wait <= std::time::Duration::from_millis(32) =>
                 {
@@ -514,11 +514,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Packets the rule in `slot` has tagged since it was allowed, over all
-    /// CPUs (an error if its counters are not there).
+    /// Packets the rule in `slot` has tagged since it was allowed (an error
+    /// if its counters are not there).
     pub fn tagged(&self, router: RouterIndex, slot: u16) -> Result<u64> {
-        let values = self.counters.get(&SlotKey::new(router, slot as u32), 0).context("reading rule counters")?;
-        Ok(values.iter().map(|c| c.tagged).sum())
+        Ok(self.counters.get(&SlotKey::new(router, slot as u32), 0).context("reading rule counters")?.tagged)
     }
 
     /// Brings the maps in line with `want`; with `apply` false only counts
@@ -533,8 +532,8 @@ impl Datapath {
         let want_routers: StdHashMap<RouterIndex, RouterValue> =
             want.routers.iter().map(|(i, id)| (*i, RouterValue { id: *id.as_bytes() })).collect();
         // Counters are kept for live and quarantined slots and for slots that
-        // revoked flows name; their values are per-CPU statistics, so only
-        // presence is compared.
+        // revoked flows name; their values are statistics, so only presence
+        // is compared.
         let counted: HashSet<SlotKey> = want_slots
             .keys()
             .copied()
@@ -562,7 +561,11 @@ impl Datapath {
             return Ok(drift);
         }
         for key in counters_add {
-            self.counters.insert(key, PerCpuValues::try_from(vec![Counters::default(); nr_cpus()?])?, 0)?;
+            // What the slot tagged before is unknown (its counters were
+            // lost, or kept by an earlier release in another map): counted
+            // as having tagged, so that its delete cleans conntrack.
+            let tagged = u64::from(want_slots.contains_key(&key));
+            self.counters.insert(key, Counters { tagged, dropped: 0 }, 0)?;
         }
         for (k, v) in slots_add {
             self.slots.insert(k, v, 0)?;
@@ -909,15 +912,5 @@ fn interned(index: RouterIndex) -> &'static RouterIndex {
         std::sync::Mutex::new(std::collections::BTreeMap::new());
     let mut indexes = INDEXES.lock().unwrap_or_else(|p| p.into_inner());
     indexes.entry(index).or_insert_with(|| Box::leak(Box::new(index)))
-}
-
-/// Possible CPUs (the width of per-CPU values), read once.
-fn nr_cpus() -> Result<usize> {
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    if let Some(n) = CPUS.get() {
-        return Ok(*n);
-    }
-    let n = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-    Ok(*CPUS.get_or_init(|| n))
 }
 
