@@ -27,7 +27,9 @@ fn init_logging() {
         tracing_subscriber::registry().with(journal.with_syslog_identifier("enforcer".into())).with(filter()).init();
         return;
     }
-    tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init();
+    // Colours only for a person at a terminal: a log file gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter()).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn main() {

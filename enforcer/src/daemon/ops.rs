@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::Result;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Acting, DEFAULT_PROJECT, Daemon, GlueDone, RouterState, kind_of, netns_id, rule_key};
 use crate::{
@@ -598,7 +598,7 @@ impl Daemon {
         }
         // Flows of this tuple revoked earlier are wanted again.
         let cleared = self.datapath.clear_revoked(index, protocol.number(), port);
-        info!(router = %router, helper = %id, cleared, "{protocol}/{port} -> {} (slot {slot})", kind.name);
+        debug!(router = %router, helper = %id, cleared, "{protocol}/{port} -> {} (slot {slot})", kind.name);
         self.index.add(&record);
         self.helpers.insert((router, id), record.clone());
         Ok(Reply::Helper(record.helper))
@@ -659,7 +659,7 @@ impl Daemon {
             // Flows of the new tuple revoked earlier are wanted again.
             self.datapath.clear_revoked(index, protocol.number(), port);
         }
-        info!(router = %key.0, helper = %key.1, "updated to {protocol}/{port} -> {} (slot {slot}, slot {} revoked)", kind.name, old.slot);
+        debug!(router = %key.0, helper = %key.1, "updated to {protocol}/{port} -> {} (slot {slot}, slot {} revoked)", kind.name, old.slot);
         self.index.remove(&old);
         self.index.add(&new);
         self.helpers.insert(key.clone(), new.clone());
@@ -688,7 +688,7 @@ impl Daemon {
                 return Err(e.into());
             }
         };
-        info!(router = %key.0, helper = %key.1, "deleted; slot {} revoked", old.slot);
+        debug!(router = %key.0, helper = %key.1, "deleted; slot {} revoked", old.slot);
         self.helpers.remove(&key);
         self.index.remove(&old);
         self.revoked_slot(&key.0, old.slot, &report, by.origin);
