@@ -40,6 +40,9 @@ pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Default bpffs directory of the pinned maps.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/enforcer";
 
+/// Map update flag: insert only if the key is absent (EEXIST otherwise).
+const BPF_NOEXIST: u64 = 1;
+
 /// The pinned maps, and an instance of the programs for router index 0
 /// (never a router; used for BPF_PROG_TEST_RUN).
 pub struct Datapath {
@@ -488,18 +491,22 @@ impl Datapath {
         }
         self.slots.insert(key, SlotValue { helper, _pad: [0; 7] }, 0).context("marking slot live")?;
         let rule = RuleKey::new(router, proto, port);
-        let new = self.rules.get(&rule, 0).is_err();
-        if new {
-            self.ports.add(&rule)?;
-        }
-        let inserted = self
-            .rules
-            .insert(rule, RuleValue { slot, helper, _pad: [0; 5] }, 0)
-            .context("inserting rule (is the rules map full? see max_rules)");
-        if inserted.is_err() && new {
+        let value = RuleValue { slot, helper, _pad: [0; 5] };
+        // The port is listed before the rule goes in, so its first packet is
+        // looked up. A rule already there (found by the insert itself, with
+        // no lookup first) is replaced and its port stays counted once.
+        self.ports.add(&rule)?;
+        let inserted = match self.rules.insert(rule, value, BPF_NOEXIST) {
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                self.ports.remove(&rule)?;
+                return self.rules.insert(rule, value, 0).context("replacing rule");
+            }
+            other => other,
+        };
+        if inserted.is_err() {
             self.ports.remove(&rule)?;
         }
-        inserted
+        inserted.context("inserting rule (is the rules map full? see max_rules)")
     }
 
     /// Revokes a rule: stop tagging, then kill the slot, so every packet

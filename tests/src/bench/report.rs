@@ -397,11 +397,13 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          still costs its own request round trip, validation, map updates and audit line on two cores, and one \
          client waits for the disk's sync on every change. A helper set request carries many changes in one round \
          trip ({:.0} helpers per second), and pipelined requests many changes per connection (§8). What is left \
-         per change, measured with `perf`: the kernel's insert of the rule's per-CPU counters (a per-CPU \
-         allocation: a create costs 32 us in the kernel on a fresh slot and 7 to 9 us when its counters exist, \
-         about a quarter of the daemon's time), the store write and the audit line. The way on: counters kept \
-         with a released slot and zeroed in place when it is taken again, or allocated ahead in batches off the \
-         request path. The per-change comparison with iptables-restore counts enforcer's create + \
+         per change, measured with `perf` (16 clients pipelining creates on one router): the daemon's one busy thread \
+         spends about a third in the store's commit and inserts, a fifth in the map updates (three `bpf` calls), a \
+         sixth writing and logging the audit line, and an eighth in malloc; the second core idles about 40% of the \
+         time, as the group loop is one thread. The rule counters were per-CPU until this run: each create paid the \
+         kernel's per-CPU allocation (32 us against 7 to 9 us), and one entry shared by all CPUs, added to \
+         atomically, took creates from about 10,400 to 15,200 per second back to back. The way on: the next group \
+         prepared while one commits, the map updates of a group in one `BPF_MAP_UPDATE_BATCH` per map. The per-change comparison with iptables-restore counts enforcer's create + \
          delete halved; the Neutron delete grows with N (a whole-table save and restore) while enforcer's does not, \
          so the ratio grows with N ({:.0}x at the largest N measured). Chain costs derived from forwarding rates are \
          noisy on 2 vCPUs.",
@@ -425,7 +427,11 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          A delete costs one sync of the disk (the store's; its audit entry is journaled in the same transaction), \
          down from two: 1.69 to 1.23 ms p50 at 1,000 routers, 0.79 to 0.58 ms with one router, measured back to \
          back. What the rest costs at 1,000 routers, twice the one-router figure, is not located yet. \
-         Memory under churn: the growth is a malloc heap that the runtime's threads grow page by page while routers are added again after being removed (300 routers: 35 MiB, 40 after the removes, 51 after the adds; `perf` shows no large mmap by the daemon, only single-page mprotects of an arena's heap), and that `malloc_trim` cannot hand back: pages still hold live allocations. A fixed mmap threshold, one arena, or redb's cache at 2 MiB instead of 16 change nothing; jemalloc (two arenas, freed pages purged after 1 s) makes it worse (52 to 117 MiB) though creates run a third faster. Repeated, the churn costs less each round (300 routers, five rounds of removing and adding every router: 53, 58, 61, 63, 65 MiB), which looks like the high-water mark of a fragmented heap more than a leak per router, but it has not stopped after five rounds. The next step is a heap profile of the add path after a remove, to find what each re-add keeps."
+         Memory under churn: the growth is a malloc heap that the runtime's threads grow page by page while routers are added again after being removed (300 routers: 35 MiB, 40 after the removes, 51 after the adds; `perf` shows no large mmap by the daemon, only single-page mprotects of an arena's heap), and that `malloc_trim` cannot hand back: pages still hold live allocations. A fixed mmap threshold, one arena, or redb's cache at 2 MiB instead of 16 change nothing; jemalloc (two arenas, freed pages purged after 1 s) makes it worse (52 to 117 MiB) though creates run a third faster. It grows only after a restart: without one, 200 routers removed and added four times end where they \
+         started (31.8 to 32.5 MiB); after a restart, 150 routers removed and added seven times grow by 7.0, 2.4, \
+         1.0, 0.6, 0.4, 0.3 and 0.2 MiB, so it levels off, and glibc's `malloc_stats` counts the growth as \
+         memory in use, not free pages. The next step is a heap profile of a restarted daemon from its start, to \
+         find what its first adds keep that a daemon that added the routers itself does not."
     );
     std::fs::write(dir.join("results.md"), md)
 }
