@@ -290,14 +290,21 @@ fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
     assert_eq!(repair["before"]["maps"]["rules_added"], 1, "{repair}");
 }
 
+/// A daemon checking every second and an FTP helper on port 21 that a
+/// session is using: (daemon, its configuration, helper id, server, session).
+fn ftp_in_use(topo: &Topology) -> (Daemon, enforcer_tests::Scratch, String, FtpServer, FtpClient) {
+    let (daemon, config) = checked_every_second(topo);
+    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let server = FtpServer::start(topo, Family::V4);
+    let mut ftp = FtpClient::login(topo, Family::V4);
+    ftp.ok("list passive");
+    (daemon, config, id, server, ftp)
+}
+
 #[test]
 fn a_live_slot_whose_counters_were_lost_is_counted_as_having_tagged() {
     let topo = Topology::new();
-    let (daemon, _config) = checked_every_second(&topo);
-    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    let _server = FtpServer::start(&topo, Family::V4);
-    let mut ftp = FtpClient::login(&topo, Family::V4);
-    ftp.ok("list passive");
+    let (daemon, _config, id, _server, mut ftp) = ftp_in_use(&topo);
 
     // The counters go behind the daemon's back (as after an upgrade from a
     // release that kept them in another map): how many packets the slot
@@ -334,11 +341,7 @@ fn the_per_cpu_counters_of_an_earlier_release_are_unpinned_at_start() {
 #[test]
 fn the_check_leaves_alone_what_revoked_slots_still_count() {
     let topo = Topology::new();
-    let (daemon, _config) = checked_every_second(&topo);
-    let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    let _server = FtpServer::start(&topo, Family::V4);
-    let mut ftp = FtpClient::login(&topo, Family::V4);
-    ftp.ok("list passive");
+    let (daemon, _config, id, _server, mut ftp) = ftp_in_use(&topo);
     // Its flows are kept dropped, counted on the revoked slot.
     daemon.delete_helper(&topo.router_id, &id);
     ftp.fails("noop");
