@@ -29,7 +29,9 @@ pub const MAP_PORTS: &str = "ENFORCER_PORTS";
 /// the one the daemon reads.
 pub const MAP_LOGS: &str = "AYA_LOGS";
 pub const PROG_TAG: &str = "tag";
-pub const PROG_ENFORCE: &str = "enforce";
+/// The egress program of earlier releases: its attachments are removed at
+/// an upgrade.
+pub const PROG_LEGACY_ENFORCE: &str = "enforce";
 /// Benchmark baselines in the same object (never attached).
 pub const PROG_BASELINE_EMPTY: &str = "baseline_empty";
 pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
@@ -119,8 +121,8 @@ impl SlotKey {
     }
 }
 
-/// Value of the slots map. Presence means "live": the egress program drops
-/// every packet whose mark names a slot that is absent.
+/// Value of the slots map. Presence means "live": the slot belongs to a
+/// rule, or to a revocation not yet settled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SlotValue {
@@ -134,7 +136,7 @@ pub struct SlotValue {
 pub struct Counters {
     /// Packets the ingress program tagged for this rule.
     pub tagged: u64,
-    /// Packets the egress program dropped because the slot was revoked.
+    /// Packets of the slot's revoked flows the ingress program dropped.
     pub dropped: u64,
 }
 
@@ -190,11 +192,11 @@ pub struct RouterValue {
 ///   (after conntrack, before Neutron's mangle) assigns the helper, saves the
 ///   slot into the same bits of the ct mark and clears both from the skb mark;
 /// * the ct mark keeps the slot for the life of the connection and is
-///   inherited by its RELATED connections (Neutron leaves those bits alone);
-/// * enforcer's postrouting chain (after NAT, Neutron's last use) rewrites
-///   the whole skb mark of a connection that has a slot to `stamp | slot`,
-///   and the egress program trusts only marks carrying exactly that stamp,
-///   so a leftover Neutron mark can never be read as a slot.
+///   inherited by its RELATED connections (Neutron leaves those bits alone),
+///   so a revocation finds every connection of the rule by its mark.
+///
+/// Nothing of enforcer is in the skb mark after the prerouting chain, so no
+/// Neutron mark set later can be mistaken for one of enforcer's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct MarkLayout {
@@ -202,12 +204,7 @@ pub struct MarkLayout {
     pub helper_shift: u32,
     pub slot_mask: u32,
     pub slot_shift: u32,
-    /// The skb mark outside `slot_mask` of a packet stamped by the glue.
-    pub stamp: u32,
 }
-
-/// Source of the stamp: its bits outside the slot mask are the stamp.
-const STAMP_PATTERN: u32 = 0xe5f0_0e5f;
 
 impl MarkLayout {
     /// Helper id in skb mark bits 16-19 (only between TC ingress and the
@@ -221,7 +218,6 @@ impl MarkLayout {
             helper_shift: helper_mask.trailing_zeros() % 32,
             slot_mask,
             slot_shift: slot_mask.trailing_zeros() % 32,
-            stamp: STAMP_PATTERN & !slot_mask,
         }
     }
 
@@ -252,18 +248,6 @@ impl MarkLayout {
     #[inline(always)]
     pub const fn helper(&self, mark: u32) -> u8 {
         ((mark & self.helper_mask) >> self.helper_shift) as u8
-    }
-
-    /// The mark the postrouting glue writes for a connection with `slot`.
-    #[inline(always)]
-    pub const fn stamped(&self, slot: u32) -> u32 {
-        self.stamp | ((slot << self.slot_shift) & self.slot_mask)
-    }
-
-    /// The slot of a mark the glue stamped; None for any other mark.
-    #[inline(always)]
-    pub const fn stamped_slot(&self, mark: u32) -> Option<u32> {
-        if mark & !self.slot_mask == self.stamp { Some(self.slot(mark)) } else { None }
     }
 }
 

@@ -1,16 +1,16 @@
-//! TC programs of enforcer.
+//! The TC program of enforcer.
 //!
 //! `tag` (ingress) writes the helper id and rule slot of an allowed
-//! (router, protocol, destination port) into `skb->mark`; enforcer's nftables
-//! chains turn that into the helper, keep the slot in the conntrack mark
-//! (which RELATED connections inherit) and stamp it back into the skb mark
-//! after NAT. `enforce` (egress) drops every packet whose stamped mark names
-//! a rule slot that is no longer live: deleting the slot revokes the control
-//! connection and every data connection it opened.
+//! (router, protocol, destination port) into `skb->mark`; enforcer's
+//! nftables chain turns that into the helper and keeps the slot in the
+//! conntrack mark, which RELATED connections inherit, so the daemon finds
+//! every connection of a rule by its mark. It also drops every packet of a
+//! flow in the revoked-flows map: a revocation puts there the flows of
+//! every conntrack entry carrying the rule's slot before it deletes them.
 //!
-//! Both programs share their hook with others (Neutron's tc filters, other
-//! tcx programs): without a verdict they return `TC_ACT_UNSPEC` (TCX_NEXT),
-//! so the packet goes on to whoever is attached after them; only a drop ends
+//! It shares its hook with others (Neutron's tc filters, other tcx
+//! programs): without a verdict it returns `TC_ACT_UNSPEC` (TCX_NEXT), so
+//! the packet goes on to whoever is attached after it; only a drop ends
 //! the chain.
 #![no_std]
 #![no_main]
@@ -40,6 +40,8 @@ const NO_PREALLOC: u32 = 1;
 #[map(name = "ENFORCER_RULES")]
 static RULES: HashMap<RuleKey, RuleValue> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
+/// Live slots: kept by the daemon for its own bookkeeping (and in the
+/// pins, for `maps dump`); no program reads it.
 #[map(name = "ENFORCER_SLOTS")]
 static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
@@ -217,29 +219,6 @@ fn debugging() -> bool {
     }
     *budget -= 1;
     true
-}
-
-#[classifier]
-pub fn enforce(ctx: TcContext) -> i32 {
-    // Only a mark the postrouting glue stamped carries a slot; any other
-    // mark is someone else's and is left as it is.
-    let Some(slot) = layout().stamped_slot(mark(&ctx)) else {
-        return NEXT;
-    };
-    // Nothing of enforcer travels on beyond the router.
-    ctx.set_mark(0);
-    if slot == 0 {
-        return NEXT;
-    }
-    let key = SlotKey::new(router(), slot);
-    if unsafe { SLOTS.get(&key) }.is_some() {
-        return NEXT;
-    }
-    count(&key, Count::Dropped);
-    if debugging() {
-        aya_log_ebpf::info!(&ctx, "dropped: router {} slot {}: the slot's rule was revoked", key.router, slot);
-    }
-    TC_ACT_SHOT
 }
 
 /// Benchmark baseline: the cheapest possible TC program.

@@ -1,4 +1,4 @@
-//! The one packet parser both programs share.
+//! The packet parser of the program.
 //!
 //! It reads the skb's linear data directly where the bytes are there (the
 //! common case, and several times cheaper than a helper call), and through

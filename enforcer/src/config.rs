@@ -22,8 +22,8 @@ pub struct Config {
     /// prerouting chain, which clears them (contiguous).
     pub helper_mask: u32,
     /// ct mark bits that keep the rule slot (contiguous, 12 to 16 bits);
-    /// the same bits carry it in the skb mark from the postrouting chain
-    /// to TC egress. Must be bits no one else keeps in the ct mark.
+    /// the same bits carry it in the skb mark from TC ingress to the
+    /// prerouting chain. Must be bits no one else keeps in the ct mark.
     pub slot_mask: u32,
     /// Capacity of the rules map, all routers together.
     pub max_rules: u32,
@@ -221,13 +221,6 @@ mod tests {
         assert_eq!(c.max_slot(), u16::MAX);
         // Neutron keeps its address scope in the upper half of the ct mark.
         assert_eq!(layout.slot_mask & 0xffff_0000, 0);
-        // The stamp is outside the slot bits and never a plain Neutron mark.
-        assert_eq!(layout.stamp & layout.slot_mask, 0);
-        assert_ne!(layout.stamp, 0);
-        for neutron in [0x0400_0000u32, 0x0400_0001, 0x0400_0002, 0x1, 0x2] {
-            assert_eq!(layout.stamped_slot(neutron), None, "{neutron:#x}");
-        }
-        assert_eq!(layout.stamped_slot(layout.stamped(7)), Some(7));
     }
 
     #[test]

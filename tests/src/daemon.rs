@@ -267,7 +267,8 @@ impl Daemon {
 /// thread, also while the daemon restarts.
 pub fn attached_programs(bpffs: &std::path::Path, ns: &std::path::Path) -> Vec<u32> {
         use aya::programs::{SchedClassifier, TcAttachType};
-        // tag reads the rules map, enforce the slots map.
+        // tag reads the rules map (the egress program of earlier releases,
+        // the slots map).
         let ids: Vec<u32> = ["ENFORCER_RULES", "ENFORCER_SLOTS"]
             .iter()
             .map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id())

@@ -123,7 +123,7 @@ fn router_remove_takes_everything_away() {
     daemon.add_router(r);
     daemon.create_helper(r, "tcp", 21, "ftp");
     assert!(topo.router.ruleset().contains("table inet enforcer"));
-    assert_eq!(daemon.attachments(&topo.router), 4, "tag and enforce on r0 and r1");
+    assert_eq!(daemon.attachments(&topo.router), 2, "tag on r0 and r1");
     let mode = daemon.cli(&["status", "-o", "json"]).ok().json()["attach"].clone();
     let expected = if std::env::var("ENFORCER_ATTACH").as_deref() == Ok("netlink") { "netlink" } else { "tcx" };
     assert_eq!(mode, expected, "status says how the programs are attached");

@@ -358,7 +358,7 @@ fn an_upgrade_replaces_the_programs_in_place_without_a_gap() {
     let mut ftp = FtpClient::login(&topo, Family::V4);
     ftp.ok("retr small.bin passive");
     let first = daemon.attached_programs(&topo.router);
-    assert_eq!(first.len(), 4, "tag and enforce on both interfaces");
+    assert_eq!(first.len(), 2, "tag on both interfaces");
 
     // A plain restart: same programs, nothing replaced.
     daemon.restart();
@@ -366,7 +366,7 @@ fn an_upgrade_replaces_the_programs_in_place_without_a_gap() {
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
     assert_eq!(status["started_with"]["programs_replaced"], 0, "{status}");
 
-    // The upgrade, watched: the hooks never run fewer than four programs.
+    // The upgrade, watched: the hooks never run fewer than two programs.
     let record = daemon.state.join("programs-attached");
     assert!(record.exists(), "the programs attached are recorded in the state directory");
     std::fs::write(&record, "an older build\n").unwrap();
@@ -384,16 +384,87 @@ fn an_upgrade_replaces_the_programs_in_place_without_a_gap() {
     daemon.restart();
     watching.store(0, Ordering::SeqCst);
     watcher.join().unwrap();
-    assert_eq!(fewest.load(Ordering::SeqCst), 4, "the hooks always ran enforcer's programs");
+    assert_eq!(fewest.load(Ordering::SeqCst), 2, "the hooks always ran enforcer's programs");
     let upgraded = daemon.attached_programs(&topo.router);
-    assert_eq!(upgraded.len(), 4, "no second copy");
+    assert_eq!(upgraded.len(), 2, "no second copy");
     assert!(upgraded.iter().all(|id| !first.contains(id)), "every program replaced: {first:?} -> {upgraded:?}");
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
-    assert_eq!(status["started_with"]["programs_replaced"], 4, "{status}");
+    assert_eq!(status["started_with"]["programs_replaced"], 2, "{status}");
     assert_ne!(std::fs::read_to_string(&record).unwrap(), "an older build\n", "the new programs are recorded");
 
     // The control connection made before the upgrade goes on, with its
     // helper, and so does a new one.
     ftp.ok("retr small.bin passive");
     FtpClient::login(&topo, Family::V4).ok("retr small.bin active");
+}
+
+/// Programs on the egress hook of `iface` in the namespace at `ns`: tcx
+/// programs and classic bpf filters.
+fn on_egress(ns: &std::path::Path, iface: &str) -> usize {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    enforcer::kernel::netns::run_in(ns, || {
+        let tcx = SchedClassifier::query_tcx(iface, TcAttachType::Egress).map(|(_, p)| p.len()).unwrap_or(0);
+        let out = std::process::Command::new("tc").args(["-j", "filter", "show", "dev", iface, "egress"]).output()?;
+        let filters: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        // tc lists each filter under a line for its priority: only entries
+        // with options are filters.
+        let classic = filters.as_array().into_iter().flatten().filter(|f| f["kind"] == "bpf" && f["options"].is_object()).count();
+        Ok(tcx + classic)
+    })
+    .expect("listing the egress hook")
+}
+
+/// Earlier releases also ran a program on egress. An upgrade detaches it
+/// (tcx: its pinned link; netlink: its filter at enforcer's priority and
+/// handle) and enforcement goes on with the one program on ingress.
+#[test]
+fn an_upgrade_detaches_the_egress_program_of_an_earlier_release() {
+    use aya::programs::{SchedClassifier, TcAttachType, tc::{NlOptions, TcAttachOptions}};
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let netlink = daemon.cli(&["status", "-o", "json"]).ok().json()["attach"] == "netlink";
+    let ns = std::path::PathBuf::from(topo.router.path());
+
+    // What the earlier release left on r0's egress hook, as it left it.
+    let maps = std::path::PathBuf::from("/sys/fs/bpf").join(enforcer_tests::unique("legacy"));
+    let _datapath = enforcer::kernel::Datapath::load(&maps, enforcer_common::MarkLayout::DEFAULT, 1_000, Default::default()).expect("maps");
+    let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&maps).load(enforcer::kernel::PROGRAMS).expect("programs");
+    let prog: &mut SchedClassifier = ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    let (_, ifindex) = enforcer::kernel::netns::run_in(&ns, enforcer::kernel::netns::interfaces)
+        .unwrap()
+        .into_iter()
+        .find(|(name, _)| name == "r0")
+        .expect("r0");
+    enforcer::kernel::netns::run_in(&ns, || {
+        if netlink {
+            let options = NlOptions { priority: enforcer::kernel::attach::NETLINK_PRIORITY, handle: enforcer::kernel::attach::NETLINK_HANDLE, classid: None };
+            let id = prog.attach_with_options("r0", TcAttachType::Egress, TcAttachOptions::Netlink(options))?;
+            std::mem::forget(prog.take_link(id)?);
+        } else {
+            let id = prog.attach("r0", TcAttachType::Egress)?;
+            let link: aya::programs::links::FdLink = prog.take_link(id)?.try_into()?;
+            let dir = daemon.pins().into_iter().find_map(|p| p.split_once("/routers/").map(|(_, r)| r.split('/').next().unwrap_or_default().to_string())).expect("the router's pins");
+            link.pin(daemon.bpffs.join("routers").join(dir).join(format!("if{ifindex}_{}", enforcer_common::PROG_LEGACY_ENFORCE)))?;
+        }
+        Ok(())
+    })
+    .expect("attaching the earlier release's egress program");
+    assert_eq!(on_egress(&ns, "r0"), 1);
+    // And its glue's postrouting chain.
+    topo.router.sh("nft", &["add", "chain", "inet", "enforcer", "post", "{ type filter hook postrouting priority 300; }"]);
+
+    // The upgrade.
+    std::fs::write(daemon.state.join("programs-attached"), "an older build\n").unwrap();
+    daemon.restart();
+    assert_eq!(on_egress(&ns, "r0"), 0, "the earlier release's egress program is gone");
+    assert_eq!(daemon.attachments(&topo.router), 2, "tag on both interfaces");
+    let status = daemon.cli(&["status", "-o", "json"]).ok().json();
+    assert_eq!(status["started_with"]["links_detached"], 1, "{status}");
+    assert!(!topo.router.ruleset().contains("chain post"), "{}", topo.router.ruleset());
+    let _server = FtpServer::start(&topo, Family::V4);
+    FtpClient::login(&topo, Family::V4).ok("retr small.bin passive");
+    let _ = std::fs::remove_dir_all(&maps);
 }

@@ -203,9 +203,9 @@ fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
     assert_eq!(glue(), installed, "put back exactly as installed");
 
     // One rule gone: the table is still there, only the whole check sees it.
-    let listed = topo.router.sh("nft", &["-a", "list", "chain", "inet", "enforcer", "post"]);
+    let listed = topo.router.sh("nft", &["-a", "list", "chain", "inet", "enforcer", "pre"]);
     let handle = listed.lines().rev().find_map(|l| l.rsplit_once("# handle ")).expect("a rule with a handle").1.trim().to_string();
-    topo.router.sh("nft", &["delete", "rule", "inet", "enforcer", "post", "handle", &handle]);
+    topo.router.sh("nft", &["delete", "rule", "inet", "enforcer", "pre", "handle", &handle]);
     assert_ne!(glue(), installed);
     eventually("the repair of a deleted rule", || status()["glue_repairs"] == 2);
     assert_eq!(glue(), installed);

@@ -1,10 +1,11 @@
-//! Complete revocation of a rule slot: the datapath stops tagging and drops
-//! the slot's packets at once; then the router's conntrack table is cleaned
-//! of every entry carrying the slot (control and RELATED connections, and
-//! with them their expectations), while the flows of those entries are kept
-//! dead in the datapath so conntrack cannot pick them up again mid-stream.
+//! Complete revocation of a rule slot. The flows of every conntrack entry
+//! carrying the slot (control and RELATED connections) are put in the
+//! revoked-flows map, where the ingress program drops them, before the rule
+//! leaves the maps; then the entries are deleted (their expectations go
+//! with them), and the flows stay dead in the datapath so conntrack cannot
+//! pick them up again mid-stream.
 
-use std::path::Path;
+use std::{collections::HashSet, path::Path};
 
 use tracing::{info, warn};
 
@@ -50,11 +51,30 @@ impl FlushSteps for KernelFlush<'_> {
     }
 }
 
+/// The entries whose flows a revocation keeps dropped, each remembered
+/// once (a router's share of the map counts every insert).
+#[derive(Default)]
+struct Kept(HashSet<conntrack::Entry>);
+
+impl Kept {
+    /// Remembers the flows of the entries of `entries` not remembered yet.
+    fn keep(&mut self, steps: &mut impl FlushSteps, entries: &[conntrack::Entry], report: &mut RevokeReport) -> anyhow::Result<()> {
+        let new: Vec<conntrack::Entry> = entries.iter().filter(|e| self.0.insert(**e)).copied().collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let remembered = steps.remember(&new)?;
+        report.flows_kept_dead += remembered.kept;
+        report.flows_not_kept += remembered.overflowed;
+        Ok(())
+    }
+}
+
 /// Dump, remember, delete, check; repeated while entries carrying the slot
 /// remain: a connection that got the slot while this ran (its first packet
 /// was tagged just before the rule went) is revoked too. Returns how many
 /// entries still carry it after the last round.
-fn rounds(steps: &mut impl FlushSteps, report: &mut RevokeReport) -> anyhow::Result<usize> {
+fn rounds(steps: &mut impl FlushSteps, kept: &mut Kept, report: &mut RevokeReport) -> anyhow::Result<usize> {
     let mut entries = steps.carried()?;
     for _ in 0..FLUSH_ROUNDS {
         if entries.is_empty() {
@@ -63,9 +83,7 @@ fn rounds(steps: &mut impl FlushSteps, report: &mut RevokeReport) -> anyhow::Res
         report.conntrack_entries_removed += entries.len();
         // Remember the flows before their entries go: from then on a
         // packet of theirs would start a fresh, unmarked entry.
-        let remembered = steps.remember(&entries)?;
-        report.flows_kept_dead += remembered.kept;
-        report.flows_not_kept += remembered.overflowed;
+        kept.keep(steps, &entries, report)?;
         steps.delete()?;
         entries = steps.carried()?;
     }
@@ -77,16 +95,23 @@ fn rounds(steps: &mut impl FlushSteps, report: &mut RevokeReport) -> anyhow::Res
 /// to the namespace. A step that fails leaves the report's `flush_error`
 /// set (and the slot quarantined by the caller).
 pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, mark: (u32, u32), quiet_secs: u64) -> RevokeReport {
-    let mut report = RevokeReport { quiet_secs, ..Default::default() };
-    let result = netns::run_in(ns, || rounds(&mut KernelFlush { datapath, index, slot, mark }, &mut report));
+    let report = RevokeReport { quiet_secs, ..Default::default() };
+    flush_kept(&mut KernelFlush { datapath, index, slot, mark }, ns, report, Kept::default())
+}
+
+/// `flush`, after `kept` were remembered already.
+fn flush_kept(steps: &mut KernelFlush, ns: &Path, mut report: RevokeReport, mut kept: Kept) -> RevokeReport {
+    let result = netns::run_in(ns, || rounds(steps, &mut kept, &mut report));
     settle(&mut report, result);
     report
 }
 
-/// Revokes the live rule `h` of the router in `ns` completely: out of the
-/// maps, then its slot cleaned from conntrack. Returns the report, and the
-/// quarantine of the slot if something still carries it, to be written in
-/// the same transaction as the change.
+/// Revokes the live rule `h` of the router in `ns` completely. The flows
+/// of the connections it has are dropped first, then it leaves the maps,
+/// then its slot is cleaned from conntrack: nothing of its connections
+/// passes from the first step on. Returns the report, and the quarantine
+/// of the slot if something still carries it, to be written in the same
+/// transaction as the change.
 ///
 /// A rule that never tagged a packet since it was allowed (its counters
 /// start at zero then) cannot have marked a connection: the table is not
@@ -101,11 +126,30 @@ pub(super) fn revoke_rule(
     mark: (u32, u32),
     quiet_secs: u64,
 ) -> anyhow::Result<(RevokeReport, Vec<Change>)> {
-    super::ops::revoke_record(datapath, index, h)?;
+    let mut report = RevokeReport { quiet_secs, ..Default::default() };
+    let mut kept = Kept::default();
     if datapath.tagged(index, h.slot).is_ok_and(|n| n == 0) {
-        return Ok((RevokeReport { quiet_secs, slot_released: true, never_tagged: true, ..Default::default() }, Vec::new()));
+        super::ops::revoke_record(datapath, index, h)?;
+        if datapath.tagged(index, h.slot).is_ok_and(|n| n == 0) {
+            return Ok((RevokeReport { slot_released: true, never_tagged: true, ..report }, Vec::new()));
+        }
+    } else {
+        let mut steps = KernelFlush { datapath, index, slot: h.slot, mark };
+        let before = netns::run_in(ns, || {
+            let now = steps.carried()?;
+            kept.keep(&mut steps, &now, &mut report)
+        });
+        if let Err(e) = before {
+            // The rounds below try again, once the rule is out.
+            warn!(slot = h.slot, "keeping the rule's connections dropped before it goes: {e:#}");
+        }
+        if let Err(e) = super::ops::revoke_record(datapath, index, h) {
+            // The rule stays: its connections must not stay dropped.
+            datapath.forget_revoked(index, kept.0.iter());
+            return Err(e);
+        }
     }
-    let report = flush(datapath, ns, index, h.slot, mark, quiet_secs);
+    let report = flush_kept(&mut KernelFlush { datapath, index, slot: h.slot, mark }, ns, report, kept);
     let more = if report.slot_released { Vec::new() } else { vec![Change::Quarantine { router_id: h.helper.router_id.clone(), slot: h.slot }] };
     Ok((report, more))
 }
@@ -249,7 +293,7 @@ mod tests {
     fn run(script: Vec<Vec<conntrack::Entry>>, delete_fails: bool) -> (RevokeReport, Scripted) {
         let mut steps = Scripted { dumps: script.into(), remembered: Vec::new(), deletes: 0, delete_fails };
         let mut report = RevokeReport::default();
-        let result = rounds(&mut steps, &mut report);
+        let result = rounds(&mut steps, &mut Kept::default(), &mut report);
         settle(&mut report, result);
         (report, steps)
     }
@@ -280,6 +324,21 @@ mod tests {
         assert!(report.flush_error.as_deref().is_some_and(|e| e.contains("busy")), "{report:?}");
         assert_eq!(steps.remembered, vec![entry(21)], "the flows were remembered before the delete");
         assert_eq!(report.flows_kept_dead, 2);
+    }
+
+    #[test]
+    fn an_entry_seen_in_several_rounds_is_remembered_once() {
+        // Kept before the rule went, then found again by each round: one
+        // insert per direction, so the router's share counts it once.
+        let mut steps = Scripted { dumps: vec![vec![entry(21)], vec![entry(21), entry(2121)], vec![]].into(), remembered: Vec::new(), deletes: 0, delete_fails: false };
+        let (mut report, mut kept) = (RevokeReport::default(), Kept::default());
+        let before = steps.carried().unwrap();
+        kept.keep(&mut steps, &before, &mut report).unwrap();
+        let result = rounds(&mut steps, &mut kept, &mut report);
+        settle(&mut report, result);
+        assert!(report.slot_released, "{report:?}");
+        assert_eq!(steps.remembered, vec![entry(21), entry(2121)]);
+        assert_eq!(report.flows_kept_dead, 4);
     }
 
     #[test]

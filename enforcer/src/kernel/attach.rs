@@ -82,15 +82,15 @@ fn direction(kind: TcAttachType) -> &'static str {
 }
 
 /// Whether `iface` still needs a clsact qdisc (calling thread's namespace).
-/// An `ingress` qdisc (Neutron's floating IP QoS uses one) would take the
-/// egress filter onto its ingress block without a word, so it is refused.
+/// An `ingress` qdisc (Neutron's floating IP QoS uses one) is refused: it
+/// belongs to Neutron, whose filter takes the priority enforcer's needs.
 pub fn clsact_missing(iface: &str) -> Result<bool> {
     let qdiscs = tc_json(&["qdisc", "show", "dev", iface])?;
     let hook = qdiscs.as_array().into_iter().flatten().find(|q| q["handle"] == "ffff:");
     match hook.and_then(|q| q["kind"].as_str()) {
         Some("clsact") => Ok(false),
         Some(other) => bail!(
-            "{iface} has an `{other}` qdisc; netlink attach needs clsact for the egress hook and will not replace \
+            "{iface} has an `{other}` qdisc; netlink attach needs its own clsact qdisc and will not replace \
              another qdisc (and its filters). Use attach = \"tcx\" (kernel 6.6+), or move those filters to clsact"
         ),
         None => Ok(true),
@@ -129,24 +129,36 @@ pub fn netlink_attach(prog: &mut SchedClassifier, iface: &str, kind: TcAttachTyp
     Ok(missing)
 }
 
-/// Removes enforcer's filters from `iface` (calling thread's namespace);
-/// absent ones are not an error.
+/// Removes enforcer's filter from `iface`'s `kind` hook if it is there.
+/// Returns whether it was.
+fn netlink_detach_hook(iface: &str, kind: TcAttachType) -> Result<bool> {
+    if !filter_present(iface, kind)? {
+        return Ok(false);
+    }
+    SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?
+        .detach()
+        .map_err(|e| anyhow!("detaching from {iface} ({kind:?}): {e}"))?;
+    Ok(true)
+}
+
+/// Removes enforcer's filters from `iface` (calling thread's namespace),
+/// an earlier release's egress filter too; absent ones are not an error.
 pub fn netlink_detach(iface: &str) -> Result<()> {
     for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
-        if filter_present(iface, kind)? {
-            SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?
-                .detach()
-                .map_err(|e| anyhow!("detaching from {iface} ({kind:?}): {e}"))?;
-        }
+        netlink_detach_hook(iface, kind)?;
     }
     Ok(())
 }
 
-/// How many of enforcer's two filters `iface` lacks (netlink mode).
+/// Removes the egress filter an earlier release put on `iface` (at an
+/// upgrade; this release attaches on ingress only). Returns whether there
+/// was one.
+pub fn netlink_detach_legacy(iface: &str) -> Result<bool> {
+    netlink_detach_hook(iface, TcAttachType::Egress)
+}
+
+/// How many of enforcer's filters `iface` lacks (netlink mode): its one,
+/// on ingress.
 pub fn netlink_missing(iface: &str) -> Result<usize> {
-    let mut missing = 0;
-    for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
-        missing += usize::from(!filter_present(iface, kind)?);
-    }
-    Ok(missing)
+    Ok(usize::from(!filter_present(iface, TcAttachType::Ingress)?))
 }

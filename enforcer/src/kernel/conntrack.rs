@@ -27,7 +27,7 @@ pub struct Tuple5 {
 }
 
 /// A conntrack entry: its original and reply directions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Entry {
     pub orig: Tuple5,
     pub reply: Tuple5,

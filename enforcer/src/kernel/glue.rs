@@ -1,17 +1,14 @@
 //! The static netfilter glue of a router namespace: enforcer's own nftables
 //! table, `inet enforcer`, installed in one transaction for both families.
 //!
-//! Its chains run at fixed hook priorities, so they do not depend on rule
-//! order in iptables tables that Neutron's IptablesManager rewrites:
-//!
-//! * `pre`, prerouting at -180 (after conntrack at -200, before Neutron's
-//!   mangle at -150): a packet the ingress program tagged gets its helper
-//!   (`ct helper` objects, one per helper and protocol) and, if it opens a
-//!   connection, its slot in the ct mark; then the tag is cleared from the
-//!   skb mark. Untagged packets leave at the first rule.
-//! * `post`, postrouting at 300 (after NAT at 100, Neutron's last use of the
-//!   skb mark): a connection with a slot gets `stamp | slot` written over
-//!   the skb mark, for the egress program.
+//! Its one chain runs at a fixed hook priority, so it does not depend on
+//! rule order in iptables tables that Neutron's IptablesManager rewrites:
+//! `pre`, prerouting at -180 (after conntrack at -200, before Neutron's
+//! mangle at -150). A packet the ingress program tagged gets its helper
+//! (`ct helper` objects, one per helper and protocol) and, if it opens a
+//! connection, its slot in the ct mark; then the tag is cleared from the
+//! skb mark. Untagged packets leave at the first rule. One base chain is
+//! all every packet pays: nothing of enforcer is needed after NAT.
 //!
 //! Rules are built from catalogue constants and the mark layout only, as
 //! nftables JSON through the `nftables` crate: nothing a user typed.
@@ -41,11 +38,8 @@ use crate::{
 /// enforcer's table in every router namespace.
 pub const TABLE: &str = "enforcer";
 pub const PRE_CHAIN: &str = "pre";
-pub const POST_CHAIN: &str = "post";
 /// After conntrack (-200), before Neutron's mangle PREROUTING (-150).
 pub const PRE_PRIORITY: i32 = -180;
-/// After source NAT (100), where Neutron's `snat` rule reads the mark.
-pub const POST_PRIORITY: i32 = 300;
 
 /// Name of the `ct helper` object for (helper, protocol): `q931_tcp`.
 pub fn object_name(kind: &HelperKind, protocol: Protocol) -> String {
@@ -132,7 +126,6 @@ pub fn ruleset(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
         }));
     }
     batch.add(base_chain(PRE_CHAIN, NfHook::Prerouting, PRE_PRIORITY));
-    batch.add(base_chain(POST_CHAIN, NfHook::Postrouting, POST_PRIORITY));
 
     let helper_bits = || and(meta(MetaKey::Mark), layout.helper_mask);
     let new = || matches(ct("state"), Operator::IN, Expression::String(Cow::Borrowed("new")));
@@ -154,28 +147,6 @@ pub fn ruleset(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
     batch.add(rule(PRE_CHAIN, vec![new(), set(ct("mark"), and(meta(MetaKey::Mark), layout.slot_mask))]));
     batch.add(rule(PRE_CHAIN, vec![set(meta(MetaKey::Mark), and(meta(MetaKey::Mark), !layout.mask()))]));
 
-    // A foreign mark that happens to look stamped is cleared, so the egress
-    // program can never read someone else's bits as a slot.
-    batch.add(rule(
-        POST_CHAIN,
-        vec![
-            matches(and(meta(MetaKey::Mark), !layout.slot_mask), Operator::EQ, Expression::Number(layout.stamp)),
-            set(meta(MetaKey::Mark), Expression::Number(0)),
-        ],
-    ));
-    // nft cannot combine two registers, so the stamp overwrites the whole
-    // skb mark: nothing in the namespace reads it after NAT.
-    let slot_bits = || and(ct("mark"), layout.slot_mask);
-    batch.add(rule(
-        POST_CHAIN,
-        vec![
-            matches(slot_bits(), Operator::NEQ, Expression::Number(0)),
-            set(
-                meta(MetaKey::Mark),
-                Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![slot_bits(), Expression::Number(layout.stamp)]))),
-            ),
-        ],
-    ));
     batch.to_nftables()
 }
 
@@ -435,8 +406,7 @@ mod tests {
         let chains = adds(&v, "chain");
         let pre = chains.iter().find(|c| c["name"] == PRE_CHAIN).unwrap();
         assert_eq!((pre["hook"].as_str(), pre["prio"].as_i64()), (Some("prerouting"), Some(-180)));
-        let post = chains.iter().find(|c| c["name"] == POST_CHAIN).unwrap();
-        assert_eq!((post["hook"].as_str(), post["prio"].as_i64()), (Some("postrouting"), Some(300)));
+        assert_eq!(chains.len(), 1, "one base chain: every packet crosses each");
     }
 
     #[test]
@@ -452,9 +422,6 @@ mod tests {
         // Slot into the ct mark, tag cleared, keeping every other bit.
         assert!(rules[2].contains("\"ct\":{\"key\":\"mark\"}") && rules[2].contains(&0xfffu32.to_string()));
         assert!(rules[3].contains(&(!0x00f0_0fffu32).to_string()));
-        // Postrouting: lookalikes cleared, then the stamp.
-        assert!(rules[4].contains(&layout.stamp.to_string()));
-        assert!(rules[5].contains("\"|\"") && rules[5].contains(&layout.stamp.to_string()));
-        assert_eq!(rules.len(), 6);
+        assert_eq!(rules.len(), 4);
     }
 }

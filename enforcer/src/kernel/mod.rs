@@ -29,7 +29,7 @@ pub use attach::{AttachMode, AttachSetting};
 pub use crate::api::MapDrift;
 use enforcer_common::{
     Counters, FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS, MAP_REVOKED,
-    MAP_ROUTERS, MAP_RULES, MAP_SLOTS, MarkLayout, PROG_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
+    MAP_ROUTERS, MAP_RULES, MAP_SLOTS, MarkLayout, PROG_LEGACY_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
     RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
@@ -131,12 +131,18 @@ pub struct LinkChanges {
 /// A program on an interface's hook: (interface, ifindex, program, hook).
 type Hook = (String, u32, &'static str, TcAttachType);
 
-/// Each program and the hook it runs on.
-const PROGRAMS_AND_HOOKS: [(&str, TcAttachType); 2] = [(PROG_TAG, TcAttachType::Ingress), (PROG_ENFORCE, TcAttachType::Egress)];
+/// Each program and the hook it runs on: one, on ingress. (Earlier
+/// releases also ran `enforce` on egress; an upgrade detaches it.)
+const PROGRAMS_AND_HOOKS: [(&str, TcAttachType); 1] = [(PROG_TAG, TcAttachType::Ingress)];
 
 /// Pin file name of a link (bpffs refuses dots in names).
 fn pin_name(ifindex: u32, prog: &str) -> String {
     format!("if{ifindex}_{prog}")
+}
+
+/// Whether `path` pins a link of an earlier release's egress program.
+fn legacy_pin(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.strip_suffix(PROG_LEGACY_ENFORCE).is_some_and(|n| n.ends_with('_')))
 }
 
 fn pin_ifindex(path: &Path) -> Option<u32> {
@@ -247,7 +253,7 @@ impl Datapath {
         let mut h = std::hash::DefaultHasher::new();
         PROGRAMS.hash(&mut h);
         let l = self.layout;
-        (l.helper_mask, l.slot_mask, l.slot_shift, l.stamp, self.revoked_policy.quiet_ns).hash(&mut h);
+        (l.helper_mask, l.slot_mask, l.slot_shift, self.revoked_policy.quiet_ns).hash(&mut h);
         format!("{:016x}-{}", h.finish(), PROGRAMS.len())
     }
 
@@ -280,8 +286,8 @@ impl Datapath {
     }
 
     /// Makes the attachments of router `index` match the interfaces its
-    /// namespace has now: tag (ingress) and enforce (egress) on each one, so
-    /// that they outlive the daemon (see `attach`). Idempotent.
+    /// namespace has now: tag (ingress) on each one, so that they outlive
+    /// the daemon (see `attach`). Idempotent.
     pub fn sync_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid) -> Result<(Attachment, LinkChanges)> {
         // The directory also records, in netlink mode, which routers have
         // attachments (for orphans after a restart).
@@ -314,6 +320,9 @@ impl Datapath {
                         if missing {
                             attach::add_clsact(iface)?;
                         }
+                        if self.replace_programs && attach::netlink_detach_legacy(iface)? {
+                            changes.detached += 1;
+                        }
                         for (name, kind) in PROGRAMS_AND_HOOKS {
                             let prog: &mut SchedClassifier =
                                 programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
@@ -340,7 +349,10 @@ impl Datapath {
         let mut changes = LinkChanges::default();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            let keep = pin_ifindex(&path).is_some_and(|i| current.iter().any(|(_, idx)| *idx == i));
+            // An interface that is gone, or a program this build does not
+            // attach (an earlier release's egress program): unpinning the
+            // link detaches it.
+            let keep = pin_ifindex(&path).is_some_and(|i| current.iter().any(|(_, idx)| *idx == i)) && !legacy_pin(&path);
             if !keep {
                 std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
                 changes.detached += 1;
@@ -509,9 +521,9 @@ impl Datapath {
         inserted.context("inserting rule (is the rules map full? see max_rules)")
     }
 
-    /// Revokes a rule: stop tagging, then kill the slot, so every packet
-    /// still carrying it (control and RELATED data flows) is dropped on egress.
-    /// Returns once the maps say so: the next packet sees the change.
+    /// Takes a rule out of the maps: the next packet of its tuple is not
+    /// tagged. Its connections are cut by the revocation that calls this,
+    /// through the revoked-flows map (`remember_revoked`).
     pub fn revoke(&mut self, router: RouterIndex, proto: u8, port: u16, slot: u16) -> Result<()> {
         let rule = RuleKey::new(router, proto, port);
         if remove_if_present(&mut self.rules, &rule)? {
@@ -636,6 +648,20 @@ impl Datapath {
         Ok(done)
     }
 
+    /// Lets the flows of `entries` pass again (remembered for a revocation
+    /// that did not happen).
+    pub fn forget_revoked<'a>(&mut self, router: RouterIndex, entries: impl Iterator<Item = &'a conntrack::Entry>) {
+        let mut gone = 0;
+        for e in entries {
+            for t in [e.orig, e.reply] {
+                gone += usize::from(self.revoked.remove(&flow_key(router, &t)).is_ok());
+            }
+        }
+        if let Some(n) = self.revoked_per_router.get_mut(&router) {
+            *n = n.saturating_sub(gone);
+        }
+    }
+
     /// Lets the revoked flows of (router, protocol, port) pass again: a rule
     /// for that tuple was created again, and its flows are wanted. Returns
     /// how many directions were forgotten.
@@ -730,9 +756,11 @@ impl LinkCheck {
             });
         }
         let current = netns::run_in(&self.ns, netns::interfaces)?;
-        let pins: Vec<u32> =
-            std::fs::read_dir(&self.dir).map(|rd| rd.filter_map(|e| pin_ifindex(&e.ok()?.path())).collect()).unwrap_or_default();
-        let stale = pins.iter().filter(|i| !current.iter().any(|(_, c)| c == *i)).count();
+        let pins: Vec<PathBuf> = std::fs::read_dir(&self.dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
+        let stale = pins
+            .iter()
+            .filter(|p| legacy_pin(p) || pin_ifindex(p).is_none_or(|i| !current.iter().any(|(_, c)| *c == i)))
+            .count();
         let unattached = tcx_unattached(&self.dir, &self.ns, &current)?;
         Ok((unattached.len(), stale + unattached.iter().filter(|(_, stale)| *stale).count()))
     }
@@ -882,7 +910,7 @@ impl Loader {
             .override_global(GLOBAL_ROUTER, interned(index), true)
             .load(PROGRAMS)
             .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
-        for name in [PROG_TAG, PROG_ENFORCE] {
+        for (name, _) in PROGRAMS_AND_HOOKS {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
             prog.load().with_context(|| format!("verifying program {name}"))?;

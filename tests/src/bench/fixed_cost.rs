@@ -29,8 +29,8 @@ pub enum Router {
     /// Neutron's rules and enforcer's nftables table, copied from an
     /// enforced router, without the TC programs.
     GlueOnly,
-    /// Neutron's rules and an empty tcx program at every hook enforcer
-    /// uses: the price of being on the tc hooks at all.
+    /// Neutron's rules and an empty tcx program at the hook enforcer uses
+    /// on each interface: the price of being on the tc hook at all.
     EmptyPrograms,
     /// Neutron's rules and enforcer with this many helpers.
     Enforcer(usize),
@@ -137,8 +137,8 @@ impl Drop for PinnedTo {
     }
 }
 
-/// `baseline_empty` attached with tcx at both hooks of each router
-/// interface, on maps of its own.
+/// `baseline_empty` attached with tcx at the hook enforcer uses (ingress) of
+/// each router interface, on maps of its own.
 struct EmptyPrograms {
     pins: std::path::PathBuf,
     _links: Vec<aya::programs::tc::SchedClassifierLink>,
@@ -156,14 +156,12 @@ impl EmptyPrograms {
         prog.load().expect("verifying the empty program");
         let mut links = Vec::new();
         for iface in [&topo.client_if, &topo.server_if] {
-            for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
-                let link = enforcer::kernel::netns::run_in(std::path::Path::new(&topo.router.path()), || {
-                    let id = prog.attach_with_options(iface, kind, TcAttachOptions::TcxOrder(LinkOrder::last()))?;
-                    Ok(prog.take_link(id)?)
-                })
-                .expect("attaching the empty program");
-                links.push(link);
-            }
+            let link = enforcer::kernel::netns::run_in(std::path::Path::new(&topo.router.path()), || {
+                let id = prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))?;
+                Ok(prog.take_link(id)?)
+            })
+            .expect("attaching the empty program");
+            links.push(link);
         }
         Self { pins, _links: links, _ebpf: ebpf, _datapath: datapath }
     }

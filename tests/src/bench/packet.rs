@@ -4,7 +4,7 @@
 
 use aya::programs::{TestRun, TestRunOptions};
 use enforcer::kernel::Datapath;
-use enforcer_common::{IPPROTO_TCP, MarkLayout, PROG_BASELINE_EMPTY, PROG_BASELINE_LOOKUP, PROG_ENFORCE, PROG_TAG};
+use enforcer_common::{IPPROTO_TCP, MarkLayout, PROG_BASELINE_EMPTY, PROG_BASELINE_LOOKUP, PROG_TAG};
 
 use super::{Scale, median};
 
@@ -48,6 +48,16 @@ fn run(dp: &Datapath, prog: &str, data: &[u8], mark: u32, repeat: u32) -> f64 {
     r.duration.as_nanos() as f64
 }
 
+/// The conntrack entry of `packet(false, dport)`'s connection.
+fn revoked_flow(dport: u16) -> enforcer::kernel::conntrack::Entry {
+    use enforcer::kernel::conntrack::{Entry, Tuple5};
+    let (a, b): (std::net::IpAddr, std::net::IpAddr) = ([10, 200, 1, 2].into(), [10, 200, 2, 2].into());
+    Entry {
+        orig: Tuple5 { proto: IPPROTO_TCP, src: a, dst: b, sport: 40000, dport },
+        reply: Tuple5 { proto: IPPROTO_TCP, src: b, dst: a, sport: dport, dport: 40000 },
+    }
+}
+
 pub fn measure(scale: Scale) -> Vec<Row> {
     let dir = std::path::PathBuf::from("/sys/fs/bpf").join(crate::unique("bench"));
     let sizes: Vec<usize> = scale.pick(vec![1, 1_000, 100_000], vec![1, 1_000, 100_000, 1_000_000]);
@@ -57,8 +67,6 @@ pub fn measure(scale: Scale) -> Vec<Row> {
     dp.load_baselines().expect("baselines");
     // The hit rule: router 0 (the control instance), tcp/21, slot 1.
     dp.allow(0, IPPROTO_TCP, 21, 1, 1).unwrap();
-    let live_mark = MarkLayout::DEFAULT.stamped(1);
-    let revoked_mark = MarkLayout::DEFAULT.stamped(2);
     let mut loaded = 1usize;
     let mut rows = Vec::new();
     for n in sizes {
@@ -74,23 +82,29 @@ pub fn measure(scale: Scale) -> Vec<Row> {
             ("tag", "miss ipv4", packet(false, 22), 0),
             ("tag", "hit ipv6", packet(true, 21), 0),
             ("tag", "miss ipv6", packet(true, 22), 0),
-            ("enforce", "live slot", packet(false, 40000), live_mark),
-            ("enforce", "no slot", packet(false, 40000), 0),
-            // The drop path, with the datapath log off (its only reader).
-            ("enforce", "revoked slot", packet(false, 40000), revoked_mark),
             ("empty program", "-", packet(false, 21), 0),
             ("one hash lookup", "-", packet(false, 21), 0),
         ];
         for (prog, case, data, mark) in cases {
             let name = match prog {
                 "tag" => PROG_TAG,
-                "enforce" => PROG_ENFORCE,
                 "empty program" => PROG_BASELINE_EMPTY,
                 _ => PROG_BASELINE_LOOKUP,
             };
             let ns = median((0..rounds).map(|_| run(&dp, name, &data, mark, repeat)).collect());
             rows.push(Row { rules: n, program: prog.to_string(), case: case.to_string(), ns });
         }
+        // While a revocation keeps a flow dropped, every packet pays one
+        // more hash lookup; the drop path runs with the datapath log off
+        // (its only reader).
+        let revoked = revoked_flow(23);
+        dp.remember_revoked(0, 1, &[revoked]).expect("remembering a revoked flow");
+        for (case, port) in [("revoked flow (drop)", 23), ("miss ipv4, a flow revoked", 22)] {
+            let ns = median((0..rounds).map(|_| run(&dp, PROG_TAG, &packet(false, port), 0, repeat)).collect());
+            rows.push(Row { rules: n, program: "tag".to_string(), case: case.to_string(), ns });
+        }
+        dp.forget_revoked(0, [revoked].iter());
+        dp.sweep_revoked().expect("sweeping the revoked flows");
         eprintln!("bench: packet cost with {n} rules done");
     }
     drop(dp);
