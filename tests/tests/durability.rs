@@ -51,8 +51,7 @@ fn enforcement_continues_while_the_daemon_is_down() {
 #[test]
 fn restart_restores_what_is_missing_and_removes_orphans() {
     let topo = Topology::new();
-    let mut daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     daemon.stop(Signal::SIGTERM);
     // Damage the kernel side behind the daemon's back: glue, a link pin, a
@@ -159,8 +158,7 @@ fn kill_9_during_bulk_create_loses_nothing_acknowledged() {
 #[test]
 fn corrupt_store_refuses_to_start_and_leaves_the_kernel_alone() {
     let topo = Topology::new();
-    let mut daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     daemon.stop(Signal::SIGTERM);
     let before = (daemon.dump(), daemon.pins(), topo.router.ruleset().lines().count());
@@ -279,8 +277,7 @@ fn cycles_leave_nothing_behind() {
 #[test]
 fn teardown_removes_all_enforcement_and_stops() {
     let topo = Topology::new();
-    let mut daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let _server = FtpServer::start(&topo, Family::V4);
     let mut old = FtpClient::login(&topo, Family::V4);
@@ -351,8 +348,7 @@ fn pinned_maps_of_another_layout_or_capacity_are_refused_not_reused() {
 #[test]
 fn an_upgrade_replaces_the_programs_in_place_without_a_gap() {
     let topo = Topology::new();
-    let mut daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let _server = FtpServer::start(&topo, Family::V4);
     let mut ftp = FtpClient::login(&topo, Family::V4);
@@ -421,8 +417,7 @@ fn on_egress(ns: &std::path::Path, iface: &str) -> usize {
 fn an_upgrade_detaches_the_egress_program_of_an_earlier_release() {
     use aya::programs::{SchedClassifier, TcAttachType, tc::{NlOptions, TcAttachOptions}};
     let topo = Topology::new();
-    let mut daemon = Daemon::start();
-    daemon.add_router(&topo.router_id);
+    let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let netlink = daemon.cli(&["status", "-o", "json"]).ok().json()["attach"] == "netlink";
     let ns = std::path::PathBuf::from(topo.router.path());
