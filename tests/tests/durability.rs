@@ -424,6 +424,7 @@ fn an_upgrade_detaches_the_egress_program_of_an_earlier_release() {
 
     // What the earlier release left on r0's egress hook, as it left it.
     let maps = std::path::PathBuf::from("/sys/fs/bpf").join(enforcer_tests::unique("legacy"));
+    let _unpin = Unpin(maps.clone());
     let _datapath = enforcer::kernel::Datapath::load(&maps, enforcer_common::MarkLayout::DEFAULT, 1_000, Default::default()).expect("maps");
     let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&maps).load(enforcer::kernel::PROGRAMS).expect("programs");
     let prog: &mut SchedClassifier = ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).unwrap().try_into().unwrap();
@@ -461,5 +462,13 @@ fn an_upgrade_detaches_the_egress_program_of_an_earlier_release() {
     assert!(!topo.router.ruleset().contains("chain post"), "{}", topo.router.ruleset());
     let _server = FtpServer::start(&topo, Family::V4);
     FtpClient::login(&topo, Family::V4).ok("retr small.bin passive");
-    let _ = std::fs::remove_dir_all(&maps);
+}
+
+/// Removes a bpffs directory of the test's own when dropped, even on failure.
+struct Unpin(std::path::PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
