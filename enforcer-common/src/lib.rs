@@ -122,7 +122,7 @@ impl SlotKey {
 }
 
 /// Value of the slots map. Presence means "live": the slot belongs to a
-/// rule, or to a revocation not yet settled.
+/// rule in the rules map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SlotValue {

@@ -399,7 +399,7 @@ fn an_upgrade_replaces_the_programs_in_place_without_a_gap() {
 fn on_egress(ns: &std::path::Path, iface: &str) -> usize {
     use aya::programs::{SchedClassifier, TcAttachType};
     enforcer::kernel::netns::run_in(ns, || {
-        let tcx = SchedClassifier::query_tcx(iface, TcAttachType::Egress).map(|(_, p)| p.len()).unwrap_or(0);
+        let tcx = SchedClassifier::query_tcx(iface, TcAttachType::Egress)?.1.len();
         let out = std::process::Command::new("tc").args(["-j", "filter", "show", "dev", iface, "egress"]).output()?;
         let filters: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         // tc lists each filter under a line for its priority: only entries

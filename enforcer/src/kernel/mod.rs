@@ -140,9 +140,13 @@ fn pin_name(ifindex: u32, prog: &str) -> String {
     format!("if{ifindex}_{prog}")
 }
 
-/// Whether `path` pins a link of an earlier release's egress program.
-fn legacy_pin(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.strip_suffix(PROG_LEGACY_ENFORCE).is_some_and(|n| n.ends_with('_')))
+/// Whether the link pinned at `path` is not to be kept with the interfaces
+/// `current`: its interface is gone, or it holds a program this build does
+/// not attach (an earlier release's egress program). Unpinning it detaches
+/// it.
+fn stale_pin(path: &Path, current: &[(String, u32)]) -> bool {
+    let legacy = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.strip_suffix(PROG_LEGACY_ENFORCE).is_some_and(|n| n.ends_with('_')));
+    legacy || pin_ifindex(path).is_none_or(|i| !current.iter().any(|(_, idx)| *idx == i))
 }
 
 fn pin_ifindex(path: &Path) -> Option<u32> {
@@ -349,11 +353,7 @@ impl Datapath {
         let mut changes = LinkChanges::default();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            // An interface that is gone, or a program this build does not
-            // attach (an earlier release's egress program): unpinning the
-            // link detaches it.
-            let keep = pin_ifindex(&path).is_some_and(|i| current.iter().any(|(_, idx)| *idx == i)) && !legacy_pin(&path);
-            if !keep {
+            if stale_pin(&path, current) {
                 std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
                 changes.detached += 1;
             }
@@ -756,11 +756,9 @@ impl LinkCheck {
             });
         }
         let current = netns::run_in(&self.ns, netns::interfaces)?;
-        let pins: Vec<PathBuf> = std::fs::read_dir(&self.dir).map(|rd| rd.filter_map(|e| Some(e.ok()?.path())).collect()).unwrap_or_default();
-        let stale = pins
-            .iter()
-            .filter(|p| legacy_pin(p) || pin_ifindex(p).is_none_or(|i| !current.iter().any(|(_, c)| *c == i)))
-            .count();
+        let stale = std::fs::read_dir(&self.dir)
+            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| stale_pin(&e.path(), &current)).count())
+            .unwrap_or_default();
         let unattached = tcx_unattached(&self.dir, &self.ns, &current)?;
         Ok((unattached.len(), stale + unattached.iter().filter(|(_, stale)| *stale).count()))
     }
