@@ -239,7 +239,17 @@ impl Audit {
 
     /// One write of one line (`entry` as JSON), so lines never interleave.
     fn append_line(&mut self, entry: &AuditEntry, mut line: Vec<u8>) -> Result<()> {
-        tracing::info!(target: "audit", "{}", String::from_utf8_lossy(&line));
+        // The log names the change; the line itself (before, after, error)
+        // is in the file. Logging it whole cost a fifth of a change.
+        tracing::info!(
+            target: "audit",
+            seq = entry.seq,
+            op = %entry.op,
+            router = entry.router_id.as_deref(),
+            helper = entry.helper_id.as_deref(),
+            result = %entry.result,
+            "audited"
+        );
         line.push(b'\n');
         if self.size > 0 && self.size + line.len() as u64 > self.limits.max_bytes {
             self.rotate()?;

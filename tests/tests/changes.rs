@@ -51,8 +51,12 @@ fn concurrent_creates_share_commits_and_every_acknowledged_one_survives_a_kill()
     eprintln!("{changes} changes in {commits} commits");
     // Every change is in the audit log, one entry each.
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
-    let created = audit.as_array().unwrap().iter().filter(|e| e["op"] == "helper_create" && e["result"] == "ok").count();
-    assert_eq!(created, 1600);
+    let created: Vec<&Value> = audit.as_array().unwrap().iter().filter(|e| e["op"] == "helper_create" && e["result"] == "ok").collect();
+    assert_eq!(created.len(), 1600);
+    // A new helper had no state before; after, the entry holds it.
+    for e in &created {
+        assert!(e["before"].is_null() && e["after"]["id"] == e["helper_id"], "{e}");
+    }
 
     daemon.stop(Signal::SIGKILL);
     daemon.restart();

@@ -64,7 +64,7 @@ impl Daemon {
                 Some(id) => validate::uuid("id", &id).map_err(|e| at(i, e))?,
                 None => match self.index.tuples.get(&(router.to_string(), protocol, port)) {
                     Some(id) => id.clone(),
-                    None => uuid::Uuid::new_v4().to_string(),
+                    None => super::ops::new_helper_id(),
                 },
             };
             if !ids.insert(id.clone()) {
