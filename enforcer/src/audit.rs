@@ -186,8 +186,10 @@ impl Audit {
         if !journaled {
             self.sync()?;
         }
-        for entry in &staged.entries {
-            self.announce(Event::of(entry));
+        if self.listened() {
+            for entry in &staged.entries {
+                self.announce(Event::of(entry));
+            }
         }
         Ok(())
     }
@@ -224,9 +226,15 @@ impl Audit {
         self.events.subscribe()
     }
 
-    /// Tells the subscribers, if any (costs nothing without one).
+    /// Whether anyone subscribed to the events: without a subscriber, no
+    /// event needs to be made.
+    pub fn listened(&self) -> bool {
+        self.events.receiver_count() > 0
+    }
+
+    /// Tells the subscribers, if any.
     pub fn announce(&self, event: Event) {
-        if self.events.receiver_count() > 0 {
+        if self.listened() {
             let _ = self.events.send(event);
         }
     }

@@ -227,6 +227,9 @@ impl Daemon {
     /// Tells event subscribers what a revocation (or a later flush of its
     /// slot) removed.
     fn announce_revocation(&self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
+        if !self.audit.listened() {
+            return;
+        }
         let mut after = serde_json::to_value(report).unwrap_or_default();
         after["slot"] = slot.into();
         let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
