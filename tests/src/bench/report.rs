@@ -449,13 +449,17 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          still costs its own request round trip, validation, map updates and audit line on two cores, and one \
          client waits for the disk's sync on every change. A helper set request carries many changes in one round \
          trip ({:.0} helpers per second), and pipelined requests many changes per connection (§8). What is left \
-         per change, measured with `perf` (16 clients pipelining creates on one router): the daemon's one busy thread \
-         spends about a third in the store's commit and inserts, a fifth in the map updates (three `bpf` calls), a \
-         sixth writing and logging the audit line, and an eighth in malloc; the second core idles about 40% of the \
-         time, as the group loop is one thread. The rule counters were per-CPU until this run: each create paid the \
-         kernel's per-CPU allocation (32 us against 7 to 9 us), and one entry shared by all CPUs, added to \
-         atomically, took creates from about 10,400 to 15,200 per second back to back. The way on: the next group \
-         prepared while one commits, the map updates of a group in one `BPF_MAP_UPDATE_BATCH` per map. The per-change comparison with iptables-restore counts enforcer's create + \
+         per change, measured with `perf` (16 clients pipelining creates on one router): the group loop's thread \
+         spends about a third handling the request (a tenth of it in the map updates, three `bpf` calls), a fifth in \
+         the store's inserts and commit, and a fifth writing the audit line (its JSON, the file, the log line), with \
+         malloc in all of them; the second core idles part of the time, as the group loop is one thread. Helper ids \
+         the daemon makes are time-ordered (UUIDv7) since this run, so a group's inserts land in a few pages of the \
+         store's B-tree instead of one page each: with random ids creates slowed down as the table grew (about \
+         14,500, 11,000 and 10,000 per second over three rounds of 16,000 creates; now about 26,000, 21,000 and \
+         22,000, measured back to back). The log names each audited change instead of repeating its JSON line, and \
+         a create's audit entry no longer carries the router as its before-state: together 10 to 30% more creates \
+         per second. The way on: the next group prepared while one commits, the map updates of a group in one \
+         `BPF_MAP_UPDATE_BATCH` per map, the slots map (which no program reads) left out. The per-change comparison with iptables-restore counts enforcer's create + \
          delete halved; the Neutron delete grows with N (a whole-table save and restore) while enforcer's does not, \
          so the ratio grows with N ({:.0}x at the largest N measured). Chain costs derived from forwarding rates are \
          noisy on 2 vCPUs.",
@@ -471,7 +475,11 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          per router; the way on is one program instance for every router, finding the router from the packet's \
          namespace (`bpf_get_netns_cookie` in tc programs, recent kernels only), attached as netlink filters where \
          the add time matters more than tcx's link ownership (0.25 ms per filter against 8 to 24 ms per tcx link), \
-         and the glue written over netlink instead of through `nft`. A restart checks each router's glue by its nftables generation (one netlink \
+         and the glue written over netlink instead of through `nft`. Running a new router's glue beside its attach \
+         (it has no rules, so nothing is tagged before the glue is there) was tried: 300 routers added with their \
+         helpers in 13.9 s instead of 20.0 s, but the add then waited for its `nft` under the daemon's lock, so a \
+         hanging `nft` stalled every router (two fault tests failed); it needs an add in two steps that lets go of \
+         the lock between the attach and the store. A restart checks each router's glue by its nftables generation (one netlink \
          request; `nft` runs only where the ruleset changed since the last check that found it intact), then its \
          links; the helper probe runs in parallel scratch namespaces while the programs verify. In a Neutron \
          router the L3 agent's iptables-nft rewrites move the generation, so there a restart lists those routers' \
