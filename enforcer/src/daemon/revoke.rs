@@ -227,16 +227,15 @@ impl Daemon {
     /// Tells event subscribers what a revocation (or a later flush of its
     /// slot) removed.
     fn announce_revocation(&self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
-        if !self.audit.listened() {
-            return;
-        }
-        let mut after = serde_json::to_value(report).unwrap_or_default();
-        after["slot"] = slot.into();
-        let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
-        let mut entry = crate::api::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
-        // Made for the request (or the sync) whose change revoked the rule.
-        entry.origin = origin;
-        self.audit.announce(crate::api::Event { kind: crate::api::EventKind::Revocation, entry });
+        self.audit.announce(|| {
+            let mut after = serde_json::to_value(report).unwrap_or_default();
+            after["slot"] = slot.into();
+            let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
+            let mut entry = crate::api::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
+            // Made for the request (or the sync) whose change revoked the rule.
+            entry.origin = origin;
+            crate::api::Event { kind: crate::api::EventKind::Revocation, entry }
+        });
     }
 
     /// Cleans the conntrack table of router `router_id` of a quarantined
