@@ -97,3 +97,21 @@ fn namespaces_are_followed_by_events_and_one_made_again_gets_fresh_attachments()
     run(again.cmd("ip").args(["link", "add", "n2", "type", "veth", "peer", "name", "n3"]));
     within(1000, "attaching interfaces added to the new namespace", &|| daemon.attachments(&again) == 4);
 }
+
+#[test]
+fn a_stale_glue_table_in_a_new_routers_namespace_is_replaced() {
+    let topo = Topology::new();
+    // Left behind by a router removed while enforcer was down: the add's
+    // creating transaction fails on it, the replacing one takes over.
+    topo.router.sh("nft", &["add table inet enforcer"]);
+    topo.router.sh("nft", &["add chain inet enforcer stale { type filter hook prerouting priority 0 ; }"]);
+    let daemon = Daemon::enforcing(&topo);
+    let rules = topo.router.ruleset();
+    assert!(rules.contains("table inet enforcer") && !rules.contains("stale"), "stale table replaced:\n{rules}");
+    eventually("the glue checked intact", || daemon.cli(&["status", "-o", "json"]).ok().json()["routers"][0]["glue"] == "intact");
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&topo, Family::V4);
+    let mut ftp = FtpClient::login(&topo, Family::V4);
+    ftp.ok("list passive");
+    assert!(daemon.dump()["slots"][0]["tagged"].as_u64().unwrap() > 0);
+}

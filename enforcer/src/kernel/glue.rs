@@ -24,7 +24,7 @@ use enforcer_common::MarkLayout;
 use nftables::{
     batch::Batch,
     expr::{BinaryOperation, CT, Expression, Meta, MetaKey, NamedExpression},
-    schema::{CTHelper, Chain, NfListObject, Nftables, Rule, Table},
+    schema::{CTHelper, Chain, NfCmd, NfListObject, Nftables, Rule, Table},
     stmt::{Mangle, Match, Operator, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
@@ -112,6 +112,21 @@ pub fn ruleset(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
     batch.add(table());
     batch.delete(table());
     batch.add(table());
+    contents(batch, offered, layout)
+}
+
+/// The transaction that creates the table where there is none, and fails
+/// (changing nothing) where there is one. Replacing a table costs its
+/// commit a wait for the kernel to let go of the old table's hook (an RCU
+/// grace period: 10 to 30 ms measured here, against 2 ms for this).
+fn ruleset_fresh(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    batch.add_cmd(NfCmd::Create(table()));
+    contents(batch, offered, layout)
+}
+
+/// The table's objects, chain and rules, after `batch`'s table commands.
+fn contents(mut batch: Batch<'static>, offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
     let objects = helper_objects(offered);
     for (kind, protocol) in &objects {
         batch.add(NfListObject::CTHelper(CTHelper {
@@ -298,7 +313,9 @@ pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<bool
 /// a router an earlier version managed can have it, which start-up (for
 /// the stored routers) and [`remove`] clear.
 pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<()> {
-    apply(ns, &ruleset(offered, layout))
+    // A stale table (of a router removed while enforcer was down) fails
+    // the creation; the replacing transaction then reports any real error.
+    apply(ns, &ruleset_fresh(offered, layout)).or_else(|_| apply(ns, &ruleset(offered, layout)))
 }
 
 /// Removes the glue (and any earlier iptables glue); absent glue is not an
@@ -407,6 +424,17 @@ mod tests {
         let pre = chains.iter().find(|c| c["name"] == PRE_CHAIN).unwrap();
         assert_eq!((pre["hook"].as_str(), pre["prio"].as_i64()), (Some("prerouting"), Some(-180)));
         assert_eq!(chains.len(), 1, "one base chain: every packet crosses each");
+    }
+
+    #[test]
+    fn a_fresh_table_is_created_not_replaced_with_the_same_contents() {
+        let offered = Offered::everything();
+        let fresh = serde_json::to_value(ruleset_fresh(&offered, &MarkLayout::DEFAULT)).unwrap();
+        let replacing = json(&offered, &MarkLayout::DEFAULT);
+        let (fresh, replacing) = (fresh["nftables"].as_array().unwrap(), replacing["nftables"].as_array().unwrap());
+        assert!(fresh[0]["create"]["table"].is_object(), "fails where a table exists: {}", fresh[0]);
+        assert!(!fresh.iter().any(|c| c.get("delete").is_some()));
+        assert_eq!(fresh[1..], replacing[3..]);
     }
 
     #[test]
