@@ -28,7 +28,18 @@ pub const MAP_PORTS: &str = "ENFORCER_PORTS";
 /// aya-log's ring buffer, pinned so that every router's programs write to
 /// the one the daemon reads.
 pub const MAP_LOGS: &str = "AYA_LOGS";
+/// The program array whose one entry is the shared `classify` program,
+/// which every router's `tag` program tail-calls.
+pub const MAP_CLASSIFY: &str = "ENFORCER_CLASSIFY";
+/// Per-CPU scratch: the router whose packet `classify` is handling, written
+/// by that router's `tag` program just before its tail call.
+pub const MAP_CURRENT: &str = "ENFORCER_CURRENT";
+/// The program on each router interface: a few instructions, one instance
+/// per router (its index is a constant of its code).
 pub const PROG_TAG: &str = "tag";
+/// The program that does the work for every router, verified once per
+/// start; reached through `MAP_CLASSIFY`.
+pub const PROG_CLASSIFY: &str = "classify";
 /// The egress program of earlier releases: its attachments are removed at
 /// an upgrade.
 pub const PROG_LEGACY_ENFORCE: &str = "enforce";

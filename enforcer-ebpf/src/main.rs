@@ -1,6 +1,7 @@
-//! The TC program of enforcer.
+//! The TC programs of enforcer.
 //!
-//! `tag` (ingress) writes the helper id and rule slot of an allowed
+//! `tag` (ingress, one small instance per router) names its router and
+//! tail-calls `classify` (one instance for all), which writes the helper id and rule slot of an allowed
 //! (router, protocol, destination port) into `skb->mark`; enforcer's
 //! nftables chain turns that into the helper and keeps the slot in the
 //! conntrack mark, which RELATED connections inherit, so the daemon finds
@@ -26,7 +27,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
 use enforcer_common::{
@@ -75,12 +76,23 @@ static DEBUG: Array<u32> = Array::pinned(1, 0);
 #[map(name = "ENFORCER_ROUTERS")]
 static ROUTERS: HashMap<RouterIndex, RouterValue> = HashMap::pinned(65536, NO_PREALLOC);
 
+/// Entry 0: the `classify` program of the daemon's current start, which
+/// every router's `tag` tail-calls.
+#[map(name = "ENFORCER_CLASSIFY")]
+static CLASSIFY: ProgramArray = ProgramArray::pinned(1, 0);
+
+/// The router whose packet this CPU is handling: `tag` writes it, then
+/// tail-calls `classify`, which reads it. Nothing runs on the CPU in
+/// between (a tail call is a jump within one program run).
+#[map(name = "ENFORCER_CURRENT")]
+static CURRENT: PerCpuArray<RouterIndex> = PerCpuArray::pinned(1, 0);
+
 /// Set by the loader (`EbpfLoader::override_global`); read-only, so the
 /// verifier sees constants.
 #[unsafe(no_mangle)]
 static MARK_LAYOUT: MarkLayout = MarkLayout::DEFAULT;
 
-/// The router this instance of the programs serves.
+/// The router this instance of `tag` serves.
 #[unsafe(no_mangle)]
 static ROUTER: RouterIndex = 0;
 
@@ -95,7 +107,7 @@ fn layout() -> MarkLayout {
 }
 
 #[inline(always)]
-fn router() -> RouterIndex {
+fn own_router() -> RouterIndex {
     unsafe { core::ptr::read_volatile(&ROUTER) }
 }
 
@@ -129,12 +141,31 @@ fn count(key: &SlotKey, what: Count) {
 /// No verdict: continue with the next filter or program on this hook.
 const NEXT: i32 = TC_ACT_UNSPEC;
 
+/// A router's program: names its router, then runs `classify`. Each router
+/// has its own instance, and so the verifier runs on these few
+/// instructions at a router add, not on `classify`'s thousand and more.
+/// Without a `classify` to run (never, once the daemon started) the packet
+/// passes as if no rule named it.
 #[classifier]
 pub fn tag(ctx: TcContext) -> i32 {
+    if let Some(current) = CURRENT.get_ptr_mut(0) {
+        // SAFETY: a map value pointer of this CPU's entry.
+        unsafe { *current = own_router() };
+        unsafe { CLASSIFY.tail_call(&ctx, 0) };
+    }
+    NEXT
+}
+
+/// Tags a packet of an allowed flow, drops one of a revoked flow, for the
+/// router `tag` named.
+#[classifier]
+pub fn classify(ctx: TcContext) -> i32 {
     let Some(flow) = parse::flow(&ctx) else {
         return NEXT;
     };
-    let router = router();
+    let Some(&router) = CURRENT.get(0) else {
+        return NEXT;
+    };
     if revoked(&ctx, router, &flow) {
         return TC_ACT_SHOT;
     }
@@ -230,7 +261,7 @@ pub fn baseline_empty(_ctx: TcContext) -> i32 {
 /// Benchmark baseline: one hash lookup of a fixed key, no parsing.
 #[classifier]
 pub fn baseline_lookup(_ctx: TcContext) -> i32 {
-    let key = RuleKey::new(router(), 6, 21);
+    let key = RuleKey::new(own_router(), 6, 21);
     if unsafe { RULES.get(&key) }.is_some() {
         return NEXT;
     }

@@ -237,13 +237,16 @@ impl Daemon {
             .expect("VmRSS")
     }
 
-    /// Kernel programs that use this daemon's maps (loaded instances).
+    /// Kernel programs that use this daemon's maps (loaded instances): a
+    /// `tag` per router and the control instance's `tag` and `classify`.
     pub fn programs(&self) -> usize {
-        let rules = aya::maps::MapData::from_pin(self.bpffs.join("ENFORCER_RULES")).expect("rules map pin");
-        let id = rules.info().expect("map info").id();
+        let ids: Vec<u32> = ["ENFORCER_RULES", "ENFORCER_CURRENT"]
+            .iter()
+            .map(|m| aya::maps::MapData::from_pin(self.bpffs.join(m)).expect("map pin").info().expect("map info").id())
+            .collect();
         aya::programs::loaded_programs()
             .filter_map(|p| p.ok())
-            .filter(|p| p.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&id)))
+            .filter(|p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id))))
             .count()
     }
 
@@ -267,9 +270,9 @@ impl Daemon {
 /// thread, also while the daemon restarts.
 pub fn attached_programs(bpffs: &std::path::Path, ns: &std::path::Path) -> Vec<u32> {
         use aya::programs::{SchedClassifier, TcAttachType};
-        // tag reads the rules map (the egress program of earlier releases,
-        // the slots map).
-        let ids: Vec<u32> = ["ENFORCER_RULES", "ENFORCER_SLOTS"]
+        // tag writes the current-router map (tag of earlier releases read
+        // the rules map, their egress program the slots map).
+        let ids: Vec<u32> = ["ENFORCER_CURRENT", "ENFORCER_RULES", "ENFORCER_SLOTS"]
             .iter()
             .map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id())
             .collect();

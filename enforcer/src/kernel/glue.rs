@@ -313,9 +313,14 @@ pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<bool
 /// a router an earlier version managed can have it, which start-up (for
 /// the stored routers) and [`remove`] clear.
 pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<()> {
-    // A stale table (of a router removed while enforcer was down) fails
-    // the creation; the replacing transaction then reports any real error.
-    apply(ns, &ruleset_fresh(offered, layout)).or_else(|_| apply(ns, &ruleset(offered, layout)))
+    // A stale table (of a router removed while enforcer was down) makes nft
+    // fail the creation; the replacing transaction then reports any real
+    // error. An nft that hangs or cannot start is not run twice.
+    let json = serde_json::to_vec(&ruleset_fresh(offered, layout)).context("serializing the nftables ruleset")?;
+    if run_in(ns, "nft", &["-j", "-f", "-"], Some(&json))?.status.success() {
+        return Ok(());
+    }
+    apply(ns, &ruleset(offered, layout))
 }
 
 /// Removes the glue (and any earlier iptables glue); absent glue is not an

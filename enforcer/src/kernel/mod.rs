@@ -43,8 +43,9 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/enforcer";
 /// Map update flag: insert only if the key is absent (EEXIST otherwise).
 const BPF_NOEXIST: u64 = 1;
 
-/// The pinned maps, and an instance of the programs for router index 0
-/// (never a router; used for BPF_PROG_TEST_RUN).
+/// The pinned maps, and the control instance of the programs: its
+/// `classify` serves every router (through `ENFORCER_CLASSIFY`), its `tag`
+/// is router index 0's (never a router; used for BPF_PROG_TEST_RUN).
 pub struct Datapath {
     dir: PathBuf,
     control: Ebpf,
@@ -188,6 +189,17 @@ impl Datapath {
             let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
             T::try_from(map).with_context(|| format!("map {name}"))
         }
+        // Before any router is attached: every router's `tag` (this start's
+        // and those pinned by an earlier one) runs this `classify` now.
+        let classify: &mut SchedClassifier = control
+            .program_mut(enforcer_common::PROG_CLASSIFY)
+            .ok_or_else(|| anyhow!("program {} missing from the object", enforcer_common::PROG_CLASSIFY))?
+            .try_into()?;
+        classify.load().with_context(|| format!("verifying program {}", enforcer_common::PROG_CLASSIFY))?;
+        let classify = classify.fd()?.try_clone().context("duplicating the classify program's descriptor")?;
+        // The pin keeps the entry after this descriptor is closed.
+        let mut jump: aya::maps::ProgramArray<MapData> = take(&mut control, enforcer_common::MAP_CLASSIFY)?;
+        jump.set(0, &classify, 0).context("installing the classify program")?;
         let rules: HashMap<MapData, RuleKey, RuleValue> = take(&mut control, MAP_RULES)?;
         // Before any program of this build runs: a rules map left by an
         // earlier run (or version) gets its ports listed.
@@ -870,12 +882,12 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>,
     }
 }
 
-/// Loads the object with the given router index; maps are shared through
-/// their pins, so every instance sees the same rules.
-/// The loader of every program instance (one per router: the router index
-/// is a constant of its programs). Made once, because aya's loader parses
-/// the kernel's BTF when it is made: per router add that cost 10 ms and
-/// megabytes of churn.
+/// The loader of every program instance: one per router, whose `tag` has
+/// the router index as a constant and is all that is verified (the shared
+/// `classify`, verified at start, does the work: verifying it per router
+/// cost each router add about 10 ms). Maps are shared through their pins.
+/// Made once, because aya's loader parses the kernel's BTF when it is
+/// made: per router add that cost 10 ms more and megabytes of churn.
 struct Loader(EbpfLoader<'static>);
 
 impl Loader {
