@@ -19,6 +19,9 @@ pub struct Results {
     pub add_ms: Vec<f64>,
     /// Median ms of each part of a router add, from the daemon's log.
     pub add_parts: Vec<(String, f64)>,
+    /// Router adds with attach = netlink (clsact filters instead of tcx
+    /// links), on as many fresh routers (ms).
+    pub add_netlink_ms: Vec<f64>,
     /// Setting each router's helpers with one request (ms).
     pub set_ms: Vec<f64>,
     /// `status` with every router (median ms).
@@ -145,6 +148,17 @@ pub fn measure(scale: Scale) -> Results {
     let took = timed(|| drop(call(&mut daemon.session(), json!({"op": "helper_set", "router_id": ids[1], "helpers": specs}))));
     out.bulk_set = (bulk, took);
     drop(daemon);
+
+    // The same adds with netlink filters, on routers of their own.
+    let netlink = Daemon::start_with(None, &["--attach", "netlink"]);
+    let mut s = netlink.session();
+    let others: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let other_namespaces: Vec<Netns> = others.iter().map(|id| router_ns(id)).collect();
+    for id in &others {
+        out.add_netlink_ms.push(timed(|| drop(call(&mut s, json!({"op": "router_add", "router_id": id})))));
+    }
+    drop(netlink);
+    drop(other_namespaces);
 
     // The Neutron way: each router's raw table with its helper chains, saved
     // and restored as the L3 agent does for every router when it resyncs.

@@ -370,7 +370,8 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         "## 8. A node with {n} routers (one veth pair each, {h} helpers each, through the API)\n\n\
          | what | measured |\n|---|---|\n\
          | router add, p50 / p99 (first tenth p50, last tenth p50) | {:.1} / {:.1} ms ({first_tenth:.1}, {last_tenth:.1}) |\n\
-         | of which, median: glue (nft, without the lock) / attaching (programs loaded, tcx links) / the store | {} |\n\
+         | of which, median: glue (nft, without the lock) / attaching (the router's `tag` loaded, tcx links) / the store | {} |\n\
+         | router add with attach = netlink (clsact filters), {n} more routers, p50 / p99 | {:.1} / {:.1} ms |\n\
          | setting a router's {h} helpers in one request, p50 | {:.2} ms |\n\
          | `status` with {n} routers, median | {:.1} ms |\n\
          | restart: until the API answers / until the state is verified and repaired | {:.0} ms / {:.0} ms |\n\
@@ -383,6 +384,8 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         add(0.5),
         add(0.99),
         f.add_parts.iter().map(|(k, v)| format!("{v:.1} ms ({})", k.trim_end_matches("_ms"))).collect::<Vec<_>>().join(" / "),
+        super::percentile(f.add_netlink_ms.clone(), 0.5),
+        super::percentile(f.add_netlink_ms.clone(), 0.99),
         super::median(f.set_ms.clone()),
         f.status_ms,
         f.restart_answer_ms,
@@ -407,12 +410,16 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     );
     let _ = writeln!(
         md,
-        "Where a router add's time goes: the glue is one `nft` run in the router's namespace (a router enforcer \
-         does not know yet cannot hold an earlier version's iptables glue, so the four iptables runs that looked for \
-         it happen only at start-up); attaching loads the router's own instance of the program (the router \
-         index is a constant of each instance, so the verifier runs per router) and creates one tcx link per \
-         interface: the kernel waits for an RCU grace period under the RTNL lock at each tcx attach, 8 to 24 ms \
-         each, measured by hand on this kernel, where netlink (clsact) filters took 0.25 ms each. The store's commit is under a millisecond.\n"
+        "Where a router add's time goes: the glue is one `nft` run in the router's namespace that creates the \
+         table (about 2 ms of nft; until this run it replaced the table, add, delete and add in one transaction, and \
+         the delete made the commit wait for an RCU grace period: 10 to 30 ms, measured by hand; a stale table \
+         still gets that replacement). Attaching loads the router's own `tag`, a few instructions that name the \
+         router and tail-call `classify`, the one program that does the work for every router and is verified \
+         once per start (until this run each router had a whole instance verified, about 10 ms), and creates one \
+         tcx link per interface, two per router here: the kernel waits for an RCU grace period under the RTNL \
+         lock at each tcx attach (8 to 24 ms each, measured by hand on this kernel), so links cannot be made in \
+         parallel. A netlink (clsact) filter waits for none; there the time left is the `tc` runs that look for \
+         the qdisc and the filter before attaching. The store's commit is under a millisecond.\n"
     );
 
     // Goals.
@@ -452,8 +459,9 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          per change, measured with `perf` (16 clients pipelining creates on one router): the group loop's thread \
          spends about a third handling the request (a tenth of it in the map updates, three `bpf` calls), a fifth in \
          the store's inserts and commit, and a fifth writing the audit line (its JSON, the file, the log line), with \
-         malloc in all of them; the second core idles part of the time, as the group loop is one thread. Helper ids \
-         the daemon makes are time-ordered (UUIDv7) since this run, so a group's inserts land in a few pages of the \
+         malloc in all of them; the second core idles part of the time, as the group loop is one thread. A group's \
+         audit lines now go to the file in one write instead of one each. Helper ids \
+         the daemon makes are time-ordered (UUIDv7), so a group's inserts land in a few pages of the \
          store's B-tree instead of one page each: with random ids creates slowed down as the table grew (about \
          14,500, 11,000 and 10,000 per second over three rounds of 16,000 creates; now about 26,000, 21,000 and \
          22,000, measured back to back). The log names each audited change instead of repeating its JSON line, and \
@@ -470,12 +478,14 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     );
     let _ = writeln!(
         md,
-        "\nWhy the fleet goals are missed, where they are: a router add is bounded by the kernel (an RCU grace \
-         period per tcx link, under the RTNL lock, so links cannot be attached in parallel) and by one verifier run \
-         per router; the way on is one program instance for every router, finding the router from the packet's \
-         namespace (`bpf_get_netns_cookie` in tc programs, recent kernels only), attached as netlink filters where \
-         the add time matters more than tcx's link ownership (0.25 ms per filter against 8 to 24 ms per tcx link), \
-         and the glue written over netlink instead of through `nft`. Running a new router's glue beside its attach \
+        "\nWhy the fleet goals are missed, where they are: with tcx a router add is bounded by the kernel, an RCU \
+         grace period per link under the RTNL lock (two links per router here). Neither verifying the whole program \
+         per router nor replacing the glue's table is paid any more (see above). Finding the router from the \
+         packet's namespace instead of a per-router `tag` was tried and set aside: in tc programs \
+         `bpf_get_netns_cookie` gives the namespace of the packet's socket, and a forwarded packet has none (it \
+         gives the initial namespace's), so every router's packets looked alike. The way on: netlink filters \
+         where the add time matters more than tcx's link ownership, with the qdisc and filter looked up over \
+         netlink instead of by `tc` runs, and the glue written over netlink instead of through `nft`. Running a new router's glue beside its attach \
          (it has no rules, so nothing is tagged before the glue is there) was tried: 300 routers added with their \
          helpers in 13.9 s instead of 20.0 s, but the add then waited for its `nft` under the daemon's lock, so a \
          hanging `nft` stalled every router (two fault tests failed); it needs an add in two steps that lets go of \
