@@ -1,15 +1,16 @@
 //! The TC programs of enforcer.
 //!
 //! `tag` (ingress, one small instance per router) names its router and
-//! tail-calls `classify` (one instance for all), which writes the helper id and rule slot of an allowed
-//! (router, protocol, destination port) into `skb->mark`; enforcer's
-//! nftables chain turns that into the helper and keeps the slot in the
-//! conntrack mark, which RELATED connections inherit, so the daemon finds
-//! every connection of a rule by its mark. It also drops every packet of a
-//! flow in the revoked-flows map: a revocation puts there the flows of
-//! every conntrack entry carrying the rule's slot before it deletes them.
+//! tail-calls `classify` (one instance for all), which writes the helper
+//! id and rule slot of an allowed (router, protocol, destination port)
+//! into `skb->mark`; enforcer's nftables chain turns that into the helper
+//! and keeps the slot in the conntrack mark, which RELATED connections
+//! inherit, so the daemon finds every connection of a rule by its mark.
+//! `classify` also drops every packet of a flow in the revoked-flows map:
+//! a revocation puts there the flows of every conntrack entry carrying the
+//! rule's slot before it deletes them.
 //!
-//! It shares its hook with others (Neutron's tc filters, other tcx
+//! `tag` shares its hook with others (Neutron's tc filters, other tcx
 //! programs): without a verdict it returns `TC_ACT_UNSPEC` (TCX_NEXT), so
 //! the packet goes on to whoever is attached after it; only a drop ends
 //! the chain.

@@ -189,21 +189,21 @@ impl Datapath {
             let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
             T::try_from(map).with_context(|| format!("map {name}"))
         }
-        // Before any router is attached: every router's `tag` (this start's
-        // and those pinned by an earlier one) runs this `classify` now.
         let classify: &mut SchedClassifier = control
             .program_mut(enforcer_common::PROG_CLASSIFY)
             .ok_or_else(|| anyhow!("program {} missing from the object", enforcer_common::PROG_CLASSIFY))?
             .try_into()?;
         classify.load().with_context(|| format!("verifying program {}", enforcer_common::PROG_CLASSIFY))?;
         let classify = classify.fd()?.try_clone().context("duplicating the classify program's descriptor")?;
-        // The pin keeps the entry after this descriptor is closed.
-        let mut jump: aya::maps::ProgramArray<MapData> = take(&mut control, enforcer_common::MAP_CLASSIFY)?;
-        jump.set(0, &classify, 0).context("installing the classify program")?;
         let rules: HashMap<MapData, RuleKey, RuleValue> = take(&mut control, MAP_RULES)?;
         // Before any program of this build runs: a rules map left by an
         // earlier run (or version) gets its ports listed.
         let ports = ports::Ports::new(take(&mut control, enforcer_common::MAP_PORTS)?, rules.keys().filter_map(|k| k.ok()))?;
+        // Then every router's `tag` (this start's, and those an earlier one
+        // pinned) runs this `classify`. The pin keeps the entry after this
+        // descriptor is closed.
+        let mut jump: aya::maps::ProgramArray<MapData> = take(&mut control, enforcer_common::MAP_CLASSIFY)?;
+        jump.set(0, &classify, 0).context("installing the classify program")?;
         let mut datapath = Self {
             rules,
             ports,

@@ -20,7 +20,7 @@ pub struct Results {
     /// Median ms of each part of a router add, from the daemon's log.
     pub add_parts: Vec<(String, f64)>,
     /// Router adds with attach = netlink (clsact filters instead of tcx
-    /// links), on as many fresh routers (ms).
+    /// links), on routers of their own (ms).
     pub add_netlink_ms: Vec<f64>,
     /// Setting each router's helpers with one request (ms).
     pub set_ms: Vec<f64>,
@@ -95,6 +95,7 @@ fn field(line: &str, name: &str) -> Option<f64> {
 pub fn measure(scale: Scale) -> Results {
     let n = scale.pick(50, 1000);
     let mut out = Results { routers: n, helpers_per_router: 10, clients: 16, ..Default::default() };
+    out.add_netlink_ms = netlink_adds(scale.pick(20, 100));
     let mut daemon = Daemon::start();
     out.rss_empty = rss(&daemon);
     let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
@@ -149,17 +150,6 @@ pub fn measure(scale: Scale) -> Results {
     out.bulk_set = (bulk, took);
     drop(daemon);
 
-    // The same adds with netlink filters, on routers of their own.
-    let netlink = Daemon::start_with(None, &["--attach", "netlink"]);
-    let mut s = netlink.session();
-    let others: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-    let other_namespaces: Vec<Netns> = others.iter().map(|id| router_ns(id)).collect();
-    for id in &others {
-        out.add_netlink_ms.push(timed(|| drop(call(&mut s, json!({"op": "router_add", "router_id": id})))));
-    }
-    drop(netlink);
-    drop(other_namespaces);
-
     // The Neutron way: each router's raw table with its helper chains, saved
     // and restored as the L3 agent does for every router when it resyncs.
     for ns in &namespaces {
@@ -174,6 +164,18 @@ pub fn measure(scale: Scale) -> Results {
     eprintln!("bench: fleet done");
     drop(namespaces);
     out
+}
+
+/// Router adds with netlink filters (ms), on `n` routers of their own. Run
+/// first: tearing down a thousand tcx links takes the kernel tens of
+/// seconds (a grace period each, under the RTNL lock), and a daemon
+/// started meanwhile waits for that lock.
+fn netlink_adds(n: usize) -> Vec<f64> {
+    let daemon = Daemon::start_with(None, &["--attach", "netlink"]);
+    let mut s = daemon.session();
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let _namespaces: Vec<Netns> = ids.iter().map(|id| router_ns(id)).collect();
+    ids.iter().map(|id| timed(|| drop(call(&mut s, json!({"op": "router_add", "router_id": id}))))).collect()
 }
 
 /// Starts the stopped daemon; returns when the API answered and when

@@ -371,7 +371,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          | what | measured |\n|---|---|\n\
          | router add, p50 / p99 (first tenth p50, last tenth p50) | {:.1} / {:.1} ms ({first_tenth:.1}, {last_tenth:.1}) |\n\
          | of which, median: glue (nft, without the lock) / attaching (the router's `tag` loaded, tcx links) / the store | {} |\n\
-         | router add with attach = netlink (clsact filters), {n} more routers, p50 / p99 | {:.1} / {:.1} ms |\n\
+         | router add with attach = netlink (clsact filters), {} other routers, p50 / p99 | {:.1} / {:.1} ms |\n\
          | setting a router's {h} helpers in one request, p50 | {:.2} ms |\n\
          | `status` with {n} routers, median | {:.1} ms |\n\
          | restart: until the API answers / until the state is verified and repaired | {:.0} ms / {:.0} ms |\n\
@@ -384,6 +384,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         add(0.5),
         add(0.99),
         f.add_parts.iter().map(|(k, v)| format!("{v:.1} ms ({})", k.trim_end_matches("_ms"))).collect::<Vec<_>>().join(" / "),
+        f.add_netlink_ms.len(),
         super::percentile(f.add_netlink_ms.clone(), 0.5),
         super::percentile(f.add_netlink_ms.clone(), 0.99),
         super::median(f.set_ms.clone()),
