@@ -240,14 +240,16 @@ impl Daemon {
     /// Kernel programs that use this daemon's maps (loaded instances): a
     /// `tag` per router and the control instance's `tag` and `classify`.
     pub fn programs(&self) -> usize {
+        aya::programs::loaded_programs().filter_map(|p| p.ok()).filter(|p| self.uses_maps(p)).count()
+    }
+
+    /// Whether program `p` uses this daemon's maps.
+    pub fn uses_maps(&self, p: &aya::programs::ProgramInfo) -> bool {
         let ids: Vec<u32> = ["ENFORCER_RULES", "ENFORCER_CURRENT"]
             .iter()
             .map(|m| aya::maps::MapData::from_pin(self.bpffs.join(m)).expect("map pin").info().expect("map info").id())
             .collect();
-        aya::programs::loaded_programs()
-            .filter_map(|p| p.ok())
-            .filter(|p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id))))
-            .count()
+        p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id)))
     }
 
     /// enforcer's programs attached to the interfaces of `ns`, in either

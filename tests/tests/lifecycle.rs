@@ -115,3 +115,34 @@ fn a_stale_glue_table_in_a_new_routers_namespace_is_replaced() {
     ftp.ok("list passive");
     assert!(daemon.dump()["slots"][0]["tagged"].as_u64().unwrap() > 0);
 }
+
+/// What a router add loads is its own `tag`, a few instructions that
+/// tail-call the one `classify` the daemon verified at start: every router
+/// runs that same `classify`, and none gets a copy of it.
+#[test]
+fn every_router_runs_the_one_classify_through_its_own_small_tag() {
+    let a = Topology::new();
+    let b = Topology::new();
+    let daemon = Daemon::enforcing(&a);
+    daemon.add_router(&b.router_id);
+    let loaded: Vec<aya::programs::ProgramInfo> = aya::programs::loaded_programs().filter_map(|p| p.ok()).collect();
+    let info = |id: &u32| loaded.iter().find(|p| p.id() == *id).unwrap_or_else(|| panic!("program {id} not loaded"));
+    for topo in [&a, &b] {
+        let attached = daemon.attached_programs(&topo.router);
+        assert_eq!(attached.len(), 2, "tag on both interfaces");
+        for id in &attached {
+            let p = info(id);
+            assert_eq!(p.name_as_str(), Some("tag"));
+            let size = p.size_translated().unwrap_or(u32::MAX);
+            assert!(size < 512, "a router's tag is a few instructions, not the whole program: {size} bytes");
+        }
+    }
+    // One classify for both routers (programs using the daemon's maps).
+    let classify = loaded.iter().filter(|p| p.name_as_str() == Some("classify")).filter(|p| daemon.uses_maps(p)).count();
+    assert_eq!(classify, 1, "one classify, verified once");
+    // And it does the work: a helper on router a tags its FTP.
+    daemon.create_helper(&a.router_id, "tcp", 21, "ftp");
+    let _server = FtpServer::start(&a, Family::V4);
+    FtpClient::login(&a, Family::V4).ok("list passive");
+    assert!(daemon.dump()["slots"][0]["tagged"].as_u64().unwrap() > 0);
+}
