@@ -84,7 +84,9 @@ static CLASSIFY: ProgramArray = ProgramArray::pinned(1, 0);
 
 /// The router whose packet this CPU is handling: `tag` writes it, then
 /// tail-calls `classify`, which reads it. Nothing runs on the CPU in
-/// between (a tail call is a jump within one program run).
+/// between (a tail call is a jump within one program run; on a PREEMPT_RT
+/// kernel, where a program can be preempted, this would have to travel in
+/// the packet's `cb` instead).
 #[map(name = "ENFORCER_CURRENT")]
 static CURRENT: PerCpuArray<RouterIndex> = PerCpuArray::pinned(1, 0);
 
