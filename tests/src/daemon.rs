@@ -240,16 +240,13 @@ impl Daemon {
     /// Kernel programs that use this daemon's maps (loaded instances): a
     /// `tag` per router and the control instance's `tag` and `classify`.
     pub fn programs(&self) -> usize {
-        aya::programs::loaded_programs().filter_map(|p| p.ok()).filter(|p| self.uses_maps(p)).count()
+        let uses = self.uses_maps();
+        aya::programs::loaded_programs().filter_map(|p| p.ok()).filter(|p| uses(p)).count()
     }
 
-    /// Whether program `p` uses this daemon's maps.
-    pub fn uses_maps(&self, p: &aya::programs::ProgramInfo) -> bool {
-        let ids: Vec<u32> = ["ENFORCER_RULES", "ENFORCER_CURRENT"]
-            .iter()
-            .map(|m| aya::maps::MapData::from_pin(self.bpffs.join(m)).expect("map pin").info().expect("map info").id())
-            .collect();
-        p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id)))
+    /// Whether a program uses this daemon's maps (their ids read once).
+    pub fn uses_maps(&self) -> impl Fn(&aya::programs::ProgramInfo) -> bool + use<> {
+        uses_maps(&self.bpffs, &["ENFORCER_RULES", "ENFORCER_CURRENT"])
     }
 
     /// enforcer's programs attached to the interfaces of `ns`, in either
@@ -266,6 +263,13 @@ impl Daemon {
     }
 }
 
+/// Whether a program uses one of the maps `names` pinned in `bpffs`.
+fn uses_maps(bpffs: &std::path::Path, names: &[&str]) -> impl Fn(&aya::programs::ProgramInfo) -> bool + use<> {
+    let ids: Vec<u32> =
+        names.iter().map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id()).collect();
+    move |p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id)))
+}
+
 /// The ids of the programs using the maps pinned in `bpffs` that are
 /// attached to the interfaces of the namespace at `ns` (tcx programs, and
 /// bpf filters at enforcer's netlink priority), sorted. Usable from any
@@ -274,17 +278,14 @@ pub fn attached_programs(bpffs: &std::path::Path, ns: &std::path::Path) -> Vec<u
         use aya::programs::{SchedClassifier, TcAttachType};
         // tag writes the current-router map (tag of earlier releases read
         // the rules map, their egress program the slots map).
-        let ids: Vec<u32> = ["ENFORCER_CURRENT", "ENFORCER_RULES", "ENFORCER_SLOTS"]
-            .iter()
-            .map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id())
-            .collect();
+        let uses = uses_maps(bpffs, &["ENFORCER_CURRENT", "ENFORCER_RULES", "ENFORCER_SLOTS"]);
         enforcer::kernel::netns::run_in(ns, || {
             let mut found = Vec::new();
             for (iface, _) in enforcer::kernel::netns::interfaces()? {
                 for (kind, dir) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
                     if let Ok((_, programs)) = SchedClassifier::query_tcx(&iface, kind) {
                         found.extend(
-                            programs.iter().filter(|p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id)))).map(|p| p.id()),
+                            programs.iter().filter(|p| uses(p)).map(|p| p.id()),
                         );
                     }
                     let out = Command::new("tc").args(["-j", "filter", "show", "dev", &iface, dir]).output()?;

@@ -174,9 +174,15 @@ fn run_in(ns: &Path, program: &str, args: &[&str], input: Option<&[u8]>) -> Resu
 /// Commits `ruleset` (the crate's JSON schema) in one `nft -j -f -` run,
 /// under the command time limit.
 fn apply(ns: &Path, ruleset: &Nftables) -> Result<()> {
-    let json = serde_json::to_vec(ruleset).context("serializing the nftables ruleset")?;
-    exec::succeeded("nft", run_in(ns, "nft", &["-j", "-f", "-"], Some(&json))?).with_context(|| format!("nft in {}", ns.display()))?;
+    exec::succeeded("nft", commit(ns, ruleset)?).with_context(|| format!("nft in {}", ns.display()))?;
     Ok(())
+}
+
+/// One `nft -j -f -` run of `ruleset`, whatever it exits with; an error
+/// only if nft could not run or hung.
+fn commit(ns: &Path, ruleset: &Nftables) -> Result<Output> {
+    let json = serde_json::to_vec(ruleset).context("serializing the nftables ruleset")?;
+    run_in(ns, "nft", &["-j", "-f", "-"], Some(&json))
 }
 
 /// Whether enforcer's table exists in the namespace.
@@ -316,8 +322,7 @@ pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<
     // A stale table (of a router removed while enforcer was down) makes nft
     // fail the creation; the replacing transaction then reports any real
     // error. An nft that hangs or cannot start is not run twice.
-    let json = serde_json::to_vec(&ruleset_fresh(offered, layout)).context("serializing the nftables ruleset")?;
-    if run_in(ns, "nft", &["-j", "-f", "-"], Some(&json))?.status.success() {
+    if commit(ns, &ruleset_fresh(offered, layout))?.status.success() {
         return Ok(());
     }
     apply(ns, &ruleset(offered, layout))
