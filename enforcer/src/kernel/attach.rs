@@ -10,13 +10,17 @@
 //! In both modes other filters and tcx programs on the interface keep
 //! running: the programs pass the packet on unless they drop it.
 
-use std::process::Command;
-
 use anyhow::{Context, Result, anyhow, bail};
 use aya::programs::{
     Link, SchedClassifier, TcAttachType,
     tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    tc::{TcAttribute, TcHandle as RtTcHandle, TcMessage},
+};
+use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use serde::{Deserialize, Serialize};
 
 /// The `attach` setting.
@@ -50,8 +54,7 @@ fn kernel_has_tcx() -> Result<bool> {
     Ok(v >= aya::util::KernelVersion::new(6, 6, 0))
 }
 
-/// Resolves the setting against this kernel (what else the mode needs is
-/// checked by `features::check`).
+/// Resolves the setting against this kernel.
 pub fn resolve(setting: AttachSetting) -> Result<AttachMode> {
     let tcx = kernel_has_tcx()?;
     let mode = match setting {
@@ -59,106 +62,171 @@ pub fn resolve(setting: AttachSetting) -> Result<AttachMode> {
         AttachSetting::Auto | AttachSetting::Netlink => AttachMode::Netlink,
         AttachSetting::Tcx if tcx => AttachMode::Tcx,
         AttachSetting::Tcx => {
-            let v = aya::util::KernelVersion::current().map(|v| format!("{v:?}")).unwrap_or_default();
-            bail!("attach = \"tcx\" needs kernel 6.6 or later (tcx links); this kernel is {v}: use attach = \"netlink\" or \"auto\"")
+            let v = aya::util::KernelVersion::current()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default();
+            bail!(
+                "attach = \"tcx\" needs kernel 6.6 or later (tcx links); this kernel is {v}: use attach = \"netlink\" or \"auto\""
+            )
         }
     };
     Ok(mode)
 }
 
-fn tc_json(args: &[&str]) -> Result<serde_json::Value> {
-    let out = super::exec::check(Command::new("tc").arg("-j").args(args), None).context("running tc (is iproute2 installed?)")?;
-    if out.stdout.iter().all(u8::is_ascii_whitespace) {
-        return Ok(serde_json::Value::Array(Vec::new()));
-    }
-    serde_json::from_slice(&out.stdout).context("reading tc's JSON")
-}
+/// A router interface: its name (for aya and messages) and its index (for
+/// rtnetlink).
+pub type Iface<'a> = (&'a str, u32);
 
-fn direction(kind: TcAttachType) -> &'static str {
-    match kind {
-        TcAttachType::Egress => "egress",
-        _ => "ingress",
-    }
-}
+/// The tc hooks of the calling thread's namespace, asked over rtnetlink
+/// (netlink mode): no `tc` run per interface.
+pub struct Hooks(Socket);
 
-/// Whether `iface` still needs a clsact qdisc (calling thread's namespace).
-/// An `ingress` qdisc (Neutron's floating IP QoS uses one) is refused: it
-/// belongs to Neutron, whose filter takes the priority enforcer's needs.
-pub fn clsact_missing(iface: &str) -> Result<bool> {
-    let qdiscs = tc_json(&["qdisc", "show", "dev", iface])?;
-    let hook = qdiscs.as_array().into_iter().flatten().find(|q| q["handle"] == "ffff:");
-    match hook.and_then(|q| q["kind"].as_str()) {
-        Some("clsact") => Ok(false),
-        Some(other) => bail!(
-            "{iface} has an `{other}` qdisc; netlink attach needs its own clsact qdisc and will not replace \
-             another qdisc (and its filters). Use attach = \"tcx\" (kernel 6.6+), or move those filters to clsact"
-        ),
-        None => Ok(true),
+impl Hooks {
+    pub fn open() -> Result<Self> {
+        Ok(Self(super::netlink::open(NETLINK_ROUTE, "route")?))
+    }
+
+    fn dump(&self, request: RouteNetlinkMessage) -> Result<Vec<TcMessage>> {
+        super::netlink::send_message(&self.0, request, NLM_F_REQUEST | NLM_F_DUMP)?;
+        let mut found = Vec::new();
+        super::netlink::receive_messages(&self.0, false, |m: RouteNetlinkMessage| match m {
+            RouteNetlinkMessage::NewQueueDiscipline(tc)
+            | RouteNetlinkMessage::NewTrafficFilter(tc) => found.push(tc),
+            _ => {}
+        })?;
+        Ok(found)
+    }
+
+    /// The kind of qdisc on interface `ifindex`'s ingress/clsact hook
+    /// (handle ffff:), if any.
+    fn hook_qdisc(&self, ifindex: u32) -> Result<Option<String>> {
+        let qdiscs = self.dump(RouteNetlinkMessage::GetQueueDiscipline(
+            TcMessage::with_index(ifindex as i32),
+        ))?;
+        Ok(qdiscs
+            .into_iter()
+            .filter(|q| {
+                q.header.index == ifindex as i32
+                    && q.header.handle
+                        == RtTcHandle {
+                            major: 0xffff,
+                            minor: 0,
+                        }
+            })
+            .find_map(|q| {
+                q.attributes.into_iter().find_map(|a| {
+                    if let TcAttribute::Kind(k) = a {
+                        Some(k)
+                    } else {
+                        None
+                    }
+                })
+            }))
+    }
+
+    /// Whether enforcer's filter (a `bpf` filter at its priority) is on
+    /// interface `ifindex`'s `kind` hook.
+    fn filter_present(&self, ifindex: u32, kind: TcAttachType) -> Result<bool> {
+        let mut request = TcMessage::with_index(ifindex as i32);
+        let minor = if kind == TcAttachType::Egress {
+            RtTcHandle::MIN_EGRESS
+        } else {
+            RtTcHandle::MIN_INGRESS
+        };
+        request.header.parent = RtTcHandle {
+            major: 0xffff,
+            minor,
+        };
+        let filters = self.dump(RouteNetlinkMessage::GetTrafficFilter(request))?;
+        Ok(filters.iter().any(|f| {
+            // tcm_info holds the priority in its upper half.
+            f.header.index == ifindex as i32
+                && (f.header.info >> 16) as u16 == NETLINK_PRIORITY
+                && f.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
+        }))
+    }
+
+    /// Whether `iface` still needs a clsact qdisc. An `ingress` qdisc
+    /// (Neutron's floating IP QoS uses one) is refused: it belongs to
+    /// Neutron, whose filter takes the priority enforcer's needs.
+    pub fn clsact_missing(&self, (iface, ifindex): Iface) -> Result<bool> {
+        match self.hook_qdisc(ifindex)?.as_deref() {
+            Some("clsact") => Ok(false),
+            Some(other) => bail!(
+                "{iface} has an `{other}` qdisc; netlink attach needs its own clsact qdisc and will not replace \
+                 another qdisc (and its filters). Use attach = \"tcx\" (kernel 6.6+), or move those filters to clsact"
+            ),
+            None => Ok(true),
+        }
+    }
+
+    /// Attaches `prog` to `iface` in netlink mode (after `add_clsact`), or
+    /// swaps it in for the one already there. Returns whether it was
+    /// missing. Runs in the router's namespace. The link is forgotten:
+    /// dropping it would detach the filter.
+    pub fn attach(
+        &self,
+        prog: &mut SchedClassifier,
+        (iface, ifindex): Iface,
+        kind: TcAttachType,
+    ) -> Result<bool> {
+        let missing = !self.filter_present(ifindex, kind)?;
+        let id = if missing {
+            let options = NlOptions {
+                priority: NETLINK_PRIORITY,
+                handle: NETLINK_HANDLE,
+                classid: None,
+            };
+            prog.attach_with_options(iface, kind, TcAttachOptions::Netlink(options))
+        } else {
+            let existing =
+                SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?;
+            prog.attach_to_link(existing)
+        }
+        .with_context(|| format!("attaching to {iface} ({kind:?}, netlink)"))?;
+        std::mem::forget(prog.take_link(id)?);
+        Ok(missing)
+    }
+
+    /// Removes enforcer's filter from `iface`'s `kind` hook if it is there.
+    /// Returns whether it was.
+    fn detach_hook(&self, (iface, ifindex): Iface, kind: TcAttachType) -> Result<bool> {
+        if !self.filter_present(ifindex, kind)? {
+            return Ok(false);
+        }
+        SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?
+            .detach()
+            .map_err(|e| anyhow!("detaching from {iface} ({kind:?}): {e}"))?;
+        Ok(true)
+    }
+
+    /// Removes enforcer's filters from `iface`, an earlier release's egress
+    /// filter too; absent ones are not an error.
+    pub fn detach(&self, iface: Iface) -> Result<()> {
+        for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
+            self.detach_hook(iface, kind)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the egress filter an earlier release put on `iface` (at an
+    /// upgrade; this release attaches on ingress only). Returns whether
+    /// there was one.
+    pub fn detach_legacy(&self, iface: Iface) -> Result<bool> {
+        self.detach_hook(iface, TcAttachType::Egress)
+    }
+
+    /// How many of enforcer's filters `iface` lacks: its one, on ingress.
+    pub fn missing(&self, (_, ifindex): Iface) -> Result<usize> {
+        Ok(usize::from(
+            !self.filter_present(ifindex, TcAttachType::Ingress)?,
+        ))
     }
 }
 
 pub fn add_clsact(iface: &str) -> Result<()> {
-    aya::programs::tc::qdisc_add_clsact(iface).with_context(|| format!("adding a clsact qdisc to {iface}"))
-}
-
-/// Whether enforcer's filter is on `iface`'s hook (netlink mode).
-fn filter_present(iface: &str, kind: TcAttachType) -> Result<bool> {
-    let filters = tc_json(&["filter", "show", "dev", iface, direction(kind)])?;
-    Ok(filters
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|f| f["pref"].as_u64() == Some(NETLINK_PRIORITY.into()) && f["kind"] == "bpf"))
-}
-
-/// Attaches `prog` to `iface` in netlink mode (after `add_clsact`), or
-/// swaps it in for the one already there. Returns whether it was missing.
-/// Runs in the router's namespace. The link is forgotten: dropping it would
-/// detach the filter.
-pub fn netlink_attach(prog: &mut SchedClassifier, iface: &str, kind: TcAttachType) -> Result<bool> {
-    let missing = !filter_present(iface, kind)?;
-    let id = if missing {
-        let options = NlOptions { priority: NETLINK_PRIORITY, handle: NETLINK_HANDLE, classid: None };
-        prog.attach_with_options(iface, kind, TcAttachOptions::Netlink(options))
-    } else {
-        let existing = SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?;
-        prog.attach_to_link(existing)
-    }
-    .with_context(|| format!("attaching to {iface} ({kind:?}, netlink)"))?;
-    std::mem::forget(prog.take_link(id)?);
-    Ok(missing)
-}
-
-/// Removes enforcer's filter from `iface`'s `kind` hook if it is there.
-/// Returns whether it was.
-fn netlink_detach_hook(iface: &str, kind: TcAttachType) -> Result<bool> {
-    if !filter_present(iface, kind)? {
-        return Ok(false);
-    }
-    SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?
-        .detach()
-        .map_err(|e| anyhow!("detaching from {iface} ({kind:?}): {e}"))?;
-    Ok(true)
-}
-
-/// Removes enforcer's filters from `iface` (calling thread's namespace),
-/// an earlier release's egress filter too; absent ones are not an error.
-pub fn netlink_detach(iface: &str) -> Result<()> {
-    for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
-        netlink_detach_hook(iface, kind)?;
-    }
-    Ok(())
-}
-
-/// Removes the egress filter an earlier release put on `iface` (at an
-/// upgrade; this release attaches on ingress only). Returns whether there
-/// was one.
-pub fn netlink_detach_legacy(iface: &str) -> Result<bool> {
-    netlink_detach_hook(iface, TcAttachType::Egress)
-}
-
-/// How many of enforcer's filters `iface` lacks (netlink mode): its one,
-/// on ingress.
-pub fn netlink_missing(iface: &str) -> Result<usize> {
-    Ok(usize::from(!filter_present(iface, TcAttachType::Ingress)?))
+    aya::programs::tc::qdisc_add_clsact(iface)
+        .with_context(|| format!("adding a clsact qdisc to {iface}"))
 }

@@ -1,4 +1,4 @@
-//! ctnetlink (over `nfnl`): the entries of a rule slot, found by their
+//! ctnetlink (over `netlink`): the entries of a rule slot, found by their
 //! mark, and their removal. Must run on a thread inside the router's
 //! namespace (`netns::run_in`): the socket talks to the conntrack table of
 //! the namespace it was opened in.
@@ -12,7 +12,7 @@ use netlink_packet_netfilter::{
     conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
 };
 
-use super::nfnl::{receive, send, socket};
+use super::netlink::{netfilter, receive, send};
 
 const CTA_MARK_MASK: u16 = 21;
 
@@ -56,8 +56,12 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
             Tuple::Proto(p) => {
                 for x in p {
                     match x {
-                        ProtoTuple::Protocol(Protocol::Tcp) => proto = Some(libc::IPPROTO_TCP as u8),
-                        ProtoTuple::Protocol(Protocol::Udp) => proto = Some(libc::IPPROTO_UDP as u8),
+                        ProtoTuple::Protocol(Protocol::Tcp) => {
+                            proto = Some(libc::IPPROTO_TCP as u8)
+                        }
+                        ProtoTuple::Protocol(Protocol::Udp) => {
+                            proto = Some(libc::IPPROTO_UDP as u8)
+                        }
                         ProtoTuple::SourcePort(p) => sport = *p,
                         ProtoTuple::DestinationPort(p) => dport = *p,
                         _ => {}
@@ -67,13 +71,23 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
             _ => {}
         }
     }
-    Some(Tuple5 { proto: proto?, src: src?, dst: dst?, sport, dport })
+    Some(Tuple5 {
+        proto: proto?,
+        src: src?,
+        dst: dst?,
+        sport,
+        dport,
+    })
 }
 
 /// The TCP and UDP entries whose mark matches `mark` under `mask`.
 pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
-    let sock = socket()?;
-    send(&sock, ConntrackMessage::Get(mark_filter(mark, mask)), NLM_F_REQUEST | NLM_F_DUMP)?;
+    let sock = netfilter()?;
+    send(
+        &sock,
+        ConntrackMessage::Get(mark_filter(mark, mask)),
+        NLM_F_REQUEST | NLM_F_DUMP,
+    )?;
     let mut out = Vec::new();
     receive(&sock, false, |msg| {
         if let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = msg {
@@ -89,9 +103,10 @@ pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
             // The kernel filters by mark; check anyway, a filter it ignored
             // must not make us revoke other rules' flows.
             if let (Some(orig), Some(reply), Some(m)) = (orig, reply, entry_mark)
-                && m & mask == mark {
-                    out.push(Entry { orig, reply });
-                }
+                && m & mask == mark
+            {
+                out.push(Entry { orig, reply });
+            }
         }
     })?;
     Ok(out)
@@ -100,7 +115,11 @@ pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
 /// Deletes every entry whose mark matches, in one message. Deleting a
 /// master entry also removes the expectations it opened.
 pub fn delete_with_mark(mark: u32, mask: u32) -> Result<()> {
-    let sock = socket()?;
-    send(&sock, ConntrackMessage::Delete(mark_filter(mark, mask)), NLM_F_REQUEST | NLM_F_ACK)?;
+    let sock = netfilter()?;
+    send(
+        &sock,
+        ConntrackMessage::Delete(mark_filter(mark, mask)),
+        NLM_F_REQUEST | NLM_F_ACK,
+    )?;
     receive(&sock, false, |_| {})
 }

@@ -7,42 +7,55 @@ use std::{path::Path, process::Command};
 
 use aya::{maps::MapType, programs::ProgramType};
 
-use super::AttachMode;
-
 /// One requirement: what it is, and whether the host meets it.
 struct Need {
     what: &'static str,
     met: bool,
 }
 
-/// Checks every requirement of attach mode `mode`; the error lists all
-/// that are missing.
-pub fn check(mode: AttachMode) -> anyhow::Result<()> {
-    let missing = missing(&needs(mode));
+/// Checks every requirement; the error lists all that are missing. Both
+/// attach modes need the same: netlink mode asks rtnetlink itself, with no
+/// `tc` command.
+pub fn check() -> anyhow::Result<()> {
+    let missing = missing(&needs());
     if missing.is_empty() {
         return Ok(());
     }
-    anyhow::bail!("this host lacks what enforcer needs:\n  - {}", missing.join("\n  - "))
+    anyhow::bail!(
+        "this host lacks what enforcer needs:\n  - {}",
+        missing.join("\n  - ")
+    )
 }
 
 fn missing(needs: &[Need]) -> Vec<&'static str> {
     needs.iter().filter(|n| !n.met).map(|n| n.what).collect()
 }
 
-fn needs(mode: AttachMode) -> Vec<Need> {
+fn needs() -> Vec<Need> {
     let program = |t| aya::sys::is_program_supported(t).unwrap_or(false);
     let map = |t| aya::sys::is_map_supported(t).unwrap_or(false);
-    let mut needs = vec![
-        Need { what: "BPF programs of type sched_cls (CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, CONFIG_NET_CLS_ACT)", met: program(ProgramType::SchedClassifier) },
-        Need { what: "BPF hash maps (CONFIG_BPF_SYSCALL)", met: map(MapType::Hash) },
-        Need { what: "BPF array maps (CONFIG_BPF_SYSCALL)", met: map(MapType::Array) },
-        Need { what: "connection tracking (CONFIG_NF_CONNTRACK; module nf_conntrack)", met: conntrack() },
-        Need { what: "the `nft` command (package nftables): enforcer's netfilter glue is an nftables table", met: runs("nft", &["--version"]) },
-    ];
-    if mode == AttachMode::Netlink {
-        needs.push(Need { what: "the `tc` command (package iproute2): netlink attach reads the interfaces' qdiscs and filters with it", met: runs("tc", &["-V"]) });
-    }
-    needs
+    vec![
+        Need {
+            what: "BPF programs of type sched_cls (CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, CONFIG_NET_CLS_ACT)",
+            met: program(ProgramType::SchedClassifier),
+        },
+        Need {
+            what: "BPF hash maps (CONFIG_BPF_SYSCALL)",
+            met: map(MapType::Hash),
+        },
+        Need {
+            what: "BPF array maps (CONFIG_BPF_SYSCALL)",
+            met: map(MapType::Array),
+        },
+        Need {
+            what: "connection tracking (CONFIG_NF_CONNTRACK; module nf_conntrack)",
+            met: conntrack(),
+        },
+        Need {
+            what: "the `nft` command (package nftables): enforcer's netfilter glue is an nftables table",
+            met: runs("nft", &["--version"]),
+        },
+    ]
 }
 
 /// Conntrack is there, or its module loads (as nftables would load it).
@@ -61,14 +74,20 @@ mod tests {
 
     #[test]
     fn every_missing_piece_is_named_once_in_order() {
-        let needs = [Need { what: "a", met: false }, Need { what: "b", met: true }, Need { what: "c", met: false }];
+        let needs = [
+            Need {
+                what: "a",
+                met: false,
+            },
+            Need {
+                what: "b",
+                met: true,
+            },
+            Need {
+                what: "c",
+                met: false,
+            },
+        ];
         assert_eq!(missing(&needs), ["a", "c"]);
-    }
-
-    #[test]
-    fn netlink_mode_needs_tc_and_tcx_does_not() {
-        let names = |mode| needs(mode).iter().map(|n| n.what).collect::<Vec<_>>().join("\n");
-        assert!(names(AttachMode::Netlink).contains("`tc`"));
-        assert!(!names(AttachMode::Tcx).contains("`tc`"));
     }
 }
