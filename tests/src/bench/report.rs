@@ -759,15 +759,22 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          per change, measured with `perf` (16 clients pipelining creates on one router): the group loop's thread \
          spends about a third handling the request (a tenth of it in the map updates, three `bpf` calls), a fifth in \
          the store's inserts and commit, and a fifth writing the audit line (its JSON, the file, the log line), with \
-         malloc in all of them; the second core idles part of the time, as the group loop is one thread. A group's \
+         malloc in all of them; the second core idles part of the time, as the group loop is one thread (with 16 \
+         clients the machine was 40% idle, `vmstat`). The disk's sync is not what limits it: 7% of the loop's \
+         time (p50 1.1 ms per commit of about 480 changes, `perf trace`), so overlapping the next group with the \
+         commit gains at most that; the kernel's hash map updates cost about 1.5 us each (`perf`; the rules, slots and \
+         counters maps are not preallocated). Writing a pipelining connection's ready answers in one write instead \
+         of one each was tried and measured no faster. A group's \
          audit lines now go to the file in one write instead of one each. Helper ids \
          the daemon makes are time-ordered (UUIDv7), so a group's inserts land in a few pages of the \
          store's B-tree instead of one page each: with random ids creates slowed down as the table grew (about \
          14,500, 11,000 and 10,000 per second over three rounds of 16,000 creates; now about 26,000, 21,000 and \
          22,000, measured back to back). The log names each audited change instead of repeating its JSON line, and \
          a create's audit entry no longer carries the router as its before-state: together 10 to 30% more creates \
-         per second. The way on: the next group prepared while one commits, the map updates of a group in one \
-         `BPF_MAP_UPDATE_BATCH` per map, the slots map (which no program reads) left out. The per-change comparison with iptables-restore counts enforcer's create + \
+         per second. The way on: the group loop in two stages on the two cores (the requests handled and applied to the \
+         maps while the previous group is written to the store and its audit lines go out; a failed commit then \
+         fails the group after it too, and every other store writer waits for the pipeline), the map updates of a \
+         group in one `BPF_MAP_UPDATE_BATCH` per map, the slots map (which no program reads) left out. The per-change comparison with iptables-restore counts enforcer's create + \
          delete halved; the Neutron delete grows with N (a whole-table save and restore) while enforcer's does not, \
          so the ratio grows with N ({:.0}x at the largest N measured). Chain costs derived from forwarding rates are \
          noisy on 2 vCPUs.",
