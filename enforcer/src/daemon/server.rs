@@ -217,15 +217,30 @@ where
     })
 }
 
-/// Runs `f` on the daemon, off the async runtime.
+/// The turn to take the daemon's lock from the runtime: a task waits for it
+/// here, as a future, instead of on a blocking thread parked on the mutex.
+/// Without it a burst (every stored router's start step at once) parked a
+/// blocking thread each, and the memory of hundreds of threads stayed with
+/// the process: 34 to 60 MiB under router churn after a restart with 300
+/// routers, flat with it.
+static TURN: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Runs `f` on the daemon, off the async runtime, in its turn.
+pub(super) async fn on_daemon<T: Send + 'static>(
+    daemon: &Shared,
+    f: impl FnOnce(&mut Daemon) -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let _turn = TURN.acquire().await.expect("the turn is never closed");
+    let d = daemon.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&d))).await
+}
+
+/// [`on_daemon`], for steps that do not panic.
 pub(super) async fn with_daemon<T: Send + 'static>(
     daemon: &Shared,
     f: impl FnOnce(&mut Daemon) -> T + Send + 'static,
 ) -> T {
-    let d = daemon.clone();
-    tokio::task::spawn_blocking(move || f(&mut lock(&d)))
-        .await
-        .expect("daemon step panicked")
+    on_daemon(daemon, f).await.expect("daemon step panicked")
 }
 
 /// Runs a glue step without the lock.
@@ -322,21 +337,17 @@ pub(super) async fn request(
         }
         None => None,
     };
-    let d = daemon.clone();
     // A panic while handling is this request's internal error, not the
     // connection's end.
-    let (line, stopping, gone) = tokio::task::spawn_blocking(move || {
-        let (result, stopping, gone) = {
-            let mut d = lock(&d);
-            (
-                d.handle_from(origin, caller, req, glue),
-                d.stopping(),
-                d.take_unglue(),
-            )
-        };
-        (wire(result), stopping, gone)
+    let (line, stopping, gone) = on_daemon(daemon, move |d| {
+        (
+            d.handle_from(origin, caller, req, glue),
+            d.stopping(),
+            d.take_unglue(),
+        )
     })
     .await
+    .map(|(result, stopping, gone)| (wire(result), stopping, gone))
     .unwrap_or_else(|e| (wire(Err(ApiError::internal(e))), false, Vec::new()));
     // The request's own namespace is still its turn; others take theirs.
     for ns in gone {
@@ -437,9 +448,7 @@ impl Changes {
                     .into_iter()
                     .map(|q| ((q.origin, q.caller, q.req), q.answer))
                     .unzip();
-                let d = daemon.clone();
-                let results =
-                    tokio::task::spawn_blocking(move || lock(&d).handle_group(requests)).await;
+                let results = on_daemon(&daemon, move |d| d.handle_group(requests)).await;
                 let results = results.unwrap_or_else(|e| {
                     answers
                         .iter()

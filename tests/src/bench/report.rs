@@ -807,14 +807,17 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          A delete costs one sync of the disk (the store's; its audit entry is journaled in the same transaction), \
          down from two: 1.69 to 1.23 ms p50 at 1,000 routers, 0.79 to 0.58 ms with one router, measured back to \
          back. What the rest costs at 1,000 routers, twice the one-router figure, is not located yet. \
-         Memory under churn: the growth is a malloc heap that the runtime's threads grow page by page while routers are added again after being removed (300 routers: 35 MiB, 40 after the removes, 51 after the adds; `perf` shows no large mmap by the daemon, only single-page mprotects of an arena's heap), and that `malloc_trim` cannot hand back: pages still hold live allocations. A fixed mmap threshold, one arena, or redb's cache at 2 MiB instead of 16 change nothing; jemalloc (two arenas, freed pages purged after 1 s) makes it worse (52 to 117 MiB) though creates run a third faster. It grows only after a restart: without one, 200 routers removed and added four times end where they \
-         started (31.8 to 32.5 MiB); after a restart, 150 routers removed and added seven times grow by 7.0, 2.4, \
-         1.0, 0.6, 0.4, 0.3 and 0.2 MiB, so it levels off. A heap profile of a restarted daemon from its start \
-         (heaptrack, 100 routers, three rounds) finds its live heap flat at about 17.7 MB through every round, \
-         after a peak of 22 MB while it starts (the kernel's BTF, read and parsed by the program loader): the \
-         growth is memory the allocator keeps, not data the daemon holds. The way on is to keep that start-up \
-         peak off the arenas the requests use later (the BTF parsed on a thread of its own, trimmed after), or \
-         an allocator chosen by measuring this churn."
+         Memory under churn: until this run a restarted daemon ended its start with about one thread per \
+         router (306 with 300 routers). Every stored router's start step queued for the daemon's lock at once, \
+         each on a blocking thread of its own, parked on the mutex, and each thread took memory (its stack, \
+         its malloc cache, up to eight malloc arenas per core) that stayed with the process when it ended: 300 \
+         routers removed and added again grew the daemon from 34 to 55 and then 60 MiB. A heap profile showed a \
+         flat live heap, as this was never the daemon's data. Now a step waits for its turn at the lock as a \
+         future, without a thread (15 threads after the restart), and the daemon keeps one malloc arena: 30 to \
+         36 MiB, then 36 again, the size of the daemon before the restart, which had added the routers itself \
+         (measured by hand; one arena alone moved it 38 to 36). Earlier tries (a fixed mmap threshold, redb's \
+         cache at 2 MiB, jemalloc, which grew it 52 to 117 MiB, and mimalloc, 202 to 1,645 MiB with the threads \
+         still there) were aimed at the allocator, and the threads were the cause."
     );
     std::fs::write(dir.join("results.md"), md)
 }
