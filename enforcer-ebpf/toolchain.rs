@@ -5,11 +5,8 @@
 /// The `toolchain.channel` of the rust-toolchain.toml at `file`.
 pub fn pinned(file: &std::path::Path) -> anyhow::Result<String> {
     use anyhow::Context;
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .with_context(|| format!("parsing {}", file.display()))?;
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("parsing {}", file.display()))?;
     table
         .get("toolchain")
         .and_then(|t| t.get("channel"))

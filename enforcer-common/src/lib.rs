@@ -103,12 +103,7 @@ pub struct RuleKey {
 
 impl RuleKey {
     pub const fn new(router: RouterIndex, proto: u8, port: u16) -> Self {
-        Self {
-            router,
-            port,
-            proto,
-            _pad: 0,
-        }
+        Self { router, port, proto, _pad: 0 }
     }
 }
 

@@ -60,14 +60,10 @@ pub fn check_rules(rules: &[AccessRule]) -> Result<(), String> {
             return Err(format!("access rule {}: needs uid or gid", i + 1));
         }
         if r.role == RoleName::Operator && r.project.is_none() {
-            return Err(format!(
-                "access rule {}: an operator needs a project",
-                i + 1
-            ));
+            return Err(format!("access rule {}: an operator needs a project", i + 1));
         }
         if let Some(p) = &r.project {
-            crate::validate::project(p)
-                .map_err(|e| format!("access rule {}: {}", i + 1, e.message))?;
+            crate::validate::project(p).map_err(|e| format!("access rule {}: {}", i + 1, e.message))?;
         }
     }
     Ok(())
@@ -82,27 +78,16 @@ pub fn role_of(rules: &[AccessRule], caller: &Caller) -> Option<Role> {
     let rule = rules
         .iter()
         .find(|r| r.uid == Some(caller.uid))
-        .or_else(|| {
-            rules
-                .iter()
-                .find(|r| r.uid.is_none() && r.gid.is_some_and(|g| caller.in_group(g)))
-        })?;
+        .or_else(|| rules.iter().find(|r| r.uid.is_none() && r.gid.is_some_and(|g| caller.in_group(g))))?;
     Some(match rule.role {
         RoleName::Admin => Role::Admin,
-        RoleName::Operator => Role::Operator {
-            project: rule.project.clone()?,
-        },
-        RoleName::Reader => Role::Reader {
-            project: rule.project.clone(),
-        },
+        RoleName::Operator => Role::Operator { project: rule.project.clone()? },
+        RoleName::Reader => Role::Reader { project: rule.project.clone() },
     })
 }
 
 fn denied(what: &str) -> ApiError {
-    ApiError::new(
-        ErrorCode::PermissionDenied,
-        format!("permission denied: {what}"),
-    )
+    ApiError::new(ErrorCode::PermissionDenied, format!("permission denied: {what}"))
 }
 
 /// Whether `role` may make `req` at all (project confinement is applied by
@@ -125,36 +110,18 @@ pub fn permits(role: Option<&Role>, req: &Request) -> Result<(), ApiError> {
         Role::Reader { .. } => Err(denied("readers may only list and show")),
         Role::Operator { project } => match req {
             _ if read => Ok(()),
-            Request::HelperCreate { id: Some(_), .. } => {
-                Err(denied("only an administrator may choose a helper id"))
+            Request::HelperCreate { id: Some(_), .. } => Err(denied("only an administrator may choose a helper id")),
+            Request::HelperCreate { project_id: Some(p), .. } if p != project => {
+                Err(denied("an operator creates helpers in its own project only"))
             }
-            Request::HelperCreate {
-                project_id: Some(p),
-                ..
-            } if p != project => Err(denied(
-                "an operator creates helpers in its own project only",
-            )),
             Request::HelperSet { helpers, .. } if helpers.iter().any(|h| h.id.is_some()) => {
-                Err(denied(
-                    "only an administrator may name helper ids in a set; leave them out (helpers are matched by protocol and port)",
-                ))
+                Err(denied("only an administrator may name helper ids in a set; leave them out (helpers are matched by protocol and port)"))
             }
-            Request::HelperSet { helpers, .. }
-                if helpers
-                    .iter()
-                    .any(|h| h.project_id.as_ref().is_some_and(|p| p != project)) =>
-            {
-                Err(denied(
-                    "an operator creates helpers in its own project only",
-                ))
+            Request::HelperSet { helpers, .. } if helpers.iter().any(|h| h.project_id.as_ref().is_some_and(|p| p != project)) => {
+                Err(denied("an operator creates helpers in its own project only"))
             }
-            Request::HelperCreate { .. }
-            | Request::HelperUpdate { .. }
-            | Request::HelperDelete { .. }
-            | Request::HelperSet { .. } => Ok(()),
-            _ => Err(denied(
-                "operators manage the helpers of their project's routers only",
-            )),
+            Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } | Request::HelperSet { .. } => Ok(()),
+            _ => Err(denied("operators manage the helpers of their project's routers only")),
         },
     }
 }
@@ -165,43 +132,20 @@ mod tests {
 
     fn rules() -> Vec<AccessRule> {
         vec![
-            AccessRule {
-                uid: Some(1001),
-                gid: None,
-                role: RoleName::Operator,
-                project: Some("p1".into()),
-            },
-            AccessRule {
-                uid: None,
-                gid: Some(2000),
-                role: RoleName::Reader,
-                project: None,
-            },
-            AccessRule {
-                uid: Some(1003),
-                gid: None,
-                role: RoleName::Admin,
-                project: None,
-            },
+            AccessRule { uid: Some(1001), gid: None, role: RoleName::Operator, project: Some("p1".into()) },
+            AccessRule { uid: None, gid: Some(2000), role: RoleName::Reader, project: None },
+            AccessRule { uid: Some(1003), gid: None, role: RoleName::Admin, project: None },
         ]
     }
 
     fn caller(uid: u32, gid: u32) -> Caller {
-        Caller {
-            uid,
-            gid,
-            pid: None,
-            groups: Vec::new(),
-        }
+        Caller { uid, gid, pid: None, groups: Vec::new() }
     }
 
     #[test]
     fn supplementary_groups_count_like_the_primary_one() {
         let r = rules();
-        let member = Caller {
-            groups: vec![10, 2000],
-            ..caller(1500, 1500)
-        };
+        let member = Caller { groups: vec![10, 2000], ..caller(1500, 1500) };
         assert_eq!(role_of(&r, &member), Some(Role::Reader { project: None }));
         assert_eq!(role_of(&r, &caller(1500, 1500)), None);
     }
@@ -210,17 +154,8 @@ mod tests {
     fn roles_come_from_uid_then_gid() {
         let r = rules();
         assert_eq!(role_of(&r, &caller(0, 0)), Some(Role::Admin));
-        assert_eq!(
-            role_of(&r, &caller(1001, 2000)),
-            Some(Role::Operator {
-                project: "p1".into()
-            }),
-            "uid wins over gid"
-        );
-        assert_eq!(
-            role_of(&r, &caller(1002, 2000)),
-            Some(Role::Reader { project: None })
-        );
+        assert_eq!(role_of(&r, &caller(1001, 2000)), Some(Role::Operator { project: "p1".into() }), "uid wins over gid");
+        assert_eq!(role_of(&r, &caller(1002, 2000)), Some(Role::Reader { project: None }));
         assert_eq!(role_of(&r, &caller(1003, 1003)), Some(Role::Admin));
         assert_eq!(role_of(&r, &caller(1004, 1004)), None);
     }
@@ -235,31 +170,13 @@ mod tests {
             id: id.map(Into::into),
             project_id: project.map(Into::into),
         };
-        let op = Role::Operator {
-            project: "p1".into(),
-        };
+        let op = Role::Operator { project: "p1".into() };
         let reader = Role::Reader { project: None };
         assert!(permits(Some(&op), &create(None, None)).is_ok());
         assert!(permits(Some(&op), &create(None, Some("p1"))).is_ok());
         assert!(permits(Some(&op), &create(None, Some("p2"))).is_err());
-        assert!(
-            permits(
-                Some(&op),
-                &create(Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), None)
-            )
-            .is_err()
-        );
-        assert!(
-            permits(
-                Some(&op),
-                &Request::RouterAdd {
-                    router_id: "r".into(),
-                    netns: None,
-                    project_id: None
-                }
-            )
-            .is_err()
-        );
+        assert!(permits(Some(&op), &create(Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), None)).is_err());
+        assert!(permits(Some(&op), &Request::RouterAdd { router_id: "r".into(), netns: None, project_id: None }).is_err());
         assert!(permits(Some(&op), &Request::Teardown {}).is_err());
         assert!(permits(Some(&op), &Request::DebugDatapath { drops: 10 }).is_err());
         assert!(permits(Some(&reader), &Request::DebugDatapath { drops: 0 }).is_err());
@@ -275,32 +192,8 @@ mod tests {
     #[test]
     fn rules_are_checked() {
         assert!(check_rules(&rules()).is_ok());
-        assert!(
-            check_rules(&[AccessRule {
-                uid: None,
-                gid: None,
-                role: RoleName::Reader,
-                project: None
-            }])
-            .is_err()
-        );
-        assert!(
-            check_rules(&[AccessRule {
-                uid: Some(1),
-                gid: None,
-                role: RoleName::Operator,
-                project: None
-            }])
-            .is_err()
-        );
-        assert!(
-            check_rules(&[AccessRule {
-                uid: Some(1),
-                gid: None,
-                role: RoleName::Operator,
-                project: Some("../x".into())
-            }])
-            .is_err()
-        );
+        assert!(check_rules(&[AccessRule { uid: None, gid: None, role: RoleName::Reader, project: None }]).is_err());
+        assert!(check_rules(&[AccessRule { uid: Some(1), gid: None, role: RoleName::Operator, project: None }]).is_err());
+        assert!(check_rules(&[AccessRule { uid: Some(1), gid: None, role: RoleName::Operator, project: Some("../x".into()) }]).is_err());
     }
 }

@@ -24,72 +24,17 @@ pub struct HelperKind {
 use Protocol::{Tcp, Udp};
 
 pub const CATALOGUE: &[HelperKind] = &[
-    HelperKind {
-        id: 1,
-        name: "ftp",
-        protocols: &[Tcp],
-        default_port: 21,
-    },
-    HelperKind {
-        id: 2,
-        name: "tftp",
-        protocols: &[Udp],
-        default_port: 69,
-    },
-    HelperKind {
-        id: 3,
-        name: "sip",
-        protocols: &[Udp, Tcp],
-        default_port: 5060,
-    },
-    HelperKind {
-        id: 4,
-        name: "sane",
-        protocols: &[Tcp],
-        default_port: 6566,
-    },
-    HelperKind {
-        id: 5,
-        name: "amanda",
-        protocols: &[Udp],
-        default_port: 10080,
-    },
-    HelperKind {
-        id: 6,
-        name: "Q.931",
-        protocols: &[Tcp],
-        default_port: 1720,
-    },
-    HelperKind {
-        id: 7,
-        name: "RAS",
-        protocols: &[Udp],
-        default_port: 1719,
-    },
-    HelperKind {
-        id: 8,
-        name: "irc",
-        protocols: &[Tcp],
-        default_port: 6667,
-    },
-    HelperKind {
-        id: 9,
-        name: "pptp",
-        protocols: &[Tcp],
-        default_port: 1723,
-    },
-    HelperKind {
-        id: 10,
-        name: "snmp",
-        protocols: &[Udp],
-        default_port: 161,
-    },
-    HelperKind {
-        id: 11,
-        name: "netbios-ns",
-        protocols: &[Udp],
-        default_port: 137,
-    },
+    HelperKind { id: 1, name: "ftp", protocols: &[Tcp], default_port: 21 },
+    HelperKind { id: 2, name: "tftp", protocols: &[Udp], default_port: 69 },
+    HelperKind { id: 3, name: "sip", protocols: &[Udp, Tcp], default_port: 5060 },
+    HelperKind { id: 4, name: "sane", protocols: &[Tcp], default_port: 6566 },
+    HelperKind { id: 5, name: "amanda", protocols: &[Udp], default_port: 10080 },
+    HelperKind { id: 6, name: "Q.931", protocols: &[Tcp], default_port: 1720 },
+    HelperKind { id: 7, name: "RAS", protocols: &[Udp], default_port: 1719 },
+    HelperKind { id: 8, name: "irc", protocols: &[Tcp], default_port: 6667 },
+    HelperKind { id: 9, name: "pptp", protocols: &[Tcp], default_port: 1723 },
+    HelperKind { id: 10, name: "snmp", protocols: &[Udp], default_port: 161 },
+    HelperKind { id: 11, name: "netbios-ns", protocols: &[Udp], default_port: 137 },
 ];
 
 /// Looks a helper up by its kernel name (exact, case-sensitive: `Q.931`).
@@ -135,50 +80,28 @@ fn parse_allowed(entry: &str) -> Result<(&'static HelperKind, Option<Protocol>),
         Some((n, p)) => (n, Some(p)),
         None => (entry, None),
     };
-    let kind = by_name(name).ok_or_else(|| {
-        format!(
-            "allowed_helpers: unknown helper {name:?}; known: {}",
-            names().join(", ")
-        )
-    })?;
+    let kind = by_name(name).ok_or_else(|| format!("allowed_helpers: unknown helper {name:?}; known: {}", names().join(", ")))?;
     let proto = match proto {
         None => None,
         Some("tcp") => Some(Protocol::Tcp),
         Some("udp") => Some(Protocol::Udp),
-        Some(p) => {
-            return Err(format!(
-                "allowed_helpers: {entry:?}: protocol {p:?} must be tcp or udp"
-            ));
-        }
+        Some(p) => return Err(format!("allowed_helpers: {entry:?}: protocol {p:?} must be tcp or udp")),
     };
     if let Some(p) = proto
-        && !kind.supports(p)
-    {
-        return Err(format!(
-            "allowed_helpers: {entry:?}: the {} helper does not exist for {p}",
-            kind.name
-        ));
-    }
+        && !kind.supports(p) {
+            return Err(format!("allowed_helpers: {entry:?}: the {} helper does not exist for {p}", kind.name));
+        }
     Ok((kind, proto))
 }
 
 impl Offered {
     /// `probed` narrowed to `allowed` (None: everything probed).
     pub fn new(probed: Vec<Offer>, allowed: Option<&[String]>) -> Result<Self, String> {
-        let Some(allowed) = allowed else {
-            return Ok(Self { offers: probed });
-        };
-        let allowed: Vec<_> = allowed
-            .iter()
-            .map(|e| parse_allowed(e))
-            .collect::<Result<_, _>>()?;
+        let Some(allowed) = allowed else { return Ok(Self { offers: probed }) };
+        let allowed: Vec<_> = allowed.iter().map(|e| parse_allowed(e)).collect::<Result<_, _>>()?;
         let offers = probed
             .into_iter()
-            .filter(|o| {
-                allowed
-                    .iter()
-                    .any(|(k, p)| k.id == o.kind.id && p.is_none_or(|p| p == o.protocol))
-            })
+            .filter(|o| allowed.iter().any(|(k, p)| k.id == o.kind.id && p.is_none_or(|p| p == o.protocol)))
             .collect();
         Ok(Self { offers })
     }
@@ -188,35 +111,19 @@ impl Offered {
     pub fn everything() -> Self {
         let offers = CATALOGUE
             .iter()
-            .flat_map(|k| {
-                k.protocols.iter().flat_map(move |p| {
-                    Family::ALL.map(|f| Offer {
-                        kind: k,
-                        protocol: *p,
-                        family: f,
-                    })
-                })
-            })
+            .flat_map(|k| k.protocols.iter().flat_map(move |p| Family::ALL.map(|f| Offer { kind: k, protocol: *p, family: f })))
             .collect();
         Self { offers }
     }
 
     /// The helper named `name`, if offered for `protocol` in some family.
     pub fn find(&self, name: &str, protocol: Protocol) -> Option<&'static HelperKind> {
-        self.offers
-            .iter()
-            .find(|o| o.kind.name == name && o.protocol == protocol)
-            .map(|o| o.kind)
+        self.offers.iter().find(|o| o.kind.name == name && o.protocol == protocol).map(|o| o.kind)
     }
 
     /// Protocols `name` is offered for.
     pub fn protocols_of(&self, name: &str) -> Vec<Protocol> {
-        let mut p: Vec<Protocol> = self
-            .offers
-            .iter()
-            .filter(|o| o.kind.name == name)
-            .map(|o| o.protocol)
-            .collect();
+        let mut p: Vec<Protocol> = self.offers.iter().filter(|o| o.kind.name == name).map(|o| o.protocol).collect();
         p.sort();
         p.dedup();
         p
@@ -239,12 +146,7 @@ impl Offered {
             .into_iter()
             .filter_map(|name| {
                 let kind = by_name(name)?;
-                let mut families: Vec<Family> = self
-                    .offers
-                    .iter()
-                    .filter(|o| o.kind.id == kind.id)
-                    .map(|o| o.family)
-                    .collect();
+                let mut families: Vec<Family> = self.offers.iter().filter(|o| o.kind.id == kind.id).map(|o| o.family).collect();
                 families.sort();
                 families.dedup();
                 Some(crate::api::OfferedHelper {
@@ -281,10 +183,7 @@ mod tests {
     fn lookups_match_the_kernel_names() {
         assert_eq!(by_name("ftp").map(|h| h.id), Some(1));
         assert!(by_name("Q.931").is_some());
-        assert!(
-            by_name("h323").is_none(),
-            "the kernel has no helper named h323"
-        );
+        assert!(by_name("h323").is_none(), "the kernel has no helper named h323");
         assert!(by_name("FTP").is_none(), "kernel names are case-sensitive");
         assert_eq!(by_id(2).map(|h| h.name), Some("tftp"));
         assert!(by_id(0).is_none());
@@ -307,23 +206,10 @@ mod tests {
         assert!(o.find("tftp", Protocol::Udp).is_none());
         assert_eq!(o.in_family(Family::Ipv6).count(), 2);
         // What the kernel lacks is not offered even if allowed.
-        let probed: Vec<Offer> = all
-            .offers
-            .iter()
-            .copied()
-            .filter(|x| x.kind.name != "irc")
-            .collect();
-        assert!(
-            Offered::new(probed, Some(&["irc".into()]))
-                .unwrap()
-                .offers
-                .is_empty()
-        );
+        let probed: Vec<Offer> = all.offers.iter().copied().filter(|x| x.kind.name != "irc").collect();
+        assert!(Offered::new(probed, Some(&["irc".into()])).unwrap().offers.is_empty());
         for bad in ["h323", "ftp:udp", "ftp:sctp", "amanda:tcp"] {
-            assert!(
-                Offered::new(all.offers.clone(), Some(&[bad.into()])).is_err(),
-                "{bad}"
-            );
+            assert!(Offered::new(all.offers.clone(), Some(&[bad.into()])).is_err(), "{bad}");
         }
         assert_eq!(Offered::new(all.offers.clone(), None).unwrap(), all);
     }

@@ -145,10 +145,8 @@ fn contiguous(mask: u32) -> bool {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: Config =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: Config = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         Ok(config)
     }
 
@@ -156,9 +154,7 @@ impl Config {
     pub fn layout(&self) -> Result<MarkLayout> {
         let (h, s) = (self.helper_mask, self.slot_mask);
         if !contiguous(h) || !contiguous(s) {
-            bail!(
-                "helper_mask {h:#x} and slot_mask {s:#x} must each be one contiguous run of bits"
-            );
+            bail!("helper_mask {h:#x} and slot_mask {s:#x} must each be one contiguous run of bits");
         }
         if h & s != 0 {
             bail!("helper_mask {h:#x} and slot_mask {s:#x} overlap");
@@ -175,18 +171,12 @@ impl Config {
         }
         let share = self.revoked_policy().per_router;
         if self.revoked_flows_max == 0 || share == 0 || share > self.revoked_flows_max {
-            bail!(
-                "revoked_flows_per_router ({share}) must be positive and at most revoked_flows_max ({})",
-                self.revoked_flows_max
-            );
+            bail!("revoked_flows_per_router ({share}) must be positive and at most revoked_flows_max ({})", self.revoked_flows_max);
         }
         if self.max_rules == 0 {
             bail!("max_rules must be positive");
         }
-        if self.max_connections == 0
-            || self.max_connections_per_uid == 0
-            || self.idle_timeout_secs == 0
-            || self.command_timeout_secs == 0
+        if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 || self.command_timeout_secs == 0
             || self.glue_check_secs == 0
             || self.audit_refusals_per_sec == 0
             || self.audit_max_bytes < 4096
@@ -200,11 +190,7 @@ impl Config {
 
     pub fn audit_limits(&self) -> crate::audit::AuditLimits {
         let rate = self.audit_refusals_per_sec as f64;
-        crate::audit::AuditLimits {
-            max_bytes: self.audit_max_bytes,
-            refusals_per_sec: rate,
-            refusal_burst: rate * 5.0,
-        }
+        crate::audit::AuditLimits { max_bytes: self.audit_max_bytes, refusals_per_sec: rate, refusal_burst: rate * 5.0 }
     }
 
     pub fn revoked_policy(&self) -> crate::kernel::RevokedPolicy {
@@ -212,9 +198,7 @@ impl Config {
             quiet_ns: self.revoked_quiet_secs.saturating_mul(1_000_000_000),
             lifetime_ns: self.revoked_max_secs.saturating_mul(1_000_000_000),
             capacity: self.revoked_flows_max,
-            per_router: self
-                .revoked_flows_per_router
-                .unwrap_or((self.revoked_flows_max / 4).max(1)),
+            per_router: self.revoked_flows_per_router.unwrap_or((self.revoked_flows_max / 4).max(1)),
         }
     }
 
@@ -241,18 +225,8 @@ mod tests {
 
     #[test]
     fn bad_masks_are_refused() {
-        for (h, s) in [
-            (0, 0xffff),
-            (0xf0000000, 0xf0000000),
-            (0x0000_0003, 0xffff_0000),
-            (0xf000_000f, 0x00ff_ff00),
-            (0xf000_0000, 0xff),
-        ] {
-            let c = Config {
-                helper_mask: h,
-                slot_mask: s,
-                ..Config::default()
-            };
+        for (h, s) in [(0, 0xffff), (0xf0000000, 0xf0000000), (0x0000_0003, 0xffff_0000), (0xf000_000f, 0x00ff_ff00), (0xf000_0000, 0xff)] {
+            let c = Config { helper_mask: h, slot_mask: s, ..Config::default() };
             assert!(c.layout().is_err(), "{h:#x} {s:#x}");
         }
     }
@@ -270,13 +244,9 @@ mod tests {
 
     #[test]
     fn parses_toml() {
-        let c: Config =
-            toml::from_str("helper_mask = 0x0000f000\nslot_mask = 0x0fff0000\n").unwrap();
+        let c: Config = toml::from_str("helper_mask = 0x0000f000\nslot_mask = 0x0fff0000\n").unwrap();
         assert_eq!(c.layout().unwrap().slot_shift, 16);
-        let wide = Config {
-            slot_mask: 0x0001_ffff,
-            ..Config::default()
-        };
+        let wide = Config { slot_mask: 0x0001_ffff, ..Config::default() };
         assert!(wide.layout().is_err(), "more than 16 slot bits");
         assert_eq!(c.max_slot(), 4095);
         assert!(toml::from_str::<Config>("nonsense = 1").is_err());
@@ -288,17 +258,9 @@ mod tests {
     #[test]
     fn parses_the_metrics_address() {
         let c: Config = toml::from_str("metrics = \"127.0.0.1:9617\"\n").unwrap();
-        assert_eq!(
-            c.metrics,
-            Some(MetricsAddr::Tcp("127.0.0.1:9617".parse().unwrap()))
-        );
+        assert_eq!(c.metrics, Some(MetricsAddr::Tcp("127.0.0.1:9617".parse().unwrap())));
         let c: Config = toml::from_str("metrics = \"unix:/run/enforcer/metrics.sock\"\n").unwrap();
-        assert_eq!(
-            c.metrics,
-            Some(MetricsAddr::Unix(PathBuf::from(
-                "/run/enforcer/metrics.sock"
-            )))
-        );
+        assert_eq!(c.metrics, Some(MetricsAddr::Unix(PathBuf::from("/run/enforcer/metrics.sock"))));
         for bad in ["localhost", "9617", "unix:metrics.sock", ""] {
             let e = toml::from_str::<Config>(&format!("metrics = {bad:?}\n")).unwrap_err();
             assert!(e.to_string().contains("metrics ="), "{bad}: {e}");

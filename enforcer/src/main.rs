@@ -7,45 +7,29 @@ use clap::Parser;
 /// under systemd still gets text.
 fn stderr_is_journal() -> bool {
     use std::os::fd::AsRawFd;
-    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_raw_fd()) else {
-        return false;
-    };
-    is_journal_stream(
-        std::env::var("JOURNAL_STREAM").ok().as_deref(),
-        (st.st_dev, st.st_ino),
-    )
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_raw_fd()) else { return false };
+    is_journal_stream(std::env::var("JOURNAL_STREAM").ok().as_deref(), (st.st_dev, st.st_ino))
 }
 
 /// `JOURNAL_STREAM` ("DEVICE:INODE") names the file `(dev, ino)`.
 fn is_journal_stream(var: Option<&str>, (dev, ino): (u64, u64)) -> bool {
-    var.and_then(|v| v.split_once(':'))
-        .is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
+    var.and_then(|v| v.split_once(':')).is_some_and(|(d, i)| d.parse() == Ok(dev) && i.parse() == Ok(ino))
 }
 
 /// Logs go to journald, with fields and priorities, when the daemon runs
 /// under systemd; otherwise to standard error as text. ENFORCER_LOG filters.
 fn init_logging() {
     use tracing_subscriber::prelude::*;
-    let filter = || {
-        tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
-            .unwrap_or_else(|_| "info".into())
-    };
+    let filter = || tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG").unwrap_or_else(|_| "info".into());
     if stderr_is_journal()
         && let Ok(journal) = tracing_journald::layer()
     {
-        tracing_subscriber::registry()
-            .with(journal.with_syslog_identifier("enforcer".into()))
-            .with(filter())
-            .init();
+        tracing_subscriber::registry().with(journal.with_syslog_identifier("enforcer".into())).with(filter()).init();
         return;
     }
     // Colours only for a person at a terminal: a log file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter())
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter()).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn main() {
@@ -75,10 +59,7 @@ mod tests {
     #[test]
     fn journal_stream_is_matched_by_device_and_inode() {
         assert!(is_journal_stream(Some("8:1234"), (8, 1234)));
-        assert!(
-            !is_journal_stream(Some("8:1234"), (8, 1235)),
-            "stderr redirected elsewhere"
-        );
+        assert!(!is_journal_stream(Some("8:1234"), (8, 1235)), "stderr redirected elsewhere");
         assert!(!is_journal_stream(Some("9:1234"), (8, 1234)));
         assert!(!is_journal_stream(None, (8, 1234)), "not under systemd");
         assert!(!is_journal_stream(Some("garbage"), (8, 1234)));

@@ -29,13 +29,7 @@ pub fn uuid(field: &str, value: &str) -> Result<String, ApiError> {
         .filter(|_| value.len() == 36)
         .map(|u| u.hyphenated().to_string())
         .ok_or_else(|| {
-            ApiError::invalid(
-                field,
-                format!(
-                    "{field} {}: must be a UUID like 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
-                    shown(value)
-                ),
-            )
+            ApiError::invalid(field, format!("{field} {}: must be a UUID like 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", shown(value)))
         })
 }
 
@@ -43,10 +37,7 @@ pub fn protocol(value: &str) -> Result<Protocol, ApiError> {
     match value {
         "tcp" => Ok(Protocol::Tcp),
         "udp" => Ok(Protocol::Udp),
-        _ => Err(ApiError::invalid(
-            "protocol",
-            format!("protocol {}: must be tcp or udp", shown(value)),
-        )),
+        _ => Err(ApiError::invalid("protocol", format!("protocol {}: must be tcp or udp", shown(value)))),
     }
 }
 
@@ -59,30 +50,19 @@ pub fn port(value: i64) -> Result<u16, ApiError> {
 
 /// A helper this host offers (probed kernel, narrowed by configuration)
 /// for `protocol`.
-pub fn helper(
-    offered: &Offered,
-    value: &str,
-    protocol: Protocol,
-) -> Result<&'static HelperKind, ApiError> {
+pub fn helper(offered: &Offered, value: &str, protocol: Protocol) -> Result<&'static HelperKind, ApiError> {
     let protocols = offered.protocols_of(value);
     if protocols.is_empty() {
         return Err(ApiError::invalid(
             "helper",
-            format!(
-                "helper {}: not available here; available: {}",
-                shown(value),
-                offered.names().join(", ")
-            ),
+            format!("helper {}: not available here; available: {}", shown(value), offered.names().join(", ")),
         ));
     }
     offered.find(value, protocol).ok_or_else(|| {
         let supported: Vec<_> = protocols.iter().map(|p| p.as_str()).collect();
         ApiError::invalid(
             "protocol",
-            format!(
-                "helper {value} does not support protocol {protocol}; it supports {}",
-                supported.join(", ")
-            ),
+            format!("helper {value} does not support protocol {protocol}; it supports {}", supported.join(", ")),
         )
     })
 }
@@ -90,9 +70,7 @@ pub fn helper(
 fn safe_name(field: &str, value: &str, max: usize, first_alnum: bool) -> Result<String, ApiError> {
     let ok = !value.is_empty()
         && value.len() <= max
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         && (!first_alnum || value.as_bytes()[0].is_ascii_alphanumeric());
     if ok {
         Ok(value.to_string())
@@ -102,11 +80,7 @@ fn safe_name(field: &str, value: &str, max: usize, first_alnum: bool) -> Result<
             format!(
                 "{field} {}: must be 1-{max} characters of A-Z a-z 0-9 . _ -{}",
                 shown(value),
-                if first_alnum {
-                    ", starting with a letter or digit"
-                } else {
-                    ""
-                }
+                if first_alnum { ", starting with a letter or digit" } else { "" }
             ),
         ))
     }
@@ -132,13 +106,7 @@ mod tests {
     fn uuids() {
         assert_eq!(uuid("router_id", ID).unwrap(), ID);
         assert_eq!(uuid("router_id", &ID.to_uppercase()).unwrap(), ID);
-        for bad in [
-            "",
-            "x",
-            "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
-            "{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}",
-            "../etc",
-        ] {
+        for bad in ["", "x", "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "{0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0}", "../etc"] {
             let e = uuid("router_id", bad).unwrap_err();
             assert_eq!(e.field.as_deref(), Some("router_id"), "{bad}");
         }
@@ -172,38 +140,19 @@ mod tests {
         assert!(e.message.contains("supports tcp"), "{}", e.message);
         let e = helper(&all, "h323", Protocol::Tcp).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("helper"));
-        assert!(
-            e.message.contains("Q.931"),
-            "lists what is available: {}",
-            e.message
-        );
+        assert!(e.message.contains("Q.931"), "lists what is available: {}", e.message);
         assert!(helper(&all, "ftp\n-j ACCEPT", Protocol::Tcp).is_err());
         // Known to the catalogue but not offered here.
         let narrow = Offered::new(all.offers.clone(), Some(&["tftp".into()])).unwrap();
         let e = helper(&narrow, "ftp", Protocol::Tcp).unwrap_err();
-        assert!(
-            e.message.contains("not available") && e.message.contains("tftp"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("not available") && e.message.contains("tftp"), "{}", e.message);
     }
 
     #[test]
     fn names_refuse_hostile_strings() {
         assert!(netns("qrouter-abc_1.2").is_ok());
         let long = "a".repeat(10_000);
-        for bad in [
-            "",
-            "../x",
-            "a/b",
-            "a b",
-            "$(reboot)",
-            "a;b",
-            "a\nb",
-            ".hidden",
-            "-rf",
-            long.as_str(),
-        ] {
+        for bad in ["", "../x", "a/b", "a b", "$(reboot)", "a;b", "a\nb", ".hidden", "-rf", long.as_str()] {
             let e = netns(bad).unwrap_err();
             assert!(e.message.len() < 300, "error echoes a bounded value");
             assert!(project(bad).is_err(), "{bad:?}");

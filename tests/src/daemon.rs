@@ -57,10 +57,7 @@ impl Session {
     /// Sends every request without waiting for answers (pipelined; a
     /// thread writes while this one reads) and returns the answers, in
     /// order.
-    pub fn pipeline(
-        &mut self,
-        reqs: &[serde_json::Value],
-    ) -> std::io::Result<Vec<serde_json::Value>> {
+    pub fn pipeline(&mut self, reqs: &[serde_json::Value]) -> std::io::Result<Vec<serde_json::Value>> {
         use std::io::{BufRead, Write};
         let mut lines = Vec::new();
         for req in reqs {
@@ -77,9 +74,7 @@ impl Session {
             }
             answers.push(serde_json::from_str(&answer)?);
         }
-        writer
-            .join()
-            .map_err(|_| std::io::Error::other("writer panicked"))??;
+        writer.join().map_err(|_| std::io::Error::other("writer panicked"))??;
         Ok(answers)
     }
 }
@@ -93,17 +88,12 @@ pub struct CliOutput {
 
 impl CliOutput {
     pub fn ok(self) -> Self {
-        assert_eq!(
-            self.code, 0,
-            "enforcer failed:\n{}{}",
-            self.stdout, self.stderr
-        );
+        assert_eq!(self.code, 0, "enforcer failed:\n{}{}", self.stdout, self.stderr);
         self
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", self.stdout, self.stderr))
     }
 }
 
@@ -144,20 +134,9 @@ impl Daemon {
         let bpffs = PathBuf::from("/sys/fs/bpf").join(&name);
         let socket = dir.join("enforcer.sock");
         let state = state.unwrap_or_else(|| dir.join("state"));
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let process = Self::spawn_daemon(&dir, &bpffs, &socket, &state, extra, &env);
-        let mut daemon = Self {
-            process,
-            dir,
-            socket,
-            bpffs,
-            state,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            env,
-        };
+        let mut daemon = Self { process, dir, socket, bpffs, state, extra: extra.iter().map(|s| s.to_string()).collect(), env };
         daemon.wait_up();
         daemon
     }
@@ -170,11 +149,7 @@ impl Daemon {
         extra: &[&str],
         env: &[(String, String)],
     ) -> Process {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("daemon.log"))
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         Process::spawn(
             "enforcer daemon",
             Command::new(enforcer_bin())
@@ -198,30 +173,20 @@ impl Daemon {
             if let Ok(Some(status)) = self.process.child.try_wait() {
                 panic!("daemon exited ({status}):\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not come up:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "daemon did not come up:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
         // The API answers at once; the kernel is reconciled in the background.
         let mut session = self.session();
         loop {
-            let status = session
-                .request(&serde_json::json!({"op": "status"}))
-                .unwrap_or_default();
+            let status = session.request(&serde_json::json!({"op": "status"})).unwrap_or_default();
             if status["ok"]["ready"] == true {
                 break;
             }
             if let Ok(Some(status)) = self.process.child.try_wait() {
                 panic!("daemon exited ({status}):\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not finish its start-up reconciliation:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "daemon did not finish its start-up reconciliation:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -244,41 +209,20 @@ impl Daemon {
     /// Starts the daemon process again on the same socket, pins and store,
     /// without waiting for it.
     pub fn spawn(&mut self) {
-        self.process = Self::spawn_daemon(
-            &self.dir,
-            &self.bpffs,
-            &self.socket,
-            &self.state,
-            &self.extra.iter().map(String::as_str).collect::<Vec<_>>(),
-            &self.env,
-        );
+        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>(), &self.env);
     }
 
     /// Starts the daemon again and expects it to refuse: returns its exit
     /// status and log.
     pub fn restart_refused(&mut self) -> (std::process::ExitStatus, String) {
-        self.process = Self::spawn_daemon(
-            &self.dir,
-            &self.bpffs,
-            &self.socket,
-            &self.state,
-            &self.extra.iter().map(String::as_str).collect::<Vec<_>>(),
-            &self.env,
-        );
+        self.process = Self::spawn_daemon(&self.dir, &self.bpffs, &self.socket, &self.state, &self.extra.iter().map(String::as_str).collect::<Vec<_>>(), &self.env);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.process.child.try_wait() {
                 return (status, self.log());
             }
-            assert!(
-                std::os::unix::net::UnixStream::connect(&self.socket).is_err(),
-                "the daemon started and serves:\n{}",
-                self.log()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "the daemon neither started nor exited"
-            );
+            assert!(std::os::unix::net::UnixStream::connect(&self.socket).is_err(), "the daemon started and serves:\n{}", self.log());
+            assert!(Instant::now() < deadline, "the daemon neither started nor exited");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -297,10 +241,7 @@ impl Daemon {
     /// `tag` per router and the control instance's `tag` and `classify`.
     pub fn programs(&self) -> usize {
         let uses = self.uses_maps();
-        aya::programs::loaded_programs()
-            .filter_map(|p| p.ok())
-            .filter(|p| uses(p))
-            .count()
+        aya::programs::loaded_programs().filter_map(|p| p.ok()).filter(|p| uses(p)).count()
     }
 
     /// Whether a program uses this daemon's maps (their ids read once).
@@ -323,26 +264,10 @@ impl Daemon {
 }
 
 /// Whether a program uses one of the maps `names` pinned in `bpffs`.
-fn uses_maps(
-    bpffs: &std::path::Path,
-    names: &[&str],
-) -> impl Fn(&aya::programs::ProgramInfo) -> bool + use<> {
-    let ids: Vec<u32> = names
-        .iter()
-        .map(|m| {
-            aya::maps::MapData::from_pin(bpffs.join(m))
-                .expect("map pin")
-                .info()
-                .expect("map info")
-                .id()
-        })
-        .collect();
-    move |p| {
-        p.map_ids()
-            .ok()
-            .flatten()
-            .is_some_and(|m| m.iter().any(|id| ids.contains(id)))
-    }
+fn uses_maps(bpffs: &std::path::Path, names: &[&str]) -> impl Fn(&aya::programs::ProgramInfo) -> bool + use<> {
+    let ids: Vec<u32> =
+        names.iter().map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id()).collect();
+    move |p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id)))
 }
 
 /// The ids of the programs using the maps pinned in `bpffs` that are
@@ -350,46 +275,36 @@ fn uses_maps(
 /// bpf filters at enforcer's netlink priority), sorted. Usable from any
 /// thread, also while the daemon restarts.
 pub fn attached_programs(bpffs: &std::path::Path, ns: &std::path::Path) -> Vec<u32> {
-    use aya::programs::{SchedClassifier, TcAttachType};
-    // tag writes the current-router map (tag of earlier releases read
-    // the rules map, their egress program the slots map).
-    let uses = uses_maps(
-        bpffs,
-        &["ENFORCER_CURRENT", "ENFORCER_RULES", "ENFORCER_SLOTS"],
-    );
-    enforcer::kernel::netns::run_in(ns, || {
-        let mut found = Vec::new();
-        for (iface, _) in enforcer::kernel::netns::interfaces()? {
-            for (kind, dir) in [
-                (TcAttachType::Ingress, "ingress"),
-                (TcAttachType::Egress, "egress"),
-            ] {
-                if let Ok((_, programs)) = SchedClassifier::query_tcx(&iface, kind) {
-                    found.extend(programs.iter().filter(|p| uses(p)).map(|p| p.id()));
+        use aya::programs::{SchedClassifier, TcAttachType};
+        // tag writes the current-router map (tag of earlier releases read
+        // the rules map, their egress program the slots map).
+        let uses = uses_maps(bpffs, &["ENFORCER_CURRENT", "ENFORCER_RULES", "ENFORCER_SLOTS"]);
+        enforcer::kernel::netns::run_in(ns, || {
+            let mut found = Vec::new();
+            for (iface, _) in enforcer::kernel::netns::interfaces()? {
+                for (kind, dir) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
+                    if let Ok((_, programs)) = SchedClassifier::query_tcx(&iface, kind) {
+                        found.extend(
+                            programs.iter().filter(|p| uses(p)).map(|p| p.id()),
+                        );
+                    }
+                    let out = Command::new("tc").args(["-j", "filter", "show", "dev", &iface, dir]).output()?;
+                    let filters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+                    found.extend(
+                        filters
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|f| f["pref"].as_u64() == Some(enforcer::kernel::attach::NETLINK_PRIORITY.into()))
+                            .filter_map(|f| f["options"]["prog"]["id"].as_u64())
+                            .map(|id| id as u32),
+                    );
                 }
-                let out = Command::new("tc")
-                    .args(["-j", "filter", "show", "dev", &iface, dir])
-                    .output()?;
-                let filters: serde_json::Value =
-                    serde_json::from_slice(&out.stdout).unwrap_or_default();
-                found.extend(
-                    filters
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|f| {
-                            f["pref"].as_u64()
-                                == Some(enforcer::kernel::attach::NETLINK_PRIORITY.into())
-                        })
-                        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
-                        .map(|id| id as u32),
-                );
             }
-        }
-        found.sort();
-        Ok(found)
-    })
-    .expect("counting attachments")
+            found.sort();
+            Ok(found)
+        })
+        .expect("counting attachments")
 }
 
 impl Daemon {
@@ -413,12 +328,8 @@ impl Daemon {
 
     /// One connection for many requests (bulk operations).
     pub fn session(&self) -> Session {
-        let stream = std::os::unix::net::UnixStream::connect(&self.socket)
-            .expect("connecting to the daemon");
-        Session {
-            reader: std::io::BufReader::new(stream.try_clone().unwrap()),
-            stream,
-        }
+        let stream = std::os::unix::net::UnixStream::connect(&self.socket).expect("connecting to the daemon");
+        Session { reader: std::io::BufReader::new(stream.try_clone().unwrap()), stream }
     }
 
     /// PID of the daemon process.
@@ -429,8 +340,7 @@ impl Daemon {
     /// Sends one raw request line on the socket; returns the raw answer.
     pub fn raw(&self, line: &[u8]) -> String {
         use std::io::{BufRead, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&self.socket)
-            .expect("connecting to the daemon");
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).expect("connecting to the daemon");
         // The daemon may answer and close before an oversized line is all
         // written (EPIPE); its answer is still there to read.
         let _ = s.write_all(line).and_then(|()| s.write_all(b"\n"));
@@ -458,32 +368,11 @@ impl Daemon {
     }
 
     /// Creates a helper and returns its id.
-    pub fn create_helper(
-        &self,
-        router_id: &str,
-        protocol: &str,
-        port: u16,
-        helper: &str,
-    ) -> String {
+    pub fn create_helper(&self, router_id: &str, protocol: &str, port: u16, helper: &str) -> String {
         let out = self
-            .cli(&[
-                "helper",
-                "create",
-                router_id,
-                "--protocol",
-                protocol,
-                "--port",
-                &port.to_string(),
-                "--helper",
-                helper,
-                "-o",
-                "json",
-            ])
+            .cli(&["helper", "create", router_id, "--protocol", protocol, "--port", &port.to_string(), "--helper", helper, "-o", "json"])
             .ok();
-        out.json()["id"]
-            .as_str()
-            .expect("id in create output")
-            .to_string()
+        out.json()["id"].as_str().expect("id in create output").to_string()
     }
 
     pub fn delete_helper(&self, router_id: &str, helper_id: &str) {
@@ -506,12 +395,7 @@ impl Daemon {
     /// Ports of the stored helpers, sorted.
     pub fn helper_ports(&self) -> Vec<u64> {
         let listed = self.cli(&["helper", "list", "-o", "json"]).ok().json();
-        let mut ports: Vec<u64> = listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["port"].as_u64().unwrap())
-            .collect();
+        let mut ports: Vec<u64> = listed.as_array().unwrap().iter().map(|h| h["port"].as_u64().unwrap()).collect();
         ports.sort();
         ports
     }
@@ -519,12 +403,7 @@ impl Daemon {
     /// `clients` sessions at once, each sending `each` requests, where
     /// `request(c, i)` is request i of client c. Returns every request
     /// with its answer and how long it took.
-    pub fn concurrent<F>(
-        &self,
-        clients: u64,
-        each: u64,
-        request: F,
-    ) -> Vec<(serde_json::Value, serde_json::Value, Duration)>
+    pub fn concurrent<F>(&self, clients: u64, each: u64, request: F) -> Vec<(serde_json::Value, serde_json::Value, Duration)>
     where
         F: Fn(u64, u64) -> serde_json::Value + Send + Sync + 'static,
     {
@@ -542,12 +421,7 @@ impl Daemon {
 
     /// As [`Daemon::concurrent`], each client sending all its requests at
     /// once on its connection (pipelined) and then reading the answers.
-    pub fn pipelined<F>(
-        &self,
-        clients: u64,
-        each: u64,
-        request: F,
-    ) -> Vec<(serde_json::Value, serde_json::Value)>
+    pub fn pipelined<F>(&self, clients: u64, each: u64, request: F) -> Vec<(serde_json::Value, serde_json::Value)>
     where
         F: Fn(u64, u64) -> serde_json::Value + Send + Sync + 'static,
     {
@@ -572,10 +446,7 @@ impl Daemon {
                 std::thread::spawn(move || client(session, c))
             })
             .collect();
-        threads
-            .into_iter()
-            .flat_map(|t| t.join().expect("a client thread"))
-            .collect()
+        threads.into_iter().flat_map(|t| t.join().expect("a client thread")).collect()
     }
 
     /// `maps dump -o json`, parsed.

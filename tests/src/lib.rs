@@ -25,9 +25,7 @@ pub use topology::{Family, Netns, Topology};
 /// Fails the calling test unless it can use the kernel for real.
 pub fn require_root() {
     if !nix::unistd::geteuid().is_root() {
-        panic!(
-            "this kernel test needs root (BPF, network namespaces, netfilter); run it with `sudo -E cargo xtask test`"
-        );
+        panic!("this kernel test needs root (BPF, network namespaces, netfilter); run it with `sudo -E cargo xtask test`");
     }
     if !std::path::Path::new("/sys/fs/bpf").exists() {
         panic!("/sys/fs/bpf is missing: run `cargo xtask setup` to mount bpffs");
@@ -37,12 +35,7 @@ pub fn require_root() {
 /// A name no other test or test run uses: pid and a counter.
 pub fn unique(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "enf{}{:x}{}",
-        tag,
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("enf{}{:x}{}", tag, std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The enforcer binary under test: `ENFORCER_BIN`, else the release build.
@@ -67,9 +60,7 @@ pub fn peers_dir() -> PathBuf {
 
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed ({}):\n{}{}",
@@ -85,10 +76,7 @@ pub fn run(cmd: &mut Command) -> Output {
 pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} did not happen within {secs} s"
-        );
+        assert!(std::time::Instant::now() < deadline, "{what} did not happen within {secs} s");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
@@ -99,14 +87,7 @@ pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 pub fn bpf<T>(cmd: i64, attr: &[T], what: &str) -> i64 {
     // SAFETY: the kernel reads at most size_of_val(attr) bytes of a block
     // we own for the whole call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.as_ptr(),
-            std::mem::size_of_val(attr),
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_ptr(), std::mem::size_of_val(attr)) };
     assert!(rc >= 0, "{what}: {}", std::io::Error::last_os_error());
     rc
 }
@@ -149,13 +130,8 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(what: &str, cmd: &mut Command) -> Self {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-        Self {
-            child,
-            what: what.to_string(),
-        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        Self { child, what: what.to_string() }
     }
 
     pub fn pid(&self) -> u32 {
@@ -185,22 +161,14 @@ impl Tmpfs {
     pub fn mount(size: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("fs"));
         std::fs::create_dir_all(&dir).unwrap();
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir));
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir));
         Self(dir)
     }
 
     /// Fills it up with a file `filler`; returns the file's path.
     pub fn fill(&self) -> PathBuf {
         let filler = self.0.join("filler");
-        let _ = Command::new("dd")
-            .args([
-                "if=/dev/zero",
-                &format!("of={}", filler.display()),
-                "bs=64k",
-            ])
-            .output();
+        let _ = Command::new("dd").args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=64k"]).output();
         filler
     }
 }

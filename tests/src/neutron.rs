@@ -29,11 +29,7 @@ pub struct NeutronRouter {
 
 fn python() -> PathBuf {
     let python = PathBuf::from(VENV).join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `cargo xtask setup` (it installs the pinned neutron release)",
-        python.display()
-    );
+    assert!(python.exists(), "{} is missing: run `cargo xtask setup` (it installs the pinned neutron release)", python.display());
     python
 }
 
@@ -57,15 +53,10 @@ impl NeutronRouter {
         let topo = Topology::build_named(firewall, &internal, &gateway);
         // The floating IP lives on the gateway device, as the agent puts it.
         if floating_ip {
-            topo.router.sh(
-                "ip",
-                &["addr", "add", &format!("{FLOATING_V4}/32"), "dev", &gateway],
-            );
+            topo.router.sh("ip", &["addr", "add", &format!("{FLOATING_V4}/32"), "dev", &gateway]);
         }
         let floating_ips = match floating_ip {
-            true => {
-                json!([{"floating": FLOATING_V4, "fixed": Topology::CLIENT_V4, "scope": scopes.0}])
-            }
+            true => json!([{"floating": FLOATING_V4, "fixed": Topology::CLIENT_V4, "scope": scopes.0}]),
             false => json!([]),
         };
         let lock_path = std::env::temp_dir().join(crate::unique("nlock"));
@@ -79,31 +70,14 @@ impl NeutronRouter {
         });
         let router = Self { topo, spec };
         let devices = router.apply();
-        assert_eq!(
-            devices,
-            json!({"internal": [internal], "gateway": gateway}),
-            "Neutron names the devices as the test bed did"
-        );
+        assert_eq!(devices, json!({"internal": [internal], "gateway": gateway}), "Neutron names the devices as the test bed did");
         router
     }
 
     /// The same router with no rules at all: the bare baseline.
     pub fn bare() -> Topology {
-        let topo = Topology::build_named(
-            false,
-            &format!("qr-{}", &INTERNAL_PORT[..11]),
-            &format!("qg-{}", &GATEWAY_PORT[..11]),
-        );
-        topo.router.sh(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{FLOATING_V4}/32"),
-                "dev",
-                &topo.server_if,
-            ],
-        );
+        let topo = Topology::build_named(false, &format!("qr-{}", &INTERNAL_PORT[..11]), &format!("qg-{}", &GATEWAY_PORT[..11]));
+        topo.router.sh("ip", &["addr", "add", &format!("{FLOATING_V4}/32"), "dev", &topo.server_if]);
         topo
     }
 
@@ -117,8 +91,7 @@ impl NeutronRouter {
             .arg(peers_dir().join("neutron_router.py"))
             .arg(self.spec.to_string()));
         let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.lines().last().unwrap_or_default())
-            .unwrap_or_else(|e| panic!("neutron_router.py said {stdout:?}: {e}"))
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("neutron_router.py said {stdout:?}: {e}"))
     }
 
     /// Lets new FTP control connections in from the gateway side to the
@@ -128,45 +101,14 @@ impl NeutronRouter {
         let gateway = &self.topo.server_if;
         self.topo.router.sh(
             "iptables",
-            &[
-                "-I",
-                "FORWARD",
-                "-i",
-                gateway,
-                "-d",
-                Topology::CLIENT_V4,
-                "-p",
-                "tcp",
-                "--dport",
-                "21",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW",
-                "-j",
-                "ACCEPT",
-            ],
+            &["-I", "FORWARD", "-i", gateway, "-d", Topology::CLIENT_V4, "-p", "tcp", "--dport", "21", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"],
         );
     }
 
     /// Packets Neutron's address scope filter dropped (IPv4).
     pub fn scope_drops(&self) -> u64 {
-        let out = self.topo.router.sh(
-            "iptables",
-            &[
-                "-t",
-                "filter",
-                "-L",
-                "neutron-l3-agent-scope",
-                "-v",
-                "-x",
-                "-n",
-            ],
-        );
-        out.lines()
-            .filter(|l| l.contains("DROP"))
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum()
+        let out = self.topo.router.sh("iptables", &["-t", "filter", "-L", "neutron-l3-agent-scope", "-v", "-x", "-n"]);
+        out.lines().filter(|l| l.contains("DROP")).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum()
     }
 }
 

@@ -34,19 +34,12 @@ pub struct OpenStack {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 fn venv_python() -> PathBuf {
     let python = Path::new(VENV).join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `cargo xtask setup`",
-        python.display()
-    );
+    assert!(python.exists(), "{} is missing: run `cargo xtask setup`", python.display());
     python
 }
 
@@ -55,8 +48,7 @@ fn template() -> PathBuf {
     let dir = PathBuf::from(TEMPLATE);
     std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
     let lock = std::fs::File::create(format!("{TEMPLATE}.lock")).unwrap();
-    let _held =
-        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("template lock");
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("template lock");
     if !dir.join("neutron.db").exists() {
         let out = Command::new(peers_dir().join("openstack/template.sh"))
             .arg(VENV)
@@ -64,11 +56,7 @@ fn template() -> PathBuf {
             .arg(ADMIN_PASSWORD)
             .output()
             .expect("template.sh");
-        assert!(
-            out.status.success(),
-            "building the OpenStack template failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "building the OpenStack template failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
     dir
 }
@@ -76,24 +64,13 @@ fn template() -> PathBuf {
 fn wait_http(what: &str, url: &str, process: &mut Process, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if ureq::get(url)
-            .timeout(Duration::from_secs(2))
-            .call()
-            .is_ok()
-        {
+        if ureq::get(url).timeout(Duration::from_secs(2)).call().is_ok() {
             return;
         }
         if let Ok(Some(status)) = process.child.try_wait() {
-            panic!(
-                "{what} exited ({status}):\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
+            panic!("{what} exited ({status}):\n{}", std::fs::read_to_string(log).unwrap_or_default());
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not answer on {url}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+        assert!(Instant::now() < deadline, "{what} did not answer on {url}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -109,12 +86,7 @@ impl OpenStack {
         let template = template();
         let dir = std::env::temp_dir().join(unique("os"));
         std::fs::create_dir_all(&dir).unwrap();
-        crate::run(
-            Command::new("cp")
-                .arg("-a")
-                .arg(template.join("keystone"))
-                .arg(&dir),
-        );
+        crate::run(Command::new("cp").arg("-a").arg(template.join("keystone")).arg(&dir));
         std::fs::copy(template.join("neutron.db"), dir.join("neutron.db")).unwrap();
         std::fs::create_dir_all(dir.join("lock")).unwrap();
         let (keystone_port, neutron_port) = (free_port(), free_port());
@@ -161,31 +133,16 @@ impl OpenStack {
         };
         // Neutron talks to Keystone only on its first request: both load at once.
         os.start_neutron();
-        wait_http(
-            "keystone",
-            &format!("{keystone_url}/v3"),
-            &mut keystone,
-            &dir.join("keystone.log"),
-        );
+        wait_http("keystone", &format!("{keystone_url}/v3"), &mut keystone, &dir.join("keystone.log"));
         os.keystone = Some(keystone);
         let out = Command::new("python3")
             .arg(peers_dir().join("openstack/seed.py"))
-            .args([
-                &keystone_url,
-                &neutron_url,
-                ADMIN_PASSWORD,
-                Self::USER_PASSWORD,
-            ])
+            .args([&keystone_url, &neutron_url, ADMIN_PASSWORD, Self::USER_PASSWORD])
             .arg(&dir)
             .output()
             .expect("seed.py");
-        assert!(
-            out.status.success(),
-            "seeding Keystone failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        os.seed =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("seed.json")).unwrap()).unwrap();
+        assert!(out.status.success(), "seeding Keystone failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        os.seed = serde_json::from_str(&std::fs::read_to_string(dir.join("seed.json")).unwrap()).unwrap();
         os.wait_neutron();
         os
     }
@@ -209,12 +166,7 @@ impl OpenStack {
     /// Starts neutron-server (again) on its port, with the same database.
     pub fn start_neutron(&mut self) {
         assert!(self.neutron.is_none(), "neutron is already running");
-        self.neutron = Some(Self::serve(
-            "neutron",
-            &self.dir,
-            self.neutron_port,
-            &self.dir.join("neutron.conf"),
-        ));
+        self.neutron = Some(Self::serve("neutron", &self.dir, self.neutron_port, &self.dir.join("neutron.conf")));
         if !self.seed.is_null() {
             self.wait_neutron();
         }
@@ -225,21 +177,10 @@ impl OpenStack {
     fn wait_neutron(&mut self) {
         let url = self.neutron_url.clone();
         let log = self.dir.join("neutron.log");
-        wait_http(
-            "neutron",
-            &format!("{url}/"),
-            self.neutron.as_mut().unwrap(),
-            &log,
-        );
+        wait_http("neutron", &format!("{url}/"), self.neutron.as_mut().unwrap(), &log);
         let token = self.token("admin");
-        let r = ureq::get(&format!("{url}/v2.0/routers?fields=id"))
-            .set("X-Auth-Token", &token)
-            .call();
-        assert!(
-            r.is_ok(),
-            "first authenticated Neutron request failed: {r:?}\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        let r = ureq::get(&format!("{url}/v2.0/routers?fields=id")).set("X-Auth-Token", &token).call();
+        assert!(r.is_ok(), "first authenticated Neutron request failed: {r:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
 
     /// Stops neutron-server (by PID); Keystone stays up.
@@ -264,35 +205,18 @@ impl OpenStack {
         let body = json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {"name": user, "domain": {"id": "default"}, "password": password}}},
             "scope": {"project": {"name": project, "domain": {"id": "default"}}}}});
-        let r = ureq::post(&format!("{}/v3/auth/tokens", self.keystone_url))
-            .send_json(body)
-            .expect("keystone login");
-        r.header("X-Subject-Token")
-            .expect("X-Subject-Token")
-            .to_string()
+        let r = ureq::post(&format!("{}/v3/auth/tokens", self.keystone_url)).send_json(body).expect("keystone login");
+        r.header("X-Subject-Token").expect("X-Subject-Token").to_string()
     }
 
     /// A Neutron API call as `who`; returns (status, body).
-    pub fn neutron(
-        &self,
-        who: &str,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
+    pub fn neutron(&self, who: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.neutron_with(&self.token(who), method, path, body)
     }
 
     /// A Neutron API call with `token` (see [`OpenStack::token`]).
-    pub fn neutron_with(
-        &self,
-        token: &str,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let req = ureq::request(method, &format!("{}/v2.0{path}", self.neutron_url))
-            .set("X-Auth-Token", token);
+    pub fn neutron_with(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let req = ureq::request(method, &format!("{}/v2.0{path}", self.neutron_url)).set("X-Auth-Token", token);
         let result = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -309,32 +233,18 @@ impl OpenStack {
 
     /// Creates a router as `who`; returns its id.
     pub fn create_router(&self, who: &str, name: &str) -> String {
-        let (status, body) = self.neutron(
-            who,
-            "POST",
-            "/routers",
-            Some(json!({"router": {"name": name}})),
-        );
+        let (status, body) = self.neutron(who, "POST", "/routers", Some(json!({"router": {"name": name}})));
         assert_eq!(status, 201, "creating router {name}: {body}");
         body["router"]["id"].as_str().unwrap().to_string()
     }
 
     /// Creates a conntrack helper on a router as `who`; returns its id.
-    pub fn create_helper(
-        &self,
-        who: &str,
-        router: &str,
-        protocol: &str,
-        port: u16,
-        helper: &str,
-    ) -> String {
+    pub fn create_helper(&self, who: &str, router: &str, protocol: &str, port: u16, helper: &str) -> String {
         let (status, body) = self.neutron(
             who,
             "POST",
             &format!("/routers/{router}/conntrack_helpers"),
-            Some(
-                json!({"conntrack_helper": {"protocol": protocol, "port": port, "helper": helper}}),
-            ),
+            Some(json!({"conntrack_helper": {"protocol": protocol, "port": port, "helper": helper}})),
         );
         assert_eq!(status, 201, "creating helper {helper} on {router}: {body}");
         body["conntrack_helper"]["id"].as_str().unwrap().to_string()
@@ -345,29 +255,17 @@ impl OpenStack {
         let body = json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {"name": "ctdaemon", "domain": {"id": "default"}, "password": Self::USER_PASSWORD}}},
             "scope": {"project": {"name": "service", "domain": {"id": "default"}}}}});
-        let r = ureq::post(&format!("{}/v3/auth/tokens", self.keystone_url))
-            .send_json(body)
-            .expect("ctdaemon login");
+        let r = ureq::post(&format!("{}/v3/auth/tokens", self.keystone_url)).send_json(body).expect("ctdaemon login");
         let token = r.header("X-Subject-Token").expect("token").to_string();
         let d = &self.seed["ctdaemon"];
-        let url = format!(
-            "{}/v3/users/{}/application_credentials/{}",
-            self.keystone_url,
-            d["user_id"].as_str().unwrap(),
-            d["app_cred_id"].as_str().unwrap()
-        );
-        ureq::delete(&url)
-            .set("X-Auth-Token", &token)
-            .call()
-            .expect("deleting the application credential");
+        let url = format!("{}/v3/users/{}/application_credentials/{}", self.keystone_url, d["user_id"].as_str().unwrap(), d["app_cred_id"].as_str().unwrap());
+        ureq::delete(&url).set("X-Auth-Token", &token).call().expect("deleting the application credential");
     }
 
     /// Logins Keystone has answered so far (from its access log).
     pub fn logins(&self) -> usize {
         let log = std::fs::read_to_string(self.dir.join("keystone.log")).unwrap_or_default();
-        log.lines()
-            .filter(|l| l.contains("\"POST /v3/auth/tokens") && l.contains("\" 201 "))
-            .count()
+        log.lines().filter(|l| l.contains("\"POST /v3/auth/tokens") && l.contains("\" 201 ")).count()
     }
 
     /// Deletes a resource as `who`, expecting success.
@@ -382,20 +280,13 @@ impl OpenStack {
     /// `top`: more top-level settings.
     pub fn daemon_config(&self, cloud: &str, poll_interval: f64, top: &str) -> PathBuf {
         let path = self.dir.join(format!("enforcer-{cloud}.toml"));
-        std::fs::write(
-            &path,
-            format!("{top}\n[neutron]\ncloud = \"{cloud}\"\npoll_interval = {poll_interval:?}\n"),
-        )
-        .unwrap();
+        std::fs::write(&path, format!("{top}\n[neutron]\ncloud = \"{cloud}\"\npoll_interval = {poll_interval:?}\n")).unwrap();
         path
     }
 
     /// The environment that points a daemon at the seed's clouds.yaml.
     pub fn daemon_env(&self) -> (&'static str, String) {
-        (
-            "OS_CLIENT_CONFIG_FILE",
-            self.clouds_yaml().display().to_string(),
-        )
+        ("OS_CLIENT_CONFIG_FILE", self.clouds_yaml().display().to_string())
     }
 }
 
@@ -407,10 +298,7 @@ impl Drop for OpenStack {
             for log in ["keystone.log", "neutron.log"] {
                 let text = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                eprintln!(
-                    "--- {log} (last lines) ---\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
+                eprintln!("--- {log} (last lines) ---\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -25,10 +25,7 @@ impl Files {
         let dir = std::env::temp_dir().join(unique("files"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("small.bin"), vec![0x5a; SMALL_FILE]).unwrap();
-        std::fs::File::create(dir.join("big.bin"))
-            .unwrap()
-            .set_len(BIG_FILE)
-            .unwrap();
+        std::fs::File::create(dir.join("big.bin")).unwrap().set_len(BIG_FILE).unwrap();
         // tftpd runs as nobody.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -53,19 +50,11 @@ fn wait_listening(ns: &Netns, proto: &str, port: u16) {
     let flag = if proto == "tcp" { "-Hltn" } else { "-Hlun" };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = ns
-            .cmd("ss")
-            .args([flag, &format!("sport = :{port}")])
-            .output()
-            .expect("ss");
+        let out = ns.cmd("ss").args([flag, &format!("sport = :{port}")]).output().expect("ss");
         if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {proto}/{port} in {}",
-            ns.name
-        );
+        assert!(Instant::now() < deadline, "nothing listens on {proto}/{port} in {}", ns.name);
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -93,10 +82,7 @@ impl FtpServer {
                 .stderr(Stdio::null()),
         );
         wait_listening(ns, "tcp", 21);
-        Self {
-            _process: process,
-            files,
-        }
+        Self { _process: process, files }
     }
 }
 
@@ -124,11 +110,7 @@ impl FtpClient {
         );
         let stdin = process.child.stdin.take().unwrap();
         let stdout = BufReader::new(process.child.stdout.take().unwrap());
-        Self {
-            _process: process,
-            stdin,
-            stdout,
-        }
+        Self { _process: process, stdin, stdout }
     }
 
     /// Connects and logs in to the server of `family`.
@@ -184,24 +166,13 @@ impl TftpServer {
             "in.tftpd",
             topo.server
                 .cmd("/usr/sbin/in.tftpd")
-                .args([
-                    "--foreground",
-                    "--listen",
-                    "--secure",
-                    "--address",
-                    &addr,
-                    "--user",
-                    "nobody",
-                ])
+                .args(["--foreground", "--listen", "--secure", "--address", &addr, "--user", "nobody"])
                 .arg(&files.dir)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
         wait_listening(&topo.server, "udp", 69);
-        Self {
-            _process: process,
-            files,
-        }
+        Self { _process: process, files }
     }
 }
 
@@ -211,31 +182,16 @@ pub fn tftp_get(topo: &Topology, family: Family) -> bool {
     let mut child = topo
         .client
         .cmd("timeout")
-        .args([
-            "10",
-            "tftp",
-            if family == Family::V6 { "-6" } else { "-4" },
-            Topology::server_addr(family),
-        ])
+        .args(["10", "tftp", if family == Family::V6 { "-6" } else { "-4" }, Topology::server_addr(family)])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("tftp");
-    let script = format!(
-        "mode octet\nrexmt 1\ntimeout 4\nget small.bin {}\nquit\n",
-        out.display()
-    );
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
+    let script = format!("mode octet\nrexmt 1\ntimeout 4\nget small.bin {}\nquit\n", out.display());
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let _ = child.wait();
-    let got = std::fs::metadata(&out)
-        .map(|m| m.len() as usize == SMALL_FILE)
-        .unwrap_or(false);
+    let got = std::fs::metadata(&out).map(|m| m.len() as usize == SMALL_FILE).unwrap_or(false);
     let _ = std::fs::remove_file(&out);
     got
 }
@@ -255,11 +211,6 @@ impl FtpRouter {
         daemon.add_router(&topo.router_id);
         let helper_id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
         let server = FtpServer::start(&topo, family);
-        Self {
-            server,
-            helper_id,
-            daemon,
-            topo,
-        }
+        Self { server, helper_id, daemon, topo }
     }
 }

@@ -24,9 +24,7 @@ pub struct Netns {
 impl Netns {
     pub fn create(name: &str) -> Self {
         run(Command::new("ip").args(["netns", "add", name]));
-        let ns = Self {
-            name: name.to_string(),
-        };
+        let ns = Self { name: name.to_string() };
         run(ns.cmd("ip").args(["link", "set", "lo", "up"]));
         ns
     }
@@ -58,10 +56,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Already gone is fine (a test may delete it itself).
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(std::process::Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(std::process::Stdio::null()).status();
     }
 }
 
@@ -115,12 +110,7 @@ impl Topology {
     /// The test bed with the router's interfaces named `client_if` (towards
     /// 10.200.1.0/24) and `server_if` (towards 10.200.2.0/24).
     pub fn build_named(firewall: bool, client_if: &str, server_if: &str) -> Self {
-        Self::build_for(
-            &uuid::Uuid::new_v4().to_string(),
-            firewall,
-            client_if,
-            server_if,
-        )
+        Self::build_for(&uuid::Uuid::new_v4().to_string(), firewall, client_if, server_if)
     }
 
     /// The test bed of a router that exists elsewhere (in Neutron): its
@@ -136,23 +126,12 @@ impl Topology {
         let client = Netns::create(&format!("{tag}-c"));
         let server = Netns::create(&format!("{tag}-s"));
         let router = Netns::create(&format!("qrouter-{router_id}"));
-        let topo = Self {
-            router_id,
-            client,
-            router,
-            server,
-            client_if: client_if.into(),
-            server_if: server_if.into(),
-        };
+        let topo = Self { router_id, client, router, server, client_if: client_if.into(), server_if: server_if.into() };
         topo.wire(&topo.client, "c0", client_if, "1");
         topo.wire(&topo.server, "s0", server_if, "2");
         topo.router.sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-        topo.router
-            .sh("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
-        for tool in ["iptables-restore", "ip6tables-restore"]
-            .into_iter()
-            .filter(|_| firewall)
-        {
+        topo.router.sh("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        for tool in ["iptables-restore", "ip6tables-restore"].into_iter().filter(|_| firewall) {
             let mut child = topo
                 .router
                 .cmd(tool)
@@ -161,16 +140,8 @@ impl Topology {
                 .spawn()
                 .expect("iptables-restore");
             use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(forward_policy(client_if).as_bytes())
-                .unwrap();
-            assert!(
-                child.wait().unwrap().success(),
-                "{tool} of the forward policy failed"
-            );
+            child.stdin.take().unwrap().write_all(forward_policy(client_if).as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success(), "{tool} of the forward policy failed");
         }
         topo
     }
@@ -178,68 +149,16 @@ impl Topology {
     /// A veth between `host` and the router, subnet number `n`.
     fn wire(&self, host: &Netns, host_if: &str, router_if: &str, n: &str) {
         run(Command::new("ip").args([
-            "link",
-            "add",
-            host_if,
-            "netns",
-            &host.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            router_if,
-            "netns",
-            &self.router.name,
+            "link", "add", host_if, "netns", &host.name, "type", "veth", "peer", "name", router_if, "netns", &self.router.name,
         ]));
-        host.sh(
-            "ip",
-            &["addr", "add", &format!("10.200.{n}.2/24"), "dev", host_if],
-        );
-        host.sh(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("fd00:200::{n}:2/112"),
-                "dev",
-                host_if,
-                "nodad",
-            ],
-        );
-        self.router.sh(
-            "ip",
-            &["addr", "add", &format!("10.200.{n}.1/24"), "dev", router_if],
-        );
-        self.router.sh(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("fd00:200::{n}:1/112"),
-                "dev",
-                router_if,
-                "nodad",
-            ],
-        );
+        host.sh("ip", &["addr", "add", &format!("10.200.{n}.2/24"), "dev", host_if]);
+        host.sh("ip", &["-6", "addr", "add", &format!("fd00:200::{n}:2/112"), "dev", host_if, "nodad"]);
+        self.router.sh("ip", &["addr", "add", &format!("10.200.{n}.1/24"), "dev", router_if]);
+        self.router.sh("ip", &["-6", "addr", "add", &format!("fd00:200::{n}:1/112"), "dev", router_if, "nodad"]);
         host.sh("ip", &["link", "set", host_if, "up"]);
         self.router.sh("ip", &["link", "set", router_if, "up"]);
-        host.sh(
-            "ip",
-            &["route", "add", "default", "via", &format!("10.200.{n}.1")],
-        );
-        host.sh(
-            "ip",
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:200::{n}:1"),
-            ],
-        );
+        host.sh("ip", &["route", "add", "default", "via", &format!("10.200.{n}.1")]);
+        host.sh("ip", &["-6", "route", "add", "default", "via", &format!("fd00:200::{n}:1")]);
     }
 
     pub fn server_addr(family: Family) -> &'static str {
@@ -251,12 +170,7 @@ impl Topology {
 
     /// `conntrack ARGS` in the router (stdout; the tool's summary line goes to stderr).
     pub fn conntrack(&self, args: &[&str]) -> String {
-        let out = self
-            .router
-            .cmd("conntrack")
-            .args(args)
-            .output()
-            .expect("conntrack");
+        let out = self.router.cmd("conntrack").args(args).output().expect("conntrack");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }

@@ -26,13 +26,7 @@ struct Bed {
 
 impl Bed {
     fn new(layout: MarkLayout) -> Self {
-        Self::with_policy(
-            layout,
-            RevokedPolicy {
-                quiet_ns: QUIET_NS,
-                ..Default::default()
-            },
-        )
+        Self::with_policy(layout, RevokedPolicy { quiet_ns: QUIET_NS, ..Default::default() })
     }
 
     fn with_policy(layout: MarkLayout, revoked: RevokedPolicy) -> Self {
@@ -49,22 +43,9 @@ impl Bed {
         let mut ctx_in = vec![0u8; SKB_SIZE];
         ctx_in[MARK..MARK + 4].copy_from_slice(&mark.to_ne_bytes());
         let mut ctx_out = vec![0u8; SKB_SIZE];
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            ctx_in: Some(&ctx_in),
-            ctx_out: Some(&mut ctx_out),
-            ..Default::default()
-        };
-        let r = self
-            .dp
-            .program(prog)
-            .unwrap()
-            .test_run(opts)
-            .expect("BPF_PROG_TEST_RUN");
-        (
-            r.return_value,
-            u32::from_ne_bytes(ctx_out[MARK..MARK + 4].try_into().unwrap()),
-        )
+        let opts = TestRunOptions { data_in: Some(packet), ctx_in: Some(&ctx_in), ctx_out: Some(&mut ctx_out), ..Default::default() };
+        let r = self.dp.program(prog).unwrap().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        (r.return_value, u32::from_ne_bytes(ctx_out[MARK..MARK + 4].try_into().unwrap()))
     }
 
     fn tag(&self, packet: &[u8], mark: u32) -> u32 {
@@ -75,11 +56,7 @@ impl Bed {
 
     fn counters(&self, slot: u32) -> (u64, u64) {
         let dump = enforcer::kernel::dump::read(&self.dir).unwrap();
-        let s = dump
-            .slots
-            .iter()
-            .find(|s| s.router_index == ROUTER && s.slot == slot)
-            .expect("slot counters");
+        let s = dump.slots.iter().find(|s| s.router_index == ROUTER && s.slot == slot).expect("slot counters");
         (s.tagged, s.dropped)
     }
 }
@@ -175,16 +152,8 @@ fn vlan(inner: Vec<u8>, tpids: &[u16]) -> Vec<u8> {
 #[test]
 fn the_programs_load_with_their_btf() {
     let bed = Bed::new(MarkLayout::DEFAULT);
-    let info = bed
-        .dp
-        .program(PROG_TAG)
-        .unwrap()
-        .info()
-        .expect("program info");
-    assert!(
-        info.btf_id().is_some_and(|id| id != 0),
-        "{PROG_TAG} was loaded without BTF"
-    );
+    let info = bed.dp.program(PROG_TAG).unwrap().info().expect("program info");
+    assert!(info.btf_id().is_some_and(|id| id != 0), "{PROG_TAG} was loaded without BTF");
 }
 
 #[test]
@@ -216,11 +185,7 @@ fn leaves_other_flows_untouched() {
 fn ipv4_options_are_skipped() {
     let bed = Bed::new(MarkLayout::DEFAULT);
     for words in [1, 3, 10] {
-        assert_eq!(
-            bed.tag(&ipv4(IPPROTO_TCP, 21, words, 0), 0),
-            MarkLayout::DEFAULT.encode(FTP, 7),
-            "{words} option words"
-        );
+        assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, words, 0), 0), MarkLayout::DEFAULT.encode(FTP, 7), "{words} option words");
     }
     // A header length below 20 bytes is malformed: untouched.
     let mut bad = ipv4(IPPROTO_TCP, 21, 0, 0);
@@ -235,13 +200,7 @@ fn ipv6_extension_headers_are_walked() {
     let hop_dst = [(0u8, opts_header()), (60u8, opts_header())];
     assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &hop_dst), 0), tagged);
     let routing = vec![0, 0, 0, 0, 0, 0, 0, 0];
-    assert_eq!(
-        bed.tag(
-            &ipv6(IPPROTO_TCP, 21, &[(0, opts_header()), (43, routing)]),
-            0
-        ),
-        tagged
-    );
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[(0, opts_header()), (43, routing)]), 0), tagged);
     // More extension headers than the parser walks: left alone, not guessed.
     let many: Vec<_> = (0..7).map(|_| (60u8, opts_header())).collect();
     assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &many), 0), 0);
@@ -259,14 +218,8 @@ fn only_first_fragments_are_tagged() {
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 185), 0), 0);
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0x2000 | 185), 0), 0);
     // IPv6 fragment header.
-    assert_eq!(
-        bed.tag(&ipv6(IPPROTO_TCP, 21, &[(44, frag_header(0, true))]), 0),
-        tagged
-    );
-    assert_eq!(
-        bed.tag(&ipv6(IPPROTO_TCP, 21, &[(44, frag_header(100, false))]), 0),
-        0
-    );
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[(44, frag_header(0, true))]), 0), tagged);
+    assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[(44, frag_header(100, false))]), 0), 0);
 }
 
 #[test]
@@ -280,17 +233,9 @@ fn truncated_and_non_ip_packets_pass_untouched() {
         assert_eq!(bed.tag(&full[..len], 0x77), 0x77, "cut at {len}");
     }
     let with_options = ipv4(IPPROTO_TCP, 21, 10, 0);
-    assert_eq!(
-        bed.tag(&with_options[..14 + 30], 0x77),
-        0x77,
-        "cut inside the options"
-    );
+    assert_eq!(bed.tag(&with_options[..14 + 30], 0x77), 0x77, "cut inside the options");
     let v6 = ipv6(IPPROTO_TCP, 21, &[(0, opts_header())]);
-    assert_eq!(
-        bed.tag(&v6[..14 + 40 + 4], 0),
-        0,
-        "cut inside an extension header"
-    );
+    assert_eq!(bed.tag(&v6[..14 + 40 + 4], 0), 0, "cut inside an extension header");
     let mut arp = eth(0x0806);
     arp.extend_from_slice(&[0u8; 28]);
     assert_eq!(bed.tag(&arp, 0x77), 0x77);
@@ -304,14 +249,8 @@ fn truncated_and_non_ip_packets_pass_untouched() {
 fn vlan_tags_are_looked_through() {
     let bed = Bed::new(MarkLayout::DEFAULT);
     let tagged = MarkLayout::DEFAULT.encode(FTP, 7);
-    assert_eq!(
-        bed.tag(&vlan(ipv4(IPPROTO_TCP, 21, 0, 0), &[0x8100]), 0),
-        tagged
-    );
-    assert_eq!(
-        bed.tag(&vlan(ipv6(IPPROTO_TCP, 21, &[]), &[0x88a8, 0x8100]), 0),
-        tagged
-    );
+    assert_eq!(bed.tag(&vlan(ipv4(IPPROTO_TCP, 21, 0, 0), &[0x8100]), 0), tagged);
+    assert_eq!(bed.tag(&vlan(ipv6(IPPROTO_TCP, 21, &[]), &[0x88a8, 0x8100]), 0), tagged);
     assert_eq!(bed.tag(&vlan(ipv4(IPPROTO_TCP, 22, 0, 0), &[0x8100]), 0), 0);
 }
 
@@ -321,16 +260,10 @@ fn foreign_mark_bits_are_kept() {
     let layout = MarkLayout::from_masks(0x00f0_0000, 0x000f_ff00);
     let bed = Bed::new(layout);
     let foreign = 0xab00_00cc;
-    assert_eq!(
-        bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), foreign),
-        foreign | layout.encode(FTP, 7)
-    );
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), foreign), foreign | layout.encode(FTP, 7));
     // A stale tag in our bits is replaced, not OR-ed.
     let stale = foreign | layout.encode(0xf, 0xfff);
-    assert_eq!(
-        bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), stale),
-        foreign | layout.encode(FTP, 7)
-    );
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), stale), foreign | layout.encode(FTP, 7));
     // A miss leaves everything as it was.
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 22, 0, 0), stale), stale);
 }
@@ -343,26 +276,11 @@ fn neutron_marks_are_left_alone() {
     // tag keeps the address scope.
     let mut bed = Bed::new(MarkLayout::DEFAULT);
     let l = MarkLayout::DEFAULT;
-    assert_eq!(
-        bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0x0400_0000),
-        0x0400_0000 | l.encode(FTP, 7)
-    );
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0x0400_0000), 0x0400_0000 | l.encode(FTP, 7));
     bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
-    for mark in [
-        0x0400_0000,
-        0x0400_0001,
-        0x0400_0002,
-        0x1,
-        0x2,
-        0xffff_0000,
-        0x0400_0007,
-    ] {
+    for mark in [0x0400_0000, 0x0400_0001, 0x0400_0002, 0x1, 0x2, 0xffff_0000, 0x0400_0007] {
         for port in [21, 40000] {
-            assert_eq!(
-                bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, port, 0, 0), mark),
-                (NEXT, mark),
-                "{mark:#x} port {port}"
-            );
+            assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, port, 0, 0), mark), (NEXT, mark), "{mark:#x} port {port}");
         }
     }
 }
@@ -374,43 +292,22 @@ fn a_revoked_rule_no_longer_tags_and_others_still_do() {
     bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), 0);
     assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[]), 0), 0);
-    assert_eq!(
-        bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0),
-        l.encode(TFTP, 8),
-        "other rules unaffected"
-    );
+    assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), l.encode(TFTP, 8), "other rules unaffected");
     // Its connections are dropped through the flows a revocation keeps (see
     // below), never by the slot alone: nothing was kept here.
-    assert_eq!(
-        bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 40000, 0, 0), l.encode(0, 7))
-            .0,
-        NEXT
-    );
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 40000, 0, 0), l.encode(0, 7)).0, NEXT);
     assert_eq!(bed.counters(7).1, 0, "nothing dropped");
 }
 
 fn tuple(src: &str, dst: &str, sport: u16, dport: u16) -> enforcer::kernel::conntrack::Tuple5 {
-    enforcer::kernel::conntrack::Tuple5 {
-        proto: IPPROTO_TCP,
-        src: src.parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        sport,
-        dport,
-    }
+    enforcer::kernel::conntrack::Tuple5 { proto: IPPROTO_TCP, src: src.parse().unwrap(), dst: dst.parse().unwrap(), sport, dport }
 }
 
 /// The reply direction of the packets `ipv4()`/`ipv6()` build.
 fn reply_packet(v6: bool, dport: u16) -> Vec<u8> {
-    let mut p = if v6 {
-        ipv6(IPPROTO_TCP, dport, &[])
-    } else {
-        ipv4(IPPROTO_TCP, dport, 0, 0)
-    };
+    let mut p = if v6 { ipv6(IPPROTO_TCP, dport, &[]) } else { ipv4(IPPROTO_TCP, dport, 0, 0) };
     let (l3, alen) = if v6 { (14 + 8, 16) } else { (14 + 12, 4) };
-    let (src, dst) = (
-        p[l3..l3 + alen].to_vec(),
-        p[l3 + alen..l3 + 2 * alen].to_vec(),
-    );
+    let (src, dst) = (p[l3..l3 + alen].to_vec(), p[l3 + alen..l3 + 2 * alen].to_vec());
     p[l3..l3 + alen].copy_from_slice(&dst);
     p[l3 + alen..l3 + 2 * alen].copy_from_slice(&src);
     let l4 = if v6 { 14 + 40 } else { 14 + 20 };
@@ -432,47 +329,23 @@ fn revoked_flows_stay_dropped_until_quiet() {
             reply: tuple("fd00:200::2:2", "fd00:200::1:2", 2121, 40000),
         },
     ];
-    assert_eq!(
-        bed.dp.remember_revoked(ROUTER, 7, &entries).unwrap().kept,
-        4
-    );
+    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &entries).unwrap().kept, 4);
     // Both directions of both flows are dropped at ingress, even unmarked.
-    for packet in [
-        ipv4(IPPROTO_TCP, 21, 0, 0),
-        reply_packet(false, 21),
-        ipv6(IPPROTO_TCP, 2121, &[]),
-        reply_packet(true, 2121),
-    ] {
+    for packet in [ipv4(IPPROTO_TCP, 21, 0, 0), reply_packet(false, 21), ipv6(IPPROTO_TCP, 2121, &[]), reply_packet(true, 2121)] {
         assert_eq!(bed.run(PROG_TAG, &packet, 0).0, TC_ACT_SHOT);
     }
     // Other flows pass: another port, the same port over IPv6.
     assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 22, 0, 0), 0).0, NEXT);
     assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 21, &[]), 0).0, NEXT);
-    assert_eq!(
-        bed.counters(7).1,
-        4,
-        "drops of revoked flows count for the revoked slot"
-    );
+    assert_eq!(bed.counters(7).1, 4, "drops of revoked flows count for the revoked slot");
 
     // Keep one flow talking; let the other go quiet past the quiet time.
     for _ in 0..6 {
         std::thread::sleep(std::time::Duration::from_millis(250));
-        assert_eq!(
-            bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0,
-            TC_ACT_SHOT,
-            "still talking: still dropped"
-        );
+        assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT, "still talking: still dropped");
     }
-    assert_eq!(
-        bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 2121, &[]), 0).0,
-        NEXT,
-        "quiet long enough: passes again"
-    );
-    assert_eq!(
-        bed.dp.revoked_flows(),
-        3,
-        "the quiet direction was forgotten"
-    );
+    assert_eq!(bed.run(PROG_TAG, &ipv6(IPPROTO_TCP, 2121, &[]), 0).0, NEXT, "quiet long enough: passes again");
+    assert_eq!(bed.dp.revoked_flows(), 3, "the quiet direction was forgotten");
 }
 
 /// Both directions of a TCP connection from the client to `dport`.
@@ -485,37 +358,16 @@ fn tcp_entry(dport: u16) -> enforcer::kernel::conntrack::Entry {
 
 #[test]
 fn a_revoked_flow_that_never_goes_quiet_passes_at_the_end_of_its_lifetime() {
-    let mut bed = Bed::with_policy(
-        MarkLayout::DEFAULT,
-        RevokedPolicy {
-            quiet_ns: 60_000_000_000,
-            lifetime_ns: 1_000_000_000,
-            ..Default::default()
-        },
-    );
-    assert_eq!(
-        bed.dp
-            .remember_revoked(ROUTER, 7, &[tcp_entry(21)])
-            .unwrap()
-            .kept,
-        2
-    );
+    let mut bed = Bed::with_policy(MarkLayout::DEFAULT, RevokedPolicy { quiet_ns: 60_000_000_000, lifetime_ns: 1_000_000_000, ..Default::default() });
+    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &[tcp_entry(21)]).unwrap().kept, 2);
     // Talking all the time, so never quiet for 60 s.
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_millis(800) {
-        assert_eq!(
-            bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0,
-            TC_ACT_SHOT,
-            "within its lifetime: dropped"
-        );
+        assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT, "within its lifetime: dropped");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     std::thread::sleep(std::time::Duration::from_millis(400));
-    assert_eq!(
-        bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0,
-        NEXT,
-        "past its lifetime: passes, and is tagged again"
-    );
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, NEXT, "past its lifetime: passes, and is tagged again");
     // The sweep forgets the other direction too, though it never sent again.
     bed.dp.sweep_revoked().unwrap();
     assert_eq!(bed.dp.revoked_flows(), 0);
@@ -524,47 +376,21 @@ fn a_revoked_flow_that_never_goes_quiet_passes_at_the_end_of_its_lifetime() {
 #[test]
 fn creating_the_rule_again_lets_its_revoked_flows_pass_and_no_others() {
     let mut bed = Bed::new(MarkLayout::DEFAULT);
-    bed.dp
-        .remember_revoked(ROUTER, 7, &[tcp_entry(21), tcp_entry(2121)])
-        .unwrap();
-    assert_eq!(
-        bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0,
-        TC_ACT_SHOT
-    );
+    bed.dp.remember_revoked(ROUTER, 7, &[tcp_entry(21), tcp_entry(2121)]).unwrap();
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT);
     // tcp/21 again: both of its directions are forgotten, tcp/2121's stay.
     assert_eq!(bed.dp.clear_revoked(ROUTER, IPPROTO_TCP, 21), 2);
     assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, NEXT);
     assert_eq!(bed.run(PROG_TAG, &reply_packet(false, 21), 0).0, NEXT);
-    assert_eq!(
-        bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 2121, 0, 0), 0).0,
-        TC_ACT_SHOT
-    );
-    assert_eq!(
-        bed.dp.clear_revoked(ROUTER, IPPROTO_UDP, 2121),
-        0,
-        "another protocol is another tuple"
-    );
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 2121, 0, 0), 0).0, TC_ACT_SHOT);
+    assert_eq!(bed.dp.clear_revoked(ROUTER, IPPROTO_UDP, 2121), 0, "another protocol is another tuple");
 }
 
 #[test]
 fn one_routers_mass_revocation_cannot_take_anothers_room() {
-    let mut bed = Bed::with_policy(
-        MarkLayout::DEFAULT,
-        RevokedPolicy {
-            quiet_ns: QUIET_NS,
-            capacity: 8,
-            per_router: 4,
-            ..Default::default()
-        },
-    );
+    let mut bed = Bed::with_policy(MarkLayout::DEFAULT, RevokedPolicy { quiet_ns: QUIET_NS, capacity: 8, per_router: 4, ..Default::default() });
     // Router 0 (the one these programs serve) revokes one connection.
-    assert_eq!(
-        bed.dp
-            .remember_revoked(ROUTER, 7, &[tcp_entry(21)])
-            .unwrap()
-            .kept,
-        2
-    );
+    assert_eq!(bed.dp.remember_revoked(ROUTER, 7, &[tcp_entry(21)]).unwrap().kept, 2);
     // Router 5 revokes many: it gets its share, the rest is refused.
     let many: Vec<_> = (3000..3010).map(tcp_entry).collect();
     let r = bed.dp.remember_revoked(5, 9, &many).unwrap();
@@ -574,17 +400,13 @@ fn one_routers_mass_revocation_cannot_take_anothers_room() {
     assert_eq!((r.kept, r.overflowed), (2, 4));
     assert_eq!(bed.dp.revoked_overflows(), 20, "every refusal is counted");
     // Router 0's entries were not evicted: still dropped.
-    assert_eq!(
-        bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0,
-        TC_ACT_SHOT
-    );
+    assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, 21, 0, 0), 0).0, TC_ACT_SHOT);
     assert_eq!(bed.dp.revoked_flows(), 8);
 }
 
 /// The ports prefilter's bit for (protocol, port), read from the pinned map.
 fn port_listed(bed: &Bed, proto: u8, port: u16) -> bool {
-    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS))
-        .expect("the ports map is pinned");
+    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS)).expect("the ports map is pinned");
     let ports = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
     let (word, bit) = enforcer_common::port_bit(proto, port).unwrap();
     ports.get(&word, 0).unwrap() & bit != 0
@@ -599,15 +421,9 @@ fn a_port_is_listed_while_any_router_has_a_rule_for_it_and_the_list_is_repaired(
     // Another router's rule on the same port keeps it listed when this one's goes.
     bed.dp.allow(ROUTER + 1, IPPROTO_TCP, 21, FTP, 3).unwrap();
     bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
-    assert!(
-        port_listed(&bed, IPPROTO_TCP, 21),
-        "router 1 still has a rule on tcp/21"
-    );
+    assert!(port_listed(&bed, IPPROTO_TCP, 21), "router 1 still has a rule on tcp/21");
     bed.dp.revoke(ROUTER + 1, IPPROTO_TCP, 21, 3).unwrap();
-    assert!(
-        !port_listed(&bed, IPPROTO_TCP, 21),
-        "the last rule on tcp/21 went"
-    );
+    assert!(!port_listed(&bed, IPPROTO_TCP, 21), "the last rule on tcp/21 went");
     bed.dp.allow(ROUTER, IPPROTO_TCP, 21, FTP, 9).unwrap();
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), l.encode(FTP, 9));
 
@@ -620,14 +436,7 @@ fn a_port_is_listed_while_any_router_has_a_rule_for_it_and_the_list_is_repaired(
     assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), 0);
     let mut want = enforcer::kernel::Desired::default();
     for (proto, port, helper, slot) in [(IPPROTO_TCP, 21, FTP, 9u16), (IPPROTO_UDP, 69, TFTP, 8)] {
-        want.rules.insert(
-            enforcer_common::RuleKey::new(ROUTER, proto, port),
-            enforcer_common::RuleValue {
-                slot,
-                helper,
-                _pad: [0; 5],
-            },
-        );
+        want.rules.insert(enforcer_common::RuleKey::new(ROUTER, proto, port), enforcer_common::RuleValue { slot, helper, _pad: [0; 5] });
     }
     let drift = bed.dp.reconcile(&want, true).unwrap();
     assert_eq!(drift.ports_fixed, 1, "{drift:?}");
@@ -644,16 +453,7 @@ fn a_restart_lists_the_ports_of_the_rules_it_finds() {
     for w in 0..enforcer_common::PORT_WORDS {
         ports.set(w, 0, 0).unwrap();
     }
-    let again = Datapath::load(
-        &bed.dir,
-        MarkLayout::DEFAULT,
-        1024,
-        RevokedPolicy {
-            quiet_ns: QUIET_NS,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let again = Datapath::load(&bed.dir, MarkLayout::DEFAULT, 1024, RevokedPolicy { quiet_ns: QUIET_NS, ..Default::default() }).unwrap();
     assert!(port_listed(&bed, IPPROTO_TCP, 21) && port_listed(&bed, IPPROTO_UDP, 69));
     drop(again);
 }

@@ -27,11 +27,7 @@ impl HangingNft {
     fn new() -> Self {
         let dir = std::env::temp_dir().join(unique("nft"));
         std::fs::create_dir_all(&dir).unwrap();
-        let real = String::from_utf8(
-            enforcer_tests::run(std::process::Command::new("sh").args(["-c", "command -v nft"]))
-                .stdout,
-        )
-        .unwrap();
+        let real = String::from_utf8(enforcer_tests::run(std::process::Command::new("sh").args(["-c", "command -v nft"])).stdout).unwrap();
         let (hang, slow) = (dir.join("hang"), dir.join("slow"));
         let script = format!(
             "#!/bin/sh\nif [ -e {} ]; then exec sleep 3600; fi\nif [ -e {} ]; then sleep 1; fi\nexec {} \"$@\"\n",
@@ -47,11 +43,7 @@ impl HangingNft {
     }
 
     fn path_env(&self) -> String {
-        format!(
-            "{}:{}",
-            self.dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        )
+        format!("{}:{}", self.dir.display(), std::env::var("PATH").unwrap_or_default())
     }
 
     fn hang(&self, on: bool) {
@@ -107,11 +99,7 @@ fn a_hanging_nft_stalls_only_its_own_router_and_fails_at_the_limit() {
     let b = Topology::new();
     let nft = HangingNft::new();
     let config = enforcer_tests::Scratch::file("cfg", "command_timeout_secs = 3\n");
-    let daemon = Daemon::start_with_env(
-        None,
-        &["--config", config.path()],
-        &[("PATH", &nft.path_env())],
-    );
+    let daemon = Daemon::start_with_env(None, &["--config", config.path()], &[("PATH", &nft.path_env())]);
     daemon.add_router(&b.router_id);
 
     nft.hang(true);
@@ -121,31 +109,15 @@ fn a_hanging_nft_stalls_only_its_own_router_and_fails_at_the_limit() {
         // Router a's add is inside its hanging nft by now.
         std::thread::sleep(Duration::from_millis(500));
         let (slowest, median) = time_requests(&daemon, &b.router_id, 5);
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "the requests ran while a's nft hung"
-        );
+        assert!(started.elapsed() < Duration::from_secs(3), "the requests ran while a's nft hung");
         eprintln!("router b while router a's nft hangs: median {median:?}, slowest {slowest:?}");
-        assert!(
-            slowest < Duration::from_millis(100),
-            "slowest {slowest:?} (median {median:?}): waited behind the hanging nft"
-        );
+        assert!(slowest < Duration::from_millis(100), "slowest {slowest:?} (median {median:?}): waited behind the hanging nft");
         add.join().unwrap()
     });
     let waited = started.elapsed();
-    assert_ne!(
-        stuck.code, 0,
-        "the add of router a succeeded with a hanging nft"
-    );
-    assert!(
-        stuck.stderr.contains("did not finish within 3 s"),
-        "the error says what hung: {}",
-        stuck.stderr
-    );
-    assert!(
-        waited >= Duration::from_secs(3) && waited < Duration::from_secs(8),
-        "failed at the limit: {waited:?}"
-    );
+    assert_ne!(stuck.code, 0, "the add of router a succeeded with a hanging nft");
+    assert!(stuck.stderr.contains("did not finish within 3 s"), "the error says what hung: {}", stuck.stderr);
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(8), "failed at the limit: {waited:?}");
     // Nothing half-done stays: a is unknown, and has no links.
     let routers = daemon.cli(&["router", "list", "-o", "json"]).ok().json();
     assert!(!routers.to_string().contains(&a.router_id), "{routers}");
@@ -153,10 +125,7 @@ fn a_hanging_nft_stalls_only_its_own_router_and_fails_at_the_limit() {
 
     nft.hang(false);
     daemon.add_router(&a.router_id);
-    assert!(
-        a.router.ruleset().contains("table inet enforcer"),
-        "the glue is in once nft works"
-    );
+    assert!(a.router.ruleset().contains("table inet enforcer"), "the glue is in once nft works");
 
     // Removing a router runs nft too (its glue goes), also without the lock.
     nft.hang(true);
@@ -165,27 +134,14 @@ fn a_hanging_nft_stalls_only_its_own_router_and_fails_at_the_limit() {
         let remove = s.spawn(|| daemon.cli(&["router", "remove", &a.router_id]));
         std::thread::sleep(Duration::from_millis(500));
         let (slowest, median) = time_requests(&daemon, &b.router_id, 2);
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "the requests ran while a's nft hung"
-        );
-        assert!(
-            slowest < Duration::from_millis(100),
-            "slowest {slowest:?} (median {median:?}) during a remove"
-        );
+        assert!(started.elapsed() < Duration::from_secs(3), "the requests ran while a's nft hung");
+        assert!(slowest < Duration::from_millis(100), "slowest {slowest:?} (median {median:?}) during a remove");
         remove.join().unwrap()
     });
     nft.hang(false);
     removed.ok();
-    assert_eq!(
-        daemon.attachments(&a.router),
-        0,
-        "enforcement of a is gone even though its glue could not be removed"
-    );
-    assert!(
-        daemon.log().contains("did not finish"),
-        "the failed glue removal is reported"
-    );
+    assert_eq!(daemon.attachments(&a.router), 0, "enforcement of a is gone even though its glue could not be removed");
+    assert!(daemon.log().contains("did not finish"), "the failed glue removal is reported");
 }
 
 #[test]
@@ -195,11 +151,7 @@ fn a_namespace_deleted_during_its_attach_leaves_nothing_behind() {
     let id = uuid::Uuid::new_v4().to_string();
     let nft = HangingNft::new();
     let config = enforcer_tests::Scratch::file("cfg", "command_timeout_secs = 2\n");
-    let daemon = Daemon::start_with_env(
-        None,
-        &["--config", config.path()],
-        &[("PATH", &nft.path_env())],
-    );
+    let daemon = Daemon::start_with_env(None, &["--config", config.path()], &[("PATH", &nft.path_env())]);
     daemon.add_router(&b.router_id);
     let pins_before = daemon.pins();
 
@@ -210,18 +162,11 @@ fn a_namespace_deleted_during_its_attach_leaves_nothing_behind() {
         enforcer_tests::run(std::process::Command::new("ip").args(["netns", "del", &doomed.name]));
         let (slowest, median) = time_requests(&daemon, &b.router_id, 3);
         eprintln!("router b during the attach: median {median:?}, slowest {slowest:?}");
-        assert!(
-            slowest < Duration::from_millis(100),
-            "slowest {slowest:?} (median {median:?})"
-        );
+        assert!(slowest < Duration::from_millis(100), "slowest {slowest:?} (median {median:?})");
         add.join().unwrap()
     });
     nft.hang(false);
-    assert_ne!(
-        out.code, 0,
-        "added a router whose namespace is gone: {}",
-        out.stdout
-    );
+    assert_ne!(out.code, 0, "added a router whose namespace is gone: {}", out.stdout);
     let routers = daemon.cli(&["router", "list", "-o", "json"]).ok().json();
     assert!(!routers.to_string().contains(&id), "{routers}");
     assert_eq!(daemon.pins(), pins_before, "no pins of the failed router");
@@ -248,63 +193,31 @@ fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
     let topo = Topology::new();
     let (daemon, _config) = checked_every_second(&topo);
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
-    eventually("the first check", || {
-        status()["routers"][0]["glue"] == "intact"
-    });
-    let glue = || {
-        topo.router
-            .sh("nft", &["list", "table", "inet", "enforcer"])
-    };
+    eventually("the first check", || status()["routers"][0]["glue"] == "intact");
+    let glue = || topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
     let installed = glue();
 
     // Everything gone.
     topo.router.sh("nft", &["flush", "ruleset"]);
-    eventually("the repair of a flushed ruleset", || {
-        status()["glue_repairs"] == 1
-    });
+    eventually("the repair of a flushed ruleset", || status()["glue_repairs"] == 1);
     assert_eq!(glue(), installed, "put back exactly as installed");
 
     // One rule gone: the table is still there, only the whole check sees it.
-    let listed = topo
-        .router
-        .sh("nft", &["-a", "list", "chain", "inet", "enforcer", "pre"]);
-    let handle = listed
-        .lines()
-        .rev()
-        .find_map(|l| l.rsplit_once("# handle "))
-        .expect("a rule with a handle")
-        .1
-        .trim()
-        .to_string();
-    topo.router.sh(
-        "nft",
-        &[
-            "delete", "rule", "inet", "enforcer", "pre", "handle", &handle,
-        ],
-    );
+    let listed = topo.router.sh("nft", &["-a", "list", "chain", "inet", "enforcer", "pre"]);
+    let handle = listed.lines().rev().find_map(|l| l.rsplit_once("# handle ")).expect("a rule with a handle").1.trim().to_string();
+    topo.router.sh("nft", &["delete", "rule", "inet", "enforcer", "pre", "handle", &handle]);
     assert_ne!(glue(), installed);
-    eventually("the repair of a deleted rule", || {
-        status()["glue_repairs"] == 2
-    });
+    eventually("the repair of a deleted rule", || status()["glue_repairs"] == 2);
     assert_eq!(glue(), installed);
     assert_eq!(status()["routers"][0]["glue"], "intact");
     assert_eq!(status()["drift"]["glue_installed"], 0);
 
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
-    let repairs: Vec<&serde_json::Value> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["op"] == "glue_repair")
-        .collect();
+    let repairs: Vec<&serde_json::Value> = audit.as_array().unwrap().iter().filter(|e| e["op"] == "glue_repair").collect();
     assert_eq!(repairs.len(), 2, "{audit}");
     assert_eq!(repairs[0]["before"]["glue"], "missing");
     assert_eq!(repairs[1]["before"]["glue"], "altered");
-    assert!(
-        repairs
-            .iter()
-            .all(|e| e["router_id"] == topo.router_id.as_str() && e["result"] == "ok")
-    );
+    assert!(repairs.iter().all(|e| e["router_id"] == topo.router_id.as_str() && e["result"] == "ok"));
 }
 
 /// Detaches the tcx link pinned at `pin` from outside (bpf(2)
@@ -312,16 +225,8 @@ fn glue_removed_or_changed_in_part_is_put_back_and_reported() {
 /// detach` does.
 fn detach_pinned_link(pin: &std::path::Path) {
     let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
-    let fd = enforcer_tests::bpf(
-        7,
-        &[path.as_ptr() as u64, 0u64],
-        "opening the pinned link (BPF_OBJ_GET)",
-    );
-    enforcer_tests::bpf(
-        34,
-        &[fd as u32, 0u32, 0, 0],
-        "detaching it (BPF_LINK_DETACH)",
-    );
+    let fd = enforcer_tests::bpf(7, &[path.as_ptr() as u64, 0u64], "opening the pinned link (BPF_OBJ_GET)");
+    enforcer_tests::bpf(34, &[fd as u32, 0u32, 0, 0], "detaching it (BPF_LINK_DETACH)");
     // SAFETY: our descriptor.
     unsafe { libc::close(fd as i32) };
 }
@@ -335,53 +240,26 @@ fn an_attachment_removed_behind_the_pins_is_found_in_the_kernel_and_put_back() {
     std::thread::sleep(Duration::from_millis(1500));
     let full = daemon.attachments(&topo.router);
     let pins = daemon.pins();
-    match pins
-        .iter()
-        .find(|p| p.contains("/routers/") && p.ends_with("_tag"))
-    {
+    match pins.iter().find(|p| p.contains("/routers/") && p.ends_with("_tag")) {
         // tcx: the pin stays, so only the kernel can tell.
         Some(pin) => detach_pinned_link(std::path::Path::new(pin)),
         // netlink: the filter itself.
         None => {
             let pref = enforcer::kernel::attach::NETLINK_PRIORITY.to_string();
-            enforcer_tests::run(topo.router.cmd("tc").args([
-                "filter",
-                "del",
-                "dev",
-                &topo.client_if,
-                "ingress",
-                "pref",
-                &pref,
-            ]));
+            enforcer_tests::run(topo.router.cmd("tc").args(["filter", "del", "dev", &topo.client_if, "ingress", "pref", &pref]));
         }
     }
     assert_eq!(daemon.attachments(&topo.router), full - 1);
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
     let deadline = Instant::now() + Duration::from_secs(10);
     while status()["link_repairs"] != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no repair:\n{}\n{}",
-            status(),
-            daemon.log()
-        );
+        assert!(Instant::now() < deadline, "no repair:\n{}\n{}", status(), daemon.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        daemon.attachments(&topo.router),
-        full,
-        "put back, and no second copy"
-    );
+    assert_eq!(daemon.attachments(&topo.router), full, "put back, and no second copy");
     assert_eq!(status()["drift"]["links_attached"], 0);
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
-    assert!(
-        audit
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["op"] == "link_repair" && e["router_id"] == topo.router_id.as_str()),
-        "{audit}"
-    );
+    assert!(audit.as_array().unwrap().iter().any(|e| e["op"] == "link_repair" && e["router_id"] == topo.router_id.as_str()), "{audit}");
 }
 
 #[test]
@@ -397,21 +275,10 @@ fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
     let pin = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_RULES)).unwrap();
     let mut rules: aya::maps::HashMap<_, enforcer_common::RuleKey, enforcer_common::RuleValue> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pin)).unwrap();
-    let key = rules
-        .keys()
-        .map(Result::unwrap)
-        .find(|k| k.port == 21)
-        .expect("the FTP rule in the map");
+    let key = rules.keys().map(Result::unwrap).find(|k| k.port == 21).expect("the FTP rule in the map");
     rules.remove(&key).unwrap();
     let dumped = daemon.dump();
-    assert!(
-        dumped["slots"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["port"].is_null()),
-        "no slot has its rule: {dumped}"
-    );
+    assert!(dumped["slots"].as_array().unwrap().iter().all(|s| s["port"].is_null()), "no slot has its rule: {dumped}");
 
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
     eventually("the repair of the maps", || status()["map_repairs"] == 1);
@@ -419,26 +286,13 @@ fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
     assert_eq!(status()["drift"]["maps"]["rules_added"], 0);
     FtpClient::login(&topo, Family::V4).ok("list passive");
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
-    let repair = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["op"] == "map_repair")
-        .unwrap_or_else(|| panic!("no map_repair in {audit}"));
+    let repair = audit.as_array().unwrap().iter().find(|e| e["op"] == "map_repair").unwrap_or_else(|| panic!("no map_repair in {audit}"));
     assert_eq!(repair["before"]["maps"]["rules_added"], 1, "{repair}");
 }
 
 /// A daemon checking every second and an FTP helper on port 21 that a
 /// session is using: (daemon, its configuration, helper id, server, session).
-fn ftp_in_use(
-    topo: &Topology,
-) -> (
-    Daemon,
-    enforcer_tests::Scratch,
-    String,
-    FtpServer,
-    FtpClient,
-) {
+fn ftp_in_use(topo: &Topology) -> (Daemon, enforcer_tests::Scratch, String, FtpServer, FtpClient) {
     let (daemon, config) = checked_every_second(topo);
     let id = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let server = FtpServer::start(topo, Family::V4);
@@ -455,8 +309,7 @@ fn a_live_slot_whose_counters_were_lost_is_counted_as_having_tagged() {
     // The counters go behind the daemon's back (as after an upgrade from a
     // release that kept them in another map): how many packets the slot
     // tagged is unknown now.
-    let pin =
-        aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap();
+    let pin = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap();
     let mut counters: aya::maps::HashMap<_, enforcer_common::SlotKey, enforcer_common::Counters> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pin)).unwrap();
     let keys: Vec<_> = counters.keys().map(Result::unwrap).collect();
@@ -466,15 +319,9 @@ fn a_live_slot_whose_counters_were_lost_is_counted_as_having_tagged() {
     eventually("the repair of the maps", || status()["map_repairs"] == 1);
 
     // So its delete cleans conntrack instead of trusting a zero.
-    let report = daemon
-        .cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"])
-        .ok()
-        .json();
+    let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
     assert_eq!(report["never_tagged"], json!(null), "{report}");
-    assert!(
-        report["conntrack_entries_removed"].as_u64().unwrap() >= 1,
-        "{report}"
-    );
+    assert!(report["conntrack_entries_removed"].as_u64().unwrap() >= 1, "{report}");
     ftp.fails("noop");
 }
 
@@ -485,10 +332,7 @@ fn the_per_cpu_counters_of_an_earlier_release_are_unpinned_at_start() {
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     // Any map pinned under the old name stands for the old one.
     let legacy = daemon.bpffs.join(enforcer_common::MAP_COUNTERS_PER_CPU);
-    aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_SLOTS))
-        .unwrap()
-        .pin(&legacy)
-        .unwrap();
+    aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_SLOTS)).unwrap().pin(&legacy).unwrap();
     daemon.restart();
     assert!(!legacy.exists(), "the old pin is gone");
     assert_eq!(daemon.live_ports(), vec![21], "enforcement goes on");
@@ -503,15 +347,8 @@ fn the_check_leaves_alone_what_revoked_slots_still_count() {
     ftp.fails("noop");
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
     let rounds = status()["check_rounds"].as_u64().unwrap();
-    eventually("two more check rounds", || {
-        status()["check_rounds"].as_u64().unwrap() >= rounds + 2
-    });
-    assert_eq!(
-        status()["map_repairs"],
-        0,
-        "nothing differed from the store:\n{}",
-        daemon.log()
-    );
+    eventually("two more check rounds", || status()["check_rounds"].as_u64().unwrap() >= rounds + 2);
+    assert_eq!(status()["map_repairs"], 0, "nothing differed from the store:\n{}", daemon.log());
     let dump = daemon.dump();
     assert_eq!(dump["slots"][0]["state"], "revoked", "{dump}");
     assert!(dump["slots"][0]["dropped"].as_u64().unwrap() > 0, "{dump}");
@@ -566,10 +403,7 @@ fn long_reads_do_not_hold_up_writers() {
     let reads = reads.into_inner();
     eprintln!("writes while {reads} full audit reads ran: slowest {slowest:?}");
     assert!(reads >= 1, "the reads ran alongside");
-    assert!(
-        slowest < Duration::from_millis(100),
-        "a write waited {slowest:?} behind a read"
-    );
+    assert!(slowest < Duration::from_millis(100), "a write waited {slowest:?} behind a read");
 }
 
 #[test]
@@ -585,38 +419,20 @@ fn after_a_restart_reads_are_answered_at_once_and_writes_wait_for_the_reconcilia
     nft.slow(true);
     daemon.stop(nix::sys::signal::Signal::SIGTERM);
     daemon.spawn();
-    enforcer_tests::wait_for("the API to answer", 30, || {
-        std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok()
-    });
+    enforcer_tests::wait_for("the API to answer", 30, || std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok());
     let mut session = daemon.session();
     let status = session.request(&json!({"op": "status"})).unwrap();
     assert_eq!(status["ok"]["ready"], false, "still reconciling: {status}");
     let t = Instant::now();
-    let listed = session
-        .request(&json!({"op": "helper_list", "router_id": a.router_id}))
-        .unwrap();
-    assert!(
-        t.elapsed() < Duration::from_millis(500),
-        "a read is answered at once: {:?}",
-        t.elapsed()
-    );
-    assert_eq!(
-        listed["ok"][0]["id"],
-        helper.as_str(),
-        "from the store: {listed}"
-    );
+    let listed = session.request(&json!({"op": "helper_list", "router_id": a.router_id})).unwrap();
+    assert!(t.elapsed() < Duration::from_millis(500), "a read is answered at once: {:?}", t.elapsed());
+    assert_eq!(listed["ok"][0]["id"], helper.as_str(), "from the store: {listed}");
     // A write waits for the reconciliation, then goes through.
     let created = session.request(&json!({"op": "helper_create", "router_id": a.router_id, "protocol": "tcp", "port": 2121, "helper": "ftp"})).unwrap();
     assert!(created.get("ok").is_some(), "{created}");
     let status = session.request(&json!({"op": "status"})).unwrap();
-    assert_eq!(
-        status["ok"]["ready"], true,
-        "the write was applied after the reconciliation: {status}"
-    );
-    assert!(
-        status["ok"]["ready_after_ms"].as_u64().unwrap() >= 1000,
-        "{status}"
-    );
+    assert_eq!(status["ok"]["ready"], true, "the write was applied after the reconciliation: {status}");
+    assert!(status["ok"]["ready_after_ms"].as_u64().unwrap() >= 1000, "{status}");
     nft.slow(false);
     assert_eq!(daemon.live_ports(), vec![21, 2121]);
 }
@@ -639,11 +455,7 @@ fn a_host_without_nft_is_refused_naming_it_before_anything_changes() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let made = (
-        bpffs.exists(),
-        dir.join("state").exists(),
-        dir.join("enforcer.sock").exists(),
-    );
+    let made = (bpffs.exists(), dir.join("state").exists(), dir.join("enforcer.sock").exists());
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir(&bpffs);
     assert!(!out.status.success(), "started without nft:\n{stderr}");

@@ -14,19 +14,11 @@ fn lines_with<'a>(text: &'a str, needle: &str) -> Vec<&'a str> {
 /// conntrack shows the helper on the control connection and the rule's
 /// mark on the data connections.
 fn ftp_works_with_helper(family: Family) {
-    let FtpRouter {
-        topo,
-        daemon,
-        server: _server,
-        ..
-    } = FtpRouter::new(Topology::new(), family);
+    let FtpRouter { topo, daemon, server: _server, .. } = FtpRouter::new(Topology::new(), family);
 
     let mut ftp = FtpClient::login(&topo, family);
     let listing = ftp.ok("list passive");
-    assert!(
-        listing["lines"].to_string().contains("small.bin"),
-        "{listing}"
-    );
+    assert!(listing["lines"].to_string().contains("small.bin"), "{listing}");
     ftp.ok("list active");
     assert_eq!(ftp.ok("retr small.bin passive")["bytes"], SMALL_FILE);
     assert_eq!(ftp.ok("retr small.bin active")["bytes"], SMALL_FILE);
@@ -34,27 +26,14 @@ fn ftp_works_with_helper(family: Family) {
     let family_arg = if family == Family::V6 { "ipv6" } else { "ipv4" };
     let ct = topo.conntrack(&["-L", "-f", family_arg]);
     let control = lines_with(&ct, "dport=21 ");
-    assert!(
-        control.iter().any(|l| l.contains("helper=ftp")),
-        "control connection has the helper:\n{ct}"
-    );
+    assert!(control.iter().any(|l| l.contains("helper=ftp")), "control connection has the helper:\n{ct}");
     // Data connections: every entry not on port 21 carries the control
     // connection's (non-zero) mark, inherited as RELATED.
-    let control_mark = control
-        .iter()
-        .find(|l| l.contains("helper=ftp"))
-        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("mark=")))
-        .unwrap();
+    let control_mark = control.iter().find(|l| l.contains("helper=ftp")).and_then(|l| l.split_whitespace().find(|w| w.starts_with("mark="))).unwrap();
     assert_ne!(control_mark, "mark=0");
-    let data: Vec<_> = ct
-        .lines()
-        .filter(|l| l.starts_with("tcp") && !l.contains("port=21 "))
-        .collect();
+    let data: Vec<_> = ct.lines().filter(|l| l.starts_with("tcp") && !l.contains("port=21 ")).collect();
     assert!(data.len() >= 4, "four data connections seen:\n{ct}");
-    assert!(
-        data.iter().all(|l| l.contains(control_mark)),
-        "data connections carry {control_mark}:\n{ct}"
-    );
+    assert!(data.iter().all(|l| l.contains(control_mark)), "data connections carry {control_mark}:\n{ct}");
     let dump = daemon.dump();
     assert!(dump["slots"][0]["tagged"].as_u64().unwrap() > 0, "{dump}");
 }
@@ -97,21 +76,13 @@ fn ftp_blocked_without_helper_ipv6() {
 /// `helper delete` cuts the control connection and a transfer in progress,
 /// and a new control connection gets no helper.
 fn delete_revokes(family: Family) {
-    let FtpRouter {
-        topo,
-        daemon,
-        helper_id: id,
-        server: _server,
-    } = FtpRouter::new(Topology::new(), family);
+    let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::new(), family);
 
     let mut ftp = FtpClient::login(&topo, family);
     ftp.ok("list passive");
     let mut transfer = FtpClient::login(&topo, family);
     let started = transfer.ok("retr_start big.bin passive");
-    assert!(
-        started["bytes"].as_u64().unwrap() > 0,
-        "transfer running: {started}"
-    );
+    assert!(started["bytes"].as_u64().unwrap() > 0, "transfer running: {started}");
 
     daemon.delete_helper(&topo.router_id, &id);
 
@@ -125,18 +96,13 @@ fn delete_revokes(family: Family) {
     fresh.fails("list passive");
     let ct = topo.conntrack(&["-L"]);
     assert!(
-        ct.lines().any(|l| l.contains("dport=21 ")
-            && l.contains("ESTABLISHED")
-            && !l.contains("helper=")),
+        ct.lines().any(|l| l.contains("dport=21 ") && l.contains("ESTABLISHED") && !l.contains("helper=")),
         "the new control connection has no helper:\n{ct}"
     );
     let dump = daemon.dump();
     let slot = &dump["slots"][0];
     assert_eq!(slot["state"], "revoked", "{dump}");
-    assert!(
-        slot["dropped"].as_u64().unwrap() > 0,
-        "revoked packets were dropped: {dump}"
-    );
+    assert!(slot["dropped"].as_u64().unwrap() > 0, "revoked packets were dropped: {dump}");
 }
 
 #[test]
@@ -152,27 +118,10 @@ fn delete_revokes_ipv6() {
 /// Moving a helper to another port revokes the flows of the old tuple.
 #[test]
 fn update_revokes_old_tuple() {
-    let FtpRouter {
-        topo,
-        daemon,
-        helper_id: id,
-        server: _server,
-    } = FtpRouter::new(Topology::new(), Family::V4);
+    let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::new(), Family::V4);
     let mut ftp = FtpClient::login(&topo, Family::V4);
     ftp.ok("list passive");
-    let updated = daemon
-        .cli(&[
-            "helper",
-            "update",
-            &topo.router_id,
-            &id,
-            "--port",
-            "2121",
-            "-o",
-            "json",
-        ])
-        .ok()
-        .json();
+    let updated = daemon.cli(&["helper", "update", &topo.router_id, &id, "--port", "2121", "-o", "json"]).ok().json();
     assert_eq!(updated["port"], 2121);
     assert_eq!(updated["id"], id.as_str());
     ftp.fails("noop");

@@ -23,8 +23,7 @@ fn classic_count(ns: &Netns, dev: &str, parent: &[&str], pref: &str) -> u64 {
     args.extend_from_slice(parent);
     args.extend(["pref", pref]);
     let out = ns.sh("tc", &args);
-    let filters: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("tc JSON ({e}): {out}"));
+    let filters: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("tc JSON ({e}): {out}"));
     filters
         .as_array()
         .unwrap()
@@ -36,10 +35,7 @@ fn classic_count(ns: &Netns, dev: &str, parent: &[&str], pref: &str) -> u64 {
 /// A veth in the router whose peer is down: a mirred mirror to it counts a
 /// packet and the copy goes nowhere.
 fn mirror_sink(ns: &Netns) {
-    ns.sh(
-        "ip",
-        &["link", "add", "m0", "type", "veth", "peer", "name", "m1"],
-    );
+    ns.sh("ip", &["link", "add", "m0", "type", "veth", "peer", "name", "m1"]);
     ns.sh("ip", &["link", "set", "m0", "up"]);
 }
 
@@ -55,52 +51,24 @@ struct Neighbour {
 impl Neighbour {
     fn attach(ns: &Netns, iface: &str) -> Self {
         let pins = PathBuf::from("/sys/fs/bpf").join(unique("other"));
-        let mut datapath = Datapath::load(
-            &pins,
-            enforcer_common::MarkLayout::DEFAULT,
-            enforcer_common::DEFAULT_MAX_RULES,
-            Default::default(),
-        )
-        .unwrap();
+        let mut datapath = Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, enforcer_common::DEFAULT_MAX_RULES, Default::default()).unwrap();
         datapath.allow(0, IPPROTO_TCP, 21, 1, 1).unwrap();
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pins)
-            .load(enforcer::kernel::PROGRAMS)
-            .unwrap();
-        let rules: aya::maps::HashMap<_, RuleKey, RuleValue> =
-            ebpf.map(MAP_RULES).unwrap().try_into().unwrap();
-        assert_eq!(
-            rules.keys().count(),
-            1,
-            "the neighbour shares its own maps, not enforcer's"
-        );
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).unwrap();
+        let rules: aya::maps::HashMap<_, RuleKey, RuleValue> = ebpf.map(MAP_RULES).unwrap().try_into().unwrap();
+        assert_eq!(rules.keys().count(), 1, "the neighbour shares its own maps, not enforcer's");
         let prog: &mut SchedClassifier = ebpf.program_mut("tag").unwrap().try_into().unwrap();
         prog.load().unwrap();
         let link = enforcer::kernel::netns::run_in(Path::new(&ns.path()), || {
-            let id = prog.attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::last()),
-            )?;
+            let id = prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))?;
             Ok(prog.take_link(id)?)
         })
         .expect("attaching the neighbour with tcx");
-        Self {
-            pins,
-            _link: link,
-            _ebpf: ebpf,
-            _datapath: datapath,
-        }
+        Self { pins, _link: link, _ebpf: ebpf, _datapath: datapath }
     }
 
     /// Packets the neighbour tagged.
     fn tagged(&self) -> u64 {
-        enforcer::kernel::dump::read(&self.pins)
-            .unwrap()
-            .slots
-            .iter()
-            .map(|s| s.tagged)
-            .sum()
+        enforcer::kernel::dump::read(&self.pins).unwrap().slots.iter().map(|s| s.tagged).sum()
     }
 }
 
@@ -117,15 +85,11 @@ fn a_classic_filter_and_a_second_tcx_program_see_every_packet() {
     // TCP packet to port 21, counted by a mirror; then a verdict, which
     // ends the hook.
     mirror_sink(&topo.router);
-    topo.router
-        .sh("tc", &["qdisc", "add", "dev", "r0", "clsact"]);
+    topo.router.sh("tc", &["qdisc", "add", "dev", "r0", "clsact"]);
     topo.router.sh(
         "tc",
-        &[
-            "filter", "add", "dev", "r0", "ingress", "pref", "10", "protocol", "ip", "u32",
-            "match", "ip", "protocol", "6", "0xff", "match", "ip", "dport", "21", "0xffff",
-            "action", "mirred", "egress", "mirror", "dev", "m0",
-        ],
+        &["filter", "add", "dev", "r0", "ingress", "pref", "10", "protocol", "ip", "u32", "match", "ip", "protocol", "6", "0xff", "match",
+          "ip", "dport", "21", "0xffff", "action", "mirred", "egress", "mirror", "dev", "m0"],
     );
 
     let daemon = Daemon::enforcing(&topo);
@@ -141,20 +105,10 @@ fn a_classic_filter_and_a_second_tcx_program_see_every_packet() {
     let ours = daemon.dump()["slots"][0]["tagged"].as_u64().unwrap();
     let classic = classic_count(&topo.router, "r0", &["ingress"], "10");
     assert!(ours > 5, "enforcer tagged the control connection: {ours}");
-    assert_eq!(
-        neighbour.tagged(),
-        ours,
-        "the second tcx program saw every packet enforcer saw"
-    );
-    assert_eq!(
-        classic, ours,
-        "the classic filter saw every packet enforcer saw"
-    );
+    assert_eq!(neighbour.tagged(), ours, "the second tcx program saw every packet enforcer saw");
+    assert_eq!(classic, ours, "the classic filter saw every packet enforcer saw");
     drop(neighbour);
-    let _ = run(topo
-        .router
-        .cmd("tc")
-        .args(["qdisc", "del", "dev", "r0", "clsact"]));
+    let _ = run(topo.router.cmd("tc").args(["qdisc", "del", "dev", "r0", "clsact"]));
 }
 
 #[test]
@@ -168,33 +122,11 @@ fn in_a_neutron_router_the_floating_ip_qos_filter_and_a_second_tcx_program_see_e
     // action is `police`, which this kernel does not build; a mirror
     // counts instead.
     mirror_sink(&topo.router);
-    topo.router
-        .sh("tc", &["qdisc", "add", "dev", qg, "ingress"]);
+    topo.router.sh("tc", &["qdisc", "add", "dev", qg, "ingress"]);
     topo.router.sh(
         "tc",
-        &[
-            "filter",
-            "add",
-            "dev",
-            qg,
-            "parent",
-            "ffff:",
-            "protocol",
-            "ip",
-            "prio",
-            "1",
-            "u32",
-            "match",
-            "ip",
-            "dst",
-            FLOATING_V4,
-            "action",
-            "mirred",
-            "egress",
-            "mirror",
-            "dev",
-            "m0",
-        ],
+        &["filter", "add", "dev", qg, "parent", "ffff:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "dst", FLOATING_V4,
+          "action", "mirred", "egress", "mirror", "dev", "m0"],
     );
     let _server = FtpServer::start_in(&topo.client, Topology::CLIENT_V4);
     let daemon = Daemon::start();
@@ -206,25 +138,13 @@ fn in_a_neutron_router_the_floating_ip_qos_filter_and_a_second_tcx_program_see_e
         // Neutron's changes.
         let out = daemon.cli(&["router", "add", &topo.router_id]);
         assert_ne!(out.code, 0, "{}", out.stdout);
-        assert!(
-            out.stderr.contains(qg) && out.stderr.contains("`ingress` qdisc"),
-            "{}",
-            out.stderr
-        );
+        assert!(out.stderr.contains(qg) && out.stderr.contains("`ingress` qdisc"), "{}", out.stderr);
         assert!(qdisc().contains("qdisc ingress ffff:"), "{}", qdisc());
-        let qr = topo
-            .router
-            .sh("tc", &["qdisc", "show", "dev", &topo.client_if]);
-        assert!(
-            !qr.contains("clsact"),
-            "nothing left behind on the other interface: {qr}"
-        );
+        let qr = topo.router.sh("tc", &["qdisc", "show", "dev", &topo.client_if]);
+        assert!(!qr.contains("clsact"), "nothing left behind on the other interface: {qr}");
         let mut ftp = FtpClient::login_from(&topo.server, FLOATING_V4);
         ftp.ok("noop");
-        assert!(
-            classic_count(&topo.router, qg, &["parent", "ffff:"], "1") > 0,
-            "Neutron's filter still counts"
-        );
+        assert!(classic_count(&topo.router, qg, &["parent", "ffff:"], "1") > 0, "Neutron's filter still counts");
         return;
     }
 

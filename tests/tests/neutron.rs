@@ -15,11 +15,7 @@ fn control_entry(topo: &Topology, src: &str) -> String {
     let table = topo.conntrack(&["-L", "-p", "tcp"]);
     table
         .lines()
-        .find(|l| {
-            l.contains(&format!("src={src} "))
-                && l.contains("dport=21 ")
-                && l.contains("helper=ftp")
-        })
+        .find(|l| l.contains(&format!("src={src} ")) && l.contains("dport=21 ") && l.contains("helper=ftp"))
         .unwrap_or_else(|| panic!("no control connection from {src} with the ftp helper:\n{table}"))
         .to_string()
 }
@@ -52,37 +48,19 @@ fn unrelated_traffic_passes_and_ftp_works_through_nat_in_both_families() {
     let table = topo.conntrack(&["-L"]);
     let control = table
         .lines()
-        .find(|l| {
-            l.contains("src=10.200.1.2") && l.contains("dport=21") && l.contains("helper=ftp")
-        })
+        .find(|l| l.contains("src=10.200.1.2") && l.contains("dport=21") && l.contains("helper=ftp"))
         .unwrap_or_else(|| panic!("{table}"));
-    let mark: u32 = control
-        .split("mark=")
-        .nth(1)
-        .and_then(|m| m.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    assert_eq!(
-        mark & 0xffff_0000,
-        DEFAULT_SCOPE_MARK,
-        "Neutron's scope kept: {control}"
-    );
+    let mark: u32 = control.split("mark=").nth(1).and_then(|m| m.split_whitespace().next()?.parse().ok()).unwrap();
+    assert_eq!(mark & 0xffff_0000, DEFAULT_SCOPE_MARK, "Neutron's scope kept: {control}");
     assert_ne!(mark & 0xffff, 0, "enforcer's slot kept: {control}");
-    assert!(
-        table.contains("src=10.200.1.2") && table.contains("dst=10.200.2.50"),
-        "the client went out through its floating IP:\n{table}"
-    );
+    assert!(table.contains("src=10.200.1.2") && table.contains("dst=10.200.2.50"), "the client went out through its floating IP:\n{table}");
 
     // Revocation cuts the helper's connections, Neutron rules or not.
     let mut open = FtpClient::login(topo, Family::V4);
     open.ok("list passive");
-    daemon
-        .cli(&["helper", "delete", &topo.router_id, &helper])
-        .ok();
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
     open.fails("noop");
-    assert!(
-        !topo.conntrack(&["-L"]).contains("helper=ftp"),
-        "conntrack clean after the delete"
-    );
+    assert!(!topo.conntrack(&["-L"]).contains("helper=ftp"), "conntrack clean after the delete");
     // And the plain connection from before is still fine.
     plain.ok("noop");
 }
@@ -97,22 +75,13 @@ fn neutron_reapplying_its_rules_mid_session_changes_nothing() {
     let helper = daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let mut ftp = FtpClient::login(topo, Family::V4);
     ftp.ok("list passive");
-    let glue = topo
-        .router
-        .sh("nft", &["list", "table", "inet", "enforcer"]);
+    let glue = topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
     // The agent's resync: a full iptables-save/restore of its tables.
     n.apply();
     ftp.ok("list passive");
     ftp.ok("list active");
-    assert_eq!(
-        topo.router
-            .sh("nft", &["list", "table", "inet", "enforcer"]),
-        glue,
-        "enforcer's table untouched"
-    );
-    daemon
-        .cli(&["helper", "delete", &topo.router_id, &helper])
-        .ok();
+    assert_eq!(topo.router.sh("nft", &["list", "table", "inet", "enforcer"]), glue, "enforcer's table untouched");
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
     ftp.fails("noop");
     n.apply();
     let mut again = FtpClient::login(topo, Family::V4);
@@ -133,10 +102,7 @@ fn neutron_address_scope_isolation_still_drops() {
         let out = topo
             .server
             .cmd("python3")
-            .args([
-                "-c",
-                "import socket; socket.create_connection(('10.200.1.2', 22), timeout=1)",
-            ])
+            .args(["-c", "import socket; socket.create_connection(('10.200.1.2', 22), timeout=1)"])
             .output()
             .unwrap();
         out.status.success()
@@ -151,10 +117,7 @@ fn neutron_address_scope_isolation_still_drops() {
     daemon.create_helper(&topo.router_id, "tcp", 22, "ftp");
     let before = n.scope_drops();
     assert!(!into_client());
-    assert!(
-        n.scope_drops() > before,
-        "still dropped by Neutron's scope filter with enforcer in place"
-    );
+    assert!(n.scope_drops() > before, "still dropped by Neutron's scope filter with enforcer in place");
     // Within the client's own connections, everything works.
     let mut ftp = FtpClient::login(topo, Family::V4);
     ftp.ok("list passive");
@@ -185,23 +148,12 @@ fn ftp_into_the_floating_ip_works_with_the_helper_and_is_revoked() {
     // The server's data connection goes out through the floating IP's SNAT.
     ftp.ok("list active");
     let control = control_entry(topo, Topology::SERVER_V4);
-    assert!(
-        control.contains(&format!("dst={FLOATING_V4} ")),
-        "{control}"
-    );
-    assert!(
-        control.contains(&format!("src={} ", Topology::CLIENT_V4)),
-        "DNAT to the fixed address: {control}"
-    );
+    assert!(control.contains(&format!("dst={FLOATING_V4} ")), "{control}");
+    assert!(control.contains(&format!("src={} ", Topology::CLIENT_V4)), "DNAT to the fixed address: {control}");
 
-    daemon
-        .cli(&["helper", "delete", &topo.router_id, &helper])
-        .ok();
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
     ftp.fails("noop");
-    assert!(
-        !topo.conntrack(&["-L"]).contains("helper=ftp"),
-        "conntrack clean after the delete"
-    );
+    assert!(!topo.conntrack(&["-L"]).contains("helper=ftp"), "conntrack clean after the delete");
     plain.ok("noop");
 }
 
@@ -223,18 +175,10 @@ fn ftp_through_the_gateway_snat_without_a_floating_ip() {
     // nf_nat_ftp rewrites PORT to the gateway's address.
     ftp.ok("list active");
     let control = control_entry(topo, Topology::CLIENT_V4);
-    assert!(
-        control.contains(&format!("dst={GATEWAY_V4} ")),
-        "SNAT to the gateway: {control}"
-    );
+    assert!(control.contains(&format!("dst={GATEWAY_V4} ")), "SNAT to the gateway: {control}");
 
-    daemon
-        .cli(&["helper", "delete", &topo.router_id, &helper])
-        .ok();
+    daemon.cli(&["helper", "delete", &topo.router_id, &helper]).ok();
     ftp.fails("noop");
-    assert!(
-        !topo.conntrack(&["-L"]).contains("helper=ftp"),
-        "conntrack clean after the delete"
-    );
+    assert!(!topo.conntrack(&["-L"]).contains("helper=ftp"), "conntrack clean after the delete");
     plain.ok("noop");
 }

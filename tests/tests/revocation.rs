@@ -35,70 +35,31 @@ fn delete_leaves_no_trace_and_spares_other_rules_and_routers() {
     let mut on_b = FtpClient::login(&b, Family::V4);
     on_b.ok("list passive");
     on_b.ok("pasv");
-    assert_eq!(
-        count(&a.conntrack(&["-L", "expect"]), "ftp"),
-        1,
-        "the pending expectation:\n{}",
-        a.conntrack(&["-L", "expect"])
-    );
+    assert_eq!(count(&a.conntrack(&["-L", "expect"]), "ftp"), 1, "the pending expectation:\n{}", a.conntrack(&["-L", "expect"]));
     let b_before = b.conntrack(&["-L"]);
 
-    let report = daemon
-        .cli(&["helper", "delete", &a.router_id, &ftp_a, "-o", "json"])
-        .ok()
-        .json();
-    assert!(
-        report["conntrack_entries_removed"].as_u64().unwrap() >= 2,
-        "control + data entries: {report}"
-    );
+    let report = daemon.cli(&["helper", "delete", &a.router_id, &ftp_a, "-o", "json"]).ok().json();
+    assert!(report["conntrack_entries_removed"].as_u64().unwrap() >= 2, "control + data entries: {report}");
     assert_eq!(report["slot_released"], true, "{report}");
     assert!(report.get("flush_error").is_none(), "{report}");
 
     let ct = a.conntrack(&["-L"]);
-    assert_eq!(
-        count(&ct, "helper=ftp"),
-        0,
-        "no entry with the ftp helper left:\n{ct}"
-    );
+    assert_eq!(count(&ct, "helper=ftp"), 0, "no entry with the ftp helper left:\n{ct}");
     let ftp_mark = format!("mark={}", 0x1000_1000u32); // helper ftp, slot 1
-    assert_eq!(
-        count(&ct, &ftp_mark),
-        0,
-        "no entry carries the revoked slot:\n{ct}"
-    );
+    assert_eq!(count(&ct, &ftp_mark), 0, "no entry carries the revoked slot:\n{ct}");
     let expect = a.conntrack(&["-L", "expect"]);
-    assert_eq!(
-        count(&expect, "ftp"),
-        0,
-        "the expectation is gone:\n{expect}"
-    );
-    assert_eq!(
-        count(&ct, "helper=tftp"),
-        1,
-        "the other rule's entry is untouched:\n{ct}"
-    );
+    assert_eq!(count(&expect, "ftp"), 0, "the expectation is gone:\n{expect}");
+    assert_eq!(count(&ct, "helper=tftp"), 1, "the other rule's entry is untouched:\n{ct}");
     let b_after = b.conntrack(&["-L"]);
-    assert_eq!(
-        count(&b_after, "helper=ftp"),
-        count(&b_before, "helper=ftp"),
-        "router B untouched:\n{b_after}"
-    );
-    assert_eq!(
-        count(&b.conntrack(&["-L", "expect"]), "ftp"),
-        1,
-        "router B's expectation untouched"
-    );
+    assert_eq!(count(&b_after, "helper=ftp"), count(&b_before, "helper=ftp"), "router B untouched:\n{b_after}");
+    assert_eq!(count(&b.conntrack(&["-L", "expect"]), "ftp"), 1, "router B's expectation untouched");
     on_b.ok("noop");
 
     old.fails("noop");
     let mut fresh = FtpClient::login(&a, Family::V4);
     fresh.ok("noop");
     fresh.fails("list passive");
-    assert_eq!(
-        count(&a.conntrack(&["-L"]), "helper=ftp"),
-        0,
-        "a new control connection gets no helper"
-    );
+    assert_eq!(count(&a.conntrack(&["-L"]), "helper=ftp"), 0, "a new control connection gets no helper");
 }
 
 /// With a router that forwards everything, only the datapath can keep a
@@ -106,19 +67,11 @@ fn delete_leaves_no_trace_and_spares_other_rules_and_routers() {
 /// the connection up again mid-stream, unmarked).
 #[test]
 fn revoked_connection_stays_dead_a_minute_later() {
-    let FtpRouter {
-        topo,
-        daemon,
-        helper_id: id,
-        server: _server,
-    } = FtpRouter::new(Topology::without_firewall(), Family::V4);
+    let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::without_firewall(), Family::V4);
     let mut old = FtpClient::login(&topo, Family::V4);
     old.ok("list passive");
 
-    let report = daemon
-        .cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"])
-        .ok()
-        .json();
+    let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
     assert!(report["flows_kept_dead"].as_u64().unwrap() >= 2, "{report}");
     old.fails("noop");
     std::thread::sleep(Duration::from_secs(60));
@@ -126,14 +79,7 @@ fn revoked_connection_stays_dead_a_minute_later() {
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
     assert!(status["revoked_flows"].as_u64().unwrap() >= 2, "{status}");
     let dump = daemon.dump();
-    assert!(
-        dump["slots"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["state"] != "live"),
-        "{dump}"
-    );
+    assert!(dump["slots"].as_array().unwrap().iter().all(|s| s["state"] != "live"), "{dump}");
 
     // A new connection passes (this router has no firewall) with no helper.
     let mut fresh = FtpClient::login(&topo, Family::V4);
@@ -161,32 +107,17 @@ impl FixedPortFlow {
         let client = "import socket,sys,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind((sys.argv[1],5060))\nwhile True:\n s.sendto(b'hello',(sys.argv[2],5060))\n time.sleep(0.05)\n";
         let server = enforcer_tests::Process::spawn(
             "udp server",
-            topo.server
-                .cmd("python3")
-                .args(["-c", server, Topology::SERVER_V4])
-                .arg(count.0.join("n")),
+            topo.server.cmd("python3").args(["-c", server, Topology::SERVER_V4]).arg(count.0.join("n")),
         );
         let client = enforcer_tests::Process::spawn(
             "udp client",
-            topo.client.cmd("python3").args([
-                "-c",
-                client,
-                Topology::CLIENT_V4,
-                Topology::SERVER_V4,
-            ]),
+            topo.client.cmd("python3").args(["-c", client, Topology::CLIENT_V4, Topology::SERVER_V4]),
         );
-        Self {
-            _server: server,
-            _client: client,
-            count,
-        }
+        Self { _server: server, _client: client, count }
     }
 
     fn received(&self) -> u64 {
-        std::fs::read_to_string(self.count.0.join("n"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        std::fs::read_to_string(self.count.0.join("n")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Whether datagrams arrive within `wait`.
@@ -203,30 +134,18 @@ fn a_revoked_flow_that_never_goes_quiet_passes_again_when_its_rule_returns() {
     let daemon = Daemon::enforcing(&topo);
     let sip = daemon.create_helper(&topo.router_id, "udp", 5060, "sip");
     let flow = FixedPortFlow::start(&topo);
-    assert!(
-        flow.passes(Duration::from_secs(2)),
-        "the flow passes with its rule"
-    );
+    assert!(flow.passes(Duration::from_secs(2)), "the flow passes with its rule");
 
     daemon.delete_helper(&topo.router_id, &sip);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !flow.passes(Duration::from_secs(1)),
-        "revoked: dropped while it keeps talking"
-    );
+    assert!(!flow.passes(Duration::from_secs(1)), "revoked: dropped while it keeps talking");
 
     // The operator creates the rule again: the flow is wanted, and passes
     // at once, though it never went quiet.
     daemon.create_helper(&topo.router_id, "udp", 5060, "sip");
-    assert!(
-        flow.passes(Duration::from_secs(1)),
-        "the flow passes again with its rule back"
-    );
+    assert!(flow.passes(Duration::from_secs(1)), "the flow passes again with its rule back");
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
-    assert_eq!(
-        status["revoked_flows"], 0,
-        "its revoked entries were cleared: {status}"
-    );
+    assert_eq!(status["revoked_flows"], 0, "its revoked entries were cleared: {status}");
 }
 
 /// `debug datapath on` has the programs describe the drops of a revoked
@@ -242,14 +161,8 @@ fn debug_datapath_describes_drops_only_while_on() {
     let mut second = FtpClient::login(&topo, Family::V4);
     let described = || count(&daemon.log(), "dropped: router");
 
-    let on = daemon
-        .cli(&["debug", "datapath", "on", "--drops", "3"])
-        .ok();
-    assert!(
-        on.stdout.contains("on, for the next 3 drops"),
-        "{}",
-        on.stdout
-    );
+    let on = daemon.cli(&["debug", "datapath", "on", "--drops", "3"]).ok();
+    assert!(on.stdout.contains("on, for the next 3 drops"), "{}", on.stdout);
     daemon.delete_helper(&topo.router_id, &ftp);
     // The client's retransmissions are dropped as the rule's: more than 3.
     first.fails("noop");
@@ -257,25 +170,11 @@ fn debug_datapath_describes_drops_only_while_on() {
     std::thread::sleep(Duration::from_millis(500));
     let log = daemon.log();
     assert_eq!(described(), 3, "no more than asked for:\n{log}");
-    assert!(
-        log.contains("datapath") && log.contains("slot 1"),
-        "names the router's slot:\n{log}"
-    );
+    assert!(log.contains("datapath") && log.contains("slot 1"), "names the router's slot:\n{log}");
     let dump = daemon.dump();
-    assert!(
-        dump["slots"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["dropped"].as_u64().unwrap())
-            .sum::<u64>()
-            > 3,
-        "more drops than described: {dump}"
-    );
+    assert!(dump["slots"].as_array().unwrap().iter().map(|s| s["dropped"].as_u64().unwrap()).sum::<u64>() > 3, "more drops than described: {dump}");
 
-    daemon
-        .cli(&["debug", "datapath", "on", "--drops", "50"])
-        .ok();
+    daemon.cli(&["debug", "datapath", "on", "--drops", "50"]).ok();
     let off = daemon.cli(&["debug", "datapath", "off"]).ok();
     assert!(off.stdout.contains("off"), "{}", off.stdout);
     second.fails("noop");
@@ -283,20 +182,7 @@ fn debug_datapath_describes_drops_only_while_on() {
     assert_eq!(described(), 3, "off: nothing more described");
     // Administrators only; the change is audited.
     let audit = daemon.cli(&["audit", "-o", "json"]).ok().json();
-    assert_eq!(
-        audit
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["op"] == "debug_datapath")
-            .count(),
-        3,
-        "{audit}"
-    );
+    assert_eq!(audit.as_array().unwrap().iter().filter(|e| e["op"] == "debug_datapath").count(), 3, "{audit}");
     let refused = daemon.cli(&["debug", "datapath", "on", "--drops", "0"]);
-    assert!(
-        refused.code != 0 && refused.stderr.contains("drops"),
-        "0 drops is not `on`: {}",
-        refused.stderr
-    );
+    assert!(refused.code != 0 && refused.stderr.contains("drops"), "0 drops is not `on`: {}", refused.stderr);
 }

@@ -2,7 +2,10 @@
 //! sip helper reads the INVITE's SDP and opens an expectation for the media;
 //! revoking the helper removes it.
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    process::Stdio,
+    time::Duration,
+};
 
 use enforcer_tests::{
     Daemon, Process, Topology,
@@ -22,24 +25,8 @@ fn sipp_call_within(topo: &Topology, local_port: u16, pause_ms: u32, timeout_s: 
         "sipp uac",
         topo.client
             .cmd("sipp")
-            .args([
-                "-sn",
-                "uac",
-                &format!("{}:5060", Topology::SERVER_V4),
-                "-i",
-                Topology::CLIENT_V4,
-                "-p",
-                &local_port.to_string(),
-            ])
-            .args([
-                "-m",
-                "1",
-                "-d",
-                &pause_ms.to_string(),
-                "-timeout",
-                &timeout_s.to_string(),
-                "-nostdin",
-            ])
+            .args(["-sn", "uac", &format!("{}:5060", Topology::SERVER_V4), "-i", Topology::CLIENT_V4, "-p", &local_port.to_string()])
+            .args(["-m", "1", "-d", &pause_ms.to_string(), "-timeout", &timeout_s.to_string(), "-nostdin"])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )
@@ -50,15 +37,7 @@ fn uas(topo: &Topology) -> Process {
         "sipp uas",
         topo.server
             .cmd("sipp")
-            .args([
-                "-sn",
-                "uas",
-                "-i",
-                Topology::SERVER_V4,
-                "-p",
-                "5060",
-                "-nostdin",
-            ])
+            .args(["-sn", "uas", "-i", Topology::SERVER_V4, "-p", "5060", "-nostdin"])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )
@@ -75,42 +54,22 @@ fn sip_helper_opens_media_expectations_and_revocation_removes_them() {
     // media expectation is opened.
     let mut call = sipp_call(&topo, 5061, 2000);
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(
-        !topo.conntrack(&["-L", "expect"]).contains("sip"),
-        "no helper, no expectation"
-    );
-    assert!(
-        call.child.wait().unwrap().success(),
-        "a call without the helper completes"
-    );
+    assert!(!topo.conntrack(&["-L", "expect"]).contains("sip"), "no helper, no expectation");
+    assert!(call.child.wait().unwrap().success(), "a call without the helper completes");
 
     let id = daemon.create_helper(&topo.router_id, "udp", 5060, "sip");
     let mut call = sipp_call(&topo, 5062, 4000);
-    wait_for("the sip helper's media expectation", 3, || {
-        topo.conntrack(&["-L", "expect"]).contains("sip")
-    });
+    wait_for("the sip helper's media expectation", 3, || topo.conntrack(&["-L", "expect"]).contains("sip"));
     let ct = topo.conntrack(&["-L", "-p", "udp"]);
     assert!(ct.contains("helper=sip"), "{ct}");
 
-    let report = daemon
-        .cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"])
-        .ok()
-        .json();
-    assert!(
-        report["conntrack_entries_removed"].as_u64().unwrap() >= 1,
-        "{report}"
-    );
+    let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
+    assert!(report["conntrack_entries_removed"].as_u64().unwrap() >= 1, "{report}");
     let expect = topo.conntrack(&["-L", "expect"]);
-    assert!(
-        !expect.contains("sip"),
-        "expectations gone with the revocation:\n{expect}"
-    );
+    assert!(!expect.contains("sip"), "expectations gone with the revocation:\n{expect}");
     assert!(!topo.conntrack(&["-L"]).contains("helper=sip"));
     // The revoked dialog cannot finish: its BYE is dropped.
-    assert!(
-        !call.child.wait().unwrap().success(),
-        "the revoked call does not complete"
-    );
+    assert!(!call.child.wait().unwrap().success(), "the revoked call does not complete");
 }
 
 #[test]
@@ -125,54 +84,23 @@ fn sip_through_a_neutron_routers_floating_ip() {
     std::thread::sleep(Duration::from_millis(500));
     let mut call = sipp_call(topo, 5061, 1000);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        !topo.conntrack(&["-L", "expect"]).contains("sip"),
-        "no helper, no expectation"
-    );
-    assert!(
-        call.child.wait().unwrap().success(),
-        "a call without the helper completes"
-    );
+    assert!(!topo.conntrack(&["-L", "expect"]).contains("sip"), "no helper, no expectation");
+    assert!(call.child.wait().unwrap().success(), "a call without the helper completes");
 
     let id = daemon.create_helper(&topo.router_id, "udp", 5060, "sip");
     let mut call = sipp_call(topo, 5062, 0);
-    assert!(
-        call.child.wait().unwrap().success(),
-        "with the helper the call through the floating IP completes"
-    );
+    assert!(call.child.wait().unwrap().success(), "with the helper the call through the floating IP completes");
     let ct = topo.conntrack(&["-L", "-p", "udp"]);
-    let dialog = ct
-        .lines()
-        .find(|l| l.contains("sport=5062") && l.contains("helper=sip"))
-        .unwrap_or_else(|| panic!("{ct}"));
-    assert!(
-        dialog.contains(&format!("dst={FLOATING_V4} ")),
-        "the dialog went out through the floating IP: {dialog}"
-    );
+    let dialog = ct.lines().find(|l| l.contains("sport=5062") && l.contains("helper=sip")).unwrap_or_else(|| panic!("{ct}"));
+    assert!(dialog.contains(&format!("dst={FLOATING_V4} ")), "the dialog went out through the floating IP: {dialog}");
 
     let mut call = sipp_call(topo, 5063, 4000);
-    wait_for("the sip helper's media expectation", 3, || {
-        topo.conntrack(&["-L", "expect"]).contains("sip")
-    });
+    wait_for("the sip helper's media expectation", 3, || topo.conntrack(&["-L", "expect"]).contains("sip"));
     // nf_nat_sip rewrote the SDP: the media is expected at the floating IP.
     let expect = topo.conntrack(&["-L", "expect"]);
-    assert!(
-        expect
-            .lines()
-            .any(|l| l.contains(&format!("dst={FLOATING_V4} ")) && l.contains("helper=sip")),
-        "{expect}"
-    );
+    assert!(expect.lines().any(|l| l.contains(&format!("dst={FLOATING_V4} ")) && l.contains("helper=sip")), "{expect}");
     daemon.cli(&["helper", "delete", &topo.router_id, &id]).ok();
-    assert!(
-        !topo.conntrack(&["-L", "expect"]).contains("sip"),
-        "expectations gone with the revocation"
-    );
-    assert!(
-        !topo.conntrack(&["-L"]).contains("helper=sip"),
-        "conntrack clean after the delete"
-    );
-    assert!(
-        !call.child.wait().unwrap().success(),
-        "the revoked call does not complete"
-    );
+    assert!(!topo.conntrack(&["-L", "expect"]).contains("sip"), "expectations gone with the revocation");
+    assert!(!topo.conntrack(&["-L"]).contains("helper=sip"), "conntrack clean after the delete");
+    assert!(!call.child.wait().unwrap().success(), "the revoked call does not complete");
 }

@@ -13,24 +13,15 @@ fn tftp(topo: &Topology, family: Family) {
     let daemon = Daemon::enforcing(topo);
     let _server = TftpServer::start(topo, family);
 
-    assert!(
-        !tftp_get(topo, family),
-        "without a helper the reply from a new port is blocked"
-    );
+    assert!(!tftp_get(topo, family), "without a helper the reply from a new port is blocked");
 
     let id = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
-    assert!(
-        tftp_get(topo, family),
-        "with the helper the transfer completes"
-    );
+    assert!(tftp_get(topo, family), "with the helper the transfer completes");
     let ct = topo.conntrack(&["-L", "-p", "udp"]);
     assert!(ct.contains("helper=tftp"), "{ct}");
 
     daemon.delete_helper(&topo.router_id, &id);
-    assert!(
-        !tftp_get(topo, family),
-        "after delete the transfer is blocked again"
-    );
+    assert!(!tftp_get(topo, family), "after delete the transfer is blocked again");
 }
 
 #[test]

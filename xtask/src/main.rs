@@ -12,10 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "Set up, build, run, demo and test enforcer"
-)]
+#[command(name = "cargo xtask", about = "Set up, build, run, demo and test enforcer")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -75,10 +72,7 @@ enum Cmd {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 pub fn status(cmd: &mut Command) -> Result<()> {
@@ -101,25 +95,9 @@ fn build() -> Result<PathBuf> {
 }
 
 fn bench(bin: &Path, quick: bool, out: &Path) -> Result<()> {
-    let out = if out.is_absolute() {
-        out.to_path_buf()
-    } else {
-        root().join(out)
-    };
+    let out = if out.is_absolute() { out.to_path_buf() } else { root().join(out) };
     let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "--locked",
-        "-p",
-        "enforcer-tests",
-        "--bin",
-        "bench",
-        "--",
-    ])
-    .arg("--out")
-    .arg(&out)
-    .env("ENFORCER_BIN", bin);
+    cmd.args(["run", "--release", "--locked", "-p", "enforcer-tests", "--bin", "bench", "--"]).arg("--out").arg(&out).env("ENFORCER_BIN", bin);
     if quick {
         cmd.arg("--quick");
     }
@@ -131,22 +109,13 @@ fn bench(bin: &Path, quick: bool, out: &Path) -> Result<()> {
 /// rustup nor bpf-linker, and AYA_BUILD_SKIP=1. Its own target directory
 /// leaves the real build as it is.
 fn userspace_check() -> Result<()> {
-    let out = Command::new("rustc")
-        .args(["+stable", "--print", "sysroot"])
-        .output()
-        .context("finding the stable toolchain")?;
+    let out = Command::new("rustc").args(["+stable", "--print", "sysroot"]).output().context("finding the stable toolchain")?;
     let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin");
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     status(
         Command::new(bin.join("cargo"))
             .current_dir(root())
-            .args([
-                "check",
-                "--locked",
-                "--workspace",
-                "--target-dir",
-                "target/userspace-check",
-            ])
+            .args(["check", "--locked", "--workspace", "--target-dir", "target/userspace-check"])
             .env_clear()
             .env("HOME", home)
             .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
@@ -166,17 +135,7 @@ fn main() -> Result<()> {
             setup::run()?;
             let bin = build()?;
             let mut cmd = cargo();
-            cmd.args([
-                "run",
-                "--release",
-                "--locked",
-                "-p",
-                "enforcer-tests",
-                "--bin",
-                "demo",
-                "--",
-            ])
-            .env("ENFORCER_BIN", bin);
+            cmd.args(["run", "--release", "--locked", "-p", "enforcer-tests", "--bin", "demo", "--"]).env("ENFORCER_BIN", bin);
             if openstack {
                 cmd.arg("--openstack");
             }
@@ -185,9 +144,7 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, out } => {
             setup::run()?;
             let bin = build()?;
-            let out = out.unwrap_or_else(|| {
-                PathBuf::from(if quick { "target/bench-quick" } else { "bench" })
-            });
+            let out = out.unwrap_or_else(|| PathBuf::from(if quick { "target/bench-quick" } else { "bench" }));
             bench(&bin, quick, &out)
         }
         Cmd::Install { destdir } => install::install(&build()?, destdir.as_deref()),
@@ -211,14 +168,7 @@ fn main() -> Result<()> {
             println!("xtask: the integration tests again, with attach = netlink");
             status(
                 cargo()
-                    .args([
-                        "test",
-                        "--release",
-                        "--locked",
-                        "-p",
-                        "enforcer-tests",
-                        "--tests",
-                    ])
+                    .args(["test", "--release", "--locked", "-p", "enforcer-tests", "--tests"])
                     .args(&args)
                     .env("ENFORCER_BIN", &bin)
                     .env("ENFORCER_ATTACH", "netlink")
@@ -227,12 +177,9 @@ fn main() -> Result<()> {
             if !filtered {
                 println!("xtask: the Debian package, checked against the install list");
                 install::check_package(&install::package(&bin)?)?;
-                println!(
-                    "xtask: the userspace crates checked with the stable toolchain alone (AYA_BUILD_SKIP=1)"
-                );
+                println!("xtask: the userspace crates checked with the stable toolchain alone (AYA_BUILD_SKIP=1)");
                 userspace_check()?;
-                let scratch =
-                    std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
+                let scratch = std::env::temp_dir().join(format!("enforcer-bench-{}", std::process::id()));
                 let result = bench(&bin, true, &scratch);
                 let _ = std::fs::remove_dir_all(&scratch);
                 result?;

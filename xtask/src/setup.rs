@@ -16,50 +16,23 @@ mod toolchain;
 /// Debian packages: tools the daemon calls, and the real protocol peers the
 /// tests and the demo use.
 const PACKAGES: &[(&str, &str)] = &[
-    (
-        "rust-web-src",
-        "standard library source for build-std of the eBPF crate",
-    ),
+    ("rust-web-src", "standard library source for build-std of the eBPF crate"),
     ("iproute2", "ip netns, veth"),
     ("util-linux", "nsenter"),
-    (
-        "iptables",
-        "removing the iptables glue of earlier versions; Neutron's rules in tests",
-    ),
+    ("iptables", "removing the iptables glue of earlier versions; Neutron's rules in tests"),
     ("conntrack", "conntrack -L in tests and demo"),
     ("python3-pyftpdlib", "FTP server"),
     ("tftpd-hpa", "TFTP server"),
     ("tftp-hpa", "TFTP client"),
     ("sip-tester", "sipp, SIP peer"),
     ("iperf3", "traffic for the forwarding benchmark"),
-    (
-        "nftables",
-        "the netfilter glue (nft), and the nftables baseline of the benchmark",
-    ),
-    (
-        "tcpdump",
-        "counting packets after revocation in the benchmark",
-    ),
-    (
-        "python3-venv",
-        "the venv of the pinned neutron release the tests run",
-    ),
-    (
-        "prometheus",
-        "a real Prometheus server scrapes the daemon's metrics in a test",
-    ),
-    (
-        "curl",
-        "HTTP requests to the metrics endpoint and to Prometheus in tests",
-    ),
-    (
-        "tmux",
-        "runs `enforcer top` in a terminal the tests read back",
-    ),
-    (
-        "systemd",
-        "systemd-analyze verify of the unit, and a journald the logging test reads back",
-    ),
+    ("nftables", "the netfilter glue (nft), and the nftables baseline of the benchmark"),
+    ("tcpdump", "counting packets after revocation in the benchmark"),
+    ("python3-venv", "the venv of the pinned neutron release the tests run"),
+    ("prometheus", "a real Prometheus server scrapes the daemon's metrics in a test"),
+    ("curl", "HTTP requests to the metrics endpoint and to Prometheus in tests"),
+    ("tmux", "runs `enforcer top` in a terminal the tests read back"),
+    ("systemd", "systemd-analyze verify of the unit, and a journald the logging test reads back"),
 ];
 
 /// Debian's way to keep a package's service from being started on install
@@ -86,16 +59,8 @@ pub fn run() -> Result<()> {
     }
     let nightly = nightly()?;
     packages()?;
-    cargo_tool(
-        BPF_LINKER,
-        &["bpf-linker", "--version"],
-        "links the eBPF programs; a few minutes",
-    )?;
-    cargo_tool(
-        CARGO_DEB,
-        &["cargo", "deb", "--version"],
-        "builds the Debian package; about a minute",
-    )?;
+    cargo_tool(BPF_LINKER, &["bpf-linker", "--version"], "links the eBPF programs; a few minutes")?;
+    cargo_tool(CARGO_DEB, &["cargo", "deb", "--version"], "builds the Debian package; about a minute")?;
     rust_src(&nightly)?;
     bpffs()?;
     openstack_venv()?;
@@ -110,9 +75,7 @@ fn nix_is_root() -> bool {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The eBPF crate's pinned nightly (its rust-toolchain.toml), installed by
@@ -126,71 +89,39 @@ fn nightly() -> Result<String> {
         return Ok(pinned);
     }
     println!("setup: installing the Rust toolchain {pinned} (build-std of the eBPF crate)");
-    if status(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        &pinned,
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))
-    .is_ok()
-    {
+    if status(Command::new("rustup").args(["toolchain", "install", &pinned, "--profile", "minimal", "--component", "rust-src"])).is_ok() {
         return Ok(pinned);
     }
-    let date = pinned
-        .strip_prefix("nightly-")
-        .context("the pinned channel is not a dated nightly")?;
+    let date = pinned.strip_prefix("nightly-").context("the pinned channel is not a dated nightly")?;
     let home = PathBuf::from(output(Command::new("rustc").arg("+nightly").args(["--print", "sysroot"])).with_context(|| {
         format!("rustup could not install {pinned} and there is no `nightly` either; install {pinned} and run `cargo xtask setup` again")
     })?);
-    let manifest =
-        std::fs::read_to_string(home.join("lib/rustlib/multirust-channel-manifest.toml"))
-            .unwrap_or_default();
-    if !manifest
-        .lines()
-        .any(|l| l.trim() == format!("date = \"{date}\""))
-    {
+    let manifest = std::fs::read_to_string(home.join("lib/rustlib/multirust-channel-manifest.toml")).unwrap_or_default();
+    if !manifest.lines().any(|l| l.trim() == format!("date = \"{date}\"")) {
         bail!(
             "rustup could not install {pinned}, and the installed `nightly` ({}) is another build.\n\
              Install {pinned} (`rustup toolchain install {pinned}`) and run `cargo xtask setup` again.",
             output(Command::new("rustc").args(["+nightly", "--version"])).unwrap_or_default()
         );
     }
-    let name = home
-        .file_name()
-        .context("nightly sysroot")?
-        .to_string_lossy()
-        .replacen("nightly", &pinned, 1);
+    let name = home.file_name().context("nightly sysroot")?.to_string_lossy().replacen("nightly", &pinned, 1);
     let alias = home.with_file_name(&name);
-    println!(
-        "setup: the installed nightly is the {date} build; linking it as {}",
-        alias.display()
-    );
-    std::os::unix::fs::symlink(&home, &alias)
-        .with_context(|| format!("linking {}", alias.display()))?;
+    println!("setup: the installed nightly is the {date} build; linking it as {}", alias.display());
+    std::os::unix::fs::symlink(&home, &alias).with_context(|| format!("linking {}", alias.display()))?;
     Ok(pinned)
 }
 
 /// The channel pinned in enforcer-ebpf/rust-toolchain.toml.
 fn pinned_nightly() -> Result<String> {
-    toolchain::pinned(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../enforcer-ebpf/rust-toolchain.toml"),
-    )
+    toolchain::pinned(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../enforcer-ebpf/rust-toolchain.toml"))
 }
 
 fn installed(pkg: &str) -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
-        .is_some_and(|s| s.ends_with("install ok installed"))
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg])).is_some_and(|s| s.ends_with("install ok installed"))
 }
 
 fn packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(p, _)| !installed(p))
-        .map(|(p, _)| *p)
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(p, _)| !installed(p)).map(|(p, _)| *p).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -201,14 +132,8 @@ fn packages() -> Result<()> {
     // Our own policy only if the host has none, and removed afterwards.
     let policy = !Path::new(POLICY_RC_D).exists();
     if policy {
-        std::fs::write(
-            POLICY_RC_D,
-            "#!/bin/sh\n# cargo xtask setup: no service starts while it installs packages\nexit 101\n",
-        )?;
-        std::fs::set_permissions(
-            POLICY_RC_D,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )?;
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\n# cargo xtask setup: no service starts while it installs packages\nexit 101\n")?;
+        std::fs::set_permissions(POLICY_RC_D, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     let result = status(
         Command::new("apt-get")
@@ -226,15 +151,9 @@ fn packages() -> Result<()> {
 /// checked by what `version` (a command line) prints; another version is
 /// replaced.
 fn cargo_tool(spec: &str, version: &[&str], why: &str) -> Result<()> {
-    let want = spec
-        .split_once('@')
-        .context("tool spec without a version")?
-        .1;
+    let want = spec.split_once('@').context("tool spec without a version")?.1;
     let found = output(Command::new(version[0]).args(&version[1..]));
-    if found
-        .as_deref()
-        .is_some_and(|v| v.split_whitespace().any(|w| w == want))
-    {
+    if found.as_deref().is_some_and(|v| v.split_whitespace().any(|w| w == want)) {
         return Ok(());
     }
     match found {
@@ -245,9 +164,7 @@ fn cargo_tool(spec: &str, version: &[&str], why: &str) -> Result<()> {
 }
 
 fn version_of(text: &str) -> Option<(u32, u32)> {
-    let v = text
-        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .find(|w| w.matches('.').count() >= 2)?;
+    let v = text.split(|c: char| !(c.is_ascii_digit() || c == '.')).find(|w| w.matches('.').count() >= 2)?;
     let mut it = v.split('.');
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
@@ -258,37 +175,20 @@ fn version_of(text: &str) -> Option<(u32, u32)> {
 /// rust-web-src package, is linked in; when the nightly is newer than that
 /// source, a copy is patched for the few lang items the compiler renamed.
 fn rust_src(nightly: &str) -> Result<()> {
-    let sysroot = PathBuf::from(
-        output(
-            Command::new("rustc")
-                .arg(format!("+{nightly}"))
-                .args(["--print", "sysroot"]),
-        )
-        .context("nightly sysroot")?,
-    );
+    let sysroot = PathBuf::from(output(Command::new("rustc").arg(format!("+{nightly}")).args(["--print", "sysroot"])).context("nightly sysroot")?);
     let link = sysroot.join("lib/rustlib/src/rust");
     let is_link = std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
     if !is_link && link.join("library/core/src/lib.rs").exists() {
         return Ok(());
     }
-    let files = output(Command::new("dpkg").args(["-L", "rust-web-src"]))
-        .context("listing rust-web-src")?;
+    let files = output(Command::new("dpkg").args(["-L", "rust-web-src"])).context("listing rust-web-src")?;
     let source = files
         .lines()
         .find(|l| Path::new(l).parent() == Some(Path::new("/usr/src")) && l.contains("rustc-"))
         .map(PathBuf::from)
         .context("rust-web-src has no /usr/src/rustc-* directory")?;
-    let source_version =
-        version_of(&source.to_string_lossy()).context("version of rust-web-src")?;
-    let nightly_version = version_of(
-        &output(
-            Command::new("rustc")
-                .arg(format!("+{nightly}"))
-                .arg("--version"),
-        )
-        .unwrap_or_default(),
-    )
-    .context("nightly version")?;
+    let source_version = version_of(&source.to_string_lossy()).context("version of rust-web-src")?;
+    let nightly_version = version_of(&output(Command::new("rustc").arg(format!("+{nightly}")).arg("--version")).unwrap_or_default()).context("nightly version")?;
 
     let target = if nightly_version > source_version {
         let copy = PathBuf::from("/var/cache/enforcer").join(format!(
@@ -297,21 +197,10 @@ fn rust_src(nightly: &str) -> Result<()> {
         ));
         let marker = copy.join(".enforcer-patched");
         if !marker.exists() {
-            println!(
-                "setup: patching a copy of {} for nightly {}.{} in {}",
-                source.display(),
-                nightly_version.0,
-                nightly_version.1,
-                copy.display()
-            );
+            println!("setup: patching a copy of {} for nightly {}.{} in {}", source.display(), nightly_version.0, nightly_version.1, copy.display());
             let _ = std::fs::remove_dir_all(&copy);
             std::fs::create_dir_all(&copy)?;
-            status(
-                Command::new("cp")
-                    .arg("-a")
-                    .arg(format!("{}/.", source.display()))
-                    .arg(&copy),
-            )?;
+            status(Command::new("cp").arg("-a").arg(format!("{}/.", source.display())).arg(&copy))?;
             patch_core(&copy.join("library/core/src"))?;
             std::fs::write(&marker, "patched by cargo xtask setup\n")?;
         }
@@ -327,8 +216,7 @@ fn rust_src(nightly: &str) -> Result<()> {
         if is_link {
             std::fs::remove_file(&link)?;
         } else if link.exists() {
-            std::fs::remove_dir_all(&link)
-                .with_context(|| format!("removing the incomplete {}", link.display()))?;
+            std::fs::remove_dir_all(&link).with_context(|| format!("removing the incomplete {}", link.display()))?;
         }
         std::os::unix::fs::symlink(&target, &link)?;
     }
@@ -347,22 +235,13 @@ fn patch_core(core: &Path) -> Result<()> {
             "pub trait CoerceShared<T: Copy>: Reborrow {}",
         ),
         // The lang item was renamed.
-        (
-            "ptr/mod.rs",
-            "#[lang = \"drop_in_place\"]",
-            "#[lang = \"drop_glue\"]",
-        ),
+        ("ptr/mod.rs", "#[lang = \"drop_in_place\"]", "#[lang = \"drop_glue\"]"),
         // The attribute is gone (only a niche optimisation, unused by eBPF).
-        (
-            "ptr/non_null.rs",
-            "#[rustc_layout_scalar_valid_range_start(1)]\n",
-            "",
-        ),
+        ("ptr/non_null.rs", "#[rustc_layout_scalar_valid_range_start(1)]\n", ""),
     ];
     for (file, old, new) in edits {
         let path = core.join(file);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         if text.contains(old) {
             std::fs::write(&path, text.replace(old, new))?;
         }
@@ -379,24 +258,16 @@ fn openstack_venv() -> Result<()> {
         return Ok(());
     }
     let list = OPENSTACK.join(" ");
-    println!(
-        "setup: installing {list} into {OPENSTACK_VENV} (Neutron's code and servers for the tests; about 90 s)"
-    );
+    println!("setup: installing {list} into {OPENSTACK_VENV} (Neutron's code and servers for the tests; about 90 s)");
     let _ = std::fs::remove_dir_all(venv);
-    status(Command::new("python3").args(["-m", "venv"]).arg(venv))
-        .context("creating the venv (python3 with the venv module is needed)")?;
-    status(
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "--disable-pip-version-check"])
-            .args(OPENSTACK),
-    )?;
+    status(Command::new("python3").args(["-m", "venv"]).arg(venv)).context("creating the venv (python3 with the venv module is needed)")?;
+    status(Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check"]).args(OPENSTACK))?;
     std::fs::write(&marker, format!("{list}\n"))?;
     Ok(())
 }
 
 fn bpffs() -> Result<()> {
-    let fs =
-        output(Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"])).unwrap_or_default();
+    let fs = output(Command::new("stat").args(["-f", "-c", "%T", "/sys/fs/bpf"])).unwrap_or_default();
     if fs != "bpf_fs" {
         println!("setup: mounting bpffs at /sys/fs/bpf");
         std::fs::create_dir_all("/sys/fs/bpf")?;

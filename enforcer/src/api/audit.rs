@@ -20,12 +20,7 @@ pub struct Caller {
 impl Caller {
     /// The daemon itself, for what it does on its own (repairs, flushes).
     pub fn daemon() -> Self {
-        Self {
-            uid: 0,
-            gid: 0,
-            pid: Some(std::process::id() as i32),
-            groups: Vec::new(),
-        }
+        Self { uid: 0, gid: 0, pid: Some(std::process::id() as i32), groups: Vec::new() }
     }
 }
 
@@ -91,9 +86,6 @@ impl Event {
         } else {
             EventKind::Change
         };
-        Self {
-            kind,
-            entry: entry.clone(),
-        }
+        Self { kind, entry: entry.clone() }
     }
 }

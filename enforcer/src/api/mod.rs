@@ -193,13 +193,7 @@ pub enum Request {
 impl Request {
     /// A change of helpers: applied in groups, one store commit each.
     pub fn is_helper_change(&self) -> bool {
-        matches!(
-            self,
-            Request::HelperCreate { .. }
-                | Request::HelperUpdate { .. }
-                | Request::HelperDelete { .. }
-                | Request::HelperSet { .. }
-        )
+        matches!(self, Request::HelperCreate { .. } | Request::HelperUpdate { .. } | Request::HelperDelete { .. } | Request::HelperSet { .. })
     }
 }
 
@@ -284,29 +278,18 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            field: None,
-        }
+        Self { code, message: message.into(), field: None }
     }
 
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self {
-            code: ErrorCode::InvalidArgument,
-            message: message.into(),
-            field: Some(field.into()),
-        }
+        Self { code: ErrorCode::InvalidArgument, message: message.into(), field: Some(field.into()) }
     }
 
     /// The id is the caller's, unchecked: it is cut short.
     pub fn not_found(what: &str, id: &str) -> Self {
         let cut: String = id.chars().take(64).collect();
         let more = if cut.len() < id.len() { "..." } else { "" };
-        Self::new(
-            ErrorCode::NotFound,
-            format!("{what} {cut:?}{more} not found"),
-        )
+        Self::new(ErrorCode::NotFound, format!("{what} {cut:?}{more} not found"))
     }
 
     pub fn kernel(err: impl fmt::Display) -> Self {
@@ -414,11 +397,7 @@ impl ReconcileReport {
     /// Nothing to change (a router whose namespace is missing is a fact,
     /// not drift).
     pub fn is_empty(&self) -> bool {
-        *self
-            == Self {
-                routers_detached: self.routers_detached,
-                ..Self::default()
-            }
+        *self == Self { routers_detached: self.routers_detached, ..Self::default() }
     }
 }
 
@@ -632,10 +611,8 @@ mod tests {
         assert!(serde_json::from_str::<Request>(r#"{"op":"router_list","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"drop_tables"}"#).is_err());
         assert!(
-            serde_json::from_str::<Request>(
-                r#"{"op":"helper_delete","router_id":"r","helper_id":"h","slot":3}"#
-            )
-            .is_err(),
+            serde_json::from_str::<Request>(r#"{"op":"helper_delete","router_id":"r","helper_id":"h","slot":3}"#)
+                .is_err(),
             "slots are internal and never accepted"
         );
     }

@@ -306,11 +306,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Catalogue { output } => (Request::Catalogue {}, output),
         Command::Status { output } => (Request::Status {}, output),
         Command::Teardown => (Request::Teardown {}, Output::Table),
-        Command::Debug(DebugCmd::Datapath {
-            state,
-            drops,
-            output,
-        }) => {
+        Command::Debug(DebugCmd::Datapath { state, drops, output }) => {
             let drops = match state {
                 Switch::On => drops,
                 Switch::Off => 0,
@@ -318,93 +314,23 @@ pub fn run(cli: Cli) -> Result<i32> {
             (Request::DebugDatapath { drops }, output)
         }
         Command::Router(cmd) => match cmd {
-            RouterCmd::Add {
-                router_id,
-                netns,
-                project_id,
-                output,
-            } => (
-                Request::RouterAdd {
-                    router_id,
-                    netns,
-                    project_id,
-                },
-                output,
-            ),
+            RouterCmd::Add { router_id, netns, project_id, output } => {
+                (Request::RouterAdd { router_id, netns, project_id }, output)
+            }
             RouterCmd::Remove { router_id } => (Request::RouterRemove { router_id }, Output::Table),
             RouterCmd::List { output } => (Request::RouterList {}, output),
         },
         Command::Helper(cmd) => match cmd {
-            HelperCmd::Create {
-                router_id,
-                protocol,
-                port,
-                helper,
-                id,
-                project_id,
-                output,
-            } => (
-                Request::HelperCreate {
-                    router_id,
-                    protocol,
-                    port,
-                    helper,
-                    id,
-                    project_id,
-                },
-                output,
-            ),
-            HelperCmd::Update {
-                router_id,
-                helper_id,
-                protocol,
-                port,
-                helper,
-                output,
-            } => (
-                Request::HelperUpdate {
-                    router_id,
-                    helper_id,
-                    protocol,
-                    port,
-                    helper,
-                },
-                output,
-            ),
-            HelperCmd::Delete {
-                router_id,
-                helper_id,
-                output,
-            } => (
-                Request::HelperDelete {
-                    router_id,
-                    helper_id,
-                },
-                output,
-            ),
-            HelperCmd::Set {
-                router_id,
-                file,
-                output,
-            } => (
-                Request::HelperSet {
-                    router_id,
-                    helpers: read_set(&file)?,
-                },
-                output,
-            ),
+            HelperCmd::Create { router_id, protocol, port, helper, id, project_id, output } => {
+                (Request::HelperCreate { router_id, protocol, port, helper, id, project_id }, output)
+            }
+            HelperCmd::Update { router_id, helper_id, protocol, port, helper, output } => {
+                (Request::HelperUpdate { router_id, helper_id, protocol, port, helper }, output)
+            }
+            HelperCmd::Delete { router_id, helper_id, output } => (Request::HelperDelete { router_id, helper_id }, output),
+            HelperCmd::Set { router_id, file, output } => (Request::HelperSet { router_id, helpers: read_set(&file)? }, output),
             HelperCmd::List { router_id, output } => (Request::HelperList { router_id }, output),
-            HelperCmd::Show {
-                router_id,
-                helper_id,
-                output,
-            } => (
-                Request::HelperShow {
-                    router_id,
-                    helper_id,
-                },
-                output,
-            ),
+            HelperCmd::Show { router_id, helper_id, output } => (Request::HelperShow { router_id, helper_id }, output),
         },
     };
     match client::call(&cli.socket, &request)? {
@@ -426,8 +352,7 @@ fn events(socket: &std::path::Path, output: Output, count: Option<u64>) -> Resul
         return Ok(0);
     }
     let streamed = client::stream(socket, &Request::Events {}, |line| {
-        let event: enforcer::api::Event = serde_json::from_str(line)
-            .with_context(|| format!("bad event from the daemon: {line:?}"))?;
+        let event: enforcer::api::Event = serde_json::from_str(line).with_context(|| format!("bad event from the daemon: {line:?}"))?;
         match output {
             Output::Json => println!("{line}"),
             Output::Table => table::print_event(&event),
@@ -449,30 +374,17 @@ fn events(socket: &std::path::Path, output: Output, count: Option<u64>) -> Resul
 /// The helper set in `path` (- for standard input).
 fn read_set(path: &std::path::Path) -> Result<Vec<enforcer::api::HelperSpec>> {
     let text = if path.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin())
-            .context("reading the helper set from standard input")?
+        std::io::read_to_string(std::io::stdin()).context("reading the helper set from standard input")?
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
     };
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not a JSON array of helpers ({{\"protocol\", \"port\", \"helper\"}})",
-            path.display()
-        )
-    })
+    serde_json::from_str(&text).with_context(|| format!("{} is not a JSON array of helpers ({{\"protocol\", \"port\", \"helper\"}})", path.display()))
 }
 
 fn print_error(err: &ApiError, output: Output) {
     match output {
         Output::Json => println!("{}", serde_json::json!({ "error": err })),
-        Output::Table => eprintln!(
-            "error ({}): {}",
-            serde_json::to_value(err.code)
-                .unwrap_or_default()
-                .as_str()
-                .unwrap_or("error"),
-            err.message
-        ),
+        Output::Table => eprintln!("error ({}): {}", serde_json::to_value(err.code).unwrap_or_default().as_str().unwrap_or("error"), err.message),
     }
 }
 
@@ -495,10 +407,7 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf) -> Result<()> {
     }
     let socket = config.socket.clone();
     let daemon = Daemon::start(config).context("starting the daemon")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(daemon::serve(daemon, &socket))
 }
 

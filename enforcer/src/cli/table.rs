@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use enforcer::{
-    api::Dump,
     api::{Helper, ReconcileReport, Reply, Router, StatusReport},
+    api::Dump,
 };
 
 use super::Output;
@@ -16,11 +16,7 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let text: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", text.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
@@ -40,11 +36,7 @@ fn router_rows(routers: &[Router]) {
                     r.project_id.clone(),
                     r.netns.clone(),
                     owner(r.owner),
-                    if r.interfaces.is_empty() {
-                        "-".into()
-                    } else {
-                        r.interfaces.join(",")
-                    },
+                    if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") },
                 ]
             })
             .collect(),
@@ -52,10 +44,7 @@ fn router_rows(routers: &[Router]) {
 }
 
 fn owner(o: enforcer::api::Owner) -> String {
-    serde_json::to_value(o)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    serde_json::to_value(o).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 fn helper_rows(helpers: &[Helper]) {
@@ -63,16 +52,7 @@ fn helper_rows(helpers: &[Helper]) {
         &["ID", "ROUTER", "PROJECT", "PROTOCOL", "PORT", "HELPER"],
         helpers
             .iter()
-            .map(|h| {
-                vec![
-                    h.id.clone(),
-                    h.router_id.clone(),
-                    h.project_id.clone(),
-                    h.protocol.to_string(),
-                    h.port.to_string(),
-                    h.helper.clone(),
-                ]
-            })
+            .map(|h| vec![h.id.clone(), h.router_id.clone(), h.project_id.clone(), h.protocol.to_string(), h.port.to_string(), h.helper.clone()])
             .collect(),
     );
 }
@@ -91,11 +71,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                     r.conntrack_entries_removed,
                     r.flows_kept_dead,
                     r.quiet_secs,
-                    if r.slot_released {
-                        "released"
-                    } else {
-                        "quarantined"
-                    }
+                    if r.slot_released { "released" } else { "quarantined" }
                 );
                 if let Some(e) = &r.flush_error {
                     println!("warning: conntrack cleanup incomplete: {e}");
@@ -123,21 +99,14 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                         vec![
                             h.helper.clone(),
                             join(h.protocols.iter().map(|p| p.to_string()).collect()),
-                            join(
-                                h.families
-                                    .iter()
-                                    .map(|f| format!("{f:?}").to_lowercase())
-                                    .collect(),
-                            ),
+                            join(h.families.iter().map(|f| format!("{f:?}").to_lowercase()).collect()),
                             h.usual_port.to_string(),
                         ]
                     })
                     .collect(),
             ),
             Reply::Audit(entries) => print_table(
-                &[
-                    "TIME", "UID", "GID", "PID", "FOR", "OP", "ROUTER", "HELPER", "RESULT",
-                ],
+                &["TIME", "UID", "GID", "PID", "FOR", "OP", "ROUTER", "HELPER", "RESULT"],
                 entries
                     .iter()
                     .map(|e| {
@@ -145,10 +114,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                             e.time.clone(),
                             e.caller.uid.to_string(),
                             e.caller.gid.to_string(),
-                            e.caller
-                                .pid
-                                .map(|p| p.to_string())
-                                .unwrap_or_else(|| "-".into()),
+                            e.caller.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                             owner(e.origin),
                             e.op.clone(),
                             e.router_id.clone().unwrap_or_else(|| "-".into()),
@@ -159,10 +125,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
                     .collect(),
             ),
             Reply::Debug(d) if d.datapath_log_drops == 0 => println!("datapath log of drops: off"),
-            Reply::Debug(d) => println!(
-                "datapath log of drops: on, for the next {} drops",
-                d.datapath_log_drops
-            ),
+            Reply::Debug(d) => println!("datapath log of drops: on, for the next {} drops", d.datapath_log_drops),
             Reply::Done {} => println!("done"),
         },
     }
@@ -211,28 +174,16 @@ fn print_status(s: &StatusReport) {
         (true, None) => "ready".to_string(),
         (false, _) => "reconciling at start (writes wait)".to_string(),
     };
-    let last = s
-        .last_check_ms
-        .map(|ms| format!(", the last took {ms} ms"))
-        .unwrap_or_default();
-    println!(
-        "{ready}; {} helper changes in {} commits; {} check rounds{last}",
-        s.changes, s.commits, s.check_rounds
-    );
-    println!(
-        "repaired since start: glue {}, attachments {}, maps {}",
-        s.glue_repairs, s.link_repairs, s.map_repairs
-    );
+    let last = s.last_check_ms.map(|ms| format!(", the last took {ms} ms")).unwrap_or_default();
+    println!("{ready}; {} helper changes in {} commits; {} check rounds{last}", s.changes, s.commits, s.check_rounds);
+    println!("repaired since start: glue {}, attachments {}, maps {}", s.glue_repairs, s.link_repairs, s.map_repairs);
     if s.drift.is_empty() {
         println!("drift: none");
     } else {
         print_reconcile("drift", &s.drift);
     }
     if let Some(n) = &s.neutron {
-        let age = n
-            .age_secs
-            .map(|a| format!("{a:.1} s ago"))
-            .unwrap_or_else(|| "never".into());
+        let age = n.age_secs.map(|a| format!("{a:.1} s ago")).unwrap_or_else(|| "never".into());
         println!(
             "neutron: {}, last good poll {age}, {} polls ({} failed in a row), {} requests in the last, {} routers synced, {} helpers not applied",
             n.state,
@@ -246,22 +197,11 @@ fn print_status(s: &StatusReport) {
             println!("neutron: last error: {e}");
         }
         for e in &n.helper_errors {
-            println!(
-                "neutron: helper {} of router {} not applied: {}",
-                e.helper_id, e.router_id, e.error
-            );
+            println!("neutron: helper {} of router {} not applied: {}", e.helper_id, e.router_id, e.error);
         }
     }
     print_table(
-        &[
-            "ROUTER",
-            "NETNS",
-            "OWNER",
-            "ATTACHED",
-            "GLUE",
-            "INTERFACES",
-            "HELPERS",
-        ],
+        &["ROUTER", "NETNS", "OWNER", "ATTACHED", "GLUE", "INTERFACES", "HELPERS"],
         s.routers
             .iter()
             .map(|r| {
@@ -269,20 +209,9 @@ fn print_status(s: &StatusReport) {
                     r.id.clone(),
                     r.netns.clone(),
                     owner(r.owner),
-                    if r.attached {
-                        "yes".into()
-                    } else {
-                        "no (namespace missing)".into()
-                    },
-                    serde_json::to_value(r.glue)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                    if r.interfaces.is_empty() {
-                        "-".into()
-                    } else {
-                        r.interfaces.join(",")
-                    },
+                    if r.attached { "yes".into() } else { "no (namespace missing)".into() },
+                    serde_json::to_value(r.glue).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                    if r.interfaces.is_empty() { "-".into() } else { r.interfaces.join(",") },
                     r.helpers.to_string(),
                 ]
             })
@@ -297,10 +226,7 @@ pub fn print_dump(dump: &Dump, output: Output) -> Result<()> {
             println!("maps in {} ({} routers)", dump.bpffs, dump.routers);
             let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
             print_table(
-                &[
-                    "ROUTER", "INDEX", "SLOT", "PROTOCOL", "PORT", "HELPER", "STATE", "TAGGED",
-                    "DROPPED",
-                ],
+                &["ROUTER", "INDEX", "SLOT", "PROTOCOL", "PORT", "HELPER", "STATE", "TAGGED", "DROPPED"],
                 dump.slots
                     .iter()
                     .map(|s| {
@@ -327,14 +253,8 @@ pub fn print_dump(dump: &Dump, output: Output) -> Result<()> {
 /// and the figures or error that matter.
 pub fn print_event(e: &enforcer::api::Event) {
     let entry = &e.entry;
-    let kind = serde_json::to_value(e.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let mut line = format!(
-        "{}  {kind:<10}  {:<14}  {}",
-        entry.time, entry.op, entry.result
-    );
+    let kind = serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let mut line = format!("{}  {kind:<10}  {:<14}  {}", entry.time, entry.op, entry.result);
     if let Some(r) = &entry.router_id {
         line.push_str(&format!("  router={r}"));
     }
@@ -342,18 +262,8 @@ pub fn print_event(e: &enforcer::api::Event) {
         line.push_str(&format!("  helper={h}"));
     }
     let after = entry.after.as_ref();
-    let figure = |key: &str| {
-        after
-            .and_then(|a| a.get(key))
-            .filter(|v| !v.is_null())
-            .map(|v| format!("  {key}={v}"))
-    };
-    for key in [
-        "slot",
-        "conntrack_entries_removed",
-        "flows_kept_dead",
-        "missed",
-    ] {
+    let figure = |key: &str| after.and_then(|a| a.get(key)).filter(|v| !v.is_null()).map(|v| format!("  {key}={v}"));
+    for key in ["slot", "conntrack_entries_removed", "flows_kept_dead", "missed"] {
         line.push_str(&figure(key).unwrap_or_default());
     }
     if let Some(err) = &entry.error {

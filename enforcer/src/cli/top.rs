@@ -54,47 +54,27 @@ fn rate(before: Option<u64>, now: u64, elapsed: Duration) -> f64 {
 }
 
 fn router_name(s: &SlotEntry) -> String {
-    s.router_id
-        .clone()
-        .unwrap_or_else(|| format!("index {}", s.router_index))
+    s.router_id.clone().unwrap_or_else(|| format!("index {}", s.router_index))
 }
 
 /// The rows of a reading, with rates against the previous one.
-fn rows(
-    previous: Option<&(Instant, Dump)>,
-    now: (Instant, &Dump),
-) -> (Vec<RouterRow>, Vec<RuleRow>) {
-    let before: BTreeMap<(u32, u32), (u64, u64)> = previous
-        .map(|(_, d)| {
-            d.slots
-                .iter()
-                .map(|s| ((s.router_index, s.slot), (s.tagged, s.dropped)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let elapsed = previous
-        .map(|(at, _)| now.0.duration_since(*at))
-        .unwrap_or_default();
+fn rows(previous: Option<&(Instant, Dump)>, now: (Instant, &Dump)) -> (Vec<RouterRow>, Vec<RuleRow>) {
+    let before: BTreeMap<(u32, u32), (u64, u64)> =
+        previous.map(|(_, d)| d.slots.iter().map(|s| ((s.router_index, s.slot), (s.tagged, s.dropped))).collect()).unwrap_or_default();
+    let elapsed = previous.map(|(at, _)| now.0.duration_since(*at)).unwrap_or_default();
     let rules: Vec<RuleRow> = now
         .1
         .slots
         .iter()
         .map(|s| {
             let b = before.get(&(s.router_index, s.slot));
-            RuleRow {
-                tagged_rate: rate(b.map(|b| b.0), s.tagged, elapsed),
-                dropped_rate: rate(b.map(|b| b.1), s.dropped, elapsed),
-                slot: s.clone(),
-            }
+            RuleRow { tagged_rate: rate(b.map(|b| b.0), s.tagged, elapsed), dropped_rate: rate(b.map(|b| b.1), s.dropped, elapsed), slot: s.clone() }
         })
         .collect();
     let mut routers: BTreeMap<String, RouterRow> = BTreeMap::new();
     for r in &rules {
         let name = router_name(&r.slot);
-        let row = routers.entry(name.clone()).or_insert_with(|| RouterRow {
-            router: name,
-            ..Default::default()
-        });
+        let row = routers.entry(name.clone()).or_insert_with(|| RouterRow { router: name, ..Default::default() });
         if r.slot.state == "live" {
             row.live += 1;
         } else {
@@ -135,18 +115,8 @@ impl Sort {
 
 fn sort_routers(rows: &mut [RouterRow], by: Sort) {
     match by {
-        Sort::Tagged => rows.sort_by(|a, b| {
-            b.tagged_rate
-                .total_cmp(&a.tagged_rate)
-                .then(b.tagged.cmp(&a.tagged))
-                .then(a.router.cmp(&b.router))
-        }),
-        Sort::Dropped => rows.sort_by(|a, b| {
-            b.dropped_rate
-                .total_cmp(&a.dropped_rate)
-                .then(b.dropped.cmp(&a.dropped))
-                .then(a.router.cmp(&b.router))
-        }),
+        Sort::Tagged => rows.sort_by(|a, b| b.tagged_rate.total_cmp(&a.tagged_rate).then(b.tagged.cmp(&a.tagged)).then(a.router.cmp(&b.router))),
+        Sort::Dropped => rows.sort_by(|a, b| b.dropped_rate.total_cmp(&a.dropped_rate).then(b.dropped.cmp(&a.dropped)).then(a.router.cmp(&b.router))),
         Sort::Name => rows.sort_by(|a, b| a.router.cmp(&b.router)),
     }
 }
@@ -206,78 +176,41 @@ impl Top {
     }
 
     fn draw(&mut self, frame: &mut Frame) {
-        let [head, body, foot] = Layout::vertical([
-            Constraint::Length(4),
-            Constraint::Min(3),
-            Constraint::Length(1),
-        ])
-        .areas(frame.area());
+        let [head, body, foot] = Layout::vertical([Constraint::Length(4), Constraint::Min(3), Constraint::Length(1)]).areas(frame.area());
         let live: usize = self.routers.iter().map(|r| r.live).sum();
         let revoked: usize = self.routers.iter().map(|r| r.revoked).sum();
         let tagged: f64 = self.routers.iter().map(|r| r.tagged_rate).sum();
         let dropped: f64 = self.routers.iter().map(|r| r.dropped_rate).sum();
-        let daemon = if self.daemon_up {
-            "daemon running"
-        } else {
-            "daemon DOWN (enforcement stays; maps read directly)"
-        };
+        let daemon = if self.daemon_up { "daemon running" } else { "daemon DOWN (enforcement stays; maps read directly)" };
         let summary = match &self.error {
             Some(e) => format!("cannot read the maps: {e}"),
-            None => format!(
-                "{} routers  {live} live rules  {revoked} revoked  {tagged:.0} tagged/s  {dropped:.0} dropped/s",
-                self.routers.len()
-            ),
+            None => format!("{} routers  {live} live rules  {revoked} revoked  {tagged:.0} tagged/s  {dropped:.0} dropped/s", self.routers.len()),
         };
         frame.render_widget(
-            Paragraph::new(vec![
-                Line::from(summary),
-                Line::from(format!("{daemon}  bpffs {}", self.bpffs.display())),
-            ])
-            .block(Block::bordered().title(" enforcer top ")),
+            Paragraph::new(vec![Line::from(summary), Line::from(format!("{daemon}  bpffs {}", self.bpffs.display()))])
+                .block(Block::bordered().title(" enforcer top ")),
             head,
         );
         let bold = Style::default().add_modifier(Modifier::BOLD);
         if self.rules_view {
-            let router = self
-                .selected_router()
-                .map(|r| r.router.clone())
-                .unwrap_or_default();
-            let rows = self
-                .rules
-                .iter()
-                .filter(|r| router_name(&r.slot) == router)
-                .map(|r| {
-                    let s = &r.slot;
-                    Row::new(vec![
-                        s.slot.to_string(),
-                        s.protocol
-                            .map(|p| p.to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        s.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                        s.helper.clone().unwrap_or_else(|| "-".into()),
-                        s.state.clone(),
-                        format!("{:.0}", r.tagged_rate),
-                        format!("{:.0}", r.dropped_rate),
-                        s.tagged.to_string(),
-                        s.dropped.to_string(),
-                    ])
-                });
+            let router = self.selected_router().map(|r| r.router.clone()).unwrap_or_default();
+            let rows = self.rules.iter().filter(|r| router_name(&r.slot) == router).map(|r| {
+                let s = &r.slot;
+                Row::new(vec![
+                    s.slot.to_string(),
+                    s.protocol.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    s.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    s.helper.clone().unwrap_or_else(|| "-".into()),
+                    s.state.clone(),
+                    format!("{:.0}", r.tagged_rate),
+                    format!("{:.0}", r.dropped_rate),
+                    s.tagged.to_string(),
+                    s.dropped.to_string(),
+                ])
+            });
             let widths = [4, 5, 5, 10, 7, 9, 9, 12, 12].map(Constraint::Min);
             let table = Table::new(rows, widths)
-                .header(
-                    Row::new([
-                        "SLOT",
-                        "PROTO",
-                        "PORT",
-                        "HELPER",
-                        "STATE",
-                        "TAGGED/S",
-                        "DROPPED/S",
-                        "TAGGED",
-                        "DROPPED",
-                    ])
-                    .style(bold),
-                )
+                .header(Row::new(["SLOT", "PROTO", "PORT", "HELPER", "STATE", "TAGGED/S", "DROPPED/S", "TAGGED", "DROPPED"]).style(bold))
                 .block(Block::bordered().title(format!(" rules of router {router} ")));
             frame.render_widget(table, body);
         } else {
@@ -292,37 +225,14 @@ impl Top {
                     r.dropped.to_string(),
                 ])
             });
-            let widths = [
-                Constraint::Length(36),
-                Constraint::Min(5),
-                Constraint::Min(7),
-                Constraint::Min(9),
-                Constraint::Min(9),
-                Constraint::Min(12),
-                Constraint::Min(12),
-            ];
+            let widths = [Constraint::Length(36), Constraint::Min(5), Constraint::Min(7), Constraint::Min(9), Constraint::Min(9), Constraint::Min(12), Constraint::Min(12)];
             let table = Table::new(rows, widths)
-                .header(
-                    Row::new([
-                        "ROUTER",
-                        "RULES",
-                        "REVOKED",
-                        "TAGGED/S",
-                        "DROPPED/S",
-                        "TAGGED",
-                        "DROPPED",
-                    ])
-                    .style(bold),
-                )
+                .header(Row::new(["ROUTER", "RULES", "REVOKED", "TAGGED/S", "DROPPED/S", "TAGGED", "DROPPED"]).style(bold))
                 .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED))
                 .block(Block::bordered().title(format!(" routers, by {} ", self.sort.label())));
             frame.render_stateful_widget(table, body, &mut self.table);
         }
-        let keys = if self.rules_view {
-            "q quit  tab back to routers"
-        } else {
-            "q quit  s sort  up/down select  tab rules of the selected router"
-        };
+        let keys = if self.rules_view { "q quit  tab back to routers" } else { "q quit  s sort  up/down select  tab rules of the selected router" };
         frame.render_widget(Paragraph::new(keys), foot);
     }
 
@@ -382,44 +292,19 @@ mod tests {
     }
 
     fn dump(slots: Vec<SlotEntry>) -> Dump {
-        Dump {
-            bpffs: String::new(),
-            routers: 0,
-            slots,
-        }
+        Dump { bpffs: String::new(), routers: 0, slots }
     }
 
     #[test]
     fn rates_come_from_two_readings_and_a_reused_slot_starts_from_zero() {
         let t0 = Instant::now();
-        let first = dump(vec![
-            slot("a", 1, "live", 100, 0),
-            slot("a", 2, "revoked", 0, 50),
-            slot("bb", 1, "live", 1000, 0),
-        ]);
+        let first = dump(vec![slot("a", 1, "live", 100, 0), slot("a", 2, "revoked", 0, 50), slot("bb", 1, "live", 1000, 0)]);
         let (routers, _) = rows(None, (t0, &first));
-        assert!(
-            routers.iter().all(|r| r.tagged_rate == 0.0),
-            "no rate from one reading"
-        );
-        let second = dump(vec![
-            slot("a", 1, "live", 300, 0),
-            slot("a", 2, "revoked", 0, 150),
-            slot("bb", 1, "live", 10, 0),
-        ]);
+        assert!(routers.iter().all(|r| r.tagged_rate == 0.0), "no rate from one reading");
+        let second = dump(vec![slot("a", 1, "live", 300, 0), slot("a", 2, "revoked", 0, 150), slot("bb", 1, "live", 10, 0)]);
         let (routers, rules) = rows(Some(&(t0, first)), (t0 + Duration::from_secs(2), &second));
         let a = routers.iter().find(|r| r.router == "a").unwrap();
-        assert_eq!(
-            (
-                a.live,
-                a.revoked,
-                a.tagged_rate,
-                a.dropped_rate,
-                a.tagged,
-                a.dropped
-            ),
-            (1, 1, 100.0, 50.0, 300, 150)
-        );
+        assert_eq!((a.live, a.revoked, a.tagged_rate, a.dropped_rate, a.tagged, a.dropped), (1, 1, 100.0, 50.0, 300, 150));
         let bb = routers.iter().find(|r| r.router == "bb").unwrap();
         assert_eq!(bb.tagged_rate, 0.0, "counter went down: slot reused");
         assert_eq!(rules.len(), 3);
@@ -427,18 +312,10 @@ mod tests {
 
     #[test]
     fn sorting_puts_the_busiest_or_the_dropping_first() {
-        let row = |router: &str, t: f64, d: f64| RouterRow {
-            router: router.into(),
-            tagged_rate: t,
-            dropped_rate: d,
-            ..Default::default()
-        };
+        let row = |router: &str, t: f64, d: f64| RouterRow { router: router.into(), tagged_rate: t, dropped_rate: d, ..Default::default() };
         let mut rows = vec![row("b", 1.0, 9.0), row("a", 5.0, 0.0), row("c", 3.0, 3.0)];
         sort_routers(&mut rows, Sort::Tagged);
-        assert_eq!(
-            rows.iter().map(|r| r.router.as_str()).collect::<Vec<_>>(),
-            ["a", "c", "b"]
-        );
+        assert_eq!(rows.iter().map(|r| r.router.as_str()).collect::<Vec<_>>(), ["a", "c", "b"]);
         sort_routers(&mut rows, Sort::Dropped);
         assert_eq!(rows[0].router, "b");
         sort_routers(&mut rows, Sort::Name);

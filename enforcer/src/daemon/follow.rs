@@ -20,14 +20,8 @@ use crate::kernel::netns;
 /// check as a safety net.
 pub(super) async fn follow_namespaces(daemon: Shared) {
     let mut watchers: HashMap<String, Watcher> = HashMap::new();
-    let events = netns_events()
-        .map_err(|e| warn!("cannot watch /run/netns, checking it every second instead: {e:#}"))
-        .ok();
-    let mut tick = tokio::time::interval(if events.is_some() {
-        Duration::from_secs(10)
-    } else {
-        Duration::from_secs(1)
-    });
+    let events = netns_events().map_err(|e| warn!("cannot watch /run/netns, checking it every second instead: {e:#}")).ok();
+    let mut tick = tokio::time::interval(if events.is_some() { Duration::from_secs(10) } else { Duration::from_secs(1) });
     let routers_changed = with_daemon(&daemon, |d| d.routers_changed()).await;
     // Since when a namespace file has been there without its namespace.
     let mut mounting: Option<std::time::Instant> = None;
@@ -35,9 +29,7 @@ pub(super) async fn follow_namespaces(daemon: Shared) {
         match &events {
             // Look again soon, for a while (a file left by a failed
             // `ip netns add` waits for the regular check).
-            _ if mounting.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
+            _ if mounting.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) => tokio::time::sleep(Duration::from_millis(20)).await,
             Some(events) => tokio::select! {
                 _ = tick.tick() => {}
                 _ = routers_changed.notified() => {}
@@ -67,13 +59,8 @@ pub(super) async fn follow_namespaces(daemon: Shared) {
                 warn!(router = %id, "{e:#}");
             }
         }
-        let (attached, now_mounting) =
-            with_daemon(&daemon, |d| (d.attached(), d.namespaces_mounting())).await;
-        mounting = if now_mounting {
-            mounting.or_else(|| Some(std::time::Instant::now()))
-        } else {
-            None
-        };
+        let (attached, now_mounting) = with_daemon(&daemon, |d| (d.attached(), d.namespaces_mounting())).await;
+        mounting = if now_mounting { mounting.or_else(|| Some(std::time::Instant::now())) } else { None };
         follow(&daemon, &mut watchers, attached);
     }
 }
@@ -86,16 +73,9 @@ struct Watcher {
 
 /// Starts a link watcher for each newly attached router (or router whose
 /// namespace was made again), stops those of routers that went away.
-fn follow(
-    daemon: &Shared,
-    watchers: &mut HashMap<String, Watcher>,
-    attached: Vec<super::Followed>,
-) {
+fn follow(daemon: &Shared, watchers: &mut HashMap<String, Watcher>, attached: Vec<super::Followed>) {
     watchers.retain(|id, w| {
-        let keep = attached
-            .iter()
-            .any(|(a, _, ns)| a == id && *ns == w.netns_id)
-            && !w.task.is_finished();
+        let keep = attached.iter().any(|(a, _, ns)| a == id && *ns == w.netns_id) && !w.task.is_finished();
         if !keep {
             w.task.abort();
         }
@@ -109,13 +89,7 @@ fn follow(
             Ok(sock) => {
                 let d = daemon.clone();
                 let rid = id.clone();
-                watchers.insert(
-                    id,
-                    Watcher {
-                        netns_id,
-                        task: tokio::spawn(async move { watch_links(sock, d, rid).await }),
-                    },
-                );
+                watchers.insert(id, Watcher { netns_id, task: tokio::spawn(async move { watch_links(sock, d, rid).await }) });
             }
             Err(e) => warn!(router = %id, "cannot follow link events: {e:#}"),
         }
@@ -137,21 +111,13 @@ fn netns_events() -> Result<AsyncFd<Watch>> {
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     let dir = netns::path("");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let inotify =
-        Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("inotify")?;
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).context("inotify")?;
     inotify
-        .add_watch(
-            &dir,
-            AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_DELETE
-                | AddWatchFlags::IN_MOVED_FROM
-                | AddWatchFlags::IN_MOVED_TO,
-        )
+        .add_watch(&dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_MOVED_FROM | AddWatchFlags::IN_MOVED_TO)
         .with_context(|| format!("watching {}", dir.display()))?;
     // SAFETY: the AsyncFd owns the inotify instance, so the descriptor stays
     // valid for as long as it is registered.
-    unsafe { AsyncFd::register_with_interest(Watch(inotify), tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("registering the inotify watch: {e}"))
+    unsafe { AsyncFd::register_with_interest(Watch(inotify), tokio::io::Interest::READABLE) }.map_err(|e| anyhow::anyhow!("registering the inotify watch: {e}"))
 }
 
 /// An rtnetlink socket of the router's namespace, subscribed to link events.
@@ -159,15 +125,13 @@ fn link_events(ns: &str) -> Result<AsyncFd<Socket>> {
     const RTMGRP_LINK: u32 = 1;
     let sock = netns::run_in(&netns::path(ns), || {
         let mut s = Socket::new(NETLINK_ROUTE).context("rtnetlink socket")?;
-        s.bind(&SocketAddr::new(0, RTMGRP_LINK))
-            .context("subscribing to link events")?;
+        s.bind(&SocketAddr::new(0, RTMGRP_LINK)).context("subscribing to link events")?;
         s.set_non_blocking(true)?;
         Ok(s)
     })?;
     // SAFETY: the AsyncFd owns the socket, so the descriptor stays valid
     // for as long as it is registered.
-    unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
@@ -178,21 +142,12 @@ async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
         if let Err(e) = with_daemon(&d, move |d| d.refresh_router(&rid, None)).await {
             warn!(router = %id, "re-sync after link event: {e:#}");
         }
-        let Ok(mut guard) = sock.readable().await else {
-            return;
-        };
+        let Ok(mut guard) = sock.readable().await else { return };
         // Drain everything queued; the content does not matter, a re-sync
         // compares the namespace's interfaces with the pins.
         loop {
             // SAFETY: reading into our own buffer from a valid socket.
-            let n = unsafe {
-                libc::recv(
-                    sock.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
+            let n = unsafe { libc::recv(sock.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if n <= 0 {
                 break;
             }

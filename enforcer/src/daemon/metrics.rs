@@ -56,21 +56,15 @@ impl ApiMetrics {
         Self {
             requests: Family::default(),
             // 100 µs to about 26 s, by fours.
-            latency: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0001, 4.0, 10))
-            }),
+            latency: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0001, 4.0, 10))),
         }
     }
 
     /// One answered request: `op` as the audit names it, `result` `ok` or
     /// the error code.
     pub fn answered(&self, op: &'static str, result: &'static str, took: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels { op, result })
-            .inc();
-        self.latency
-            .get_or_create(&OpLabels { op })
-            .observe(took.as_secs_f64());
+        self.requests.get_or_create(&RequestLabels { op, result }).inc();
+        self.latency.get_or_create(&OpLabels { op }).observe(took.as_secs_f64());
     }
 }
 
@@ -103,27 +97,12 @@ impl super::Daemon {
             revoked_flows: self.datapath.revoked_flows_swept(),
             revoked_capacity: self.config.revoked_flows_max,
             revoked_overflows: self.datapath.revoked_overflows(),
-            repairs: [
-                ("glue", self.tally.glue_repairs),
-                ("link", self.tally.link_repairs),
-                ("map", self.tally.map_repairs),
-            ],
+            repairs: [("glue", self.tally.glue_repairs), ("link", self.tally.link_repairs), ("map", self.tally.map_repairs)],
             check_rounds: self.tally.check_rounds,
             changes: self.tally.changes,
             commits: self.tally.commits,
             sync: self.sync_report(),
-            offered: self
-                .offered
-                .offers
-                .iter()
-                .map(|o| {
-                    (
-                        o.kind.name,
-                        o.protocol.to_string(),
-                        format!("{:?}", o.family).to_lowercase(),
-                    )
-                })
-                .collect(),
+            offered: self.offered.offers.iter().map(|o| (o.kind.name, o.protocol.to_string(), format!("{:?}", o.family).to_lowercase())).collect(),
         }
     }
 }
@@ -137,19 +116,11 @@ struct Scrape {
 
 impl std::fmt::Debug for Scrape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scrape")
-            .field("bpffs", &self.bpffs)
-            .field("per_rule", &self.per_rule)
-            .finish()
+        f.debug_struct("Scrape").field("bpffs", &self.bpffs).field("per_rule", &self.per_rule).finish()
     }
 }
 
-fn counter(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    v: u64,
-) -> Result<(), std::fmt::Error> {
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
     let c = ConstCounter::new(v);
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
@@ -160,12 +131,7 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<()
 }
 
 /// A counter family from (labels, value) pairs.
-fn counters<L: EncodeLabelSet>(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: impl IntoIterator<Item = (L, u64)>,
-) -> Result<(), std::fmt::Error> {
+fn counters<L: EncodeLabelSet>(e: &mut DescriptorEncoder, name: &str, help: &str, rows: impl IntoIterator<Item = (L, u64)>) -> Result<(), std::fmt::Error> {
     let mut family = e.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in rows {
         ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
@@ -176,144 +142,36 @@ fn counters<L: EncodeLabelSet>(
 impl Collector for Scrape {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = lock(&self.daemon).metrics_snapshot();
-        gauge(
-            &mut e,
-            "ready",
-            "1 once the start-up reconciliation is done (READY=1 to systemd)",
-            if s.ready { 1.0 } else { 0.0 },
-        )?;
+        gauge(&mut e, "ready", "1 once the start-up reconciliation is done (READY=1 to systemd)", if s.ready { 1.0 } else { 0.0 })?;
         gauge(&mut e, "routers", "Routers enforced", s.routers as f64)?;
         gauge(&mut e, "helpers", "Helper rules in force", s.helpers as f64)?;
-        gauge(
-            &mut e,
-            "quarantined_slots",
-            "Revoked rule slots whose conntrack entries could not all be removed yet",
-            s.quarantined as f64,
-        )?;
-        counter(
-            &mut e,
-            "revocations",
-            "Rules revoked (deleted, changed, or removed with their router)",
-            s.revocations.rules,
-        )?;
-        counter(
-            &mut e,
-            "revoked_conntrack_entries",
-            "Conntrack entries removed by revocations",
-            s.revocations.conntrack_entries,
-        )?;
-        counter(
-            &mut e,
-            "revoked_flows_kept",
-            "Connection directions kept dropped after a revocation",
-            s.revocations.flows_kept,
-        )?;
-        gauge(
-            &mut e,
-            "revoked_flows",
-            "Revoked flows the datapath keeps dropped now",
-            s.revoked_flows as f64,
-        )?;
-        gauge(
-            &mut e,
-            "revoked_flows_capacity",
-            "Capacity of the revoked-flows map",
-            s.revoked_capacity as f64,
-        )?;
-        counter(
-            &mut e,
-            "revoked_flows_overflows",
-            "Revoked flows that found no room in the revoked-flows map",
-            s.revoked_overflows,
-        )?;
-        counters(
-            &mut e,
-            "repairs",
-            "Kernel state found changed by someone else and put back, by kind",
-            s.repairs.map(|(kind, n)| ([("kind", kind)], n)),
-        )?;
-        counter(
-            &mut e,
-            "check_rounds",
-            "Rounds of the periodic check of glue, links and maps",
-            s.check_rounds,
-        )?;
-        counter(
-            &mut e,
-            "helper_changes",
-            "Helper changes applied",
-            s.changes,
-        )?;
-        counter(
-            &mut e,
-            "commits",
-            "Store commits of helper changes (group commit: many changes each)",
-            s.commits,
-        )?;
+        gauge(&mut e, "quarantined_slots", "Revoked rule slots whose conntrack entries could not all be removed yet", s.quarantined as f64)?;
+        counter(&mut e, "revocations", "Rules revoked (deleted, changed, or removed with their router)", s.revocations.rules)?;
+        counter(&mut e, "revoked_conntrack_entries", "Conntrack entries removed by revocations", s.revocations.conntrack_entries)?;
+        counter(&mut e, "revoked_flows_kept", "Connection directions kept dropped after a revocation", s.revocations.flows_kept)?;
+        gauge(&mut e, "revoked_flows", "Revoked flows the datapath keeps dropped now", s.revoked_flows as f64)?;
+        gauge(&mut e, "revoked_flows_capacity", "Capacity of the revoked-flows map", s.revoked_capacity as f64)?;
+        counter(&mut e, "revoked_flows_overflows", "Revoked flows that found no room in the revoked-flows map", s.revoked_overflows)?;
+        counters(&mut e, "repairs", "Kernel state found changed by someone else and put back, by kind", s.repairs.map(|(kind, n)| ([("kind", kind)], n)))?;
+        counter(&mut e, "check_rounds", "Rounds of the periodic check of glue, links and maps", s.check_rounds)?;
+        counter(&mut e, "helper_changes", "Helper changes applied", s.changes)?;
+        counter(&mut e, "commits", "Store commits of helper changes (group commit: many changes each)", s.commits)?;
         if let Some(sync) = &s.sync {
             let age = sync.age_secs.unwrap_or(f64::INFINITY);
-            gauge(
-                &mut e,
-                "neutron_sync_lag_seconds",
-                "Seconds since the last complete poll of Neutron",
-                age,
-            )?;
-            let last = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0)
-                - age;
-            gauge(
-                &mut e,
-                "neutron_sync_last_success_timestamp_seconds",
-                "When the last poll of Neutron completed (Unix time)",
-                if age.is_finite() { last } else { 0.0 },
-            )?;
-            counter(
-                &mut e,
-                "neutron_sync_polls",
-                "Complete polls of Neutron",
-                sync.polls,
-            )?;
-            gauge(
-                &mut e,
-                "neutron_sync_failed_polls_in_a_row",
-                "Polls failed in a row (0 when the last succeeded)",
-                sync.failed_polls_in_a_row as f64,
-            )?;
-            counter(
-                &mut e,
-                "neutron_sync_errors",
-                "Polls of Neutron that failed",
-                sync.failed_polls,
-            )?;
-            counter(
-                &mut e,
-                "neutron_sync_helper_errors",
-                "Neutron helpers that could not be applied here",
-                sync.helper_errors_total,
-            )?;
+            gauge(&mut e, "neutron_sync_lag_seconds", "Seconds since the last complete poll of Neutron", age)?;
+            let last = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0) - age;
+            gauge(&mut e, "neutron_sync_last_success_timestamp_seconds", "When the last poll of Neutron completed (Unix time)", if age.is_finite() { last } else { 0.0 })?;
+            counter(&mut e, "neutron_sync_polls", "Complete polls of Neutron", sync.polls)?;
+            gauge(&mut e, "neutron_sync_failed_polls_in_a_row", "Polls failed in a row (0 when the last succeeded)", sync.failed_polls_in_a_row as f64)?;
+            counter(&mut e, "neutron_sync_errors", "Polls of Neutron that failed", sync.failed_polls)?;
+            counter(&mut e, "neutron_sync_helper_errors", "Neutron helpers that could not be applied here", sync.helper_errors_total)?;
         }
-        let mut catalogue = e.encode_descriptor(
-            "catalogue_helper",
-            "A helper this host offers, by protocol and family",
-            None,
-            MetricType::Info,
-        )?;
+        let mut catalogue = e.encode_descriptor("catalogue_helper", "A helper this host offers, by protocol and family", None, MetricType::Info)?;
         for (helper, protocol, family) in &s.offered {
-            let labels = [
-                ("helper", helper.to_string()),
-                ("protocol", protocol.clone()),
-                ("family", family.clone()),
-            ];
+            let labels = [("helper", helper.to_string()), ("protocol", protocol.clone()), ("family", family.clone())];
             Info::new(Vec::<(String, String)>::new()).encode(catalogue.encode_family(&labels)?)?;
         }
-        Info::new([("version", env!("CARGO_PKG_VERSION"))]).encode(e.encode_descriptor(
-            "build",
-            "The enforcer build",
-            None,
-            MetricType::Info,
-        )?)?;
+        Info::new([("version", env!("CARGO_PKG_VERSION"))]).encode(e.encode_descriptor("build", "The enforcer build", None, MetricType::Info)?)?;
         // The packet counters, without the lock.
         match dump::read(&self.bpffs) {
             Ok(d) => self.packets(&mut e, &d)?,
@@ -324,56 +182,27 @@ impl Collector for Scrape {
 }
 
 impl Scrape {
-    fn packets(
-        &self,
-        e: &mut DescriptorEncoder,
-        d: &crate::api::Dump,
-    ) -> Result<(), std::fmt::Error> {
+    fn packets(&self, e: &mut DescriptorEncoder, d: &crate::api::Dump) -> Result<(), std::fmt::Error> {
         let mut per_router: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
         for s in &d.slots {
-            let t = per_router
-                .entry(s.router_id.as_deref().unwrap_or("unknown"))
-                .or_default();
+            let t = per_router.entry(s.router_id.as_deref().unwrap_or("unknown")).or_default();
             t.0 += s.tagged;
             t.1 += s.dropped;
         }
-        counters(
-            e,
-            "router_tagged_packets",
-            "Packets tagged for their helper, per router",
-            per_router.iter().map(|(r, t)| ([("router", *r)], t.0)),
-        )?;
-        counters(
-            e,
-            "router_dropped_packets",
-            "Packets of revoked rules dropped, per router",
-            per_router.iter().map(|(r, t)| ([("router", *r)], t.1)),
-        )?;
+        counters(e, "router_tagged_packets", "Packets tagged for their helper, per router", per_router.iter().map(|(r, t)| ([("router", *r)], t.0)))?;
+        counters(e, "router_dropped_packets", "Packets of revoked rules dropped, per router", per_router.iter().map(|(r, t)| ([("router", *r)], t.1)))?;
         if self.per_rule {
             let rule = |s: &crate::api::SlotEntry| {
                 [
                     ("router", s.router_id.clone().unwrap_or_default()),
                     ("slot", s.slot.to_string()),
-                    (
-                        "protocol",
-                        s.protocol.map(|p| p.to_string()).unwrap_or_default(),
-                    ),
+                    ("protocol", s.protocol.map(|p| p.to_string()).unwrap_or_default()),
                     ("port", s.port.map(|p| p.to_string()).unwrap_or_default()),
                     ("helper", s.helper.clone().unwrap_or_default()),
                 ]
             };
-            counters(
-                e,
-                "rule_tagged_packets",
-                "Packets tagged, per rule slot",
-                d.slots.iter().map(|s| (rule(s), s.tagged)),
-            )?;
-            counters(
-                e,
-                "rule_dropped_packets",
-                "Packets dropped, per rule slot",
-                d.slots.iter().map(|s| (rule(s), s.dropped)),
-            )?;
+            counters(e, "rule_tagged_packets", "Packets tagged, per rule slot", d.slots.iter().map(|s| (rule(s), s.tagged)))?;
+            counters(e, "rule_dropped_packets", "Packets dropped, per rule slot", d.slots.iter().map(|s| (rule(s), s.dropped)))?;
         }
         Ok(())
     }
@@ -381,31 +210,15 @@ impl Scrape {
 
 /// Binds the endpoint (so a taken port stops the start with a clear
 /// error) and serves it until the daemon stops.
-pub(super) async fn serve(
-    addr: MetricsAddr,
-    daemon: Shared,
-    api: ApiMetrics,
-) -> Result<tokio::task::JoinHandle<()>> {
+pub(super) async fn serve(addr: MetricsAddr, daemon: Shared, api: ApiMetrics) -> Result<tokio::task::JoinHandle<()>> {
     let (bpffs, per_rule) = {
         let d = lock(&daemon);
         (d.config.bpffs.clone(), d.config.metrics_per_rule)
     };
     let mut registry = Registry::with_prefix("enforcer");
-    registry.register(
-        "api_requests",
-        "API requests answered, by operation and result",
-        api.requests,
-    );
-    registry.register(
-        "api_request_duration_seconds",
-        "Time to answer an API request, by operation",
-        api.latency,
-    );
-    registry.register_collector(Box::new(Scrape {
-        daemon,
-        bpffs,
-        per_rule,
-    }));
+    registry.register("api_requests", "API requests answered, by operation and result", api.requests);
+    registry.register("api_request_duration_seconds", "Time to answer an API request, by operation", api.latency);
+    registry.register_collector(Box::new(Scrape { daemon, bpffs, per_rule }));
     let registry = Arc::new(registry);
     let listener = Listener::bind(&addr).await?;
     info!(%addr, "serving metrics");
@@ -422,10 +235,7 @@ pub(super) async fn serve(
             let registry = registry.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| answer(req, registry.clone()));
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
+                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
                     warn!("metrics: connection: {e}");
                 }
             });
@@ -445,27 +255,16 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> AsyncStream
 impl Listener {
     async fn bind(addr: &MetricsAddr) -> Result<Self> {
         Ok(match addr {
-            MetricsAddr::Tcp(a) => Self::Tcp(
-                tokio::net::TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("binding the metrics address {a}"))?,
-            ),
+            MetricsAddr::Tcp(a) => Self::Tcp(tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding the metrics address {a}"))?),
             MetricsAddr::Unix(path) => {
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("creating {}", dir.display()))?;
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 }
                 // Only a socket is ever replaced.
-                if std::fs::symlink_metadata(path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
+                if std::fs::symlink_metadata(path).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
                     std::fs::remove_file(path)?;
                 }
-                Self::Unix(
-                    tokio::net::UnixListener::bind(path).with_context(|| {
-                        format!("binding the metrics socket {}", path.display())
-                    })?,
-                )
+                Self::Unix(tokio::net::UnixListener::bind(path).with_context(|| format!("binding the metrics socket {}", path.display()))?)
             }
         })
     }
@@ -481,17 +280,11 @@ impl Listener {
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-async fn answer(
-    req: Request<hyper::body::Incoming>,
-    registry: Arc<Registry>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+async fn answer(req: Request<hyper::body::Incoming>, registry: Arc<Registry>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let reply = |status: StatusCode, kind: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static(kind),
-        );
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
         r
     };
     Ok(match (req.method(), req.uri().path()) {
@@ -504,22 +297,10 @@ async fn answer(
             .await;
             match text {
                 Ok(Ok(text)) => reply(StatusCode::OK, OPENMETRICS, text),
-                _ => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    "encoding the metrics failed\n".into(),
-                ),
+                _ => reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding the metrics failed\n".into()),
             }
         }
-        (&Method::GET, "/") => reply(
-            StatusCode::OK,
-            "text/html",
-            "<html><body><h1>enforcer</h1><a href=\"/metrics\">metrics</a></body></html>\n".into(),
-        ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /metrics\n".into(),
-        ),
+        (&Method::GET, "/") => reply(StatusCode::OK, "text/html", "<html><body><h1>enforcer</h1><a href=\"/metrics\">metrics</a></body></html>\n".into()),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found; try /metrics\n".into()),
     })
 }

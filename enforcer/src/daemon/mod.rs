@@ -82,17 +82,13 @@ impl Index {
     fn add(&mut self, h: &HelperRecord) {
         let r = &h.helper.router_id;
         self.ids.insert(h.helper.id.clone(), r.clone());
-        self.tuples.insert(
-            (r.clone(), h.helper.protocol, h.helper.port),
-            h.helper.id.clone(),
-        );
+        self.tuples.insert((r.clone(), h.helper.protocol, h.helper.port), h.helper.id.clone());
     }
 
     fn remove(&mut self, h: &HelperRecord) {
         let r = &h.helper.router_id;
         self.ids.remove(&h.helper.id);
-        self.tuples
-            .remove(&(r.clone(), h.helper.protocol, h.helper.port));
+        self.tuples.remove(&(r.clone(), h.helper.protocol, h.helper.port));
     }
 
     fn forget_router(&mut self, router: &str) {
@@ -228,25 +224,14 @@ impl GlueJob {
         let install = || glue::install(&ns, &self.offered, &self.layout);
         let (added, intact_at) = match &self.check {
             Some(c) => match glue::check(&ns, &c.reference, c.known) {
-                Ok(glue::Found {
-                    state: GlueState::Intact,
-                    intact_at,
-                }) => (Ok(false), intact_at),
+                Ok(glue::Found { state: GlueState::Intact, intact_at }) => (Ok(false), intact_at),
                 Ok(_) => (install().map(|_| true), None),
                 Err(e) => (Err(e), None),
             },
-            None if self.new_router => (
-                glue::install_new(&ns, &self.offered, &self.layout).map(|()| true),
-                None,
-            ),
+            None if self.new_router => (glue::install_new(&ns, &self.offered, &self.layout).map(|()| true), None),
             None => (install(), None),
         };
-        GlueDone {
-            netns: self.netns,
-            added: added.map_err(|e| format!("{e:#}")),
-            took: start.elapsed(),
-            intact_at,
-        }
+        GlueDone { netns: self.netns, added: added.map_err(|e| format!("{e:#}")), took: start.elapsed(), intact_at }
     }
 }
 
@@ -304,12 +289,8 @@ impl Daemon {
         // SAFETY: a malloc tunable, set before the threads start.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
         crate::kernel::exec::set_limit(std::time::Duration::from_secs(config.command_timeout_secs));
-        let unreadable = || {
-            format!(
-                "the store in {} is unreadable; the kernel state was left as it is",
-                config.state_dir.display()
-            )
-        };
+        let unreadable =
+            || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
         let mut store = Store::open(&config.state_dir).with_context(unreadable)?;
         let state = store.load().with_context(unreadable)?;
         let journal = store.journaled().with_context(unreadable)?;
@@ -324,55 +305,28 @@ impl Daemon {
         // The programs are verified while nft probes the helpers and lists
         // the reference glue: neither needs the other.
         let (offered, glue_reference, datapath) = std::thread::scope(|s| {
-            let loading = s.spawn(|| {
-                Datapath::load(
-                    &config.bpffs,
-                    layout,
-                    config.max_rules,
-                    config.revoked_policy(),
-                )
-            });
+            let loading = s.spawn(|| Datapath::load(&config.bpffs, layout, config.max_rules, config.revoked_policy()));
             let probing = Instant::now();
             let offered = crate::kernel::probe::probe()
                 .context("probing the kernel's conntrack helpers")
-                .and_then(|probed| {
-                    Offered::new(probed, config.allowed_helpers.as_deref())
-                        .map_err(anyhow::Error::msg)
-                });
+                .and_then(|probed| Offered::new(probed, config.allowed_helpers.as_deref()).map_err(anyhow::Error::msg));
             if let Ok(offered) = &offered {
                 info!(helpers = ?offered.names(), probe_ms = probing.elapsed().as_millis() as u64, "helpers offered");
             }
-            let reference = offered
-                .as_ref()
-                .ok()
-                .map(|o| glue::reference(o, &layout).context("listing the glue as installed"));
-            let datapath = loading
-                .join()
-                .map_err(|_| anyhow::anyhow!("loading the programs panicked"));
+            let reference = offered.as_ref().ok().map(|o| glue::reference(o, &layout).context("listing the glue as installed"));
+            let datapath = loading.join().map_err(|_| anyhow::anyhow!("loading the programs panicked"));
             (offered, reference, datapath)
         });
         let offered = offered?;
         let glue_reference = glue_reference.context("no reference glue")??;
         let mut datapath = datapath??;
-        let verified =
-            verified::Verified::load(&config.state_dir, std::sync::Arc::new(glue_reference));
+        let verified = verified::Verified::load(&config.state_dir, std::sync::Arc::new(glue_reference));
         datapath.set_attach_mode(mode);
         info!(?mode, "attach mode");
         let routers = state
             .routers
             .into_values()
-            .map(|record| {
-                (
-                    record.id.clone(),
-                    RouterState {
-                        record,
-                        attachment: None,
-                        netns_id: None,
-                        glue: Default::default(),
-                        links: (0, 0),
-                    },
-                )
-            })
+            .map(|record| (record.id.clone(), RouterState { record, attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) }))
             .collect();
         let mut daemon = Daemon {
             index: Index::of(&state.helpers),
@@ -384,12 +338,7 @@ impl Daemon {
             config,
             routers,
             helpers: state.helpers,
-            life: Life {
-                started: Instant::now(),
-                started_with: ReconcileReport::default(),
-                ready: None,
-                stopping: false,
-            },
+            life: Life { started: Instant::now(), started_with: ReconcileReport::default(), ready: None, stopping: false },
             sync_seen: None,
             verified,
             map_drift: Default::default(),
@@ -411,11 +360,7 @@ impl Daemon {
             // A first start, or one after a version that kept no record.
             Err(_) => daemon.datapath.set_replace_programs(true),
         }
-        info!(
-            routers = daemon.routers.len(),
-            helpers = daemon.helpers.len(),
-            "store read; reconciling the kernel in the background"
-        );
+        info!(routers = daemon.routers.len(), helpers = daemon.helpers.len(), "store read; reconciling the kernel in the background");
         Ok(daemon)
     }
 
@@ -425,10 +370,7 @@ impl Daemon {
         self.routers
             .values()
             .map(|r| {
-                let job = netns_id(&r.record.netns).map(|_| GlueJob {
-                    check: Some(self.glue_check(&r.record.netns)),
-                    ..self.glue_job(&r.record.netns)
-                });
+                let job = netns_id(&r.record.netns).map(|_| GlueJob { check: Some(self.glue_check(&r.record.netns)), ..self.glue_job(&r.record.netns) });
                 (r.record.id.clone(), job)
             })
             .collect()
@@ -457,12 +399,7 @@ impl Daemon {
     /// removes orphans, brings the maps in line, frees quarantined slots no
     /// entry carries any more. From then on writes are served.
     pub(super) fn finish_start(&mut self) -> Result<()> {
-        let known: BTreeSet<u32> = self
-            .routers
-            .values()
-            .filter(|r| r.attachment.is_some())
-            .map(|r| r.record.index)
-            .collect();
+        let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
         for index in self.datapath.pinned_routers() {
             if !known.contains(&index) {
                 self.datapath.detach_router(index, None)?;
@@ -472,10 +409,7 @@ impl Daemon {
         self.life.started_with.maps = self.datapath.reconcile(&self.desired()?, true)?;
         self.life.started_with.slots_released = self.release_quarantine();
         self.datapath.set_replace_programs(false);
-        if let Err(e) = crate::store::write_atomic(
-            &self.config.state_dir.join(PROGRAMS_FILE),
-            self.datapath.program_identity().as_bytes(),
-        ) {
+        if let Err(e) = crate::store::write_atomic(&self.config.state_dir.join(PROGRAMS_FILE), self.datapath.program_identity().as_bytes()) {
             // Costs a replacement of every program at the next start.
             warn!("recording the programs attached: {e:#}");
         }
@@ -506,22 +440,13 @@ impl Daemon {
 
     /// The glue step for namespace `netns`, to run without the lock.
     pub(super) fn glue_job(&self, netns: &str) -> GlueJob {
-        GlueJob {
-            netns: netns.to_string(),
-            offered: self.offered.clone(),
-            layout: self.datapath.layout(),
-            check: None,
-            new_router: false,
-        }
+        GlueJob { netns: netns.to_string(), offered: self.offered.clone(), layout: self.datapath.layout(), check: None, new_router: false }
     }
 
     /// The check of namespace `netns`'s glue, from where it was last found
     /// intact.
     pub(super) fn glue_check(&self, netns: &str) -> GlueCheck {
-        GlueCheck {
-            reference: self.verified.reference(),
-            known: self.verified.get(netns),
-        }
+        GlueCheck { reference: self.verified.reference(), known: self.verified.get(netns) }
     }
 
     /// Attaches a stored router if its namespace exists. Returns whether the
@@ -529,11 +454,7 @@ impl Daemon {
     /// the namespace is missing (the router is then detached everywhere).
     /// The glue comes from `glue` (done without the lock) when given; else,
     /// for a namespace attached for the first time, it is installed here.
-    fn bring_up(
-        &mut self,
-        id: &str,
-        glue: Option<GlueDone>,
-    ) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
+    fn bring_up(&mut self, id: &str, glue: Option<GlueDone>) -> Result<Option<(bool, crate::kernel::LinkChanges)>> {
         let (datapath, offered, verified) = (&mut self.datapath, &self.offered, &mut self.verified);
         let layout = datapath.layout();
         let state = self.routers.get_mut(id).context("unknown router")?;
@@ -577,25 +498,14 @@ impl Daemon {
     fn desired(&self) -> Result<Desired> {
         let mut want = Desired::default();
         for state in self.routers.values().filter(|r| r.attachment.is_some()) {
-            want.routers
-                .insert(state.record.index, uuid::Uuid::parse_str(&state.record.id)?);
+            want.routers.insert(state.record.index, uuid::Uuid::parse_str(&state.record.id)?);
         }
         for ((router, _), h) in &self.helpers {
-            let Some(state) = self.routers.get(router).filter(|r| r.attachment.is_some()) else {
-                continue;
-            };
+            let Some(state) = self.routers.get(router).filter(|r| r.attachment.is_some()) else { continue };
             let kind = kind_of(&h.helper)?;
             want.rules.insert(
-                RuleKey::new(
-                    state.record.index,
-                    h.helper.protocol.number(),
-                    h.helper.port,
-                ),
-                RuleValue {
-                    slot: h.slot,
-                    helper: kind.id,
-                    _pad: [0; 5],
-                },
+                RuleKey::new(state.record.index, h.helper.protocol.number(), h.helper.port),
+                RuleValue { slot: h.slot, helper: kind.id, _pad: [0; 5] },
             );
         }
         for (router, slot) in self.slots.revoked_not_free() {
@@ -611,17 +521,13 @@ impl Daemon {
     fn release_quarantine(&mut self) -> usize {
         let mut free = Vec::new();
         for (router, slot) in self.slots.quarantined() {
-            let Some(state) = self.routers.get(router) else {
-                continue;
-            };
+            let Some(state) = self.routers.get(router) else { continue };
             let carried = match &state.attachment {
                 // The namespace is gone, and its conntrack table with it.
                 None => Ok(0),
                 Some(_) => {
                     let (mark, mask) = self.slot_mark(slot);
-                    netns::run_in(&netns::path(&state.record.netns), || {
-                        Ok(conntrack::entries_with_mark(mark, mask)?.len())
-                    })
+                    netns::run_in(&netns::path(&state.record.netns), || Ok(conntrack::entries_with_mark(mark, mask)?.len()))
                 }
             };
             match carried {
@@ -630,13 +536,8 @@ impl Daemon {
                 Err(e) => warn!(router = %router, slot, "checking a quarantined slot: {e:#}"),
             }
         }
-        let changes: Vec<Change> = free
-            .iter()
-            .map(|(router_id, slot)| Change::Release {
-                router_id: router_id.clone(),
-                slot: *slot,
-            })
-            .collect();
+        let changes: Vec<Change> =
+            free.iter().map(|(router_id, slot)| Change::Release { router_id: router_id.clone(), slot: *slot }).collect();
         if changes.is_empty() {
             return 0;
         }
@@ -661,10 +562,7 @@ impl Daemon {
             }
             Err(e) => tracing::error!("reading the store back after a failed commit: {e:#}"),
         }
-        if let Err(e) = self
-            .desired()
-            .and_then(|want| self.datapath.reconcile(&want, true))
-        {
+        if let Err(e) = self.desired().and_then(|want| self.datapath.reconcile(&want, true)) {
             tracing::error!("putting the maps back after a failed commit: {e:#}");
         }
     }
@@ -711,9 +609,7 @@ impl Daemon {
             .released()
             .iter()
             .copied()
-            .filter(|(index, slot)| {
-                !referenced.contains(&enforcer_common::SlotKey::new(*index, *slot as u32))
-            })
+            .filter(|(index, slot)| !referenced.contains(&enforcer_common::SlotKey::new(*index, *slot as u32)))
             .collect();
         for (index, slot) in done {
             self.slots.swept(index, slot);
@@ -769,9 +665,7 @@ impl Daemon {
     /// namespace not yet mounted on it): its mount brings no event, so the
     /// follower looks again shortly.
     pub(super) fn namespaces_mounting(&self) -> bool {
-        self.routers
-            .values()
-            .any(|r| netns::presence(&r.record.netns) == netns::Presence::Mounting)
+        self.routers.values().any(|r| netns::presence(&r.record.netns) == netns::Presence::Mounting)
     }
 
     /// Re-syncs one router with its namespace (after a link event or a
@@ -801,17 +695,16 @@ impl Daemon {
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        warn!("raising the open files limit: {e}");
-    }
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            warn!("raising the open files limit: {e}");
+        }
 }
 
 fn kind_of(h: &crate::api::Helper) -> Result<&'static HelperKind> {
-    catalogue::by_name(&h.helper)
-        .with_context(|| format!("helper {} is not in the catalogue", h.helper))
+    catalogue::by_name(&h.helper).with_context(|| format!("helper {} is not in the catalogue", h.helper))
 }
 
 fn rule_key(index: u32, h: &HelperRecord) -> (u32, u8, u16) {
     (index, h.helper.protocol.number(), h.helper.port)
 }
+

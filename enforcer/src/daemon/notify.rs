@@ -19,18 +19,12 @@ fn send(states: &[NotifyState]) {
 
 /// Start-up reconciliation is done: the daemon enforces what the store says.
 pub(super) fn ready(routers: usize, took: Duration) {
-    let status = format!(
-        "enforcing {routers} routers (reconciled in {} ms)",
-        took.as_millis()
-    );
+    let status = format!("enforcing {routers} routers (reconciled in {} ms)", took.as_millis());
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
 pub(super) fn stopping() {
-    send(&[
-        NotifyState::Stopping,
-        NotifyState::Status("stopping; enforcement stays in place"),
-    ]);
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping; enforcement stays in place")]);
 }
 
 /// Feeds the watchdog (`WatchdogSec=`) at half its period, each time after
@@ -38,9 +32,7 @@ pub(super) fn stopping() {
 /// systemd instead of answering nothing forever. Returns at once when no
 /// watchdog is configured.
 pub(super) async fn watchdog(daemon: Shared) {
-    let Some(period) = sd_notify::watchdog_enabled() else {
-        return;
-    };
+    let Some(period) = sd_notify::watchdog_enabled() else { return };
     let every = (period / 2).max(Duration::from_millis(100));
     info!(?period, "feeding the systemd watchdog");
     let mut tick = tokio::time::interval(every);

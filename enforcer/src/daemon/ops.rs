@@ -10,10 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::{Acting, DEFAULT_PROJECT, Daemon, GlueDone, RouterState, kind_of, netns_id, rule_key};
 use crate::{
-    api::{
-        ApiError, ErrorCode, GlueState, Helper, Owner, Protocol, Reply, Request, Router,
-        RouterStatus, StatusReport,
-    },
+    api::{ApiError, ErrorCode, GlueState, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
     api::{AuditEntry, Caller, Event, HelperSpec},
     audit::{self, Audit},
     auth,
@@ -23,12 +20,7 @@ use crate::{
     validate,
 };
 
-pub(super) fn allow_record(
-    dp: &mut Datapath,
-    index: u32,
-    h: &HelperRecord,
-    kind: &HelperKind,
-) -> Result<()> {
+pub(super) fn allow_record(dp: &mut Datapath, index: u32, h: &HelperRecord, kind: &HelperKind) -> Result<()> {
     let (router, proto, port) = rule_key(index, h);
     dp.allow(router, proto, port, kind.id, h.slot)
 }
@@ -47,14 +39,8 @@ pub(super) enum Prepared {
 /// A read done without the lock.
 pub(super) enum ReadJob {
     /// The pinned maps, cut to the routers the caller may see.
-    Dump {
-        bpffs: std::path::PathBuf,
-        visible: BTreeSet<String>,
-    },
-    Audit {
-        state_dir: std::path::PathBuf,
-        since: Option<std::time::SystemTime>,
-    },
+    Dump { bpffs: std::path::PathBuf, visible: BTreeSet<String> },
+    Audit { state_dir: std::path::PathBuf, since: Option<std::time::SystemTime> },
 }
 
 impl ReadJob {
@@ -62,17 +48,11 @@ impl ReadJob {
         match self {
             ReadJob::Dump { bpffs, visible } => {
                 let mut dump = crate::kernel::dump::read(&bpffs).map_err(ApiError::kernel)?;
-                dump.slots.retain(|s| {
-                    s.router_id
-                        .as_deref()
-                        .is_some_and(|id| visible.contains(id))
-                });
+                dump.slots.retain(|s| s.router_id.as_deref().is_some_and(|id| visible.contains(id)));
                 dump.routers = visible.len();
                 Ok(Reply::Dump(dump))
             }
-            ReadJob::Audit { state_dir, since } => Ok(Reply::Audit(
-                audit::read(&state_dir, since).map_err(ApiError::internal)?,
-            )),
+            ReadJob::Audit { state_dir, since } => Ok(Reply::Audit(audit::read(&state_dir, since).map_err(ApiError::internal)?)),
         }
     }
 }
@@ -102,23 +82,13 @@ pub(super) fn describe(req: &Request) -> (&'static str, bool) {
 /// The router and helper a request names (as given: audited even if bad).
 fn names(req: &Request) -> (Option<String>, Option<String>) {
     match req {
-        Request::RouterAdd { router_id, .. }
-        | Request::RouterRemove { router_id }
-        | Request::HelperSet { router_id, .. } => (Some(router_id.clone()), None),
+        Request::RouterAdd { router_id, .. } | Request::RouterRemove { router_id } | Request::HelperSet { router_id, .. } => {
+            (Some(router_id.clone()), None)
+        }
         Request::HelperCreate { router_id, id, .. } => (Some(router_id.clone()), id.clone()),
-        Request::HelperUpdate {
-            router_id,
-            helper_id,
-            ..
-        }
-        | Request::HelperDelete {
-            router_id,
-            helper_id,
-        }
-        | Request::HelperShow {
-            router_id,
-            helper_id,
-        } => (Some(router_id.clone()), Some(helper_id.clone())),
+        Request::HelperUpdate { router_id, helper_id, .. }
+        | Request::HelperDelete { router_id, helper_id }
+        | Request::HelperShow { router_id, helper_id } => (Some(router_id.clone()), Some(helper_id.clone())),
         Request::HelperList { router_id } => (router_id.clone(), None),
         _ => (None, None),
     }
@@ -144,29 +114,15 @@ impl Daemon {
     /// the caller may see. Only for a request the caller may make and that
     /// is otherwise sound; anything else is refused, and audited, under the
     /// lock as usual.
-    pub(super) fn prepare(
-        &self,
-        origin: Owner,
-        caller: &Caller,
-        req: &Request,
-    ) -> Option<Prepared> {
+    pub(super) fn prepare(&self, origin: Owner, caller: &Caller, req: &Request) -> Option<Prepared> {
         let role = auth::role_of(&self.config.access, caller);
         auth::permits(role.as_ref(), req).ok()?;
         let scope = role.as_ref().and_then(|r| r.scope());
         match req {
-            Request::RouterAdd {
-                router_id,
-                netns,
-                project_id,
-            } => {
+            Request::RouterAdd { router_id, netns, project_id } => {
                 self.check_owner(origin, req, true).ok()?;
-                let (_, netns, ..) = self
-                    .check_router_add(router_id, netns.clone(), project_id.clone())
-                    .ok()?;
-                Some(Prepared::Glue(super::GlueJob {
-                    new_router: true,
-                    ..self.glue_job(&netns)
-                }))
+                let (_, netns, ..) = self.check_router_add(router_id, netns.clone(), project_id.clone()).ok()?;
+                Some(Prepared::Glue(super::GlueJob { new_router: true, ..self.glue_job(&netns) }))
             }
             Request::MapsDump {} => Some(Prepared::Read(self.dump_job(scope))),
             Request::Audit { since } => self.audit_job(since.as_deref()).ok().map(Prepared::Read),
@@ -182,18 +138,12 @@ impl Daemon {
             .filter(|r| scope.is_none_or(|p| p == r.record.project_id))
             .map(|r| r.record.id.clone())
             .collect();
-        ReadJob::Dump {
-            bpffs: self.config.bpffs.clone(),
-            visible,
-        }
+        ReadJob::Dump { bpffs: self.config.bpffs.clone(), visible }
     }
 
     fn audit_job(&self, since: Option<&str>) -> Result<ReadJob, ApiError> {
         let since = since.map(audit::parse_since).transpose()?;
-        Ok(ReadJob::Audit {
-            state_dir: self.config.state_dir.clone(),
-            since,
-        })
+        Ok(ReadJob::Audit { state_dir: self.config.state_dir.clone(), since })
     }
 
     /// Handles a request of `caller` made on behalf of `origin`: authorizes
@@ -201,13 +151,7 @@ impl Daemon {
     /// and every refusal. The local API may not change what Neutron owns,
     /// and the sync changes only that. `glue` is the glue step already done
     /// without the lock (see [`Daemon::prepare`]).
-    pub(super) fn handle_from(
-        &mut self,
-        origin: Owner,
-        caller: Caller,
-        req: Request,
-        glue: Option<GlueDone>,
-    ) -> Result<Reply, ApiError> {
+    pub(super) fn handle_from(&mut self, origin: Owner, caller: Caller, req: Request, glue: Option<GlueDone>) -> Result<Reply, ApiError> {
         let (result, entry) = self.handle_audited(origin, caller, req, glue);
         if let Some(entry) = entry
             && let Err(e) = self.audit.record(&entry)
@@ -222,10 +166,7 @@ impl Daemon {
     /// all are committed at once. If the commit fails (a full disk may only
     /// show here), none is kept: memory and the maps go back to what the
     /// store holds, and every change of the group fails with the reason.
-    pub(super) fn handle_group(
-        &mut self,
-        group: Vec<(Owner, Caller, Request)>,
-    ) -> Vec<Result<Reply, ApiError>> {
+    pub(super) fn handle_group(&mut self, group: Vec<(Owner, Caller, Request)>) -> Vec<Result<Reply, ApiError>> {
         if self.store.abandon_group() {
             // The last group panicked halfway: nothing of it was kept.
             self.back_to_store();
@@ -234,10 +175,8 @@ impl Daemon {
             let error = ApiError::from(e);
             return group.iter().map(|_| Err(error.clone())).collect();
         }
-        let (mut results, entries): (Vec<Result<Reply, ApiError>>, Vec<Option<AuditEntry>>) = group
-            .into_iter()
-            .map(|(origin, caller, req)| self.handle_audited(origin, caller, req, None))
-            .unzip();
+        let (mut results, entries): (Vec<Result<Reply, ApiError>>, Vec<Option<AuditEntry>>) =
+            group.into_iter().map(|(origin, caller, req)| self.handle_audited(origin, caller, req, None)).unzip();
         self.tally.changes += results.len() as u64;
         self.tally.commits += 1;
         // The entries are journaled with the changes: one sync for both.
@@ -252,9 +191,7 @@ impl Daemon {
         let committed = self.store.commit_group();
         if let Err(e) = &committed {
             warn!("group commit of {} changes failed: {e}", results.len());
-            let error = ApiError::internal(format!(
-                "{e}; the change was not kept (nothing of it is enforced)"
-            ));
+            let error = ApiError::internal(format!("{e}; the change was not kept (nothing of it is enforced)"));
             self.back_to_store();
             for result in results.iter_mut().filter(|r| r.is_ok()) {
                 *result = Err(error.clone());
@@ -263,9 +200,7 @@ impl Daemon {
                 s.failed(&error);
             }
         }
-        if let Err(e) =
-            staged.and_then(|s| self.audit.append(s, journaled.is_ok() && committed.is_ok()))
-        {
+        if let Err(e) = staged.and_then(|s| self.audit.append(s, journaled.is_ok() && committed.is_ok())) {
             warn!("audit: {e:#}");
         }
         results
@@ -273,13 +208,7 @@ impl Daemon {
 
     /// Handles a request as [`Daemon::handle_from`] does; returns the audit
     /// entry to write instead of writing it.
-    fn handle_audited(
-        &mut self,
-        origin: Owner,
-        caller: Caller,
-        req: Request,
-        glue: Option<GlueDone>,
-    ) -> (Result<Reply, ApiError>, Option<AuditEntry>) {
+    fn handle_audited(&mut self, origin: Owner, caller: Caller, req: Request, glue: Option<GlueDone>) -> (Result<Reply, ApiError>, Option<AuditEntry>) {
         let role = auth::role_of(&self.config.access, &caller);
         let (op, mutation) = describe(&req);
         let (router_id, helper_id) = names(&req);
@@ -290,18 +219,12 @@ impl Daemon {
             _ if mutation => self.snapshot(router_id.as_deref(), helper_id.as_deref()),
             _ => None,
         };
-        let result = auth::permits(role.as_ref(), &req)
-            .and_then(|()| self.check_owner(origin, &req, mutation))
-            .and_then(|()| {
-                let by = Acting {
-                    scope: role.as_ref().and_then(|r| r.scope()).map(str::to_string),
-                    origin,
-                };
-                self.handle(req, glue, &by)
-            });
+        let result = auth::permits(role.as_ref(), &req).and_then(|()| self.check_owner(origin, &req, mutation)).and_then(|()| {
+            let by = Acting { scope: role.as_ref().and_then(|r| r.scope()).map(str::to_string), origin };
+            self.handle(req, glue, &by)
+        });
         // Reads, and a helper set that changed nothing, leave no entry.
-        let unchanged =
-            matches!(&result, Ok(Reply::HelperSet(r)) if r.created + r.updated + r.deleted == 0);
+        let unchanged = matches!(&result, Ok(Reply::HelperSet(r)) if r.created + r.updated + r.deleted == 0);
         if (!mutation || unchanged) && result.is_ok() {
             return (result, None);
         }
@@ -327,10 +250,7 @@ impl Daemon {
             after,
             result: match &result {
                 Ok(_) => "ok".to_string(),
-                Err(e) => serde_json::to_value(e.code)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                Err(e) => serde_json::to_value(e.code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             },
             error: result.as_ref().err().cloned(),
         };
@@ -341,18 +261,12 @@ impl Daemon {
     /// that follows Neutron is refused, and the sync touches nothing else.
     /// (Teardown names no router: it removes every router, whoever owns it.)
     fn check_owner(&self, origin: Owner, req: &Request, mutation: bool) -> Result<(), ApiError> {
-        let (Some(router), true) = (names(req).0, mutation) else {
-            return Ok(());
-        };
-        let Some(owner) = self.routers.get(&router).map(|r| r.record.owner) else {
-            return Ok(());
-        };
+        let (Some(router), true) = (names(req).0, mutation) else { return Ok(()) };
+        let Some(owner) = self.routers.get(&router).map(|r| r.record.owner) else { return Ok(()) };
         match (origin, owner) {
             (Owner::Local, Owner::Neutron) => Err(ApiError::new(
                 ErrorCode::PermissionDenied,
-                format!(
-                    "router {router} follows Neutron, which owns its helpers: change them in Neutron (openstack network l3 conntrack helper ...)"
-                ),
+                format!("router {router} follows Neutron, which owns its helpers: change them in Neutron (openstack network l3 conntrack helper ...)"),
             )),
             (Owner::Neutron, Owner::Local) => Err(ApiError::new(
                 ErrorCode::Conflict,
@@ -375,10 +289,7 @@ impl Daemon {
             before: None,
             after: None,
             result: "bad_request".to_string(),
-            error: Some(ApiError {
-                message: error.message.chars().take(256).collect(),
-                ..error
-            }),
+            error: Some(ApiError { message: error.message.chars().take(256).collect(), ..error }),
         };
         if let Err(e) = self.audit.record(&entry) {
             warn!("audit: {e:#}");
@@ -393,9 +304,7 @@ impl Daemon {
     fn snapshot(&self, router: Option<&str>, helper: Option<&str>) -> Option<serde_json::Value> {
         let router = router?;
         if let Some(helper) = helper {
-            let h = self
-                .helpers
-                .get(&(router.to_string(), helper.to_string()))?;
+            let h = self.helpers.get(&(router.to_string(), helper.to_string()))?;
             return serde_json::to_value(&h.helper).ok();
         }
         serde_json::to_value(Self::router_view(self.routers.get(router)?)).ok()
@@ -403,64 +312,28 @@ impl Daemon {
 
     /// Handles an authorized request; `glue` is the glue step already done
     /// for a router add (see [`Daemon::prepare`]).
-    fn handle(
-        &mut self,
-        req: Request,
-        glue: Option<GlueDone>,
-        by: &Acting,
-    ) -> Result<Reply, ApiError> {
+    fn handle(&mut self, req: Request, glue: Option<GlueDone>, by: &Acting) -> Result<Reply, ApiError> {
         match req {
-            Request::RouterAdd {
-                router_id,
-                netns,
-                project_id,
-            } => self.router_add(router_id, netns, project_id, glue, by.origin),
+            Request::RouterAdd { router_id, netns, project_id } => self.router_add(router_id, netns, project_id, glue, by.origin),
             Request::RouterRemove { router_id } => {
                 let id = validate::uuid("router_id", &router_id)?;
                 self.router_remove(&id, by.origin)
             }
             Request::RouterList {} => Ok(Reply::Routers(self.router_list(by))),
-            Request::HelperCreate {
-                router_id,
-                protocol,
-                port,
-                helper,
-                id,
-                project_id,
-            } => self.helper_create(
-                &router_id,
-                HelperSpec {
-                    id,
-                    protocol,
-                    port,
-                    helper,
-                    project_id,
-                },
-                by,
-            ),
-            Request::HelperUpdate {
-                router_id,
-                helper_id,
-                protocol,
-                port,
-                helper,
-            } => self.helper_update(&router_id, &helper_id, protocol, port, helper, by),
-            Request::HelperDelete {
-                router_id,
-                helper_id,
-            } => self.helper_delete(&router_id, &helper_id, by),
+            Request::HelperCreate { router_id, protocol, port, helper, id, project_id } => {
+                self.helper_create(&router_id, HelperSpec { id, protocol, port, helper, project_id }, by)
+            }
+            Request::HelperUpdate { router_id, helper_id, protocol, port, helper } => {
+                self.helper_update(&router_id, &helper_id, protocol, port, helper, by)
+            }
+            Request::HelperDelete { router_id, helper_id } => self.helper_delete(&router_id, &helper_id, by),
             Request::HelperSet { router_id, helpers } => self.helper_set(&router_id, helpers, by),
             Request::HelperList { router_id } => self.helper_list(router_id, by),
-            Request::HelperShow {
-                router_id,
-                helper_id,
-            } => {
+            Request::HelperShow { router_id, helper_id } => {
                 let (_, key) = self.find_helper(&router_id, &helper_id, by)?;
                 Ok(Reply::Helper(self.helpers[&key].helper.clone()))
             }
-            Request::Status {} => Ok(Reply::Status(Box::new(
-                self.status().map_err(ApiError::kernel)?,
-            ))),
+            Request::Status {} => Ok(Reply::Status(Box::new(self.status().map_err(ApiError::kernel)?))),
             Request::Teardown {} => self.teardown(by.origin),
             Request::DebugDatapath { drops } => self.debug_datapath(drops),
             // Without a prepared read (see `prepare`): the same, under the lock.
@@ -475,32 +348,16 @@ impl Daemon {
     /// Sets how many drops the programs describe in the log from now on.
     fn debug_datapath(&mut self, drops: u32) -> Result<Reply, ApiError> {
         if drops > crate::api::MAX_DEBUG_DROPS {
-            return Err(ApiError::invalid(
-                "drops",
-                format!(
-                    "at most {} drops can be logged at a time",
-                    crate::api::MAX_DEBUG_DROPS
-                ),
-            ));
+            return Err(ApiError::invalid("drops", format!("at most {} drops can be logged at a time", crate::api::MAX_DEBUG_DROPS)));
         }
         self.datapath.set_debug(drops).map_err(ApiError::kernel)?;
-        info!(
-            drops,
-            "datapath log of drops {}",
-            if drops == 0 { "off" } else { "on" }
-        );
-        Ok(Reply::Debug(crate::api::DebugReport {
-            datapath_log_drops: drops,
-        }))
+        info!(drops, "datapath log of drops {}", if drops == 0 { "off" } else { "on" });
+        Ok(Reply::Debug(crate::api::DebugReport { datapath_log_drops: drops }))
     }
 
     /// Subscribes `caller` to the event stream, if it may read it.
-    pub(super) fn subscribe(
-        &mut self,
-        caller: Caller,
-    ) -> Result<tokio::sync::broadcast::Receiver<Event>, ApiError> {
-        self.handle_from(Owner::Local, caller, Request::Events {}, None)
-            .map(|_| self.audit.subscribe())
+    pub(super) fn subscribe(&mut self, caller: Caller) -> Result<tokio::sync::broadcast::Receiver<Event>, ApiError> {
+        self.handle_from(Owner::Local, caller, Request::Events {}, None).map(|_| self.audit.subscribe())
     }
 
     fn router_view(state: &RouterState) -> Router {
@@ -510,116 +367,62 @@ impl Daemon {
             project_id: r.project_id.clone(),
             netns: r.netns.clone(),
             owner: r.owner,
-            interfaces: state
-                .attachment
-                .as_ref()
-                .map(|a| a.interfaces.clone())
-                .unwrap_or_default(),
+            interfaces: state.attachment.as_ref().map(|a| a.interfaces.clone()).unwrap_or_default(),
         }
     }
 
     fn router_list(&self, by: &Acting) -> Vec<Router> {
-        self.routers
-            .values()
-            .filter(|r| by.sees(&r.record.project_id))
-            .map(Self::router_view)
-            .collect()
+        self.routers.values().filter(|r| by.sees(&r.record.project_id)).map(Self::router_view).collect()
     }
 
     /// The checks of a router add that need no kernel step: (id, netns,
     /// project), normalized.
-    fn check_router_add(
-        &self,
-        id: &str,
-        netns: Option<String>,
-        project: Option<String>,
-    ) -> Result<(String, String, String), ApiError> {
+    fn check_router_add(&self, id: &str, netns: Option<String>, project: Option<String>) -> Result<(String, String, String), ApiError> {
         let id = validate::uuid("router_id", id)?;
         let netns = validate::netns(&netns.unwrap_or_else(|| format!("qrouter-{id}")))?;
         let project = validate::project(project.as_deref().unwrap_or(DEFAULT_PROJECT))?;
         if self.routers.contains_key(&id) {
-            return Err(ApiError::new(
-                ErrorCode::Conflict,
-                format!("router {id} already exists"),
-            ));
+            return Err(ApiError::new(ErrorCode::Conflict, format!("router {id} already exists")));
         }
         if let Some(other) = self.routers.values().find(|r| r.record.netns == netns) {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
-                format!(
-                    "network namespace {netns} already belongs to router {}",
-                    other.record.id
-                ),
+                format!("network namespace {netns} already belongs to router {}", other.record.id),
             ));
         }
         let Some(ns_id) = netns_id(&netns) else {
-            return Err(ApiError::invalid(
-                "netns",
-                format!("network namespace {netns:?} does not exist (/run/netns/{netns})"),
-            ));
+            return Err(ApiError::invalid("netns", format!("network namespace {netns:?} does not exist (/run/netns/{netns})")));
         };
         // Another name for a namespace a router already has (a second bind
         // mount of it) would attach the same interfaces twice.
         if let Some(other) = self.routers.values().find(|r| r.netns_id == Some(ns_id)) {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
-                format!(
-                    "network namespace {netns} is the namespace {} of router {} under another name",
-                    other.record.netns, other.record.id
-                ),
+                format!("network namespace {netns} is the namespace {} of router {} under another name", other.record.netns, other.record.id),
             ));
         }
         Ok((id, netns, project))
     }
 
-    fn router_add(
-        &mut self,
-        id: String,
-        netns: Option<String>,
-        project: Option<String>,
-        glue: Option<GlueDone>,
-        owner: Owner,
-    ) -> Result<Reply, ApiError> {
+    fn router_add(&mut self, id: String, netns: Option<String>, project: Option<String>, glue: Option<GlueDone>, owner: Owner) -> Result<Reply, ApiError> {
         let (id, netns, project) = self.check_router_add(&id, netns, project)?;
         let used: BTreeSet<u32> = self.routers.values().map(|r| r.record.index).collect();
         let index = (1..=u32::MAX)
             .find(|i| !used.contains(i))
             .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, "no free router index"))?;
-        let record = RouterRecord {
-            id: id.clone(),
-            index,
-            project_id: project,
-            netns,
-            owner,
-        };
-        self.routers.insert(
-            id.clone(),
-            RouterState {
-                record: record.clone(),
-                attachment: None,
-                netns_id: None,
-                glue: Default::default(),
-                links: (0, 0),
-            },
-        );
+        let record = RouterRecord { id: id.clone(), index, project_id: project, netns, owner };
+        self.routers.insert(id.clone(), RouterState { record: record.clone(), attachment: None, netns_id: None, glue: Default::default(), links: (0, 0) });
         // Kernel first, then the store; a change the store cannot keep is
         // taken out of the kernel again, so nothing half-applied remains.
         let glue_ms = glue.as_ref().map_or(0.0, |g| g.took.as_secs_f64() * 1e3);
         let start = std::time::Instant::now();
         let attached = match self.bring_up(&id, glue) {
             Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(ApiError::kernel(format!(
-                "network namespace {} vanished",
-                record.netns
-            ))),
+            Ok(None) => Err(ApiError::kernel(format!("network namespace {} vanished", record.netns))),
             Err(e) => Err(ApiError::kernel(e)),
         };
         let attach_ms = start.elapsed().as_secs_f64() * 1e3;
-        let stored = attached.and_then(|()| {
-            self.store
-                .apply(&[Change::PutRouter(record.clone())], || Ok(()))
-                .map_err(ApiError::from)
-        });
+        let stored = attached.and_then(|()| self.store.apply(&[Change::PutRouter(record.clone())], || Ok(())).map_err(ApiError::from));
         let store_ms = start.elapsed().as_secs_f64() * 1e3 - attach_ms;
         if let Err(e) = stored {
             self.take_down(&id);
@@ -636,9 +439,7 @@ impl Daemon {
     /// Removes a router's enforcement from the kernel: links, map entries
     /// of its index, and the glue (also after a half-done attach).
     fn take_down(&mut self, id: &str) {
-        let Some(state) = self.routers.get(id) else {
-            return;
-        };
+        let Some(state) = self.routers.get(id) else { return };
         let index = state.record.index;
         let path = netns::path(&state.record.netns);
         if let Err(e) = self.datapath.detach_router(index, Some(&path)) {
@@ -664,16 +465,8 @@ impl Daemon {
     /// steps are serialized with those of other requests on it.
     pub(super) fn netns_of(&self, req: &Request) -> Option<String> {
         match req {
-            Request::RouterAdd {
-                router_id, netns, ..
-            } => Some(
-                netns
-                    .clone()
-                    .unwrap_or_else(|| format!("qrouter-{router_id}")),
-            ),
-            Request::RouterRemove { router_id } => {
-                self.routers.get(router_id).map(|r| r.record.netns.clone())
-            }
+            Request::RouterAdd { router_id, netns, .. } => Some(netns.clone().unwrap_or_else(|| format!("qrouter-{router_id}"))),
+            Request::RouterRemove { router_id } => self.routers.get(router_id).map(|r| r.record.netns.clone()),
             _ => None,
         }
     }
@@ -685,21 +478,10 @@ impl Daemon {
         let index = state.record.index;
         let attached = state.attachment.is_some();
         let helpers: Vec<HelperRecord> = self.helpers_of(id).cloned().collect();
-        let quarantined: Vec<u16> = self
-            .slots
-            .quarantined()
-            .filter(|(r, _)| *r == id)
-            .map(|(_, s)| s)
-            .collect();
+        let quarantined: Vec<u16> = self.slots.quarantined().filter(|(r, _)| *r == id).map(|(_, s)| s).collect();
         let mut changes = vec![Change::DeleteRouter(id.to_string())];
-        changes.extend(helpers.iter().map(|h| Change::DeleteHelper {
-            router_id: id.to_string(),
-            helper_id: h.helper.id.clone(),
-        }));
-        changes.extend(quarantined.iter().map(|s| Change::Release {
-            router_id: id.to_string(),
-            slot: *s,
-        }));
+        changes.extend(helpers.iter().map(|h| Change::DeleteHelper { router_id: id.to_string(), helper_id: h.helper.id.clone() }));
+        changes.extend(quarantined.iter().map(|s| Change::Release { router_id: id.to_string(), slot: *s }));
         // Revoke first: flows stop the moment the maps change.
         for h in &helpers {
             let _ = revoke_record(&mut self.datapath, index, h);
@@ -734,73 +516,38 @@ impl Daemon {
         Ok(Reply::Done {})
     }
 
-    pub(super) fn helpers_of<'a>(
-        &'a self,
-        router: &'a str,
-    ) -> impl Iterator<Item = &'a HelperRecord> + 'a {
-        self.helpers
-            .range((router.to_string(), String::new())..)
-            .take_while(move |((r, _), _)| r == router)
-            .map(|(_, h)| h)
+    pub(super) fn helpers_of<'a>(&'a self, router: &'a str) -> impl Iterator<Item = &'a HelperRecord> + 'a {
+        self.helpers.range((router.to_string(), String::new())..).take_while(move |((r, _), _)| r == router).map(|(_, h)| h)
     }
 
     pub(super) fn live_router(&self, id: &str, by: &Acting) -> Result<(String, u32), ApiError> {
         let id = validate::uuid("router_id", id)?;
-        match self
-            .routers
-            .get(&id)
-            .filter(|r| by.sees(&r.record.project_id))
-        {
+        match self.routers.get(&id).filter(|r| by.sees(&r.record.project_id)) {
             Some(r) if r.attachment.is_some() => Ok((id, r.record.index)),
-            Some(_) => Err(ApiError::new(
-                ErrorCode::Kernel,
-                format!("router {id} is not attached (its namespace is missing)"),
-            )),
+            Some(_) => Err(ApiError::new(ErrorCode::Kernel, format!("router {id} is not attached (its namespace is missing)"))),
             None => Err(ApiError::not_found("router", &id)),
         }
     }
 
     /// Helpers are addressed by (router, id): a helper of another router is
     /// "not found", exactly like an id that does not exist.
-    fn find_helper(
-        &self,
-        router: &str,
-        helper: &str,
-        by: &Acting,
-    ) -> Result<(u32, (String, String)), ApiError> {
+    fn find_helper(&self, router: &str, helper: &str, by: &Acting) -> Result<(u32, (String, String)), ApiError> {
         let (router, index) = self.live_router(router, by)?;
-        let helper = validate::uuid("helper_id", helper)
-            .map_err(|_| ApiError::not_found("helper", helper))?;
+        let helper = validate::uuid("helper_id", helper).map_err(|_| ApiError::not_found("helper", helper))?;
         let key = (router, helper);
-        if !self
-            .helpers
-            .get(&key)
-            .is_some_and(|h| by.sees(&h.helper.project_id))
-        {
+        if !self.helpers.get(&key).is_some_and(|h| by.sees(&h.helper.project_id)) {
             return Err(ApiError::not_found("helper", &key.1));
         }
         Ok((index, key))
     }
 
-    fn check_tuple_free(
-        &self,
-        router: &str,
-        protocol: Protocol,
-        port: u16,
-        except: Option<&str>,
-    ) -> Result<(), ApiError> {
+    fn check_tuple_free(&self, router: &str, protocol: Protocol, port: u16, except: Option<&str>) -> Result<(), ApiError> {
         match self.index.tuples.get(&(router.to_string(), protocol, port)) {
             Some(id) if Some(id.as_str()) != except => {
-                let name = self
-                    .helpers
-                    .get(&(router.to_string(), id.clone()))
-                    .map(|h| h.helper.helper.as_str())
-                    .unwrap_or("?");
+                let name = self.helpers.get(&(router.to_string(), id.clone())).map(|h| h.helper.helper.as_str()).unwrap_or("?");
                 Err(ApiError::new(
                     ErrorCode::Conflict,
-                    format!(
-                        "router {router} already has helper {id} on {protocol}/{port} ({name})"
-                    ),
+                    format!("router {router} already has helper {id} on {protocol}/{port} ({name})"),
                 ))
             }
             _ => Ok(()),
@@ -811,27 +558,13 @@ impl Daemon {
     /// `slots.untake` if the rule is not applied).
     pub(super) fn take_slot(&mut self, router: &str) -> Result<u16, ApiError> {
         let max = self.config.max_slot();
-        self.slots.take(router, max).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Exhausted,
-                format!("router {router} has no free rule slot"),
-            )
-        })
+        self.slots
+            .take(router, max)
+            .ok_or_else(|| ApiError::new(ErrorCode::Exhausted, format!("router {router} has no free rule slot")))
     }
 
-    fn helper_create(
-        &mut self,
-        router: &str,
-        spec: HelperSpec,
-        by: &Acting,
-    ) -> Result<Reply, ApiError> {
-        let HelperSpec {
-            id,
-            protocol,
-            port,
-            helper,
-            project_id: project,
-        } = spec;
+    fn helper_create(&mut self, router: &str, spec: HelperSpec, by: &Acting) -> Result<Reply, ApiError> {
+        let HelperSpec { id, protocol, port, helper, project_id: project } = spec;
         let (router, index) = self.live_router(router, by)?;
         let protocol = validate::protocol(&protocol)?;
         let port = validate::port(port)?;
@@ -846,55 +579,29 @@ impl Daemon {
         };
         if let Some(owner) = self.index.ids.get(&id) {
             // A retry of a create whose answer was lost finds its helper.
-            let same = self.helpers.get(&(owner.clone(), id.clone())).filter(|h| {
-                *owner == router
-                    && (
-                        h.helper.protocol,
-                        h.helper.port,
-                        h.helper.helper.as_str(),
-                        h.helper.project_id.as_str(),
-                    ) == (protocol, port, kind.name, project.as_str())
-            });
+            let same = self
+                .helpers
+                .get(&(owner.clone(), id.clone()))
+                .filter(|h| *owner == router && (h.helper.protocol, h.helper.port, h.helper.helper.as_str(), h.helper.project_id.as_str()) == (protocol, port, kind.name, project.as_str()));
             return match same {
                 Some(h) => Ok(Reply::Helper(h.helper.clone())),
-                None => Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    format!("helper id {id} is already in use by another helper"),
-                )),
+                None => Err(ApiError::new(ErrorCode::Conflict, format!("helper id {id} is already in use by another helper"))),
             };
         }
         if let Some(cap) = self.config.max_rules_per_project {
-            let used = self
-                .helpers
-                .values()
-                .filter(|h| h.helper.project_id == project)
-                .count();
+            let used = self.helpers.values().filter(|h| h.helper.project_id == project).count();
             if used >= cap as usize {
-                return Err(ApiError::new(
-                    ErrorCode::Exhausted,
-                    format!(
-                        "project {project} already has {used} helpers, the most this host allows per project (max_rules_per_project)"
-                    ),
-                ));
+                return Err(ApiError::new(ErrorCode::Exhausted, format!("project {project} already has {used} helpers, the most this host allows per project (max_rules_per_project)")));
             }
         }
         self.check_tuple_free(&router, protocol, port, None)?;
         let slot = self.take_slot(&router)?;
         let record = HelperRecord {
-            helper: Helper {
-                id: id.clone(),
-                router_id: router.clone(),
-                project_id: project,
-                protocol,
-                port,
-                helper: kind.name.to_string(),
-            },
+            helper: Helper { id: id.clone(), router_id: router.clone(), project_id: project, protocol, port, helper: kind.name.to_string() },
             slot,
         };
         let datapath = &mut self.datapath;
-        let result = self.store.apply(&[Change::PutHelper(record.clone())], || {
-            allow_record(datapath, index, &record, kind)
-        });
+        let result = self.store.apply(&[Change::PutHelper(record.clone())], || allow_record(datapath, index, &record, kind));
         if let Err(e) = result {
             if matches!(e, ApplyError::Commit(_) | ApplyError::Kernel(_)) {
                 let _ = revoke_record(&mut self.datapath, index, &record);
@@ -930,45 +637,25 @@ impl Daemon {
             Some(p) => validate::port(p)?,
             None => old.helper.port,
         };
-        let kind = validate::helper(
-            &self.offered,
-            name.as_deref().unwrap_or(&old.helper.helper),
-            protocol,
-        )?;
-        if (protocol, port, kind.name)
-            == (
-                old.helper.protocol,
-                old.helper.port,
-                old.helper.helper.as_str(),
-            )
-        {
+        let kind = validate::helper(&self.offered, name.as_deref().unwrap_or(&old.helper.helper), protocol)?;
+        if (protocol, port, kind.name) == (old.helper.protocol, old.helper.port, old.helper.helper.as_str()) {
             return Ok(Reply::Helper(old.helper));
         }
         self.check_tuple_free(&key.0, protocol, port, Some(&key.1))?;
         // A new slot: the old tuple's flows are revoked, not carried over.
         let slot = self.take_slot(&key.0)?;
-        let new = HelperRecord {
-            helper: Helper {
-                protocol,
-                port,
-                helper: kind.name.to_string(),
-                ..old.helper.clone()
-            },
-            slot,
-        };
+        let new = HelperRecord { helper: Helper { protocol, port, helper: kind.name.to_string(), ..old.helper.clone() }, slot };
         let ns = netns::path(&self.routers[&key.0].record.netns);
         let mark = self.slot_mark(old.slot);
         let quiet = self.config.revoked_quiet_secs;
         let datapath = &mut self.datapath;
         // As for a delete: one transaction, the old slot quarantined only if
         // the conntrack clean-up left something carrying it.
-        let result = self
-            .store
-            .apply_then(&[Change::PutHelper(new.clone())], || {
-                let revoked = super::revoke::revoke_rule(datapath, &ns, index, &old, mark, quiet)?;
-                allow_record(datapath, index, &new, kind)?;
-                Ok(revoked)
-            });
+        let result = self.store.apply_then(&[Change::PutHelper(new.clone())], || {
+            let revoked = super::revoke::revoke_rule(datapath, &ns, index, &old, mark, quiet)?;
+            allow_record(datapath, index, &new, kind)?;
+            Ok(revoked)
+        });
         let report = match result {
             Ok(report) => report,
             Err(e) => {
@@ -994,12 +681,7 @@ impl Daemon {
         Ok(Reply::Helper(new.helper))
     }
 
-    fn helper_delete(
-        &mut self,
-        router: &str,
-        helper: &str,
-        by: &Acting,
-    ) -> Result<Reply, ApiError> {
+    fn helper_delete(&mut self, router: &str, helper: &str, by: &Acting) -> Result<Reply, ApiError> {
         let (index, key) = self.find_helper(router, helper, by)?;
         let old = self.helpers[&key].clone();
         let ns = netns::path(&self.routers[&key.0].record.netns);
@@ -1008,13 +690,9 @@ impl Daemon {
         let datapath = &mut self.datapath;
         // One transaction: the helper goes, and its slot is quarantined only
         // if the conntrack clean-up left something carrying it.
-        let result = self.store.apply_then(
-            &[Change::DeleteHelper {
-                router_id: key.0.clone(),
-                helper_id: key.1.clone(),
-            }],
-            || super::revoke::revoke_rule(datapath, &ns, index, &old, mark, quiet),
-        );
+        let result = self.store.apply_then(&[Change::DeleteHelper { router_id: key.0.clone(), helper_id: key.1.clone() }], || {
+            super::revoke::revoke_rule(datapath, &ns, index, &old, mark, quiet)
+        });
         let report = match result {
             Ok(report) => report,
             Err(e) => {
@@ -1035,11 +713,7 @@ impl Daemon {
         let router = match router {
             Some(r) => {
                 let id = validate::uuid("router_id", &r)?;
-                if !self
-                    .routers
-                    .get(&id)
-                    .is_some_and(|r| by.sees(&r.record.project_id))
-                {
+                if !self.routers.get(&id).is_some_and(|r| by.sees(&r.record.project_id)) {
                     return Err(ApiError::not_found("router", &id));
                 }
                 Some(id)
@@ -1049,9 +723,7 @@ impl Daemon {
         Ok(Reply::Helpers(
             self.helpers
                 .iter()
-                .filter(|((r, _), h)| {
-                    router.as_ref().is_none_or(|want| want == r) && by.sees(&h.helper.project_id)
-                })
+                .filter(|((r, _), h)| router.as_ref().is_none_or(|want| want == r) && by.sees(&h.helper.project_id))
                 .map(|(_, h)| h.helper.clone())
                 .collect(),
         ))
@@ -1068,10 +740,7 @@ impl Daemon {
     fn status(&mut self) -> Result<StatusReport> {
         // Everything as the last check found it: status spawns no process
         // and walks no map, whatever the number of routers.
-        let mut drift = crate::api::ReconcileReport {
-            maps: self.map_drift,
-            ..Default::default()
-        };
+        let mut drift = crate::api::ReconcileReport { maps: self.map_drift, ..Default::default() };
         let mut routers = Vec::new();
         for state in self.routers.values() {
             let r = &state.record;
@@ -1093,26 +762,12 @@ impl Daemon {
                 owner: r.owner,
                 attached: state.attachment.is_some(),
                 glue: state.glue,
-                interfaces: state
-                    .attachment
-                    .as_ref()
-                    .map(|a| a.interfaces.clone())
-                    .unwrap_or_default(),
+                interfaces: state.attachment.as_ref().map(|a| a.interfaces.clone()).unwrap_or_default(),
                 helpers: self.helpers_of(&r.id).count(),
             });
         }
-        let known: BTreeSet<u32> = self
-            .routers
-            .values()
-            .filter(|r| r.attachment.is_some())
-            .map(|r| r.record.index)
-            .collect();
-        drift.orphan_routers_removed = self
-            .datapath
-            .pinned_routers()
-            .iter()
-            .filter(|i| !known.contains(i))
-            .count();
+        let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
+        drift.orphan_routers_removed = self.datapath.pinned_routers().iter().filter(|i| !known.contains(i)).count();
         Ok(StatusReport {
             pid: std::process::id(),
             bpffs: self.config.bpffs.display().to_string(),

@@ -8,8 +8,8 @@ use tracing::{info, warn};
 
 use super::{Daemon, GlueCheck, GlueJob, NetnsId, netns_id};
 use crate::{
-    api::AuditEntry,
     api::{ApiError, GlueState},
+    api::AuditEntry,
     kernel::{LinkCheck, glue, netns},
 };
 
@@ -40,24 +40,13 @@ impl Check {
 
     pub(super) fn run(self) -> Checked {
         let netns = self.repair.netns.clone();
-        let found = glue::check(&netns::path(&netns), &self.glue.reference, self.glue.known)
-            .map_err(|e| format!("{e:#}"));
+        let found = glue::check(&netns::path(&netns), &self.glue.reference, self.glue.known).map_err(|e| format!("{e:#}"));
         let repaired = match found {
-            Ok(glue::Found {
-                state: GlueState::Missing | GlueState::Altered,
-                ..
-            }) => Some(self.repair.run().added.map(|_| ())),
+            Ok(glue::Found { state: GlueState::Missing | GlueState::Altered, .. }) => Some(self.repair.run().added.map(|_| ())),
             _ => None,
         };
         let links = self.links.drift().map_err(|e| format!("{e:#}"));
-        Checked {
-            id: self.id,
-            netns,
-            netns_id: self.netns_id,
-            found,
-            repaired,
-            links,
-        }
+        Checked { id: self.id, netns, netns_id: self.netns_id, found, repaired, links }
     }
 }
 
@@ -72,9 +61,7 @@ impl Daemon {
                 netns_id: r.netns_id,
                 glue: self.glue_check(&r.record.netns),
                 repair: self.glue_job(&r.record.netns),
-                links: self
-                    .datapath
-                    .link_check(&netns::path(&r.record.netns), r.record.index),
+                links: self.datapath.link_check(&netns::path(&r.record.netns), r.record.index),
             })
             .collect()
     }
@@ -96,42 +83,22 @@ impl Daemon {
         }
         self.tally.link_repairs += changes.attached as u64;
         warn!(router = %id, attached = changes.attached, "attachments missing in the kernel: put back");
-        self.record_repair(
-            Some(id),
-            "link_repair",
-            serde_json::json!({ "links_missing": changes.attached }),
-            serde_json::json!({ "links_missing": 0 }),
-            Ok(()),
-        );
+        self.record_repair(Some(id), "link_repair", serde_json::json!({ "links_missing": changes.attached }), serde_json::json!({ "links_missing": 0 }), Ok(()));
     }
 
     /// Records a check: the router's glue and attachment state, and for a
     /// repair the counter and an audit entry; attachments found missing
     /// are put back.
     pub(super) fn checked(&mut self, checked: Checked) {
-        let Checked {
-            id,
-            netns,
-            netns_id: checked_ns,
-            found,
-            repaired,
-            links,
-        } = checked;
-        let Some(state) = self
-            .routers
-            .get_mut(&id)
-            .filter(|r| r.attachment.is_some() && r.netns_id == checked_ns)
-        else {
+        let Checked { id, netns, netns_id: checked_ns, found, repaired, links } = checked;
+        let Some(state) = self.routers.get_mut(&id).filter(|r| r.attachment.is_some() && r.netns_id == checked_ns) else {
             // Removed while the check ran: glue put back in a namespace no
             // router enforces any more goes again.
             let enforced = self.routers.values().any(|r| r.record.netns == netns);
-            if repaired.is_some()
-                && !enforced
-                && netns_id(&netns) == checked_ns
-                && let Err(e) = glue::remove(&netns::path(&netns))
-            {
-                warn!(netns = %netns, "removing glue put back after its router went: {e:#}");
-            }
+            if repaired.is_some() && !enforced && netns_id(&netns) == checked_ns
+                && let Err(e) = glue::remove(&netns::path(&netns)) {
+                    warn!(netns = %netns, "removing glue put back after its router went: {e:#}");
+                }
             return;
         };
         match links {
@@ -141,9 +108,7 @@ impl Daemon {
         if state.links != (0, 0) {
             self.repair_links(&id);
         }
-        let Some(state) = self.routers.get_mut(&id) else {
-            return;
-        };
+        let Some(state) = self.routers.get_mut(&id) else { return };
         let found = match found {
             Ok(found) => {
                 self.verified.set(&netns, found.intact_at);
@@ -165,18 +130,8 @@ impl Daemon {
             }
             Err(e) => warn!(router = %id, found = %what, "glue could not be repaired: {e}"),
         }
-        let now = if repaired.is_ok() {
-            serde_json::json!("intact")
-        } else {
-            what.clone()
-        };
-        self.record_repair(
-            Some(&id),
-            "glue_repair",
-            serde_json::json!({ "glue": what }),
-            serde_json::json!({ "glue": now }),
-            repaired,
-        );
+        let now = if repaired.is_ok() { serde_json::json!("intact") } else { what.clone() };
+        self.record_repair(Some(&id), "glue_repair", serde_json::json!({ "glue": what }), serde_json::json!({ "glue": now }), repaired);
     }
 
     /// Ends a round of checks: counted, and where the glue was found intact
@@ -192,48 +147,25 @@ impl Daemon {
     /// them (a stray `bpftool map delete`): counted and audited like a glue
     /// repair. What could not be put back stays in `map_drift` for status.
     fn check_maps(&mut self) {
-        let found = self
-            .desired()
-            .and_then(|want| self.datapath.reconcile(&want, true));
+        let found = self.desired().and_then(|want| self.datapath.reconcile(&want, true));
         self.map_drift = match found {
             Ok(found) if found.is_empty() => found,
             Ok(found) => {
                 self.tally.map_repairs += 1;
                 warn!(?found, "map entries differed from the store: put back");
-                self.record_repair(
-                    None,
-                    "map_repair",
-                    serde_json::json!({ "maps": found }),
-                    serde_json::json!({ "maps": "as stored" }),
-                    Ok(()),
-                );
+                self.record_repair(None, "map_repair", serde_json::json!({ "maps": found }), serde_json::json!({ "maps": "as stored" }), Ok(()));
                 Default::default()
             }
             Err(e) => {
                 warn!("checking the maps: {e:#}");
-                self.desired()
-                    .and_then(|want| self.datapath.reconcile(&want, false))
-                    .unwrap_or_default()
+                self.desired().and_then(|want| self.datapath.reconcile(&want, false)).unwrap_or_default()
             }
         };
     }
 
     /// Audits a repair the daemon made on its own.
-    fn record_repair(
-        &mut self,
-        id: Option<&str>,
-        op: &str,
-        before: serde_json::Value,
-        after: serde_json::Value,
-        result: Result<(), String>,
-    ) {
-        let entry = AuditEntry::by_daemon(
-            op,
-            id,
-            Some(before),
-            after,
-            result.err().map(|e| ("kernel", ApiError::kernel(e))),
-        );
+    fn record_repair(&mut self, id: Option<&str>, op: &str, before: serde_json::Value, after: serde_json::Value, result: Result<(), String>) {
+        let entry = AuditEntry::by_daemon(op, id, Some(before), after, result.err().map(|e| ("kernel", ApiError::kernel(e))));
         if let Err(e) = self.audit.record(&entry) {
             warn!("audit: {e:#}");
         }

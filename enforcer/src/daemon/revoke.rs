@@ -43,8 +43,7 @@ impl FlushSteps for KernelFlush<'_> {
     }
 
     fn remember(&mut self, entries: &[conntrack::Entry]) -> anyhow::Result<Remembered> {
-        self.datapath
-            .remember_revoked(self.index, self.slot, entries)
+        self.datapath.remember_revoked(self.index, self.slot, entries)
     }
 
     fn delete(&mut self) -> anyhow::Result<()> {
@@ -59,17 +58,8 @@ struct Kept(HashSet<conntrack::Entry>);
 
 impl Kept {
     /// Remembers the flows of the entries of `entries` not remembered yet.
-    fn keep(
-        &mut self,
-        steps: &mut impl FlushSteps,
-        entries: &[conntrack::Entry],
-        report: &mut RevokeReport,
-    ) -> anyhow::Result<()> {
-        let new: Vec<conntrack::Entry> = entries
-            .iter()
-            .filter(|e| self.0.insert(**e))
-            .copied()
-            .collect();
+    fn keep(&mut self, steps: &mut impl FlushSteps, entries: &[conntrack::Entry], report: &mut RevokeReport) -> anyhow::Result<()> {
+        let new: Vec<conntrack::Entry> = entries.iter().filter(|e| self.0.insert(**e)).copied().collect();
         if new.is_empty() {
             return Ok(());
         }
@@ -84,11 +74,7 @@ impl Kept {
 /// remain: a connection that got the slot while this ran (its first packet
 /// was tagged just before the rule went) is revoked too. Returns how many
 /// entries still carry it after the last round.
-fn rounds(
-    steps: &mut impl FlushSteps,
-    kept: &mut Kept,
-    report: &mut RevokeReport,
-) -> anyhow::Result<usize> {
+fn rounds(steps: &mut impl FlushSteps, kept: &mut Kept, report: &mut RevokeReport) -> anyhow::Result<usize> {
     let mut entries = steps.carried()?;
     for _ in 0..FLUSH_ROUNDS {
         if entries.is_empty() {
@@ -108,38 +94,13 @@ fn rounds(
 /// with `mark`, keeping their flows dead in the datapath first, in one visit
 /// to the namespace. A step that fails leaves the report's `flush_error`
 /// set (and the slot quarantined by the caller).
-pub(super) fn flush(
-    datapath: &mut Datapath,
-    ns: &Path,
-    index: u32,
-    slot: u16,
-    mark: (u32, u32),
-    quiet_secs: u64,
-) -> RevokeReport {
-    let report = RevokeReport {
-        quiet_secs,
-        ..Default::default()
-    };
-    flush_kept(
-        &mut KernelFlush {
-            datapath,
-            index,
-            slot,
-            mark,
-        },
-        ns,
-        report,
-        Kept::default(),
-    )
+pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, mark: (u32, u32), quiet_secs: u64) -> RevokeReport {
+    let report = RevokeReport { quiet_secs, ..Default::default() };
+    flush_kept(&mut KernelFlush { datapath, index, slot, mark }, ns, report, Kept::default())
 }
 
 /// `flush`, after `kept` were remembered already.
-fn flush_kept(
-    steps: &mut KernelFlush,
-    ns: &Path,
-    mut report: RevokeReport,
-    mut kept: Kept,
-) -> RevokeReport {
+fn flush_kept(steps: &mut KernelFlush, ns: &Path, mut report: RevokeReport, mut kept: Kept) -> RevokeReport {
     let result = netns::run_in(ns, || rounds(steps, &mut kept, &mut report));
     settle(&mut report, result);
     report
@@ -165,40 +126,22 @@ pub(super) fn revoke_rule(
     mark: (u32, u32),
     quiet_secs: u64,
 ) -> anyhow::Result<(RevokeReport, Vec<Change>)> {
-    let mut report = RevokeReport {
-        quiet_secs,
-        ..Default::default()
-    };
+    let mut report = RevokeReport { quiet_secs, ..Default::default() };
     let mut kept = Kept::default();
     if datapath.tagged(index, h.slot).is_ok_and(|n| n == 0) {
         super::ops::revoke_record(datapath, index, h)?;
         if datapath.tagged(index, h.slot).is_ok_and(|n| n == 0) {
-            return Ok((
-                RevokeReport {
-                    slot_released: true,
-                    never_tagged: true,
-                    ..report
-                },
-                Vec::new(),
-            ));
+            return Ok((RevokeReport { slot_released: true, never_tagged: true, ..report }, Vec::new()));
         }
     } else {
-        let mut steps = KernelFlush {
-            datapath,
-            index,
-            slot: h.slot,
-            mark,
-        };
+        let mut steps = KernelFlush { datapath, index, slot: h.slot, mark };
         let before = netns::run_in(ns, || {
             let now = steps.carried()?;
             kept.keep(&mut steps, &now, &mut report)
         });
         if let Err(e) = before {
             // The rounds below try again, once the rule is out.
-            warn!(
-                slot = h.slot,
-                "keeping the rule's connections dropped before it goes: {e:#}"
-            );
+            warn!(slot = h.slot, "keeping the rule's connections dropped before it goes: {e:#}");
         }
         if let Err(e) = super::ops::revoke_record(datapath, index, h) {
             // The rule stays: its connections must not stay dropped.
@@ -206,34 +149,15 @@ pub(super) fn revoke_rule(
             return Err(e);
         }
     }
-    let report = flush_kept(
-        &mut KernelFlush {
-            datapath,
-            index,
-            slot: h.slot,
-            mark,
-        },
-        ns,
-        report,
-        kept,
-    );
-    let more = if report.slot_released {
-        Vec::new()
-    } else {
-        vec![Change::Quarantine {
-            router_id: h.helper.router_id.clone(),
-            slot: h.slot,
-        }]
-    };
+    let report = flush_kept(&mut KernelFlush { datapath, index, slot: h.slot, mark }, ns, report, kept);
+    let more = if report.slot_released { Vec::new() } else { vec![Change::Quarantine { router_id: h.helper.router_id.clone(), slot: h.slot }] };
     Ok((report, more))
 }
 
 fn settle(report: &mut RevokeReport, result: anyhow::Result<usize>) {
     match result {
         Ok(0) => report.slot_released = true,
-        Ok(left) => {
-            report.flush_error = Some(format!("{left} conntrack entries still carry the slot"))
-        }
+        Ok(left) => report.flush_error = Some(format!("{left} conntrack entries still carry the slot")),
         Err(e) => report.flush_error = Some(format!("{e:#}")),
     }
 }
@@ -246,19 +170,12 @@ pub(super) const COOLING: std::time::Duration = std::time::Duration::from_secs(1
 impl Daemon {
     /// After a rule was revoked: a slot that never tagged a packet cools
     /// down before it is free; any other is settled by its flush.
-    pub(super) fn revoked_slot(
-        &mut self,
-        router_id: &str,
-        slot: u16,
-        report: &RevokeReport,
-        origin: Owner,
-    ) {
+    pub(super) fn revoked_slot(&mut self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
         self.tally.revocations.rules += 1;
         if report.never_tagged {
             self.announce_revocation(router_id, slot, report, origin);
             if let Some(state) = self.routers.get(router_id) {
-                self.slots
-                    .revoked(router_id, state.record.index, slot, report);
+                self.slots.revoked(router_id, state.record.index, slot, report);
             }
         } else {
             self.after_flush(router_id, slot, report, origin);
@@ -270,21 +187,13 @@ impl Daemon {
     /// and the slot is quarantined and flushed like any revoked slot.
     pub(super) fn cooled(&mut self) {
         for (router, slot) in self.slots.cooled(COOLING) {
-            let Some(index) = self.routers.get(&router).map(|r| r.record.index) else {
-                continue;
-            };
+            let Some(index) = self.routers.get(&router).map(|r| r.record.index) else { continue };
             if self.datapath.tagged(index, slot).is_ok_and(|n| n == 0) {
                 self.slot_released(&router, slot);
                 continue;
             }
             warn!(router = %router, slot, "a packet was tagged as the rule went: cleaning conntrack of its slot");
-            if let Err(e) = self.store.apply(
-                &[Change::Quarantine {
-                    router_id: router.clone(),
-                    slot,
-                }],
-                || Ok(()),
-            ) {
+            if let Err(e) = self.store.apply(&[Change::Quarantine { router_id: router.clone(), slot }], || Ok(())) {
                 warn!(router = %router, slot, "quarantining: {e}");
             }
             self.slots.quarantine(&router, slot);
@@ -295,13 +204,7 @@ impl Daemon {
 
     /// Logs a flush, and frees or keeps the slot in memory accordingly (the
     /// store was told in the same transaction, or by the caller).
-    pub(super) fn after_flush(
-        &mut self,
-        router_id: &str,
-        slot: u16,
-        report: &RevokeReport,
-        origin: Owner,
-    ) {
+    pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
         self.tally.revocations.conntrack_entries += report.conntrack_entries_removed as u64;
         self.tally.revocations.flows_kept += report.flows_kept_dead as u64;
         self.announce_revocation(router_id, slot, report, origin);
@@ -317,71 +220,36 @@ impl Daemon {
             );
         }
         if let Some(state) = self.routers.get(router_id) {
-            self.slots
-                .revoked(router_id, state.record.index, slot, report);
+            self.slots.revoked(router_id, state.record.index, slot, report);
         }
     }
 
     /// Tells event subscribers what a revocation (or a later flush of its
     /// slot) removed.
-    fn announce_revocation(
-        &self,
-        router_id: &str,
-        slot: u16,
-        report: &RevokeReport,
-        origin: Owner,
-    ) {
+    fn announce_revocation(&self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
         self.audit.announce(|| {
             let mut after = serde_json::to_value(report).unwrap_or_default();
             after["slot"] = slot.into();
-            let error = report
-                .flush_error
-                .clone()
-                .map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
-            let mut entry = crate::api::AuditEntry::by_daemon(
-                "revocation",
-                Some(router_id),
-                None,
-                after,
-                error,
-            );
+            let error = report.flush_error.clone().map(|e| ("incomplete", crate::api::ApiError::kernel(e)));
+            let mut entry = crate::api::AuditEntry::by_daemon("revocation", Some(router_id), None, after, error);
             // Made for the request (or the sync) whose change revoked the rule.
             entry.origin = origin;
-            crate::api::Event {
-                kind: crate::api::EventKind::Revocation,
-                entry,
-            }
+            crate::api::Event { kind: crate::api::EventKind::Revocation, entry }
         });
     }
 
     /// Cleans the conntrack table of router `router_id` of a quarantined
     /// `slot` and frees the slot if nothing carries it any more.
     pub(super) fn flush_slot(&mut self, router_id: &str, slot: u16, origin: Owner) -> RevokeReport {
-        let Some(state) = self.routers.get(router_id) else {
-            return RevokeReport::default();
-        };
+        let Some(state) = self.routers.get(router_id) else { return RevokeReport::default() };
         let (index, path) = (state.record.index, netns::path(&state.record.netns));
         let mark = self.slot_mark(slot);
-        let mut report = flush(
-            &mut self.datapath,
-            &path,
-            index,
-            slot,
-            mark,
-            self.config.revoked_quiet_secs,
-        );
+        let mut report = flush(&mut self.datapath, &path, index, slot, mark, self.config.revoked_quiet_secs);
         if report.slot_released
-            && let Err(e) = self.store.apply(
-                &[Change::Release {
-                    router_id: router_id.to_string(),
-                    slot,
-                }],
-                || Ok(()),
-            )
-        {
-            report.slot_released = false;
-            report.flush_error = Some(format!("{e}"));
-        }
+            && let Err(e) = self.store.apply(&[Change::Release { router_id: router_id.to_string(), slot }], || Ok(())) {
+                report.slot_released = false;
+                report.flush_error = Some(format!("{e}"));
+            }
         self.after_flush(router_id, slot, &report, origin);
         report
     }
@@ -394,23 +262,10 @@ mod tests {
     use super::*;
 
     fn entry(port: u16) -> conntrack::Entry {
-        let (a, b): (IpAddr, IpAddr) =
-            ("10.200.1.2".parse().unwrap(), "10.200.2.2".parse().unwrap());
+        let (a, b): (IpAddr, IpAddr) = ("10.200.1.2".parse().unwrap(), "10.200.2.2".parse().unwrap());
         conntrack::Entry {
-            orig: conntrack::Tuple5 {
-                proto: 6,
-                src: a,
-                dst: b,
-                sport: 40000,
-                dport: port,
-            },
-            reply: conntrack::Tuple5 {
-                proto: 6,
-                src: b,
-                dst: a,
-                sport: port,
-                dport: 40000,
-            },
+            orig: conntrack::Tuple5 { proto: 6, src: a, dst: b, sport: 40000, dport: port },
+            reply: conntrack::Tuple5 { proto: 6, src: b, dst: a, sport: port, dport: 40000 },
         }
     }
 
@@ -429,28 +284,16 @@ mod tests {
         }
         fn remember(&mut self, entries: &[conntrack::Entry]) -> anyhow::Result<Remembered> {
             self.remembered.extend_from_slice(entries);
-            Ok(Remembered {
-                kept: entries.len() * 2,
-                overflowed: 0,
-            })
+            Ok(Remembered { kept: entries.len() * 2, overflowed: 0 })
         }
         fn delete(&mut self) -> anyhow::Result<()> {
             self.deletes += 1;
-            if self.delete_fails {
-                anyhow::bail!("ctnetlink: Device or resource busy")
-            } else {
-                Ok(())
-            }
+            if self.delete_fails { anyhow::bail!("ctnetlink: Device or resource busy") } else { Ok(()) }
         }
     }
 
     fn run(script: Vec<Vec<conntrack::Entry>>, delete_fails: bool) -> (RevokeReport, Scripted) {
-        let mut steps = Scripted {
-            dumps: script.into(),
-            remembered: Vec::new(),
-            deletes: 0,
-            delete_fails,
-        };
+        let mut steps = Scripted { dumps: script.into(), remembered: Vec::new(), deletes: 0, delete_fails };
         let mut report = RevokeReport::default();
         let result = rounds(&mut steps, &mut Kept::default(), &mut report);
         settle(&mut report, result);
@@ -461,19 +304,10 @@ mod tests {
     fn connections_that_got_the_slot_during_the_revocation_are_revoked_too() {
         // The first delete leaves a connection made meanwhile; the second
         // round takes it.
-        let (report, steps) = run(
-            vec![vec![entry(21), entry(2121)], vec![entry(21_000)], vec![]],
-            false,
-        );
+        let (report, steps) = run(vec![vec![entry(21), entry(2121)], vec![entry(21_000)], vec![]], false);
         assert!(report.slot_released, "{report:?}");
-        assert_eq!(
-            (report.conntrack_entries_removed, report.flows_kept_dead),
-            (3, 6)
-        );
-        assert_eq!(
-            steps.remembered,
-            vec![entry(21), entry(2121), entry(21_000)]
-        );
+        assert_eq!((report.conntrack_entries_removed, report.flows_kept_dead), (3, 6));
+        assert_eq!(steps.remembered, vec![entry(21), entry(2121), entry(21_000)]);
         assert_eq!(steps.deletes, 2);
     }
 
@@ -481,13 +315,7 @@ mod tests {
     fn a_table_that_keeps_refilling_leaves_the_slot_quarantined_after_a_few_rounds() {
         let (report, steps) = run(vec![vec![entry(21)]; 20], false);
         assert!(!report.slot_released);
-        assert!(
-            report
-                .flush_error
-                .as_deref()
-                .is_some_and(|e| e.contains("1 conntrack entries still carry the slot")),
-            "{report:?}"
-        );
+        assert!(report.flush_error.as_deref().is_some_and(|e| e.contains("1 conntrack entries still carry the slot")), "{report:?}");
         assert_eq!(steps.deletes, FLUSH_ROUNDS);
     }
 
@@ -495,18 +323,8 @@ mod tests {
     fn a_delete_that_fails_halfway_keeps_the_flows_dropped_and_reports_it() {
         let (report, steps) = run(vec![vec![entry(21)], vec![]], true);
         assert!(!report.slot_released, "the slot stays quarantined");
-        assert!(
-            report
-                .flush_error
-                .as_deref()
-                .is_some_and(|e| e.contains("busy")),
-            "{report:?}"
-        );
-        assert_eq!(
-            steps.remembered,
-            vec![entry(21)],
-            "the flows were remembered before the delete"
-        );
+        assert!(report.flush_error.as_deref().is_some_and(|e| e.contains("busy")), "{report:?}");
+        assert_eq!(steps.remembered, vec![entry(21)], "the flows were remembered before the delete");
         assert_eq!(report.flows_kept_dead, 2);
     }
 
@@ -514,12 +332,7 @@ mod tests {
     fn an_entry_seen_in_several_rounds_is_remembered_once() {
         // Kept before the rule went, then found again by each round: one
         // insert per direction, so the router's share counts it once.
-        let mut steps = Scripted {
-            dumps: vec![vec![entry(21)], vec![entry(21), entry(2121)], vec![]].into(),
-            remembered: Vec::new(),
-            deletes: 0,
-            delete_fails: false,
-        };
+        let mut steps = Scripted { dumps: vec![vec![entry(21)], vec![entry(21), entry(2121)], vec![]].into(), remembered: Vec::new(), deletes: 0, delete_fails: false };
         let (mut report, mut kept) = (RevokeReport::default(), Kept::default());
         let before = steps.carried().unwrap();
         kept.keep(&mut steps, &before, &mut report).unwrap();

@@ -21,11 +21,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::{
-    Daemon, GlueDone, GlueJob,
-    metrics::ApiMetrics,
-    ops::{Prepared, describe},
-};
+use super::{Daemon, GlueDone, GlueJob, metrics::ApiMetrics, ops::{Prepared, describe}};
 use crate::{
     api::{ApiError, ErrorCode, MAX_REQUEST_BYTES, Owner, Reply, Request, Response},
     api::{AuditEntry, Caller, Event, EventKind},
@@ -48,10 +44,7 @@ pub async fn serve(mut daemon: Daemon, socket: &Path) -> Result<()> {
         use std::os::unix::fs::FileTypeExt;
         // Only a socket left by a previous daemon is ever removed.
         if !meta.file_type().is_socket() {
-            anyhow::bail!(
-                "{} exists and is not a socket; refusing to replace it",
-                socket.display()
-            );
+            anyhow::bail!("{} exists and is not a socket; refusing to replace it", socket.display());
         }
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             anyhow::bail!("another daemon is serving {}", socket.display());
@@ -69,25 +62,15 @@ pub async fn serve(mut daemon: Daemon, socket: &Path) -> Result<()> {
     let group = daemon.socket_group();
     use std::os::unix::fs::PermissionsExt;
     if let Some(gid) = group {
-        nix::unistd::chown(
-            socket,
-            Some(nix::unistd::Uid::from_raw(0)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+        nix::unistd::chown(socket, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(gid)))
+            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
     }
-    std::fs::set_permissions(
-        socket,
-        std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }),
-    )?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(if group.is_some() { 0o660 } else { 0o600 }))?;
     info!(socket = %socket.display(), "serving");
     let neutron = daemon.config.neutron.clone();
     let metrics_addr = daemon.config.metrics.clone();
     let limits = Limits::new(&daemon.config);
-    let datapath_log = daemon
-        .datapath
-        .take_log()
-        .map(|log| tokio::spawn(read_datapath_log(log)));
+    let datapath_log = daemon.datapath.take_log().map(|log| tokio::spawn(read_datapath_log(log)));
     let daemon: Shared = Arc::new(Mutex::new(daemon));
     let api = ApiMetrics::new();
     let metrics = match metrics_addr.clone() {
@@ -107,28 +90,16 @@ pub async fn serve(mut daemon: Daemon, socket: &Path) -> Result<()> {
     let changes = Changes::start(daemon.clone(), ready.clone());
     let sync = neutron.map(|config| {
         info!(poll_interval = ?config.poll_interval(), "following Neutron");
-        tokio::spawn(once_ready(
-            ready.clone(),
-            super::sync::follow(daemon.clone(), config),
-        ))
+        tokio::spawn(once_ready(ready.clone(), super::sync::follow(daemon.clone(), config)))
     });
     // Namespace following and housekeeping run beside the accept loop, each
     // taking the lock only for its own short steps.
     let glue_every = Duration::from_secs(lock(&daemon).config.glue_check_secs);
     let background = [
-        supervise("namespace following", {
-            let (d, r) = (daemon.clone(), ready.clone());
-            move || once_ready(r.clone(), super::follow::follow_namespaces(d.clone()))
-        }),
-        supervise("housekeeping", {
-            let (d, r) = (daemon.clone(), ready.clone());
-            move || once_ready(r.clone(), housekeeping(d.clone()))
-        }),
+        supervise("namespace following", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), super::follow::follow_namespaces(d.clone())) }),
+        supervise("housekeeping", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), housekeeping(d.clone())) }),
         tokio::spawn(super::notify::watchdog(daemon.clone())),
-        supervise("glue and attachment checks", {
-            let (d, r) = (daemon.clone(), ready.clone());
-            move || once_ready(r.clone(), verify(d.clone(), glue_every))
-        }),
+        supervise("glue and attachment checks", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), verify(d.clone(), glue_every)) }),
     ];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -163,12 +134,7 @@ pub async fn serve(mut daemon: Daemon, socket: &Path) -> Result<()> {
         }
     }
     super::notify::stopping();
-    for task in background
-        .iter()
-        .chain(sync.as_ref())
-        .chain(metrics.as_ref())
-        .chain(datapath_log.as_ref())
-    {
+    for task in background.iter().chain(sync.as_ref()).chain(metrics.as_ref()).chain(datapath_log.as_ref()) {
         task.abort();
     }
     lock(&daemon).save_verified();
@@ -185,16 +151,12 @@ pub async fn serve(mut daemon: Daemon, socket: &Path) -> Result<()> {
 async fn read_datapath_log(log: crate::kernel::DatapathLog) {
     // SAFETY: the logger owns the ring buffer's descriptor, and the AsyncFd
     // owns the logger: the descriptor stays open while registered.
-    let mut log = match unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE)
-    } {
+    let mut log = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => return warn!("cannot read the datapath log: {e}"),
     };
     loop {
-        let Ok(mut ready) = log.readable_mut().await else {
-            return;
-        };
+        let Ok(mut ready) = log.readable_mut().await else { return };
         ready.get_inner_mut().flush();
         ready.clear_ready();
     }
@@ -245,23 +207,17 @@ pub(super) async fn with_daemon<T: Send + 'static>(
 
 /// Runs a glue step without the lock.
 pub(super) async fn unlocked(job: GlueJob) -> GlueDone {
-    tokio::task::spawn_blocking(move || job.run())
-        .await
-        .expect("glue step panicked")
+    tokio::task::spawn_blocking(move || job.run()).await.expect("glue step panicked")
 }
 
 /// Glue steps of one namespace run one at a time, in order: a removal
 /// (done after the lock is released) cannot overtake the install of a router
 /// added there again.
 pub(super) async fn netns_turn(netns: Option<&str>) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-    static TURNS: std::sync::OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
-        std::sync::OnceLock::new();
+    static TURNS: std::sync::OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = std::sync::OnceLock::new();
     let netns = netns?;
     let turn = {
-        let mut turns = TURNS
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut turns = TURNS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
         turns.retain(|_, t| Arc::strong_count(t) > 1);
         turns.entry(netns.to_string()).or_default().clone()
     };
@@ -290,20 +246,10 @@ fn wire(result: Result<Reply, ApiError>) -> Vec<u8> {
 /// or remove) or a long read (maps dump, audit log) without the lock, the
 /// rest under it. Returns the answer's wire form and whether the daemon is
 /// stopping.
-pub(super) async fn request(
-    daemon: &Shared,
-    changes: &Changes,
-    ready: &Ready,
-    origin: Owner,
-    caller: Caller,
-    req: Request,
-) -> (Vec<u8>, bool) {
+pub(super) async fn request(daemon: &Shared, changes: &Changes, ready: &Ready, origin: Owner, caller: Caller, req: Request) -> (Vec<u8>, bool) {
     // Router changes and teardown wait for the start-up reconciliation
     // (helper changes wait in their queue).
-    if matches!(
-        req,
-        Request::RouterAdd { .. } | Request::RouterRemove { .. } | Request::Teardown {}
-    ) {
+    if matches!(req, Request::RouterAdd { .. } | Request::RouterRemove { .. } | Request::Teardown {}) {
         wait_ready(ready).await;
     }
     if req.is_helper_change() {
@@ -311,13 +257,7 @@ pub(super) async fn request(
     }
     // Only these may have work to do outside the lock; the rest (helper
     // changes above all) take it once.
-    let may_prepare = matches!(
-        req,
-        Request::RouterAdd { .. }
-            | Request::RouterRemove { .. }
-            | Request::MapsDump {}
-            | Request::Audit { .. }
-    );
+    let may_prepare = matches!(req, Request::RouterAdd { .. } | Request::RouterRemove { .. } | Request::MapsDump {} | Request::Audit { .. });
     let (job, netns) = if may_prepare {
         let (c, r) = (caller.clone(), req.clone());
         with_daemon(daemon, move |d| (d.prepare(origin, &c, &r), d.netns_of(&r))).await
@@ -330,10 +270,7 @@ pub(super) async fn request(
         // A read needs nothing more of the daemon: done without the lock.
         Some(Prepared::Read(job)) => {
             let line = tokio::task::spawn_blocking(move || wire(job.run())).await;
-            return (
-                line.unwrap_or_else(|e| wire(Err(ApiError::internal(e)))),
-                false,
-            );
+            return (line.unwrap_or_else(|e| wire(Err(ApiError::internal(e)))), false);
         }
         None => None,
     };
@@ -351,11 +288,7 @@ pub(super) async fn request(
     .unwrap_or_else(|e| (wire(Err(ApiError::internal(e))), false, Vec::new()));
     // The request's own namespace is still its turn; others take theirs.
     for ns in gone {
-        let _other = if netns.as_deref() == Some(ns.as_str()) {
-            None
-        } else {
-            netns_turn(Some(&ns)).await
-        };
+        let _other = if netns.as_deref() == Some(ns.as_str()) { None } else { netns_turn(Some(&ns)).await };
         let _ = tokio::task::spawn_blocking(move || super::remove_glue(&ns)).await;
     }
     drop(turn);
@@ -388,9 +321,7 @@ async fn startup(daemon: Shared, ready: tokio::sync::watch::Sender<bool>) {
     let limit = Arc::new(tokio::sync::Semaphore::new(STARTUP_GLUE_JOBS));
     let mut running = tokio::task::JoinSet::new();
     for (id, job) in jobs {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
+        let Ok(permit) = limit.clone().acquire_owned().await else { break };
         let d = daemon.clone();
         running.spawn(async move {
             let glue = match job {
@@ -403,9 +334,7 @@ async fn startup(daemon: Shared, ready: tokio::sync::watch::Sender<bool>) {
     }
     while running.join_next().await.is_some() {}
     if let Err(e) = with_daemon(&daemon, |d| d.finish_start()).await {
-        error!(
-            "reconciling the kernel with the store: {e:#}; stopping, the kernel state is left as it is"
-        );
+        error!("reconciling the kernel with the store: {e:#}; stopping, the kernel state is left as it is");
         std::process::exit(1);
     }
     let _ = ready.send(true);
@@ -464,31 +393,14 @@ impl Changes {
     }
 
     /// Queues a change now and returns the wire form of its answer to come.
-    fn submit(
-        &self,
-        origin: Owner,
-        caller: Caller,
-        req: Request,
-    ) -> impl std::future::Future<Output = Vec<u8>> + Send + 'static {
+    fn submit(&self, origin: Owner, caller: Caller, req: Request) -> impl std::future::Future<Output = Vec<u8>> + Send + 'static {
         let (answer, done) = tokio::sync::oneshot::channel();
-        let queued = self
-            .0
-            .send(Queued {
-                origin,
-                caller,
-                req,
-                answer,
-            })
-            .is_ok();
+        let queued = self.0.send(Queued { origin, caller, req, answer }).is_ok();
         async move {
             if !queued {
                 return wire(Err(ApiError::internal("the daemon is stopping")));
             }
-            wire(
-                done.await.unwrap_or_else(|_| {
-                    Err(ApiError::internal("the change was dropped unanswered"))
-                }),
-            )
+            wire(done.await.unwrap_or_else(|_| Err(ApiError::internal("the change was dropped unanswered"))))
         }
     }
 }
@@ -514,9 +426,7 @@ async fn verify(daemon: Shared, every: Duration) {
         let start = std::time::Instant::now();
         for check in with_daemon(&daemon, |d| d.checks()).await {
             let _turn = netns_turn(Some(check.netns())).await;
-            let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else {
-                continue;
-            };
+            let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
             with_daemon(&daemon, move |d| d.checked(checked)).await;
         }
         with_daemon(&daemon, move |d| d.checks_done(start.elapsed())).await;
@@ -567,28 +477,17 @@ impl Limits {
         let total: usize = open.values().sum();
         let mine = open.get(&uid).copied().unwrap_or(0);
         if total >= self.total || mine >= self.per_uid {
-            warn!(
-                uid,
-                open = mine,
-                total,
-                "connection refused: too many connections"
-            );
+            warn!(uid, open = mine, total, "connection refused: too many connections");
             return None;
         }
         *open.entry(uid).or_default() += 1;
-        Some(Admitted {
-            uid,
-            open: self.open.clone(),
-        })
+        Some(Admitted { uid, open: self.open.clone() })
     }
 }
 
 /// Tells a caller over the caps why, then closes.
 async fn refuse_busy(mut stream: UnixStream) {
-    let error = ApiError::new(
-        ErrorCode::Exhausted,
-        "too many connections to the daemon (max_connections, max_connections_per_uid); close some and retry",
-    );
+    let error = ApiError::new(ErrorCode::Exhausted, "too many connections to the daemon (max_connections, max_connections_per_uid); close some and retry");
     if let Ok(mut line) = serde_json::to_vec(&Response::Error(error)) {
         line.push(b'\n');
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&line)).await;
@@ -602,22 +501,13 @@ fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
     for _ in 0..2 {
         let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
         // SAFETY: the buffer and its length describe writable memory.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_PEERGROUPS,
-                groups.as_mut_ptr().cast(),
-                &mut len,
-            )
-        };
+        let rc = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len) };
         let n = len as usize / std::mem::size_of::<libc::gid_t>();
         if rc == 0 {
             groups.truncate(n);
             return groups;
         }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) || n <= groups.len()
-        {
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) || n <= groups.len() {
             break;
         }
         groups.resize(n, 0);
@@ -642,17 +532,8 @@ struct Served {
 
 /// The result label of an answer in its wire form: `ok`, or its error code.
 fn result_of(line: &[u8]) -> &'static str {
-    let Some(rest) = line.strip_prefix(br#"{"error":{"code":""#) else {
-        return "ok";
-    };
-    ErrorCode::ALL
-        .iter()
-        .map(|c| c.as_str())
-        .find(|c| {
-            rest.strip_prefix(c.as_bytes())
-                .is_some_and(|r| r.first() == Some(&b'"'))
-        })
-        .unwrap_or("error")
+    let Some(rest) = line.strip_prefix(br#"{"error":{"code":""#) else { return "ok" };
+    ErrorCode::ALL.iter().map(|c| c.as_str()).find(|c| rest.strip_prefix(c.as_bytes()).is_some_and(|r| r.first() == Some(&b'"'))).unwrap_or("error")
 }
 
 /// One client connection. Requests may be pipelined: answers come back in
@@ -661,27 +542,10 @@ fn result_of(line: &[u8]) -> &'static str {
 /// together; any other request runs once every earlier one is done (it sees
 /// their effects), and the next request is read only once it is done. An
 /// `events` request ends the requests: the connection streams events.
-async fn connection(
-    stream: UnixStream,
-    served: Served,
-    stop: tokio::sync::mpsc::Sender<()>,
-    idle: Duration,
-) -> Result<()> {
-    let Served {
-        daemon,
-        changes,
-        ready,
-        api,
-    } = served;
-    let cred = stream
-        .peer_cred()
-        .context("reading the peer's credentials")?;
-    let caller = Caller {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid: cred.pid(),
-        groups: peer_groups(stream.as_raw_fd()),
-    };
+async fn connection(stream: UnixStream, served: Served, stop: tokio::sync::mpsc::Sender<()>, idle: Duration) -> Result<()> {
+    let Served { daemon, changes, ready, api } = served;
+    let cred = stream.peer_cred().context("reading the peer's credentials")?;
+    let caller = Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups: peer_groups(stream.as_raw_fd()) };
     let (read, write) = stream.into_split();
     let (answers, pending) = tokio::sync::mpsc::channel::<Answer>(PIPELINE);
     // Answers not yet written.
@@ -707,20 +571,13 @@ async fn connection(
         }
         let oversized = line.len() > MAX_REQUEST_BYTES;
         let parsed = if oversized {
-            Err(ApiError::new(
-                ErrorCode::BadRequest,
-                format!("request larger than {MAX_REQUEST_BYTES} bytes"),
-            ))
+            Err(ApiError::new(ErrorCode::BadRequest, format!("request larger than {MAX_REQUEST_BYTES} bytes")))
         } else {
-            serde_json::from_slice::<Request>(&line)
-                .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
+            serde_json::from_slice::<Request>(&line).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("bad request: {e}")))
         };
         let mut finished = None;
         let mut stream = None;
-        let (op, start) = (
-            parsed.as_ref().map(|r| describe(r).0).unwrap_or("unparsed"),
-            std::time::Instant::now(),
-        );
+        let (op, start) = (parsed.as_ref().map(|r| describe(r).0).unwrap_or("unparsed"), std::time::Instant::now());
         let answer: Answer = match parsed {
             Ok(Request::Events {}) => {
                 let c = caller.clone();
@@ -740,17 +597,11 @@ async fn connection(
             // Runs when the writer comes to it, after every earlier answer;
             // nothing after it is read before it is done.
             Ok(req) => {
-                let (daemon, changes, ready, caller) = (
-                    daemon.clone(),
-                    changes.clone(),
-                    ready.clone(),
-                    caller.clone(),
-                );
+                let (daemon, changes, ready, caller) = (daemon.clone(), changes.clone(), ready.clone(), caller.clone());
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 finished = Some(rx);
                 Box::pin(async move {
-                    let answer =
-                        request(&daemon, &changes, &ready, Owner::Local, caller, req).await;
+                    let answer = request(&daemon, &changes, &ready, Owner::Local, caller, req).await;
                     let _ = tx.send(());
                     answer
                 })
@@ -848,10 +699,7 @@ mod tests {
     fn the_result_label_is_read_from_the_wire_form() {
         assert_eq!(result_of(&wire(Ok(Reply::Done {}))), "ok");
         for code in ErrorCode::ALL {
-            assert_eq!(
-                result_of(&wire(Err(ApiError::new(code, "x")))),
-                code.as_str()
-            );
+            assert_eq!(result_of(&wire(Err(ApiError::new(code, "x")))), code.as_str());
         }
     }
 }

@@ -26,11 +26,7 @@ struct Wanted {
 
 /// Prefixes an error with the entry it is about.
 fn at(i: usize, e: ApiError) -> ApiError {
-    ApiError {
-        message: format!("helpers[{i}]: {}", e.message),
-        field: Some(format!("helpers[{i}].{}", e.field.as_deref().unwrap_or(""))),
-        ..e
-    }
+    ApiError { message: format!("helpers[{i}]: {}", e.message), field: Some(format!("helpers[{i}].{}", e.field.as_deref().unwrap_or(""))), ..e }
 }
 
 /// Whether `new` is a rule of its own (a new helper, or a changed one), with
@@ -56,17 +52,13 @@ impl Daemon {
         for (i, spec) in specs.into_iter().enumerate() {
             let protocol = validate::protocol(&spec.protocol).map_err(|e| at(i, e))?;
             let port = validate::port(spec.port).map_err(|e| at(i, e))?;
-            let kind =
-                validate::helper(&self.offered, &spec.helper, protocol).map_err(|e| at(i, e))?;
+            let kind = validate::helper(&self.offered, &spec.helper, protocol).map_err(|e| at(i, e))?;
             let project = match spec.project_id {
                 Some(p) => validate::project(&p).map_err(|e| at(i, e))?,
                 None => default_project.clone(),
             };
             if let Some(j) = tuples.insert((protocol, port), i) {
-                return Err(at(
-                    i,
-                    ApiError::invalid("port", format!("{protocol}/{port} is also in helpers[{j}]")),
-                ));
+                return Err(at(i, ApiError::invalid("port", format!("{protocol}/{port} is also in helpers[{j}]"))));
             }
             let id = match spec.id {
                 Some(id) => validate::uuid("id", &id).map_err(|e| at(i, e))?,
@@ -76,48 +68,23 @@ impl Daemon {
                 },
             };
             if !ids.insert(id.clone()) {
-                return Err(at(
-                    i,
-                    ApiError::invalid("id", format!("helper id {id} is named twice")),
-                ));
+                return Err(at(i, ApiError::invalid("id", format!("helper id {id} is named twice"))));
             }
             if self.index.ids.get(&id).is_some_and(|r| r != router) {
-                return Err(at(
-                    i,
-                    ApiError::new(
-                        ErrorCode::Conflict,
-                        format!("helper id {id} is already in use by another router's helper"),
-                    ),
-                ));
+                return Err(at(i, ApiError::new(ErrorCode::Conflict, format!("helper id {id} is already in use by another router's helper"))));
             }
-            wanted.push(Wanted {
-                id,
-                protocol,
-                port,
-                kind,
-                project,
-            });
+            wanted.push(Wanted { id, protocol, port, kind, project });
         }
         if let Some(cap) = self.config.max_rules_per_project {
             let mut used: BTreeMap<&str, usize> = BTreeMap::new();
-            for h in self
-                .helpers
-                .values()
-                .filter(|h| h.helper.router_id != router)
-            {
+            for h in self.helpers.values().filter(|h| h.helper.router_id != router) {
                 *used.entry(h.helper.project_id.as_str()).or_default() += 1;
             }
             for w in &wanted {
                 let n = used.entry(w.project.as_str()).or_default();
                 *n += 1;
                 if *n > cap as usize {
-                    return Err(ApiError::new(
-                        ErrorCode::Exhausted,
-                        format!(
-                            "project {} would have more than {cap} helpers, the most this host allows per project (max_rules_per_project)",
-                            w.project
-                        ),
-                    ));
+                    return Err(ApiError::new(ErrorCode::Exhausted, format!("project {} would have more than {cap} helpers, the most this host allows per project (max_rules_per_project)", w.project)));
                 }
             }
         }
@@ -129,25 +96,13 @@ impl Daemon {
     /// before any new one is allowed, so a port handed from one helper to
     /// another is free when it is needed. Either all of it is applied, or
     /// nothing: the maps are put back if a kernel step fails.
-    pub(super) fn helper_set(
-        &mut self,
-        router: &str,
-        specs: Vec<HelperSpec>,
-        by: &Acting,
-    ) -> Result<Reply, ApiError> {
+    pub(super) fn helper_set(&mut self, router: &str, specs: Vec<HelperSpec>, by: &Acting) -> Result<Reply, ApiError> {
         let (router, index) = self.live_router(router, by)?;
         let wanted = self.check_set(&router, specs)?;
-        let current: BTreeMap<String, HelperRecord> = self
-            .helpers_of(&router)
-            .map(|h| (h.helper.id.clone(), h.clone()))
-            .collect();
+        let current: BTreeMap<String, HelperRecord> = self.helpers_of(&router).map(|h| (h.helper.id.clone(), h.clone())).collect();
         let mut report = SetReport::default();
         let keep: HashSet<&str> = wanted.iter().map(|w| w.id.as_str()).collect();
-        let gone: Vec<HelperRecord> = current
-            .values()
-            .filter(|h| !keep.contains(h.helper.id.as_str()))
-            .cloned()
-            .collect();
+        let gone: Vec<HelperRecord> = current.values().filter(|h| !keep.contains(h.helper.id.as_str())).cloned().collect();
         // (old record if any, new record): a changed rule gets a new slot.
         let mut put: Vec<(Option<HelperRecord>, HelperRecord)> = Vec::new();
         for w in &wanted {
@@ -166,12 +121,7 @@ impl Daemon {
                     continue;
                 }
                 // Only the project changed: same rule, same slot.
-                Some(o)
-                    if (o.helper.protocol, o.helper.port, o.helper.helper.as_str())
-                        == (w.protocol, w.port, w.kind.name) =>
-                {
-                    o.slot
-                }
+                Some(o) if (o.helper.protocol, o.helper.port, o.helper.helper.as_str()) == (w.protocol, w.port, w.kind.name) => o.slot,
                 _ => match self.take_slot(&router) {
                     Ok(slot) => slot,
                     Err(e) => {
@@ -182,22 +132,9 @@ impl Daemon {
             };
             put.push((old.cloned(), HelperRecord { helper, slot }));
         }
-        let revoked: Vec<HelperRecord> = gone
-            .iter()
-            .cloned()
-            .chain(
-                put.iter()
-                    .filter(|(o, n)| new_rule(o, n))
-                    .filter_map(|(o, _)| o.clone()),
-            )
-            .collect();
-        let mut changes: Vec<Change> = gone
-            .iter()
-            .map(|h| Change::DeleteHelper {
-                router_id: router.clone(),
-                helper_id: h.helper.id.clone(),
-            })
-            .collect();
+        let revoked: Vec<HelperRecord> = gone.iter().cloned().chain(put.iter().filter(|(o, n)| new_rule(o, n)).filter_map(|(o, _)| o.clone())).collect();
+        let mut changes: Vec<Change> =
+            gone.iter().map(|h| Change::DeleteHelper { router_id: router.clone(), helper_id: h.helper.id.clone() }).collect();
         changes.extend(put.iter().map(|(_, new)| Change::PutHelper(new.clone())));
         if changes.is_empty() {
             report.helpers = self.helpers_of(&router).map(|h| h.helper.clone()).collect();
@@ -210,8 +147,7 @@ impl Daemon {
         let result = self.store.apply_then(&changes, || {
             let (mut reports, mut more) = (Vec::new(), Vec::new());
             for (h, mark) in revoked.iter().zip(&marks) {
-                let (report, quarantine) =
-                    super::revoke::revoke_rule(datapath, &ns, index, h, *mark, quiet)?;
+                let (report, quarantine) = super::revoke::revoke_rule(datapath, &ns, index, h, *mark, quiet)?;
                 reports.push(report);
                 more.extend(quarantine);
             }
@@ -224,10 +160,7 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => {
                 // Memory still holds the set as it was: the maps follow it.
-                if let Err(e) = self
-                    .desired()
-                    .and_then(|want| self.datapath.reconcile(&want, true))
-                {
+                if let Err(e) = self.desired().and_then(|want| self.datapath.reconcile(&want, true)) {
                     tracing::error!(router = %router, "putting the maps back: {e:#}");
                 }
                 self.free_new_slots(&router, &put);
@@ -235,24 +168,19 @@ impl Daemon {
             }
         };
         // All removals before any addition: a tuple may pass between helpers.
-        for h in gone
-            .iter()
-            .chain(put.iter().filter_map(|(old, _)| old.as_ref()))
-        {
+        for h in gone.iter().chain(put.iter().filter_map(|(old, _)| old.as_ref())) {
             self.index.remove(h);
             self.helpers.remove(&(router.clone(), h.helper.id.clone()));
         }
         for (old, new) in &put {
             self.index.add(new);
-            self.helpers
-                .insert((router.clone(), new.helper.id.clone()), new.clone());
+            self.helpers.insert((router.clone(), new.helper.id.clone()), new.clone());
             if old.is_none() {
                 report.created += 1;
             } else {
                 report.updated += 1;
             }
-            self.datapath
-                .clear_revoked(index, new.helper.protocol.number(), new.helper.port);
+            self.datapath.clear_revoked(index, new.helper.protocol.number(), new.helper.port);
         }
         for (h, r) in revoked.iter().zip(&reports) {
             self.revoked_slot(&router, h.slot, r, by.origin);

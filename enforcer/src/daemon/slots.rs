@@ -52,10 +52,7 @@ pub(super) struct Slots {
 
 impl Slots {
     /// The slots of the stored helpers (live) and quarantine.
-    pub(super) fn of<'a>(
-        helpers: impl IntoIterator<Item = &'a HelperRecord>,
-        quarantine: &BTreeSet<(String, u16)>,
-    ) -> Self {
+    pub(super) fn of<'a>(helpers: impl IntoIterator<Item = &'a HelperRecord>, quarantine: &BTreeSet<(String, u16)>) -> Self {
         let mut slots = Slots::default();
         for h in helpers {
             slots.set(&h.helper.router_id, h.slot, SlotState::Live);
@@ -69,16 +66,10 @@ impl Slots {
     /// After a failed group commit: the states of the store again, but
     /// slots cooling that the store does not have live keep cooling, and
     /// counters awaiting their sweep still await it.
-    pub(super) fn reload<'a>(
-        &mut self,
-        helpers: impl IntoIterator<Item = &'a HelperRecord>,
-        quarantine: &BTreeSet<(String, u16)>,
-    ) {
+    pub(super) fn reload<'a>(&mut self, helpers: impl IntoIterator<Item = &'a HelperRecord>, quarantine: &BTreeSet<(String, u16)>) {
         let mut fresh = Slots::of(helpers, quarantine);
         for (router, slot, at) in std::mem::take(&mut self.cooling) {
-            if self.state(&router, slot) == Some(SlotState::Cooling(at))
-                && fresh.state(&router, slot).is_none()
-            {
+            if self.state(&router, slot) == Some(SlotState::Cooling(at)) && fresh.state(&router, slot).is_none() {
                 fresh.cool(&router, slot, at);
             }
         }
@@ -91,11 +82,7 @@ impl Slots {
     }
 
     fn set(&mut self, router: &str, slot: u16, state: SlotState) {
-        self.routers
-            .entry(router.to_string())
-            .or_default()
-            .states
-            .insert(slot, state);
+        self.routers.entry(router.to_string()).or_default().states.insert(slot, state);
     }
 
     fn cool(&mut self, router: &str, slot: u16, at: Instant) {
@@ -109,9 +96,7 @@ impl Slots {
     pub(super) fn take(&mut self, router: &str, max: u16) -> Option<u16> {
         let r = self.routers.entry(router.to_string()).or_default();
         let start = r.hint.clamp(1, max);
-        let free = (start..=max)
-            .chain(1..start)
-            .find(|s| !r.states.contains_key(s))?;
+        let free = (start..=max).chain(1..start).find(|s| !r.states.contains_key(s))?;
         r.hint = if free == max { 1 } else { free + 1 };
         r.states.insert(free, SlotState::Live);
         Some(free)
@@ -183,12 +168,9 @@ impl Slots {
     }
 
     fn held(&self, which: fn(SlotState) -> bool) -> impl Iterator<Item = (&str, u16)> {
-        self.routers.iter().flat_map(move |(r, rs)| {
-            rs.states
-                .iter()
-                .filter(move |(_, s)| which(**s))
-                .map(move |(slot, _)| (r.as_str(), *slot))
-        })
+        self.routers
+            .iter()
+            .flat_map(move |(r, rs)| rs.states.iter().filter(move |(_, s)| which(**s)).map(move |(slot, _)| (r.as_str(), *slot)))
     }
 
     /// Freed slots whose counters await the sweep.
@@ -216,20 +198,13 @@ mod tests {
     use super::*;
 
     fn report(never_tagged: bool, flush_error: bool) -> RevokeReport {
-        RevokeReport {
-            never_tagged,
-            flush_error: flush_error.then(|| "left".to_string()),
-            ..Default::default()
-        }
+        RevokeReport { never_tagged, flush_error: flush_error.then(|| "left".to_string()), ..Default::default() }
     }
 
     #[test]
     fn take_hands_out_free_slots_only_and_wraps_around() {
         let mut s = Slots::default();
-        assert_eq!(
-            (s.take("r", 3), s.take("r", 3), s.take("r", 3)),
-            (Some(1), Some(2), Some(3))
-        );
+        assert_eq!((s.take("r", 3), s.take("r", 3), s.take("r", 3)), (Some(1), Some(2), Some(3)));
         assert_eq!(s.take("r", 3), None, "all live");
         s.free("r", 7, 2);
         assert_eq!(s.take("r", 3), Some(2));
@@ -253,11 +228,7 @@ mod tests {
         let slot = s.take("r", 10).unwrap();
         s.revoked("r", 7, slot, &report(false, true));
         assert_eq!(s.state("r", slot), Some(SlotState::Quarantined));
-        assert_ne!(
-            s.take("r", 10),
-            Some(slot),
-            "never handed out while quarantined"
-        );
+        assert_ne!(s.take("r", 10), Some(slot), "never handed out while quarantined");
         assert_eq!(s.quarantined().collect::<Vec<_>>(), [("r", slot)]);
         s.free("r", 7, slot);
         assert_eq!(s.quarantined().count(), 0);
@@ -269,11 +240,7 @@ mod tests {
         let slot = s.take("r", 10).unwrap();
         s.revoked("r", 7, slot, &report(true, false));
         assert!(matches!(s.state("r", slot), Some(SlotState::Cooling(_))));
-        assert_eq!(
-            s.revoked_not_free().collect::<Vec<_>>(),
-            [("r", slot)],
-            "its counters stay"
-        );
+        assert_eq!(s.revoked_not_free().collect::<Vec<_>>(), [("r", slot)], "its counters stay");
         assert!(s.cooled(Duration::from_secs(60)).is_empty());
         assert_eq!(s.cooled(Duration::ZERO), [("r".to_string(), slot)]);
         // Still cooling until the caller decides; then quarantined if tagged.
@@ -301,10 +268,7 @@ mod tests {
         s.quarantine("r", b);
         s.untake("r", a);
         s.untake("r", b);
-        assert_eq!(
-            (s.state("r", a), s.state("r", b)),
-            (None, Some(SlotState::Quarantined))
-        );
+        assert_eq!((s.state("r", a), s.state("r", b)), (None, Some(SlotState::Quarantined)));
     }
 
     #[test]
@@ -316,14 +280,7 @@ mod tests {
         s.free("r", 1, 9);
         // The store has b live again (its delete was not kept).
         let helper = HelperRecord {
-            helper: crate::api::Helper {
-                id: "h".into(),
-                router_id: "r".into(),
-                project_id: "p".into(),
-                protocol: crate::api::Protocol::Tcp,
-                port: 21,
-                helper: "ftp".into(),
-            },
+            helper: crate::api::Helper { id: "h".into(), router_id: "r".into(), project_id: "p".into(), protocol: crate::api::Protocol::Tcp, port: 21, helper: "ftp".into() },
             slot: b,
         };
         s.reload([&helper], &BTreeSet::new());
@@ -340,14 +297,7 @@ mod tests {
         s.free("old", 4, slot);
         s.free("other", 5, 1);
         s.forget_router("old", 4);
-        assert_eq!(
-            s.released().iter().copied().collect::<Vec<_>>(),
-            vec![(5, 1)]
-        );
-        assert_eq!(
-            s.take("old", 10),
-            Some(1),
-            "a router added again under the name starts afresh"
-        );
+        assert_eq!(s.released().iter().copied().collect::<Vec<_>>(), vec![(5, 1)]);
+        assert_eq!(s.take("old", 10), Some(1), "a router added again under the name starts afresh");
     }
 }

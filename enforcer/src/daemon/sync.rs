@@ -16,8 +16,8 @@ use super::{
     server::{Shared, netns_turn, unglue, unlocked, with_daemon},
 };
 use crate::{
-    api::Caller,
     api::{ApiError, ErrorCode, HelperError, HelperSpec, Owner, Reply, Request, SyncStatus},
+    api::Caller,
     neutron::{
         NeutronConfig,
         client::{Neutron, NeutronError},
@@ -26,12 +26,7 @@ use crate::{
 };
 
 /// The sync acts as root of this host, on Neutron's behalf.
-const SYNC_CALLER: Caller = Caller {
-    uid: 0,
-    gid: 0,
-    pid: None,
-    groups: Vec::new(),
-};
+const SYNC_CALLER: Caller = Caller { uid: 0, gid: 0, pid: None, groups: Vec::new() };
 
 /// Longest wait between two attempts while Neutron fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -65,21 +60,13 @@ impl Daemon {
 
     /// The request that adds a Neutron router hosted in `netns`.
     fn add_request(router: &NeutronRouter, netns: &str) -> Request {
-        Request::RouterAdd {
-            router_id: router.id.clone(),
-            netns: Some(netns.to_string()),
-            project_id: Some(router.project_id.clone()),
-        }
+        Request::RouterAdd { router_id: router.id.clone(), netns: Some(netns.to_string()), project_id: Some(router.project_id.clone()) }
     }
 
     /// The glue step of a router the sync is about to add, to run without
     /// the lock (None if there is nothing to add).
     fn sync_glue_job(&self, router: &NeutronRouter, netns: &str) -> Option<GlueJob> {
-        if self
-            .routers
-            .get(&router.id)
-            .is_some_and(|r| r.record.netns == netns)
-        {
+        if self.routers.get(&router.id).is_some_and(|r| r.record.netns == netns) {
             return None;
         }
         // As if the router were not there yet: a move re-adds it.
@@ -90,36 +77,19 @@ impl Daemon {
     /// request (one transaction; a port handed from one helper to another
     /// within one change is free when it is needed).
     /// `glue` is the glue step of an added router, done without the lock.
-    pub(super) fn sync_router(
-        &mut self,
-        router: &NeutronRouter,
-        netns: &str,
-        helpers: &[NeutronHelper],
-        glue: Option<GlueDone>,
-    ) -> Applied {
+    pub(super) fn sync_router(&mut self, router: &NeutronRouter, netns: &str, helpers: &[NeutronHelper], glue: Option<GlueDone>) -> Applied {
         let mut applied = Applied::default();
         let id = router.id.clone();
-        if self
-            .routers
-            .get(&id)
-            .is_some_and(|r| r.record.netns != netns)
-        {
+        if self.routers.get(&id).is_some_and(|r| r.record.netns != netns) {
             // The router moved between its qrouter- and snat- namespaces.
-            if let Err(e) = self.on_behalf_of_neutron(Request::RouterRemove {
-                router_id: id.clone(),
-            }) {
+            if let Err(e) = self.on_behalf_of_neutron(Request::RouterRemove { router_id: id.clone() }) {
                 warn!(router = %id, "moving to {netns}: {e}");
                 applied.retry = true;
                 return applied;
             }
         }
         if !self.routers.contains_key(&id)
-            && let Err(e) = self.handle_from(
-                Owner::Neutron,
-                SYNC_CALLER.clone(),
-                Self::add_request(router, netns),
-                glue,
-            )
+            && let Err(e) = self.handle_from(Owner::Neutron, SYNC_CALLER.clone(), Self::add_request(router, netns), glue)
         {
             warn!(router = %id, "adding: {e}");
             applied.retry = true;
@@ -142,10 +112,7 @@ impl Daemon {
         // offered here, bad values) is left out and the rest set again: the
         // old version of a refused helper must not stay enforced either.
         loop {
-            let set = Request::HelperSet {
-                router_id: id.clone(),
-                helpers: specs.clone(),
-            };
+            let set = Request::HelperSet { router_id: id.clone(), helpers: specs.clone() };
             let e = match self.on_behalf_of_neutron(set) {
                 Ok(_) => break,
                 Err(e) => e,
@@ -154,16 +121,8 @@ impl Daemon {
             match entry {
                 Some(i) if matches!(e.code, ErrorCode::InvalidArgument | ErrorCode::Conflict) => {
                     let gone = specs.remove(i);
-                    let error = e
-                        .message
-                        .split_once(": ")
-                        .map_or(e.message.as_str(), |(_, m)| m)
-                        .to_string();
-                    applied.refused.push(HelperError {
-                        router_id: id.clone(),
-                        helper_id: gone.id.unwrap_or_default(),
-                        error,
-                    });
+                    let error = e.message.split_once(": ").map_or(e.message.as_str(), |(_, m)| m).to_string();
+                    applied.refused.push(HelperError { router_id: id.clone(), helper_id: gone.id.unwrap_or_default(), error });
                 }
                 _ => {
                     warn!(router = %id, "setting helpers: {e}");
@@ -178,18 +137,11 @@ impl Daemon {
     /// Removes a router that followed Neutron (gone from Neutron, or its
     /// namespace gone from this node).
     pub fn sync_remove(&mut self, id: &str) -> Result<(), ApiError> {
-        self.on_behalf_of_neutron(Request::RouterRemove {
-            router_id: id.to_string(),
-        })
-        .map(|_| ())
+        self.on_behalf_of_neutron(Request::RouterRemove { router_id: id.to_string() }).map(|_| ())
     }
 
     fn set_sync_status(&mut self, status: SyncStatus, completed: bool) {
-        let last = if completed {
-            Some(Instant::now())
-        } else {
-            self.sync_seen.as_ref().and_then(|(_, t)| *t)
-        };
+        let last = if completed { Some(Instant::now()) } else { self.sync_seen.as_ref().and_then(|(_, t)| *t) };
         self.sync_seen = Some((status, last));
     }
 }
@@ -219,10 +171,8 @@ impl Poller {
         let hosted = plan::hosted(&namespaces());
         let (followed, locals) = with_daemon(daemon, |d| d.owners()).await;
         self.revisions.retain(|id, _| followed.contains(id));
-        let synced: BTreeMap<String, Option<u64>> = followed
-            .iter()
-            .map(|id| (id.clone(), self.revisions.get(id).copied().flatten()))
-            .collect();
+        let synced: BTreeMap<String, Option<u64>> =
+            followed.iter().map(|id| (id.clone(), self.revisions.get(id).copied().flatten())).collect();
         for step in plan::steps(&hosted, &listed, &synced, &locals) {
             match step {
                 Step::Sync { router, netns } => {
@@ -236,31 +186,17 @@ impl Poller {
                             None => None,
                         };
                         let r = router.clone();
-                        let applied =
-                            with_daemon(daemon, move |d| d.sync_router(&r, &netns, &helpers, glue))
-                                .await;
+                        let applied = with_daemon(daemon, move |d| d.sync_router(&r, &netns, &helpers, glue)).await;
                         drop(turn);
                         // A router moved away from a namespace leaves glue there.
                         unglue(daemon).await;
-                        let new_errors = applied
-                            .refused
-                            .iter()
-                            .filter(|e| {
-                                !self
-                                    .refused
-                                    .get(&router.id)
-                                    .is_some_and(|old| old.contains(e))
-                            })
-                            .count();
+                        let new_errors = applied.refused.iter().filter(|e| !self.refused.get(&router.id).is_some_and(|old| old.contains(e))).count();
                         self.status.helper_errors_total += new_errors as u64;
                         for e in &applied.refused {
                             warn!(router = %e.router_id, helper = %e.helper_id, "Neutron helper not applied: {}", e.error);
                         }
                         self.refused.insert(router.id.clone(), applied.refused);
-                        self.revisions.insert(
-                            router.id.clone(),
-                            (!applied.retry).then_some(router.revision_number),
-                        );
+                        self.revisions.insert(router.id.clone(), (!applied.retry).then_some(router.revision_number));
                     }
                 }
                 Step::Confirm { id } => {
@@ -293,13 +229,7 @@ impl Poller {
 
 /// The entry of a helper set an error is about (its field `helpers[i].…`).
 fn entry_of(e: &ApiError) -> Option<usize> {
-    e.field
-        .as_deref()?
-        .strip_prefix("helpers[")?
-        .split_once(']')?
-        .0
-        .parse()
-        .ok()
+    e.field.as_deref()?.strip_prefix("helpers[")?.split_once(']')?.0.parse().ok()
 }
 
 /// Follows Neutron until the daemon stops.
@@ -309,10 +239,7 @@ pub async fn follow(daemon: Shared, config: NeutronConfig) {
         neutron: Neutron::new(config),
         revisions: BTreeMap::new(),
         refused: BTreeMap::new(),
-        status: SyncStatus {
-            state: "starting".into(),
-            ..SyncStatus::default()
-        },
+        status: SyncStatus { state: "starting".into(), ..SyncStatus::default() },
     };
     with_daemon(&daemon, {
         let status = poller.status.clone();
@@ -342,10 +269,7 @@ pub async fn follow(daemon: Shared, config: NeutronConfig) {
                 poller.status.last_error = Some(e.to_string());
                 poller.status.failed_polls_in_a_row += 1;
                 poller.status.failed_polls += 1;
-                warn!(
-                    failures = poller.status.failed_polls_in_a_row,
-                    "Neutron sync: {e}; enforcement stays as last applied"
-                );
+                warn!(failures = poller.status.failed_polls_in_a_row, "Neutron sync: {e}; enforcement stays as last applied");
                 if matches!(e, NeutronError::Credentials(_)) {
                     poller.neutron.logout();
                 }

@@ -41,21 +41,11 @@ impl Verified {
         let path = state_dir.join(FILE);
         let namespaces = std::fs::read(&path)
             .ok()
-            .and_then(|bytes| {
-                serde_json::from_slice::<OnDisk<serde_json::Value, BTreeMap<String, Generation>>>(
-                    &bytes,
-                )
-                .ok()
-            })
+            .and_then(|bytes| serde_json::from_slice::<OnDisk<serde_json::Value, BTreeMap<String, Generation>>>(&bytes).ok())
             .filter(|d| d.reference == *reference)
             .map(|d| d.namespaces)
             .unwrap_or_default();
-        Self {
-            path,
-            reference,
-            namespaces,
-            dirty: false,
-        }
+        Self { path, reference, namespaces, dirty: false }
     }
 
     pub(super) fn reference(&self) -> std::sync::Arc<serde_json::Value> {
@@ -82,13 +72,8 @@ impl Verified {
         if !self.dirty {
             return;
         }
-        let on_disk = OnDisk {
-            reference: &*self.reference,
-            namespaces: &self.namespaces,
-        };
-        let written = serde_json::to_vec(&on_disk)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::store::write_atomic(&self.path, &bytes));
+        let on_disk = OnDisk { reference: &*self.reference, namespaces: &self.namespaces };
+        let written = serde_json::to_vec(&on_disk).map_err(std::io::Error::other).and_then(|bytes| crate::store::write_atomic(&self.path, &bytes));
         match written {
             Ok(()) => self.dirty = false,
             Err(e) => warn!(path = %self.path.display(), "saving where the glue was verified: {e}"),
@@ -114,16 +99,9 @@ mod tests {
         v.set("qrouter-2", None);
         v.save();
         let again = Verified::load(&dir, reference);
-        assert_eq!(
-            (again.get("qrouter-1"), again.get("qrouter-2")),
-            (Some(at), None)
-        );
+        assert_eq!((again.get("qrouter-1"), again.get("qrouter-2")), (Some(at), None));
         let other = Verified::load(&dir, Arc::new(serde_json::json!({"table": "b"})));
-        assert_eq!(
-            other.get("qrouter-1"),
-            None,
-            "a record against another reference is stale"
-        );
+        assert_eq!(other.get("qrouter-1"), None, "a record against another reference is stale");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -62,12 +62,8 @@ pub fn resolve(setting: AttachSetting) -> Result<AttachMode> {
         AttachSetting::Auto | AttachSetting::Netlink => AttachMode::Netlink,
         AttachSetting::Tcx if tcx => AttachMode::Tcx,
         AttachSetting::Tcx => {
-            let v = aya::util::KernelVersion::current()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default();
-            bail!(
-                "attach = \"tcx\" needs kernel 6.6 or later (tcx links); this kernel is {v}: use attach = \"netlink\" or \"auto\""
-            )
+            let v = aya::util::KernelVersion::current().map(|v| format!("{v:?}")).unwrap_or_default();
+            bail!("attach = \"tcx\" needs kernel 6.6 or later (tcx links); this kernel is {v}: use attach = \"netlink\" or \"auto\"")
         }
     };
     Ok(mode)

@@ -56,12 +56,8 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
             Tuple::Proto(p) => {
                 for x in p {
                     match x {
-                        ProtoTuple::Protocol(Protocol::Tcp) => {
-                            proto = Some(libc::IPPROTO_TCP as u8)
-                        }
-                        ProtoTuple::Protocol(Protocol::Udp) => {
-                            proto = Some(libc::IPPROTO_UDP as u8)
-                        }
+                        ProtoTuple::Protocol(Protocol::Tcp) => proto = Some(libc::IPPROTO_TCP as u8),
+                        ProtoTuple::Protocol(Protocol::Udp) => proto = Some(libc::IPPROTO_UDP as u8),
                         ProtoTuple::SourcePort(p) => sport = *p,
                         ProtoTuple::DestinationPort(p) => dport = *p,
                         _ => {}
@@ -71,13 +67,7 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
             _ => {}
         }
     }
-    Some(Tuple5 {
-        proto: proto?,
-        src: src?,
-        dst: dst?,
-        sport,
-        dport,
-    })
+    Some(Tuple5 { proto: proto?, src: src?, dst: dst?, sport, dport })
 }
 
 /// The TCP and UDP entries whose mark matches `mark` under `mask`.
@@ -103,10 +93,9 @@ pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
             // The kernel filters by mark; check anyway, a filter it ignored
             // must not make us revoke other rules' flows.
             if let (Some(orig), Some(reply), Some(m)) = (orig, reply, entry_mark)
-                && m & mask == mark
-            {
-                out.push(Entry { orig, reply });
-            }
+                && m & mask == mark {
+                    out.push(Entry { orig, reply });
+                }
         }
     })?;
     Ok(out)

@@ -15,12 +15,8 @@ use crate::api::{Dump, SlotEntry};
 
 fn open(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening pinned map {} (is the daemon set up with this --bpffs?)",
-            path.display()
-        )
-    })?;
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {} (is the daemon set up with this --bpffs?)", path.display()))?;
     Ok(Map::from_map_data(data)?)
 }
 
@@ -53,20 +49,12 @@ pub fn read(dir: &Path) -> Result<Dump> {
             slot: key.slot,
             protocol: rule.and_then(|(k, _)| Protocol::from_number(k.proto)),
             port: rule.map(|(k, _)| k.port),
-            helper: helper_id
-                .and_then(catalogue::by_id)
-                .map(|h| h.name.to_string()),
+            helper: helper_id.and_then(catalogue::by_id).map(|h| h.name.to_string()),
             state: if live.is_some() { "live" } else { "revoked" }.to_string(),
             tagged: counts.tagged,
             dropped: counts.dropped,
         });
     }
-    out.sort_by(|a, b| {
-        (&a.router_id, a.router_index, a.slot).cmp(&(&b.router_id, b.router_index, b.slot))
-    });
-    Ok(Dump {
-        bpffs: dir.display().to_string(),
-        routers: router_ids.len(),
-        slots: out,
-    })
+    out.sort_by(|a, b| (&a.router_id, a.router_index, a.slot).cmp(&(&b.router_id, b.router_index, b.slot)));
+    Ok(Dump { bpffs: dir.display().to_string(), routers: router_ids.len(), slots: out })
 }

@@ -33,18 +33,13 @@ pub fn run(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output> {
     let mut child = cmd
         // Its own process group, so that what it started dies with it.
         .process_group(0)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {name} (is it installed?)"))?;
     let pidfd = pidfd(child.id()).with_context(|| format!("watching {name}"))?;
-    let (stdin, mut stdout, mut stderr) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let (stdin, mut stdout, mut stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let limit = limit();
     // Pipes are fed and drained on their own threads, so a child that
     // neither reads nor exits cannot block us past the limit.
@@ -60,30 +55,14 @@ pub fn run(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output> {
         if !exited.as_ref().is_ok_and(|e| *e) {
             // Killing the group closes its pipes, which ends the threads
             // above; the group is the child's own (set at spawn).
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
         }
-        (
-            exited,
-            out.join().unwrap_or_default(),
-            err.join().unwrap_or_default(),
-        )
+        (exited, out.join().unwrap_or_default(), err.join().unwrap_or_default())
     });
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for {name}"))?;
+    let status = child.wait().with_context(|| format!("waiting for {name}"))?;
     match exited {
-        Ok(true) => Ok(Output {
-            status,
-            stdout: out,
-            stderr: err,
-        }),
-        Ok(false) => bail!(
-            "{name} did not finish within {} s (command_timeout_secs); it was killed",
-            limit.as_secs_f64()
-        ),
+        Ok(true) => Ok(Output { status, stdout: out, stderr: err }),
+        Ok(false) => bail!("{name} did not finish within {} s (command_timeout_secs); it was killed", limit.as_secs_f64()),
         Err(e) => Err(e).with_context(|| format!("waiting for {name}")),
     }
 }
@@ -99,11 +78,7 @@ pub fn check(cmd: &mut Command, input: Option<&[u8]>) -> Result<Output> {
 /// carries its stderr.
 pub fn succeeded(name: &str, out: Output) -> Result<Output> {
     if !out.status.success() {
-        bail!(
-            "{name} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{name} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
@@ -132,8 +107,7 @@ fn wait_readable(fd: &OwnedFd, limit: Duration) -> Result<bool> {
     let deadline = std::time::Instant::now() + limit;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-            .unwrap_or(PollTimeout::MAX);
+        let ms = PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
             Ok(0) => return Ok(false),
@@ -150,19 +124,11 @@ mod tests {
 
     #[test]
     fn output_and_exit_status_come_back() {
-        let out = run(
-            Command::new("sh").args(["-c", "cat; echo err >&2; exit 3"]),
-            Some(b"hello"),
-        )
-        .unwrap();
+        let out = run(Command::new("sh").args(["-c", "cat; echo err >&2; exit 3"]), Some(b"hello")).unwrap();
         assert_eq!(out.stdout, b"hello");
         assert_eq!(out.stderr, b"err\n");
         assert_eq!(out.status.code(), Some(3));
-        let e = check(
-            Command::new("sh").args(["-c", "echo nope >&2; exit 1"]),
-            None,
-        )
-        .unwrap_err();
+        let e = check(Command::new("sh").args(["-c", "echo nope >&2; exit 1"]), None).unwrap_err();
         assert!(format!("{e:#}").contains("nope"), "{e:#}");
     }
 
@@ -172,11 +138,7 @@ mod tests {
         let t = std::time::Instant::now();
         // One that ignores its stdin, and whose own child keeps the pipes
         // open.
-        let e = run(
-            Command::new("sh").args(["-c", "sleep 30; true"]),
-            Some(&[0u8; 1 << 20]),
-        )
-        .unwrap_err();
+        let e = run(Command::new("sh").args(["-c", "sleep 30; true"]), Some(&[0u8; 1 << 20])).unwrap_err();
         set_limit(Duration::from_secs(10));
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         assert!(format!("{e:#}").contains("did not finish"), "{e:#}");

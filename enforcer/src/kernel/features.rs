@@ -21,10 +21,7 @@ pub fn check() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    anyhow::bail!(
-        "this host lacks what enforcer needs:\n  - {}",
-        missing.join("\n  - ")
-    )
+    anyhow::bail!("this host lacks what enforcer needs:\n  - {}", missing.join("\n  - "))
 }
 
 fn missing(needs: &[Need]) -> Vec<&'static str> {
@@ -74,20 +71,7 @@ mod tests {
 
     #[test]
     fn every_missing_piece_is_named_once_in_order() {
-        let needs = [
-            Need {
-                what: "a",
-                met: false,
-            },
-            Need {
-                what: "b",
-                met: true,
-            },
-            Need {
-                what: "c",
-                met: false,
-            },
-        ];
+        let needs = [Need { what: "a", met: false }, Need { what: "b", met: true }, Need { what: "c", met: false }];
         assert_eq!(missing(&needs), ["a", "c"]);
     }
 }

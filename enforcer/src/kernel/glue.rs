@@ -43,11 +43,7 @@ pub const PRE_PRIORITY: i32 = -180;
 
 /// Name of the `ct helper` object for (helper, protocol): `q931_tcp`.
 pub fn object_name(kind: &HelperKind, protocol: Protocol) -> String {
-    let name: String = kind
-        .name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .collect();
+    let name: String = kind.name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
     format!("{}_{}", name.to_ascii_lowercase(), protocol.as_str())
 }
 
@@ -56,25 +52,14 @@ fn meta(key: MetaKey) -> Expression<'static> {
 }
 
 fn ct(key: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::CT(CT {
-        key: Cow::Borrowed(key),
-        family: None,
-        dir: None,
-    }))
+    Expression::Named(NamedExpression::CT(CT { key: Cow::Borrowed(key), family: None, dir: None }))
 }
 
 fn and(left: Expression<'static>, mask: u32) -> Expression<'static> {
-    Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-        left,
-        Expression::Number(mask),
-    )))
+    Expression::BinaryOperation(Box::new(BinaryOperation::AND(left, Expression::Number(mask))))
 }
 
-fn matches(
-    left: Expression<'static>,
-    op: Operator,
-    right: Expression<'static>,
-) -> Statement<'static> {
+fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
     Statement::Match(Match { left, right, op })
 }
 
@@ -106,21 +91,14 @@ fn base_chain(name: &'static str, hook: NfHook, prio: i32) -> NfListObject<'stat
 }
 
 fn table() -> NfListObject<'static> {
-    NfListObject::Table(Table {
-        family: NfFamily::INet,
-        name: Cow::Borrowed(TABLE),
-        handle: None,
-    })
+    NfListObject::Table(Table { family: NfFamily::INet, name: Cow::Borrowed(TABLE), handle: None })
 }
 
 /// Every (helper, protocol) offered in some family, once.
 fn helper_objects(offered: &Offered) -> Vec<(&'static HelperKind, Protocol)> {
     let mut out: Vec<(&'static HelperKind, Protocol)> = Vec::new();
     for o in &offered.offers {
-        if !out
-            .iter()
-            .any(|(k, p)| k.id == o.kind.id && *p == o.protocol)
-        {
+        if !out.iter().any(|(k, p)| k.id == o.kind.id && *p == o.protocol) {
             out.push((o.kind, o.protocol));
         }
     }
@@ -148,11 +126,7 @@ fn ruleset_fresh(offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
 }
 
 /// The table's objects, chain and rules, after `batch`'s table commands.
-fn contents(
-    mut batch: Batch<'static>,
-    offered: &Offered,
-    layout: &MarkLayout,
-) -> Nftables<'static> {
+fn contents(mut batch: Batch<'static>, offered: &Offered, layout: &MarkLayout) -> Nftables<'static> {
     let objects = helper_objects(offered);
     for (kind, protocol) in &objects {
         batch.add(NfListObject::CTHelper(CTHelper {
@@ -169,56 +143,24 @@ fn contents(
     batch.add(base_chain(PRE_CHAIN, NfHook::Prerouting, PRE_PRIORITY));
 
     let helper_bits = || and(meta(MetaKey::Mark), layout.helper_mask);
-    let new = || {
-        matches(
-            ct("state"),
-            Operator::IN,
-            Expression::String(Cow::Borrowed("new")),
-        )
-    };
+    let new = || matches(ct("state"), Operator::IN, Expression::String(Cow::Borrowed("new")));
     // Untagged packets: one comparison and out.
-    batch.add(rule(
-        PRE_CHAIN,
-        vec![
-            matches(helper_bits(), Operator::EQ, Expression::Number(0)),
-            Statement::Return(None),
-        ],
-    ));
+    batch.add(rule(PRE_CHAIN, vec![matches(helper_bits(), Operator::EQ, Expression::Number(0)), Statement::Return(None)]));
     for (kind, protocol) in &objects {
         batch.add(rule(
             PRE_CHAIN,
             vec![
                 new(),
-                matches(
-                    meta(MetaKey::L4proto),
-                    Operator::EQ,
-                    Expression::String(Cow::Borrowed(protocol.as_str())),
-                ),
-                matches(
-                    helper_bits(),
-                    Operator::EQ,
-                    Expression::Number(layout.encode(kind.id, 0)),
-                ),
+                matches(meta(MetaKey::L4proto), Operator::EQ, Expression::String(Cow::Borrowed(protocol.as_str()))),
+                matches(helper_bits(), Operator::EQ, Expression::Number(layout.encode(kind.id, 0))),
                 Statement::CTHelper(Cow::Owned(object_name(kind, *protocol))),
             ],
         ));
     }
     // A new connection's ct mark is still 0 here (Neutron saves its scope
     // later, in POSTROUTING), so writing the whole ct mark loses nothing.
-    batch.add(rule(
-        PRE_CHAIN,
-        vec![
-            new(),
-            set(ct("mark"), and(meta(MetaKey::Mark), layout.slot_mask)),
-        ],
-    ));
-    batch.add(rule(
-        PRE_CHAIN,
-        vec![set(
-            meta(MetaKey::Mark),
-            and(meta(MetaKey::Mark), !layout.mask()),
-        )],
-    ));
+    batch.add(rule(PRE_CHAIN, vec![new(), set(ct("mark"), and(meta(MetaKey::Mark), layout.slot_mask))]));
+    batch.add(rule(PRE_CHAIN, vec![set(meta(MetaKey::Mark), and(meta(MetaKey::Mark), !layout.mask()))]));
 
     batch.to_nftables()
 }
@@ -232,8 +174,7 @@ fn run_in(ns: &Path, program: &str, args: &[&str], input: Option<&[u8]>) -> Resu
 /// Commits `ruleset` (the crate's JSON schema) in one `nft -j -f -` run,
 /// under the command time limit.
 fn apply(ns: &Path, ruleset: &Nftables) -> Result<()> {
-    exec::succeeded("nft", commit(ns, ruleset)?)
-        .with_context(|| format!("nft in {}", ns.display()))?;
+    exec::succeeded("nft", commit(ns, ruleset)?).with_context(|| format!("nft in {}", ns.display()))?;
     Ok(())
 }
 
@@ -264,8 +205,7 @@ fn normalized(listing: &[u8]) -> Result<serde_json::Value> {
             _ => {}
         }
     }
-    let mut v: serde_json::Value =
-        serde_json::from_slice(listing).context("reading nft's JSON listing")?;
+    let mut v: serde_json::Value = serde_json::from_slice(listing).context("reading nft's JSON listing")?;
     if let Some(items) = v.get_mut("nftables").and_then(|i| i.as_array_mut()) {
         items.retain(|i| i.get("metainfo").is_none());
     }
@@ -291,12 +231,9 @@ pub fn reference(offered: &Offered, layout: &MarkLayout) -> Result<serde_json::V
     let json = serde_json::to_vec(&ruleset(offered, layout))?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("unsharing a scratch network namespace")?;
-            exec::check(Command::new("nft").args(["-j", "-f", "-"]), Some(&json))
-                .context("installing the glue in a scratch namespace")?;
-            listing(exec::run(Command::new("nft").args(LIST), None)?)?
-                .context("the glue vanished from the scratch namespace")
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unsharing a scratch network namespace")?;
+            exec::check(Command::new("nft").args(["-j", "-f", "-"]), Some(&json)).context("installing the glue in a scratch namespace")?;
+            listing(exec::run(Command::new("nft").args(LIST), None)?)?.context("the glue vanished from the scratch namespace")
         })
         .join()
         .map_err(|_| anyhow::anyhow!("glue reference thread panicked"))?
@@ -330,13 +267,7 @@ fn generation_here() -> Result<Generation> {
     let mut id = None;
     netlink::receive(&sock, true, |m| {
         if let NetfilterMessageInner::NfTables(NfTablesMessage::NewGen(g)) = m {
-            id = g.attributes.iter().find_map(|a| {
-                if let GenAttribute::Id(id) = a {
-                    Some(*id)
-                } else {
-                    None
-                }
-            });
+            id = g.attributes.iter().find_map(|a| if let GenAttribute::Id(id) = a { Some(*id) } else { None });
         }
     })?;
     Ok(Generation {
@@ -365,28 +296,18 @@ pub fn check(ns: &Path, reference: &serde_json::Value, known: Option<Generation>
         if generation.is_some() && generation == known {
             return Ok((generation, None));
         }
-        Ok((
-            generation,
-            Some(exec::run(Command::new("nft").args(LIST), None)?),
-        ))
+        Ok((generation, Some(exec::run(Command::new("nft").args(LIST), None)?)))
     })
     .with_context(|| format!("checking the glue in {}", ns.display()))?;
     let Some(out) = out else {
-        return Ok(Found {
-            state: GlueState::Intact,
-            intact_at: generation,
-        });
+        return Ok(Found { state: GlueState::Intact, intact_at: generation });
     };
-    let state =
-        match listing(out).with_context(|| format!("listing the glue in {}", ns.display()))? {
-            None => GlueState::Missing,
-            Some(table) if &table == reference => GlueState::Intact,
-            Some(_) => GlueState::Altered,
-        };
-    Ok(Found {
-        state,
-        intact_at: generation.filter(|_| state == GlueState::Intact),
-    })
+    let state = match listing(out).with_context(|| format!("listing the glue in {}", ns.display()))? {
+        None => GlueState::Missing,
+        Some(table) if &table == reference => GlueState::Intact,
+        Some(_) => GlueState::Altered,
+    };
+    Ok(Found { state, intact_at: generation.filter(|_| state == GlueState::Intact) })
 }
 
 /// Installs (or rewrites) the glue in one transaction. Idempotent. Returns
@@ -410,10 +331,7 @@ pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<
     // A stale table (of a router removed while enforcer was down) makes nft
     // fail the creation; the replacing transaction then reports any real
     // error. An nft that hangs or cannot start is not run twice.
-    if commit(ns, &ruleset_fresh(offered, layout))?
-        .status
-        .success()
-    {
+    if commit(ns, &ruleset_fresh(offered, layout))?.status.success() {
         return Ok(());
     }
     apply(ns, &ruleset(offered, layout))
@@ -437,11 +355,7 @@ pub fn remove(ns: &Path) -> Result<()> {
     if let Err(e) = legacy::remove(ns) {
         errors.push(format!("{e:#}"));
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        bail!(errors.join("; "))
-    }
+    if errors.is_empty() { Ok(()) } else { bail!(errors.join("; ")) }
 }
 
 /// The iptables glue of versions before the nftables table (raw-table
@@ -455,16 +369,11 @@ pub mod legacy {
     use super::run_in;
     use crate::kernel::exec;
 
-    pub const CHAINS: [(&str, &str); 2] =
-        [("raw", "ENFORCER-HELPERS"), ("mangle", "ENFORCER-CONNMARK")];
+    pub const CHAINS: [(&str, &str); 2] = [("raw", "ENFORCER-HELPERS"), ("mangle", "ENFORCER-CONNMARK")];
 
     /// Whether `table` has `chain` in the family of `tool`.
     fn has_chain(ns: &Path, tool: &str, table: &str, chain: &str) -> Result<bool> {
-        Ok(
-            run_in(ns, tool, &["--wait", "-t", table, "-n", "-L", chain], None)?
-                .status
-                .success(),
-        )
+        Ok(run_in(ns, tool, &["--wait", "-t", table, "-n", "-L", chain], None)?.status.success())
     }
 
     /// Removes the old chains and their jumps, where they exist.
@@ -475,29 +384,16 @@ pub mod legacy {
                 if has_chain(ns, tool, table, chain)? {
                     // Jumps may be there once or not at all; -D of a missing
                     // one would fail the whole restore, so each goes alone.
-                    while run_in(
-                        ns,
-                        tool,
-                        &["--wait", "-t", table, "-D", "PREROUTING", "-j", chain],
-                        None,
-                    )?
-                    .status
-                    .success()
+                    while run_in(ns, tool, &["--wait", "-t", table, "-D", "PREROUTING", "-j", chain], None)?
+                        .status
+                        .success()
                     {}
                     script.push_str(&format!("*{table}\n-F {chain}\n-X {chain}\nCOMMIT\n"));
                 }
             }
             if !script.is_empty() {
                 let restore = format!("{tool}-restore");
-                exec::succeeded(
-                    &restore,
-                    run_in(
-                        ns,
-                        &restore,
-                        &["--noflush", "--wait"],
-                        Some(script.as_bytes()),
-                    )?,
-                )?;
+                exec::succeeded(&restore, run_in(ns, &restore, &["--noflush", "--wait"], Some(script.as_bytes()))?)?;
             }
         }
         Ok(())
@@ -514,12 +410,7 @@ mod tests {
     }
 
     fn adds(v: &serde_json::Value, kind: &str) -> Vec<serde_json::Value> {
-        v["nftables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|o| o.get("add")?.get(kind).cloned())
-            .collect()
+        v["nftables"].as_array().unwrap().iter().filter_map(|o| o.get("add")?.get(kind).cloned()).collect()
     }
 
     #[test]
@@ -529,31 +420,16 @@ mod tests {
         let objects = adds(&v, "ct helper");
         let sip: Vec<_> = objects.iter().filter(|o| o["type"] == "sip").collect();
         assert_eq!(sip.len(), 2, "sip over udp and tcp");
-        assert!(
-            objects
-                .iter()
-                .all(|o| o["l3proto"] == "inet" && o["table"] == TABLE)
-        );
+        assert!(objects.iter().all(|o| o["l3proto"] == "inet" && o["table"] == TABLE));
         let q931 = objects.iter().find(|o| o["type"] == "Q.931").unwrap();
         assert_eq!(q931["name"], "q931_tcp");
         // An IPv4-only offer still gets its object; nothing not offered does.
         let only_irc_v4 = Offered {
-            offers: offered
-                .offers
-                .iter()
-                .copied()
-                .filter(|o| o.kind.name == "irc" && o.family == Family::Ipv4)
-                .collect(),
+            offers: offered.offers.iter().copied().filter(|o| o.kind.name == "irc" && o.family == Family::Ipv4).collect(),
         };
         let v = json(&only_irc_v4, &MarkLayout::DEFAULT);
         assert_eq!(adds(&v, "ct helper").len(), 1);
-        assert_eq!(
-            adds(&v, "rule")
-                .iter()
-                .filter(|r| r.to_string().contains("\"ct helper\""))
-                .count(),
-            1
-        );
+        assert_eq!(adds(&v, "rule").iter().filter(|r| r.to_string().contains("\"ct helper\"")).count(), 1);
     }
 
     #[test]
@@ -565,10 +441,7 @@ mod tests {
         assert!(cmds[2]["add"]["table"].is_object());
         let chains = adds(&v, "chain");
         let pre = chains.iter().find(|c| c["name"] == PRE_CHAIN).unwrap();
-        assert_eq!(
-            (pre["hook"].as_str(), pre["prio"].as_i64()),
-            (Some("prerouting"), Some(-180))
-        );
+        assert_eq!((pre["hook"].as_str(), pre["prio"].as_i64()), (Some("prerouting"), Some(-180)));
         assert_eq!(chains.len(), 1, "one base chain: every packet crosses each");
     }
 
@@ -577,15 +450,8 @@ mod tests {
         let offered = Offered::everything();
         let fresh = serde_json::to_value(ruleset_fresh(&offered, &MarkLayout::DEFAULT)).unwrap();
         let replacing = json(&offered, &MarkLayout::DEFAULT);
-        let (fresh, replacing) = (
-            fresh["nftables"].as_array().unwrap(),
-            replacing["nftables"].as_array().unwrap(),
-        );
-        assert!(
-            fresh[0]["create"]["table"].is_object(),
-            "fails where a table exists: {}",
-            fresh[0]
-        );
+        let (fresh, replacing) = (fresh["nftables"].as_array().unwrap(), replacing["nftables"].as_array().unwrap());
+        assert!(fresh[0]["create"]["table"].is_object(), "fails where a table exists: {}", fresh[0]);
         assert!(!fresh.iter().any(|c| c.get("delete").is_some()));
         assert_eq!(fresh[1..], replacing[3..]);
     }
@@ -593,37 +459,15 @@ mod tests {
     #[test]
     fn marks_use_only_the_layout() {
         let layout = MarkLayout::from_masks(0x00f0_0000, 0x0000_0fff);
-        let v = json(
-            &Offered {
-                offers: vec![Offer {
-                    kind: crate::catalogue::by_name("ftp").unwrap(),
-                    protocol: Protocol::Tcp,
-                    family: Family::Ipv4,
-                }],
-            },
-            &layout,
-        );
-        let rules: Vec<String> = adds(&v, "rule")
-            .iter()
-            .map(|r| r["expr"].to_string())
-            .collect();
+        let v = json(&Offered { offers: vec![Offer { kind: crate::catalogue::by_name("ftp").unwrap(), protocol: Protocol::Tcp, family: Family::Ipv4 }] }, &layout);
+        let rules: Vec<String> = adds(&v, "rule").iter().map(|r| r["expr"].to_string()).collect();
         // Untagged packets leave first.
-        assert!(
-            rules[0].contains(&format!(
-                "{{\"&\":[{{\"meta\":{{\"key\":\"mark\"}}}},{}]}}",
-                0x00f0_0000u32
-            )),
-            "{}",
-            rules[0]
-        );
+        assert!(rules[0].contains(&format!("{{\"&\":[{{\"meta\":{{\"key\":\"mark\"}}}},{}]}}", 0x00f0_0000u32)), "{}", rules[0]);
         assert!(rules[0].contains("\"return\""));
         // The helper rule compares the helper bits with the helper's id.
         assert!(rules[1].contains(&(1u32 << 20).to_string()) && rules[1].contains("ftp_tcp"));
         // Slot into the ct mark, tag cleared, keeping every other bit.
-        assert!(
-            rules[2].contains("\"ct\":{\"key\":\"mark\"}")
-                && rules[2].contains(&0xfffu32.to_string())
-        );
+        assert!(rules[2].contains("\"ct\":{\"key\":\"mark\"}") && rules[2].contains(&0xfffu32.to_string()));
         assert!(rules[3].contains(&(!0x00f0_0fffu32).to_string()));
         assert_eq!(rules.len(), 4);
     }

@@ -8,35 +8,34 @@ pub mod dump;
 pub mod exec;
 pub mod features;
 pub mod glue;
-pub mod netlink;
-pub mod netns;
 pub mod pins;
 mod ports;
 pub mod probe;
+pub mod netns;
+pub mod netlink;
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     path::{Path, PathBuf},
 };
 
-pub use crate::api::MapDrift;
 use anyhow::{Context, Result, anyhow};
-pub use attach::{AttachMode, AttachSetting};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData},
     programs::{SchedClassifier, TcAttachType, links::FdLink},
 };
+pub use attach::{AttachMode, AttachSetting};
+pub use crate::api::MapDrift;
 use enforcer_common::{
-    Counters, FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS,
-    MAP_REVOKED, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, MarkLayout, PROG_LEGACY_ENFORCE, PROG_TAG,
-    RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
+    Counters, FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS, MAP_REVOKED,
+    MAP_ROUTERS, MAP_RULES, MAP_SLOTS, MarkLayout, PROG_LEGACY_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
+    RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
 /// The eBPF object, built by build.rs from enforcer-ebpf (empty in a build
 /// with AYA_BUILD_SKIP set).
-pub static PROGRAMS: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer.bpf.o"));
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer.bpf.o"));
 
 /// Default bpffs directory of the pinned maps.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/enforcer";
@@ -147,55 +146,33 @@ fn pin_name(ifindex: u32, prog: &str) -> String {
 /// not attach (an earlier release's egress program). Unpinning it detaches
 /// it.
 fn stale_pin(path: &Path, current: &[(String, u32)]) -> bool {
-    let legacy = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-        n.strip_suffix(PROG_LEGACY_ENFORCE)
-            .is_some_and(|n| n.ends_with('_'))
-    });
+    let legacy = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.strip_suffix(PROG_LEGACY_ENFORCE).is_some_and(|n| n.ends_with('_')));
     legacy || pin_ifindex(path).is_none_or(|i| !current.iter().any(|(_, idx)| *idx == i))
 }
 
 fn pin_ifindex(path: &Path) -> Option<u32> {
-    path.file_name()?
-        .to_str()?
-        .strip_prefix("if")?
-        .split_once('_')?
-        .0
-        .parse()
-        .ok()
+    path.file_name()?.to_str()?.strip_prefix("if")?.split_once('_')?.0.parse().ok()
 }
 
 fn mount_bpffs_if_needed(dir: &Path) -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) && !is_bpffs(root) {
         std::fs::create_dir_all(root)?;
-        nix::mount::mount(
-            Some("bpf"),
-            root,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .context("mounting bpffs at /sys/fs/bpf")?;
+        nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .context("mounting bpffs at /sys/fs/bpf")?;
     }
     Ok(())
 }
 
 fn is_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-        .unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPF_FS_MAGIC).unwrap_or(false)
 }
 
 impl Datapath {
     /// Creates (or reuses) the maps pinned in `dir`, so they outlive the
     /// daemon and `maps dump` can read them, and verifies the programs.
-    pub fn load(
-        dir: &Path,
-        layout: MarkLayout,
-        max_rules: u32,
-        revoked: RevokedPolicy,
-    ) -> Result<Self> {
+    pub fn load(dir: &Path, layout: MarkLayout, max_rules: u32, revoked: RevokedPolicy) -> Result<Self> {
         mount_bpffs_if_needed(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if !is_bpffs(dir) {
@@ -209,41 +186,24 @@ impl Datapath {
         where
             T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
         {
-            let map = ebpf
-                .take_map(name)
-                .ok_or_else(|| anyhow!("map {name} missing"))?;
+            let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
             T::try_from(map).with_context(|| format!("map {name}"))
         }
         let classify: &mut SchedClassifier = control
             .program_mut(enforcer_common::PROG_CLASSIFY)
-            .ok_or_else(|| {
-                anyhow!(
-                    "program {} missing from the object",
-                    enforcer_common::PROG_CLASSIFY
-                )
-            })?
+            .ok_or_else(|| anyhow!("program {} missing from the object", enforcer_common::PROG_CLASSIFY))?
             .try_into()?;
-        classify
-            .load()
-            .with_context(|| format!("verifying program {}", enforcer_common::PROG_CLASSIFY))?;
-        let classify = classify
-            .fd()?
-            .try_clone()
-            .context("duplicating the classify program's descriptor")?;
+        classify.load().with_context(|| format!("verifying program {}", enforcer_common::PROG_CLASSIFY))?;
+        let classify = classify.fd()?.try_clone().context("duplicating the classify program's descriptor")?;
         let rules: HashMap<MapData, RuleKey, RuleValue> = take(&mut control, MAP_RULES)?;
         // Before any program of this build runs: a rules map left by an
         // earlier run (or version) gets its ports listed.
-        let ports = ports::Ports::new(
-            take(&mut control, enforcer_common::MAP_PORTS)?,
-            rules.keys().filter_map(|k| k.ok()),
-        )?;
+        let ports = ports::Ports::new(take(&mut control, enforcer_common::MAP_PORTS)?, rules.keys().filter_map(|k| k.ok()))?;
         // Then every router's `tag` (this start's, and those an earlier one
         // pinned) runs this `classify`. The pin keeps the entry after this
         // descriptor is closed.
-        let mut jump: aya::maps::ProgramArray<MapData> =
-            take(&mut control, enforcer_common::MAP_CLASSIFY)?;
-        jump.set(0, &classify, 0)
-            .context("installing the classify program")?;
+        let mut jump: aya::maps::ProgramArray<MapData> = take(&mut control, enforcer_common::MAP_CLASSIFY)?;
+        jump.set(0, &classify, 0).context("installing the classify program")?;
         let mut datapath = Self {
             rules,
             ports,
@@ -253,10 +213,7 @@ impl Datapath {
             revoked: take(&mut control, MAP_REVOKED)?,
             revoked_active: take(&mut control, enforcer_common::MAP_REVOKED_ACTIVE)?,
             debug: take(&mut control, enforcer_common::MAP_DEBUG)?,
-            log: Some(
-                aya_log::EbpfLogger::init_with_logger(&mut control, Forward)
-                    .context("reading the datapath log")?,
-            ),
+            log: Some(aya_log::EbpfLogger::init_with_logger(&mut control, Forward).context("reading the datapath log")?),
             control,
             loader,
             dir: dir.to_path_buf(),
@@ -280,16 +237,12 @@ impl Datapath {
     /// Lets the programs describe the next `drops` drops in the datapath
     /// log (0: none, the default).
     pub fn set_debug(&mut self, drops: u32) -> Result<()> {
-        self.debug
-            .set(0, drops, 0)
-            .context("setting the datapath log budget")
+        self.debug.set(0, drops, 0).context("setting the datapath log budget")
     }
 
     /// Drops the programs may still describe.
     pub fn debug_budget(&self) -> Result<u32> {
-        self.debug
-            .get(&0, 0)
-            .context("reading the datapath log budget")
+        self.debug.get(&0, 0).context("reading the datapath log budget")
     }
 
     /// The datapath log's reader (once): readable when the programs wrote
@@ -316,13 +269,7 @@ impl Datapath {
         let mut h = std::hash::DefaultHasher::new();
         PROGRAMS.hash(&mut h);
         let l = self.layout;
-        (
-            l.helper_mask,
-            l.slot_mask,
-            l.slot_shift,
-            self.revoked_policy.quiet_ns,
-        )
-            .hash(&mut h);
+        (l.helper_mask, l.slot_mask, l.slot_shift, self.revoked_policy.quiet_ns).hash(&mut h);
         format!("{:016x}-{}", h.finish(), PROGRAMS.len())
     }
 
@@ -336,15 +283,9 @@ impl Datapath {
 
     /// Loads the benchmark baseline programs of the control instance.
     pub fn load_baselines(&mut self) -> Result<()> {
-        for name in [
-            enforcer_common::PROG_BASELINE_EMPTY,
-            enforcer_common::PROG_BASELINE_LOOKUP,
-        ] {
-            let prog: &mut SchedClassifier = self
-                .control
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("no program {name}"))?
-                .try_into()?;
+        for name in [enforcer_common::PROG_BASELINE_EMPTY, enforcer_common::PROG_BASELINE_LOOKUP] {
+            let prog: &mut SchedClassifier =
+                self.control.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
             prog.load().with_context(|| format!("verifying {name}"))?;
         }
         Ok(())
@@ -352,11 +293,7 @@ impl Datapath {
 
     /// A loaded program, for BPF_PROG_TEST_RUN.
     pub fn program(&self, name: &str) -> Result<&SchedClassifier> {
-        Ok(self
-            .control
-            .program(name)
-            .ok_or_else(|| anyhow!("no program {name}"))?
-            .try_into()?)
+        Ok(self.control.program(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?)
     }
 
     /// Where the links of router `index` are pinned.
@@ -367,12 +304,7 @@ impl Datapath {
     /// Makes the attachments of router `index` match the interfaces its
     /// namespace has now: tag (ingress) on each one, so that they outlive
     /// the daemon (see `attach`). Idempotent.
-    pub fn sync_router(
-        &mut self,
-        ns: &Path,
-        index: RouterIndex,
-        router: uuid::Uuid,
-    ) -> Result<(Attachment, LinkChanges)> {
+    pub fn sync_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid) -> Result<(Attachment, LinkChanges)> {
         // The directory also records, in netlink mode, which routers have
         // attachments (for orphans after a restart).
         let dir = self.link_dir(index);
@@ -393,15 +325,7 @@ impl Datapath {
                         })
                     })?;
                 if complete {
-                    self.routers
-                        .insert(
-                            index,
-                            RouterValue {
-                                id: *router.as_bytes(),
-                            },
-                            0,
-                        )
-                        .context("recording router in map")?;
+                    self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
                     let interfaces = current.into_iter().map(|(name, _)| name).collect();
                     return Ok((Attachment { index, interfaces }, LinkChanges::default()));
                 }
@@ -438,45 +362,29 @@ impl Datapath {
                 })?
             }
         };
-        self.routers
-            .insert(
-                index,
-                RouterValue {
-                    id: *router.as_bytes(),
-                },
-                0,
-            )
-            .context("recording router in map")?;
+        self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
         let interfaces = current.into_iter().map(|(name, _)| name).collect();
         Ok((Attachment { index, interfaces }, changes))
     }
 
     /// tcx: pinned links, one per (interface, program); pins of interfaces
     /// that are gone are removed, missing ones attached.
-    fn sync_tcx(
-        &mut self,
-        ns: &Path,
-        index: RouterIndex,
-        current: &[(String, u32)],
-    ) -> Result<LinkChanges> {
+    fn sync_tcx(&mut self, ns: &Path, index: RouterIndex, current: &[(String, u32)]) -> Result<LinkChanges> {
         let dir = self.link_dir(index);
         let mut changes = LinkChanges::default();
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
             if stale_pin(&path, current) {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("unpinning {}", path.display()))?;
+                std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
                 changes.detached += 1;
             }
         }
         let mut missing = Vec::new();
-        for ((iface, idx, name, kind), stale) in tcx_unattached(&self.link_dir(index), ns, current)?
-        {
+        for ((iface, idx, name, kind), stale) in tcx_unattached(&self.link_dir(index), ns, current)? {
             if stale {
                 // Pinned, but the kernel no longer runs it there.
                 let path = dir.join(pin_name(idx, name));
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("unpinning {}", path.display()))?;
+                std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
                 changes.detached += 1;
             }
             missing.push((iface, idx, name, kind));
@@ -485,11 +393,7 @@ impl Datapath {
         let intact: Vec<(u32, &'static str)> = if self.replace_programs {
             current
                 .iter()
-                .flat_map(|(_, idx)| {
-                    PROGRAMS_AND_HOOKS
-                        .into_iter()
-                        .map(move |(name, _)| (*idx, name))
-                })
+                .flat_map(|(_, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(name, _)| (*idx, name)))
                 .filter(|(idx, name)| !missing.iter().any(|(_, i, n, _)| i == idx && n == name))
                 .collect()
         } else {
@@ -501,19 +405,10 @@ impl Datapath {
         let mut programs = self.loader.instance(index)?;
         for (idx, name) in intact {
             let path = dir.join(pin_name(idx, name));
-            let link = FdLink::from(
-                aya::programs::links::PinnedLink::from_pin(&path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            );
-            let link = aya::programs::tc::SchedClassifierLink::try_from(link)
-                .with_context(|| format!("{} is not a tcx link", path.display()))?;
-            let prog: &mut SchedClassifier = programs
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("no program {name}"))?
-                .try_into()?;
-            let id = prog
-                .attach_to_link(link)
-                .with_context(|| format!("replacing the program of {}", path.display()))?;
+            let link = FdLink::from(aya::programs::links::PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?);
+            let link = aya::programs::tc::SchedClassifierLink::try_from(link).with_context(|| format!("{} is not a tcx link", path.display()))?;
+            let prog: &mut SchedClassifier = programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+            let id = prog.attach_to_link(link).with_context(|| format!("replacing the program of {}", path.display()))?;
             // The pin keeps the link; this descriptor is not needed.
             drop(prog.take_link(id)?);
             changes.replaced += 1;
@@ -525,13 +420,9 @@ impl Datapath {
         let links = netns::run_in(ns, || {
             let mut links = Vec::new();
             for (iface, idx, name, kind) in &missing {
-                let prog: &mut SchedClassifier = ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| anyhow!("no program {name}"))?
-                    .try_into()?;
-                let id = prog
-                    .attach(iface, *kind)
-                    .with_context(|| format!("attaching {name} to {iface} ({kind:?})"))?;
+                let prog: &mut SchedClassifier =
+                    ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
+                let id = prog.attach(iface, *kind).with_context(|| format!("attaching {name} to {iface} ({kind:?})"))?;
                 links.push((*idx, *name, prog.take_link(id)?));
             }
             Ok(links)
@@ -540,8 +431,7 @@ impl Datapath {
             changes.attached += 1;
             let link: FdLink = link.try_into().context("tcx link")?;
             let path = dir.join(pin_name(idx, name));
-            link.pin(&path)
-                .with_context(|| format!("pinning {}", path.display()))?;
+            link.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
         }
         Ok(changes)
     }
@@ -553,8 +443,7 @@ impl Datapath {
         let _ = self.routers.remove(&index);
         let dir = self.link_dir(index);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("unpinning {}", dir.display()))?;
+            std::fs::remove_dir_all(&dir).with_context(|| format!("unpinning {}", dir.display()))?;
         }
         if let (AttachMode::Netlink, Some(ns)) = (self.mode, ns)
             && ns.exists()
@@ -573,11 +462,7 @@ impl Datapath {
     /// The check of router `index`'s attachments in `ns`, to run without
     /// the daemon's lock (it needs nothing of the datapath).
     pub fn link_check(&self, ns: &Path, index: RouterIndex) -> LinkCheck {
-        LinkCheck {
-            mode: self.mode,
-            ns: ns.to_path_buf(),
-            dir: self.link_dir(index),
-        }
+        LinkCheck { mode: self.mode, ns: ns.to_path_buf(), dir: self.link_dir(index) }
     }
 
     /// Removes every map entry of router `index`: rules, slots, counters,
@@ -586,22 +471,13 @@ impl Datapath {
         // The maps have different types; one macro keeps the four sweeps alike.
         macro_rules! remove_router_keys {
             ($map:expr) => {
-                let keys: Vec<_> = $map
-                    .keys()
-                    .filter_map(|k| k.ok())
-                    .filter(|k| k.router == index)
-                    .collect();
+                let keys: Vec<_> = $map.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
                 for k in keys {
                     let _ = $map.remove(&k);
                 }
             };
         }
-        let rules: Vec<RuleKey> = self
-            .rules
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.router == index)
-            .collect();
+        let rules: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
         for k in rules {
             if self.rules.remove(&k).is_ok() {
                 let _ = self.ports.remove(&k);
@@ -617,31 +493,20 @@ impl Datapath {
 
     /// Removes every pin: links (so every attachment goes) and maps.
     pub fn unpin_all(&mut self) -> Result<()> {
-        std::fs::remove_dir_all(&self.dir)
-            .with_context(|| format!("removing {}", self.dir.display()))
+        std::fs::remove_dir_all(&self.dir).with_context(|| format!("removing {}", self.dir.display()))
     }
 
     /// Router indexes that have pinned links (to find orphans).
     pub fn pinned_routers(&self) -> Vec<RouterIndex> {
         std::fs::read_dir(self.dir.join("routers"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
             .unwrap_or_default()
     }
 
     /// Allows (router, protocol, port) with `helper` under rule `slot`:
     /// counters first, then the live slot, then the rule, so a tagged packet
     /// always finds its slot live.
-    pub fn allow(
-        &mut self,
-        router: RouterIndex,
-        proto: u8,
-        port: u16,
-        helper: u8,
-        slot: u16,
-    ) -> Result<()> {
+    pub fn allow(&mut self, router: RouterIndex, proto: u8, port: u16, helper: u8, slot: u16) -> Result<()> {
         let key = SlotKey::new(router, slot as u32);
         // An entry of a map that is not preallocated comes from caches the
         // kernel refills in the background: a burst of inserts can find
@@ -650,8 +515,7 @@ impl Datapath {
         loop {
             match self.counters.insert(key, Counters::default(), 0) {
                 Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOMEM)
-                        && wait <= std::time::Duration::from_millis(32) =>
+                    if e.io_error.raw_os_error() == Some(libc::ENOMEM) && wait <= std::time::Duration::from_millis(32) =>
                 {
                     std::thread::sleep(wait);
                     wait *= 2;
@@ -659,30 +523,15 @@ impl Datapath {
                 other => break other.context("creating rule counters")?,
             }
         }
-        self.slots
-            .insert(
-                key,
-                SlotValue {
-                    helper,
-                    _pad: [0; 7],
-                },
-                0,
-            )
-            .context("marking slot live")?;
+        self.slots.insert(key, SlotValue { helper, _pad: [0; 7] }, 0).context("marking slot live")?;
         let rule = RuleKey::new(router, proto, port);
-        let value = RuleValue {
-            slot,
-            helper,
-            _pad: [0; 5],
-        };
+        let value = RuleValue { slot, helper, _pad: [0; 5] };
         // The port is listed before the rule goes in, so its first packet is
         // looked up. A rule already there (found by the insert itself, with
         // no lookup first) is replaced and its port stays counted once.
         self.ports.add(&rule)?;
         let inserted = match self.rules.insert(rule, value, BPF_NOEXIST) {
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 self.ports.remove(&rule)?;
                 return self.rules.insert(rule, value, 0).context("replacing rule");
             }
@@ -709,11 +558,7 @@ impl Datapath {
     /// Packets the rule in `slot` has tagged since it was allowed (an error
     /// if its counters are not there).
     pub fn tagged(&self, router: RouterIndex, slot: u16) -> Result<u64> {
-        Ok(self
-            .counters
-            .get(&SlotKey::new(router, slot as u32), 0)
-            .context("reading rule counters")?
-            .tagged)
+        Ok(self.counters.get(&SlotKey::new(router, slot as u32), 0).context("reading rule counters")?.tagged)
     }
 
     /// Brings the maps in line with `want`; with `apply` false only counts
@@ -723,32 +568,17 @@ impl Datapath {
         let want_slots: StdHashMap<SlotKey, SlotValue> = want
             .rules
             .iter()
-            .map(|(k, v)| {
-                (
-                    SlotKey::new(k.router, v.slot as u32),
-                    SlotValue {
-                        helper: v.helper,
-                        _pad: [0; 7],
-                    },
-                )
-            })
+            .map(|(k, v)| (SlotKey::new(k.router, v.slot as u32), SlotValue { helper: v.helper, _pad: [0; 7] }))
             .collect();
-        let want_routers: StdHashMap<RouterIndex, RouterValue> = want
-            .routers
-            .iter()
-            .map(|(i, id)| (*i, RouterValue { id: *id.as_bytes() }))
-            .collect();
+        let want_routers: StdHashMap<RouterIndex, RouterValue> =
+            want.routers.iter().map(|(i, id)| (*i, RouterValue { id: *id.as_bytes() })).collect();
         // Counters are kept for live and quarantined slots and for slots that
         // revoked flows name; their values are statistics, so only presence
         // is compared.
         let counted: HashSet<SlotKey> = want_slots
             .keys()
             .copied()
-            .chain(
-                want.quarantined
-                    .iter()
-                    .map(|(r, s)| SlotKey::new(*r, *s as u32)),
-            )
+            .chain(want.quarantined.iter().map(|(r, s)| SlotKey::new(*r, *s as u32)))
             .chain(self.revoked_slots.iter().copied())
             .collect();
         let have_counters: HashSet<SlotKey> = self.counters.keys().collect::<Result<_, _>>()?;
@@ -776,16 +606,14 @@ impl Datapath {
             // lost, or kept by an earlier release in another map): counted
             // as having tagged, so that its delete cleans conntrack.
             let tagged = u64::from(want_slots.contains_key(&key));
-            self.counters
-                .insert(key, Counters { tagged, dropped: 0 }, 0)?;
+            self.counters.insert(key, Counters { tagged, dropped: 0 }, 0)?;
         }
         for (k, v) in slots_add {
             self.slots.insert(k, v, 0)?;
         }
         // Ports of the rules to come are listed first, and those of the
         // rules that go only once they are gone.
-        self.ports
-            .rebuild(want.rules.keys().chain(rules_del.iter()).copied())?;
+        self.ports.rebuild(want.rules.keys().chain(rules_del.iter()).copied())?;
         for (k, v) in rules_add {
             self.rules.insert(k, v, 0)?;
         }
@@ -812,19 +640,9 @@ impl Datapath {
     /// (both directions), until each has been quiet for the quiet time or
     /// its lifetime ends. A router past its share, or a full map, refuses
     /// the rest: counted, never evicting another entry.
-    pub fn remember_revoked(
-        &mut self,
-        router: RouterIndex,
-        slot: u16,
-        entries: &[conntrack::Entry],
-    ) -> Result<Remembered> {
+    pub fn remember_revoked(&mut self, router: RouterIndex, slot: u16, entries: &[conntrack::Entry]) -> Result<Remembered> {
         let now = monotonic_ns()?;
-        let value = RevokedFlow {
-            last_seen_ns: now,
-            expires_ns: now.saturating_add(self.revoked_policy.lifetime_ns),
-            slot: slot as u32,
-            _pad: 0,
-        };
+        let value = RevokedFlow { last_seen_ns: now, expires_ns: now.saturating_add(self.revoked_policy.lifetime_ns), slot: slot as u32, _pad: 0 };
         let mut done = Remembered::default();
         let share = self.revoked_policy.per_router as usize;
         for e in entries {
@@ -839,11 +657,7 @@ impl Datapath {
                         *held += 1;
                         done.kept += 1;
                     }
-                    Err(aya::maps::MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
-                    {
-                        done.overflowed += 1
-                    }
+                    Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => done.overflowed += 1,
                     Err(e) => return Err(e).context("remembering a revoked flow"),
                 }
             }
@@ -851,20 +665,14 @@ impl Datapath {
         self.revoked_overflows += done.overflowed as u64;
         if done.kept > 0 {
             self.revoked_slots.insert(SlotKey::new(router, slot as u32));
-            self.revoked_active
-                .set(0, 1, 0)
-                .context("activating the revoked-flows check")?;
+            self.revoked_active.set(0, 1, 0).context("activating the revoked-flows check")?;
         }
         Ok(done)
     }
 
     /// Lets the flows of `entries` pass again (remembered for a revocation
     /// that did not happen).
-    pub fn forget_revoked<'a>(
-        &mut self,
-        router: RouterIndex,
-        entries: impl Iterator<Item = &'a conntrack::Entry>,
-    ) {
+    pub fn forget_revoked<'a>(&mut self, router: RouterIndex, entries: impl Iterator<Item = &'a conntrack::Entry>) {
         let mut gone = 0;
         for e in entries {
             for t in [e.orig, e.reply] {
@@ -889,14 +697,9 @@ impl Datapath {
             .revoked
             .keys()
             .filter_map(|k| k.ok())
-            .filter(|k| {
-                k.router == router && k.proto == proto && (k.dport == port || k.sport == port)
-            })
+            .filter(|k| k.router == router && k.proto == proto && (k.dport == port || k.sport == port))
             .collect();
-        let gone = keys
-            .iter()
-            .filter(|k| self.revoked.remove(k).is_ok())
-            .count();
+        let gone = keys.iter().filter(|k| self.revoked.remove(k).is_ok()).count();
         if let Some(n) = self.revoked_per_router.get_mut(&router) {
             *n = n.saturating_sub(gone);
         }
@@ -911,12 +714,9 @@ impl Datapath {
         let now = monotonic_ns()?;
         let mut referenced = HashSet::new();
         let mut per_router: StdHashMap<RouterIndex, usize> = StdHashMap::new();
-        let entries: Vec<(FlowKey, RevokedFlow)> =
-            self.revoked.iter().filter_map(|e| e.ok()).collect();
+        let entries: Vec<(FlowKey, RevokedFlow)> = self.revoked.iter().filter_map(|e| e.ok()).collect();
         for (k, v) in entries {
-            if now.saturating_sub(v.last_seen_ns) > self.revoked_policy.quiet_ns
-                || now > v.expires_ns
-            {
+            if now.saturating_sub(v.last_seen_ns) > self.revoked_policy.quiet_ns || now > v.expires_ns {
                 let _ = self.revoked.remove(&k);
             } else {
                 referenced.insert(SlotKey::new(k.router, v.slot));
@@ -980,17 +780,10 @@ impl LinkCheck {
         }
         let current = netns::run_in(&self.ns, netns::interfaces)?;
         let stale = std::fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| stale_pin(&e.path(), &current))
-                    .count()
-            })
+            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| stale_pin(&e.path(), &current)).count())
             .unwrap_or_default();
         let unattached = tcx_unattached(&self.dir, &self.ns, &current)?;
-        Ok((
-            unattached.len(),
-            stale + unattached.iter().filter(|(_, stale)| *stale).count(),
-        ))
+        Ok((unattached.len(), stale + unattached.iter().filter(|(_, stale)| *stale).count()))
     }
 }
 
@@ -1002,11 +795,7 @@ impl LinkCheck {
 fn tcx_unattached(dir: &Path, ns: &Path, current: &[(String, u32)]) -> Result<Vec<(Hook, bool)>> {
     let wanted: Vec<(String, u32, &'static str, TcAttachType, Option<u32>)> = current
         .iter()
-        .flat_map(|(name, idx)| {
-            PROGRAMS_AND_HOOKS
-                .into_iter()
-                .map(move |(prog, kind)| (name.clone(), *idx, prog, kind))
-        })
+        .flat_map(|(name, idx)| PROGRAMS_AND_HOOKS.into_iter().map(move |(prog, kind)| (name.clone(), *idx, prog, kind)))
         .map(|(name, idx, prog, kind)| {
             let pinned = aya::programs::links::PinnedLink::from_pin(dir.join(pin_name(idx, prog)))
                 .ok()
@@ -1019,9 +808,7 @@ fn tcx_unattached(dir: &Path, ns: &Path, current: &[(String, u32)]) -> Result<Ve
         Ok(wanted
             .iter()
             .map(|(iface, _, _, kind, _)| {
-                SchedClassifier::query_tcx(iface, *kind)
-                    .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
-                    .unwrap_or_default()
+                SchedClassifier::query_tcx(iface, *kind).map(|(_, progs)| progs.iter().map(|p| p.id()).collect()).unwrap_or_default()
             })
             .collect())
     })?;
@@ -1041,11 +828,7 @@ pub fn map_memory(dir: &Path) -> Result<u64> {
         use std::os::fd::{AsFd, AsRawFd};
         let fd = map.fd().as_fd().as_raw_fd();
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        total += info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
     }
     Ok(total)
 }
@@ -1083,16 +866,7 @@ fn flow_key(router: RouterIndex, t: &conntrack::Tuple5) -> FlowKey {
     }
     let (family, src) = words(t.src);
     let (_, dst) = words(t.dst);
-    FlowKey {
-        router,
-        sport: t.sport,
-        dport: t.dport,
-        proto: t.proto,
-        family,
-        _pad: [0; 2],
-        src,
-        dst,
-    }
+    FlowKey { router, sport: t.sport, dport: t.dport, proto: t.proto, family, _pad: [0; 2], src, dst }
 }
 
 /// What a map lacks of the wanted entries (or holds differently), and the
@@ -1105,27 +879,16 @@ where
     V: aya::Pod + PartialEq,
 {
     let have: StdHashMap<K, V> = map.iter().collect::<Result<_, _>>()?;
-    let add = want
-        .iter()
-        .filter(|(k, v)| have.get(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
-        .collect();
+    let add = want.iter().filter(|(k, v)| have.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
     let del = have.into_keys().filter(|k| !want.contains_key(k)).collect();
     Ok((add, del))
 }
 
 /// Removes `key`; a key that is already gone is not an error.
 /// Whether `key` was there.
-fn remove_if_present<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    key: &K,
-) -> Result<bool> {
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<bool> {
     match map.remove(key) {
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(false)
-        }
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         other => Ok(other.map(|()| true)?),
     }
 }
@@ -1154,19 +917,14 @@ impl Loader {
             .map_max_entries(MAP_COUNTERS, max_rules)
             .map_max_entries(MAP_REVOKED, revoked.capacity)
             // One log for every router's programs, read by the daemon.
-            .map_pin_path(
-                enforcer_common::MAP_LOGS,
-                dir.join(enforcer_common::MAP_LOGS),
-            );
+            .map_pin_path(enforcer_common::MAP_LOGS, dir.join(enforcer_common::MAP_LOGS));
         Self(loader)
     }
 
     /// The programs of router `index`, verified.
     fn instance(&mut self, index: RouterIndex) -> Result<Ebpf> {
         if PROGRAMS.is_empty() {
-            anyhow::bail!(
-                "this binary was built with AYA_BUILD_SKIP set and carries no eBPF programs: build it again without that variable"
-            );
+            anyhow::bail!("this binary was built with AYA_BUILD_SKIP set and carries no eBPF programs: build it again without that variable");
         }
         let mut ebpf = self
             .0
@@ -1174,12 +932,9 @@ impl Loader {
             .load(PROGRAMS)
             .context("loading the eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
         for (name, _) in PROGRAMS_AND_HOOKS {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifying program {name}"))?;
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("verifying program {name}"))?;
         }
         Ok(ebpf)
     }
@@ -1209,11 +964,9 @@ impl log::Log for Forward {
 /// distinct index is kept once (4 bytes each; indexes are reused, lowest
 /// first, so they are bounded by the routers a host has at once).
 fn interned(index: RouterIndex) -> &'static RouterIndex {
-    static INDEXES: std::sync::Mutex<
-        std::collections::BTreeMap<RouterIndex, &'static RouterIndex>,
-    > = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    static INDEXES: std::sync::Mutex<std::collections::BTreeMap<RouterIndex, &'static RouterIndex>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
     let mut indexes = INDEXES.lock().unwrap_or_else(|p| p.into_inner());
-    indexes
-        .entry(index)
-        .or_insert_with(|| Box::leak(Box::new(index)))
+    indexes.entry(index).or_insert_with(|| Box::leak(Box::new(index)))
 }
+

@@ -58,8 +58,7 @@ pub fn netns_cookie(sock: &Socket) -> Result<u64> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("reading the namespace cookie (SO_NETNS_COOKIE, Linux 5.14+)");
+        return Err(std::io::Error::last_os_error()).context("reading the namespace cookie (SO_NETNS_COOKIE, Linux 5.14+)");
     }
     Ok(cookie)
 }

@@ -36,20 +36,14 @@ pub fn presence(name: &str) -> Presence {
     let path = path(name);
     match std::fs::metadata(&path) {
         Err(_) => Presence::Absent,
-        Ok(m)
-            if nix::sys::statfs::statfs(&path)
-                .is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC) =>
-        {
-            Presence::Present(m.dev(), m.ino())
-        }
+        Ok(m) if nix::sys::statfs::statfs(&path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC) => Presence::Present(m.dev(), m.ino()),
         Ok(_) => Presence::Mounting,
     }
 }
 
 /// Runs `f` on a thread inside the network namespace at `ns`.
 pub fn run_in<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let handle =
-        File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))?;
+    let handle = File::open(ns).with_context(|| format!("opening network namespace {}", ns.display()))?;
     std::thread::scope(|s| {
         s.spawn(move || {
             setns(handle.as_fd(), CloneFlags::CLONE_NEWNET)

@@ -9,9 +9,8 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
-    Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS,
-    MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, PORT_WORDS, RevokedFlow,
-    RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
+    Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
+    PORT_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
 };
 
 /// What a pinned map must be.
@@ -25,46 +24,22 @@ pub struct Definition {
 
 impl std::fmt::Display for Definition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:?}, key {} B, value {} B, {} entries",
-            self.map_type, self.key_size, self.value_size, self.max_entries
-        )
+        write!(f, "{:?}, key {} B, value {} B, {} entries", self.map_type, self.key_size, self.value_size, self.max_entries)
     }
 }
 
 fn def<K, V>(map_type: MapType, max_entries: u32) -> Definition {
-    Definition {
-        map_type,
-        key_size: size_of::<K>() as u32,
-        value_size: size_of::<V>() as u32,
-        max_entries,
-    }
+    Definition { map_type, key_size: size_of::<K>() as u32, value_size: size_of::<V>() as u32, max_entries }
 }
 
 /// Every pinned map, as this build needs it with these capacities.
 pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 9] {
     [
-        (
-            MAP_RULES,
-            def::<RuleKey, RuleValue>(MapType::Hash, max_rules),
-        ),
-        (
-            MAP_SLOTS,
-            def::<SlotKey, SlotValue>(MapType::Hash, max_rules),
-        ),
-        (
-            MAP_COUNTERS,
-            def::<SlotKey, Counters>(MapType::Hash, max_rules),
-        ),
-        (
-            MAP_ROUTERS,
-            def::<RouterIndex, RouterValue>(MapType::Hash, 65536),
-        ),
-        (
-            MAP_REVOKED,
-            def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity),
-        ),
+        (MAP_RULES, def::<RuleKey, RuleValue>(MapType::Hash, max_rules)),
+        (MAP_SLOTS, def::<SlotKey, SlotValue>(MapType::Hash, max_rules)),
+        (MAP_COUNTERS, def::<SlotKey, Counters>(MapType::Hash, max_rules)),
+        (MAP_ROUTERS, def::<RouterIndex, RouterValue>(MapType::Hash, 65536)),
+        (MAP_REVOKED, def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity)),
         (MAP_REVOKED_ACTIVE, def::<u32, u32>(MapType::Array, 1)),
         (MAP_DEBUG, def::<u32, u32>(MapType::Array, 1)),
         (MAP_PORTS, def::<u32, u64>(MapType::Array, PORT_WORDS)),
@@ -84,18 +59,13 @@ pub fn check(dir: &Path, max_rules: u32, revoked_capacity: u32) -> Result<()> {
             .and_then(|m| m.info())
             .map_err(|e| anyhow::anyhow!("reading the pinned map {}: {e}", path.display()))?;
         let found = Definition {
-            map_type: info
-                .map_type()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            map_type: info.map_type().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
             key_size: info.key_size(),
             value_size: info.value_size(),
             max_entries: info.max_entries(),
         };
         if found != want {
-            let capacity_only = Definition {
-                max_entries: want.max_entries,
-                ..found
-            } == want;
+            let capacity_only = Definition { max_entries: want.max_entries, ..found } == want;
             let why = if capacity_only {
                 "its capacity differs from the configuration (max_rules or revoked_flows_max changed)"
             } else {
@@ -120,10 +90,7 @@ pub fn check(dir: &Path, max_rules: u32, revoked_capacity: u32) -> Result<()> {
 pub fn remove_legacy(dir: &Path) -> Result<()> {
     let path = dir.join(MAP_COUNTERS_PER_CPU);
     match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::anyhow!(
-            "removing the pinned map {}: {e}",
-            path.display()
-        )),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::anyhow!("removing the pinned map {}: {e}", path.display())),
         _ => Ok(()),
     }
 }

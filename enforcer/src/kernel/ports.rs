@@ -24,11 +24,7 @@ pub struct Ports {
 impl Ports {
     /// Takes the map and makes it match `rules` (the rules map as it is).
     pub fn new(map: Array<MapData, u64>, rules: impl IntoIterator<Item = RuleKey>) -> Result<Self> {
-        let mut ports = Self {
-            map,
-            words: vec![0; PORT_WORDS as usize],
-            rules: HashMap::new(),
-        };
+        let mut ports = Self { map, words: vec![0; PORT_WORDS as usize], rules: HashMap::new() };
         ports.read()?;
         ports.rebuild(rules)?;
         Ok(ports)
@@ -38,18 +34,12 @@ impl Ports {
     pub fn add(&mut self, key: &RuleKey) -> Result<()> {
         let count = self.rules.entry((key.proto, key.port)).or_default();
         *count += 1;
-        if *count == 1 {
-            self.set(key.proto, key.port, true)
-        } else {
-            Ok(())
-        }
+        if *count == 1 { self.set(key.proto, key.port, true) } else { Ok(()) }
     }
 
     /// The rule for `key` was removed.
     pub fn remove(&mut self, key: &RuleKey) -> Result<()> {
-        let Some(count) = self.rules.get_mut(&(key.proto, key.port)) else {
-            return Ok(());
-        };
+        let Some(count) = self.rules.get_mut(&(key.proto, key.port)) else { return Ok(()) };
         *count -= 1;
         if *count > 0 {
             return Ok(());
@@ -62,12 +52,7 @@ impl Ports {
     /// wrote them) that differ from what `rules` need.
     pub fn drift(&mut self, rules: impl IntoIterator<Item = RuleKey>) -> Result<usize> {
         self.read()?;
-        Ok(wanted(rules)
-            .1
-            .iter()
-            .zip(&self.words)
-            .filter(|(want, have)| want != have)
-            .count())
+        Ok(wanted(rules).1.iter().zip(&self.words).filter(|(want, have)| want != have).count())
     }
 
     /// Recounts from `rules` and writes the words that change.
@@ -91,17 +76,13 @@ impl Ports {
     }
 
     fn set(&mut self, proto: u8, port: u16, on: bool) -> Result<()> {
-        let Some((word, bit)) = port_bit(proto, port) else {
-            return Ok(());
-        };
+        let Some((word, bit)) = port_bit(proto, port) else { return Ok(()) };
         let w = self.words[word as usize];
         self.write(word, if on { w | bit } else { w & !bit })
     }
 
     fn write(&mut self, word: u32, value: u64) -> Result<()> {
-        self.map
-            .set(word, value, 0)
-            .context("writing the ports map")?;
+        self.map.set(word, value, 0).context("writing the ports map")?;
         self.words[word as usize] = value;
         Ok(())
     }

@@ -22,11 +22,7 @@ const TABLE: &str = "enforcer_probe";
 /// Whether the kernel accepts a `ct helper` object for `offer`.
 fn accepted(offer: &Offer) -> Result<bool> {
     let mut batch = Batch::new();
-    batch.add(NfListObject::Table(Table {
-        family: NfFamily::INet,
-        name: Cow::Borrowed(TABLE),
-        handle: None,
-    }));
+    batch.add(NfListObject::Table(Table { family: NfFamily::INet, name: Cow::Borrowed(TABLE), handle: None }));
     batch.add(NfListObject::CTHelper(CTHelper {
         family: NfFamily::INet,
         table: Cow::Borrowed(TABLE),
@@ -43,12 +39,7 @@ fn accepted(offer: &Offer) -> Result<bool> {
     // The child inherits this thread's scratch namespace; `--check` has the
     // kernel validate the transaction and keep nothing, so the candidates
     // do not meet.
-    Ok(super::exec::run(
-        std::process::Command::new("nft").args(["-j", "--check", "-f", "-"]),
-        Some(&json),
-    )?
-    .status
-    .success())
+    Ok(super::exec::run(std::process::Command::new("nft").args(["-j", "--check", "-f", "-"]), Some(&json))?.status.success())
 }
 
 /// Every (helper, protocol, family) of the catalogue the kernel accepts.
@@ -64,18 +55,12 @@ pub fn probe() -> Result<Vec<Offer>> {
             .map(|offer| {
                 s.spawn(move || {
                     // The namespace dies with the thread.
-                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                        .context("unsharing a scratch network namespace")?;
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unsharing a scratch network namespace")?;
                     accepted(offer)
                 })
             })
             .collect();
-        runs.into_iter()
-            .map(|r| {
-                r.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("probe thread panicked")))
-            })
-            .collect()
+        runs.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(anyhow::anyhow!("probe thread panicked")))).collect()
     });
     let mut out = Vec::new();
     for (offer, accepted) in everything.into_iter().zip(verdicts) {

@@ -60,12 +60,8 @@ fn login_error(e: osauth::Error) -> NeutronError {
 
 fn api_error(e: osauth::Error) -> NeutronError {
     match e.kind() {
-        ErrorKind::EndpointNotFound => {
-            NeutronError::Config(format!("no Neutron endpoint in the catalog: {e}"))
-        }
-        ErrorKind::AccessDenied => {
-            NeutronError::Credentials(format!("Neutron refused the request: {e}"))
-        }
+        ErrorKind::EndpointNotFound => NeutronError::Config(format!("no Neutron endpoint in the catalog: {e}")),
+        ErrorKind::AccessDenied => NeutronError::Credentials(format!("Neutron refused the request: {e}")),
         _ => NeutronError::Unavailable(format!("Neutron: {e}")),
     }
 }
@@ -89,26 +85,17 @@ struct Role {
 
 impl Neutron {
     pub fn new(config: NeutronConfig) -> Self {
-        Self {
-            config,
-            session: None,
-            requests: 0,
-        }
+        Self { config, session: None, requests: 0 }
     }
 
     /// A session with a token that sees every router: logs in if needed.
     async fn session(&mut self) -> Result<&osauth::Session, NeutronError> {
         if self.session.is_none() {
-            let cloud = self
-                .config
-                .cloud_config()
-                .map_err(|e| NeutronError::Config(format!("{e:#}")))?;
+            let cloud = self.config.cloud_config().map_err(|e| NeutronError::Config(format!("{e:#}")))?;
             self.requests += 1;
             let session = tokio::time::timeout(REQUEST_TIMEOUT, cloud.create_session())
                 .await
-                .map_err(|_| {
-                    NeutronError::Unavailable("Keystone did not answer the login in time".into())
-                })?
+                .map_err(|_| NeutronError::Unavailable("Keystone did not answer the login in time".into()))?
                 .map_err(login_error)?;
             self.check_scope(&session).await?;
             self.session = Some(session);
@@ -127,12 +114,7 @@ impl Neutron {
             .map_err(login_error)?
             .build()
             .ok()
-            .and_then(|r| {
-                r.headers()
-                    .get("x-auth-token")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            })
+            .and_then(|r| r.headers().get("x-auth-token").and_then(|v| v.to_str().ok()).map(str::to_string))
             .ok_or_else(|| NeutronError::Credentials("the login gave no token".into()))?;
         self.requests += 1;
         let info: TokenInfo = session
@@ -156,19 +138,10 @@ impl Neutron {
     }
 
     /// GET on Neutron's API; `None` on 404. A 401 logs in again once.
-    async fn get<T: serde::de::DeserializeOwned + Send>(
-        &mut self,
-        path: &[&str],
-        query: &[(&str, &str)],
-    ) -> Result<Option<T>, NeutronError> {
+    async fn get<T: serde::de::DeserializeOwned + Send>(&mut self, path: &[&str], query: &[(&str, &str)]) -> Result<Option<T>, NeutronError> {
         for attempt in 0..2 {
             let session = self.session().await?;
-            let result = session
-                .get(NETWORK, path.iter().copied())
-                .query(&query)
-                .timeout(REQUEST_TIMEOUT)
-                .fetch::<T>()
-                .await;
+            let result = session.get(NETWORK, path.iter().copied()).query(&query).timeout(REQUEST_TIMEOUT).fetch::<T>().await;
             self.requests += 1;
             match result {
                 Ok(v) => return Ok(Some(v)),
@@ -180,9 +153,7 @@ impl Neutron {
                 Err(e) => return Err(api_error(e)),
             }
         }
-        Err(NeutronError::Credentials(
-            "Neutron refused a fresh token (401)".into(),
-        ))
+        Err(NeutronError::Credentials("Neutron refused a fresh token (401)".into()))
     }
 
     /// Every router Neutron has (id, project, revision): one request.
@@ -191,36 +162,23 @@ impl Neutron {
         struct List {
             routers: Vec<NeutronRouter>,
         }
-        let fields = [
-            ("fields", "id"),
-            ("fields", "project_id"),
-            ("fields", "revision_number"),
-        ];
+        let fields = [("fields", "id"), ("fields", "project_id"), ("fields", "revision_number")];
         let list: Option<List> = self.get(&["routers"], &fields).await?;
-        list.map(|l| l.routers)
-            .ok_or_else(|| NeutronError::Config("Neutron has no routers API (404)".into()))
+        list.map(|l| l.routers).ok_or_else(|| NeutronError::Config("Neutron has no routers API (404)".into()))
     }
 
     /// Whether Neutron still has the router (false only on a 404).
     pub async fn router_exists(&mut self, id: &str) -> Result<bool, NeutronError> {
-        Ok(self
-            .get::<serde_json::Value>(&["routers", id], &[("fields", "id")])
-            .await?
-            .is_some())
+        Ok(self.get::<serde_json::Value>(&["routers", id], &[("fields", "id")]).await?.is_some())
     }
 
     /// The router's helpers; `None` if Neutron says the router is gone.
-    pub async fn helpers(
-        &mut self,
-        router: &str,
-    ) -> Result<Option<Vec<NeutronHelper>>, NeutronError> {
+    pub async fn helpers(&mut self, router: &str) -> Result<Option<Vec<NeutronHelper>>, NeutronError> {
         #[derive(Deserialize)]
         struct List {
             conntrack_helpers: Vec<NeutronHelper>,
         }
-        let list: Option<List> = self
-            .get(&["routers", router, "conntrack_helpers"], &[])
-            .await?;
+        let list: Option<List> = self.get(&["routers", router, "conntrack_helpers"], &[]).await?;
         Ok(list.map(|l| l.conntrack_helpers))
     }
 

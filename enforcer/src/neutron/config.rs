@@ -79,10 +79,7 @@ impl NeutronConfig {
     /// Checks what can be checked without the network.
     pub fn check(&self) -> Result<()> {
         if !(self.poll_interval.is_finite() && (0.1..=3600.0).contains(&self.poll_interval)) {
-            bail!(
-                "[neutron] poll_interval must be between 0.1 and 3600 seconds, not {}",
-                self.poll_interval
-            );
+            bail!("[neutron] poll_interval must be between 0.1 and 3600 seconds, not {}", self.poll_interval);
         }
         let inline = self.auth_url.is_some()
             || self.application_credential_id.is_some()
@@ -91,28 +88,17 @@ impl NeutronConfig {
             || self.password.is_some();
         match (&self.cloud, inline) {
             (Some(_), true) => bail!("[neutron] has both `cloud` and inline credentials; use one"),
-            (None, false) => bail!(
-                "[neutron] needs `cloud = \"NAME\"` (clouds.yaml) or `auth_url` with credentials"
-            ),
+            (None, false) => bail!("[neutron] needs `cloud = \"NAME\"` (clouds.yaml) or `auth_url` with credentials"),
             (Some(_), false) => Ok(()),
             (None, true) => {
                 if self.auth_url.is_none() {
                     bail!("[neutron] inline credentials need `auth_url`");
                 }
-                match (
-                    &self.application_credential_id,
-                    &self.application_credential_secret,
-                    &self.username,
-                    &self.password,
-                ) {
+                match (&self.application_credential_id, &self.application_credential_secret, &self.username, &self.password) {
                     (Some(_), Some(_), None, None) => Ok(()),
                     (None, None, Some(_), Some(_)) if self.project_name.is_some() => Ok(()),
-                    (None, None, Some(_), Some(_)) => bail!(
-                        "[neutron] password login needs `project_name`: a token without a project sees no routers in Neutron"
-                    ),
-                    _ => bail!(
-                        "[neutron] give either application_credential_id and application_credential_secret, or username and password"
-                    ),
+                    (None, None, Some(_), Some(_)) => bail!("[neutron] password login needs `project_name`: a token without a project sees no routers in Neutron"),
+                    _ => bail!("[neutron] give either application_credential_id and application_credential_secret, or username and password"),
                 }
             }
         }
@@ -127,10 +113,7 @@ impl NeutronConfig {
         };
         // Explicit settings win over the cloud's.
         if let Some(map) = value.as_mapping_mut() {
-            for (key, v) in [
-                ("region_name", &self.region_name),
-                ("interface", &self.interface),
-            ] {
+            for (key, v) in [("region_name", &self.region_name), ("interface", &self.interface)] {
                 if let Some(v) = v {
                     map.insert(key.into(), v.clone().into());
                 }
@@ -150,33 +133,15 @@ impl NeutronConfig {
             }
         };
         put("auth_url", self.auth_url.as_deref());
-        put(
-            "application_credential_id",
-            self.application_credential_id.as_deref(),
-        );
-        put(
-            "application_credential_secret",
-            self.application_credential_secret
-                .as_ref()
-                .map(Secret::expose),
-        );
+        put("application_credential_id", self.application_credential_id.as_deref());
+        put("application_credential_secret", self.application_credential_secret.as_ref().map(Secret::expose));
         put("username", self.username.as_deref());
         put("password", self.password.as_ref().map(Secret::expose));
         put("project_name", self.project_name.as_deref());
-        put(
-            "user_domain_name",
-            Some(self.user_domain_name.as_deref().unwrap_or("Default")),
-        );
-        put(
-            "project_domain_name",
-            Some(self.project_domain_name.as_deref().unwrap_or("Default")),
-        );
+        put("user_domain_name", Some(self.user_domain_name.as_deref().unwrap_or("Default")));
+        put("project_domain_name", Some(self.project_domain_name.as_deref().unwrap_or("Default")));
         let mut cloud = serde_yaml::Mapping::new();
-        let auth_type = if self.application_credential_id.is_some() {
-            "v3applicationcredential"
-        } else {
-            "password"
-        };
+        let auth_type = if self.application_credential_id.is_some() { "v3applicationcredential" } else { "password" };
         cloud.insert("auth_type".into(), auth_type.into());
         cloud.insert("auth".into(), auth.into());
         cloud.into()
@@ -188,15 +153,10 @@ fn cloud_from_yaml(name: &str) -> Result<serde_yaml::Value> {
     let candidates = clouds_yaml_candidates();
     let Some(path) = candidates.iter().find(|p| p.is_file()) else {
         let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-        bail!(
-            "[neutron] cloud {name:?}: no clouds.yaml (looked at {})",
-            tried.join(", ")
-        );
+        bail!("[neutron] cloud {name:?}: no clouds.yaml (looked at {})", tried.join(", "));
     };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let all: serde_yaml::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let all: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut cloud = all
         .get("clouds")
         .and_then(|c| c.get(name))
@@ -221,14 +181,10 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug_output() {
-        let c = parse(
-            "auth_url = \"http://k/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret = \"s3cr3t\"\n",
-        );
+        let c = parse("auth_url = \"http://k/v3\"\napplication_credential_id = \"id\"\napplication_credential_secret = \"s3cr3t\"\n");
         let text = format!("{c:?}");
         assert!(!text.contains("s3cr3t"), "{text}");
-        let c = parse(
-            "auth_url = \"http://k/v3\"\nusername = \"u\"\npassword = \"hunter2\"\nproject_name = \"p\"\n",
-        );
+        let c = parse("auth_url = \"http://k/v3\"\nusername = \"u\"\npassword = \"hunter2\"\nproject_name = \"p\"\n");
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.poll_interval(), Duration::from_secs(2));
     }
@@ -247,29 +203,17 @@ mod tests {
         ] {
             assert!(parse(bad).check().is_err(), "{bad:?}");
         }
-        assert!(
-            toml::from_str::<NeutronConfig>("cloud = \"c\"\nsecret = \"x\"\n").is_err(),
-            "unknown keys are refused"
-        );
-        assert!(
-            parse("cloud = \"c\"\npoll_interval = 0.5\n")
-                .check()
-                .is_ok()
-        );
+        assert!(toml::from_str::<NeutronConfig>("cloud = \"c\"\nsecret = \"x\"\n").is_err(), "unknown keys are refused");
+        assert!(parse("cloud = \"c\"\npoll_interval = 0.5\n").check().is_ok());
     }
 
     #[test]
     fn inline_credentials_become_an_osauth_cloud() {
-        let c = parse(
-            "auth_url = \"http://k/v3\"\napplication_credential_id = \"i\"\napplication_credential_secret = \"s\"\nregion_name = \"RegionOne\"\ninterface = \"internal\"\n",
-        );
+        let c = parse("auth_url = \"http://k/v3\"\napplication_credential_id = \"i\"\napplication_credential_secret = \"s\"\nregion_name = \"RegionOne\"\ninterface = \"internal\"\n");
         let cloud = c.cloud_config().unwrap();
         let v = serde_yaml::to_value(&cloud).unwrap();
         assert_eq!(v["auth_type"].as_str(), Some("v3applicationcredential"));
-        assert_eq!(
-            v["auth"]["application_credential_secret"].as_str(),
-            Some("s")
-        );
+        assert_eq!(v["auth"]["application_credential_secret"].as_str(), Some("s"));
         assert_eq!(v["region_name"].as_str(), Some("RegionOne"));
         assert_eq!(v["interface"].as_str(), Some("internal"));
     }

@@ -57,10 +57,7 @@ pub fn hosted(namespaces: &[String]) -> BTreeMap<String, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// Fetch its helpers and apply them (new here, or changed in Neutron).
-    Sync {
-        router: NeutronRouter,
-        netns: String,
-    },
+    Sync { router: NeutronRouter, netns: String },
     /// Synced before, but missing from the list: ask Neutron about this
     /// router itself; only a 404 removes it.
     Confirm { id: String },
@@ -79,17 +76,12 @@ pub fn steps(
     let listed_ids: BTreeSet<&str> = listed.iter().map(|r| r.id.as_str()).collect();
     let mut out = Vec::new();
     for router in listed {
-        let Some(netns) = hosted.get(&router.id) else {
-            continue;
-        };
+        let Some(netns) = hosted.get(&router.id) else { continue };
         if locals.contains(&router.id) {
             continue;
         }
         if synced.get(&router.id).copied().flatten() != Some(router.revision_number) {
-            out.push(Step::Sync {
-                router: router.clone(),
-                netns: netns.clone(),
-            });
+            out.push(Step::Sync { router: router.clone(), netns: netns.clone() });
         }
     }
     for id in synced.keys() {
@@ -111,11 +103,7 @@ mod tests {
     const C: &str = "0b0c6f7e-3c1a-4c47-9b7c-1f6a7e0d0a03";
 
     fn router(id: &str, revision: u64) -> NeutronRouter {
-        NeutronRouter {
-            id: id.into(),
-            project_id: "p".into(),
-            revision_number: revision,
-        }
+        NeutronRouter { id: id.into(), project_id: "p".into(), revision_number: revision }
     }
 
     #[test]
@@ -143,48 +131,25 @@ mod tests {
 
     #[test]
     fn only_changed_routers_are_fetched() {
-        let hosted: BTreeMap<String, String> = [A, B]
-            .iter()
-            .map(|id| (id.to_string(), format!("qrouter-{id}")))
-            .collect();
+        let hosted: BTreeMap<String, String> = [A, B].iter().map(|id| (id.to_string(), format!("qrouter-{id}"))).collect();
         let listed = vec![router(A, 5), router(B, 7), router(C, 1)];
-        let synced: BTreeMap<String, Option<u64>> =
-            [(A.to_string(), Some(5)), (B.to_string(), Some(6))].into();
+        let synced: BTreeMap<String, Option<u64>> = [(A.to_string(), Some(5)), (B.to_string(), Some(6))].into();
         let steps = steps(&hosted, &listed, &synced, &BTreeSet::new());
-        assert_eq!(
-            steps,
-            vec![Step::Sync {
-                router: router(B, 7),
-                netns: format!("qrouter-{B}")
-            }],
-            "C is not hosted here"
-        );
+        assert_eq!(steps, vec![Step::Sync { router: router(B, 7), netns: format!("qrouter-{B}") }], "C is not hosted here");
     }
 
     #[test]
     fn an_empty_list_never_removes_a_router_by_itself() {
         let hosted: BTreeMap<String, String> = [(A.to_string(), format!("qrouter-{A}"))].into();
-        let synced: BTreeMap<String, Option<u64>> =
-            [(A.to_string(), Some(5)), (B.to_string(), Some(1))].into();
+        let synced: BTreeMap<String, Option<u64>> = [(A.to_string(), Some(5)), (B.to_string(), Some(1))].into();
         let steps = steps(&hosted, &[], &synced, &BTreeSet::new());
-        assert_eq!(
-            steps,
-            vec![
-                Step::Confirm { id: A.into() },
-                Step::Remove { id: B.into() }
-            ]
-        );
+        assert_eq!(steps, vec![Step::Confirm { id: A.into() }, Step::Remove { id: B.into() }]);
     }
 
     #[test]
     fn local_routers_are_left_alone() {
         let hosted: BTreeMap<String, String> = [(A.to_string(), format!("qrouter-{A}"))].into();
-        let steps = steps(
-            &hosted,
-            &[router(A, 1)],
-            &BTreeMap::new(),
-            &[A.to_string()].into(),
-        );
+        let steps = steps(&hosted, &[router(A, 1)], &BTreeMap::new(), &[A.to_string()].into());
         assert!(steps.is_empty());
     }
 }

@@ -15,8 +15,8 @@ use crate::api::{Helper, Owner};
 
 mod schema;
 
-pub use schema::VERSION as SCHEMA_VERSION;
 use schema::{AUDIT_JOURNAL, HELPERS, QUARANTINE, ROUTERS, StoredHelper, StoredRouter};
+pub use schema::VERSION as SCHEMA_VERSION;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterRecord {
@@ -39,18 +39,9 @@ pub enum Change {
     PutRouter(RouterRecord),
     DeleteRouter(String),
     PutHelper(HelperRecord),
-    DeleteHelper {
-        router_id: String,
-        helper_id: String,
-    },
-    Quarantine {
-        router_id: String,
-        slot: u16,
-    },
-    Release {
-        router_id: String,
-        slot: u16,
-    },
+    DeleteHelper { router_id: String, helper_id: String },
+    Quarantine { router_id: String, slot: u16 },
+    Release { router_id: String, slot: u16 },
 }
 
 #[derive(Debug, Default, Clone)]
@@ -84,8 +75,7 @@ struct Group {
 /// Sets `mode` on `path` (the daemon's own files: never wider).
 pub fn private(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("setting mode {mode:o} on {}", path.display()))
 }
 
 /// Replaces the file at `path` with `bytes` (mode 0600): written aside and
@@ -93,13 +83,7 @@ pub fn private(path: &Path, mode: u32) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let tmp = path.with_extension("new");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?
-        .write_all(bytes)?;
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?.write_all(bytes)?;
     std::fs::rename(&tmp, path)
 }
 
@@ -122,8 +106,7 @@ fn slot_key(router: &str, slot: u16) -> String {
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating state directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
         // Whatever the umask: the state is the daemon's alone.
         private(dir, 0o700)?;
         let path = dir.join("enforcer.redb");
@@ -135,23 +118,14 @@ impl Store {
         if let Some(from) = found.filter(|v| *v < SCHEMA_VERSION) {
             tracing::info!(from, to = SCHEMA_VERSION, "store schema upgraded");
         }
-        Ok(Self {
-            db: Some(db),
-            path,
-            group: None,
-        })
+        Ok(Self { db: Some(db), path, group: None })
     }
 
     /// The database, opened again first if a commit failed.
     fn db(&mut self) -> Result<&Database> {
         if self.db.is_none() {
             self.group = None;
-            let db = open_db(&self.path).with_context(|| {
-                format!(
-                    "opening store {} again after a failed commit",
-                    self.path.display()
-                )
-            })?;
+            let db = open_db(&self.path).with_context(|| format!("opening store {} again after a failed commit", self.path.display()))?;
             self.db = Some(db);
         }
         self.db.as_ref().context("store not open")
@@ -168,20 +142,12 @@ impl Store {
         for row in txn.open_table(HELPERS)?.iter()? {
             let (_, v) = row?;
             let h = schema::helper(v.value())?;
-            state
-                .helpers
-                .insert((h.helper.router_id.clone(), h.helper.id.clone()), h);
+            state.helpers.insert((h.helper.router_id.clone(), h.helper.id.clone()), h);
         }
         for row in txn.open_table(QUARANTINE)?.iter()? {
             let (k, _) = row?;
-            let (router, slot) = k
-                .value()
-                .rsplit_once('/')
-                .context("corrupt quarantine key")?;
-            state.quarantine.insert((
-                router.to_string(),
-                slot.parse().context("corrupt quarantine slot")?,
-            ));
+            let (router, slot) = k.value().rsplit_once('/').context("corrupt quarantine key")?;
+            state.quarantine.insert((router.to_string(), slot.parse().context("corrupt quarantine slot")?));
         }
         Ok(state)
     }
@@ -189,34 +155,20 @@ impl Store {
     /// Runs `kernel` and, if it succeeded, writes `changes` and commits
     /// them in one transaction (or adds them to the open group). Whatever
     /// the error, the caller undoes the kernel step: it may have run.
-    pub fn apply<T>(
-        &mut self,
-        changes: &[Change],
-        kernel: impl FnOnce() -> Result<T>,
-    ) -> Result<T, ApplyError> {
+    pub fn apply<T>(&mut self, changes: &[Change], kernel: impl FnOnce() -> Result<T>) -> Result<T, ApplyError> {
         self.apply_then(changes, || Ok((kernel()?, Vec::new())))
     }
 
     /// Like `apply`, where the kernel step also says what else to write in
     /// the same transaction (what it found out, e.g. a slot still carried).
-    pub fn apply_then<T>(
-        &mut self,
-        changes: &[Change],
-        kernel: impl FnOnce() -> Result<(T, Vec<Change>)>,
-    ) -> Result<T, ApplyError> {
+    pub fn apply_then<T>(&mut self, changes: &[Change], kernel: impl FnOnce() -> Result<(T, Vec<Change>)>) -> Result<T, ApplyError> {
         let (out, more) = kernel().map_err(ApplyError::Kernel)?;
         if let Some(group) = &mut self.group {
             group.pending.extend(changes.iter().cloned().chain(more));
             return Ok(out);
         }
-        let txn = self
-            .db()
-            .map_err(ApplyError::Store)?
-            .begin_write()
-            .map_err(|e| ApplyError::Store(e.into()))?;
-        write(&txn, changes)
-            .and_then(|()| write(&txn, &more))
-            .map_err(ApplyError::Store)?;
+        let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
+        write(&txn, changes).and_then(|()| write(&txn, &more)).map_err(ApplyError::Store)?;
         if let Err(e) = txn.commit() {
             self.db = None;
             return Err(ApplyError::Commit(e.into()));
@@ -230,17 +182,8 @@ impl Store {
     pub fn begin_group(&mut self) -> Result<(), ApplyError> {
         // One writer at a time: a group left open (a panic) would block.
         self.abandon_group();
-        let txn = self
-            .db()
-            .map_err(ApplyError::Store)?
-            .begin_write()
-            .map_err(|e| ApplyError::Store(e.into()))?;
-        self.group = Some(Group {
-            txn,
-            pending: Vec::new(),
-            journal: Vec::new(),
-            synced: 0,
-        });
+        let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
+        self.group = Some(Group { txn, pending: Vec::new(), journal: Vec::new(), synced: 0 });
         Ok(())
     }
 
@@ -253,10 +196,7 @@ impl Store {
     /// Journals audit lines (seq, JSON) in the open group, to be durable
     /// with its changes; rows up to `synced` (in the synced audit log) go.
     pub fn journal(&mut self, lines: Vec<(u64, Vec<u8>)>, synced: u64) -> Result<()> {
-        let group = self
-            .group
-            .as_mut()
-            .context("no group open to journal the audit lines in")?;
+        let group = self.group.as_mut().context("no group open to journal the audit lines in")?;
         group.journal.extend(lines);
         group.synced = synced;
         Ok(())
@@ -290,12 +230,8 @@ impl Store {
     /// Commits the open group: all of its changes are durable, or (an error,
     /// such as a full disk that only shows at the sync) none is.
     pub fn commit_group(&mut self) -> Result<(), ApplyError> {
-        let Some(group) = self.group.take() else {
-            return Ok(());
-        };
-        if let Err(e) = write(&group.txn, &group.pending)
-            .and_then(|()| journal(&group.txn, &group.journal, group.synced))
-        {
+        let Some(group) = self.group.take() else { return Ok(()) };
+        if let Err(e) = write(&group.txn, &group.pending).and_then(|()| journal(&group.txn, &group.journal, group.synced)) {
             let _ = group.txn.abort();
             return Err(ApplyError::Store(e));
         }
@@ -304,38 +240,27 @@ impl Store {
             ApplyError::Commit(e.into())
         })
     }
+
 }
 
 fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
     let mut routers = txn.open_table(ROUTERS)?;
     let mut helpers = txn.open_table(HELPERS)?;
     let mut quarantine = txn.open_table(QUARANTINE)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     for change in changes {
         match change {
             Change::PutRouter(r) => {
-                routers.insert(
-                    r.id.as_str(),
-                    schema::encode(&StoredRouter::from(r))?.as_str(),
-                )?;
+                routers.insert(r.id.as_str(), schema::encode(&StoredRouter::from(r))?.as_str())?;
             }
             Change::DeleteRouter(id) => {
                 routers.remove(id.as_str())?;
             }
             Change::PutHelper(h) => {
                 let key = helper_key(&h.helper.router_id, &h.helper.id);
-                helpers.insert(
-                    key.as_str(),
-                    schema::encode(&StoredHelper::from(h))?.as_str(),
-                )?;
+                helpers.insert(key.as_str(), schema::encode(&StoredHelper::from(h))?.as_str())?;
             }
-            Change::DeleteHelper {
-                router_id,
-                helper_id,
-            } => {
+            Change::DeleteHelper { router_id, helper_id } => {
                 helpers.remove(helper_key(router_id, helper_id).as_str())?;
             }
             Change::Quarantine { router_id, slot } => {
@@ -359,9 +284,7 @@ fn journal(txn: &redb::WriteTransaction, lines: &[(u64, Vec<u8>)], synced: u64) 
     while table.first()?.is_some_and(|(k, _)| k.value() <= synced) {
         table.pop_first()?;
     }
-    let Some(last) = lines.iter().map(|(seq, _)| *seq).max() else {
-        return Ok(());
-    };
+    let Some(last) = lines.iter().map(|(seq, _)| *seq).max() else { return Ok(()) };
     let mut row = Vec::with_capacity(lines.iter().map(|(_, l)| l.len() + 12).sum());
     for (seq, line) in lines {
         row.extend_from_slice(&seq.to_le_bytes());
@@ -376,14 +299,10 @@ fn journal(txn: &redb::WriteTransaction, lines: &[(u64, Vec<u8>)], synced: u64) 
 fn unframe(mut row: &[u8]) -> Result<Vec<(u64, Vec<u8>)>> {
     let mut out = Vec::new();
     while !row.is_empty() {
-        let (head, rest) = row
-            .split_at_checked(12)
-            .context("corrupt audit journal row")?;
+        let (head, rest) = row.split_at_checked(12).context("corrupt audit journal row")?;
         let seq = u64::from_le_bytes(head[..8].try_into()?);
         let len = u32::from_le_bytes(head[8..].try_into()?) as usize;
-        let (line, rest) = rest
-            .split_at_checked(len)
-            .context("corrupt audit journal row")?;
+        let (line, rest) = rest.split_at_checked(len).context("corrupt audit journal row")?;
         out.push((seq, line.to_vec()));
         row = rest;
     }
@@ -421,11 +340,7 @@ mod tests {
     }
 
     fn tempdir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "enforcer-store-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
+        let dir = std::env::temp_dir().join(format!("enforcer-store-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -435,25 +350,9 @@ mod tests {
         let dir = tempdir();
         {
             let mut store = Store::open(&dir).unwrap();
-            let r = RouterRecord {
-                id: "r".into(),
-                index: 1,
-                project_id: "p".into(),
-                netns: "n".into(),
-                owner: Default::default(),
-            };
+            let r = RouterRecord { id: "r".into(), index: 1, project_id: "p".into(), netns: "n".into(), owner: Default::default() };
             store
-                .apply(
-                    &[
-                        Change::PutRouter(r),
-                        Change::PutHelper(helper("r", "h", 3)),
-                        Change::Quarantine {
-                            router_id: "r".into(),
-                            slot: 2,
-                        },
-                    ],
-                    || Ok(()),
-                )
+                .apply(&[Change::PutRouter(r), Change::PutHelper(helper("r", "h", 3)), Change::Quarantine { router_id: "r".into(), slot: 2 }], || Ok(()))
                 .unwrap();
         }
         let state = Store::open(&dir).unwrap().load().unwrap();
@@ -469,14 +368,9 @@ mod tests {
     /// other-project).
     fn store_of_version_1() -> std::path::PathBuf {
         let dir = tempdir();
-        let packed = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/testdata/store-v1.redb.gz"
-        ))
-        .unwrap();
+        let packed = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/store-v1.redb.gz")).unwrap();
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&packed[..]), &mut bytes)
-            .unwrap();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&packed[..]), &mut bytes).unwrap();
         std::fs::write(dir.join("enforcer.redb"), bytes).unwrap();
         dir
     }
@@ -485,11 +379,7 @@ mod tests {
         let db = Database::open(dir.join("enforcer.redb")).unwrap();
         let txn = db.begin_read().unwrap();
         let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-        txn.open_table(meta)
-            .ok()?
-            .get("schema")
-            .unwrap()
-            .map(|v| v.value())
+        txn.open_table(meta).ok()?.get("schema").unwrap().map(|v| v.value())
     }
 
     #[test]
@@ -499,38 +389,13 @@ mod tests {
         let state = Store::open(&dir).unwrap().load().unwrap();
         assert_eq!(recorded_version(&dir), Some(SCHEMA_VERSION));
         let router = &state.routers["0b7c2a5e-5d7e-4b8e-9d0a-3f1e2d4c5b6a"];
-        assert_eq!(
-            (router.index, router.netns.as_str(), router.owner),
-            (1, "qrouter-fx-11111111", Owner::Local)
-        );
-        let mut helpers: Vec<_> = state
-            .helpers
-            .values()
-            .map(|h| {
-                (
-                    h.helper.port,
-                    h.helper.protocol,
-                    h.helper.helper.as_str(),
-                    h.helper.project_id.as_str(),
-                    h.slot,
-                )
-            })
-            .collect();
+        assert_eq!((router.index, router.netns.as_str(), router.owner), (1, "qrouter-fx-11111111", Owner::Local));
+        let mut helpers: Vec<_> = state.helpers.values().map(|h| (h.helper.port, h.helper.protocol, h.helper.helper.as_str(), h.helper.project_id.as_str(), h.slot)).collect();
         helpers.sort();
-        assert_eq!(
-            helpers,
-            [
-                (21, Protocol::Tcp, "ftp", "default", 1),
-                (69, Protocol::Udp, "tftp", "other-project", 2),
-                (5060, Protocol::Udp, "sip", "default", 3)
-            ]
-        );
+        assert_eq!(helpers, [(21, Protocol::Tcp, "ftp", "default", 1), (69, Protocol::Udp, "tftp", "other-project", 2), (5060, Protocol::Udp, "sip", "default", 3)]);
         // Opened again: already current, the same state.
         let again = Store::open(&dir).unwrap().load().unwrap();
-        assert_eq!(
-            (again.routers, again.helpers),
-            (state.routers, state.helpers)
-        );
+        assert_eq!((again.routers, again.helpers), (state.routers, state.helpers));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -541,18 +406,11 @@ mod tests {
         {
             let db = Database::open(dir.join("enforcer.redb")).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(redb::TableDefinition::<&str, u64>::new("meta"))
-                .unwrap()
-                .insert("schema", SCHEMA_VERSION + 1)
-                .unwrap();
+            txn.open_table(redb::TableDefinition::<&str, u64>::new("meta")).unwrap().insert("schema", SCHEMA_VERSION + 1).unwrap();
             txn.commit().unwrap();
         }
         let err = Store::open(&dir).err().unwrap().to_string();
-        assert!(
-            err.contains(&format!("schema version {}", SCHEMA_VERSION + 1))
-                && err.contains("later release"),
-            "{err}"
-        );
+        assert!(err.contains(&format!("schema version {}", SCHEMA_VERSION + 1)) && err.contains("later release"), "{err}");
         assert_eq!(recorded_version(&dir), Some(SCHEMA_VERSION + 1));
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -562,10 +420,7 @@ mod tests {
         let dir = tempdir();
         let mut store = Store::open(&dir).unwrap();
         let err = store
-            .apply(
-                &[Change::PutHelper(helper("r", "h", 1))],
-                || -> Result<()> { anyhow::bail!("no") },
-            )
+            .apply(&[Change::PutHelper(helper("r", "h", 1))], || -> Result<()> { anyhow::bail!("no") })
             .unwrap_err();
         assert!(matches!(err, ApplyError::Kernel(_)));
         assert!(store.load().unwrap().helpers.is_empty());
@@ -577,43 +432,18 @@ mod tests {
         let dir = tempdir();
         let mut store = Store::open(&dir).unwrap();
         store.begin_group().unwrap();
-        store
-            .apply(&[Change::PutHelper(helper("r", "a", 1))], || Ok(()))
-            .unwrap();
-        store
-            .apply(&[Change::PutHelper(helper("r", "b", 2))], || Ok(()))
-            .unwrap();
+        store.apply(&[Change::PutHelper(helper("r", "a", 1))], || Ok(())).unwrap();
+        store.apply(&[Change::PutHelper(helper("r", "b", 2))], || Ok(())).unwrap();
         // A change whose kernel step failed is not in the group.
-        store
-            .apply(
-                &[Change::PutHelper(helper("r", "c", 3))],
-                || -> Result<()> { anyhow::bail!("no") },
-            )
-            .unwrap_err();
-        assert!(
-            store.load().unwrap().helpers.is_empty(),
-            "nothing is visible before the commit"
-        );
+        store.apply(&[Change::PutHelper(helper("r", "c", 3))], || -> Result<()> { anyhow::bail!("no") }).unwrap_err();
+        assert!(store.load().unwrap().helpers.is_empty(), "nothing is visible before the commit");
         store.commit_group().unwrap();
         let helpers = store.load().unwrap().helpers;
-        assert_eq!(
-            helpers.keys().map(|(_, h)| h.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
+        assert_eq!(helpers.keys().map(|(_, h)| h.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         // An abandoned group keeps nothing.
         store.begin_group().unwrap();
-        store
-            .apply(
-                &[Change::DeleteHelper {
-                    router_id: "r".into(),
-                    helper_id: "a".into(),
-                }],
-                || Ok(()),
-            )
-            .unwrap();
-        store
-            .apply(&[Change::PutHelper(helper("r", "d", 4))], || Ok(()))
-            .unwrap();
+        store.apply(&[Change::DeleteHelper { router_id: "r".into(), helper_id: "a".into() }], || Ok(())).unwrap();
+        store.apply(&[Change::PutHelper(helper("r", "d", 4))], || Ok(())).unwrap();
         assert!(store.abandon_group());
         assert_eq!(store.load().unwrap().helpers.len(), 2);
         std::fs::remove_dir_all(dir).unwrap();
@@ -623,23 +453,13 @@ mod tests {
     fn audit_lines_are_journaled_with_their_group_and_go_once_synced() {
         let dir = tempdir();
         let mut store = Store::open(&dir).unwrap();
-        assert!(
-            store.journal(vec![(1, b"x".to_vec())], 0).is_err(),
-            "only inside a group"
-        );
+        assert!(store.journal(vec![(1, b"x".to_vec())], 0).is_err(), "only inside a group");
         assert!(store.journaled().unwrap().is_empty());
         store.begin_group().unwrap();
-        store
-            .apply(&[Change::PutHelper(helper("r", "a", 1))], || Ok(()))
-            .unwrap();
-        store
-            .journal(vec![(1, b"one".to_vec()), (2, b"two".to_vec())], 0)
-            .unwrap();
+        store.apply(&[Change::PutHelper(helper("r", "a", 1))], || Ok(())).unwrap();
+        store.journal(vec![(1, b"one".to_vec()), (2, b"two".to_vec())], 0).unwrap();
         store.commit_group().unwrap();
-        assert_eq!(
-            store.journaled().unwrap(),
-            [(1, b"one".to_vec()), (2, b"two".to_vec())]
-        );
+        assert_eq!(store.journaled().unwrap(), [(1, b"one".to_vec()), (2, b"two".to_vec())]);
         // A failed group journals nothing.
         store.begin_group().unwrap();
         store.journal(vec![(3, b"three".to_vec())], 2).unwrap();
@@ -649,18 +469,11 @@ mod tests {
         store.begin_group().unwrap();
         store.journal(vec![(3, b"three".to_vec())], 1).unwrap();
         store.commit_group().unwrap();
-        assert_eq!(
-            store.journaled().unwrap().len(),
-            3,
-            "line 2 is not synced yet"
-        );
+        assert_eq!(store.journaled().unwrap().len(), 3, "line 2 is not synced yet");
         store.begin_group().unwrap();
         store.journal(vec![(4, b"four".to_vec())], 2).unwrap();
         store.commit_group().unwrap();
-        assert_eq!(
-            store.journaled().unwrap(),
-            [(3, b"three".to_vec()), (4, b"four".to_vec())]
-        );
+        assert_eq!(store.journaled().unwrap(), [(3, b"three".to_vec()), (4, b"four".to_vec())]);
         drop(store);
         let mut store = Store::open(&dir).unwrap();
         assert_eq!(store.journaled().unwrap().len(), 2, "durable");
@@ -669,3 +482,4 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+

@@ -81,13 +81,7 @@ impl From<&RouterRecord> for StoredRouter {
             Owner::Local => StoredOwner::Local,
             Owner::Neutron => StoredOwner::Neutron,
         };
-        Self {
-            id: r.id.clone(),
-            index: r.index,
-            project_id: r.project_id.clone(),
-            netns: r.netns.clone(),
-            owner,
-        }
+        Self { id: r.id.clone(), index: r.index, project_id: r.project_id.clone(), netns: r.netns.clone(), owner }
     }
 }
 
@@ -97,13 +91,7 @@ impl From<StoredRouter> for RouterRecord {
             StoredOwner::Local => Owner::Local,
             StoredOwner::Neutron => Owner::Neutron,
         };
-        Self {
-            id: r.id,
-            index: r.index,
-            project_id: r.project_id,
-            netns: r.netns,
-            owner,
-        }
+        Self { id: r.id, index: r.index, project_id: r.project_id, netns: r.netns, owner }
     }
 }
 
@@ -113,23 +101,8 @@ impl From<&HelperRecord> for StoredHelper {
             Protocol::Tcp => StoredProtocol::Tcp,
             Protocol::Udp => StoredProtocol::Udp,
         };
-        let Helper {
-            id,
-            router_id,
-            project_id,
-            port,
-            helper,
-            ..
-        } = h.helper.clone();
-        Self {
-            id,
-            router_id,
-            project_id,
-            protocol,
-            port,
-            helper,
-            slot: h.slot,
-        }
+        let Helper { id, router_id, project_id, port, helper, .. } = h.helper.clone();
+        Self { id, router_id, project_id, protocol, port, helper, slot: h.slot }
     }
 }
 
@@ -139,18 +112,8 @@ impl From<StoredHelper> for HelperRecord {
             StoredProtocol::Tcp => Protocol::Tcp,
             StoredProtocol::Udp => Protocol::Udp,
         };
-        let helper = Helper {
-            id: h.id,
-            router_id: h.router_id,
-            project_id: h.project_id,
-            protocol,
-            port: h.port,
-            helper: h.helper,
-        };
-        Self {
-            helper,
-            slot: h.slot,
-        }
+        let helper = Helper { id: h.id, router_id: h.router_id, project_id: h.project_id, protocol, port: h.port, helper: h.helper };
+        Self { helper, slot: h.slot }
     }
 }
 
@@ -159,15 +122,11 @@ pub(super) fn encode(value: &impl Serialize) -> Result<String> {
 }
 
 pub(super) fn router(text: &str) -> Result<RouterRecord> {
-    Ok(serde_json::from_str::<StoredRouter>(text)
-        .context("corrupt router record")?
-        .into())
+    Ok(serde_json::from_str::<StoredRouter>(text).context("corrupt router record")?.into())
 }
 
 pub(super) fn helper(text: &str) -> Result<HelperRecord> {
-    Ok(serde_json::from_str::<StoredHelper>(text)
-        .context("corrupt helper record")?
-        .into())
+    Ok(serde_json::from_str::<StoredHelper>(text).context("corrupt helper record")?.into())
 }
 
 /// The version of the store `txn` sees: recorded, or 1 where a store of
@@ -188,9 +147,7 @@ pub(super) fn upgrade(txn: &redb::WriteTransaction) -> Result<Option<u64>> {
     let found = version(txn)?;
     match found {
         Some(v) if v > VERSION => {
-            bail!(
-                "the store is of schema version {v}, written by a later release of enforcer; this one reads up to version {VERSION}: run the later release, or restore a backup of the store"
-            )
+            bail!("the store is of schema version {v}, written by a later release of enforcer; this one reads up to version {VERSION}: run the later release, or restore a backup of the store")
         }
         Some(VERSION) => return Ok(found),
         Some(1) => routers_state_their_owner(txn)?,
@@ -210,15 +167,8 @@ fn routers_state_their_owner(txn: &redb::WriteTransaction) -> Result<()> {
     let mut rewritten = Vec::new();
     for row in table.iter()? {
         let (key, value) = row?;
-        let old: RouterV1 = serde_json::from_str(value.value())
-            .with_context(|| format!("corrupt router record {}", key.value()))?;
-        let new = StoredRouter {
-            id: old.id,
-            index: old.index,
-            project_id: old.project_id,
-            netns: old.netns,
-            owner: old.owner.unwrap_or(StoredOwner::Local),
-        };
+        let old: RouterV1 = serde_json::from_str(value.value()).with_context(|| format!("corrupt router record {}", key.value()))?;
+        let new = StoredRouter { id: old.id, index: old.index, project_id: old.project_id, netns: old.netns, owner: old.owner.unwrap_or(StoredOwner::Local) };
         rewritten.push((key.value().to_string(), encode(&new)?));
     }
     for (key, value) in rewritten {

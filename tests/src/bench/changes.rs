@@ -41,26 +41,17 @@ fn create(session: &mut crate::daemon::Session, router: &str, protocol: &str, po
     let r = session
         .request(&json!({"op": "helper_create", "router_id": router, "protocol": protocol, "port": port, "helper": "sip"}))
         .expect("daemon answers");
-    r["ok"]["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("create refused: {r}"))
-        .to_string()
+    r["ok"]["id"].as_str().unwrap_or_else(|| panic!("create refused: {r}")).to_string()
 }
 
 fn delete(session: &mut crate::daemon::Session, router: &str, id: &str) {
-    let r = session
-        .request(&json!({"op": "helper_delete", "router_id": router, "helper_id": id}))
-        .expect("daemon answers");
+    let r = session.request(&json!({"op": "helper_delete", "router_id": router, "helper_id": id})).expect("daemon answers");
     assert!(r.get("ok").is_some(), "delete refused: {r}");
 }
 
 fn latency(samples: Vec<f64>, wall_secs: f64) -> Latency {
     let n = samples.len() as f64;
-    Latency {
-        p50_ms: percentile(samples.clone(), 0.5),
-        p99_ms: percentile(samples, 0.99),
-        per_sec: n / wall_secs,
-    }
+    Latency { p50_ms: percentile(samples.clone(), 0.5), p99_ms: percentile(samples, 0.99), per_sec: n / wall_secs }
 }
 
 fn restore(ns: &Netns, tool: &str, script: &str) {
@@ -73,21 +64,10 @@ fn neutron_delete(ns: &Netns, i: usize) -> f64 {
     let saved = ns.sh("iptables-save", &["-t", "raw"]);
     let c = neutron_chain(i);
     assert!(saved.contains(&c));
-    restore(
-        ns,
-        "iptables-restore",
-        &format!("*raw\n-D nl3-cth -j {c}\n-F {c}\n-X {c}\nCOMMIT\n"),
-    );
+    restore(ns, "iptables-restore", &format!("*raw\n-D nl3-cth -j {c}\n-F {c}\n-X {c}\nCOMMIT\n"));
     let t = ms(start.elapsed());
     // Put it back for the next round (not timed).
-    restore(
-        ns,
-        "iptables-restore",
-        &format!(
-            "*raw\n:{c} - [0:0]\n-A nl3-cth -j {c}\n-A {c} -p tcp -m tcp --dport {} -j CT --helper ftp\nCOMMIT\n",
-            10_000 + i
-        ),
-    );
+    restore(ns, "iptables-restore", &format!("*raw\n:{c} - [0:0]\n-A nl3-cth -j {c}\n-A {c} -p tcp -m tcp --dport {} -j CT --helper ftp\nCOMMIT\n", 10_000 + i));
     t
 }
 
@@ -102,10 +82,7 @@ fn timed(f: impl FnOnce()) -> f64 {
 }
 
 pub fn measure(scale: Scale) -> Results {
-    let mut out = Results {
-        clients: 8,
-        ..Default::default()
-    };
+    let mut out = Results { clients: 8, ..Default::default() };
     let topo = Topology::new();
     let daemon = Daemon::start();
     daemon.add_router(&topo.router_id);
@@ -165,11 +142,7 @@ pub fn measure(scale: Scale) -> Results {
                 for j in (c..todo).step_by(8) {
                     // Router 0 takes udp ports, router 1 tcp then udp.
                     let (router, proto, port) = if j < 60_000 {
-                        (
-                            &routers[1],
-                            if j < 30_000 { "tcp" } else { "udp" },
-                            1 + (j % 30_000) as u32,
-                        )
+                        (&routers[1], if j < 30_000 { "tcp" } else { "udp" }, 1 + (j % 30_000) as u32)
                     } else {
                         (&routers[0], "udp", 1 + (j - 60_000) as u32)
                     };
@@ -184,8 +157,7 @@ pub fn measure(scale: Scale) -> Results {
     out.loaded = target;
     out.load_secs = start.elapsed().as_secs_f64();
     out.daemon_rss_mib = daemon.rss_kib() as f64 / 1024.0;
-    out.map_memory_mib =
-        enforcer::kernel::map_memory(&daemon.bpffs).unwrap_or(0) as f64 / (1024.0 * 1024.0);
+    out.map_memory_mib = enforcer::kernel::map_memory(&daemon.bpffs).unwrap_or(0) as f64 / (1024.0 * 1024.0);
     eprintln!("bench: loaded {target} helpers in {:.1} s", out.load_secs);
     drop(daemon);
 
@@ -212,18 +184,10 @@ pub fn measure(scale: Scale) -> Results {
         drop(daemon);
         let neutron_ns = Netns::create(&unique("nn"));
         install_neutron(&neutron_ns, n);
-        let neutron = median(
-            (0..rounds)
-                .map(|i| neutron_delete(&neutron_ns, i % n))
-                .collect(),
-        );
+        let neutron = median((0..rounds).map(|i| neutron_delete(&neutron_ns, i % n)).collect());
         let nft_ns = Netns::create(&unique("nf"));
         install_nft(&nft_ns, n);
-        let add = median(
-            (0..rounds)
-                .map(|_| timed(|| nft(&nft_ns, "add element ip enfbench ftp_ports { 21 }\n")))
-                .collect(),
-        );
+        let add = median((0..rounds).map(|_| timed(|| nft(&nft_ns, "add element ip enfbench ftp_ports { 21 }\n"))).collect());
         let del = median(
             (0..rounds)
                 .map(|_| {

@@ -75,31 +75,16 @@ pub fn measure(scale: Scale) -> FixedCost {
     let burst = Duration::from_millis(100);
     let bare = NeutronRouter::bare();
     let mut routers: Vec<(Router, NeutronRouter, Box<dyn std::any::Any>)> = Vec::new();
-    routers.push((
-        Router::Neutron,
-        NeutronRouter::new(false, (None, None)),
-        Box::new(()),
-    ));
-    routers.push((
-        Router::NeutronAgain,
-        NeutronRouter::new(false, (None, None)),
-        Box::new(()),
-    ));
+    routers.push((Router::Neutron, NeutronRouter::new(false, (None, None)), Box::new(())));
+    routers.push((Router::NeutronAgain, NeutronRouter::new(false, (None, None)), Box::new(())));
     for &n in &sizes {
         let neutron = NeutronRouter::new(false, (None, None));
         let daemon = enforce(&neutron.topo, n);
         keep_off_cpu(daemon.pid(), 0);
         routers.push((Router::Enforcer(n), neutron, Box::new(daemon)));
     }
-    let enforced = routers
-        .iter()
-        .find(|(r, ..)| matches!(r, Router::Enforcer(_)))
-        .expect("an enforced router");
-    let glue = enforced
-        .1
-        .topo
-        .router
-        .sh("nft", &["list", "table", "inet", "enforcer"]);
+    let enforced = routers.iter().find(|(r, ..)| matches!(r, Router::Enforcer(_))).expect("an enforced router");
+    let glue = enforced.1.topo.router.sh("nft", &["list", "table", "inet", "enforcer"]);
     let neutron = NeutronRouter::new(false, (None, None));
     feed(&neutron.topo.router, "nft", &["-f", "-"], &glue);
     routers.push((Router::GlueOnly, neutron, Box::new(())));
@@ -107,18 +92,11 @@ pub fn measure(scale: Scale) -> FixedCost {
     let empty = EmptyPrograms::attach(&neutron.topo);
     routers.push((Router::EmptyPrograms, neutron, Box::new(empty)));
     let mut blasters = vec![(Router::Bare, Blaster::new(&bare))];
-    blasters.extend(
-        routers
-            .iter()
-            .map(|(router, neutron, _)| (*router, Blaster::new(&neutron.topo))),
-    );
+    blasters.extend(routers.iter().map(|(router, neutron, _)| (*router, Blaster::new(&neutron.topo))));
     let _pinned = PinnedTo::cpu(0);
     let mut samples: BTreeMap<Router, Vec<f64>> = BTreeMap::new();
     let mut ratios: BTreeMap<Router, Vec<f64>> = BTreeMap::new();
-    let reference = blasters
-        .iter()
-        .position(|(r, _)| *r == Router::Neutron)
-        .expect("the reference router");
+    let reference = blasters.iter().position(|(r, _)| *r == Router::Neutron).expect("the reference router");
     let others: Vec<usize> = (0..blasters.len()).filter(|k| *k != reference).collect();
     for round in 0..rounds {
         let mut before = blasters[reference].1.burst(burst);
@@ -129,10 +107,7 @@ pub fn measure(scale: Scale) -> FixedCost {
             let rate = blaster.burst(burst);
             let after = blasters[reference].1.burst(burst);
             samples.entry(*router).or_default().push(rate);
-            ratios
-                .entry(*router)
-                .or_default()
-                .push(2.0 * rate / (before + after));
+            ratios.entry(*router).or_default().push(2.0 * rate / (before + after));
             before = after;
         }
     }
@@ -144,16 +119,7 @@ pub fn measure(scale: Scale) -> FixedCost {
         rates: samples.into_iter().map(|(k, v)| (k, median(v))).collect(),
         ratios: ratios
             .into_iter()
-            .map(|(k, v)| {
-                (
-                    k,
-                    Quartiles {
-                        p25: percentile(v.clone(), 0.25),
-                        median: median(v.clone()),
-                        p75: percentile(v, 0.75),
-                    },
-                )
-            })
+            .map(|(k, v)| (k, Quartiles { p25: percentile(v.clone(), 0.25), median: median(v.clone()), p75: percentile(v, 0.75) }))
             .collect(),
     }
 }
@@ -162,46 +128,26 @@ pub fn measure(scale: Scale) -> FixedCost {
 /// where the traffic enters, as the kernel counts it while statistics are
 /// on (only here: they cost every program two clock reads per run, so the
 /// rounds above run without them). Ten bursts per router.
-fn in_situ(
-    routers: &[(Router, NeutronRouter, Box<dyn std::any::Any>)],
-    blasters: &[(Router, Blaster)],
-    burst: Duration,
-) -> BTreeMap<Router, f64> {
+fn in_situ(routers: &[(Router, NeutronRouter, Box<dyn std::any::Any>)], blasters: &[(Router, Blaster)], burst: Duration) -> BTreeMap<Router, f64> {
     use aya::programs::{SchedClassifier, TcAttachType};
     let totals = |neutron: &NeutronRouter| -> (Duration, u64) {
         let iface = neutron.topo.client_if.clone();
-        enforcer::kernel::netns::run_in(
-            std::path::Path::new(&neutron.topo.router.path()),
-            move || {
-                let (_, programs) = SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)?;
-                Ok(programs.iter().fold((Duration::ZERO, 0), |(t, n), p| {
-                    (t + p.run_time(), n + p.run_count())
-                }))
-            },
-        )
+        enforcer::kernel::netns::run_in(std::path::Path::new(&neutron.topo.router.path()), move || {
+            let (_, programs) = SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)?;
+            Ok(programs.iter().fold((Duration::ZERO, 0), |(t, n), p| (t + p.run_time(), n + p.run_count())))
+        })
         .expect("querying the programs of the router's ingress hook")
     };
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .expect("turning on the kernel's BPF run-time statistics");
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("turning on the kernel's BPF run-time statistics");
     let mut out = BTreeMap::new();
-    for (router, neutron, _) in routers
-        .iter()
-        .filter(|(r, ..)| matches!(r, Router::Enforcer(_) | Router::EmptyPrograms))
-    {
-        let blaster = &blasters
-            .iter()
-            .find(|(r, _)| r == router)
-            .expect("a blaster per router")
-            .1;
+    for (router, neutron, _) in routers.iter().filter(|(r, ..)| matches!(r, Router::Enforcer(_) | Router::EmptyPrograms)) {
+        let blaster = &blasters.iter().find(|(r, _)| r == router).expect("a blaster per router").1;
         let (t0, n0) = totals(neutron);
         for _ in 0..10 {
             blaster.burst(burst);
         }
         let (t1, n1) = totals(neutron);
-        assert!(
-            n1 > n0,
-            "{router:?}: no program ran on the hook the traffic enters by"
-        );
+        assert!(n1 > n0, "{router:?}: no program ran on the hook the traffic enters by");
         out.insert(*router, (t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
     }
     out
@@ -209,13 +155,9 @@ fn in_situ(
 
 /// Moves every thread of process `pid` off `cpu`.
 fn keep_off_cpu(pid: u32, cpu: usize) {
-    let mut set =
-        nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("sched_getaffinity");
+    let mut set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("sched_getaffinity");
     set.unset(cpu).expect("cpu number");
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("the daemon's threads")
-        .flatten()
-    {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads").flatten() {
         if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
             let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
         }
@@ -255,43 +197,20 @@ impl EmptyPrograms {
     fn attach(topo: &crate::Topology) -> Self {
         use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
         let pins = std::path::PathBuf::from("/sys/fs/bpf").join(crate::unique("empty"));
-        let datapath = enforcer::kernel::Datapath::load(
-            &pins,
-            enforcer_common::MarkLayout::DEFAULT,
-            1_000,
-            Default::default(),
-        )
-        .expect("maps");
-        let mut ebpf = aya::EbpfLoader::new()
-            .default_map_pin_directory(&pins)
-            .load(enforcer::kernel::PROGRAMS)
-            .expect("programs");
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(enforcer_common::PROG_BASELINE_EMPTY)
-            .expect("baseline")
-            .try_into()
-            .expect("classifier");
+        let datapath = enforcer::kernel::Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, 1_000, Default::default()).expect("maps");
+        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).expect("programs");
+        let prog: &mut SchedClassifier = ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).expect("baseline").try_into().expect("classifier");
         prog.load().expect("verifying the empty program");
         let mut links = Vec::new();
         for iface in [&topo.client_if, &topo.server_if] {
-            let link =
-                enforcer::kernel::netns::run_in(std::path::Path::new(&topo.router.path()), || {
-                    let id = prog.attach_with_options(
-                        iface,
-                        TcAttachType::Ingress,
-                        TcAttachOptions::TcxOrder(LinkOrder::last()),
-                    )?;
-                    Ok(prog.take_link(id)?)
-                })
-                .expect("attaching the empty program");
+            let link = enforcer::kernel::netns::run_in(std::path::Path::new(&topo.router.path()), || {
+                let id = prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))?;
+                Ok(prog.take_link(id)?)
+            })
+            .expect("attaching the empty program");
             links.push(link);
         }
-        Self {
-            pins,
-            _links: links,
-            _ebpf: ebpf,
-            _datapath: datapath,
-        }
+        Self { pins, _links: links, _ebpf: ebpf, _datapath: datapath }
     }
 }
 

@@ -59,9 +59,7 @@ pub struct Results {
 /// A router namespace with one veth pair, as a Neutron router has ports.
 fn router_ns(id: &str) -> Netns {
     let ns = Netns::create(&format!("qrouter-{id}"));
-    crate::run(ns.cmd("ip").args([
-        "link", "add", "qr-a", "type", "veth", "peer", "name", "qg-a",
-    ]));
+    crate::run(ns.cmd("ip").args(["link", "add", "qr-a", "type", "veth", "peer", "name", "qg-a"]));
     crate::run(ns.cmd("ip").args(["link", "set", "qr-a", "up"]));
     crate::run(ns.cmd("ip").args(["link", "set", "qg-a", "up"]));
     ns
@@ -85,22 +83,13 @@ fn rss(daemon: &Daemon) -> f64 {
 
 /// Ten helpers, as a router with many might have.
 fn ten_helpers() -> Value {
-    json!(
-        (0..10)
-            .map(|i| json!({"protocol": "tcp", "port": 2100 + i, "helper": "ftp"}))
-            .collect::<Vec<_>>()
-    )
+    json!((0..10).map(|i| json!({"protocol": "tcp", "port": 2100 + i, "helper": "ftp"})).collect::<Vec<_>>())
 }
 
 /// `name=value` of a log line (escape codes stripped).
 fn field(line: &str, name: &str) -> Option<f64> {
-    let plain: String = line
-        .split('\u{1b}')
-        .map(|part| part.split_once('m').map_or(part, |(_, rest)| rest))
-        .collect();
-    plain
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}="))?.parse().ok())
+    let plain: String = line.split('\u{1b}').map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)).collect();
+    plain.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))?.parse().ok())
 }
 
 pub fn measure(scale: Scale) -> Results {
@@ -126,25 +115,15 @@ pub fn measure(scale: Scale) -> Results {
     let log = daemon.log();
     let added: Vec<&str> = log.lines().filter(|l| l.contains("router added")).collect();
     for part in ["glue_ms", "attach_ms", "store_ms"] {
-        out.add_parts.push((
-            part.to_string(),
-            median(added.iter().filter_map(|l| field(l, part)).collect()),
-        ));
+        out.add_parts.push((part.to_string(), median(added.iter().filter_map(|l| field(l, part)).collect())));
     }
     for id in &ids {
         out.set_ms.push(timed(|| {
-            call(
-                &mut s,
-                json!({"op": "helper_set", "router_id": id, "helpers": ten_helpers()}),
-            );
+            call(&mut s, json!({"op": "helper_set", "router_id": id, "helpers": ten_helpers()}));
         }));
     }
     eprintln!("bench: {n} routers added with 10 helpers each");
-    out.status_ms = median(
-        (0..5)
-            .map(|_| timed(|| drop(call(&mut s, json!({"op": "status"})))))
-            .collect(),
-    );
+    out.status_ms = median((0..5).map(|_| timed(|| drop(call(&mut s, json!({"op": "status"}))))).collect());
     out.rss_full = rss(&daemon);
 
     // Restart, cold: without the record of where each router's glue was
@@ -156,10 +135,7 @@ pub fn measure(scale: Scale) -> Results {
     // Restart, warm: the usual case; a router whose ruleset generation has
     // not moved since its last check needs no listing.
     daemon.stop(nix::sys::signal::Signal::SIGTERM);
-    assert!(
-        daemon.state.join("glue-verified.json").exists(),
-        "the daemon kept no record of the verified glue"
-    );
+    assert!(daemon.state.join("glue-verified.json").exists(), "the daemon kept no record of the verified glue");
     (out.restart_answer_ms, out.restart_ready_ms) = restart(&mut daemon);
     let mut s = daemon.session();
     out.rss_restarted = rss(&daemon);
@@ -175,12 +151,7 @@ pub fn measure(scale: Scale) -> Results {
     changes(&daemon, &ids[0], &mut out);
     let bulk = scale.pick(2000, 20_000);
     let specs: Vec<Value> = (0..bulk).map(|i| json!({"protocol": if i % 2 == 0 { "tcp" } else { "udp" }, "port": 1 + i / 2, "helper": "sip"})).collect();
-    let took = timed(|| {
-        drop(call(
-            &mut daemon.session(),
-            json!({"op": "helper_set", "router_id": ids[1], "helpers": specs}),
-        ))
-    });
+    let took = timed(|| drop(call(&mut daemon.session(), json!({"op": "helper_set", "router_id": ids[1], "helpers": specs}))));
     out.bulk_set = (bulk, took);
     drop(daemon);
 
@@ -209,9 +180,7 @@ fn netlink_adds(n: usize) -> Vec<f64> {
     let mut s = daemon.session();
     let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
     let _namespaces: Vec<Netns> = ids.iter().map(|id| router_ns(id)).collect();
-    ids.iter()
-        .map(|id| timed(|| drop(call(&mut s, json!({"op": "router_add", "router_id": id})))))
-        .collect()
+    ids.iter().map(|id| timed(|| drop(call(&mut s, json!({"op": "router_add", "router_id": id}))))).collect()
 }
 
 /// Starts the stopped daemon; returns when the API answered and when
@@ -220,19 +189,13 @@ fn restart(daemon: &mut Daemon) -> (f64, f64) {
     let start = Instant::now();
     daemon.spawn();
     while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the daemon did not answer"
-        );
+        assert!(start.elapsed() < Duration::from_secs(60), "the daemon did not answer");
         std::thread::sleep(Duration::from_millis(1));
     }
     let answered = ms(start.elapsed());
     let mut s = daemon.session();
     while call(&mut s, json!({"op": "status"}))["ready"] != true {
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "not ready after 10 minutes"
-        );
+        assert!(start.elapsed() < Duration::from_secs(600), "not ready after 10 minutes");
         std::thread::sleep(Duration::from_millis(5));
     }
     let ready = ms(start.elapsed());
@@ -249,30 +212,15 @@ fn changes(daemon: &Daemon, router: &str, out: &mut Results) {
         json!({"op": "helper_create", "router_id": router_id, "protocol": "udp", "port": 10_000 + c * per + i, "helper": "sip"})
     });
     out.creates_per_sec = answers.len() as f64 / start.elapsed().as_secs_f64();
-    let ids: Vec<String> = answers
-        .iter()
-        .map(|(req, answer)| {
-            answer["ok"]["id"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{req} refused: {answer}"))
-                .to_string()
-        })
-        .collect();
+    let ids: Vec<String> =
+        answers.iter().map(|(req, answer)| answer["ok"]["id"].as_str().unwrap_or_else(|| panic!("{req} refused: {answer}")).to_string()).collect();
     let mut s = daemon.session();
     let status = call(&mut s, json!({"op": "status"}));
-    out.changes_per_commit = status["changes"].as_f64().unwrap_or(0.0)
-        / status["commits"].as_f64().unwrap_or(1.0).max(1.0);
+    out.changes_per_commit = status["changes"].as_f64().unwrap_or(0.0) / status["commits"].as_f64().unwrap_or(1.0).max(1.0);
     let samples: Vec<f64> = ids
         .iter()
         .take(2000)
-        .map(|id| {
-            timed(|| {
-                drop(call(
-                    &mut s,
-                    json!({"op": "helper_delete", "router_id": router, "helper_id": id}),
-                ))
-            })
-        })
+        .map(|id| timed(|| drop(call(&mut s, json!({"op": "helper_delete", "router_id": router, "helper_id": id})))))
         .collect();
     out.delete_p50_ms = super::percentile(samples.clone(), 0.5);
     out.delete_p99_ms = super::percentile(samples, 0.99);

@@ -39,9 +39,7 @@ pub type Rates = BTreeMap<(Backend, usize), f64>;
 fn tx_packets(topo: &Topology, iface: &str) -> u64 {
     let out = topo.router.sh("ip", &["-s", "-j", "link", "show", iface]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j");
-    v[0]["stats64"]["tx"]["packets"]
-        .as_u64()
-        .expect("tx packets")
+    v[0]["stats64"]["tx"]["packets"].as_u64().expect("tx packets")
 }
 
 /// 64-byte UDP from the client to the server for `secs`; packets per second
@@ -49,40 +47,17 @@ fn tx_packets(topo: &Topology, iface: &str) -> u64 {
 pub fn blast(topo: &Topology, secs: u64) -> f64 {
     let _server = Process::spawn(
         "iperf3 server",
-        topo.server
-            .cmd("taskset")
-            .args(["-c", "1", "iperf3", "-s", "-1", "-p", "5201"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+        topo.server.cmd("taskset").args(["-c", "1", "iperf3", "-s", "-1", "-p", "5201"]).stdout(Stdio::null()).stderr(Stdio::null()),
     );
     std::thread::sleep(Duration::from_millis(300));
     let before = tx_packets(topo, &topo.server_if);
     let out = topo
         .client
         .cmd("taskset")
-        .args([
-            "-c",
-            "0",
-            "iperf3",
-            "-c",
-            Topology::SERVER_V4,
-            "-u",
-            "-b",
-            "0",
-            "-l",
-            "64",
-            "-t",
-            &secs.to_string(),
-            "-p",
-            "5201",
-        ])
+        .args(["-c", "0", "iperf3", "-c", Topology::SERVER_V4, "-u", "-b", "0", "-l", "64", "-t", &secs.to_string(), "-p", "5201"])
         .output()
         .expect("iperf3");
-    assert!(
-        out.status.success(),
-        "iperf3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "iperf3: {}", String::from_utf8_lossy(&out.stderr));
     let after = tx_packets(topo, &topo.server_if);
     (after - before) as f64 / secs as f64
 }
@@ -100,15 +75,11 @@ impl Blaster {
     pub fn new(topo: &Topology) -> Self {
         let bind = |ns: &crate::Netns, addr: &str| {
             let addr = addr.to_string();
-            enforcer::kernel::netns::run_in(std::path::Path::new(&ns.path()), move || {
-                Ok(std::net::UdpSocket::bind(addr)?)
-            })
-            .expect("socket in namespace")
+            enforcer::kernel::netns::run_in(std::path::Path::new(&ns.path()), move || Ok(std::net::UdpSocket::bind(addr)?)).expect("socket in namespace")
         };
         let rx = bind(&topo.server, &format!("{}:5201", Topology::SERVER_V4));
         let tx = bind(&topo.client, &format!("{}:0", Topology::CLIENT_V4));
-        tx.connect(format!("{}:5201", Topology::SERVER_V4))
-            .expect("connect");
+        tx.connect(format!("{}:5201", Topology::SERVER_V4)).expect("connect");
         Self { tx, _rx: rx }
     }
 

@@ -28,11 +28,7 @@ impl Scale {
 
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
 pub fn percentile(mut v: Vec<f64>, p: f64) -> f64 {

@@ -24,30 +24,16 @@ fn cmd(program: &str, args: &[&str]) -> String {
     std::process::Command::new(program)
         .args(args)
         .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
         .unwrap_or_default()
 }
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().next().map(|l| l.to_string()))
-        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().next().map(|l| l.to_string())).unwrap_or_default();
     format!(
         "- CPU: {cpu}, {} cores\n- {mem}\n- kernel {}\n- {}\n- {}\n- date {}\n",
         cmd("nproc", &[]),
@@ -61,18 +47,10 @@ fn machine() -> String {
 /// A grouped bar chart.
 fn bars(title: &str, unit: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> String {
     let (w, h, left, bottom, top) = (860.0, 420.0, 70.0, 60.0, 40.0);
-    let max = series
-        .iter()
-        .flat_map(|(_, v)| v.iter().copied())
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(1e-9)
-        * 1.1;
+    let max = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(0.0f64, f64::max).max(1e-9) * 1.1;
     let plot_w = w - left - 20.0;
     let plot_h = h - bottom - top;
-    let colors = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-    ];
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"24\" font-size=\"15\" text-anchor=\"middle\">{title}</text>\n",
         h + 20.0 * series.len() as f64,
@@ -81,30 +59,14 @@ fn bars(title: &str, unit: &str, groups: &[String], series: &[(String, Vec<f64>)
     for i in 0..=4 {
         let v = max * i as f64 / 4.0;
         let y = top + plot_h - plot_h * i as f64 / 4.0;
-        let _ = writeln!(
-            s,
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.3}</text>",
-            w - 20.0,
-            left - 6.0,
-            y + 4.0
-        );
+        let _ = writeln!(s, "<line x1=\"{left}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.3}</text>", w - 20.0, left - 6.0, y + 4.0);
     }
-    let _ = writeln!(
-        s,
-        "<text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">{unit}</text>",
-        top + plot_h / 2.0,
-        top + plot_h / 2.0
-    );
+    let _ = writeln!(s, "<text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">{unit}</text>", top + plot_h / 2.0, top + plot_h / 2.0);
     let gw = plot_w / groups.len().max(1) as f64;
     let bw = gw * 0.8 / series.len().max(1) as f64;
     for (g, name) in groups.iter().enumerate() {
         let gx = left + gw * g as f64 + gw * 0.1;
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{name}</text>",
-            gx + gw * 0.4,
-            top + plot_h + 18.0
-        );
+        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{name}</text>", gx + gw * 0.4, top + plot_h + 18.0);
         for (i, (_, values)) in series.iter().enumerate() {
             let v = values.get(g).copied().unwrap_or(f64::NAN);
             if !v.is_finite() {
@@ -124,13 +86,7 @@ fn bars(title: &str, unit: &str, groups: &[String], series: &[(String, Vec<f64>)
     }
     for (i, (name, _)) in series.iter().enumerate() {
         let y = h + 20.0 * i as f64 - 8.0;
-        let _ = writeln!(
-            s,
-            "<rect x=\"{left}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{y}\">{name}</text>",
-            y - 10.0,
-            colors[i % colors.len()],
-            left + 18.0
-        );
+        let _ = writeln!(s, "<rect x=\"{left}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{y}\">{name}</text>", y - 10.0, colors[i % colors.len()], left + 18.0);
     }
     s.push_str("</svg>\n");
     s
@@ -151,12 +107,7 @@ fn verdict(ok: bool) -> &'static str {
 pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# enforcer benchmarks\n\nWritten by `cargo xtask bench{}`; every comparison below was measured in this one run.\n\n## Machine\n\n{}",
-        if all.scale.quick { " --quick" } else { "" },
-        machine()
-    );
+    let _ = writeln!(md, "# enforcer benchmarks\n\nWritten by `cargo xtask bench{}`; every comparison below was measured in this one run.\n\n## Machine\n\n{}", if all.scale.quick { " --quick" } else { "" }, machine());
 
     // 1. Packet path.
     let sizes: Vec<usize> = {
@@ -165,31 +116,15 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         s
     };
     let ns = |prog: &str, case: &str, n: usize| {
-        all.packet
-            .iter()
-            .find(|r| r.program == prog && r.case == case && r.rules == n)
-            .map(|r| r.ns)
-            .unwrap_or(f64::NAN)
+        all.packet.iter().find(|r| r.program == prog && r.case == case && r.rules == n).map(|r| r.ns).unwrap_or(f64::NAN)
     };
-    let _ = writeln!(
-        md,
-        "## 1. Packet path cost (BPF_PROG_TEST_RUN, ns per packet, median)\n"
-    );
+    let _ = writeln!(md, "## 1. Packet path cost (BPF_PROG_TEST_RUN, ns per packet, median)\n");
     let _ = write!(md, "| program | case |");
     for n in &sizes {
         let _ = write!(md, " {} rules |", label(*n));
     }
     let _ = writeln!(md, "\n|---|---|{}", "---|".repeat(sizes.len()));
-    let cases = [
-        ("tag", "hit ipv4"),
-        ("tag", "miss ipv4"),
-        ("tag", "hit ipv6"),
-        ("tag", "miss ipv6"),
-        ("tag", "revoked flow (drop)"),
-        ("tag", "miss ipv4, a flow revoked"),
-        ("empty program", "-"),
-        ("one hash lookup", "-"),
-    ];
+    let cases = [("tag", "hit ipv4"), ("tag", "miss ipv4"), ("tag", "hit ipv6"), ("tag", "miss ipv6"), ("tag", "revoked flow (drop)"), ("tag", "miss ipv4, a flow revoked"), ("empty program", "-"), ("one hash lookup", "-")];
     for (p, c) in cases {
         let _ = write!(md, "| {p} | {c} |");
         for n in &sizes {
@@ -198,22 +133,13 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         md.push('\n');
     }
     let (first, last) = (sizes[0], *sizes.last().unwrap());
-    let flat = ["hit ipv4", "miss ipv4", "hit ipv6", "miss ipv6"]
-        .iter()
-        .map(|c| ns("tag", c, last) / ns("tag", c, first))
-        .fold(0.0, f64::max);
-    let vs_lookup = ["hit ipv4", "hit ipv6"]
-        .iter()
-        .map(|c| ns("tag", c, last) / ns("one hash lookup", "-", last))
-        .fold(0.0, f64::max);
+    let flat = ["hit ipv4", "miss ipv4", "hit ipv6", "miss ipv6"].iter().map(|c| ns("tag", c, last) / ns("tag", c, first)).fold(0.0, f64::max);
+    let vs_lookup = ["hit ipv4", "hit ipv6"].iter().map(|c| ns("tag", c, last) / ns("one hash lookup", "-", last)).fold(0.0, f64::max);
     let _ = writeln!(
         md,
         "\nThe harness itself costs about the empty program's figure per run. `revoked flow (drop)` is the drop path with the datapath log off (`enforcer debug datapath`); `a flow revoked` is a miss while the revoked-flows map holds a flow (some revocation in the last `revoked_quiet_secs`): one more hash lookup. With the map empty, a packet pays one array read for it.\n"
     );
-    let hit_flat = ["hit ipv4", "hit ipv6"]
-        .iter()
-        .map(|c| ns("tag", c, last) / ns("tag", c, first))
-        .fold(0.0, f64::max);
+    let hit_flat = ["hit ipv4", "hit ipv6"].iter().map(|c| ns("tag", c, last) / ns("tag", c, first)).fold(0.0, f64::max);
     let _ = writeln!(
         md,
         "What makes a row move with the rules loaded: a hit does the same work at every size (worst ratio {hit_flat:.2} \
@@ -231,19 +157,11 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         bars(
             "Packet path cost by rules loaded",
             "ns per packet",
-            &sizes
-                .iter()
-                .map(|n| format!("{} rules", label(*n)))
-                .collect::<Vec<_>>(),
+            &sizes.iter().map(|n| format!("{} rules", label(*n))).collect::<Vec<_>>(),
             &cases
                 .iter()
                 .filter(|(_, c)| !c.contains("ipv6"))
-                .map(|(p, c)| {
-                    (
-                        format!("{p} {c}"),
-                        sizes.iter().map(|n| ns(p, c, *n)).collect(),
-                    )
-                })
+                .map(|(p, c)| (format!("{p} {c}"), sizes.iter().map(|n| ns(p, c, *n)).collect()))
                 .collect::<Vec<_>>(),
         ),
     )?;
@@ -258,10 +176,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     };
     let backends = [Backend::Enforcer, Backend::Neutron, Backend::Nft];
     let rate = |b: Backend, n: usize| all.forwarding.get(&(b, n)).copied().unwrap_or(f64::NAN);
-    let _ = writeln!(
-        md,
-        "## 2. Forwarding through a router (64-byte UDP, packets/s, ratio to N = 0 of each)\n"
-    );
+    let _ = writeln!(md, "## 2. Forwarding through a router (64-byte UDP, packets/s, ratio to N = 0 of each)\n");
     let _ = write!(md, "| backend |");
     for n in &ns_fwd {
         let _ = write!(md, " N = {} |", label(*n));
@@ -270,12 +185,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     for b in backends {
         let _ = write!(md, "| {} |", b.name());
         for n in &ns_fwd {
-            let _ = write!(
-                md,
-                " {:.0} ({:.3}) |",
-                rate(b, *n),
-                rate(b, *n) / rate(b, 0)
-            );
+            let _ = write!(md, " {:.0} ({:.3}) |", rate(b, *n), rate(b, *n) / rate(b, 0));
         }
         md.push('\n');
     }
@@ -284,19 +194,8 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         bars(
             "Forwarding rate relative to no rules",
             "ratio to N = 0",
-            &ns_fwd
-                .iter()
-                .map(|n| format!("N = {}", label(*n)))
-                .collect::<Vec<_>>(),
-            &backends
-                .iter()
-                .map(|b| {
-                    (
-                        b.name().to_string(),
-                        ns_fwd.iter().map(|n| rate(*b, *n) / rate(*b, 0)).collect(),
-                    )
-                })
-                .collect::<Vec<_>>(),
+            &ns_fwd.iter().map(|n| format!("N = {}", label(*n))).collect::<Vec<_>>(),
+            &backends.iter().map(|b| (b.name().to_string(), ns_fwd.iter().map(|n| rate(*b, *n) / rate(*b, 0)).collect())).collect::<Vec<_>>(),
         ),
     )?;
     let _ = writeln!(
@@ -309,48 +208,21 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     // Per-packet cost of the raw-table chains at 1,000 helpers, from the
     // forwarding rates, against enforcer's program from section 1.
     let chain_ns = (1.0 / rate(Backend::Neutron, 1000) - 1.0 / rate(Backend::Neutron, 0)) * 1e9;
-    let ours_ns = ns(
-        "tag",
-        "miss ipv4",
-        *sizes.iter().find(|n| **n >= 1000).unwrap_or(&last),
-    );
+    let ours_ns = ns("tag", "miss ipv4", *sizes.iter().find(|n| **n >= 1000).unwrap_or(&last));
     let cheaper = chain_ns / ours_ns;
 
     // 3. Rule changes.
     let c = &all.changes;
-    let _ = writeln!(
-        md,
-        "## 3. Rule changes through the API\n\n| what | p50 ms | p99 ms | per second |\n|---|---|---|---|"
-    );
+    let _ = writeln!(md, "## 3. Rule changes through the API\n\n| what | p50 ms | p99 ms | per second |\n|---|---|---|---|");
     for (what, l) in [
         ("create, one client", &c.create_one_client),
-        (
-            "delete, one client (includes the conntrack flush)",
-            &c.delete_one_client,
-        ),
-        (
-            &format!("create, {} concurrent clients", c.clients) as &str,
-            &c.create_many_clients,
-        ),
+        ("delete, one client (includes the conntrack flush)", &c.delete_one_client),
+        (&format!("create, {} concurrent clients", c.clients) as &str, &c.create_many_clients),
     ] {
-        let _ = writeln!(
-            md,
-            "| {what} | {:.2} | {:.2} | {:.0} |",
-            l.p50_ms, l.p99_ms, l.per_sec
-        );
+        let _ = writeln!(md, "| {what} | {:.2} | {:.2} | {:.0} |", l.p50_ms, l.p99_ms, l.per_sec);
     }
-    let _ = writeln!(
-        md,
-        "\nLoading {} helpers with {} clients took {:.1} s ({:.0} per second).\n",
-        c.loaded,
-        c.clients,
-        c.load_secs,
-        c.loaded as f64 / c.load_secs
-    );
-    let _ = writeln!(
-        md,
-        "One change with N helpers present (median ms, whole commands):\n\n| N | enforcer create + delete | Neutron delete (save + restore) | nft add element | nft delete element |\n|---|---|---|---|---|"
-    );
+    let _ = writeln!(md, "\nLoading {} helpers with {} clients took {:.1} s ({:.0} per second).\n", c.loaded, c.clients, c.load_secs, c.loaded as f64 / c.load_secs);
+    let _ = writeln!(md, "One change with N helpers present (median ms, whole commands):\n\n| N | enforcer create + delete | Neutron delete (save + restore) | nft add element | nft delete element |\n|---|---|---|---|---|");
     for (n, e, neutron, add, del) in &c.at_n {
         let _ = writeln!(md, "| {n} | {e:.2} | {neutron:.2} | {add:.2} | {del:.2} |");
     }
@@ -359,27 +231,12 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         bars(
             "One rule change with N helpers present",
             "ms",
-            &c.at_n
-                .iter()
-                .map(|(n, ..)| format!("N = {}", label(*n)))
-                .collect::<Vec<_>>(),
+            &c.at_n.iter().map(|(n, ..)| format!("N = {}", label(*n))).collect::<Vec<_>>(),
             &[
-                (
-                    "enforcer create + delete".to_string(),
-                    c.at_n.iter().map(|x| x.1).collect(),
-                ),
-                (
-                    "Neutron delete".to_string(),
-                    c.at_n.iter().map(|x| x.2).collect(),
-                ),
-                (
-                    "nft add element".to_string(),
-                    c.at_n.iter().map(|x| x.3).collect(),
-                ),
-                (
-                    "nft delete element".to_string(),
-                    c.at_n.iter().map(|x| x.4).collect(),
-                ),
+                ("enforcer create + delete".to_string(), c.at_n.iter().map(|x| x.1).collect()),
+                ("Neutron delete".to_string(), c.at_n.iter().map(|x| x.2).collect()),
+                ("nft add element".to_string(), c.at_n.iter().map(|x| x.3).collect()),
+                ("nft delete element".to_string(), c.at_n.iter().map(|x| x.4).collect()),
             ],
         ),
     )?;
@@ -392,19 +249,11 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "## 4. Revocation under traffic\n\n| | TCP packets the router sent in the 2 s after the delete returned (tcpdump on its interfaces) | conntrack entries with the helper left |\n|---|---|---|\n| enforcer (`helper delete` took {:.1} ms; conntrack clean after {:.1} ms) | {} | 0 |\n| Neutron way (raw chain deleted) | {} | {} |\n",
-        r.enforcer_delete_ms,
-        r.enforcer_conntrack_clean_ms,
-        r.enforcer_packets_after,
-        r.neutron_packets_after,
-        r.neutron_entries_left
+        r.enforcer_delete_ms, r.enforcer_conntrack_clean_ms, r.enforcer_packets_after, r.neutron_packets_after, r.neutron_entries_left
     );
 
     // 5. Memory.
-    let _ = writeln!(
-        md,
-        "## 5. Memory at {} helpers\n\n- daemon resident memory: {:.1} MiB\n- BPF map memory (memlock of the pinned maps): {:.1} MiB\n",
-        c.loaded, c.daemon_rss_mib, c.map_memory_mib
-    );
+    let _ = writeln!(md, "## 5. Memory at {} helpers\n\n- daemon resident memory: {:.1} MiB\n- BPF map memory (memlock of the pinned maps): {:.1} MiB\n", c.loaded, c.daemon_rss_mib, c.map_memory_mib);
 
     // Fixed cost inside a Neutron router.
     let fc = &all.fixed_cost;
@@ -425,30 +274,17 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
             Router::Bare => "bare (no rules at all)".to_string(),
             Router::Neutron => "Neutron's rules, no enforcer".to_string(),
             Router::NeutronAgain => "a second router like it (the method's resolution)".to_string(),
-            Router::GlueOnly => {
-                "Neutron's rules + enforcer's nftables table only (no TC programs)".to_string()
-            }
-            Router::EmptyPrograms => {
-                "Neutron's rules + an empty program on the tc hook enforcer uses".to_string()
-            }
+            Router::GlueOnly => "Neutron's rules + enforcer's nftables table only (no TC programs)".to_string(),
+            Router::EmptyPrograms => "Neutron's rules + an empty program on the tc hook enforcer uses".to_string(),
             Router::Enforcer(n) => format!("Neutron's rules + enforcer, {} helpers", label(*n)),
         };
         if let Router::Enforcer(_) = router {
             worst = worst.min(q.median);
         }
         let rate = fc.rates.get(router).copied().unwrap_or(f64::NAN);
-        let _ = writeln!(
-            md,
-            "| {name} | {rate:.0} | {:.3} | {:.3} to {:.3} |",
-            q.median, q.p25, q.p75
-        );
+        let _ = writeln!(md, "| {name} | {rate:.0} | {:.3} | {:.3} to {:.3} |", q.median, q.p25, q.p75);
     }
-    let part = |r: Router| {
-        fc.ratios
-            .get(&r)
-            .map(|q| (1.0 - q.median) * 100.0)
-            .unwrap_or(f64::NAN)
-    };
+    let part = |r: Router| fc.ratios.get(&r).map(|q| (1.0 - q.median) * 100.0).unwrap_or(f64::NAN);
     // The reference router's time per packet, and each part of enforcer's
     // share of it in ns: the goal's budget is 5% of that time.
     let packet_ns = 1e9 / fc.rates.get(&Router::Neutron).copied().unwrap_or(f64::NAN);
@@ -479,11 +315,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     );
 
     // The programs' own time, as the kernel counts it.
-    let empty_ns = fc
-        .program_ns
-        .get(&Router::EmptyPrograms)
-        .copied()
-        .unwrap_or(f64::NAN);
+    let empty_ns = fc.program_ns.get(&Router::EmptyPrograms).copied().unwrap_or(f64::NAN);
     let own: Vec<String> = fc
         .program_ns
         .iter()
@@ -492,12 +324,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
             _ => None,
         })
         .collect();
-    let worst_own = fc
-        .program_ns
-        .iter()
-        .filter(|(r, _)| matches!(r, Router::Enforcer(_)))
-        .map(|(_, ns)| *ns)
-        .fold(f64::NAN, f64::max);
+    let worst_own = fc.program_ns.iter().filter(|(r, _)| matches!(r, Router::Enforcer(_))).map(|(_, ns)| *ns).fold(f64::NAN, f64::max);
     let _ = writeln!(
         md,
         "The kernel's own count of the programs' run time (BPF run-time statistics, turned on only after the rounds, \
@@ -524,15 +351,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         let _ = writeln!(
             md,
             "| {} | {:.1} s | {:.0} / {:.0} | {:.0} / {:.0} | {} | {:.0} ms | {} |",
-            label(a.routers),
-            a.initial_sync_s,
-            a.create_p50_ms,
-            a.create_p99_ms,
-            a.delete_p50_ms,
-            a.delete_p99_ms,
-            a.requests_per_poll,
-            a.poll_ms,
-            a.samples
+            label(a.routers), a.initial_sync_s, a.create_p50_ms, a.create_p99_ms, a.delete_p50_ms, a.delete_p99_ms, a.requests_per_poll, a.poll_ms, a.samples
         );
     }
     let _ = writeln!(md);
@@ -568,11 +387,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          | delete of a rule that never tagged a packet, one client, p50 / p99 | {:.2} / {:.2} ms |\n",
         add(0.5),
         add(0.99),
-        f.add_parts
-            .iter()
-            .map(|(k, v)| format!("{v:.1} ms ({})", k.trim_end_matches("_ms")))
-            .collect::<Vec<_>>()
-            .join(" / "),
+        f.add_parts.iter().map(|(k, v)| format!("{v:.1} ms ({})", k.trim_end_matches("_ms"))).collect::<Vec<_>>().join(" / "),
         f.add_netlink_ms.len(),
         netlink(0.5),
         netlink(0.99),
@@ -646,107 +461,24 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     );
     let resync_x = f.neutron_resync_ms / f.restart_ready_ms;
     let cold_x = f.neutron_resync_ms / f.restart_cold_ready_ms;
-    let _ = writeln!(
-        md,
-        "| restart at least 10x faster than the Neutron way's resync of the same routers | {resync_x:.1}x ({cold_x:.1}x without the record) | {} |",
-        verdict(resync_x >= 10.0)
-    );
-    let _ = writeln!(
-        md,
-        "| `status` under 100 ms at {} routers | {:.1} ms | {} |",
-        f.routers,
-        f.status_ms,
-        verdict(f.status_ms < 100.0)
-    );
-    let _ = writeln!(
-        md,
-        "| at least 50,000 helper creates per second from concurrent clients (pipelined) | {:.0} per second | {} |",
-        f.creates_per_sec,
-        verdict(f.creates_per_sec >= 50_000.0)
-    );
-    let _ = writeln!(
-        md,
-        "| delete of a rule without connections, p50 under 1 ms | {:.2} ms | {} |",
-        f.delete_p50_ms,
-        verdict(f.delete_p50_ms < 1.0)
-    );
+    let _ = writeln!(md, "| restart at least 10x faster than the Neutron way's resync of the same routers | {resync_x:.1}x ({cold_x:.1}x without the record) | {} |", verdict(resync_x >= 10.0));
+    let _ = writeln!(md, "| `status` under 100 ms at {} routers | {:.1} ms | {} |", f.routers, f.status_ms, verdict(f.status_ms < 100.0));
+    let _ = writeln!(md, "| at least 50,000 helper creates per second from concurrent clients (pipelined) | {:.0} per second | {} |", f.creates_per_sec, verdict(f.creates_per_sec >= 50_000.0));
+    let _ = writeln!(md, "| delete of a rule without connections, p50 under 1 ms | {:.2} ms | {} |", f.delete_p50_ms, verdict(f.delete_p50_ms < 1.0));
     let churn = f.rss_after_churn / f.rss_before_churn;
-    let _ = writeln!(
-        md,
-        "| memory flat under router churn (within 20%) | {:.1} to {:.1} MiB | {} |",
-        f.rss_before_churn,
-        f.rss_after_churn,
-        verdict(churn <= 1.2)
-    );
-    let _ = writeln!(
-        md,
-        "| memory within 64 MiB + {per_router_mib:.3} MiB per router at {} routers | {:.1} MiB | {} |",
-        f.routers,
-        f.rss_full,
-        verdict(f.rss_full <= 64.0 + per_router_mib * f.routers as f64)
-    );
-    let _ = writeln!(
-        md,
-        "| a helper deleted in Neutron is revoked on the host within the poll interval + 1 s ({revoke_bound:.0} ms) | worst p99 {worst_revoke:.0} ms | {} |",
-        verdict(worst_revoke <= revoke_bound)
-    );
+    let _ = writeln!(md, "| memory flat under router churn (within 20%) | {:.1} to {:.1} MiB | {} |", f.rss_before_churn, f.rss_after_churn, verdict(churn <= 1.2));
+    let _ = writeln!(md, "| memory within 64 MiB + {per_router_mib:.3} MiB per router at {} routers | {:.1} MiB | {} |", f.routers, f.rss_full, verdict(f.rss_full <= 64.0 + per_router_mib * f.routers as f64));
+    let _ = writeln!(md, "| a helper deleted in Neutron is revoked on the host within the poll interval + 1 s ({revoke_bound:.0} ms) | worst p99 {worst_revoke:.0} ms | {} |", verdict(worst_revoke <= revoke_bound));
     let polls_ok = all.sync.iter().all(|a| a.requests_per_poll == 1);
-    let _ = writeln!(
-        md,
-        "| an unchanged poll costs O(1) requests at every size | {} | {} |",
-        all.sync
-            .iter()
-            .map(|a| format!("{} at {}", a.requests_per_poll, label(a.routers)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        verdict(polls_ok)
-    );
-    let _ = writeln!(
-        md,
-        "| in a Neutron router, at least 0.95 of its rate without enforcer at every N measured | worst {worst:.3} | {} |",
-        verdict(worst >= 0.95)
-    );
-    let _ = writeln!(
-        md,
-        "| packet cost flat (within 20%) from {} to {} rules | worst ratio {:.2} | {} |",
-        label(first),
-        label(last),
-        flat,
-        verdict(flat <= 1.2)
-    );
-    let _ = writeln!(
-        md,
-        "| within 2x of an empty program doing one hash lookup | {:.2}x | {} |",
-        vs_lookup,
-        verdict(vs_lookup <= 2.0)
-    );
-    let _ = writeln!(
-        md,
-        "| at 1,000 rules at least 10x cheaper per packet than the raw-table chain | chains add {:.0} ns, enforcer's program costs {:.0} ns: {:.1}x | {} |",
-        chain_ns,
-        ours_ns,
-        cheaper,
-        verdict(cheaper >= 10.0)
-    );
+    let _ = writeln!(md, "| an unchanged poll costs O(1) requests at every size | {} | {} |", all.sync.iter().map(|a| format!("{} at {}", a.requests_per_poll, label(a.routers))).collect::<Vec<_>>().join(", "), verdict(polls_ok));
+    let _ = writeln!(md, "| in a Neutron router, at least 0.95 of its rate without enforcer at every N measured | worst {worst:.3} | {} |", verdict(worst >= 0.95));
+    let _ = writeln!(md, "| packet cost flat (within 20%) from {} to {} rules | worst ratio {:.2} | {} |", label(first), label(last), flat, verdict(flat <= 1.2));
+    let _ = writeln!(md, "| within 2x of an empty program doing one hash lookup | {:.2}x | {} |", vs_lookup, verdict(vs_lookup <= 2.0));
+    let _ = writeln!(md, "| at 1,000 rules at least 10x cheaper per packet than the raw-table chain | chains add {:.0} ns, enforcer's program costs {:.0} ns: {:.1}x | {} |", chain_ns, ours_ns, cheaper, verdict(cheaper >= 10.0));
     let per_sec = c.create_many_clients.per_sec;
-    let _ = writeln!(
-        md,
-        "| at least 50,000 helper changes per second through the API | {:.0} per second | {} |",
-        per_sec,
-        verdict(per_sec >= 50_000.0)
-    );
-    let _ = writeln!(
-        md,
-        "| 100x faster than iptables-restore at 1,000 rules | {:.1}x | {} |",
-        faster,
-        verdict(faster >= 100.0)
-    );
-    let _ = writeln!(
-        md,
-        "| zero packets after revocation | {} | {} |",
-        r.enforcer_packets_after,
-        verdict(r.enforcer_packets_after == 0)
-    );
+    let _ = writeln!(md, "| at least 50,000 helper changes per second through the API | {:.0} per second | {} |", per_sec, verdict(per_sec >= 50_000.0));
+    let _ = writeln!(md, "| 100x faster than iptables-restore at 1,000 rules | {:.1}x | {} |", faster, verdict(faster >= 100.0));
+    let _ = writeln!(md, "| zero packets after revocation | {} | {} |", r.enforcer_packets_after, verdict(r.enforcer_packets_after == 0));
     let _ = writeln!(
         md,
         "\nWhy the change goals are missed: a change is acknowledged only once it is durable and applied to the \

@@ -47,37 +47,20 @@ impl Capture {
         self.0.signal(nix::sys::signal::Signal::SIGINT);
         let mut text = String::new();
         use std::io::Read;
-        let _ = self
-            .0
-            .child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut text);
-        text.lines()
-            .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
-            .filter(|t| *t > since)
-            .count() as u64
+        let _ = self.0.child.stdout.take().unwrap().read_to_string(&mut text);
+        text.lines().filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok()).filter(|t| *t > since).count() as u64
     }
 }
 
 fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 pub fn measure() -> Results {
     let mut out = Results::default();
     // enforcer
     {
-        let FtpRouter {
-            topo,
-            daemon,
-            helper_id: id,
-            server: _server,
-        } = FtpRouter::new(Topology::new(), Family::V4);
+        let FtpRouter { topo, daemon, helper_id: id, server: _server } = FtpRouter::new(Topology::new(), Family::V4);
         let mut ftp = FtpClient::login(&topo, Family::V4);
         ftp.ok("retr_start big.bin passive");
         let capture = Capture::start(&topo);
@@ -101,51 +84,20 @@ pub fn measure() -> Results {
     // The Neutron way: a raw chain with CT --helper, deleted.
     {
         let topo = Topology::new();
-        topo.router
-            .sh("iptables", &["-t", "raw", "-N", "nl3-cth-0000001"]);
-        topo.router.sh(
-            "iptables",
-            &[
-                "-t",
-                "raw",
-                "-A",
-                "nl3-cth-0000001",
-                "-p",
-                "tcp",
-                "-m",
-                "tcp",
-                "--dport",
-                "21",
-                "-j",
-                "CT",
-                "--helper",
-                "ftp",
-            ],
-        );
-        topo.router.sh(
-            "iptables",
-            &["-t", "raw", "-A", "PREROUTING", "-j", "nl3-cth-0000001"],
-        );
+        topo.router.sh("iptables", &["-t", "raw", "-N", "nl3-cth-0000001"]);
+        topo.router.sh("iptables", &["-t", "raw", "-A", "nl3-cth-0000001", "-p", "tcp", "-m", "tcp", "--dport", "21", "-j", "CT", "--helper", "ftp"]);
+        topo.router.sh("iptables", &["-t", "raw", "-A", "PREROUTING", "-j", "nl3-cth-0000001"]);
         let _server = FtpServer::start(&topo, Family::V4);
         let mut ftp = FtpClient::login(&topo, Family::V4);
         ftp.ok("retr_start big.bin passive");
         let capture = Capture::start(&topo);
-        topo.router.sh(
-            "iptables",
-            &["-t", "raw", "-D", "PREROUTING", "-j", "nl3-cth-0000001"],
-        );
-        topo.router
-            .sh("iptables", &["-t", "raw", "-F", "nl3-cth-0000001"]);
-        topo.router
-            .sh("iptables", &["-t", "raw", "-X", "nl3-cth-0000001"]);
+        topo.router.sh("iptables", &["-t", "raw", "-D", "PREROUTING", "-j", "nl3-cth-0000001"]);
+        topo.router.sh("iptables", &["-t", "raw", "-F", "nl3-cth-0000001"]);
+        topo.router.sh("iptables", &["-t", "raw", "-X", "nl3-cth-0000001"]);
         let returned = now();
         std::thread::sleep(Duration::from_secs(2));
         out.neutron_packets_after = capture.count_after(returned);
-        out.neutron_entries_left = topo
-            .conntrack(&["-L"])
-            .lines()
-            .filter(|l| l.contains("helper=ftp"))
-            .count();
+        out.neutron_entries_left = topo.conntrack(&["-L"]).lines().filter(|l| l.contains("helper=ftp")).count();
     }
     eprintln!("bench: revocation done");
     out

@@ -35,20 +35,7 @@ fn main() {
     let fixed_cost = bench::fixed_cost::measure(scale);
     let sync = bench::sync::measure(scale);
     let fleet = bench::fleet::measure(scale);
-    let all = report::All {
-        scale,
-        packet,
-        forwarding,
-        fixed_cost,
-        changes,
-        revocation,
-        sync,
-        fleet,
-    };
+    let all = report::All { scale, packet, forwarding, fixed_cost, changes, revocation, sync, fleet };
     report::write(&all, &out).expect("writing the results");
-    eprintln!(
-        "bench: done in {:.0} s; results in {}",
-        started.elapsed().as_secs_f64(),
-        out.join("results.md").display()
-    );
+    eprintln!("bench: done in {:.0} s; results in {}", started.elapsed().as_secs_f64(), out.join("results.md").display());
 }
