@@ -460,19 +460,9 @@ fn a_host_without_nft_is_refused_naming_it_before_anything_changes() {
     let _ = std::fs::remove_dir(&bpffs);
     assert!(!out.status.success(), "started without nft:\n{stderr}");
     assert!(stderr.contains("lacks what enforcer needs"), "{stderr}");
-    assert!(
-        stderr.contains("`nft` command"),
-        "the missing tool is named:\n{stderr}"
-    );
+    assert!(stderr.contains("`nft` command"), "the missing tool is named:\n{stderr}");
     // Netlink attach asks rtnetlink itself: it needs no `tc` command.
     assert!(!stderr.contains("`tc`"), "tc is not needed:\n{stderr}");
-    assert!(
-        !stderr.contains("BPF hash maps") && !stderr.contains("connection tracking"),
-        "only what is missing is named:\n{stderr}"
-    );
-    assert_eq!(
-        made,
-        (false, false, false),
-        "nothing was made: bpffs directory, store, socket"
-    );
+    assert!(!stderr.contains("BPF hash maps") && !stderr.contains("connection tracking"), "only what is missing is named:\n{stderr}");
+    assert_eq!(made, (false, false, false), "nothing was made: bpffs directory, store, socket");
 }

@@ -162,13 +162,7 @@ fn in_a_neutron_router_the_floating_ip_qos_filter_and_a_second_tcx_program_see_e
 
     // The three counts, read once the connection's last packets (its close)
     // have passed: a packet between two reads would count in one only.
-    let counts = || {
-        (
-            daemon.dump()["slots"][0]["tagged"].as_u64().unwrap(),
-            neighbour.tagged(),
-            classic_count(&topo.router, qg, &["parent", "ffff:"], "1") - before,
-        )
-    };
+    let counts = || (daemon.dump()["slots"][0]["tagged"].as_u64().unwrap(), neighbour.tagged(), classic_count(&topo.router, qg, &["parent", "ffff:"], "1") - before);
     let mut last = counts();
     for _ in 0..50 {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -180,14 +174,7 @@ fn in_a_neutron_router_the_floating_ip_qos_filter_and_a_second_tcx_program_see_e
     }
     let (ours, theirs, neutron) = last;
     assert!(ours > 5, "enforcer tagged the control connection: {ours}");
-    assert_eq!(
-        theirs, ours,
-        "the second tcx program saw every packet enforcer saw"
-    );
+    assert_eq!(theirs, ours, "the second tcx program saw every packet enforcer saw");
     assert_eq!(neutron, ours, "Neutron's QoS filter saw every packet");
-    assert!(
-        qdisc().contains("qdisc ingress ffff:"),
-        "Neutron's qdisc untouched: {}",
-        qdisc()
-    );
+    assert!(qdisc().contains("qdisc ingress ffff:"), "Neutron's qdisc untouched: {}", qdisc());
 }

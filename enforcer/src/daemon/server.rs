@@ -188,20 +188,14 @@ where
 static TURN: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 
 /// Runs `f` on the daemon, off the async runtime, in its turn.
-pub(super) async fn on_daemon<T: Send + 'static>(
-    daemon: &Shared,
-    f: impl FnOnce(&mut Daemon) -> T + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
+pub(super) async fn on_daemon<T: Send + 'static>(daemon: &Shared, f: impl FnOnce(&mut Daemon) -> T + Send + 'static) -> Result<T, tokio::task::JoinError> {
     let _turn = TURN.acquire().await.expect("the turn is never closed");
     let d = daemon.clone();
     tokio::task::spawn_blocking(move || f(&mut lock(&d))).await
 }
 
 /// [`on_daemon`], for steps that do not panic.
-pub(super) async fn with_daemon<T: Send + 'static>(
-    daemon: &Shared,
-    f: impl FnOnce(&mut Daemon) -> T + Send + 'static,
-) -> T {
+pub(super) async fn with_daemon<T: Send + 'static>(daemon: &Shared, f: impl FnOnce(&mut Daemon) -> T + Send + 'static) -> T {
     on_daemon(daemon, f).await.expect("daemon step panicked")
 }
 
@@ -276,16 +270,10 @@ pub(super) async fn request(daemon: &Shared, changes: &Changes, ready: &Ready, o
     };
     // A panic while handling is this request's internal error, not the
     // connection's end.
-    let (line, stopping, gone) = on_daemon(daemon, move |d| {
-        (
-            d.handle_from(origin, caller, req, glue),
-            d.stopping(),
-            d.take_unglue(),
-        )
-    })
-    .await
-    .map(|(result, stopping, gone)| (wire(result), stopping, gone))
-    .unwrap_or_else(|e| (wire(Err(ApiError::internal(e))), false, Vec::new()));
+    let (line, stopping, gone) = on_daemon(daemon, move |d| (d.handle_from(origin, caller, req, glue), d.stopping(), d.take_unglue()))
+        .await
+        .map(|(result, stopping, gone)| (wire(result), stopping, gone))
+        .unwrap_or_else(|e| (wire(Err(ApiError::internal(e))), false, Vec::new()));
     // The request's own namespace is still its turn; others take theirs.
     for ns in gone {
         let _other = if netns.as_deref() == Some(ns.as_str()) { None } else { netns_turn(Some(&ns)).await };
@@ -373,17 +361,9 @@ impl Changes {
                         Err(_) => break,
                     }
                 }
-                let (requests, answers): (Vec<_>, Vec<_>) = group
-                    .into_iter()
-                    .map(|q| ((q.origin, q.caller, q.req), q.answer))
-                    .unzip();
+                let (requests, answers): (Vec<_>, Vec<_>) = group.into_iter().map(|q| ((q.origin, q.caller, q.req), q.answer)).unzip();
                 let results = on_daemon(&daemon, move |d| d.handle_group(requests)).await;
-                let results = results.unwrap_or_else(|e| {
-                    answers
-                        .iter()
-                        .map(|_| Err(ApiError::internal(format!("applying the change: {e}"))))
-                        .collect()
-                });
+                let results = results.unwrap_or_else(|e| answers.iter().map(|_| Err(ApiError::internal(format!("applying the change: {e}")))).collect());
                 for (answer, result) in answers.into_iter().zip(results) {
                     let _ = answer.send(result);
                 }

@@ -73,11 +73,7 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
 /// The TCP and UDP entries whose mark matches `mark` under `mask`.
 pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
     let sock = netfilter()?;
-    send(
-        &sock,
-        ConntrackMessage::Get(mark_filter(mark, mask)),
-        NLM_F_REQUEST | NLM_F_DUMP,
-    )?;
+    send(&sock, ConntrackMessage::Get(mark_filter(mark, mask)), NLM_F_REQUEST | NLM_F_DUMP)?;
     let mut out = Vec::new();
     receive(&sock, false, |msg| {
         if let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = msg {
@@ -105,10 +101,6 @@ pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
 /// master entry also removes the expectations it opened.
 pub fn delete_with_mark(mark: u32, mask: u32) -> Result<()> {
     let sock = netfilter()?;
-    send(
-        &sock,
-        ConntrackMessage::Delete(mark_filter(mark, mask)),
-        NLM_F_REQUEST | NLM_F_ACK,
-    )?;
+    send(&sock, ConntrackMessage::Delete(mark_filter(mark, mask)), NLM_F_REQUEST | NLM_F_ACK)?;
     receive(&sock, false, |_| {})
 }

@@ -32,26 +32,11 @@ fn needs() -> Vec<Need> {
     let program = |t| aya::sys::is_program_supported(t).unwrap_or(false);
     let map = |t| aya::sys::is_map_supported(t).unwrap_or(false);
     vec![
-        Need {
-            what: "BPF programs of type sched_cls (CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, CONFIG_NET_CLS_ACT)",
-            met: program(ProgramType::SchedClassifier),
-        },
-        Need {
-            what: "BPF hash maps (CONFIG_BPF_SYSCALL)",
-            met: map(MapType::Hash),
-        },
-        Need {
-            what: "BPF array maps (CONFIG_BPF_SYSCALL)",
-            met: map(MapType::Array),
-        },
-        Need {
-            what: "connection tracking (CONFIG_NF_CONNTRACK; module nf_conntrack)",
-            met: conntrack(),
-        },
-        Need {
-            what: "the `nft` command (package nftables): enforcer's netfilter glue is an nftables table",
-            met: runs("nft", &["--version"]),
-        },
+        Need { what: "BPF programs of type sched_cls (CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, CONFIG_NET_CLS_ACT)", met: program(ProgramType::SchedClassifier) },
+        Need { what: "BPF hash maps (CONFIG_BPF_SYSCALL)", met: map(MapType::Hash) },
+        Need { what: "BPF array maps (CONFIG_BPF_SYSCALL)", met: map(MapType::Array) },
+        Need { what: "connection tracking (CONFIG_NF_CONNTRACK; module nf_conntrack)", met: conntrack() },
+        Need { what: "the `nft` command (package nftables): enforcer's netfilter glue is an nftables table", met: runs("nft", &["--version"]) },
     ]
 }
 

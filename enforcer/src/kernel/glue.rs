@@ -257,23 +257,14 @@ fn generation_here() -> Result<Generation> {
         nftables::{GenAttribute, GenMessage, NfTablesMessage},
     };
     let sock = netlink::netfilter()?;
-    netlink::send(
-        &sock,
-        NfTablesMessage::GetGen(GenMessage {
-            attributes: Vec::new(),
-        }),
-        netlink_packet_core::NLM_F_REQUEST,
-    )?;
+    netlink::send(&sock, NfTablesMessage::GetGen(GenMessage { attributes: Vec::new() }), netlink_packet_core::NLM_F_REQUEST)?;
     let mut id = None;
     netlink::receive(&sock, true, |m| {
         if let NetfilterMessageInner::NfTables(NfTablesMessage::NewGen(g)) = m {
             id = g.attributes.iter().find_map(|a| if let GenAttribute::Id(id) = a { Some(*id) } else { None });
         }
     })?;
-    Ok(Generation {
-        netns: netlink::netns_cookie(&sock)?,
-        id: id.context("nftables sent no generation id")?,
-    })
+    Ok(Generation { netns: netlink::netns_cookie(&sock)?, id: id.context("nftables sent no generation id")? })
 }
 
 /// What a check found, and the generation it found it at if the glue was

@@ -94,12 +94,7 @@ fn field(line: &str, name: &str) -> Option<f64> {
 
 pub fn measure(scale: Scale) -> Results {
     let n = scale.pick(50, 1000);
-    let mut out = Results {
-        routers: n,
-        helpers_per_router: 10,
-        clients: 16,
-        ..Default::default()
-    };
+    let mut out = Results { routers: n, helpers_per_router: 10, clients: 16, ..Default::default() };
     out.add_netlink_ms = netlink_adds(n);
     let mut daemon = Daemon::start();
     out.rss_empty = rss(&daemon);
