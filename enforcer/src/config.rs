@@ -52,7 +52,7 @@ pub struct Config {
     pub max_connections_per_uid: u32,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout_secs: u64,
-    /// Longest an external step may take (nft, iptables, tc, a ctnetlink
+    /// Longest an external step may take (nft, iptables, a netlink
     /// request) before it is stopped and reported as failed.
     pub command_timeout_secs: u64,
     /// How often each router's glue table is checked as a whole (and put

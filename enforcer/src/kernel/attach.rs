@@ -86,8 +86,7 @@ impl Hooks {
         super::netlink::send_message(&self.0, request, NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut found = Vec::new();
         super::netlink::receive_messages(&self.0, false, |m: RouteNetlinkMessage| match m {
-            RouteNetlinkMessage::NewQueueDiscipline(tc)
-            | RouteNetlinkMessage::NewTrafficFilter(tc) => found.push(tc),
+            RouteNetlinkMessage::NewQueueDiscipline(tc) | RouteNetlinkMessage::NewTrafficFilter(tc) => found.push(tc),
             _ => {}
         })?;
         Ok(found)
@@ -96,51 +95,26 @@ impl Hooks {
     /// The kind of qdisc on interface `ifindex`'s ingress/clsact hook
     /// (handle ffff:), if any.
     fn hook_qdisc(&self, ifindex: u32) -> Result<Option<String>> {
-        let qdiscs = self.dump(RouteNetlinkMessage::GetQueueDiscipline(
-            TcMessage::with_index(ifindex as i32),
-        ))?;
+        // The kernel dumps every interface's qdiscs, whatever the index.
+        let qdiscs = self.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::with_index(ifindex as i32)))?;
         Ok(qdiscs
             .into_iter()
-            .filter(|q| {
-                q.header.index == ifindex as i32
-                    && q.header.handle
-                        == RtTcHandle {
-                            major: 0xffff,
-                            minor: 0,
-                        }
-            })
-            .find_map(|q| {
-                q.attributes.into_iter().find_map(|a| {
-                    if let TcAttribute::Kind(k) = a {
-                        Some(k)
-                    } else {
-                        None
-                    }
-                })
-            }))
+            .filter(|q| q.header.index == ifindex as i32 && q.header.handle == RtTcHandle { major: 0xffff, minor: 0 })
+            .find_map(|q| q.attributes.into_iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k) } else { None })))
     }
 
     /// Whether enforcer's filter (a `bpf` filter at its priority) is on
     /// interface `ifindex`'s `kind` hook.
     fn filter_present(&self, ifindex: u32, kind: TcAttachType) -> Result<bool> {
         let mut request = TcMessage::with_index(ifindex as i32);
-        let minor = if kind == TcAttachType::Egress {
-            RtTcHandle::MIN_EGRESS
-        } else {
-            RtTcHandle::MIN_INGRESS
-        };
-        request.header.parent = RtTcHandle {
-            major: 0xffff,
-            minor,
-        };
+        let minor = if kind == TcAttachType::Egress { RtTcHandle::MIN_EGRESS } else { RtTcHandle::MIN_INGRESS };
+        request.header.parent = RtTcHandle { major: 0xffff, minor };
         let filters = self.dump(RouteNetlinkMessage::GetTrafficFilter(request))?;
         Ok(filters.iter().any(|f| {
             // tcm_info holds the priority in its upper half.
             f.header.index == ifindex as i32
                 && (f.header.info >> 16) as u16 == NETLINK_PRIORITY
-                && f.attributes
-                    .iter()
-                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
+                && f.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
         }))
     }
 
@@ -162,23 +136,13 @@ impl Hooks {
     /// swaps it in for the one already there. Returns whether it was
     /// missing. Runs in the router's namespace. The link is forgotten:
     /// dropping it would detach the filter.
-    pub fn attach(
-        &self,
-        prog: &mut SchedClassifier,
-        (iface, ifindex): Iface,
-        kind: TcAttachType,
-    ) -> Result<bool> {
+    pub fn attach(&self, prog: &mut SchedClassifier, (iface, ifindex): Iface, kind: TcAttachType) -> Result<bool> {
         let missing = !self.filter_present(ifindex, kind)?;
         let id = if missing {
-            let options = NlOptions {
-                priority: NETLINK_PRIORITY,
-                handle: NETLINK_HANDLE,
-                classid: None,
-            };
+            let options = NlOptions { priority: NETLINK_PRIORITY, handle: NETLINK_HANDLE, classid: None };
             prog.attach_with_options(iface, kind, TcAttachOptions::Netlink(options))
         } else {
-            let existing =
-                SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?;
+            let existing = SchedClassifierLink::attached(iface, kind, NETLINK_PRIORITY, NETLINK_HANDLE, None)?;
             prog.attach_to_link(existing)
         }
         .with_context(|| format!("attaching to {iface} ({kind:?}, netlink)"))?;
@@ -216,13 +180,10 @@ impl Hooks {
 
     /// How many of enforcer's filters `iface` lacks: its one, on ingress.
     pub fn missing(&self, (_, ifindex): Iface) -> Result<usize> {
-        Ok(usize::from(
-            !self.filter_present(ifindex, TcAttachType::Ingress)?,
-        ))
+        Ok(usize::from(!self.filter_present(ifindex, TcAttachType::Ingress)?))
     }
 }
 
 pub fn add_clsact(iface: &str) -> Result<()> {
-    aya::programs::tc::qdisc_add_clsact(iface)
-        .with_context(|| format!("adding a clsact qdisc to {iface}"))
+    aya::programs::tc::qdisc_add_clsact(iface).with_context(|| format!("adding a clsact qdisc to {iface}"))
 }

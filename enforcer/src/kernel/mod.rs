@@ -320,9 +320,7 @@ impl Datapath {
                 let complete = !self.replace_programs
                     && netns::run_in(ns, || {
                         let hooks = attach::Hooks::open()?;
-                        current.iter().try_fold(true, |all, (iface, idx)| {
-                            Ok(all && hooks.missing((iface, *idx))? == 0)
-                        })
+                        current.iter().try_fold(true, |all, (iface, idx)| Ok(all && hooks.missing((iface, *idx))? == 0))
                     })?;
                 if complete {
                     self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
@@ -335,10 +333,7 @@ impl Datapath {
                     // Every interface is checked before any is touched, so
                     // a refused router is left as it was.
                     let hooks = attach::Hooks::open()?;
-                    let missing = current
-                        .iter()
-                        .map(|(iface, idx)| hooks.clsact_missing((iface, *idx)))
-                        .collect::<Result<Vec<_>>>()?;
+                    let missing = current.iter().map(|(iface, idx)| hooks.clsact_missing((iface, *idx))).collect::<Result<Vec<_>>>()?;
                     for ((iface, idx), missing) in current.iter().zip(missing) {
                         if missing {
                             attach::add_clsact(iface)?;
@@ -347,10 +342,8 @@ impl Datapath {
                             changes.detached += 1;
                         }
                         for (name, kind) in PROGRAMS_AND_HOOKS {
-                            let prog: &mut SchedClassifier = programs
-                                .program_mut(name)
-                                .ok_or_else(|| anyhow!("no program {name}"))?
-                                .try_into()?;
+                            let prog: &mut SchedClassifier =
+                                programs.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?;
                             if hooks.attach(prog, (iface, *idx), kind)? {
                                 changes.attached += 1;
                             } else {

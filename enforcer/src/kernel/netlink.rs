@@ -6,28 +6,18 @@
 //! a thread inside the router's namespace (`netns::run_in`).
 
 use anyhow::{Context, Result, anyhow, bail};
-use netlink_packet_core::{
-    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
-};
-use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
-};
+use netlink_packet_core::{NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 /// A `protocol` socket with the command time limit on both directions: a
 /// request that stalls fails instead of holding the namespace thread
 /// forever.
 pub fn open(protocol: isize, family: &str) -> Result<Socket> {
-    let mut s =
-        Socket::new(protocol).with_context(|| format!("opening a {family} netlink socket"))?;
-    s.bind_auto()
-        .with_context(|| format!("binding the {family} netlink socket"))?;
-    s.connect(&SocketAddr::new(0, 0))
-        .with_context(|| format!("connecting the {family} netlink socket"))?;
-    let limit = nix::sys::time::TimeVal::new(
-        super::exec::limit().as_secs() as _,
-        super::exec::limit().subsec_micros() as _,
-    );
+    let mut s = Socket::new(protocol).with_context(|| format!("opening a {family} netlink socket"))?;
+    s.bind_auto().with_context(|| format!("binding the {family} netlink socket"))?;
+    s.connect(&SocketAddr::new(0, 0)).with_context(|| format!("connecting the {family} netlink socket"))?;
+    let limit = nix::sys::time::TimeVal::new(super::exec::limit().as_secs() as _, super::exec::limit().subsec_micros() as _);
     // SAFETY: the descriptor belongs to `s`, alive for this call.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&s)) };
     use nix::sys::socket::{setsockopt, sockopt};
@@ -76,49 +66,32 @@ pub fn send_message<I: NetlinkSerializable>(sock: &Socket, message: I, flags: u1
     Ok(())
 }
 
+/// Sends one netfilter request.
 pub fn send(sock: &Socket, message: impl Into<NetfilterMessageInner>, flags: u16) -> Result<()> {
-    send_message(
-        sock,
-        NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0),
-            message,
-        ),
-        flags,
-    )
+    send_message(sock, NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0), message), flags)
 }
 
 /// Reads replies of any netlink family until a dump is done, the request is
 /// acknowledged, or (`until_one`) the first message came. ENOENT counts as
 /// done: nothing matched.
-pub fn receive_messages<I: NetlinkDeserializable>(
-    sock: &Socket,
-    until_one: bool,
-    mut each: impl FnMut(I),
-) -> Result<()> {
+pub fn receive_messages<I: NetlinkDeserializable>(sock: &Socket, until_one: bool, mut each: impl FnMut(I)) -> Result<()> {
     loop {
         let (buf, _) = sock.recv_from_full().map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                anyhow!(
-                    "netlink did not answer within {} s (command_timeout_secs)",
-                    super::exec::limit().as_secs_f64()
-                )
+                anyhow!("netlink did not answer within {} s (command_timeout_secs)", super::exec::limit().as_secs_f64())
             }
             _ => anyhow::Error::new(e).context("reading from netlink"),
         })?;
         let mut off = 0;
         while off < buf.len() {
-            let msg = NetlinkMessage::<I>::deserialize(&buf[off..])
-                .context("parsing a netlink message")?;
+            let msg = NetlinkMessage::<I>::deserialize(&buf[off..]).context("parsing a netlink message")?;
             let len = msg.header.length as usize;
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => match e.code {
                     None => return Ok(()), // ACK
                     Some(code) if code.get() == -libc::ENOENT => return Ok(()),
-                    Some(code) => bail!(
-                        "netlink: {}",
-                        std::io::Error::from_raw_os_error(-code.get())
-                    ),
+                    Some(code) => bail!("netlink: {}", std::io::Error::from_raw_os_error(-code.get())),
                 },
                 NetlinkPayload::InnerMessage(m) => {
                     each(m);
@@ -136,10 +109,7 @@ pub fn receive_messages<I: NetlinkDeserializable>(
     }
 }
 
-pub fn receive(
-    sock: &Socket,
-    until_one: bool,
-    mut each: impl FnMut(NetfilterMessageInner),
-) -> Result<()> {
+/// [`receive_messages`] of netfilter replies.
+pub fn receive(sock: &Socket, until_one: bool, mut each: impl FnMut(NetfilterMessageInner)) -> Result<()> {
     receive_messages(sock, until_one, |m: NetfilterMessage| each(m.inner))
 }
