@@ -26,13 +26,17 @@ pub(super) async fn follow_namespaces(daemon: Shared) {
     // Since when a namespace file has been there without its namespace.
     let mut mounting: Option<std::time::Instant> = None;
     loop {
+        // Whether namespaces may have come or gone. Not when only routers
+        // were added or removed: an add records its namespace, and looking
+        // at every router's on each add made adds slower as routers grew.
+        let mut namespaces = true;
         match &events {
             // Look again soon, for a while (a file left by a failed
             // `ip netns add` waits for the regular check).
             _ if mounting.is_some_and(|t| t.elapsed() < Duration::from_secs(2)) => tokio::time::sleep(Duration::from_millis(20)).await,
             Some(events) => tokio::select! {
                 _ = tick.tick() => {}
-                _ = routers_changed.notified() => {}
+                _ = routers_changed.notified() => namespaces = false,
                 ready = events.readable() => {
                     if let Ok(mut guard) = ready {
                         // Drain; `ip netns add` creates the file, then mounts
@@ -46,10 +50,11 @@ pub(super) async fn follow_namespaces(daemon: Shared) {
             },
             None => tokio::select! {
                 _ = tick.tick() => {}
-                _ = routers_changed.notified() => {}
+                _ = routers_changed.notified() => namespaces = false,
             },
         }
-        for (id, job) in with_daemon(&daemon, |d| d.changed_namespaces()).await {
+        let changed = if namespaces { with_daemon(&daemon, |d| d.changed_namespaces()).await } else { Vec::new() };
+        for (id, job) in changed {
             let glue = match job {
                 Some(job) => Some(unlocked(job).await),
                 None => None,
@@ -74,8 +79,9 @@ struct Watcher {
 /// Starts a link watcher for each newly attached router (or router whose
 /// namespace was made again), stops those of routers that went away.
 fn follow(daemon: &Shared, watchers: &mut HashMap<String, Watcher>, attached: Vec<super::Followed>) {
+    let now: HashMap<&str, Option<super::NetnsId>> = attached.iter().map(|(id, _, ns)| (id.as_str(), *ns)).collect();
     watchers.retain(|id, w| {
-        let keep = attached.iter().any(|(a, _, ns)| a == id && *ns == w.netns_id) && !w.task.is_finished();
+        let keep = now.get(id.as_str()) == Some(&w.netns_id) && !w.task.is_finished();
         if !keep {
             w.task.abort();
         }

@@ -665,7 +665,8 @@ impl Daemon {
     /// namespace not yet mounted on it): its mount brings no event, so the
     /// follower looks again shortly.
     pub(super) fn namespaces_mounting(&self) -> bool {
-        self.routers.values().any(|r| netns::presence(&r.record.netns) == netns::Presence::Mounting)
+        // An attached router's namespace is mounted: no stat for it.
+        self.routers.values().filter(|r| r.attachment.is_none()).any(|r| netns::presence(&r.record.netns) == netns::Presence::Mounting)
     }
 
     /// Re-syncs one router with its namespace (after a link event or a
