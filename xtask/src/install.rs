@@ -136,9 +136,12 @@ pub fn check_package(deb: &Path) -> Result<()> {
         status(Command::new("dpkg-deb").arg("-e").arg(deb).arg(scratch.join("DEBIAN")))?;
         let conffiles = std::fs::read_to_string(scratch.join("DEBIAN/conffiles")).unwrap_or_default();
         anyhow::ensure!(conffiles.contains("/etc/enforcer/enforcer.toml"), "the configuration is a conffile (kept on upgrade)");
+        let control = std::fs::read_to_string(scratch.join("DEBIAN/control")).context("reading the package's control file")?;
+        let depends = control.lines().find_map(|l| l.strip_prefix("Depends:")).unwrap_or_default();
+        anyhow::ensure!(depends.contains("nftables") && !depends.contains("iproute2"), "the package depends on what the daemon runs (nft), no more: {depends}");
         let postinst = std::fs::read_to_string(scratch.join("DEBIAN/postinst")).unwrap_or_default();
         anyhow::ensure!(!postinst.contains("systemctl start") && !postinst.contains("--no-block start"), "installing the package starts no service:\n{postinst}");
-        println!("package: {} files, as `cargo xtask install` lays them out; binary runs; configuration is a conffile; nothing started", packaged.len());
+        println!("package: {} files, as `cargo xtask install` lays them out; binary runs; depends on nftables only; configuration is a conffile; nothing started", packaged.len());
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);

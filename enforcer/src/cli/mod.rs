@@ -389,7 +389,6 @@ fn print_error(err: &ApiError, output: Output) {
 }
 
 fn run_daemon(args: DaemonArgs, socket: PathBuf) -> Result<()> {
-    one_malloc_arena();
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -411,17 +410,3 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf) -> Result<()> {
     rt.block_on(daemon::serve(daemon, &socket))
 }
 
-/// One malloc arena for the daemon. glibc gives threads arenas of their own
-/// (up to eight per core), and memory freed into one is seldom handed back:
-/// with 300 routers removed and added again after a restart the daemon grew
-/// 31 to 38 MiB with them and 31 to 36 MiB, flat after the first round,
-/// with one. Its work is serialised by the daemon's lock, so threads seldom
-/// contend for the arena.
-fn one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets an allocator parameter; it is called
-    // before the runtime starts its threads.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
