@@ -283,11 +283,6 @@ impl Daemon {
             neutron.check()?;
         }
         raise_fd_limit();
-        // Namespace steps run on short-lived threads, and glibc would give
-        // each a heap arena of its own that fragments and is never given
-        // back whole: two arenas for the daemon's few busy threads.
-        // SAFETY: a malloc tunable, set before the threads start.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
         crate::kernel::exec::set_limit(std::time::Duration::from_secs(config.command_timeout_secs));
         let unreadable =
             || format!("the store in {} is unreadable; the kernel state was left as it is", config.state_dir.display());
