@@ -157,9 +157,9 @@ async fn watch_links(sock: AsyncFd<Socket>, daemon: Shared, id: String) {
 
 /// Discards every message queued on a netlink socket: the content does not
 /// matter, a re-sync compares the namespace's interfaces with the pins. A
-/// message longer than the buffer is cut and discarded whole (MSG_TRUNC),
-/// so no watcher holds a buffer of its own between events (16 KiB each
-/// was 16 MiB of heap with 1,000 routers).
+/// netlink message is a datagram: one longer than the buffer is read cut,
+/// and its rest discarded with it. So no watcher holds a buffer of its own
+/// between events (16 KiB each was 16 MiB of heap with 1,000 routers).
 fn drain(fd: std::os::fd::RawFd) {
     let mut buf = [0u8; 64];
     loop {
@@ -168,5 +168,25 @@ fn drain(fd: std::os::fd::RawFd) {
         if n <= 0 {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::{fd::AsRawFd, unix::net::UnixDatagram};
+
+    #[test]
+    fn draining_discards_every_queued_message_whatever_its_length() {
+        let (tx, rx) = UnixDatagram::pair().unwrap();
+        rx.set_nonblocking(true).unwrap();
+        tx.send(&[7u8; 20_000]).unwrap();
+        tx.send(b"short").unwrap();
+        super::drain(rx.as_raw_fd());
+        let mut buf = [0u8; 64];
+        let left = rx.recv(&mut buf);
+        assert!(left.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "nothing is left: {left:?}");
+        // Later messages are read whole.
+        tx.send(b"next").unwrap();
+        assert_eq!(rx.recv(&mut buf).unwrap(), 4);
     }
 }
