@@ -92,15 +92,19 @@ impl Hooks {
         Ok(found)
     }
 
-    /// The kind of qdisc on interface `ifindex`'s ingress/clsact hook
-    /// (handle ffff:), if any.
-    fn hook_qdisc(&self, ifindex: u32) -> Result<Option<String>> {
-        // The kernel dumps every interface's qdiscs, whatever the index.
-        let qdiscs = self.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::with_index(ifindex as i32)))?;
+    /// The kind of qdisc on each interface's ingress/clsact hook (handle
+    /// ffff:), by interface index: one dump, as the kernel lists every
+    /// interface's qdiscs whatever the index asked.
+    fn hook_qdiscs(&self) -> Result<std::collections::HashMap<i32, String>> {
+        let qdiscs = self.dump(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()))?;
         Ok(qdiscs
             .into_iter()
-            .filter(|q| q.header.index == ifindex as i32 && q.header.handle == RtTcHandle { major: 0xffff, minor: 0 })
-            .find_map(|q| q.attributes.into_iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some(k) } else { None })))
+            .filter(|q| q.header.handle == RtTcHandle { major: 0xffff, minor: 0 })
+            .filter_map(|q| {
+                let index = q.header.index;
+                q.attributes.into_iter().find_map(|a| if let TcAttribute::Kind(k) = a { Some((index, k)) } else { None })
+            })
+            .collect())
     }
 
     /// Whether enforcer's filter (a `bpf` filter at its priority) is on
@@ -118,18 +122,22 @@ impl Hooks {
         }))
     }
 
-    /// Whether `iface` still needs a clsact qdisc. An `ingress` qdisc
+    /// Which of `ifaces` still need a clsact qdisc. An `ingress` qdisc
     /// (Neutron's floating IP QoS uses one) is refused: it belongs to
     /// Neutron, whose filter takes the priority enforcer's needs.
-    pub fn clsact_missing(&self, (iface, ifindex): Iface) -> Result<bool> {
-        match self.hook_qdisc(ifindex)?.as_deref() {
-            Some("clsact") => Ok(false),
-            Some(other) => bail!(
-                "{iface} has an `{other}` qdisc; netlink attach needs its own clsact qdisc and will not replace \
-                 another qdisc (and its filters). Use attach = \"tcx\" (kernel 6.6+), or move those filters to clsact"
-            ),
-            None => Ok(true),
-        }
+    pub fn clsact_missing(&self, ifaces: &[(String, u32)]) -> Result<Vec<bool>> {
+        let hooks = self.hook_qdiscs()?;
+        ifaces
+            .iter()
+            .map(|(iface, ifindex)| match hooks.get(&(*ifindex as i32)).map(String::as_str) {
+                Some("clsact") => Ok(false),
+                Some(other) => bail!(
+                    "{iface} has an `{other}` qdisc; netlink attach needs its own clsact qdisc and will not replace \
+                     another qdisc (and its filters). Use attach = \"tcx\" (kernel 6.6+), or move those filters to clsact"
+                ),
+                None => Ok(true),
+            })
+            .collect()
     }
 
     /// Attaches `prog` to `iface` in netlink mode (after `add_clsact`), or

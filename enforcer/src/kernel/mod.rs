@@ -333,7 +333,7 @@ impl Datapath {
                     // Every interface is checked before any is touched, so
                     // a refused router is left as it was.
                     let hooks = attach::Hooks::open()?;
-                    let missing = current.iter().map(|(iface, idx)| hooks.clsact_missing((iface, *idx))).collect::<Result<Vec<_>>>()?;
+                    let missing = hooks.clsact_missing(&current)?;
                     for ((iface, idx), missing) in current.iter().zip(missing) {
                         if missing {
                             attach::add_clsact(iface)?;
