@@ -471,8 +471,8 @@ fn a_host_without_nft_is_refused_naming_it_before_anything_changes() {
 fn netlink_mode_attaches_on_a_host_without_tc() {
     enforcer_tests::require_root();
     // A PATH with the tools the daemon runs, and no `tc`.
-    let path = std::env::temp_dir().join(unique("notc"));
-    std::fs::create_dir_all(&path).unwrap();
+    let bin = enforcer_tests::Scratch::dir("notc");
+    let path = &bin.0;
     for tool in ["nft", "iptables", "ip6tables"] {
         let found = enforcer_tests::run(std::process::Command::new("sh").args(["-c", &format!("command -v {tool} || true")])).stdout;
         let found = String::from_utf8(found).unwrap();
@@ -481,12 +481,11 @@ fn netlink_mode_attaches_on_a_host_without_tc() {
         }
     }
     let topo = Topology::new();
-    let daemon = Daemon::start_with_env(None, &["--attach", "netlink"], &[("PATH", path.to_str().unwrap())]);
+    let daemon = Daemon::start_with_env(None, &["--attach", "netlink"], &[("PATH", bin.path())]);
     daemon.add_router(&topo.router_id);
     let attached = daemon.attachments(&topo.router);
     daemon.cli(&["router", "remove", &topo.router_id]).ok();
     let detached = daemon.attachments(&topo.router);
-    let _ = std::fs::remove_dir_all(&path);
     assert_eq!(attached, 2, "tag on r0 and r1, found and attached with no `tc` to run");
     assert_eq!(detached, 0, "and detached");
 }
