@@ -12,10 +12,12 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Names of the pinned maps (under the bpffs directory) and programs.
 pub const MAP_RULES: &str = "ENFORCER_RULES";
-pub const MAP_SLOTS: &str = "ENFORCER_SLOTS";
 pub const MAP_COUNTERS: &str = "ENFORCER_SLOT_COUNTERS";
 /// The per-CPU counters of earlier releases, removed at start.
 pub const MAP_COUNTERS_PER_CPU: &str = "ENFORCER_COUNTERS";
+/// The live slots of earlier releases (a slot is live while a rule names
+/// it), removed at start.
+pub const MAP_SLOTS: &str = "ENFORCER_SLOTS";
 pub const MAP_ROUTERS: &str = "ENFORCER_ROUTERS";
 pub const MAP_REVOKED: &str = "ENFORCER_REVOKED";
 pub const MAP_REVOKED_ACTIVE: &str = "ENFORCER_REVOKED_ACTIVE";
@@ -118,7 +120,7 @@ pub struct RuleValue {
     pub _pad: [u8; 5],
 }
 
-/// Key of the slots and counters maps: one rule slot of one router.
+/// Key of the counters map: one rule slot of one router.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct SlotKey {
@@ -130,15 +132,6 @@ impl SlotKey {
     pub const fn new(router: RouterIndex, slot: u32) -> Self {
         Self { router, slot }
     }
-}
-
-/// Value of the slots map. Presence means "live": the slot belongs to a
-/// rule in the rules map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct SlotValue {
-    pub helper: u8,
-    pub _pad: [u8; 7],
 }
 
 /// Counters of one rule slot, shared by all CPUs.
@@ -275,7 +268,6 @@ mod user {
     unsafe impl aya::Pod for RuleKey {}
     unsafe impl aya::Pod for RuleValue {}
     unsafe impl aya::Pod for SlotKey {}
-    unsafe impl aya::Pod for SlotValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for RouterValue {}
     unsafe impl aya::Pod for FlowKey {}

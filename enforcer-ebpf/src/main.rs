@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use enforcer_common::{
     Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout, PORT_WORDS,
-    RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
+    RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
 /// BPF_F_NO_PREALLOC: entries cost memory only when they exist.
@@ -41,11 +41,6 @@ const NO_PREALLOC: u32 = 1;
 
 #[map(name = "ENFORCER_RULES")]
 static RULES: HashMap<RuleKey, RuleValue> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
-
-/// Live slots: kept by the daemon for its own bookkeeping (and in the
-/// pins, for `maps dump`); no program reads it.
-#[map(name = "ENFORCER_SLOTS")]
-static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
 /// One entry shared by all CPUs, added to atomically: a per-CPU entry
 /// would cost every create a per-CPU allocation in the kernel (about 30 us,

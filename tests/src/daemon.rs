@@ -263,10 +263,14 @@ impl Daemon {
     }
 }
 
-/// Whether a program uses one of the maps `names` pinned in `bpffs`.
+/// Whether a program uses one of the maps `names` pinned in `bpffs` (a
+/// name an earlier release pinned may be missing).
 fn uses_maps(bpffs: &std::path::Path, names: &[&str]) -> impl Fn(&aya::programs::ProgramInfo) -> bool + use<> {
-    let ids: Vec<u32> =
-        names.iter().map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id()).collect();
+    let ids: Vec<u32> = names
+        .iter()
+        .filter(|m| bpffs.join(m).exists())
+        .map(|m| aya::maps::MapData::from_pin(bpffs.join(m)).expect("map pin").info().expect("map info").id())
+        .collect();
     move |p| p.map_ids().ok().flatten().is_some_and(|m| m.iter().any(|id| ids.contains(id)))
 }
 

@@ -277,7 +277,7 @@ fn neutron_marks_are_left_alone() {
     let mut bed = Bed::new(MarkLayout::DEFAULT);
     let l = MarkLayout::DEFAULT;
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0x0400_0000), 0x0400_0000 | l.encode(FTP, 7));
-    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
+    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21).unwrap();
     for mark in [0x0400_0000, 0x0400_0001, 0x0400_0002, 0x1, 0x2, 0xffff_0000, 0x0400_0007] {
         for port in [21, 40000] {
             assert_eq!(bed.run(PROG_TAG, &ipv4(IPPROTO_TCP, port, 0, 0), mark), (NEXT, mark), "{mark:#x} port {port}");
@@ -289,7 +289,7 @@ fn neutron_marks_are_left_alone() {
 fn a_revoked_rule_no_longer_tags_and_others_still_do() {
     let mut bed = Bed::new(MarkLayout::DEFAULT);
     let l = MarkLayout::DEFAULT;
-    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
+    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21).unwrap();
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), 0);
     assert_eq!(bed.tag(&ipv6(IPPROTO_TCP, 21, &[]), 0), 0);
     assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), l.encode(TFTP, 8), "other rules unaffected");
@@ -420,9 +420,9 @@ fn a_port_is_listed_while_any_router_has_a_rule_for_it_and_the_list_is_repaired(
     assert!(!port_listed(&bed, IPPROTO_TCP, 22) && !port_listed(&bed, IPPROTO_UDP, 21));
     // Another router's rule on the same port keeps it listed when this one's goes.
     bed.dp.allow(ROUTER + 1, IPPROTO_TCP, 21, FTP, 3).unwrap();
-    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21, 7).unwrap();
+    bed.dp.revoke(ROUTER, IPPROTO_TCP, 21).unwrap();
     assert!(port_listed(&bed, IPPROTO_TCP, 21), "router 1 still has a rule on tcp/21");
-    bed.dp.revoke(ROUTER + 1, IPPROTO_TCP, 21, 3).unwrap();
+    bed.dp.revoke(ROUTER + 1, IPPROTO_TCP, 21).unwrap();
     assert!(!port_listed(&bed, IPPROTO_TCP, 21), "the last rule on tcp/21 went");
     bed.dp.allow(ROUTER, IPPROTO_TCP, 21, FTP, 9).unwrap();
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), l.encode(FTP, 9));

@@ -326,16 +326,22 @@ fn a_live_slot_whose_counters_were_lost_is_counted_as_having_tagged() {
 }
 
 #[test]
-fn the_per_cpu_counters_of_an_earlier_release_are_unpinned_at_start() {
+fn the_maps_of_an_earlier_release_are_unpinned_at_start() {
     let topo = Topology::new();
     let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
-    // Any map pinned under the old name stands for the old one.
-    let legacy = daemon.bpffs.join(enforcer_common::MAP_COUNTERS_PER_CPU);
-    aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_SLOTS)).unwrap().pin(&legacy).unwrap();
+    // Any map pinned under an old name stands for the old one: the per-CPU
+    // counters and the live slots.
+    let legacy = [enforcer_common::MAP_COUNTERS_PER_CPU, enforcer_common::MAP_SLOTS].map(|name| daemon.bpffs.join(name));
+    for pin in &legacy {
+        aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap().pin(pin).unwrap();
+    }
     daemon.restart();
-    assert!(!legacy.exists(), "the old pin is gone");
+    for pin in &legacy {
+        assert!(!pin.exists(), "the old pin {} is gone", pin.display());
+    }
     assert_eq!(daemon.live_ports(), vec![21], "enforcement goes on");
+    assert_eq!(daemon.dump()["slots"][0]["state"], "live", "a slot is live while its rule is there");
 }
 
 #[test]

@@ -358,8 +358,6 @@ fn is_zero(n: &usize) -> bool {
 pub struct MapDrift {
     pub rules_added: usize,
     pub rules_removed: usize,
-    pub slots_added: usize,
-    pub slots_removed: usize,
     pub counters_added: usize,
     pub counters_removed: usize,
     pub routers_added: usize,

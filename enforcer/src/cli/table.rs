@@ -135,7 +135,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
 fn print_reconcile(label: &str, r: &ReconcileReport) {
     let m = &r.maps;
     println!(
-        "{label}: glue {} | links +{} -{} | programs replaced {} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | slots +{} -{} | counters +{} -{} | routers +{} -{} | ports words fixed {}",
+        "{label}: glue {} | links +{} -{} | programs replaced {} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | counters +{} -{} | routers +{} -{} | ports words fixed {}",
         r.glue_installed,
         r.links_attached,
         r.links_detached,
@@ -145,8 +145,6 @@ fn print_reconcile(label: &str, r: &ReconcileReport) {
         r.slots_released,
         m.rules_added,
         m.rules_removed,
-        m.slots_added,
-        m.slots_removed,
         m.counters_added,
         m.counters_removed,
         m.routers_added,

@@ -27,7 +27,7 @@ pub(super) fn allow_record(dp: &mut Datapath, index: u32, h: &HelperRecord, kind
 
 pub(super) fn revoke_record(dp: &mut Datapath, index: u32, h: &HelperRecord) -> Result<()> {
     let (router, proto, port) = rule_key(index, h);
-    dp.revoke(router, proto, port, h.slot)
+    dp.revoke(router, proto, port)
 }
 
 /// What [`Daemon::prepare`] found to do outside the lock.

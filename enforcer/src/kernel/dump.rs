@@ -5,8 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 use enforcer_common::{
-    Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RouterIndex, RouterValue, RuleKey,
-    RuleValue, SlotKey, SlotValue,
+    Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
 use crate::{api::Protocol, catalogue};
@@ -22,7 +21,6 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
 
 pub fn read(dir: &Path) -> Result<Dump> {
     let rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(open(dir, MAP_RULES)?)?;
-    let slots: HashMap<_, SlotKey, SlotValue> = HashMap::try_from(open(dir, MAP_SLOTS)?)?;
     let counters: HashMap<_, SlotKey, Counters> = HashMap::try_from(open(dir, MAP_COUNTERS)?)?;
     let routers: HashMap<_, RouterIndex, RouterValue> = HashMap::try_from(open(dir, MAP_ROUTERS)?)?;
 
@@ -40,9 +38,9 @@ pub fn read(dir: &Path) -> Result<Dump> {
     let mut out = Vec::new();
     for entry in counters.iter() {
         let (key, counts) = entry.context("reading counters")?;
-        let live = slots.get(&key, 0).ok();
+        // A slot is live while a rule names it.
         let rule = rule_of.get(&key);
-        let helper_id = rule.map(|(_, v)| v.helper).or(live.map(|v| v.helper));
+        let helper_id = rule.map(|(_, v)| v.helper);
         out.push(SlotEntry {
             router_id: router_ids.get(&key.router).cloned(),
             router_index: key.router,
@@ -50,7 +48,7 @@ pub fn read(dir: &Path) -> Result<Dump> {
             protocol: rule.and_then(|(k, _)| Protocol::from_number(k.proto)),
             port: rule.map(|(k, _)| k.port),
             helper: helper_id.and_then(catalogue::by_id).map(|h| h.name.to_string()),
-            state: if live.is_some() { "live" } else { "revoked" }.to_string(),
+            state: if rule.is_some() { "live" } else { "revoked" }.to_string(),
             tagged: counts.tagged,
             dropped: counts.dropped,
         });

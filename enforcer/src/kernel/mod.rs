@@ -29,8 +29,8 @@ pub use attach::{AttachMode, AttachSetting};
 pub use crate::api::MapDrift;
 use enforcer_common::{
     Counters, FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS, MAP_REVOKED,
-    MAP_ROUTERS, MAP_RULES, MAP_SLOTS, MarkLayout, PROG_LEGACY_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
-    RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
+    MAP_ROUTERS, MAP_RULES, MarkLayout, PROG_LEGACY_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
+    RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
 /// The eBPF object, built by build.rs from enforcer-ebpf (empty in a build
@@ -51,7 +51,6 @@ pub struct Datapath {
     control: Ebpf,
     rules: HashMap<MapData, RuleKey, RuleValue>,
     ports: ports::Ports,
-    slots: HashMap<MapData, SlotKey, SlotValue>,
     counters: HashMap<MapData, SlotKey, Counters>,
     routers: HashMap<MapData, RouterIndex, RouterValue>,
     revoked: HashMap<MapData, FlowKey, RevokedFlow>,
@@ -207,7 +206,6 @@ impl Datapath {
         let mut datapath = Self {
             rules,
             ports,
-            slots: take(&mut control, MAP_SLOTS)?,
             counters: take(&mut control, MAP_COUNTERS)?,
             routers: take(&mut control, MAP_ROUTERS)?,
             revoked: take(&mut control, MAP_REVOKED)?,
@@ -458,10 +456,10 @@ impl Datapath {
         LinkCheck { mode: self.mode, ns: ns.to_path_buf(), dir: self.link_dir(index) }
     }
 
-    /// Removes every map entry of router `index`: rules, slots, counters,
+    /// Removes every map entry of router `index`: rules, counters,
     /// revoked flows.
     pub fn forget_router_state(&mut self, index: RouterIndex) {
-        // The maps have different types; one macro keeps the four sweeps alike.
+        // The maps have different types; one macro keeps the sweeps alike.
         macro_rules! remove_router_keys {
             ($map:expr) => {
                 let keys: Vec<_> = $map.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
@@ -476,7 +474,6 @@ impl Datapath {
                 let _ = self.ports.remove(&k);
             }
         }
-        remove_router_keys!(self.slots);
         remove_router_keys!(self.counters);
         remove_router_keys!(self.revoked);
         self.revoked_per_router.remove(&index);
@@ -497,8 +494,8 @@ impl Datapath {
     }
 
     /// Allows (router, protocol, port) with `helper` under rule `slot`:
-    /// counters first, then the live slot, then the rule, so a tagged packet
-    /// always finds its slot live.
+    /// counters first, then the rule, so a tagged packet always finds its
+    /// slot's counters. (The rule is what makes its slot live.)
     pub fn allow(&mut self, router: RouterIndex, proto: u8, port: u16, helper: u8, slot: u16) -> Result<()> {
         let key = SlotKey::new(router, slot as u32);
         // An entry of a map that is not preallocated comes from caches the
@@ -516,7 +513,6 @@ impl Datapath {
                 other => break other.context("creating rule counters")?,
             }
         }
-        self.slots.insert(key, SlotValue { helper, _pad: [0; 7] }, 0).context("marking slot live")?;
         let rule = RuleKey::new(router, proto, port);
         let value = RuleValue { slot, helper, _pad: [0; 5] };
         // The port is listed before the rule goes in, so its first packet is
@@ -539,12 +535,11 @@ impl Datapath {
     /// Takes a rule out of the maps: the next packet of its tuple is not
     /// tagged. Its connections are cut by the revocation that calls this,
     /// through the revoked-flows map (`remember_revoked`).
-    pub fn revoke(&mut self, router: RouterIndex, proto: u8, port: u16, slot: u16) -> Result<()> {
+    pub fn revoke(&mut self, router: RouterIndex, proto: u8, port: u16) -> Result<()> {
         let rule = RuleKey::new(router, proto, port);
         if remove_if_present(&mut self.rules, &rule)? {
             self.ports.remove(&rule)?;
         }
-        remove_if_present(&mut self.slots, &SlotKey::new(router, slot as u32))?;
         Ok(())
     }
 
@@ -556,20 +551,16 @@ impl Datapath {
 
     /// Brings the maps in line with `want`; with `apply` false only counts
     /// the differences (drift). Adds in the order a packet needs them
-    /// (counters, slots, rules) and removes in the reverse order.
+    /// (counters, rules) and removes in the reverse order.
     pub fn reconcile(&mut self, want: &Desired, apply: bool) -> Result<MapDrift> {
-        let want_slots: StdHashMap<SlotKey, SlotValue> = want
-            .rules
-            .iter()
-            .map(|(k, v)| (SlotKey::new(k.router, v.slot as u32), SlotValue { helper: v.helper, _pad: [0; 7] }))
-            .collect();
+        let live: HashSet<SlotKey> = want.rules.iter().map(|(k, v)| SlotKey::new(k.router, v.slot as u32)).collect();
         let want_routers: StdHashMap<RouterIndex, RouterValue> =
             want.routers.iter().map(|(i, id)| (*i, RouterValue { id: *id.as_bytes() })).collect();
         // Counters are kept for live and quarantined slots and for slots that
         // revoked flows name; their values are statistics, so only presence
         // is compared.
-        let counted: HashSet<SlotKey> = want_slots
-            .keys()
+        let counted: HashSet<SlotKey> = live
+            .iter()
             .copied()
             .chain(want.quarantined.iter().map(|(r, s)| SlotKey::new(*r, *s as u32)))
             .chain(self.revoked_slots.iter().copied())
@@ -577,14 +568,11 @@ impl Datapath {
         let have_counters: HashSet<SlotKey> = self.counters.keys().collect::<Result<_, _>>()?;
         let counters_add: Vec<SlotKey> = counted.difference(&have_counters).copied().collect();
         let counters_del: Vec<SlotKey> = have_counters.difference(&counted).copied().collect();
-        let (slots_add, slots_del) = diff(&self.slots, &want_slots)?;
         let (rules_add, rules_del) = diff(&self.rules, &want.rules)?;
         let (routers_add, routers_del) = diff(&self.routers, &want_routers)?;
         let drift = MapDrift {
             rules_added: rules_add.len(),
             rules_removed: rules_del.len(),
-            slots_added: slots_add.len(),
-            slots_removed: slots_del.len(),
             counters_added: counters_add.len(),
             counters_removed: counters_del.len(),
             routers_added: routers_add.len(),
@@ -598,11 +586,8 @@ impl Datapath {
             // What the slot tagged before is unknown (its counters were
             // lost, or kept by an earlier release in another map): counted
             // as having tagged, so that its delete cleans conntrack.
-            let tagged = u64::from(want_slots.contains_key(&key));
+            let tagged = u64::from(live.contains(&key));
             self.counters.insert(key, Counters { tagged, dropped: 0 }, 0)?;
-        }
-        for (k, v) in slots_add {
-            self.slots.insert(k, v, 0)?;
         }
         // Ports of the rules to come are listed first, and those of the
         // rules that go only once they are gone.
@@ -617,9 +602,6 @@ impl Datapath {
             remove_if_present(&mut self.rules, &k)?;
         }
         self.ports.rebuild(want.rules.keys().copied())?;
-        for k in slots_del {
-            remove_if_present(&mut self.slots, &k)?;
-        }
         for k in counters_del {
             let _ = self.counters.remove(&k);
         }
@@ -745,7 +727,6 @@ impl Datapath {
     /// Drops the counters of a slot that will never be seen again.
     pub fn forget_slot(&mut self, router: RouterIndex, slot: u16) {
         let _ = self.counters.remove(&SlotKey::new(router, slot as u32));
-        let _ = self.slots.remove(&SlotKey::new(router, slot as u32));
     }
 }
 
@@ -816,7 +797,7 @@ fn tcx_unattached(dir: &Path, ns: &Path, current: &[(String, u32)]) -> Result<Ve
 /// Kernel memory of the maps pinned in `dir` (their memlock, in bytes).
 pub fn map_memory(dir: &Path) -> Result<u64> {
     let mut total = 0;
-    for name in [MAP_RULES, MAP_SLOTS, MAP_COUNTERS, MAP_ROUTERS, MAP_REVOKED] {
+    for name in [MAP_RULES, MAP_COUNTERS, MAP_ROUTERS, MAP_REVOKED] {
         let map = MapData::from_pin(dir.join(name))?;
         use std::os::fd::{AsFd, AsRawFd};
         let fd = map.fd().as_fd().as_raw_fd();
@@ -906,7 +887,6 @@ impl Loader {
             .override_global(GLOBAL_MARK_LAYOUT, layout, true)
             .override_global(GLOBAL_QUIET_NS, quiet, true)
             .map_max_entries(MAP_RULES, max_rules)
-            .map_max_entries(MAP_SLOTS, max_rules)
             .map_max_entries(MAP_COUNTERS, max_rules)
             .map_max_entries(MAP_REVOKED, revoked.capacity)
             // One log for every router's programs, read by the daemon.

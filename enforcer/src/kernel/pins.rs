@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
     Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
-    PORT_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey, SlotValue,
+    PORT_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
 /// What a pinned map must be.
@@ -33,10 +33,9 @@ fn def<K, V>(map_type: MapType, max_entries: u32) -> Definition {
 }
 
 /// Every pinned map, as this build needs it with these capacities.
-pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 9] {
+pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 8] {
     [
         (MAP_RULES, def::<RuleKey, RuleValue>(MapType::Hash, max_rules)),
-        (MAP_SLOTS, def::<SlotKey, SlotValue>(MapType::Hash, max_rules)),
         (MAP_COUNTERS, def::<SlotKey, Counters>(MapType::Hash, max_rules)),
         (MAP_ROUTERS, def::<RouterIndex, RouterValue>(MapType::Hash, 65536)),
         (MAP_REVOKED, def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity)),
@@ -84,13 +83,16 @@ pub fn check(dir: &Path, max_rules: u32, revoked_capacity: u32) -> Result<()> {
 }
 
 /// Removes the pins of maps that earlier releases made and this one does
-/// not use: the per-CPU counters. Programs that still use one keep it until
-/// they are replaced; the counts of live slots start again (see
-/// `Datapath::reconcile`).
+/// not use: the per-CPU counters and the live slots. Programs that still
+/// use one keep it until they are replaced; the counts of live slots start
+/// again (see `Datapath::reconcile`).
 pub fn remove_legacy(dir: &Path) -> Result<()> {
-    let path = dir.join(MAP_COUNTERS_PER_CPU);
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::anyhow!("removing the pinned map {}: {e}", path.display())),
-        _ => Ok(()),
+    for name in [MAP_COUNTERS_PER_CPU, MAP_SLOTS] {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!("removing the pinned map {}: {e}", path.display()),
+            _ => {}
+        }
     }
+    Ok(())
 }
