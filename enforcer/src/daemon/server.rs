@@ -621,23 +621,71 @@ async fn connection(stream: UnixStream, served: Served, stop: tokio::sync::mpsc:
     writer.await.context("answer writer")?.map(drop)
 }
 
-/// Writes the answers of a connection in the order of its requests.
+/// Writes the answers of a connection in the order of its requests. The
+/// answers of a pipelining client that are ready together go out in one
+/// write; none waits in the buffer for an answer that is not ready.
 async fn write_answers(
-    mut write: tokio::net::unix::OwnedWriteHalf,
+    write: tokio::net::unix::OwnedWriteHalf,
     mut pending: tokio::sync::mpsc::Receiver<Answer>,
     stop: tokio::sync::mpsc::Sender<()>,
     in_flight: Arc<AtomicUsize>,
 ) -> Result<tokio::net::unix::OwnedWriteHalf> {
-    while let Some(answer) = pending.recv().await {
-        let (mut text, stopping) = answer.await;
+    use tokio::sync::mpsc::error::TryRecvError;
+    let mut out = Buffered { out: tokio::io::BufWriter::with_capacity(ANSWER_BUFFER, write), answers: 0, in_flight };
+    loop {
+        let mut answer = match pending.try_recv() {
+            Ok(answer) => answer,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                out.flush().await?;
+                match pending.recv().await {
+                    Some(answer) => answer,
+                    None => break,
+                }
+            }
+        };
+        let (mut text, stopping) = match std::future::poll_fn(|cx| std::task::Poll::Ready(answer.as_mut().poll(cx))).await {
+            std::task::Poll::Ready(done) => done,
+            std::task::Poll::Pending => {
+                out.flush().await?;
+                answer.await
+            }
+        };
         text.push(b'\n');
-        write.write_all(&text).await?;
-        in_flight.fetch_sub(1, SeqCst);
+        out.write(&text).await?;
         if stopping {
+            out.flush().await?;
             let _ = stop.send(()).await;
         }
     }
-    Ok(write)
+    out.flush().await?;
+    Ok(out.out.into_inner())
+}
+
+/// A connection's answers held for one write (16 pipelining clients: one
+/// `send` per answer took a sixth of the daemon's time, perf).
+const ANSWER_BUFFER: usize = 64 << 10;
+
+/// The answers written to the buffer and not yet sent, still counted in
+/// flight (the connection stays open for them).
+struct Buffered {
+    out: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>,
+    answers: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Buffered {
+    async fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(line).await?;
+        self.answers += 1;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush().await?;
+        self.in_flight.fetch_sub(std::mem::take(&mut self.answers), SeqCst);
+        Ok(())
+    }
 }
 
 /// After an `events` request: one line per event until the client closes
