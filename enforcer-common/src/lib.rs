@@ -24,8 +24,12 @@ pub const MAP_REVOKED_ACTIVE: &str = "ENFORCER_REVOKED_ACTIVE";
 /// How many more drops the programs may describe in the datapath log
 /// (`enforcer debug datapath on`); 0, the default, logs nothing.
 pub const MAP_DEBUG: &str = "ENFORCER_DEBUG";
-/// One bit per (TCP or UDP, port) that some router has a rule for: the
-/// ingress program looks a packet's rule up only when its bit is set.
+/// One bit per hash of a rule's (router, TCP or UDP, port), see
+/// [`filter_bit`]: the program looks a packet's rule up only when its bit
+/// is set.
+pub const MAP_RULE_FILTER: &str = "ENFORCER_RULE_FILTER";
+/// The ports list of earlier releases (one bit per protocol and port, for
+/// all routers at once), removed at start.
 pub const MAP_PORTS: &str = "ENFORCER_PORTS";
 /// aya-log's ring buffer, pinned so that every router's programs write to
 /// the one the daemon reads.
@@ -54,20 +58,24 @@ pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";
 pub const GLOBAL_ROUTER: &str = "ROUTER";
 pub const GLOBAL_QUIET_NS: &str = "QUIET_NS";
 
-/// Words of `MAP_PORTS`: 65,536 ports for each of TCP and UDP.
-pub const PORT_WORDS: u32 = 2 * 65536 / 64;
+/// The rule filter has 2^24 bits (2 MiB): with a million rules about 6%
+/// of them are set, so a packet no rule of its router names is looked up
+/// in the rules map about once in 16.
+pub const FILTER_BITS_LOG2: u32 = 24;
+/// Words of `MAP_RULE_FILTER`.
+pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
 
-/// Where (TCP or UDP, `port`) is in `MAP_PORTS`: (word, bit mask). Other
-/// protocols have no rules, so no bit.
+/// Where a rule for (router, TCP or UDP, `port`) is in `MAP_RULE_FILTER`:
+/// (word, bit mask), by Fibonacci hashing of the three. Other protocols
+/// have no rules, so no bit.
 #[inline(always)]
-pub const fn port_bit(proto: u8, port: u16) -> Option<(u32, u64)> {
-    let base = match proto {
-        IPPROTO_TCP => 0,
-        IPPROTO_UDP => 65536,
-        _ => return None,
-    };
-    let n = base + port as u32;
-    Some((n / 64, 1 << (n % 64)))
+pub const fn filter_bit(router: RouterIndex, proto: u8, port: u16) -> Option<(u32, u64)> {
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let key = ((router as u64) << 24) | ((proto as u64) << 16) | port as u64;
+    let n = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - FILTER_BITS_LOG2);
+    Some(((n >> 6) as u32, 1 << (n & 63)))
 }
 
 /// Default capacity of the revoked-flows map. A plain hash map: when it is
@@ -273,4 +281,25 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for RevokedFlow {}
     unsafe impl aya::Pod for MarkLayout {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rules_filter_bit_is_in_the_map_and_its_own() {
+        assert_eq!(filter_bit(0, 1, 21), None, "no rules for other protocols");
+        let keys = [(0, IPPROTO_TCP, 21), (1, IPPROTO_TCP, 21), (0, IPPROTO_UDP, 21), (0, IPPROTO_TCP, 22)];
+        let bits = keys.map(|(router, proto, port)| {
+            let (word, mask) = filter_bit(router, proto, port).unwrap();
+            assert!(word < FILTER_WORDS && mask.count_ones() == 1);
+            (word as u64) << 6 | mask.trailing_zeros() as u64
+        });
+        for i in 0..bits.len() {
+            for j in 0..i {
+                assert_ne!(bits[i], bits[j], "router, protocol and port each move the bit: {:?} {:?}", keys[i], keys[j]);
+            }
+        }
+    }
 }

@@ -32,7 +32,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout, PORT_WORDS,
+    Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout, FILTER_WORDS,
     RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
@@ -49,10 +49,10 @@ static RULES: HashMap<RuleKey, RuleValue> = HashMap::pinned(DEFAULT_MAX_RULES, N
 #[map(name = "ENFORCER_SLOT_COUNTERS")]
 static COUNTERS: HashMap<SlotKey, Counters> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
-/// Ports some rule names (set by the daemon, see `port_bit`): a packet to
-/// any other port leaves after one array read, without hashing its key.
-#[map(name = "ENFORCER_PORTS")]
-static PORTS: Array<u64> = Array::pinned(PORT_WORDS, 0);
+/// The rules' bits (set by the daemon, see `filter_bit`): a packet whose
+/// bit is clear leaves after one array read, without hashing its key.
+#[map(name = "ENFORCER_RULE_FILTER")]
+static RULE_FILTER: Array<u64> = Array::pinned(FILTER_WORDS, 0);
 
 #[map(name = "ENFORCER_REVOKED")]
 static REVOKED: HashMap<FlowKey, RevokedFlow> = HashMap::pinned(MAX_REVOKED_FLOWS, 0);
@@ -167,7 +167,7 @@ pub fn classify(ctx: TcContext) -> i32 {
     if revoked(&ctx, router, &flow) {
         return TC_ACT_SHOT;
     }
-    if !listed(flow.proto, flow.dport) {
+    if !filtered_in(router, flow.proto, flow.dport) {
         return NEXT;
     }
     let key = RuleKey::new(router, flow.proto, flow.dport);
@@ -179,13 +179,14 @@ pub fn classify(ctx: TcContext) -> i32 {
     NEXT
 }
 
-/// Whether some router has a rule for (protocol, port).
+/// Whether the router may have a rule for (protocol, port): its bit in the
+/// rule filter is set.
 #[inline(always)]
-fn listed(proto: u8, port: u16) -> bool {
-    let Some((word, bit)) = enforcer_common::port_bit(proto, port) else {
+fn filtered_in(router: RouterIndex, proto: u8, port: u16) -> bool {
+    let Some((word, bit)) = enforcer_common::filter_bit(router, proto, port) else {
         return false;
     };
-    PORTS.get(word).is_some_and(|w| *w & bit != 0)
+    RULE_FILTER.get(word).is_some_and(|w| *w & bit != 0)
 }
 
 /// Whether the packet belongs to a revoked connection that is still

@@ -404,56 +404,60 @@ fn one_routers_mass_revocation_cannot_take_anothers_room() {
     assert_eq!(bed.dp.revoked_flows(), 8);
 }
 
-/// The ports prefilter's bit for (protocol, port), read from the pinned map.
-fn port_listed(bed: &Bed, proto: u8, port: u16) -> bool {
-    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS)).expect("the ports map is pinned");
-    let ports = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
-    let (word, bit) = enforcer_common::port_bit(proto, port).unwrap();
-    ports.get(&word, 0).unwrap() & bit != 0
+/// The rule filter's bit for (router, protocol, port), read from the pinned map.
+fn filtered_in(bed: &Bed, router: u32, proto: u8, port: u16) -> bool {
+    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_RULE_FILTER)).expect("the rule filter is pinned");
+    let filter = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
+    let (word, bit) = enforcer_common::filter_bit(router, proto, port).unwrap();
+    filter.get(&word, 0).unwrap() & bit != 0
 }
 
 #[test]
-fn a_port_is_listed_while_any_router_has_a_rule_for_it_and_the_list_is_repaired() {
+fn a_rule_has_its_bit_in_the_filter_and_the_filter_is_repaired() {
     let mut bed = Bed::new(MarkLayout::DEFAULT);
     let l = MarkLayout::DEFAULT;
-    assert!(port_listed(&bed, IPPROTO_TCP, 21) && port_listed(&bed, IPPROTO_UDP, 69));
-    assert!(!port_listed(&bed, IPPROTO_TCP, 22) && !port_listed(&bed, IPPROTO_UDP, 21));
-    // Another router's rule on the same port keeps it listed when this one's goes.
+    assert!(filtered_in(&bed, ROUTER, IPPROTO_TCP, 21) && filtered_in(&bed, ROUTER, IPPROTO_UDP, 69));
+    assert!(!filtered_in(&bed, ROUTER, IPPROTO_TCP, 22) && !filtered_in(&bed, ROUTER, IPPROTO_UDP, 21));
+    // Another router's rule on the same port has a bit of its own.
     bed.dp.allow(ROUTER + 1, IPPROTO_TCP, 21, FTP, 3).unwrap();
+    assert!(filtered_in(&bed, ROUTER + 1, IPPROTO_TCP, 21));
     bed.dp.revoke(ROUTER, IPPROTO_TCP, 21).unwrap();
-    assert!(port_listed(&bed, IPPROTO_TCP, 21), "router 1 still has a rule on tcp/21");
+    assert!(!filtered_in(&bed, ROUTER, IPPROTO_TCP, 21), "router 0's rule on tcp/21 went");
+    assert!(filtered_in(&bed, ROUTER + 1, IPPROTO_TCP, 21), "router 1 still has its rule on tcp/21");
     bed.dp.revoke(ROUTER + 1, IPPROTO_TCP, 21).unwrap();
-    assert!(!port_listed(&bed, IPPROTO_TCP, 21), "the last rule on tcp/21 went");
+    assert!(!filtered_in(&bed, ROUTER + 1, IPPROTO_TCP, 21), "the last rule on tcp/21 went");
     bed.dp.allow(ROUTER, IPPROTO_TCP, 21, FTP, 9).unwrap();
     assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), l.encode(FTP, 9));
 
-    // The program trusts the list: a word cleared behind the daemon's back
-    // stops tagging, and the next reconciliation puts it back.
-    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS)).unwrap();
-    let mut ports = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
-    let (word, _) = enforcer_common::port_bit(IPPROTO_UDP, 69).unwrap();
-    ports.set(word, 0, 0).unwrap();
+    // The program trusts the filter: a word cleared behind the daemon's
+    // back stops tagging, and the next reconciliation puts it back.
+    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_RULE_FILTER)).unwrap();
+    let mut filter = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
+    let (word, _) = enforcer_common::filter_bit(ROUTER, IPPROTO_UDP, 69).unwrap();
+    filter.set(word, 0, 0).unwrap();
     assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), 0);
     let mut want = enforcer::kernel::Desired::default();
     for (proto, port, helper, slot) in [(IPPROTO_TCP, 21, FTP, 9u16), (IPPROTO_UDP, 69, TFTP, 8)] {
         want.rules.insert(enforcer_common::RuleKey::new(ROUTER, proto, port), enforcer_common::RuleValue { slot, helper, _pad: [0; 5] });
     }
     let drift = bed.dp.reconcile(&want, true).unwrap();
-    assert_eq!(drift.ports_fixed, 1, "{drift:?}");
+    assert_eq!(drift.filter_fixed, 1, "{drift:?}");
     assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), l.encode(TFTP, 8));
     assert!(bed.dp.reconcile(&want, false).unwrap().is_empty());
 }
 
 #[test]
-fn a_restart_lists_the_ports_of_the_rules_it_finds() {
+fn a_restart_sets_the_bits_of_the_rules_it_finds() {
     let bed = Bed::new(MarkLayout::DEFAULT);
-    // A map of an earlier version had no list: emptied, then loaded again.
-    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_PORTS)).unwrap();
-    let mut ports = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
-    for w in 0..enforcer_common::PORT_WORDS {
-        ports.set(w, 0, 0).unwrap();
+    // A filter that lost the rules' bits (an earlier version had none):
+    // their words emptied, then the maps loaded again.
+    let map = aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_RULE_FILTER)).unwrap();
+    let mut filter = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(map)).unwrap();
+    for (proto, port) in [(IPPROTO_TCP, 21), (IPPROTO_UDP, 69)] {
+        filter.set(enforcer_common::filter_bit(ROUTER, proto, port).unwrap().0, 0, 0).unwrap();
     }
+    assert!(!filtered_in(&bed, ROUTER, IPPROTO_TCP, 21));
     let again = Datapath::load(&bed.dir, MarkLayout::DEFAULT, 1024, RevokedPolicy { quiet_ns: QUIET_NS, ..Default::default() }).unwrap();
-    assert!(port_listed(&bed, IPPROTO_TCP, 21) && port_listed(&bed, IPPROTO_UDP, 69));
+    assert!(filtered_in(&bed, ROUTER, IPPROTO_TCP, 21) && filtered_in(&bed, ROUTER, IPPROTO_UDP, 69));
     drop(again);
 }

@@ -43,7 +43,7 @@ fn enforcement_continues_while_the_daemon_is_down() {
     let status = daemon.cli(&["status", "-o", "json"]).ok().json();
     assert_eq!(status["started_with"]["links_attached"], 0, "nothing had to be re-attached: {status}");
     assert_eq!(status["started_with"]["maps"]["rules_added"], 0, "{status}");
-    assert_eq!(status["drift"]["maps"], json!({"rules_added":0,"rules_removed":0,"counters_added":0,"counters_removed":0,"routers_added":0,"routers_removed":0,"ports_fixed":0}));
+    assert_eq!(status["drift"]["maps"], json!({"rules_added":0,"rules_removed":0,"counters_added":0,"counters_removed":0,"routers_added":0,"routers_removed":0,"filter_fixed":0}));
     FtpClient::login(&kept, Family::V4).ok("list passive");
     old.fails("noop");
 }

@@ -331,8 +331,8 @@ fn the_maps_of_an_earlier_release_are_unpinned_at_start() {
     let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     // Any map pinned under an old name stands for the old one: the per-CPU
-    // counters and the live slots.
-    let legacy = [enforcer_common::MAP_COUNTERS_PER_CPU, enforcer_common::MAP_SLOTS].map(|name| daemon.bpffs.join(name));
+    // counters, the live slots and the ports list.
+    let legacy = [enforcer_common::MAP_COUNTERS_PER_CPU, enforcer_common::MAP_SLOTS, enforcer_common::MAP_PORTS].map(|name| daemon.bpffs.join(name));
     for pin in &legacy {
         aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap().pin(pin).unwrap();
     }

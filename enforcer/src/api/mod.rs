@@ -362,9 +362,9 @@ pub struct MapDrift {
     pub counters_removed: usize,
     pub routers_added: usize,
     pub routers_removed: usize,
-    /// Words of the ports prefilter that differed.
+    /// Words of the rule filter that differed.
     #[serde(default)]
-    pub ports_fixed: usize,
+    pub filter_fixed: usize,
 }
 
 impl MapDrift {

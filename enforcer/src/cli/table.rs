@@ -135,7 +135,7 @@ pub fn print_reply(reply: &Reply, output: Output) -> Result<()> {
 fn print_reconcile(label: &str, r: &ReconcileReport) {
     let m = &r.maps;
     println!(
-        "{label}: glue {} | links +{} -{} | programs replaced {} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | counters +{} -{} | routers +{} -{} | ports words fixed {}",
+        "{label}: glue {} | links +{} -{} | programs replaced {} | orphan routers {} | detached routers {} | slots released {} | rules +{} -{} | counters +{} -{} | routers +{} -{} | filter words fixed {}",
         r.glue_installed,
         r.links_attached,
         r.links_detached,
@@ -149,7 +149,7 @@ fn print_reconcile(label: &str, r: &ReconcileReport) {
         m.counters_removed,
         m.routers_added,
         m.routers_removed,
-        m.ports_fixed
+        m.filter_fixed
     );
 }
 

@@ -9,7 +9,7 @@ pub mod exec;
 pub mod features;
 pub mod glue;
 pub mod pins;
-mod ports;
+mod filter;
 pub mod probe;
 pub mod netns;
 pub mod netlink;
@@ -50,7 +50,7 @@ pub struct Datapath {
     dir: PathBuf,
     control: Ebpf,
     rules: HashMap<MapData, RuleKey, RuleValue>,
-    ports: ports::Ports,
+    filter: filter::RuleFilter,
     counters: HashMap<MapData, SlotKey, Counters>,
     routers: HashMap<MapData, RouterIndex, RouterValue>,
     revoked: HashMap<MapData, FlowKey, RevokedFlow>,
@@ -196,8 +196,8 @@ impl Datapath {
         let classify = classify.fd()?.try_clone().context("duplicating the classify program's descriptor")?;
         let rules: HashMap<MapData, RuleKey, RuleValue> = take(&mut control, MAP_RULES)?;
         // Before any program of this build runs: a rules map left by an
-        // earlier run (or version) gets its ports listed.
-        let ports = ports::Ports::new(take(&mut control, enforcer_common::MAP_PORTS)?, rules.keys().filter_map(|k| k.ok()))?;
+        // earlier run (or version) gets its rules' bits in the filter.
+        let filter = filter::RuleFilter::new(take(&mut control, enforcer_common::MAP_RULE_FILTER)?, rules.keys().filter_map(|k| k.ok()))?;
         // Then every router's `tag` (this start's, and those an earlier one
         // pinned) runs this `classify`. The pin keeps the entry after this
         // descriptor is closed.
@@ -205,7 +205,7 @@ impl Datapath {
         jump.set(0, &classify, 0).context("installing the classify program")?;
         let mut datapath = Self {
             rules,
-            ports,
+            filter,
             counters: take(&mut control, MAP_COUNTERS)?,
             routers: take(&mut control, MAP_ROUTERS)?,
             revoked: take(&mut control, MAP_REVOKED)?,
@@ -471,7 +471,7 @@ impl Datapath {
         let rules: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
         for k in rules {
             if self.rules.remove(&k).is_ok() {
-                let _ = self.ports.remove(&k);
+                let _ = self.filter.remove(&k);
             }
         }
         remove_router_keys!(self.counters);
@@ -515,19 +515,19 @@ impl Datapath {
         }
         let rule = RuleKey::new(router, proto, port);
         let value = RuleValue { slot, helper, _pad: [0; 5] };
-        // The port is listed before the rule goes in, so its first packet is
-        // looked up. A rule already there (found by the insert itself, with
-        // no lookup first) is replaced and its port stays counted once.
-        self.ports.add(&rule)?;
+        // The rule's bit is set before the rule goes in, so its first packet
+        // is looked up. A rule already there (found by the insert itself,
+        // with no lookup first) is replaced and its bit stays counted once.
+        self.filter.add(&rule)?;
         let inserted = match self.rules.insert(rule, value, BPF_NOEXIST) {
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                self.ports.remove(&rule)?;
+                self.filter.remove(&rule)?;
                 return self.rules.insert(rule, value, 0).context("replacing rule");
             }
             other => other,
         };
         if inserted.is_err() {
-            self.ports.remove(&rule)?;
+            self.filter.remove(&rule)?;
         }
         inserted.context("inserting rule (is the rules map full? see max_rules)")
     }
@@ -538,7 +538,7 @@ impl Datapath {
     pub fn revoke(&mut self, router: RouterIndex, proto: u8, port: u16) -> Result<()> {
         let rule = RuleKey::new(router, proto, port);
         if remove_if_present(&mut self.rules, &rule)? {
-            self.ports.remove(&rule)?;
+            self.filter.remove(&rule)?;
         }
         Ok(())
     }
@@ -577,7 +577,7 @@ impl Datapath {
             counters_removed: counters_del.len(),
             routers_added: routers_add.len(),
             routers_removed: routers_del.len(),
-            ports_fixed: self.ports.drift(want.rules.keys().copied())?,
+            filter_fixed: self.filter.drift(want.rules.keys().copied())?,
         };
         if !apply {
             return Ok(drift);
@@ -589,9 +589,9 @@ impl Datapath {
             let tagged = u64::from(live.contains(&key));
             self.counters.insert(key, Counters { tagged, dropped: 0 }, 0)?;
         }
-        // Ports of the rules to come are listed first, and those of the
-        // rules that go only once they are gone.
-        self.ports.rebuild(want.rules.keys().chain(rules_del.iter()).copied())?;
+        // The bits of the rules to come are set first, and those of the
+        // rules that go cleared only once they are gone.
+        self.filter.rebuild(want.rules.keys().chain(rules_del.iter()).copied())?;
         for (k, v) in rules_add {
             self.rules.insert(k, v, 0)?;
         }
@@ -601,7 +601,7 @@ impl Datapath {
         for k in rules_del {
             remove_if_present(&mut self.rules, &k)?;
         }
-        self.ports.rebuild(want.rules.keys().copied())?;
+        self.filter.rebuild(want.rules.keys().copied())?;
         for k in counters_del {
             let _ = self.counters.remove(&k);
         }

@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
-    Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
-    PORT_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
+    Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_RULE_FILTER, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
+    FILTER_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
 /// What a pinned map must be.
@@ -41,7 +41,7 @@ pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Defini
         (MAP_REVOKED, def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity)),
         (MAP_REVOKED_ACTIVE, def::<u32, u32>(MapType::Array, 1)),
         (MAP_DEBUG, def::<u32, u32>(MapType::Array, 1)),
-        (MAP_PORTS, def::<u32, u64>(MapType::Array, PORT_WORDS)),
+        (MAP_RULE_FILTER, def::<u32, u64>(MapType::Array, FILTER_WORDS)),
         // aya-log-ebpf 0.2's ring buffer: 128 KiB.
         (MAP_LOGS, def::<(), ()>(MapType::RingBuf, 1 << 17)),
     ]
@@ -83,11 +83,12 @@ pub fn check(dir: &Path, max_rules: u32, revoked_capacity: u32) -> Result<()> {
 }
 
 /// Removes the pins of maps that earlier releases made and this one does
-/// not use: the per-CPU counters and the live slots. Programs that still
+/// not use: the per-CPU counters, the live slots and the ports list.
+/// Programs that still
 /// use one keep it until they are replaced; the counts of live slots start
 /// again (see `Datapath::reconcile`).
 pub fn remove_legacy(dir: &Path) -> Result<()> {
-    for name in [MAP_COUNTERS_PER_CPU, MAP_SLOTS] {
+    for name in [MAP_COUNTERS_PER_CPU, MAP_SLOTS, MAP_PORTS] {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!("removing the pinned map {}: {e}", path.display()),
