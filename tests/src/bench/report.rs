@@ -143,9 +143,12 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "What makes a row move with the rules loaded: a hit does the same work at every size (worst ratio {hit_flat:.2} \
-         from {} to {} rules). A miss is cheapest while no rule names the packet's port: the ports list (one array \
-         read) sends it on without hashing its key; with {} rules most ports are named by some router's rule, so a \
-         miss pays the hash lookup too. A hit costs two hash lookups (the rule and its slot's counters) and the \
+         from {} to {} rules). A miss costs one array read while its bit in the rule filter is clear: the filter has \
+         one bit per hash of a rule's router, protocol and port (2^24 bits, 2 MiB), so the rules of other routers on \
+         the same port do not make it hash its key; with {} rules about 6% of the bits are set, and a miss whose bit \
+         is set pays the hash lookup too. Until this run the filter was one bit per protocol and port for all \
+         routers at once: a miss cost 46 ns at 1 rule and 68 ns at 1M (run of commit 03b9ac9), as the other \
+         routers' rules named every port. A hit costs two hash lookups (the rule and its slot's counters) and the \
          parse, so it cannot come within 2x of one lookup alone; the way on is the tagged counter in the rule's own \
          entry, which needs a way to read it after the rule is gone (the never-tagged check of a delete).\n",
         label(first),
@@ -330,7 +333,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         "The kernel's own count of the programs' run time (BPF run-time statistics, turned on only after the rounds, \
          for ten bursts per router; each run then also pays two clock reads): the empty program {empty_ns:.0} ns per \
          packet, enforcer's program {}. What enforcer's program does beyond being on the hook (parse the headers, \
-         read the revoked-flows switch and the ports list) is {:.0} ns, {:.1}% of this router's time per packet; the \
+         read the revoked-flows switch and the rule filter) is {:.0} ns, {:.1}% of this router's time per packet; the \
          rest of a ratio's distance from 1 is the hook, the table and the method's resolution.\n",
         own.join(", "),
         worst_own - empty_ns,
@@ -382,7 +385,8 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          | the same without the record of where each glue was last verified (every glue listed by `nft`) | {:.0} ms / {:.0} ms |\n\
          | the Neutron way's resync of the same routers (iptables-save + iptables-restore of each raw table) | {:.0} ms |\n\
          | daemon memory: empty / with {n} routers / after a restart / after every router removed and added again | {:.1} / {:.1} / {:.1} / {:.1} MiB |\n\
-         | helper creates from {} clients at once on one router, each pipelining its requests (group commit: {:.1} changes per commit) | {:.0} per second |\n\
+         | helper creates from {} clients at once on one router, each pipelining its requests, median of 3 rounds of 1,000 per client (group commit: {:.1} changes per commit) | {:.0} per second |\n\
+         | deletes of them the same way, median of 2 rounds | {:.0} per second |\n\
          | one helper set request of {} helpers | {:.0} ms ({:.0} helpers per second) |\n\
          | delete of a rule that never tagged a packet, one client, p50 / p99 | {:.2} / {:.2} ms |\n",
         add(0.5),
@@ -405,6 +409,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         f.clients,
         f.changes_per_commit,
         f.creates_per_sec,
+        f.deletes_per_sec,
         f.bulk_set.0,
         f.bulk_set.1,
         f.bulk_set.0 as f64 / (f.bulk_set.1 / 1000.0),
@@ -439,6 +444,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let _ = writeln!(md, "| restart at least 10x faster than the Neutron way's resync of the same routers | {resync_x:.1}x ({cold_x:.1}x without the record) | {} |", verdict(resync_x >= 10.0));
     let _ = writeln!(md, "| `status` under 100 ms at {} routers | {:.1} ms | {} |", f.routers, f.status_ms, verdict(f.status_ms < 100.0));
     let _ = writeln!(md, "| at least 50,000 helper creates per second from concurrent clients (pipelined) | {:.0} per second | {} |", f.creates_per_sec, verdict(f.creates_per_sec >= 50_000.0));
+    let _ = writeln!(md, "| at least 50,000 helper deletes per second from concurrent clients (pipelined) | {:.0} per second | {} |", f.deletes_per_sec, verdict(f.deletes_per_sec >= 50_000.0));
     let _ = writeln!(md, "| delete of a rule without connections, p50 under 1 ms | {:.2} ms | {} |", f.delete_p50_ms, verdict(f.delete_p50_ms < 1.0));
     let churn = f.rss_after_churn / f.rss_before_churn;
     let _ = writeln!(md, "| memory flat under router churn (within 20%) | {:.1} to {:.1} MiB | {} |", f.rss_before_churn, f.rss_after_churn, verdict(churn <= 1.2));
@@ -462,31 +468,30 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          power loss is put back from the journal at start), so throughput grows with the clients waiting at once ({:.1} changes per commit with {} clients); each change \
          still costs its own request round trip, validation, map updates and audit line on two cores, and one \
          client waits for the disk's sync on every change. A helper set request carries many changes in one round \
-         trip ({:.0} helpers per second), and pipelined requests many changes per connection (§8). What is left \
-         per change, measured with `perf` (16 clients pipelining creates on one router): the group loop's thread \
-         spends about a third handling the request (a tenth of it in the map updates, three `bpf` calls), a fifth in \
-         the store's inserts and commit, and a fifth writing the audit line (its JSON, the file, the log line), with \
-         malloc in all of them; the second core idles part of the time, as the group loop is one thread (with 16 \
-         clients the machine was 40% idle, `vmstat`). The disk's sync is not what limits it: 7% of the loop's \
-         time (p50 1.1 ms per commit of about 480 changes, `perf trace`), so overlapping the next group with the \
-         commit gains at most that; the kernel's hash map updates cost about 1.5 us each (`perf`; the rules, slots and \
-         counters maps are not preallocated). Writing a pipelining connection's ready answers in one write instead \
-         of one each was tried and measured no faster. A group's \
-         audit lines now go to the file in one write instead of one each. Helper ids \
-         the daemon makes are time-ordered (UUIDv7), so a group's inserts land in a few pages of the \
-         store's B-tree instead of one page each: with random ids creates slowed down as the table grew (about \
-         14,500, 11,000 and 10,000 per second over three rounds of 16,000 creates; now about 26,000, 21,000 and \
-         22,000, measured back to back). The log names each audited change instead of repeating its JSON line, and \
-         a create's audit entry no longer carries the router as its before-state: together 10 to 30% more creates \
-         per second. The group loop in two stages was built and measured: the next group handled and applied to the \
-         maps while the previous one is committed and its audit lines written, on a thread of its own (a failed \
-         commit failing the group after it too, every other lock taker waiting for the commit). Against the one-stage \
-         loop, 16 pipelining clients, five alternating runs of six rounds: 46,800 against 44,800 creates per second \
-         and 37,400 against 39,600 deletes, within the noise, so it was not landed. The two cores are busy: the \
-         handling stage then took twice its time per change, sharing them with the commit thread, the connections' \
-         parsing and answers, and the clients. The way on is less work per change: the map updates of a group in one \
-         `BPF_MAP_UPDATE_BATCH` per map, the slots map (which no program reads) left out, the audit entry \
-         serialized once instead of through a JSON value, and a binary or batched wire form for bulk clients. The per-change comparison with iptables-restore counts enforcer's create + \
+         trip ({:.0} helpers per second), and pipelined requests many changes per connection (§8). What this run \
+         changed per change, each measured against the build before it, 16 pipelining clients on one router, four \
+         alternating runs of four rounds (medians of the runs' middle rounds, by hand): the slots map is gone (a \
+         slot is live while a rule names it, and no program read the map), so a create makes two `bpf` calls instead \
+         of three and a delete four instead of six; a group of more than eight changes is one line in the daemon's \
+         log instead of a line each (6.5% of the daemon's time, `perf`; the audit file still has every entry); \
+         together about 50,000 to 58,000 creates and 43,000 to 52,000 deletes per second. A connection's answers \
+         that are ready together now go out in one write (one `send` per answer was a sixth of the daemon's time): \
+         62,000 creates and 55,000 deletes per second. With 1,000 routers of 10 helpers on the host the same \
+         clients measured about 45,000 creates per second, and the rate moves by about 20% from round to round \
+         (the clients share the two cores with the daemon), so the bench takes the median of its rounds. What is \
+         left per change (`perf`): malloc in every step (about a fifth), the kernel's hash map updates (about 1.5 \
+         us each; the rules and counters maps are not preallocated), the JSON of the request, the answer and the \
+         audit entry, and the store's inserts. The disk's sync is not what limits it: 7% of the group loop's time \
+         (p50 1.1 ms per commit of about 480 changes, `perf trace`). A group's audit lines go to the file in one \
+         write. Helper ids the daemon makes are time-ordered (UUIDv7), so a group's inserts land in a few pages of \
+         the store's B-tree instead of one page each. The group loop in two stages was built and measured in an \
+         earlier run: the next group handled and applied to the maps while the previous one is committed, on a \
+         thread of its own; against the one-stage loop 46,800 against 44,800 creates per second and 37,400 against \
+         39,600 deletes, within the noise, so it was not landed: the two cores are busy, and the handling stage \
+         took twice its time per change sharing them. Two malloc arenas instead of one measured no faster. The way \
+         on is less work per change: the map updates of a group in one `BPF_MAP_UPDATE_BATCH` per map, the audit \
+         entry serialized once instead of through a JSON value, and a binary or batched wire form for bulk \
+         clients. The per-change comparison with iptables-restore counts enforcer's create + \
          delete halved; the Neutron delete grows with N (a whole-table save and restore) while enforcer's does not, \
          so the ratio grows with N ({:.0}x at the largest N measured). Chain costs derived from forwarding rates are \
          noisy on 2 vCPUs.",
