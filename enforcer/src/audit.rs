@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::api::{ApiError, AuditEntry, Caller, Event};
+use crate::api::{ApiError, AuditEntry, Caller, Event, Record};
 
 
 /// Groups of up to this many entries are named in the log entry by entry.
@@ -67,8 +67,8 @@ impl AuditEntry {
             op: op.to_string(),
             router_id: router_id.map(str::to_string),
             helper_id: None,
-            before,
-            after: Some(after),
+            before: before.map(Record::Json),
+            after: Some(Record::Json(after)),
             result: error.as_ref().map_or("ok", |(failed, _)| *failed).to_string(),
             error: error.map(|(_, e)| e),
         }
@@ -197,8 +197,7 @@ impl Audit {
                 AuditEntry { seq: Some(seq - 1), ..e }
             })
             .collect();
-        let lines = entries.iter().map(serde_json::to_vec).collect::<Result<_, _>>()?;
-        Ok(Staged { entries, lines })
+        Staged::of(entries)
     }
 
     /// Appends staged entries. `journaled`: the store holds them (the
@@ -207,11 +206,7 @@ impl Audit {
         // The group's lines go out in one write (one more per rotation): a
         // write per line cost each change a system call.
         log(&staged.entries);
-        let mut pending = Vec::new();
-        for (entry, line) in staged.entries.iter().zip(staged.lines) {
-            self.queue_line(entry, line, &mut pending)?;
-        }
-        self.write_out(&mut pending)?;
+        self.write_lines(&staged)?;
         if !journaled {
             self.sync()?;
         }
@@ -223,9 +218,12 @@ impl Audit {
 
     fn write(&mut self, entry: &AuditEntry) -> Result<()> {
         let entry = AuditEntry { seq: Some(self.next_seq), ..entry.clone() };
-        self.append_line(&entry, serde_json::to_vec(&entry)?)?;
+        log(std::slice::from_ref(&entry));
+        let staged = Staged::of(vec![entry])?;
+        self.write_lines(&staged)?;
         self.sync()?;
-        self.announce(|| Event::of(&entry));
+        let entry = &staged.entries[0];
+        self.announce(|| Event::of(entry));
         Ok(())
     }
 
@@ -267,35 +265,30 @@ impl Audit {
         Ok(())
     }
 
-    /// One write of one line (`entry` as JSON), so lines never interleave.
-    fn append_line(&mut self, entry: &AuditEntry, line: Vec<u8>) -> Result<()> {
-        log(std::slice::from_ref(entry));
-        let mut pending = Vec::new();
-        self.queue_line(entry, line, &mut pending)?;
-        self.write_out(&mut pending)
+    /// Writes staged lines in one write (whole lines, so they never
+    /// interleave), and one more per rotation: the file is rotated before a
+    /// line that would cross the limit, with the lines before it written.
+    fn write_lines(&mut self, staged: &Staged) -> Result<()> {
+        let mut from = 0;
+        for (i, entry) in staged.entries.iter().enumerate() {
+            let (start, end) = staged.span(i);
+            let len = (end - start) as u64;
+            if self.size > 0 && self.size + len > self.limits.max_bytes {
+                self.write_out(&staged.text[from..start])?;
+                from = start;
+                self.rotate()?;
+            }
+            self.size += len;
+            if let Some(seq) = entry.seq {
+                self.next_seq = self.next_seq.max(seq + 1);
+            }
+        }
+        self.write_out(&staged.text[from..])
     }
 
-    /// Writes the lines queued in `pending` to the file, and empties it.
-    fn write_out(&mut self, pending: &mut Vec<u8>) -> Result<()> {
-        if !pending.is_empty() {
-            self.file.write_all(pending).context("writing the audit log")?;
-            pending.clear();
-        }
-        Ok(())
-    }
-
-    /// Queues `entry`'s line in `pending`, rotating the file first (with
-    /// what is queued written out) where the line would cross the limit.
-    fn queue_line(&mut self, entry: &AuditEntry, mut line: Vec<u8>, pending: &mut Vec<u8>) -> Result<()> {
-        line.push(b'\n');
-        if self.size > 0 && self.size + line.len() as u64 > self.limits.max_bytes {
-            self.write_out(pending)?;
-            self.rotate()?;
-        }
-        pending.extend_from_slice(&line);
-        self.size += line.len() as u64;
-        if let Some(seq) = entry.seq {
-            self.next_seq = self.next_seq.max(seq + 1);
+    fn write_out(&mut self, text: &[u8]) -> Result<()> {
+        if !text.is_empty() {
+            self.file.write_all(text).context("writing the audit log")?;
         }
         Ok(())
     }
@@ -352,7 +345,7 @@ impl Audit {
                 router_id: None,
                 helper_id: None,
                 before: None,
-                after: Some(serde_json::json!({ "refused_requests": n })),
+                after: Some(serde_json::json!({ "refused_requests": n }).into()),
                 result: "rate_limited".to_string(),
                 error: None,
             })?;
@@ -430,24 +423,50 @@ fn ends_a_line(path: &Path) -> Result<bool> {
 /// [`Audit::stage`].
 pub struct Staged {
     entries: Vec<AuditEntry>,
-    /// Each entry as JSON, serialized once for the journal and the log.
-    lines: Vec<Vec<u8>>,
+    /// The entries as JSON lines, serialized once for the journal and the
+    /// log, into one buffer (a buffer per line cost each change allocations).
+    text: Vec<u8>,
+    /// Where each line ends, past its newline.
+    ends: Vec<usize>,
 }
 
 impl Staged {
-    /// (seq, line) for the store's journal.
-    pub fn journal(&self) -> Vec<(u64, Vec<u8>)> {
-        self.entries.iter().zip(&self.lines).map(|(e, line)| (e.seq.unwrap_or_default(), line.clone())).collect()
+    fn of(entries: Vec<AuditEntry>) -> Result<Self> {
+        let mut text = Vec::with_capacity(entries.len() * 1024);
+        let mut ends = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            serde_json::to_writer(&mut text, entry)?;
+            text.push(b'\n');
+            ends.push(text.len());
+        }
+        Ok(Self { entries, text, ends })
+    }
+
+    /// Line `i`'s place in `text`, its newline included.
+    fn span(&self, i: usize) -> (usize, usize) {
+        (if i == 0 { 0 } else { self.ends[i - 1] }, self.ends[i])
+    }
+
+    /// (seq, line) for the store's journal, without the newlines.
+    pub fn journal(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.entries.iter().enumerate().map(|(i, e)| {
+            let (start, end) = self.span(i);
+            (e.seq.unwrap_or_default(), &self.text[start..end - 1])
+        })
     }
 
     /// The group's commit failed: what was to be done is recorded as not
     /// done, with the reason.
     pub fn failed(&mut self, error: &ApiError) {
-        for (entry, line) in self.entries.iter_mut().zip(&mut self.lines).filter(|(e, _)| e.result == "ok") {
+        let mut entries = std::mem::take(&mut self.entries);
+        for entry in entries.iter_mut().filter(|e| e.result == "ok") {
             entry.result = "internal".to_string();
             entry.after = None;
             entry.error = Some(error.clone());
-            *line = serde_json::to_vec(entry).unwrap_or_else(|_| std::mem::take(line));
+        }
+        match Self::of(entries) {
+            Ok(again) => *self = again,
+            Err(e) => tracing::warn!("audit: serializing the failed group's entries: {e}"),
         }
     }
 }
@@ -612,7 +631,7 @@ mod tests {
         let summary: Vec<_> = all.iter().filter(|e| e.op == "refusals_held_back").collect();
         assert_eq!(summary.len(), 1);
         assert_eq!(summary[0].caller.uid, 2009);
-        assert_eq!(summary[0].after.as_ref().unwrap()["refused_requests"], 995);
+        assert_eq!(summary[0].after.as_ref().unwrap().to_value()["refused_requests"], 995);
         // Nothing more held back: no further summary.
         audit.summarize_refusals().unwrap();
         assert_eq!(audit.read(None).unwrap().len(), all.len());
@@ -626,7 +645,7 @@ mod tests {
         let mut audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
         audit.record(&entry(&Audit::now(), "ok", 1)).unwrap();
         let staged = audit.stage((0..3).map(|_| entry(&Audit::now(), "ok", 2)).collect()).unwrap();
-        let journal = staged.journal();
+        let journal: Vec<(u64, Vec<u8>)> = staged.journal().map(|(seq, line)| (seq, line.to_vec())).collect();
         assert_eq!(journal.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [2, 3, 4]);
         audit.append(staged, true).unwrap();
         assert_eq!(audit.synced(), 1, "the group's entries wait for the periodic sync");
@@ -656,7 +675,7 @@ mod tests {
         let dir = scratch();
         let mut audit = Audit::open(&dir, AuditLimits::default(), &[]).unwrap();
         let staged = audit.stage(vec![entry(&Audit::now(), "ok", 2)]).unwrap();
-        let journal = staged.journal();
+        let journal: Vec<(u64, Vec<u8>)> = staged.journal().map(|(seq, line)| (seq, line.to_vec())).collect();
         drop(audit);
         // A release without numbers wrote last.
         let old = serde_json::to_vec(&entry(&Audit::now(), "ok", 3)).unwrap();

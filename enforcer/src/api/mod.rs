@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 mod audit;
 mod dump;
 
-pub use audit::{AuditEntry, Caller, Event, EventKind};
+pub use audit::{AuditEntry, Caller, Event, EventKind, Record};
 pub use dump::{Dump, SlotEntry};
 
 /// Default socket path; `--socket` or `ENFORCER_SOCKET` change it.

@@ -259,7 +259,8 @@ pub fn print_event(e: &enforcer::api::Event) {
     if let Some(h) = &entry.helper_id {
         line.push_str(&format!("  helper={h}"));
     }
-    let after = entry.after.as_ref();
+    let after = entry.after.as_ref().map(enforcer::api::Record::to_value);
+    let after = after.as_ref();
     let figure = |key: &str| after.and_then(|a| a.get(key)).filter(|v| !v.is_null()).map(|v| format!("  {key}={v}"));
     for key in ["slot", "conntrack_entries_removed", "flows_kept_dead", "missed"] {
         line.push_str(&figure(key).unwrap_or_default());

@@ -66,8 +66,9 @@ struct RouterState {
 struct Index {
     /// Helper id -> router id (ids are unique across routers).
     ids: HashMap<String, String>,
-    /// (router, protocol, port) -> helper id.
-    tuples: HashMap<(String, Protocol, u16), String>,
+    /// Router -> (protocol, port) -> helper id: found by the router's id
+    /// as given, without a key made (and freed) per lookup.
+    tuples: HashMap<String, HashMap<(Protocol, u16), String>>,
 }
 
 impl Index {
@@ -82,18 +83,24 @@ impl Index {
     fn add(&mut self, h: &HelperRecord) {
         let r = &h.helper.router_id;
         self.ids.insert(h.helper.id.clone(), r.clone());
-        self.tuples.insert((r.clone(), h.helper.protocol, h.helper.port), h.helper.id.clone());
+        self.tuples.entry(r.clone()).or_default().insert((h.helper.protocol, h.helper.port), h.helper.id.clone());
     }
 
     fn remove(&mut self, h: &HelperRecord) {
-        let r = &h.helper.router_id;
         self.ids.remove(&h.helper.id);
-        self.tuples.remove(&(r.clone(), h.helper.protocol, h.helper.port));
+        if let Some(tuples) = self.tuples.get_mut(&h.helper.router_id) {
+            tuples.remove(&(h.helper.protocol, h.helper.port));
+        }
+    }
+
+    /// The helper of (router, protocol, port), if any.
+    fn tuple(&self, router: &str, protocol: Protocol, port: u16) -> Option<&String> {
+        self.tuples.get(router)?.get(&(protocol, port))
     }
 
     fn forget_router(&mut self, router: &str) {
         self.ids.retain(|_, r| r != router);
-        self.tuples.retain(|(r, ..), _| r != router);
+        self.tuples.remove(router);
     }
 }
 

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 use super::{Acting, DEFAULT_PROJECT, Daemon, GlueDone, RouterState, kind_of, netns_id, rule_key};
 use crate::{
     api::{ApiError, ErrorCode, GlueState, Helper, Owner, Protocol, Reply, Request, Router, RouterStatus, StatusReport},
-    api::{AuditEntry, Caller, Event, HelperSpec},
+    api::{AuditEntry, Caller, Event, HelperSpec, Record},
     audit::{self, Audit},
     auth,
     catalogue::HelperKind,
@@ -233,8 +233,8 @@ impl Daemon {
             _ => helper_id,
         };
         let after = match &result {
-            Ok(Reply::Revoked(r)) => serde_json::to_value(r).ok(),
-            Ok(Reply::HelperSet(r)) => serde_json::to_value(r).ok(),
+            Ok(Reply::Revoked(r)) => Some(Record::Revoked(r.clone())),
+            Ok(Reply::HelperSet(r)) => Some(Record::HelperSet(r.clone())),
             Ok(_) => self.snapshot(router_id.as_deref(), helper_id.as_deref()),
             Err(_) => None,
         };
@@ -301,13 +301,13 @@ impl Daemon {
     }
 
     /// The helper (or else the router) a request is about, as it stands.
-    fn snapshot(&self, router: Option<&str>, helper: Option<&str>) -> Option<serde_json::Value> {
+    fn snapshot(&self, router: Option<&str>, helper: Option<&str>) -> Option<Record> {
         let router = router?;
         if let Some(helper) = helper {
             let h = self.helpers.get(&(router.to_string(), helper.to_string()))?;
-            return serde_json::to_value(&h.helper).ok();
+            return Some(Record::Helper(h.helper.clone()));
         }
-        serde_json::to_value(Self::router_view(self.routers.get(router)?)).ok()
+        Some(Record::Router(Self::router_view(self.routers.get(router)?)))
     }
 
     /// Handles an authorized request; `glue` is the glue step already done
@@ -542,7 +542,7 @@ impl Daemon {
     }
 
     fn check_tuple_free(&self, router: &str, protocol: Protocol, port: u16, except: Option<&str>) -> Result<(), ApiError> {
-        match self.index.tuples.get(&(router.to_string(), protocol, port)) {
+        match self.index.tuple(router, protocol, port) {
             Some(id) if Some(id.as_str()) != except => {
                 let name = self.helpers.get(&(router.to_string(), id.clone())).map(|h| h.helper.helper.as_str()).unwrap_or("?");
                 Err(ApiError::new(

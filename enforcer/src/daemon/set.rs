@@ -62,7 +62,7 @@ impl Daemon {
             }
             let id = match spec.id {
                 Some(id) => validate::uuid("id", &id).map_err(|e| at(i, e))?,
-                None => match self.index.tuples.get(&(router.to_string(), protocol, port)) {
+                None => match self.index.tuple(router, protocol, port) {
                     Some(id) => id.clone(),
                     None => super::ops::new_helper_id(),
                 },

@@ -66,8 +66,10 @@ pub struct Store {
 struct Group {
     txn: redb::WriteTransaction,
     pending: Vec<Change>,
-    /// Audit lines to journal with the changes (see `Store::journal`).
-    journal: Vec<(u64, Vec<u8>)>,
+    /// Audit lines to journal with the changes (see `Store::journal`),
+    /// framed as their row holds them, and the last seq among them.
+    journal: Vec<u8>,
+    last: Option<u64>,
     /// Journal rows up to this seq are in the synced audit log.
     synced: u64,
 }
@@ -183,7 +185,7 @@ impl Store {
         // One writer at a time: a group left open (a panic) would block.
         self.abandon_group();
         let txn = self.db().map_err(ApplyError::Store)?.begin_write().map_err(|e| ApplyError::Store(e.into()))?;
-        self.group = Some(Group { txn, pending: Vec::new(), journal: Vec::new(), synced: 0 });
+        self.group = Some(Group { txn, pending: Vec::new(), journal: Vec::new(), last: None, synced: 0 });
         Ok(())
     }
 
@@ -195,9 +197,12 @@ impl Store {
 
     /// Journals audit lines (seq, JSON) in the open group, to be durable
     /// with its changes; rows up to `synced` (in the synced audit log) go.
-    pub fn journal(&mut self, lines: Vec<(u64, Vec<u8>)>, synced: u64) -> Result<()> {
+    pub fn journal<'a>(&mut self, lines: impl IntoIterator<Item = (u64, &'a [u8])>, synced: u64) -> Result<()> {
         let group = self.group.as_mut().context("no group open to journal the audit lines in")?;
-        group.journal.extend(lines);
+        for (seq, line) in lines {
+            frame(&mut group.journal, seq, line)?;
+            group.last = group.last.max(Some(seq));
+        }
         group.synced = synced;
         Ok(())
     }
@@ -231,7 +236,7 @@ impl Store {
     /// such as a full disk that only shows at the sync) none is.
     pub fn commit_group(&mut self) -> Result<(), ApplyError> {
         let Some(group) = self.group.take() else { return Ok(()) };
-        if let Err(e) = write(&group.txn, &group.pending).and_then(|()| journal(&group.txn, &group.journal, group.synced)) {
+        if let Err(e) = write(&group.txn, &group.pending).and_then(|()| journal(&group.txn, &group.journal, group.last, group.synced)) {
             let _ = group.txn.abort();
             return Err(ApplyError::Store(e));
         }
@@ -278,20 +283,22 @@ fn write(txn: &redb::WriteTransaction, changes: &[Change]) -> Result<()> {
 /// insert per commit, not one per line (each row of a B-tree costs its
 /// pages again at every commit that touches them). The value frames each
 /// line as seq (u64), length (u32), bytes, all little-endian.
-fn journal(txn: &redb::WriteTransaction, lines: &[(u64, Vec<u8>)], synced: u64) -> Result<()> {
+fn journal(txn: &redb::WriteTransaction, row: &[u8], last: Option<u64>, synced: u64) -> Result<()> {
     let mut table = txn.open_table(AUDIT_JOURNAL)?;
     // Rows the synced log holds, oldest first.
     while table.first()?.is_some_and(|(k, _)| k.value() <= synced) {
         table.pop_first()?;
     }
-    let Some(last) = lines.iter().map(|(seq, _)| *seq).max() else { return Ok(()) };
-    let mut row = Vec::with_capacity(lines.iter().map(|(_, l)| l.len() + 12).sum());
-    for (seq, line) in lines {
-        row.extend_from_slice(&seq.to_le_bytes());
-        row.extend_from_slice(&u32::try_from(line.len())?.to_le_bytes());
-        row.extend_from_slice(line);
-    }
-    table.insert(last, row.as_slice())?;
+    let Some(last) = last else { return Ok(()) };
+    table.insert(last, row)?;
+    Ok(())
+}
+
+/// Appends one line to a journal row.
+fn frame(row: &mut Vec<u8>, seq: u64, line: &[u8]) -> Result<()> {
+    row.extend_from_slice(&seq.to_le_bytes());
+    row.extend_from_slice(&u32::try_from(line.len())?.to_le_bytes());
+    row.extend_from_slice(line);
     Ok(())
 }
 
@@ -453,25 +460,25 @@ mod tests {
     fn audit_lines_are_journaled_with_their_group_and_go_once_synced() {
         let dir = tempdir();
         let mut store = Store::open(&dir).unwrap();
-        assert!(store.journal(vec![(1, b"x".to_vec())], 0).is_err(), "only inside a group");
+        assert!(store.journal([(1, &b"x"[..])], 0).is_err(), "only inside a group");
         assert!(store.journaled().unwrap().is_empty());
         store.begin_group().unwrap();
         store.apply(&[Change::PutHelper(helper("r", "a", 1))], || Ok(())).unwrap();
-        store.journal(vec![(1, b"one".to_vec()), (2, b"two".to_vec())], 0).unwrap();
+        store.journal([(1, &b"one"[..]), (2, &b"two"[..])], 0).unwrap();
         store.commit_group().unwrap();
         assert_eq!(store.journaled().unwrap(), [(1, b"one".to_vec()), (2, b"two".to_vec())]);
         // A failed group journals nothing.
         store.begin_group().unwrap();
-        store.journal(vec![(3, b"three".to_vec())], 2).unwrap();
+        store.journal([(3, &b"three"[..])], 2).unwrap();
         assert!(store.abandon_group());
         assert_eq!(store.journaled().unwrap().len(), 2);
         // A group's row goes once the synced log holds all of its lines.
         store.begin_group().unwrap();
-        store.journal(vec![(3, b"three".to_vec())], 1).unwrap();
+        store.journal([(3, &b"three"[..])], 1).unwrap();
         store.commit_group().unwrap();
         assert_eq!(store.journaled().unwrap().len(), 3, "line 2 is not synced yet");
         store.begin_group().unwrap();
-        store.journal(vec![(4, b"four".to_vec())], 2).unwrap();
+        store.journal([(4, &b"four"[..])], 2).unwrap();
         store.commit_group().unwrap();
         assert_eq!(store.journaled().unwrap(), [(3, b"three".to_vec()), (4, b"four".to_vec())]);
         drop(store);
