@@ -64,6 +64,10 @@ pub const GLOBAL_QUIET_NS: &str = "QUIET_NS";
 pub const FILTER_BITS_LOG2: u32 = 24;
 /// Words of `MAP_RULE_FILTER`.
 pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
+/// `MAP_RULE_FILTER` is made with this flag (the kernel's
+/// `BPF_F_MMAPABLE`): the daemon maps its words and changes a bit with a
+/// store instead of a system call.
+pub const FILTER_MAP_FLAGS: u32 = 1 << 10;
 
 /// Where a rule for (router, TCP or UDP, `port`) is in `MAP_RULE_FILTER`:
 /// (word, bit mask), by Fibonacci hashing of the three. Other protocols

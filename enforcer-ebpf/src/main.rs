@@ -52,7 +52,7 @@ static COUNTERS: HashMap<SlotKey, Counters> = HashMap::pinned(DEFAULT_MAX_RULES,
 /// The rules' bits (set by the daemon, see `filter_bit`): a packet whose
 /// bit is clear leaves after one array read, without hashing its key.
 #[map(name = "ENFORCER_RULE_FILTER")]
-static RULE_FILTER: Array<u64> = Array::pinned(FILTER_WORDS, 0);
+static RULE_FILTER: Array<u64> = Array::pinned(FILTER_WORDS, enforcer_common::FILTER_MAP_FLAGS);
 
 #[map(name = "ENFORCER_REVOKED")]
 static REVOKED: HashMap<FlowKey, RevokedFlow> = HashMap::pinned(MAX_REVOKED_FLOWS, 0);

@@ -457,7 +457,29 @@ fn a_restart_sets_the_bits_of_the_rules_it_finds() {
         filter.set(enforcer_common::filter_bit(ROUTER, proto, port).unwrap().0, 0, 0).unwrap();
     }
     assert!(!filtered_in(&bed, ROUTER, IPPROTO_TCP, 21));
+    // And a bit no rule stands for (left by an earlier run) is cleared.
+    let (stray_word, stray) = enforcer_common::filter_bit(ROUTER, IPPROTO_TCP, 22).unwrap();
+    filter.set(stray_word, stray, 0).unwrap();
     let again = Datapath::load(&bed.dir, MarkLayout::DEFAULT, 1024, RevokedPolicy { quiet_ns: QUIET_NS, ..Default::default() }).unwrap();
     assert!(filtered_in(&bed, ROUTER, IPPROTO_TCP, 21) && filtered_in(&bed, ROUTER, IPPROTO_UDP, 69));
+    assert!(!filtered_in(&bed, ROUTER, IPPROTO_TCP, 22), "the stray bit was cleared");
+    drop(again);
+}
+
+#[test]
+fn a_filter_that_cannot_be_mapped_is_made_again_at_start() {
+    let bed = Bed::new(MarkLayout::DEFAULT);
+    // An earlier build's filter was a plain array: a pin in its place that
+    // is not the mappable one (here the debug switch, another plain array).
+    let pin = bed.dir.join(enforcer_common::MAP_RULE_FILTER);
+    std::fs::remove_file(&pin).unwrap();
+    aya::maps::MapData::from_pin(bed.dir.join(enforcer_common::MAP_DEBUG)).unwrap().pin(&pin).unwrap();
+    let again = Datapath::load(&bed.dir, MarkLayout::DEFAULT, 1024, RevokedPolicy { quiet_ns: QUIET_NS, ..Default::default() }).unwrap();
+    let info = aya::maps::MapData::from_pin(&pin).unwrap().info().unwrap();
+    assert_ne!(info.map_flags() & enforcer_common::FILTER_MAP_FLAGS, 0, "the pin is the mappable filter now");
+    assert_eq!(info.max_entries(), enforcer_common::FILTER_WORDS);
+    assert!(filtered_in(&bed, ROUTER, IPPROTO_TCP, 21) && filtered_in(&bed, ROUTER, IPPROTO_UDP, 69));
+    // The programs of this start read it: the rules' packets are tagged.
+    assert_eq!(bed.tag(&ipv4(IPPROTO_TCP, 21, 0, 0), 0), MarkLayout::DEFAULT.encode(FTP, 7));
     drop(again);
 }

@@ -197,7 +197,10 @@ impl Datapath {
         let rules: HashMap<MapData, RuleKey, RuleValue> = take(&mut control, MAP_RULES)?;
         // Before any program of this build runs: a rules map left by an
         // earlier run (or version) gets its rules' bits in the filter.
-        let filter = filter::RuleFilter::new(take(&mut control, enforcer_common::MAP_RULE_FILTER)?, rules.keys().filter_map(|k| k.ok()))?;
+        let filter = filter::RuleFilter::new(
+            control.take_map(enforcer_common::MAP_RULE_FILTER).ok_or_else(|| anyhow!("map {} missing", enforcer_common::MAP_RULE_FILTER))?,
+            rules.keys().filter_map(|k| k.ok()),
+        )?;
         // Then every router's `tag` (this start's, and those an earlier one
         // pinned) runs this `classify`. The pin keeps the entry after this
         // descriptor is closed.
@@ -471,7 +474,7 @@ impl Datapath {
         let rules: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
         for k in rules {
             if self.rules.remove(&k).is_ok() {
-                let _ = self.filter.remove(&k);
+                self.filter.remove(&k);
             }
         }
         remove_router_keys!(self.counters);
@@ -518,16 +521,16 @@ impl Datapath {
         // The rule's bit is set before the rule goes in, so its first packet
         // is looked up. A rule already there (found by the insert itself,
         // with no lookup first) is replaced and its bit stays counted once.
-        self.filter.add(&rule)?;
+        self.filter.add(&rule);
         let inserted = match self.rules.insert(rule, value, BPF_NOEXIST) {
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                self.filter.remove(&rule)?;
+                self.filter.remove(&rule);
                 return self.rules.insert(rule, value, 0).context("replacing rule");
             }
             other => other,
         };
         if inserted.is_err() {
-            self.filter.remove(&rule)?;
+            self.filter.remove(&rule);
         }
         inserted.context("inserting rule (is the rules map full? see max_rules)")
     }
@@ -538,7 +541,7 @@ impl Datapath {
     pub fn revoke(&mut self, router: RouterIndex, proto: u8, port: u16) -> Result<()> {
         let rule = RuleKey::new(router, proto, port);
         if remove_if_present(&mut self.rules, &rule)? {
-            self.filter.remove(&rule)?;
+            self.filter.remove(&rule);
         }
         Ok(())
     }
@@ -577,7 +580,7 @@ impl Datapath {
             counters_removed: counters_del.len(),
             routers_added: routers_add.len(),
             routers_removed: routers_del.len(),
-            filter_fixed: self.filter.drift(want.rules.keys().copied())?,
+            filter_fixed: self.filter.drift(want.rules.keys().copied()),
         };
         if !apply {
             return Ok(drift);
@@ -591,7 +594,7 @@ impl Datapath {
         }
         // The bits of the rules to come are set first, and those of the
         // rules that go cleared only once they are gone.
-        self.filter.rebuild(want.rules.keys().chain(rules_del.iter()).copied())?;
+        self.filter.rebuild(want.rules.keys().chain(rules_del.iter()).copied());
         for (k, v) in rules_add {
             self.rules.insert(k, v, 0)?;
         }
@@ -601,7 +604,7 @@ impl Datapath {
         for k in rules_del {
             remove_if_present(&mut self.rules, &k)?;
         }
-        self.filter.rebuild(want.rules.keys().copied())?;
+        self.filter.rebuild(want.rules.keys().copied());
         for k in counters_del {
             let _ = self.counters.remove(&k);
         }

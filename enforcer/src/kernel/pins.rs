@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
     Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_RULE_FILTER, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
-    FILTER_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
+    FILTER_MAP_FLAGS, FILTER_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
 /// What a pinned map must be.
@@ -33,7 +33,9 @@ fn def<K, V>(map_type: MapType, max_entries: u32) -> Definition {
 }
 
 /// Every pinned map, as this build needs it with these capacities.
-pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 8] {
+/// (Not the rule filter: it holds nothing the rules map does not, so one
+/// made otherwise is replaced, see `remove_legacy`.)
+pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 7] {
     [
         (MAP_RULES, def::<RuleKey, RuleValue>(MapType::Hash, max_rules)),
         (MAP_COUNTERS, def::<SlotKey, Counters>(MapType::Hash, max_rules)),
@@ -41,7 +43,6 @@ pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Defini
         (MAP_REVOKED, def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity)),
         (MAP_REVOKED_ACTIVE, def::<u32, u32>(MapType::Array, 1)),
         (MAP_DEBUG, def::<u32, u32>(MapType::Array, 1)),
-        (MAP_RULE_FILTER, def::<u32, u64>(MapType::Array, FILTER_WORDS)),
         // aya-log-ebpf 0.2's ring buffer: 128 KiB.
         (MAP_LOGS, def::<(), ()>(MapType::RingBuf, 1 << 17)),
     ]
@@ -83,14 +84,21 @@ pub fn check(dir: &Path, max_rules: u32, revoked_capacity: u32) -> Result<()> {
 }
 
 /// Removes the pins of maps that earlier releases made and this one does
-/// not use: the per-CPU counters, the live slots and the ports list.
-/// Programs that still
-/// use one keep it until they are replaced; the counts of live slots start
-/// again (see `Datapath::reconcile`).
+/// not use (the per-CPU counters, the live slots and the ports list), and a
+/// rule filter that is not the mappable array this build maps (an earlier
+/// build's, with the flags 0): the loader then makes it again, and the
+/// daemon fills it from the rules map before any program of this start
+/// runs. Programs that still use one keep it until they are replaced; the
+/// counts of live slots start again (see `Datapath::reconcile`).
 pub fn remove_legacy(dir: &Path) -> Result<()> {
-    for name in [MAP_COUNTERS_PER_CPU, MAP_SLOTS, MAP_PORTS] {
-        let path = dir.join(name);
-        match std::fs::remove_file(&path) {
+    let filter = dir.join(MAP_RULE_FILTER);
+    let stale_filter = filter.exists()
+        && !MapData::from_pin(&filter).and_then(|m| m.info()).is_ok_and(|info| {
+            info.map_flags() & FILTER_MAP_FLAGS != 0 && info.max_entries() == FILTER_WORDS && info.value_size() == size_of::<u64>() as u32
+        });
+    let stale = [MAP_COUNTERS_PER_CPU, MAP_SLOTS, MAP_PORTS].map(|name| dir.join(name));
+    for path in stale.iter().chain(stale_filter.then_some(&filter)) {
+        match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!("removing the pinned map {}: {e}", path.display()),
             _ => {}
         }
