@@ -22,6 +22,10 @@ pub struct Results {
     /// Router adds with attach = netlink (clsact filters instead of tcx
     /// links), on as many routers of their own (ms).
     pub add_netlink_ms: Vec<f64>,
+    /// Router adds with tcx while the kernel's `rcu_expedited` is 1 (empty
+    /// if they could not be measured, and why).
+    pub add_expedited_ms: Vec<f64>,
+    pub expedited_unmeasured: Option<String>,
     /// Setting each router's helpers with one request (ms).
     pub set_ms: Vec<f64>,
     /// `status` with every router (median ms).
@@ -99,6 +103,10 @@ pub fn measure(scale: Scale) -> Results {
     let n = scale.pick(50, 1000);
     let mut out = Results { routers: n, helpers_per_router: 10, clients: 16, ..Default::default() };
     out.add_netlink_ms = netlink_adds(n);
+    match expedited_adds(n) {
+        Ok(adds) => out.add_expedited_ms = adds,
+        Err(e) => out.expedited_unmeasured = Some(e),
+    }
     let mut daemon = Daemon::start();
     out.rss_empty = rss(&daemon);
     let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
@@ -179,6 +187,43 @@ fn netlink_adds(n: usize) -> Vec<f64> {
     let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
     let _namespaces: Vec<Netns> = ids.iter().map(|id| router_ns(id)).collect();
     ids.iter().map(|id| timed(|| drop(call(&mut s, json!({"op": "router_add", "router_id": id}))))).collect()
+}
+
+/// The kernel's `rcu_expedited` switch, set to 1 for as long as this lives
+/// and put back as it was (also when the bench panics).
+struct Expedited(String);
+
+const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
+
+impl Expedited {
+    fn on() -> Result<Self, String> {
+        let was = std::fs::read_to_string(RCU_EXPEDITED).map_err(|e| format!("reading {RCU_EXPEDITED}: {e}"))?;
+        std::fs::write(RCU_EXPEDITED, "1").map_err(|e| format!("writing {RCU_EXPEDITED}: {e}"))?;
+        Ok(Self(was.trim().to_string()))
+    }
+}
+
+impl Drop for Expedited {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(RCU_EXPEDITED, &self.0) {
+            eprintln!("bench: could not put {RCU_EXPEDITED} back to {}: {e}", self.0);
+        }
+    }
+}
+
+/// Router adds with tcx (the default) while the kernel expedites RCU grace
+/// periods: a host-wide setting an operator may choose (it interrupts
+/// every CPU to end a grace period early), set here for these routers only
+/// (their removal included) to show what of an add is the grace period.
+fn expedited_adds(n: usize) -> Result<Vec<f64>, String> {
+    let _expedited = Expedited::on()?;
+    let daemon = Daemon::start();
+    let mut s = daemon.session();
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let _namespaces: Vec<Netns> = ids.iter().map(|id| router_ns(id)).collect();
+    let adds = ids.iter().map(|id| timed(|| drop(call(&mut s, json!({"op": "router_add", "router_id": id}))))).collect();
+    drop(daemon);
+    Ok(adds)
 }
 
 /// Starts the stopped daemon; returns when the API answered and when
