@@ -432,14 +432,19 @@ pub struct Staged {
 
 impl Staged {
     fn of(entries: Vec<AuditEntry>) -> Result<Self> {
+        let (text, ends) = Self::lines(&entries)?;
+        Ok(Self { entries, text, ends })
+    }
+
+    fn lines(entries: &[AuditEntry]) -> Result<(Vec<u8>, Vec<usize>)> {
         let mut text = Vec::with_capacity(entries.len() * 1024);
         let mut ends = Vec::with_capacity(entries.len());
-        for entry in &entries {
+        for entry in entries {
             serde_json::to_writer(&mut text, entry)?;
             text.push(b'\n');
             ends.push(text.len());
         }
-        Ok(Self { entries, text, ends })
+        Ok((text, ends))
     }
 
     /// Line `i`'s place in `text`, its newline included.
@@ -458,15 +463,14 @@ impl Staged {
     /// The group's commit failed: what was to be done is recorded as not
     /// done, with the reason.
     pub fn failed(&mut self, error: &ApiError) {
-        let mut entries = std::mem::take(&mut self.entries);
-        for entry in entries.iter_mut().filter(|e| e.result == "ok") {
+        for entry in self.entries.iter_mut().filter(|e| e.result == "ok") {
             entry.result = "internal".to_string();
             entry.after = None;
             entry.error = Some(error.clone());
         }
-        match Self::of(entries) {
-            Ok(again) => *self = again,
-            Err(e) => tracing::warn!("audit: serializing the failed group's entries: {e}"),
+        match Self::lines(&self.entries) {
+            Ok((text, ends)) => (self.text, self.ends) = (text, ends),
+            Err(e) => tracing::warn!("audit: serializing the failed group's entries again: {e}"),
         }
     }
 }
