@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use aya::maps::{Map, MapData};
+use aya::maps::{Map, MapData, MapInfo};
 use enforcer_common::{FILTER_MAP_FLAGS, FILTER_WORDS, RuleKey, filter_bit};
 
 pub struct RuleFilter {
@@ -85,6 +85,12 @@ impl RuleFilter {
     }
 }
 
+/// Whether a map is the filter this build maps: made mappable, with
+/// FILTER_WORDS words.
+pub fn mappable(info: &MapInfo) -> bool {
+    info.map_flags() & FILTER_MAP_FLAGS != 0 && info.max_entries() == FILTER_WORDS && info.value_size() == size_of::<u64>() as u32
+}
+
 /// The filter map's words, mapped into the daemon for as long as it runs.
 struct Mapped {
     start: NonNull<AtomicU64>,
@@ -100,8 +106,7 @@ impl Mapped {
     const BYTES: usize = FILTER_WORDS as usize * size_of::<u64>();
 
     fn new(map: MapData) -> Result<Self> {
-        let info = map.info().context("reading the rule filter's definition")?;
-        if info.map_flags() & FILTER_MAP_FLAGS == 0 || info.max_entries() != FILTER_WORDS || info.value_size() != 8 {
+        if !mappable(&map.info().context("reading the rule filter's definition")?) {
             bail!("the rule filter map is not the mappable array of {FILTER_WORDS} words this daemon makes");
         }
         // SAFETY: a shared mapping of the whole map (its size checked

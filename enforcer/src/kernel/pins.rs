@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
     Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_RULE_FILTER, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
-    FILTER_MAP_FLAGS, FILTER_WORDS, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
+    RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
 /// What a pinned map must be.
@@ -93,9 +93,7 @@ pub fn check(dir: &Path, max_rules: u32, revoked_capacity: u32) -> Result<()> {
 pub fn remove_legacy(dir: &Path) -> Result<()> {
     let filter = dir.join(MAP_RULE_FILTER);
     let stale_filter = filter.exists()
-        && !MapData::from_pin(&filter).and_then(|m| m.info()).is_ok_and(|info| {
-            info.map_flags() & FILTER_MAP_FLAGS != 0 && info.max_entries() == FILTER_WORDS && info.value_size() == size_of::<u64>() as u32
-        });
+        && !MapData::from_pin(&filter).and_then(|m| m.info()).is_ok_and(|info| super::filter::mappable(&info));
     let stale = [MAP_COUNTERS_PER_CPU, MAP_SLOTS, MAP_PORTS].map(|name| dir.join(name));
     for path in stale.iter().chain(stale_filter.then_some(&filter)) {
         match std::fs::remove_file(path) {
