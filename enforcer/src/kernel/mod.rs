@@ -183,7 +183,8 @@ impl Datapath {
         let mut control = loader.instance(0)?;
         fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
         where
-            T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+            T: TryFrom<aya::maps::Map>,
+            T::Error: std::error::Error + Send + Sync + 'static,
         {
             let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
             T::try_from(map).with_context(|| format!("map {name}"))
@@ -197,10 +198,7 @@ impl Datapath {
         let rules: HashMap<MapData, RuleKey, RuleValue> = take(&mut control, MAP_RULES)?;
         // Before any program of this build runs: a rules map left by an
         // earlier run (or version) gets its rules' bits in the filter.
-        let filter = filter::RuleFilter::new(
-            control.take_map(enforcer_common::MAP_RULE_FILTER).ok_or_else(|| anyhow!("map {} missing", enforcer_common::MAP_RULE_FILTER))?,
-            rules.keys().filter_map(|k| k.ok()),
-        )?;
+        let filter = filter::RuleFilter::new(take(&mut control, enforcer_common::MAP_RULE_FILTER)?, rules.keys().filter_map(|k| k.ok()))?;
         // Then every router's `tag` (this start's, and those an earlier one
         // pinned) runs this `classify`. The pin keeps the entry after this
         // descriptor is closed.
