@@ -16,11 +16,13 @@ use serde_json::json;
 
 /// A directory put first on the daemon's PATH, holding an `nft` that runs
 /// the real one, or hangs while `hang` exists, or takes a second longer
-/// while `slow` exists. Removed on drop.
+/// while `slow` exists; each run's arguments go to `runs`, a line each.
+/// Removed on drop.
 struct HangingNft {
     dir: PathBuf,
     hang: PathBuf,
     slow: PathBuf,
+    runs: PathBuf,
 }
 
 impl HangingNft {
@@ -28,9 +30,10 @@ impl HangingNft {
         let dir = std::env::temp_dir().join(unique("nft"));
         std::fs::create_dir_all(&dir).unwrap();
         let real = String::from_utf8(enforcer_tests::run(std::process::Command::new("sh").args(["-c", "command -v nft"])).stdout).unwrap();
-        let (hang, slow) = (dir.join("hang"), dir.join("slow"));
+        let (hang, slow, runs) = (dir.join("hang"), dir.join("slow"), dir.join("runs"));
         let script = format!(
-            "#!/bin/sh\nif [ -e {} ]; then exec sleep 3600; fi\nif [ -e {} ]; then sleep 1; fi\nexec {} \"$@\"\n",
+            "#!/bin/sh\necho \"$*\" >> {}\nif [ -e {} ]; then exec sleep 3600; fi\nif [ -e {} ]; then sleep 1; fi\nexec {} \"$@\"\n",
+            runs.display(),
             hang.display(),
             slow.display(),
             real.trim()
@@ -39,7 +42,12 @@ impl HangingNft {
         std::fs::write(&nft, script).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Self { dir, hang, slow }
+        Self { dir, hang, slow, runs }
+    }
+
+    /// The runs so far that listed the ruleset (a glue check's listing).
+    fn listings(&self) -> usize {
+        std::fs::read_to_string(&self.runs).unwrap_or_default().lines().filter(|l| l.starts_with("-j list table")).count()
     }
 
     fn path_env(&self) -> String {
@@ -186,6 +194,37 @@ fn checked_every_second(topo: &Topology) -> (Daemon, enforcer_tests::Scratch) {
     let daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
     (daemon, config)
+}
+
+/// The glue a router add installs is known intact at the generation its
+/// transaction made: the checks after it list nothing (with a thousand
+/// routers added, the first round of checks ran a thousand `nft` listings
+/// alongside the changes). A change by someone else is still listed.
+#[test]
+fn the_checks_after_a_router_add_list_nothing_until_the_ruleset_moves() {
+    let topo = Topology::new();
+    let nft = HangingNft::new();
+    let config = enforcer_tests::Scratch::file("cfg", "glue_check_secs = 1\n");
+    let daemon = Daemon::start_with_env(None, &["--config", config.path()], &[("PATH", &nft.path_env())]);
+    // (The reference table made at start, in a scratch namespace, was
+    // listed once.)
+    daemon.add_router(&topo.router_id);
+    let listed = nft.listings();
+    let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
+    let rounds = status()["check_rounds"].as_u64().unwrap();
+    eventually("two more check rounds", || status()["check_rounds"].as_u64().unwrap() >= rounds + 2);
+    assert_eq!(status()["routers"][0]["glue"], "intact");
+    assert_eq!(nft.listings(), listed, "nft runs:\n{}", std::fs::read_to_string(&nft.runs).unwrap_or_default());
+
+    // Someone else's commit (a table of their own) moves the generation:
+    // the next check lists the glue, finds it intact, and the one after
+    // that lists nothing again.
+    topo.router.sh("nft", &["add", "table", "inet", "someone-else"]);
+    eventually("a listing", || nft.listings() == listed + 1);
+    let rounds = status()["check_rounds"].as_u64().unwrap();
+    eventually("two more check rounds", || status()["check_rounds"].as_u64().unwrap() >= rounds + 2);
+    assert_eq!(nft.listings(), listed + 1);
+    assert_eq!(status()["routers"][0]["glue"], "intact");
 }
 
 #[test]
@@ -420,10 +459,12 @@ fn after_a_restart_reads_are_answered_at_once_and_writes_wait_for_the_reconcilia
     let mut daemon = Daemon::start_with_env(None, &[], &[("PATH", &path)]);
     daemon.add_router(&a.router_id);
     let helper = daemon.create_helper(&a.router_id, "tcp", 21, "ftp");
-    // Every nft run takes a second longer: the router's glue check at start
-    // takes a few.
+    // Every nft run takes a second longer, and a change by someone else in
+    // the router's ruleset means the glue check at start lists the table:
+    // it takes a few seconds.
     nft.slow(true);
     daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    a.router.sh("nft", &["add", "table", "inet", "someone-else"]);
     daemon.spawn();
     enforcer_tests::wait_for("the API to answer", 30, || std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok());
     let mut session = daemon.session();

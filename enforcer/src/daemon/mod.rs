@@ -220,7 +220,8 @@ pub(super) struct GlueDone {
     netns: String,
     added: Result<bool, String>,
     took: std::time::Duration,
-    /// Where the glue was found intact (none if it was installed).
+    /// Where the glue was found intact, or left by its install (none if
+    /// another commit came between).
     intact_at: Option<glue::Generation>,
 }
 
@@ -229,14 +230,19 @@ impl GlueJob {
         let start = Instant::now();
         let ns = netns::path(&self.netns);
         let install = || glue::install(&ns, &self.offered, &self.layout);
+        let installed = |done: Result<glue::Installed>, added: Option<bool>| match done {
+            Ok(i) => (Ok(added.unwrap_or(i.added)), i.intact_at),
+            Err(e) => (Err(e), None),
+        };
         let (added, intact_at) = match &self.check {
             Some(c) => match glue::check(&ns, &c.reference, c.known) {
                 Ok(glue::Found { state: GlueState::Intact, intact_at }) => (Ok(false), intact_at),
-                Ok(_) => (install().map(|_| true), None),
+                // Missing or altered: put back.
+                Ok(_) => installed(install(), Some(true)),
                 Err(e) => (Err(e), None),
             },
-            None if self.new_router => (glue::install_new(&ns, &self.offered, &self.layout).map(|()| true), None),
-            None => (install(), None),
+            None if self.new_router => installed(glue::install_new(&ns, &self.offered, &self.layout), None),
+            None => installed(install(), None),
         };
         GlueDone { netns: self.netns, added: added.map_err(|e| format!("{e:#}")), took: start.elapsed(), intact_at }
     }
@@ -479,8 +485,9 @@ impl Daemon {
                 done.added.map_err(anyhow::Error::msg)?
             }
             _ if fresh => {
-                verified.set(&state.record.netns, None);
-                glue::install(&path, offered, &layout)?
+                let installed = glue::install(&path, offered, &layout);
+                verified.set(&state.record.netns, installed.as_ref().ok().and_then(|i| i.intact_at));
+                installed?.added
             }
             // Same namespace, glue in place (the glue check repairs it).
             _ => false,

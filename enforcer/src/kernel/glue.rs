@@ -301,16 +301,28 @@ pub fn check(ns: &Path, reference: &serde_json::Value, known: Option<Generation>
     Ok(Found { state, intact_at: generation.filter(|_| state == GlueState::Intact) })
 }
 
-/// Installs (or rewrites) the glue in one transaction. Idempotent. Returns
-/// whether it was missing; a namespace that lacked it is also cleared of the
-/// iptables glue of earlier versions, so an upgraded host is clean.
-pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<bool> {
+/// What installing the glue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Installed {
+    /// The glue was missing.
+    pub added: bool,
+    /// The generation its transaction made, if no other commit came
+    /// between (see [`commit_at`]): the glue is known intact there, and the
+    /// next check needs no listing while the ruleset stays at it.
+    pub intact_at: Option<Generation>,
+}
+
+/// Installs (or rewrites) the glue in one transaction. Idempotent. A
+/// namespace that lacked it is also cleared of the iptables glue of
+/// earlier versions, so an upgraded host is clean.
+pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<Installed> {
     let missing = !installed(ns)?;
     if missing {
         legacy::remove(ns).context("removing the iptables glue of an earlier version")?;
     }
-    apply(ns, &ruleset(offered, layout))?;
-    Ok(missing)
+    let (out, intact_at) = commit_at(ns, &ruleset(offered, layout))?;
+    exec::succeeded("nft", out).with_context(|| format!("nft in {}", ns.display()))?;
+    Ok(Installed { added: missing, intact_at })
 }
 
 /// The glue of a router enforcer does not know yet, in one transaction
@@ -318,14 +330,35 @@ pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<bool
 /// glue of earlier versions first: that costs four iptables runs, and only
 /// a router an earlier version managed can have it, which start-up (for
 /// the stored routers) and [`remove`] clear.
-pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<()> {
+pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<Installed> {
     // A stale table (of a router removed while enforcer was down) makes nft
     // fail the creation; the replacing transaction then reports any real
     // error. An nft that hangs or cannot start is not run twice.
-    if commit(ns, &ruleset_fresh(offered, layout))?.status.success() {
-        return Ok(());
+    let (out, intact_at) = commit_at(ns, &ruleset_fresh(offered, layout))?;
+    if out.status.success() {
+        return Ok(Installed { added: true, intact_at });
     }
-    apply(ns, &ruleset(offered, layout))
+    let (out, intact_at) = commit_at(ns, &ruleset(offered, layout))?;
+    exec::succeeded("nft", out).with_context(|| format!("nft in {}", ns.display()))?;
+    Ok(Installed { added: true, intact_at })
+}
+
+/// [`commit`], and the generation the transaction made if it succeeded and
+/// the ruleset moved by exactly one commit meanwhile (every commit bumps
+/// the generation by one, whoever makes it): then the ruleset is the one
+/// this transaction left. Else None, and the next check lists the table.
+fn commit_at(ns: &Path, ruleset: &Nftables) -> Result<(Output, Option<Generation>)> {
+    let before = netns::run_in(ns, generation_here).ok();
+    let out = commit(ns, ruleset)?;
+    if !out.status.success() {
+        return Ok((out, None));
+    }
+    let after = netns::run_in(ns, generation_here).ok();
+    let intact_at = match (before, after) {
+        (Some(b), Some(a)) if a.netns == b.netns && a.id == b.id.wrapping_add(1) => Some(a),
+        _ => None,
+    };
+    Ok((out, intact_at))
 }
 
 /// Removes the glue (and any earlier iptables glue); absent glue is not an
