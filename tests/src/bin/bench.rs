@@ -23,14 +23,15 @@ fn main() {
             "packet" => eprintln!("{:#?}", bench::packet::measure(scale)),
             "changes" => eprintln!("{:#?}", bench::changes::measure(scale)),
             "fleet" => eprintln!("{:#?}", bench::fleet::measure(scale)),
+            "revocation" => eprintln!("{:#?}", bench::revocation::measure(scale)),
             "fixed" => eprintln!("{:#?}", bench::fixed_cost::measure(scale)),
-            other => panic!("--only: unknown section {other} (packet, changes, fleet, fixed)"),
+            other => panic!("--only: unknown section {other} (packet, changes, fleet, fixed, revocation)"),
         }
         return;
     }
     let packet = bench::packet::measure(scale);
     let changes = bench::changes::measure(scale);
-    let revocation = bench::revocation::measure();
+    let revocation = bench::revocation::measure(scale);
     let forwarding = bench::forwarding::measure(scale);
     let fixed_cost = bench::fixed_cost::measure(scale);
     let sync = bench::sync::measure(scale);
