@@ -608,21 +608,19 @@ impl Daemon {
         if self.slots.released().is_empty() {
             return;
         }
-        let live: BTreeSet<(u32, u16)> = self
-            .helpers
-            .values()
-            .filter_map(|h| Some((self.routers.get(&h.helper.router_id)?.record.index, h.slot)))
-            .collect();
-        let done: Vec<(u32, u16)> = self
+        // A slot taken again since keeps its counters (its new rule's): asked
+        // of the slots, by router, not of every helper.
+        let routers: HashMap<u32, &str> = self.routers.values().map(|r| (r.record.index, r.record.id.as_str())).collect();
+        let done: Vec<(u32, u16, bool)> = self
             .slots
             .released()
             .iter()
-            .copied()
             .filter(|(index, slot)| !referenced.contains(&enforcer_common::SlotKey::new(*index, *slot as u32)))
+            .map(|&(index, slot)| (index, slot, routers.get(&index).is_some_and(|id| self.slots.state(id, slot) == Some(slots::SlotState::Live))))
             .collect();
-        for (index, slot) in done {
+        for (index, slot, live) in done {
             self.slots.swept(index, slot);
-            if !live.contains(&(index, slot)) {
+            if !live {
                 self.datapath.forget_slot(index, slot);
             }
         }

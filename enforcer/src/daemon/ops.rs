@@ -104,7 +104,8 @@ pub(super) fn new_helper_id() -> String {
 
 /// Cut to a sane length for the audit log (inputs are attacker-controlled).
 fn bounded(s: Option<String>) -> Option<String> {
-    s.map(|s| s.chars().take(128).collect())
+    // Bytes bound the characters: a short one is kept as it is.
+    s.map(|s| if s.len() <= 128 { s } else { s.chars().take(128).collect() })
 }
 
 impl Daemon {
