@@ -8,11 +8,11 @@ use std::net::IpAddr;
 use anyhow::Result;
 use netlink_packet_core::{DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_netfilter::{
-    NetfilterMessageInner,
+    NetfilterMessageInner, NetfilterProtoFamily,
     conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
 };
 
-use super::netlink::{netfilter, receive, send};
+use super::netlink::{netfilter, receive, send, send_in};
 
 const CTA_MARK_MASK: u16 = 21;
 
@@ -95,6 +95,31 @@ pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
         }
     })?;
     Ok(out)
+}
+
+/// Deletes each entry by its original tuple: a hash lookup each, where a
+/// delete by mark walks the host's whole table (every namespace's entries
+/// are in one). An entry already gone is no error; one in another zone
+/// than the default is not found this way (the caller's next dump sees
+/// it). Deleting a master entry also removes the expectations it opened.
+pub fn delete_entries(entries: &[Entry]) -> Result<()> {
+    let sock = netfilter()?;
+    for e in entries {
+        let t = e.orig;
+        let family = if t.src.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
+        let protocol = match t.proto as i32 {
+            libc::IPPROTO_TCP => Protocol::Tcp,
+            libc::IPPROTO_UDP => Protocol::Udp,
+            other => Protocol::Other(other as u8),
+        };
+        let tuple = vec![
+            Tuple::Ip(vec![IPTuple::SourceAddress(t.src), IPTuple::DestinationAddress(t.dst)]),
+            Tuple::Proto(vec![ProtoTuple::Protocol(protocol), ProtoTuple::SourcePort(t.sport), ProtoTuple::DestinationPort(t.dport)]),
+        ];
+        send_in(&sock, family, ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple)]), NLM_F_REQUEST | NLM_F_ACK)?;
+        receive(&sock, false, |_| {})?;
+    }
+    Ok(())
 }
 
 /// Deletes every entry whose mark matches, in one message. Deleting a

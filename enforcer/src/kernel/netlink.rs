@@ -68,7 +68,13 @@ pub fn send_message<I: NetlinkSerializable>(sock: &Socket, message: I, flags: u1
 
 /// Sends one netfilter request.
 pub fn send(sock: &Socket, message: impl Into<NetfilterMessageInner>, flags: u16) -> Result<()> {
-    send_message(sock, NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0), message), flags)
+    send_in(sock, NetfilterProtoFamily::Unspec, message, flags)
+}
+
+/// Sends one netfilter request about an address family (a request naming
+/// a conntrack tuple must say whose addresses it holds).
+pub fn send_in(sock: &Socket, family: NetfilterProtoFamily, message: impl Into<NetfilterMessageInner>, flags: u16) -> Result<()> {
+    send_message(sock, NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), message), flags)
 }
 
 /// Reads replies of any netlink family until a dump is done, the request is

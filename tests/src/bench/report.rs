@@ -259,12 +259,14 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         md,
         "A delete of a rule with one connection (a UDP flow through the router to the tftp port; the whole `helper delete` command, p50 of {} each): \
          {quiet:.1} ms with the host's conntrack table otherwise empty, {crowded:.1} ms with {} entries of another namespace in it ({:.1}x). \
-         The kernel keeps every namespace's conntrack entries in one hash table, and a ctnetlink dump, or a delete filtered by mark, walks \
-         all of it whatever the namespace; a revocation walks it four times (the rule's entries before it leaves the maps, again after, the \
-         delete, and the check that none is left). The way on is to know a rule's connections by their tuples instead of their mark and delete \
-         each by its tuple, a hash lookup: the program would record the tuple of each flow it tags in a map per slot; a RELATED connection \
-         inherits the mark, not the tag, so it would be found through its master's expectations, or recorded too by reading the ct mark in the \
-         program (`bpf_skb_ct_lookup`), which costs every packet a conntrack lookup.\n",
+         The kernel keeps every namespace's conntrack entries in one hash table, and a ctnetlink dump walks all of it whatever the \
+         namespace (each of its 262,144 buckets: about 12 ms with the table empty, `strace` of the daemon). A revocation now walks it twice: \
+         the rule's entries are found before the rule leaves the maps, deleted each by its tuple (a hash lookup), and a second dump checks \
+         that none is left. Until this run it walked it four times (found again after the rule went, and deleted by the mark): 35 ms and \
+         130 ms for the two cases here, measured the same way. The way on is to find a rule's connections by their tuples instead of their \
+         mark: the program would record the tuple of each flow it tags in a map per slot; a RELATED connection inherits the mark, not the \
+         tag, so it would be found through its master's expectations, or recorded too by reading the ct mark in the program \
+         (`bpf_skb_ct_lookup`), which costs every packet a conntrack lookup.\n",
         r.delete_connected_ms.len(),
         r.crowd,
         crowded / quiet

@@ -111,24 +111,26 @@ pub fn measure(scale: Scale) -> Results {
 }
 
 /// Deletes of a rule that has one connection (a UDP flow to the tftp
-/// port through the router), `samples` times, with the host's conntrack
+/// port through the router), through the API, `samples` times, with the host's conntrack
 /// table otherwise empty, then with `crowd` entries of another namespace
 /// in it (the kernel keeps every namespace's entries in one table).
 fn deletes_beside_a_crowd(samples: usize, crowd: usize) -> (Vec<f64>, Vec<f64>, usize) {
     let topo = Topology::new();
     let daemon = Daemon::enforcing(&topo);
     let server = Topology::server_addr(Family::V4);
-    let deletes = || -> Vec<f64> {
+    let mut session = daemon.session();
+    let mut deletes = || -> Vec<f64> {
         (0..samples)
             .map(|_| {
                 let id = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
                 let send = format!("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('{server}', 69))");
                 topo.client.sh("python3", &["-c", &send]);
                 assert!(topo.conntrack(&["-L", "-p", "udp", "--dport", "69"]).contains("dport=69"), "the flow made no conntrack entry");
+                let delete = serde_json::json!({"op": "helper_delete", "router_id": topo.router_id, "helper_id": id});
                 let start = Instant::now();
-                let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
+                let answer = session.request(&delete).expect("the daemon answers");
                 let took = ms(start.elapsed());
-                assert_eq!(report["conntrack_entries_removed"], 1, "the delete cleaned its connection: {report}");
+                assert_eq!(answer["ok"]["conntrack_entries_removed"], 1, "the delete cleaned its connection: {answer}");
                 took
             })
             .collect()
