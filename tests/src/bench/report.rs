@@ -225,7 +225,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
         let _ = writeln!(md, "| {what} | {:.2} | {:.2} | {:.0} |", l.p50_ms, l.p99_ms, l.per_sec);
     }
     let _ = writeln!(md, "\nLoading {} helpers with {} clients took {:.1} s ({:.0} per second).\n", c.loaded, c.clients, c.load_secs, c.loaded as f64 / c.load_secs);
-    let _ = writeln!(md, "One change with N helpers present (median ms, whole commands):\n\n| N | enforcer create + delete | Neutron delete (save + restore) | nft add element | nft delete element |\n|---|---|---|---|---|");
+    let _ = writeln!(md, "One change with N helpers present (median ms of {} samples for enforcer, of {} for the others; whole commands):\n\n| N | enforcer create + delete | Neutron delete (save + restore) | nft add element | nft delete element |\n|---|---|---|---|---|", c.at_n_samples.0, c.at_n_samples.1);
     for (n, e, neutron, add, del) in &c.at_n {
         let _ = writeln!(md, "| {n} | {e:.2} | {neutron:.2} | {add:.2} | {del:.2} |");
     }
@@ -257,7 +257,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let (quiet, crowded) = (super::percentile(r.delete_connected_ms.clone(), 0.5), super::percentile(r.delete_connected_crowded_ms.clone(), 0.5));
     let _ = writeln!(
         md,
-        "A delete of a rule with one connection (a UDP flow through the router to the tftp port; the whole `helper delete` command, p50 of {} each): \
+        "A delete of a rule with one connection (a UDP flow through the router to the tftp port; one `helper_delete` request, p50 of {} each): \
          {quiet:.1} ms with the host's conntrack table otherwise empty, {crowded:.1} ms with {} entries of another namespace in it ({:.1}x). \
          The kernel keeps every namespace's conntrack entries in one hash table, and a ctnetlink dump walks all of it whatever the \
          namespace (each of its 262,144 buckets: about 12 ms with the table empty, `strace` of the daemon). A revocation now walks it twice: \
@@ -526,12 +526,15 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          the noise (a delete still makes three `bpf` calls: the never-tagged check, the rule's removal and the \
          check again after it). What is left per change (`perf`): the `bpf` calls (about a quarter of a delete), \
          the store's B-tree work (a sixth), the JSON of the request, the answer and the audit entry, and malloc in \
-         every step. The bench measures on a host with 1,000 routers of 10 helpers, where a change costs more than \
-         on an empty one (by hand, 67,000 to 72,000 creates per second with one router, 35,000 to 45,000 with \
-         300 more of 10 helpers each): the daemon spends about 25 us of CPU on a create instead of 15 (its \
-         threads' CPU time), and malloc's share of it grows from about 12% to 20% (`perf`), as the heap of a \
-         daemon holding many routers is slower to allocate from and free to; `perf` shows no step of a change that walks the \
-         routers. A longer malloc cache per thread (glibc's tcache_count at 1,024) measured within the noise, and mimalloc, measured again now that the daemon keeps no thread per \
+         every step. The bench measures on a host with 1,000 routers of 10 helpers. Until this run a change cost \
+         more there than on an empty one (by hand, 67,000 to 72,000 creates per second with one router, 35,000 to \
+         45,000 with 300 more of 10 helpers each), which was put down to malloc; `perf` of the daemon and its \
+         children found the cause: the glue a router add installs was not recorded as intact, so the first round \
+         of checks after the adds (the bench's churn adds every router again just before the changes) listed each \
+         router's table with `nft`, 13% of the samples during the changes in `nft` processes. An install now \
+         records the nftables generation its own transaction made (when no other commit came between), and the \
+         checks after it list nothing (faults.rs): with 300 routers, 50,000 to 53,000 creates and deletes per \
+         second (four alternating runs, by hand). A longer malloc cache per thread (glibc's tcache_count at 1,024) measured within the noise, and mimalloc, measured again now that the daemon keeps no thread per \
          router, up to about 15% more changes per second for three times the resident memory (84 to 98 MiB \
          with 300 routers, against 36): not taken. \
          The disk's sync is not what limits it: 7% of the group loop's time \
@@ -541,7 +544,13 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          earlier run: the next group handled and applied to the maps while the previous one is committed, on a \
          thread of its own; against the one-stage loop 46,800 against 44,800 creates per second and 37,400 against \
          39,600 deletes, within the noise, so it was not landed: the two cores are busy, and the handling stage \
-         took twice its time per change sharing them. Two malloc arenas instead of one measured no faster. One \
+         took twice its time per change sharing them. Built again in this run (a committer thread, each group \
+         answered once its commit is done, the audit numbered when a group is staged), against the one-stage \
+         loop with 300 routers, medians of four alternating runs: 56,200 against 53,100 creates and 50,900 \
+         against 52,200 deletes per second, within the noise again. A group's apply costs about 9 us of CPU per \
+         change and its commit about 5 (thread CPU clocks), and the second core was idle about 40% of the time \
+         either way (vmstat): the stages wait on each other and on the clients' windows of 64 requests. Not \
+         landed. Two malloc arenas instead of one measured no faster. One \
          client's change waits for a commit of its own: redb writes 22 KB in 9 writes per commit with 10 helpers \
          in the store and 35 KB in 12 with 1,000 (copy-on-write pages of the B-trees it touches, measured from the \
          daemon's I/O counters), which is why one client's create + delete grows from about 0.5 to 0.9 ms with N. \
