@@ -320,9 +320,7 @@ pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<Inst
     if missing {
         legacy::remove(ns).context("removing the iptables glue of an earlier version")?;
     }
-    let (out, intact_at) = commit_at(ns, &ruleset(offered, layout))?;
-    exec::succeeded("nft", out).with_context(|| format!("nft in {}", ns.display()))?;
-    Ok(Installed { added: missing, intact_at })
+    Ok(Installed { added: missing, intact_at: apply_at(ns, &ruleset(offered, layout))? })
 }
 
 /// The glue of a router enforcer does not know yet, in one transaction
@@ -338,9 +336,14 @@ pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<
     if out.status.success() {
         return Ok(Installed { added: true, intact_at });
     }
-    let (out, intact_at) = commit_at(ns, &ruleset(offered, layout))?;
+    Ok(Installed { added: true, intact_at: apply_at(ns, &ruleset(offered, layout))? })
+}
+
+/// [`apply`], and where it left the ruleset (see [`commit_at`]).
+fn apply_at(ns: &Path, ruleset: &Nftables) -> Result<Option<Generation>> {
+    let (out, intact_at) = commit_at(ns, ruleset)?;
     exec::succeeded("nft", out).with_context(|| format!("nft in {}", ns.display()))?;
-    Ok(Installed { added: true, intact_at })
+    Ok(intact_at)
 }
 
 /// [`commit`], and the generation the transaction made if it succeeded and
