@@ -25,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     if env::var(SKIP).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
         println!("cargo:warning={SKIP} is set: the eBPF programs are not built and this binary cannot load them");
         std::fs::write(&object, [])?;
+        std::fs::write(out_dir.join("ctindex.bpf.o"), [])?;
         return Ok(());
     }
     for dir in ["src", "Cargo.toml", "rust-toolchain.toml"] {
@@ -52,8 +53,10 @@ fn main() -> anyhow::Result<()> {
     if !status.success() {
         bail!("building enforcer-ebpf with {toolchain} failed ({status}); `cargo xtask setup` installs that nightly, its rust-src and bpf-linker");
     }
-    let built = target_dir.join("bpfel-unknown-none/release/enforcer");
-    std::fs::copy(&built, &object).with_context(|| format!("copying {}", built.display()))?;
+    for (bin, object) in [("enforcer", object), ("ctindex", out_dir.join("ctindex.bpf.o"))] {
+        let built = target_dir.join("bpfel-unknown-none/release").join(bin);
+        std::fs::copy(&built, &object).with_context(|| format!("copying {}", built.display()))?;
+    }
     Ok(())
 }
 

@@ -52,6 +52,20 @@ pub const PROG_LEGACY_ENFORCE: &str = "enforce";
 /// Benchmark baselines in the same object (never attached).
 pub const PROG_BASELINE_EMPTY: &str = "baseline_empty";
 pub const PROG_BASELINE_LOOKUP: &str = "baseline_lookup";
+/// The conntrack index (see [`IndexedCt`]): the conntrack entries of
+/// router namespaces whose ct mark carries a slot, by original tuple, kept
+/// by a netfilter program in each router namespace.
+pub const MAP_CT_INDEX: &str = "ENFORCER_CT_INDEX";
+/// Router namespaces whose entries the index keeps, by namespace inode.
+pub const MAP_CT_NETNS: &str = "ENFORCER_CT_NETNS";
+/// One entry, [`CtConfig`]: what the index program reads, written by the
+/// daemon at start.
+pub const MAP_CT_CONFIG: &str = "ENFORCER_CT_CONFIG";
+/// The index program (in its own object, loaded as a netfilter program).
+pub const PROG_CT_INDEX: &str = "ct_index";
+/// Default capacity of the conntrack index, all routers together; not
+/// preallocated, so entries cost memory only while they exist.
+pub const DEFAULT_CT_INDEX_CAPACITY: u32 = 1 << 18;
 /// Names of the load-time globals: the mark layout, and the router the
 /// program instance serves.
 pub const GLOBAL_MARK_LAYOUT: &str = "MARK_LAYOUT";
@@ -199,6 +213,71 @@ pub struct RouterValue {
     pub id: [u8; 16],
 }
 
+/// Byte offsets into the running kernel's structures, read from its BTF
+/// when the daemon starts (they change between kernel builds). The tuple
+/// offsets are within `struct nf_conntrack_tuple`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtOffsets {
+    /// `nf_hook_state.net`, a `struct net *`.
+    pub state_net: u32,
+    /// `net.ns.inum`: the namespace's inode number.
+    pub net_inum: u32,
+    /// `sk_buff._nfct`: the entry's address, with ctinfo in the low bits.
+    pub skb_nfct: u32,
+    pub ct_mark: u32,
+    /// `nf_conn.zone.id`.
+    pub ct_zone: u32,
+    /// `nf_conn.tuplehash[0].tuple`, and the step to `tuplehash[1]`.
+    pub ct_tuple: u32,
+    pub tuplehash_size: u32,
+    pub src_addr: u32,
+    pub src_port: u32,
+    pub l3num: u32,
+    pub dst_addr: u32,
+    pub dst_port: u32,
+    pub protonum: u32,
+}
+
+/// What the index program reads: the kernel's offsets and where the slot
+/// is in the ct mark.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtConfig {
+    pub offsets: CtOffsets,
+    pub slot_mask: u32,
+    pub slot_shift: u32,
+}
+
+/// Value of the conntrack-netns map: the router a namespace is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtNetns {
+    pub router: RouterIndex,
+    /// Non-zero once the index holds every entry of the namespace that
+    /// carries a slot (set by the daemon after it filled the index from a
+    /// dump, cleared by the program when an entry found no room).
+    pub complete: u32,
+    /// Entries that found no room in the index.
+    pub missed: u64,
+}
+
+/// Value of the conntrack index, keyed by the entry's original direction
+/// as a [`FlowKey`] (router, ports in host order). An entry stays until
+/// the daemon finds its connection gone: the program sees connections
+/// start, not end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct IndexedCt {
+    pub slot: u32,
+    pub zone: u16,
+    pub reply_sport: u16,
+    pub reply_dport: u16,
+    pub _pad: u16,
+    pub reply_src: [u32; 4],
+    pub reply_dst: [u32; 4],
+}
+
 /// Where enforcer's bits live, and when.
 ///
 /// A Neutron router uses every bit of `skb->mark` somewhere between
@@ -285,6 +364,10 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for RevokedFlow {}
     unsafe impl aya::Pod for MarkLayout {}
+    unsafe impl aya::Pod for CtOffsets {}
+    unsafe impl aya::Pod for CtConfig {}
+    unsafe impl aya::Pod for CtNetns {}
+    unsafe impl aya::Pod for IndexedCt {}
 }
 
 #[cfg(test)]

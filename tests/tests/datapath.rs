@@ -321,10 +321,12 @@ fn revoked_flows_stay_dropped_until_quiet() {
     let mut bed = Bed::new(MarkLayout::DEFAULT);
     let entries = [
         enforcer::kernel::conntrack::Entry {
+            zone: 0,
             orig: tuple("10.200.1.2", "10.200.2.2", 40000, 21),
             reply: tuple("10.200.2.2", "10.200.1.2", 21, 40000),
         },
         enforcer::kernel::conntrack::Entry {
+            zone: 0,
             orig: tuple("fd00:200::1:2", "fd00:200::2:2", 40000, 2121),
             reply: tuple("fd00:200::2:2", "fd00:200::1:2", 2121, 40000),
         },
@@ -351,6 +353,7 @@ fn revoked_flows_stay_dropped_until_quiet() {
 /// Both directions of a TCP connection from the client to `dport`.
 fn tcp_entry(dport: u16) -> enforcer::kernel::conntrack::Entry {
     enforcer::kernel::conntrack::Entry {
+        zone: 0,
         orig: tuple("10.200.1.2", "10.200.2.2", 40000, dport),
         reply: tuple("10.200.2.2", "10.200.1.2", dport, 40000),
     }

@@ -20,7 +20,7 @@ fn delete_leaves_no_trace_and_spares_other_rules_and_routers() {
     daemon.add_router(&a.router_id);
     daemon.add_router(&b.router_id);
     let ftp_a = daemon.create_helper(&a.router_id, "tcp", 21, "ftp");
-    daemon.create_helper(&a.router_id, "udp", 69, "tftp");
+    let tftp_a = daemon.create_helper(&a.router_id, "udp", 69, "tftp");
     daemon.create_helper(&b.router_id, "tcp", 21, "ftp");
     let _fa = FtpServer::start(&a, Family::V4);
     let _ta = TftpServer::start(&a, Family::V4);
@@ -60,6 +60,17 @@ fn delete_leaves_no_trace_and_spares_other_rules_and_routers() {
     fresh.ok("noop");
     fresh.fails("list passive");
     assert_eq!(count(&a.conntrack(&["-L"]), "helper=ftp"), 0, "a new control connection gets no helper");
+
+    // The first revocation with connections on router A filled its
+    // conntrack index from one dump; the next one finds its entries there:
+    // the transfer's request and its RELATED data flow.
+    assert_eq!(report["conntrack_dumps"], 1, "{report}");
+    let tftp = daemon.cli(&["helper", "delete", &a.router_id, &tftp_a, "-o", "json"]).ok().json();
+    assert_eq!((tftp["conntrack_entries_removed"].as_u64(), tftp["conntrack_dumps"].as_u64()), (Some(2), Some(0)), "{tftp}");
+    assert_eq!(tftp["slot_released"], true, "{tftp}");
+    let ct = a.conntrack(&["-L"]);
+    assert_eq!(count(&ct, "helper=tftp"), 0, "the tftp entry is gone:\n{ct}");
+    assert_eq!(count(&ct, "dport=69"), 0, "no entry of the transfer is left:\n{ct}");
 }
 
 /// With a router that forwards everything, only the datapath can keep a

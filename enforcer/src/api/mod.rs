@@ -338,6 +338,11 @@ pub struct RevokeReport {
     /// the table was not visited.
     #[serde(default, skip_serializing_if = "is_false")]
     pub never_tagged: bool,
+    /// Dumps of the conntrack table this revocation made. Each walks the
+    /// host's whole table (every namespace's entries are in one); 0 when
+    /// the conntrack index knew the rule's entries.
+    #[serde(default)]
+    pub conntrack_dumps: usize,
 }
 
 fn yes() -> bool {

@@ -36,11 +36,31 @@ struct KernelFlush<'a> {
     index: u32,
     slot: u16,
     mark: (u32, u32),
+    /// Dumps of the conntrack table made.
+    dumps: usize,
+}
+
+impl<'a> KernelFlush<'a> {
+    fn new(datapath: &'a mut Datapath, index: u32, slot: u16, mark: (u32, u32)) -> Self {
+        Self { datapath, index, slot, mark, dumps: 0 }
+    }
 }
 
 impl FlushSteps for KernelFlush<'_> {
+    /// From the conntrack index where it is complete for the router; else
+    /// from a dump of every entry carrying a slot, which fills the index.
     fn carried(&mut self) -> anyhow::Result<Vec<conntrack::Entry>> {
-        conntrack::entries_with_mark(self.mark.0, self.mark.1)
+        if let Some(found) = self.datapath.ct_carrying(self.index, self.slot) {
+            return Ok(found);
+        }
+        self.dumps += 1;
+        let layout = self.datapath.layout();
+        let dumped: Vec<(conntrack::Entry, u16)> =
+            conntrack::entries_marked_within(layout.slot_mask)?.into_iter().map(|(e, m)| (e, layout.slot(m) as u16)).collect();
+        if let Err(e) = self.datapath.ct_seed(self.index, &dumped) {
+            warn!(router = self.index, "filling the conntrack index: {e:#}");
+        }
+        Ok(dumped.into_iter().filter(|(_, s)| *s == self.slot).map(|(e, _)| e).collect())
     }
 
     fn remember(&mut self, entries: &[conntrack::Entry]) -> anyhow::Result<Remembered> {
@@ -49,8 +69,20 @@ impl FlushSteps for KernelFlush<'_> {
 
     fn delete(&mut self, found: Option<&[conntrack::Entry]>) -> anyhow::Result<()> {
         match found {
-            Some(entries) => conntrack::delete_entries(entries),
-            None => conntrack::delete_with_mark(self.mark.0, self.mark.1),
+            Some(entries) => {
+                conntrack::delete_entries(entries)?;
+                // Deleted or gone already: none is in the table.
+                self.datapath.ct_forget(self.index, entries);
+                Ok(())
+            }
+            None => {
+                self.dumps += 1;
+                conntrack::delete_with_mark(self.mark.0, self.mark.1)?;
+                // Every entry carrying the slot is gone: what the index
+                // still holds of it is stale.
+                self.datapath.ct_forget_slot(self.index, self.slot);
+                Ok(())
+            }
         }
     }
 }
@@ -111,13 +143,14 @@ fn rounds(steps: &mut impl FlushSteps, kept: &mut Kept, report: &mut RevokeRepor
 /// set (and the slot quarantined by the caller).
 pub(super) fn flush(datapath: &mut Datapath, ns: &Path, index: u32, slot: u16, mark: (u32, u32), quiet_secs: u64) -> RevokeReport {
     let report = RevokeReport { quiet_secs, ..Default::default() };
-    flush_kept(&mut KernelFlush { datapath, index, slot, mark }, ns, report, Kept::default(), None)
+    flush_kept(&mut KernelFlush::new(datapath, index, slot, mark), ns, report, Kept::default(), None)
 }
 
 /// `flush`, after `kept` were remembered already.
 fn flush_kept(steps: &mut KernelFlush, ns: &Path, mut report: RevokeReport, mut kept: Kept, found: Option<Vec<conntrack::Entry>>) -> RevokeReport {
     let result = netns::run_in(ns, || rounds(steps, &mut kept, &mut report, found));
     settle(&mut report, result);
+    report.conntrack_dumps += steps.dumps;
     report
 }
 
@@ -151,12 +184,13 @@ pub(super) fn revoke_rule(
             return Ok((RevokeReport { slot_released: true, never_tagged: true, ..report }, Vec::new()));
         }
     } else {
-        let mut steps = KernelFlush { datapath, index, slot: h.slot, mark };
+        let mut steps = KernelFlush::new(datapath, index, h.slot, mark);
         let before = netns::run_in(ns, || {
             let now = steps.carried()?;
             kept.keep(&mut steps, &now, &mut report)?;
             Ok(now)
         });
+        report.conntrack_dumps += steps.dumps;
         match before {
             Ok(now) => found = Some(now),
             // The rounds below try again, once the rule is out.
@@ -168,7 +202,7 @@ pub(super) fn revoke_rule(
             return Err(e);
         }
     }
-    let report = flush_kept(&mut KernelFlush { datapath, index, slot: h.slot, mark }, ns, report, kept, found);
+    let report = flush_kept(&mut KernelFlush::new(datapath, index, h.slot, mark), ns, report, kept, found);
     let more = if report.slot_released { Vec::new() } else { vec![Change::Quarantine { router_id: h.helper.router_id.clone(), slot: h.slot }] };
     Ok((report, more))
 }
@@ -283,6 +317,7 @@ mod tests {
     fn entry(port: u16) -> conntrack::Entry {
         let (a, b): (IpAddr, IpAddr) = ("10.200.1.2".parse().unwrap(), "10.200.2.2".parse().unwrap());
         conntrack::Entry {
+            zone: 0,
             orig: conntrack::Tuple5 { proto: 6, src: a, dst: b, sport: 40000, dport: port },
             reply: conntrack::Tuple5 { proto: 6, src: b, dst: a, sport: port, dport: 40000 },
         }

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use anyhow::Result;
-use netlink_packet_core::{DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{DefaultNla, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, Nla};
 use netlink_packet_netfilter::{
     NetfilterMessageInner, NetfilterProtoFamily,
     conntrack::{ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple},
@@ -15,6 +15,9 @@ use netlink_packet_netfilter::{
 use super::netlink::{netfilter, receive, send, send_in};
 
 const CTA_MARK_MASK: u16 = 21;
+const CTA_ZONE: u16 = 18;
+/// An attribute's type, without the nested and byte-order flags.
+const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// One direction of a connection, as conntrack records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,9 +29,11 @@ pub struct Tuple5 {
     pub dport: u16,
 }
 
-/// A conntrack entry: its original and reply directions.
+/// A conntrack entry: its zone, original and reply directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Entry {
+    /// Conntrack zone; 0, the default, almost always.
+    pub zone: u16,
     pub orig: Tuple5,
     pub reply: Tuple5,
 }
@@ -72,17 +77,36 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
 
 /// The TCP and UDP entries whose mark matches `mark` under `mask`.
 pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
+    Ok(marked(mark, mask)?.into_iter().map(|(e, _)| e).collect())
+}
+
+/// The TCP and UDP entries with any bit of `mask` set in their mark, and
+/// their marks. The kernel cannot filter on that: every entry of the
+/// namespace comes back.
+pub fn entries_marked_within(mask: u32) -> Result<Vec<(Entry, u32)>> {
+    Ok(marked(0, 0)?.into_iter().filter(|(_, m)| m & mask != 0).collect())
+}
+
+/// The TCP and UDP entries whose mark matches `mark` under `mask`, with
+/// their marks.
+fn marked(mark: u32, mask: u32) -> Result<Vec<(Entry, u32)>> {
     let sock = netfilter()?;
-    send(&sock, ConntrackMessage::Get(mark_filter(mark, mask)), NLM_F_REQUEST | NLM_F_DUMP)?;
+    let filter = if mask == 0 { Vec::new() } else { mark_filter(mark, mask) };
+    send(&sock, ConntrackMessage::Get(filter), NLM_F_REQUEST | NLM_F_DUMP)?;
     let mut out = Vec::new();
     receive(&sock, false, |msg| {
         if let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = msg {
-            let (mut orig, mut reply, mut entry_mark) = (None, None, None);
+            let (mut orig, mut reply, mut entry_mark, mut zone) = (None, None, None, 0);
             for a in attrs {
                 match a {
                     ConntrackAttribute::CtaTupleOrig(t) => orig = tuple(&t),
                     ConntrackAttribute::CtaTupleReply(t) => reply = tuple(&t),
                     ConntrackAttribute::CtaMark(m) => entry_mark = Some(m),
+                    ConntrackAttribute::Other(nla) if nla.kind() & NLA_TYPE_MASK == CTA_ZONE && nla.value_len() == 2 => {
+                        let mut be = [0u8; 2];
+                        nla.emit_value(&mut be);
+                        zone = u16::from_be_bytes(be);
+                    }
                     _ => {}
                 }
             }
@@ -90,18 +114,17 @@ pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
             // must not make us revoke other rules' flows.
             if let (Some(orig), Some(reply), Some(m)) = (orig, reply, entry_mark)
                 && m & mask == mark {
-                    out.push(Entry { orig, reply });
+                    out.push((Entry { zone, orig, reply }, m));
                 }
         }
     })?;
     Ok(out)
 }
 
-/// Deletes each entry by its original tuple: a hash lookup each, where a
-/// delete by mark walks the host's whole table (every namespace's entries
-/// are in one). An entry already gone is no error; one in another zone
-/// than the default is not found this way (the caller's next dump sees
-/// it). Deleting a master entry also removes the expectations it opened.
+/// Deletes each entry by its zone and original tuple: a hash lookup each,
+/// where a delete by mark walks the host's whole table (every namespace's
+/// entries are in one). An entry already gone is no error. Deleting a
+/// master entry also removes the expectations it opened.
 pub fn delete_entries(entries: &[Entry]) -> Result<()> {
     let sock = netfilter()?;
     for e in entries {
@@ -116,7 +139,11 @@ pub fn delete_entries(entries: &[Entry]) -> Result<()> {
             Tuple::Ip(vec![IPTuple::SourceAddress(t.src), IPTuple::DestinationAddress(t.dst)]),
             Tuple::Proto(vec![ProtoTuple::Protocol(protocol), ProtoTuple::SourcePort(t.sport), ProtoTuple::DestinationPort(t.dport)]),
         ];
-        send_in(&sock, family, ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple)]), NLM_F_REQUEST | NLM_F_ACK)?;
+        let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(tuple)];
+        if e.zone != 0 {
+            attrs.push(ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, e.zone.to_be_bytes().to_vec())));
+        }
+        send_in(&sock, family, ConntrackMessage::Delete(attrs), NLM_F_REQUEST | NLM_F_ACK)?;
         receive(&sock, false, |_| {})?;
     }
     Ok(())

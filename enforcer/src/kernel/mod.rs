@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod conntrack;
+pub mod ctindex;
 pub mod dump;
 pub mod exec;
 pub mod features;
@@ -74,6 +75,9 @@ pub struct Datapath {
     /// Netlink mode: swap programs in for those already attached (set while
     /// the daemon reconciles at start).
     replace_programs: bool,
+    /// The conntrack index, unless this kernel cannot run it (then every
+    /// revocation dumps the conntrack table).
+    ctindex: Option<ctindex::CtIndex>,
 }
 
 /// How revoked flows are kept dropped.
@@ -223,6 +227,14 @@ impl Datapath {
             revoked_overflows: 0,
             mode: AttachMode::Tcx,
             replace_programs: false,
+            ctindex: None,
+        };
+        datapath.ctindex = match ctindex::CtIndex::load(dir, layout, enforcer_common::DEFAULT_CT_INDEX_CAPACITY) {
+            Ok(index) => Some(index),
+            Err(e) => {
+                tracing::warn!("no conntrack index, every revocation with connections dumps the conntrack table: {e:#}");
+                None
+            }
         };
         // Counts the revoked flows an earlier run left in the pinned map.
         datapath.sweep_revoked()?;
@@ -323,6 +335,7 @@ impl Datapath {
                     })?;
                 if complete {
                     self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
+                    self.index_router(ns, index);
                     let interfaces = current.into_iter().map(|(name, _)| name).collect();
                     return Ok((Attachment { index, interfaces }, LinkChanges::default()));
                 }
@@ -355,8 +368,65 @@ impl Datapath {
             }
         };
         self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
+        self.index_router(ns, index);
         let interfaces = current.into_iter().map(|(name, _)| name).collect();
         Ok((Attachment { index, interfaces }, changes))
+    }
+
+    /// Has the conntrack index keep router `index`'s entries (a failure
+    /// leaves its revocations to dump the table).
+    fn index_router(&mut self, ns: &Path, index: RouterIndex) {
+        if let Some(ix) = &mut self.ctindex
+            && let Err(e) = ix.register(ns, index, self.replace_programs)
+        {
+            tracing::warn!(router = index, "{e:#}");
+        }
+    }
+
+    /// The entries of `slot` of router `index`, from the conntrack index
+    /// if it is complete for the router (None: dump, then `ct_seed`).
+    pub fn ct_carrying(&self, index: RouterIndex, slot: u16) -> Option<Vec<conntrack::Entry>> {
+        self.ctindex.as_ref()?.carrying(index, slot)
+    }
+
+    /// Fills router `index`'s conntrack index from a dump of its
+    /// namespace's entries carrying a slot.
+    pub fn ct_seed(&mut self, index: RouterIndex, dumped: &[(conntrack::Entry, u16)]) -> Result<()> {
+        match &mut self.ctindex {
+            Some(ix) => ix.seed(index, dumped),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops what the conntrack index holds of `slot` of router `index`
+    /// (gone, once the slot was deleted by mark).
+    pub fn ct_forget_slot(&mut self, index: RouterIndex, slot: u16) {
+        if let Some(ix) = &mut self.ctindex {
+            ix.forget_slot(index, slot);
+        }
+    }
+
+    /// Drops `entries` of router `index` from the conntrack index (deleted).
+    pub fn ct_forget(&mut self, index: RouterIndex, entries: &[conntrack::Entry]) {
+        if let Some(ix) = &mut self.ctindex {
+            ix.forget(index, entries);
+        }
+    }
+
+    /// The conntrack index's entries of router `index` (to prune).
+    pub fn ct_indexed(&self, index: RouterIndex) -> Vec<conntrack::Entry> {
+        self.ctindex.as_ref().map(|ix| ix.of_router(index)).unwrap_or_default()
+    }
+
+    /// Routers with entries in the conntrack index.
+    pub fn ct_indexed_routers(&self) -> HashSet<RouterIndex> {
+        self.ctindex.as_ref().map(|ix| ix.routers()).unwrap_or_default()
+    }
+
+    /// Entries in the conntrack index and entries that found no room in
+    /// it, if it runs.
+    pub fn ct_index_counts(&self) -> Option<(usize, u64)> {
+        self.ctindex.as_ref().map(|ix| ix.counts())
     }
 
     /// tcx: pinned links, one per (interface, program); pins of interfaces
@@ -433,6 +503,9 @@ impl Datapath {
     /// vanish with the namespace anyway).
     pub fn detach_router(&mut self, index: RouterIndex, ns: Option<&Path>) -> Result<()> {
         let _ = self.routers.remove(&index);
+        if let Some(ix) = &mut self.ctindex {
+            ix.forget_router(index);
+        }
         let dir = self.link_dir(index);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("unpinning {}", dir.display()))?;
@@ -480,6 +553,9 @@ impl Datapath {
         self.revoked_per_router.remove(&index);
         self.revoked_slots.retain(|k| k.router != index);
         let _ = self.routers.remove(&index);
+        if let Some(ix) = &mut self.ctindex {
+            ix.forget_router(index);
+        }
     }
 
     /// Removes every pin: links (so every attachment goes) and maps.

@@ -53,6 +53,7 @@ fn revoked_flow(dport: u16) -> enforcer::kernel::conntrack::Entry {
     use enforcer::kernel::conntrack::{Entry, Tuple5};
     let (a, b): (std::net::IpAddr, std::net::IpAddr) = ([10, 200, 1, 2].into(), [10, 200, 2, 2].into());
     Entry {
+        zone: 0,
         orig: Tuple5 { proto: IPPROTO_TCP, src: a, dst: b, sport: 40000, dport },
         reply: Tuple5 { proto: IPPROTO_TCP, src: b, dst: a, sport: dport, dport: 40000 },
     }

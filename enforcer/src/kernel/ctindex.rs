@@ -1,0 +1,429 @@
+//! The conntrack index (enforcer-ebpf's `ctindex`): a netfilter program in
+//! each router namespace records the conntrack entries whose ct mark
+//! carries a slot as they start. A revocation reads a rule's entries here,
+//! a walk of the entries that carry slots, instead of dumping the host's
+//! whole conntrack table.
+//!
+//! The program sees connections start, not end: the daemon drops what it
+//! deletes, and `prune` drops what ended by itself. The index is trusted
+//! for a router only once known complete: entries made before its program
+//! ran (an earlier release, links lost) are brought in from one dump of the
+//! router's table (`seed`); an entry that found no room makes the router
+//! incomplete again, and its next revocation dumps.
+
+use std::{
+    collections::HashSet,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, MapData},
+};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+use btf_rs::{Btf, Type};
+use enforcer_common::{CtConfig, CtNetns, CtOffsets, FlowKey, IndexedCt, MarkLayout, RouterIndex};
+
+use super::{
+    conntrack::{Entry, Tuple5},
+    netns,
+};
+
+/// The index program's object, built by build.rs (empty with AYA_BUILD_SKIP).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctindex.bpf.o"));
+
+const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+const NFPROTO_IPV4: u32 = 2;
+const NFPROTO_IPV6: u32 = 10;
+const NF_INET_PRE_ROUTING: u32 = 0;
+/// Just after enforcer's chain (-180), which saves a new connection's slot.
+const PRIORITY: i32 = super::glue::PRE_PRIORITY + 1;
+
+/// The index's program and maps.
+pub struct CtIndex {
+    dir: PathBuf,
+    program: OwnedFd,
+    entries: HashMap<MapData, FlowKey, IndexedCt>,
+    netns: HashMap<MapData, u32, CtNetns>,
+}
+
+/// Where the programs find what they read, from the running kernel's BTF.
+pub fn kernel_offsets() -> Result<CtOffsets> {
+    let btf = Btf::from_file(VMLINUX).with_context(|| format!("reading the kernel's BTF ({VMLINUX})"))?;
+    let at = |name: &str, path: &[&str]| offset(&btf, name, path);
+    Ok(CtOffsets {
+        state_net: at("nf_hook_state", &["net"])?,
+        net_inum: at("net", &["ns", "inum"])?,
+        skb_nfct: at("sk_buff", &["_nfct"])?,
+        ct_mark: at("nf_conn", &["mark"])?,
+        ct_zone: at("nf_conn", &["zone", "id"])?,
+        ct_tuple: at("nf_conn", &["tuplehash"])? + at("nf_conntrack_tuple_hash", &["tuple"])?,
+        tuplehash_size: size(&btf, "nf_conntrack_tuple_hash")?,
+        src_addr: at("nf_conntrack_tuple", &["src", "u3"])?,
+        src_port: at("nf_conntrack_tuple", &["src", "u"])?,
+        l3num: at("nf_conntrack_tuple", &["src", "l3num"])?,
+        dst_addr: at("nf_conntrack_tuple", &["dst", "u3"])?,
+        dst_port: at("nf_conntrack_tuple", &["dst", "u"])?,
+        protonum: at("nf_conntrack_tuple", &["dst", "protonum"])?,
+    })
+}
+
+fn named_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct> {
+    btf.resolve_types_by_name(name)
+        .with_context(|| format!("struct {name} in the kernel's BTF"))?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("the kernel's BTF has no struct {name}"))
+}
+
+fn size(btf: &Btf, name: &str) -> Result<u32> {
+    Ok(named_struct(btf, name)?.size() as u32)
+}
+
+/// The type under typedefs and qualifiers.
+fn underlying(btf: &Btf, mut t: Type) -> Result<Type> {
+    loop {
+        t = match &t {
+            Type::Typedef(x) => btf.resolve_chained_type(x)?,
+            Type::Const(x) | Type::Volatile(x) | Type::Restrict(x) => btf.resolve_chained_type(x)?,
+            _ => return Ok(t),
+        };
+    }
+}
+
+/// Byte offset of the member at `path` in struct `name`, looking through
+/// anonymous structs and unions.
+fn offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
+    fn find(btf: &Btf, s: &btf_rs::Struct, want: &str) -> Result<Option<(u32, Type)>> {
+        for m in &s.members {
+            let name = btf.resolve_name(m).unwrap_or_default();
+            if name == want {
+                return Ok(Some((m.bit_offset(), btf.resolve_chained_type(m)?)));
+            }
+            if name.is_empty()
+                && let Type::Struct(inner) | Type::Union(inner) = underlying(btf, btf.resolve_chained_type(m)?)?
+                && let Some((bits, t)) = find(btf, &inner, want)?
+            {
+                return Ok(Some((m.bit_offset() + bits, t)));
+            }
+        }
+        Ok(None)
+    }
+    let mut current = named_struct(btf, name)?;
+    let mut bits = 0;
+    for (i, part) in path.iter().enumerate() {
+        let (at, t) = find(btf, &current, part)?.ok_or_else(|| anyhow!("the kernel's struct {name} has no {}", path[..=i].join(".")))?;
+        bits += at;
+        if i + 1 < path.len() {
+            current = match underlying(btf, t)? {
+                Type::Struct(s) | Type::Union(s) => s,
+                other => bail!("{name}.{} is a {}, not a struct", path[..=i].join("."), other.name()),
+            };
+        }
+    }
+    if bits % 8 != 0 {
+        bail!("{name}.{} is a bit field", path.join("."));
+    }
+    Ok(bits / 8)
+}
+
+/// The inode number of the namespace at `ns`, as the kernel names it.
+pub fn netns_inode(ns: &Path) -> Result<u32> {
+    Ok(std::fs::metadata(ns).with_context(|| format!("reading {}", ns.display()))?.ino() as u32)
+}
+
+impl CtIndex {
+    /// Loads the index program and its maps (pinned in `dir`, so the
+    /// index outlives the daemon), for the mark layout `layout`.
+    pub fn load(dir: &Path, layout: MarkLayout, capacity: u32) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!("this binary was built without its eBPF programs");
+        }
+        let config = CtConfig { offsets: kernel_offsets()?, slot_mask: layout.slot_mask, slot_shift: layout.slot_shift };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .map_max_entries(enforcer_common::MAP_CT_INDEX, capacity)
+            .load(OBJECT)
+            .context("creating the conntrack index maps")?;
+        let mut settings: Array<MapData, CtConfig> = take(&mut ebpf, enforcer_common::MAP_CT_CONFIG)?;
+        settings.set(0, config, 0).context("configuring the conntrack index")?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            program: load_program(dir)?,
+            entries: take(&mut ebpf, enforcer_common::MAP_CT_INDEX)?,
+            netns: take(&mut ebpf, enforcer_common::MAP_CT_NETNS)?,
+        })
+    }
+
+    /// Where router `router`'s links are pinned: one per family.
+    fn link_pins(&self, router: RouterIndex) -> PathBuf {
+        self.dir.join("ctindex").join(router.to_string())
+    }
+
+    /// Indexes the entries of router `router`'s namespace at `ns` from now
+    /// on: registers the namespace and attaches the program there, unless
+    /// both are in place already (with `replace`, this start's program is
+    /// attached anyway, before the earlier one goes, so nothing is missed).
+    /// A namespace the program did not watch all along is incomplete.
+    pub fn register(&mut self, ns: &Path, router: RouterIndex, replace: bool) -> Result<()> {
+        let inode = netns_inode(ns)?;
+        let pins = self.link_pins(router);
+        let linked = [NFPROTO_IPV4, NFPROTO_IPV6].iter().all(|pf| pins.join(pin_name(*pf)).exists());
+        let same = self.netns.get(&inode, 0).is_ok_and(|v| v.router == router);
+        if linked && same && !replace {
+            return Ok(());
+        }
+        if !same {
+            self.forget_router(router);
+            self.netns.insert(inode, CtNetns { router, complete: 0, missed: 0 }, 0).context("registering the router's namespace in the conntrack index")?;
+        } else if !linked {
+            let v = self.netns.get(&inode, 0)?;
+            self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
+        }
+        std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
+        let program = self.program.as_fd();
+        let links = netns::run_in(ns, || [NFPROTO_IPV4, NFPROTO_IPV6].map(|pf| link_create(program, pf).map(|l| (pf, l))).into_iter().collect::<Result<Vec<_>>>())?;
+        for (pf, link) in links {
+            let (pin, next) = (pins.join(pin_name(pf)), pins.join(format!("{}_next", pin_name(pf))));
+            let _ = std::fs::remove_file(&next);
+            obj_pin(link.as_fd(), &next)?;
+            // Replacing an earlier pin detaches the earlier link.
+            std::fs::rename(&next, &pin).with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Stops indexing router `router`'s namespace (its links go) and
+    /// drops its entries.
+    pub fn forget_router(&mut self, router: RouterIndex) {
+        let _ = std::fs::remove_dir_all(self.link_pins(router));
+        let inodes: Vec<u32> = self.netns.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.router == router).map(|(k, _)| k).collect();
+        for k in inodes {
+            let _ = self.netns.remove(&k);
+        }
+        self.remove_where(|k, _| k.router == router);
+    }
+
+    fn remove_where(&mut self, drop: impl Fn(&FlowKey, &IndexedCt) -> bool) {
+        let keys: Vec<FlowKey> = self.entries.iter().filter_map(|e| e.ok()).filter(|(k, v)| drop(k, v)).map(|(k, _)| k).collect();
+        for k in keys {
+            let _ = self.entries.remove(&k);
+        }
+    }
+
+    fn state(&self, router: RouterIndex) -> Option<(u32, CtNetns)> {
+        self.netns.iter().filter_map(|e| e.ok()).find(|(_, v)| v.router == router)
+    }
+
+    /// The entries of router `router` carrying `slot`, if its index is
+    /// complete (None: dump instead, and `seed`).
+    pub fn carrying(&self, router: RouterIndex, slot: u16) -> Option<Vec<Entry>> {
+        if self.state(router)?.1.complete == 0 {
+            return None;
+        }
+        Some(self.entries.iter().filter_map(|e| e.ok()).filter(|(k, v)| k.router == router && v.slot == slot as u32).map(|(k, v)| entry(&k, &v)).collect())
+    }
+
+    /// Fills router `router`'s index from `dumped` (every entry of its
+    /// namespace carrying a slot, dumped after it was registered) and
+    /// records it complete, unless an entry found no room meanwhile.
+    pub fn seed(&mut self, router: RouterIndex, dumped: &[(Entry, u16)]) -> Result<()> {
+        let (inode, before) = self.state(router).ok_or_else(|| anyhow!("router {router} is not in the conntrack index"))?;
+        for (e, slot) in dumped {
+            let (key, value) = indexed(router, e, *slot);
+            // Where the programs indexed the entry too, theirs stays.
+            match self.entries.insert(key, value, 1) {
+                Err(aya::maps::MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other.context("seeding the conntrack index")?,
+            }
+        }
+        let now = self.netns.get(&inode, 0)?;
+        if now.missed == before.missed {
+            self.netns.insert(inode, CtNetns { complete: 1, ..now }, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the index entries of `slot` of router `router`: after a
+    /// delete by mark, what the index still holds of it is gone.
+    pub fn forget_slot(&mut self, router: RouterIndex, slot: u16) {
+        self.remove_where(|k, v| k.router == router && v.slot == slot as u32);
+    }
+
+    /// Drops `entries` of router `router` (deleted, or found gone).
+    pub fn forget(&mut self, router: RouterIndex, entries: &[Entry]) {
+        for e in entries {
+            let _ = self.entries.remove(&super::flow_key(router, &e.orig));
+        }
+    }
+
+    /// The entries of router `router`, to check which ended (see `prune`).
+    pub fn of_router(&self, router: RouterIndex) -> Vec<Entry> {
+        self.entries.iter().filter_map(|e| e.ok()).filter(|(k, _)| k.router == router).map(|(k, v)| entry(&k, &v)).collect()
+    }
+
+    /// Routers with entries in the index.
+    pub fn routers(&self) -> HashSet<RouterIndex> {
+        self.entries.keys().filter_map(|k| k.ok()).map(|k| k.router).collect()
+    }
+
+    /// Entries indexed, and entries that found no room, all routers.
+    pub fn counts(&self) -> (usize, u64) {
+        let missed = self.netns.iter().filter_map(|e| e.ok()).map(|(_, v)| v.missed).sum();
+        (self.entries.keys().filter(|k| k.is_ok()).count(), missed)
+    }
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
+fn ip(family: u8, words: &[u32; 4]) -> std::net::IpAddr {
+    if family == 4 {
+        std::net::IpAddr::from(words[0].to_ne_bytes())
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        std::net::IpAddr::from(b)
+    }
+}
+
+fn entry(k: &FlowKey, v: &IndexedCt) -> Entry {
+    Entry {
+        zone: v.zone,
+        orig: Tuple5 { proto: k.proto, src: ip(k.family, &k.src), dst: ip(k.family, &k.dst), sport: k.sport, dport: k.dport },
+        reply: Tuple5 { proto: k.proto, src: ip(k.family, &v.reply_src), dst: ip(k.family, &v.reply_dst), sport: v.reply_sport, dport: v.reply_dport },
+    }
+}
+
+fn indexed(router: RouterIndex, e: &Entry, slot: u16) -> (FlowKey, IndexedCt) {
+    let key = super::flow_key(router, &e.orig);
+    let reply = super::flow_key(router, &e.reply);
+    (key, IndexedCt { slot: slot as u32, zone: e.zone, reply_sport: reply.sport, reply_dport: reply.dport, _pad: 0, reply_src: reply.src, reply_dst: reply.dst })
+}
+
+fn pin_name(pf: u32) -> &'static str {
+    if pf == NFPROTO_IPV4 { "ipv4" } else { "ipv6" }
+}
+
+/// The index program, relocated against the pinned maps and loaded as a
+/// netfilter program (aya loads no such programs).
+fn load_program(dir: &Path) -> Result<OwnedFd> {
+    let mut obj = aya_obj::Object::parse(OBJECT).context("parsing the conntrack index object")?;
+    let text: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
+    let defs = obj.maps.clone();
+    let maps: Vec<(&str, MapData)> = defs
+        .keys()
+        .map(|name| Ok((name.as_str(), MapData::from_pin(dir.join(name)).with_context(|| format!("opening map {name}"))?)))
+        .collect::<Result<_>>()?;
+    obj.relocate_maps(maps.iter().map(|(name, m)| (*name, m.fd().as_fd().as_raw_fd(), &defs[*name])), &text)?;
+    obj.relocate_calls(&text)?;
+    let program = obj.programs.get(enforcer_common::PROG_CT_INDEX).ok_or_else(|| anyhow!("no program {}", enforcer_common::PROG_CT_INDEX))?;
+    let insns = &obj.functions[&program.function_key()].instructions;
+    let license = c"GPL";
+    let mut log = vec![0u8; 1 << 16];
+    let load = |log: Option<&mut Vec<u8>>| {
+        // SAFETY: all-zero is a valid bpf_attr.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writes of the BPF_PROG_LOAD member, whose pointers outlive the call.
+        let a = unsafe { &mut attr.__bindgen_anon_3 };
+        a.prog_type = bpf_prog_type::BPF_PROG_TYPE_NETFILTER as u32;
+        a.expected_attach_type = bpf_attach_type::BPF_NETFILTER as u32;
+        a.insn_cnt = insns.len() as u32;
+        a.insns = insns.as_ptr() as u64;
+        a.license = license.as_ptr() as u64;
+        for (d, c) in a.prog_name.iter_mut().zip(b"ct_index") {
+            *d = *c as libc::c_char;
+        }
+        if let Some(log) = log {
+            a.log_level = 1;
+            a.log_size = log.len() as u32;
+            a.log_buf = log.as_mut_ptr() as u64;
+        }
+        bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+    };
+    match load(None) {
+        Ok(fd) => Ok(fd),
+        // Again with the verifier's log, to say why.
+        Err(e) => {
+            let _ = load(Some(&mut log));
+            let text = String::from_utf8_lossy(&log);
+            Err(anyhow!("verifying the conntrack index program: {e}: {}", text.trim_end_matches('\0').lines().rev().take(5).collect::<Vec<_>>().join(" / ")))
+        }
+    }
+}
+
+/// A netfilter link of `program` at prerouting for family `pf`, in the
+/// namespace of the calling thread.
+fn link_create(program: std::os::fd::BorrowedFd, pf: u32) -> Result<OwnedFd> {
+    // SAFETY: all-zero is a valid bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writes of the BPF_LINK_CREATE member.
+    unsafe {
+        let l = &mut attr.link_create;
+        l.__bindgen_anon_1.prog_fd = program.as_raw_fd() as u32;
+        l.attach_type = bpf_attach_type::BPF_NETFILTER as u32;
+        l.__bindgen_anon_3.netfilter.pf = pf;
+        l.__bindgen_anon_3.netfilter.hooknum = NF_INET_PRE_ROUTING;
+        l.__bindgen_anon_3.netfilter.priority = PRIORITY;
+    }
+    bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr).with_context(|| format!("attaching the conntrack index program (family {pf})"))
+}
+
+fn obj_pin(fd: std::os::fd::BorrowedFd, path: &Path) -> Result<()> {
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).context("pin path")?;
+    // SAFETY: all-zero is a valid bpf_attr.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The name outlives the call.
+    attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
+    attr.__bindgen_anon_4.bpf_fd = fd.as_raw_fd() as u32;
+    sys_bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(|_| ()).with_context(|| format!("pinning {}", path.display()))
+}
+
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    // SAFETY: the bpf syscall with a bpf_attr of the size given.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut bpf_attr, std::mem::size_of::<bpf_attr>()) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
+/// A bpf command that answers with a new descriptor.
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    // SAFETY: a descriptor the kernel just made, owned by no one else.
+    sys_bpf(cmd, attr).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_reads_back_from_its_index_key_and_value() {
+        for (a, b) in [("10.200.1.2", "10.200.2.2"), ("fd00:200::1", "fd00:200::2")] {
+            let (a, b): (std::net::IpAddr, std::net::IpAddr) = (a.parse().unwrap(), b.parse().unwrap());
+            let e = Entry {
+                zone: 3,
+                orig: Tuple5 { proto: 17, src: a, dst: b, sport: 40000, dport: 69 },
+                reply: Tuple5 { proto: 17, src: b, dst: a, sport: 69, dport: 40000 },
+            };
+            let (k, v) = indexed(7, &e, 3);
+            assert_eq!((k.router, v.slot), (7, 3));
+            assert_eq!(entry(&k, &v), e);
+        }
+    }
+}
