@@ -269,6 +269,9 @@ pub struct CtNetns {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct IndexedCt {
+    /// CLOCK_MONOTONIC when the entry was last written: one that looks
+    /// ended is dropped only if it was not written again meanwhile.
+    pub seen_ns: u64,
     pub slot: u32,
     pub zone: u16,
     pub reply_sport: u16,
@@ -276,6 +279,7 @@ pub struct IndexedCt {
     pub _pad: u16,
     pub reply_src: [u32; 4],
     pub reply_dst: [u32; 4],
+    pub _pad2: u32,
 }
 
 /// Where enforcer's bits live, and when.

@@ -22,7 +22,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{classifier, map},
     maps::{Array, HashMap},
     programs::TcContext,
@@ -118,7 +118,18 @@ fn record(state: u64, skb: u64) -> Option<()> {
     // SAFETY: a map value pointer.
     let router = unsafe { (*netns).router };
     let key = FlowKey { router, sport, dport, proto, family, _pad: [0; 2], src, dst };
-    let value = IndexedCt { slot, zone: read::<u16>(ct, o.ct_zone)?, reply_sport, reply_dport, _pad: 0, reply_src, reply_dst };
+    let value = IndexedCt {
+        // SAFETY: a helper without arguments.
+        seen_ns: unsafe { bpf_ktime_get_ns() },
+        slot,
+        zone: read::<u16>(ct, o.ct_zone)?,
+        reply_sport,
+        reply_dport,
+        _pad: 0,
+        reply_src,
+        reply_dst,
+        _pad2: 0,
+    };
     if INDEX.insert(&key, &value, 0).is_err() {
         // SAFETY: a map value pointer; the count is added to atomically.
         unsafe {

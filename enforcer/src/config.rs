@@ -58,6 +58,9 @@ pub struct Config {
     /// How often each router's glue table is checked as a whole (and put
     /// back if someone removed or changed any of it).
     pub glue_check_secs: u64,
+    /// How often the conntrack index drops the connections that ended by
+    /// themselves (a lookup per indexed connection, without the lock).
+    pub conntrack_index_prune_secs: u64,
     /// Size at which the audit log is rotated (it and one rotated file are
     /// kept, so at most twice this on disk).
     pub audit_max_bytes: u64,
@@ -129,6 +132,7 @@ impl Default for Config {
             idle_timeout_secs: 60,
             command_timeout_secs: 10,
             glue_check_secs: 10,
+            conntrack_index_prune_secs: 60,
             audit_max_bytes: 64 << 20,
             audit_refusals_per_sec: 10,
             neutron: None,
@@ -178,11 +182,12 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 || self.command_timeout_secs == 0
             || self.glue_check_secs == 0
+            || self.conntrack_index_prune_secs == 0
             || self.audit_refusals_per_sec == 0
             || self.audit_max_bytes < 4096
         {
             bail!(
-                "max_connections, max_connections_per_uid, idle_timeout_secs, command_timeout_secs, glue_check_secs and audit_refusals_per_sec must be positive, audit_max_bytes at least 4096"
+                "max_connections, max_connections_per_uid, idle_timeout_secs, command_timeout_secs, glue_check_secs, conntrack_index_prune_secs and audit_refusals_per_sec must be positive, audit_max_bytes at least 4096"
             );
         }
         Ok(MarkLayout::from_masks(h, s))

@@ -197,3 +197,46 @@ fn debug_datapath_describes_drops_only_while_on() {
     let refused = daemon.cli(&["debug", "datapath", "on", "--drops", "0"]);
     assert!(refused.code != 0 && refused.stderr.contains("drops"), "0 drops is not `on`: {}", refused.stderr);
 }
+
+/// The conntrack index outlives the daemon (its program and maps are
+/// pinned): after a restart a revocation still finds the rule's
+/// connections without walking the conntrack table. Connections that ended
+/// by themselves leave the index at its next pruning.
+#[test]
+fn the_conntrack_index_outlives_a_restart_and_forgets_connections_that_ended() {
+    let topo = Topology::new();
+    let config = enforcer_tests::Scratch::file("cfg", "conntrack_index_prune_secs = 1\n");
+    let mut daemon = Daemon::start_with(None, &["--config", config.path()]);
+    daemon.add_router(&topo.router_id);
+    let _tftp = TftpServer::start(&topo, Family::V4);
+    let delete = |daemon: &Daemon, id: &str| daemon.cli(&["helper", "delete", &topo.router_id, id, "-o", "json"]).ok().json();
+    let transfers = || count(&topo.conntrack(&["-L"]), "dport=69");
+
+    // A new router's index is filled from one dump at its first revocation
+    // with connections (before, connections made under an earlier program
+    // could be missing from it).
+    let first = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
+    assert!(tftp_get(&topo, Family::V4));
+    let report = delete(&daemon, &first);
+    assert_eq!((report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64()), (Some(2), Some(1)), "{report}");
+
+    let second = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
+    assert!(tftp_get(&topo, Family::V4));
+    assert_eq!(transfers(), 1, "{}", topo.conntrack(&["-L"]));
+    daemon.restart();
+    let report = delete(&daemon, &second);
+    assert_eq!((report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64()), (Some(2), Some(0)), "{report}");
+    assert_eq!(transfers(), 0, "{}", topo.conntrack(&["-L"]));
+
+    // Connections that end without enforcer's doing: after a pruning the
+    // index no longer names them, so the revocation has nothing to remove.
+    let third = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
+    assert!(tftp_get(&topo, Family::V4));
+    topo.conntrack(&["-D", "-p", "udp"]);
+    assert_eq!(transfers(), 0, "{}", topo.conntrack(&["-L"]));
+    std::thread::sleep(Duration::from_secs(4));
+    let report = delete(&daemon, &third);
+    assert_eq!((report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64()), (Some(0), Some(0)), "{report}");
+    let log = daemon.log();
+    assert!(!log.contains("pruning the conntrack index"), "{log}");
+}

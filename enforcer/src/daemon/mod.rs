@@ -191,6 +191,8 @@ struct Revocations {
     rules: u64,
     conntrack_entries: u64,
     flows_kept: u64,
+    /// Walks of the host's conntrack table they made (see the index).
+    conntrack_dumps: u64,
 }
 
 /// The glue step of one namespace: it spawns nft, which may be slow or hang
@@ -624,6 +626,14 @@ impl Daemon {
                 self.datapath.forget_slot(index, slot);
             }
         }
+    }
+
+    /// The bpffs directory and the attached routers' (index, namespace),
+    /// for pruning the conntrack index, if it runs.
+    pub(super) fn indexed_namespaces(&self) -> Option<(std::path::PathBuf, Vec<(u32, std::path::PathBuf)>)> {
+        self.datapath.ct_index_counts()?;
+        let namespaces = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| (r.record.index, netns::path(&r.record.netns))).collect();
+        Some((self.config.bpffs.clone(), namespaces))
     }
 
     /// The mark and mask that select the conntrack entries of a slot.

@@ -260,6 +260,7 @@ impl Daemon {
     pub(super) fn after_flush(&mut self, router_id: &str, slot: u16, report: &RevokeReport, origin: Owner) {
         self.tally.revocations.conntrack_entries += report.conntrack_entries_removed as u64;
         self.tally.revocations.flows_kept += report.flows_kept_dead as u64;
+        self.tally.revocations.conntrack_dumps += report.conntrack_dumps as u64;
         self.announce_revocation(router_id, slot, report, origin);
         if let Some(e) = &report.flush_error {
             warn!(router = %router_id, slot, "conntrack flush incomplete, slot quarantined: {e}");

@@ -95,11 +95,13 @@ pub async fn serve(mut daemon: Daemon, socket: &Path) -> Result<()> {
     // Namespace following and housekeeping run beside the accept loop, each
     // taking the lock only for its own short steps.
     let glue_every = Duration::from_secs(lock(&daemon).config.glue_check_secs);
+    let prune_every = Duration::from_secs(lock(&daemon).config.conntrack_index_prune_secs);
     let background = [
         supervise("namespace following", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), super::follow::follow_namespaces(d.clone())) }),
         supervise("housekeeping", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), housekeeping(d.clone())) }),
         tokio::spawn(super::notify::watchdog(daemon.clone())),
         supervise("glue and attachment checks", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), verify(d.clone(), glue_every)) }),
+        supervise("conntrack index pruning", { let (d, r) = (daemon.clone(), ready.clone()); move || once_ready(r.clone(), prune_index(d.clone(), prune_every)) }),
     ];
     let (stop_tx, mut stop_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -391,6 +393,22 @@ async fn housekeeping(daemon: Shared) {
     loop {
         tick.tick().await;
         with_daemon(&daemon, |d| d.housekeeping()).await;
+    }
+}
+
+/// Drops from the conntrack index, every `every`, the connections that
+/// ended by themselves, without the lock (a lookup per entry).
+async fn prune_index(daemon: Shared, every: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some((dir, namespaces)) = with_daemon(&daemon, |d| d.indexed_namespaces()).await else { continue };
+        match tokio::task::spawn_blocking(move || crate::kernel::ctindex::prune(&dir, &namespaces)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(dropped = n, "conntrack index pruned"),
+            Ok(Err(e)) => warn!("pruning the conntrack index: {e:#}"),
+            _ => {}
+        }
     }
 }
 

@@ -128,25 +128,52 @@ fn marked(mark: u32, mask: u32) -> Result<Vec<(Entry, u32)>> {
 pub fn delete_entries(entries: &[Entry]) -> Result<()> {
     let sock = netfilter()?;
     for e in entries {
-        let t = e.orig;
-        let family = if t.src.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
-        let protocol = match t.proto as i32 {
-            libc::IPPROTO_TCP => Protocol::Tcp,
-            libc::IPPROTO_UDP => Protocol::Udp,
-            other => Protocol::Other(other as u8),
-        };
-        let tuple = vec![
-            Tuple::Ip(vec![IPTuple::SourceAddress(t.src), IPTuple::DestinationAddress(t.dst)]),
-            Tuple::Proto(vec![ProtoTuple::Protocol(protocol), ProtoTuple::SourcePort(t.sport), ProtoTuple::DestinationPort(t.dport)]),
-        ];
-        let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(tuple)];
-        if e.zone != 0 {
-            attrs.push(ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, e.zone.to_be_bytes().to_vec())));
-        }
+        let (family, attrs) = by_tuple(e);
         send_in(&sock, family, ConntrackMessage::Delete(attrs), NLM_F_REQUEST | NLM_F_ACK)?;
         receive(&sock, false, |_| {})?;
     }
     Ok(())
+}
+
+/// The attributes that name entry `e` (zone and original tuple), and its
+/// family.
+fn by_tuple(e: &Entry) -> (NetfilterProtoFamily, Vec<ConntrackAttribute>) {
+    let t = e.orig;
+    let family = if t.src.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
+    let protocol = match t.proto as i32 {
+        libc::IPPROTO_TCP => Protocol::Tcp,
+        libc::IPPROTO_UDP => Protocol::Udp,
+        other => Protocol::Other(other as u8),
+    };
+    let tuple = vec![
+        Tuple::Ip(vec![IPTuple::SourceAddress(t.src), IPTuple::DestinationAddress(t.dst)]),
+        Tuple::Proto(vec![ProtoTuple::Protocol(protocol), ProtoTuple::SourcePort(t.sport), ProtoTuple::DestinationPort(t.dport)]),
+    ];
+    let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(tuple)];
+    if e.zone != 0 {
+        attrs.push(ConntrackAttribute::Other(DefaultNla::new(CTA_ZONE, e.zone.to_be_bytes().to_vec())));
+    }
+    (family, attrs)
+}
+
+/// Whether each of `entries` is in the table: a lookup each, by zone and
+/// original tuple.
+pub fn alive(entries: &[Entry]) -> Result<Vec<bool>> {
+    let sock = netfilter()?;
+    entries
+        .iter()
+        .map(|e| {
+            let (family, attrs) = by_tuple(e);
+            send_in(&sock, family, ConntrackMessage::Get(attrs), NLM_F_REQUEST | NLM_F_ACK)?;
+            let mut found = false;
+            receive(&sock, true, |_| found = true)?;
+            // The acknowledgement follows the answer.
+            if found {
+                receive(&sock, false, |_| {})?;
+            }
+            Ok(found)
+        })
+        .collect()
 }
 
 /// Deletes every entry whose mark matches, in one message. Deleting a

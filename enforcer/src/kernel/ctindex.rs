@@ -266,20 +266,9 @@ impl CtIndex {
         }
     }
 
-    /// The entries of router `router`, to check which ended (see `prune`).
-    pub fn of_router(&self, router: RouterIndex) -> Vec<Entry> {
-        self.entries.iter().filter_map(|e| e.ok()).filter(|(k, _)| k.router == router).map(|(k, v)| entry(&k, &v)).collect()
-    }
-
-    /// Routers with entries in the index.
-    pub fn routers(&self) -> HashSet<RouterIndex> {
-        self.entries.keys().filter_map(|k| k.ok()).map(|k| k.router).collect()
-    }
-
-    /// Entries indexed, and entries that found no room, all routers.
-    pub fn counts(&self) -> (usize, u64) {
-        let missed = self.netns.iter().filter_map(|e| e.ok()).map(|(_, v)| v.missed).sum();
-        (self.entries.keys().filter(|k| k.is_ok()).count(), missed)
+    /// Entries that found no room, all routers.
+    pub fn missed(&self) -> u64 {
+        self.netns.iter().filter_map(|e| e.ok()).map(|(_, v)| v.missed).sum()
     }
 }
 
@@ -315,7 +304,43 @@ fn entry(k: &FlowKey, v: &IndexedCt) -> Entry {
 fn indexed(router: RouterIndex, e: &Entry, slot: u16) -> (FlowKey, IndexedCt) {
     let key = super::flow_key(router, &e.orig);
     let reply = super::flow_key(router, &e.reply);
-    (key, IndexedCt { slot: slot as u32, zone: e.zone, reply_sport: reply.sport, reply_dport: reply.dport, _pad: 0, reply_src: reply.src, reply_dst: reply.dst })
+    let seen_ns = super::monotonic_ns().unwrap_or_default();
+    (key, IndexedCt { seen_ns, slot: slot as u32, zone: e.zone, reply_sport: reply.sport, reply_dport: reply.dport, _pad: 0, reply_src: reply.src, reply_dst: reply.dst, _pad2: 0 })
+}
+
+/// How long an entry must go unwritten before `prune` may drop it: far
+/// longer than a packet takes from the program to conntrack's confirmation
+/// (an entry is indexed just before its connection is in the table).
+const PRUNE_AFTER_NS: u64 = 1_000_000_000;
+
+/// Drops the entries of connections that ended by themselves, for the
+/// routers of `namespaces` (index, namespace): the program sees
+/// connections start, not end. Runs without the daemon's lock, on the
+/// pinned maps in `dir`: a dropped entry is one whose connection conntrack
+/// no longer has and that was not written again since it was read. Returns
+/// how many were dropped.
+pub fn prune(dir: &Path, namespaces: &[(RouterIndex, PathBuf)]) -> Result<usize> {
+    let map = MapData::from_pin(dir.join(enforcer_common::MAP_CT_INDEX)).context("opening the conntrack index")?;
+    let mut index: HashMap<MapData, FlowKey, IndexedCt> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
+    let now = super::monotonic_ns()?;
+    let mut by_router: std::collections::HashMap<RouterIndex, Vec<(FlowKey, IndexedCt)>> = Default::default();
+    for (k, v) in index.iter().filter_map(|e| e.ok()) {
+        if now.saturating_sub(v.seen_ns) > PRUNE_AFTER_NS {
+            by_router.entry(k.router).or_default().push((k, v));
+        }
+    }
+    let mut dropped = 0;
+    for (router, ns) in namespaces {
+        let Some(held) = by_router.remove(router) else { continue };
+        let entries: Vec<Entry> = held.iter().map(|(k, v)| entry(k, v)).collect();
+        let alive = netns::run_in(ns, || super::conntrack::alive(&entries))?;
+        for ((k, v), alive) in held.iter().zip(alive) {
+            if !alive && index.get(k, 0).is_ok_and(|now| now.seen_ns == v.seen_ns) && index.remove(k).is_ok() {
+                dropped += 1;
+            }
+        }
+    }
+    Ok(dropped)
 }
 
 fn pin_name(pf: u32) -> &'static str {

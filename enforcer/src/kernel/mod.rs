@@ -413,20 +413,10 @@ impl Datapath {
         }
     }
 
-    /// The conntrack index's entries of router `index` (to prune).
-    pub fn ct_indexed(&self, index: RouterIndex) -> Vec<conntrack::Entry> {
-        self.ctindex.as_ref().map(|ix| ix.of_router(index)).unwrap_or_default()
-    }
-
-    /// Routers with entries in the conntrack index.
-    pub fn ct_indexed_routers(&self) -> HashSet<RouterIndex> {
-        self.ctindex.as_ref().map(|ix| ix.routers()).unwrap_or_default()
-    }
-
-    /// Entries in the conntrack index and entries that found no room in
-    /// it, if it runs.
-    pub fn ct_index_counts(&self) -> Option<(usize, u64)> {
-        self.ctindex.as_ref().map(|ix| ix.counts())
+    /// Entries that found no room in the conntrack index, all routers, if
+    /// it runs.
+    pub fn ct_index_counts(&self) -> Option<u64> {
+        self.ctindex.as_ref().map(|ix| ix.missed())
     }
 
     /// tcx: pinned links, one per (interface, program); pins of interfaces
