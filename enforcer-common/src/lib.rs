@@ -61,6 +61,8 @@ pub const MAP_CT_NETNS: &str = "ENFORCER_CT_NETNS";
 /// One entry, [`CtConfig`]: what the index program reads, written by the
 /// daemon at start.
 pub const MAP_CT_CONFIG: &str = "ENFORCER_CT_CONFIG";
+/// One u64: connections that found no room in the index, all routers.
+pub const MAP_CT_MISSED: &str = "ENFORCER_CT_MISSED";
 /// The index program (in its own object, loaded as a netfilter program).
 pub const PROG_CT_INDEX: &str = "ct_index";
 /// Default capacity of the conntrack index, all routers together; not

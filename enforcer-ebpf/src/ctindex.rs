@@ -42,6 +42,10 @@ static NETNS: HashMap<u32, CtNetns> = HashMap::pinned(65536, NO_PREALLOC);
 #[map(name = "ENFORCER_CT_CONFIG")]
 static CONFIG: Array<CtConfig> = Array::pinned(1, 0);
 
+/// Connections that found no room, all routers: what the metrics read.
+#[map(name = "ENFORCER_CT_MISSED")]
+static MISSED: Array<u64> = Array::pinned(1, 0);
+
 const NF_ACCEPT: i32 = 1;
 /// `skb->_nfct` keeps ctinfo in its low three bits: IP_CT_RELATED (1) and
 /// IP_CT_NEW (2) are a connection's packets in its original direction
@@ -135,6 +139,10 @@ fn record(state: u64, skb: u64) -> Option<()> {
         unsafe {
             (*netns).complete = 0;
             atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*netns).missed, 1);
+        }
+        if let Some(all) = MISSED.get_ptr_mut(0) {
+            // SAFETY: a map value pointer, added to atomically.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(all, 1) };
         }
     }
     Some(())

@@ -50,7 +50,12 @@ pub struct CtIndex {
     dir: PathBuf,
     program: OwnedFd,
     entries: HashMap<MapData, FlowKey, IndexedCt>,
+    /// The same map, read in batches (see `read_all`).
+    batches: MapData,
     netns: HashMap<MapData, u32, CtNetns>,
+    missed: Array<MapData, u64>,
+    /// Each registered router's namespace inode (the key of `netns`).
+    inodes: std::collections::HashMap<RouterIndex, u32>,
 }
 
 /// Where the programs find what they read, from the running kernel's BTF.
@@ -149,6 +154,7 @@ impl CtIndex {
             bail!("this binary was built without its eBPF programs");
         }
         let config = CtConfig { offsets: kernel_offsets()?, slot_mask: layout.slot_mask, slot_shift: layout.slot_shift };
+        drop_other_layout(dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .map_max_entries(enforcer_common::MAP_CT_INDEX, capacity)
@@ -156,11 +162,16 @@ impl CtIndex {
             .context("creating the conntrack index maps")?;
         let mut settings: Array<MapData, CtConfig> = take(&mut ebpf, enforcer_common::MAP_CT_CONFIG)?;
         settings.set(0, config, 0).context("configuring the conntrack index")?;
+        let netns: HashMap<MapData, u32, CtNetns> = take(&mut ebpf, enforcer_common::MAP_CT_NETNS)?;
+        let inodes = netns.iter().filter_map(|e| e.ok()).map(|(inode, v)| (v.router, inode)).collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             program: load_program(dir)?,
             entries: take(&mut ebpf, enforcer_common::MAP_CT_INDEX)?,
-            netns: take(&mut ebpf, enforcer_common::MAP_CT_NETNS)?,
+            batches: MapData::from_pin(dir.join(enforcer_common::MAP_CT_INDEX)).context("opening the conntrack index")?,
+            netns,
+            missed: take(&mut ebpf, enforcer_common::MAP_CT_MISSED)?,
+            inodes,
         })
     }
 
@@ -185,6 +196,7 @@ impl CtIndex {
         if !same {
             self.forget_router(router);
             self.netns.insert(inode, CtNetns { router, complete: 0, missed: 0 }, 0).context("registering the router's namespace in the conntrack index")?;
+            self.inodes.insert(router, inode);
         } else if !linked {
             let v = self.netns.get(&inode, 0)?;
             self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
@@ -206,22 +218,24 @@ impl CtIndex {
     /// drops its entries.
     pub fn forget_router(&mut self, router: RouterIndex) {
         let _ = std::fs::remove_dir_all(self.link_pins(router));
-        let inodes: Vec<u32> = self.netns.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.router == router).map(|(k, _)| k).collect();
-        for k in inodes {
-            let _ = self.netns.remove(&k);
+        // Entries exist only for a registered namespace.
+        let Some(inode) = self.inodes.remove(&router) else { return };
+        if self.netns.get(&inode, 0).is_ok_and(|v| v.router == router) {
+            let _ = self.netns.remove(&inode);
         }
         self.remove_where(|k, _| k.router == router);
     }
 
     fn remove_where(&mut self, drop: impl Fn(&FlowKey, &IndexedCt) -> bool) {
-        let keys: Vec<FlowKey> = self.entries.iter().filter_map(|e| e.ok()).filter(|(k, v)| drop(k, v)).map(|(k, _)| k).collect();
-        for k in keys {
-            let _ = self.entries.remove(&k);
+        let Ok(all) = read_all(&self.batches) else { return };
+        for (k, _) in all.iter().filter(|(k, v)| drop(k, v)) {
+            let _ = self.entries.remove(k);
         }
     }
 
     fn state(&self, router: RouterIndex) -> Option<(u32, CtNetns)> {
-        self.netns.iter().filter_map(|e| e.ok()).find(|(_, v)| v.router == router)
+        let inode = *self.inodes.get(&router)?;
+        self.netns.get(&inode, 0).ok().filter(|v| v.router == router).map(|v| (inode, v))
     }
 
     /// The entries of router `router` carrying `slot`, if its index is
@@ -230,7 +244,8 @@ impl CtIndex {
         if self.state(router)?.1.complete == 0 {
             return None;
         }
-        Some(self.entries.iter().filter_map(|e| e.ok()).filter(|(k, v)| k.router == router && v.slot == slot as u32).map(|(k, v)| entry(&k, &v)).collect())
+        let all = read_all(&self.batches).ok()?;
+        Some(all.iter().filter(|(k, v)| k.router == router && v.slot == slot as u32).map(|(k, v)| entry(k, v)).collect())
     }
 
     /// Fills router `router`'s index from `dumped` (every entry of its
@@ -266,9 +281,9 @@ impl CtIndex {
         }
     }
 
-    /// Entries that found no room, all routers.
+    /// Connections that found no room, all routers, since the map was made.
     pub fn missed(&self) -> u64 {
-        self.netns.iter().filter_map(|e| e.ok()).map(|(_, v)| v.missed).sum()
+        self.missed.get(&0, 0).unwrap_or_default()
     }
 }
 
@@ -320,11 +335,13 @@ const PRUNE_AFTER_NS: u64 = 1_000_000_000;
 /// no longer has and that was not written again since it was read. Returns
 /// how many were dropped.
 pub fn prune(dir: &Path, namespaces: &[(RouterIndex, PathBuf)]) -> Result<usize> {
-    let map = MapData::from_pin(dir.join(enforcer_common::MAP_CT_INDEX)).context("opening the conntrack index")?;
+    let path = dir.join(enforcer_common::MAP_CT_INDEX);
+    let all = read_all(&MapData::from_pin(&path).context("opening the conntrack index")?)?;
+    let map = MapData::from_pin(&path).context("opening the conntrack index")?;
     let mut index: HashMap<MapData, FlowKey, IndexedCt> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
     let now = super::monotonic_ns()?;
     let mut by_router: std::collections::HashMap<RouterIndex, Vec<(FlowKey, IndexedCt)>> = Default::default();
-    for (k, v) in index.iter().filter_map(|e| e.ok()) {
+    for (k, v) in all {
         if now.saturating_sub(v.seen_ns) > PRUNE_AFTER_NS {
             by_router.entry(k.router).or_default().push((k, v));
         }
@@ -341,6 +358,68 @@ pub fn prune(dir: &Path, namespaces: &[(RouterIndex, PathBuf)]) -> Result<usize>
         }
     }
     Ok(dropped)
+}
+
+/// Unpins the index (maps and links) if another version made it with
+/// other layouts: the index is only a cache of the conntrack table, so it
+/// starts again empty, and each router's next revocation fills it.
+fn drop_other_layout(dir: &Path) -> Result<()> {
+    use enforcer_common::{MAP_CT_CONFIG, MAP_CT_INDEX, MAP_CT_MISSED, MAP_CT_NETNS};
+    let sizes = [
+        (MAP_CT_INDEX, size_of::<FlowKey>(), size_of::<IndexedCt>()),
+        (MAP_CT_NETNS, size_of::<u32>(), size_of::<CtNetns>()),
+        (MAP_CT_CONFIG, size_of::<u32>(), size_of::<CtConfig>()),
+        (MAP_CT_MISSED, size_of::<u32>(), size_of::<u64>()),
+    ];
+    let other = sizes.iter().any(|(name, key, value)| {
+        let path = dir.join(name);
+        path.exists()
+            && MapData::from_pin(&path).and_then(|m| m.info()).is_ok_and(|i| (i.key_size() as usize, i.value_size() as usize) != (*key, *value))
+    });
+    if !other {
+        return Ok(());
+    }
+    tracing::info!("the conntrack index was made by another version: starting it again empty");
+    for (name, _, _) in sizes {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let links = dir.join("ctindex");
+    if links.exists() {
+        std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    Ok(())
+}
+
+/// Every entry of the index, a few thousand per `bpf` call
+/// (BPF_MAP_LOOKUP_BATCH) where a walk key by key makes two per entry.
+fn read_all(map: &MapData) -> Result<Vec<(FlowKey, IndexedCt)>> {
+    const CHUNK: usize = 4096;
+    let mut out = Vec::new();
+    let (mut keys, mut values) = (vec![FlowKey::default(); CHUNK], vec![IndexedCt::default(); CHUNK]);
+    let (mut token, mut next) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        // SAFETY: all-zero is a valid bpf_attr.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        attr.batch.in_batch = if first { 0 } else { &raw const token as u64 };
+        attr.batch.out_batch = &raw mut next as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = CHUNK as u32;
+        attr.batch.map_fd = map.fd().as_fd().as_raw_fd() as u32;
+        let result = sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
+        // SAFETY: the kernel wrote back how many it read.
+        let read = unsafe { attr.batch.count } as usize;
+        out.extend(keys[..read].iter().copied().zip(values[..read].iter().copied()));
+        match result {
+            Ok(_) => {}
+            // ENOENT: the walk is over.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e).context("reading the conntrack index"),
+        }
+        token = next;
+        first = false;
+    }
 }
 
 fn pin_name(pf: u32) -> &'static str {
@@ -436,6 +515,14 @@ fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_offsets_are_found_in_the_running_kernels_btf() {
+        let o = kernel_offsets().expect("this kernel's BTF names every field the index reads");
+        // The tuple's layout has not changed in years: source first.
+        assert_eq!((o.src_addr, o.src_port, o.l3num, o.dst_addr), (0, 16, 18, 20), "{o:?}");
+        assert!(o.tuplehash_size >= 40 && o.ct_tuple > 0 && o.ct_mark > o.ct_tuple && o.skb_nfct > 0, "{o:?}");
+    }
 
     #[test]
     fn an_entry_reads_back_from_its_index_key_and_value() {

@@ -279,6 +279,7 @@ impl Datapath {
         use std::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
         PROGRAMS.hash(&mut h);
+        ctindex::OBJECT.hash(&mut h);
         let l = self.layout;
         (l.helper_mask, l.slot_mask, l.slot_shift, self.revoked_policy.quiet_ns).hash(&mut h);
         format!("{:016x}-{}", h.finish(), PROGRAMS.len())

@@ -258,18 +258,22 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "A delete of a rule with one connection (a UDP flow through the router to the tftp port; one `helper_delete` request, p50 of {} each): \
-         {quiet:.1} ms with the host's conntrack table otherwise empty, {crowded:.1} ms with {} entries of another namespace in it ({:.1}x). \
+         {quiet:.1} ms with the host's conntrack table otherwise empty, {crowded:.1} ms with {} entries of another namespace in it ({:.2}x). \
          The kernel keeps every namespace's conntrack entries in one hash table, and a ctnetlink dump walks all of it whatever the \
-         namespace (each of its 262,144 buckets: about 12 ms with the table empty, `strace` of the daemon). A revocation now walks it twice: \
-         the rule's entries are found before the rule leaves the maps, deleted each by its tuple (a hash lookup), and a second dump checks \
-         that none is left. Until this run it walked it four times (found again after the rule went, and deleted by the mark): 35 ms and \
-         130 ms for the two cases here, measured the same way. The way on is to find a rule's connections by their tuples instead of their \
-         mark: the program would record the tuple of each flow it tags in a map per slot; a RELATED connection inherits the mark, not the \
-         tag, so it would be found through its master's expectations, or recorded too by reading the ct mark in the program \
-         (`bpf_skb_ct_lookup`), which costs every packet a conntrack lookup.\n",
+         namespace (each of its 262,144 buckets: about 12 ms with the table empty, `strace` of the daemon). A revocation no longer dumps: \
+         a netfilter program in each router namespace (prerouting, just after enforcer's chain) records every connection whose ct mark \
+         carries a slot as it starts, control and RELATED alike, in the conntrack index; the revocation reads the rule's entries there, \
+         deletes each by its zone and tuple (a hash lookup) and reads the index again (`conntrack_dumps` 0 in every answer here but the \
+         router's first, which fills the index from one dump of the router's entries, as it must for connections from before its program \
+         ran: {:.1} ms). Until this run it walked the table twice: 22.4 ms and 79.4 ms for the two cases (run of commit 04fbe53), and four \
+         times before that. The index costs every packet in a router one map read and one kernel read at prerouting (the packet cost in a \
+         Neutron router, §6, includes it); tracing programs on conntrack's own functions would see connections end as well, and no \
+         packet, but this kernel refuses fentry programs (EPERM) and has no kprobes, so ended connections are dropped from the index by a \
+         lookup each, every `conntrack_index_prune_secs`.\n",
         r.delete_connected_ms.len(),
         r.crowd,
-        crowded / quiet
+        crowded / quiet,
+        r.delete_connected_ms.first().copied().unwrap_or_default()
     );
 
     // 5. Memory.
