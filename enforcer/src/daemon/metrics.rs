@@ -98,7 +98,7 @@ impl super::Daemon {
             revoked_flows: self.datapath.revoked_flows_swept(),
             revoked_capacity: self.config.revoked_flows_max,
             revoked_overflows: self.datapath.revoked_overflows(),
-            ct_index_missed: self.datapath.ct_index_counts(),
+            ct_index_missed: self.datapath.ct_index_missed(),
             repairs: [("glue", self.tally.glue_repairs), ("link", self.tally.link_repairs), ("map", self.tally.map_repairs)],
             check_rounds: self.tally.check_rounds,
             changes: self.tally.changes,

@@ -631,7 +631,7 @@ impl Daemon {
     /// The bpffs directory and the attached routers' (index, namespace),
     /// for pruning the conntrack index, if it runs.
     pub(super) fn indexed_namespaces(&self) -> Option<(std::path::PathBuf, Vec<(u32, std::path::PathBuf)>)> {
-        self.datapath.ct_index_counts()?;
+        self.datapath.ct_index_missed()?;
         let namespaces = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| (r.record.index, netns::path(&r.record.netns))).collect();
         Some((self.config.bpffs.clone(), namespaces))
     }

@@ -55,9 +55,10 @@ impl FlushSteps for KernelFlush<'_> {
         }
         self.dumps += 1;
         let layout = self.datapath.layout();
+        let missed_before = self.datapath.ct_index_missed().unwrap_or_default();
         let dumped: Vec<(conntrack::Entry, u16)> =
             conntrack::entries_marked_within(layout.slot_mask)?.into_iter().map(|(e, m)| (e, layout.slot(m) as u16)).collect();
-        if let Err(e) = self.datapath.ct_seed(self.index, &dumped) {
+        if let Err(e) = self.datapath.ct_seed(self.index, &dumped, missed_before) {
             warn!(router = self.index, "filling the conntrack index: {e:#}");
         }
         Ok(dumped.into_iter().filter(|(_, s)| *s == self.slot).map(|(e, _)| e).collect())

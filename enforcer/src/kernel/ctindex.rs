@@ -249,21 +249,29 @@ impl CtIndex {
     }
 
     /// Fills router `router`'s index from `dumped` (every entry of its
-    /// namespace carrying a slot, dumped after it was registered) and
-    /// records it complete, unless an entry found no room meanwhile.
-    pub fn seed(&mut self, router: RouterIndex, dumped: &[(Entry, u16)]) -> Result<()> {
-        let (inode, before) = self.state(router).ok_or_else(|| anyhow!("router {router} is not in the conntrack index"))?;
+    /// namespace carrying a slot, dumped after [`CtIndex::missed`] said
+    /// `missed_before`) and records it complete, unless a connection (of
+    /// any router: the count is the one the program never loses) found no
+    /// room since.
+    pub fn seed(&mut self, router: RouterIndex, dumped: &[(Entry, u16)], missed_before: u64) -> Result<()> {
+        let (inode, _) = self.state(router).ok_or_else(|| anyhow!("router {router} is not in the conntrack index"))?;
         for (e, slot) in dumped {
             let (key, value) = indexed(router, e, *slot);
-            // Where the programs indexed the entry too, theirs stays.
+            // Where the program indexed the entry too, its entry stays.
             match self.entries.insert(key, value, 1) {
                 Err(aya::maps::MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::EEXIST) => {}
                 other => other.context("seeding the conntrack index")?,
             }
         }
+        if self.missed() != missed_before {
+            return Ok(());
+        }
         let now = self.netns.get(&inode, 0)?;
-        if now.missed == before.missed {
-            self.netns.insert(inode, CtNetns { complete: 1, ..now }, 0)?;
+        self.netns.insert(inode, CtNetns { complete: 1, ..now }, 0)?;
+        // A miss between the read and the write was overwritten: undone.
+        if self.missed() != missed_before {
+            let after = self.netns.get(&inode, 0)?;
+            self.netns.insert(inode, CtNetns { complete: 0, ..after }, 0)?;
         }
         Ok(())
     }

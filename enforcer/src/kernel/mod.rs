@@ -391,10 +391,11 @@ impl Datapath {
     }
 
     /// Fills router `index`'s conntrack index from a dump of its
-    /// namespace's entries carrying a slot.
-    pub fn ct_seed(&mut self, index: RouterIndex, dumped: &[(conntrack::Entry, u16)]) -> Result<()> {
+    /// namespace's entries carrying a slot, made after `missed_before`
+    /// was read (`ct_index_missed`).
+    pub fn ct_seed(&mut self, index: RouterIndex, dumped: &[(conntrack::Entry, u16)], missed_before: u64) -> Result<()> {
         match &mut self.ctindex {
-            Some(ix) => ix.seed(index, dumped),
+            Some(ix) => ix.seed(index, dumped, missed_before),
             None => Ok(()),
         }
     }
@@ -416,7 +417,7 @@ impl Datapath {
 
     /// Entries that found no room in the conntrack index, all routers, if
     /// it runs.
-    pub fn ct_index_counts(&self) -> Option<u64> {
+    pub fn ct_index_missed(&self) -> Option<u64> {
         self.ctindex.as_ref().map(|ix| ix.missed())
     }
 
