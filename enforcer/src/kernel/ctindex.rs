@@ -32,7 +32,7 @@ use enforcer_common::{CtConfig, CtNetns, CtOffsets, FlowKey, IndexedCt, MarkLayo
 
 use super::{
     conntrack::{Entry, Tuple5},
-    netns,
+    netns, take,
 };
 
 /// The index program's object, built by build.rs (empty with AYA_BUILD_SKIP).
@@ -293,15 +293,6 @@ impl CtIndex {
     pub fn missed(&self) -> u64 {
         self.missed.get(&0, 0).unwrap_or_default()
     }
-}
-
-fn take<T>(ebpf: &mut aya::Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<aya::maps::Map>,
-    T::Error: std::error::Error + Send + Sync + 'static,
-{
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
-    T::try_from(map).with_context(|| format!("map {name}"))
 }
 
 fn ip(family: u8, words: &[u32; 4]) -> std::net::IpAddr {

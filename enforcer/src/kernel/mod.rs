@@ -157,6 +157,16 @@ fn pin_ifindex(path: &Path) -> Option<u32> {
     path.file_name()?.to_str()?.strip_prefix("if")?.split_once('_')?.0.parse().ok()
 }
 
+/// Takes map `name` out of `ebpf`, typed.
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map>,
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+    T::try_from(map).with_context(|| format!("map {name}"))
+}
+
 fn mount_bpffs_if_needed(dir: &Path) -> Result<()> {
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) && !is_bpffs(root) {
@@ -185,14 +195,6 @@ impl Datapath {
         pins::remove_legacy(dir)?;
         let mut loader = Loader::new(dir, layout, max_rules, revoked);
         let mut control = loader.instance(0)?;
-        fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
-        where
-            T: TryFrom<aya::maps::Map>,
-            T::Error: std::error::Error + Send + Sync + 'static,
-        {
-            let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
-            T::try_from(map).with_context(|| format!("map {name}"))
-        }
         let classify: &mut SchedClassifier = control
             .program_mut(enforcer_common::PROG_CLASSIFY)
             .ok_or_else(|| anyhow!("program {} missing from the object", enforcer_common::PROG_CLASSIFY))?
