@@ -239,4 +239,16 @@ fn the_conntrack_index_outlives_a_restart_and_forgets_connections_that_ended() {
     assert_eq!((report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64()), (Some(0), Some(0)), "{report}");
     let log = daemon.log();
     assert!(!log.contains("pruning the conntrack index"), "{log}");
+
+    // An index no program watches any more (its links unpinned behind the
+    // daemon's back) is not trusted: the revocation walks the table, as
+    // without an index, for the rule's entries and again for the check.
+    let links: Vec<String> = daemon.pins().into_iter().filter(|p| p.contains("/ctindex/")).collect();
+    assert_eq!(links.len(), 2, "one link per family: {links:?}");
+    links.iter().for_each(|l| std::fs::remove_file(l).unwrap());
+    let fourth = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
+    assert!(tftp_get(&topo, Family::V4));
+    let report = delete(&daemon, &fourth);
+    assert_eq!((report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64()), (Some(2), Some(2)), "{report}");
+    assert_eq!(transfers(), 0, "{}", topo.conntrack(&["-L"]));
 }

@@ -188,7 +188,7 @@ impl CtIndex {
     pub fn register(&mut self, ns: &Path, router: RouterIndex, replace: bool) -> Result<()> {
         let inode = netns_inode(ns)?;
         let pins = self.link_pins(router);
-        let linked = [NFPROTO_IPV4, NFPROTO_IPV6].iter().all(|pf| pins.join(pin_name(*pf)).exists());
+        let linked = self.watched(router);
         let same = self.netns.get(&inode, 0).is_ok_and(|v| v.router == router);
         if linked && same && !replace {
             return Ok(());
@@ -233,6 +233,13 @@ impl CtIndex {
         }
     }
 
+    /// Whether router `router`'s program runs (its links are pinned): an
+    /// index of a router no program watches is never trusted.
+    fn watched(&self, router: RouterIndex) -> bool {
+        let pins = self.link_pins(router);
+        [NFPROTO_IPV4, NFPROTO_IPV6].iter().all(|pf| pins.join(pin_name(*pf)).exists())
+    }
+
     fn state(&self, router: RouterIndex) -> Option<(u32, CtNetns)> {
         let inode = *self.inodes.get(&router)?;
         self.netns.get(&inode, 0).ok().filter(|v| v.router == router).map(|v| (inode, v))
@@ -241,7 +248,7 @@ impl CtIndex {
     /// The entries of router `router` carrying `slot`, if its index is
     /// complete (None: dump instead, and `seed`).
     pub fn carrying(&self, router: RouterIndex, slot: u16) -> Option<Vec<Entry>> {
-        if self.state(router)?.1.complete == 0 {
+        if self.state(router)?.1.complete == 0 || !self.watched(router) {
             return None;
         }
         let all = read_all(&self.batches).ok()?;
@@ -263,7 +270,7 @@ impl CtIndex {
                 other => other.context("seeding the conntrack index")?,
             }
         }
-        if self.missed() != missed_before {
+        if self.missed() != missed_before || !self.watched(router) {
             return Ok(());
         }
         let now = self.netns.get(&inode, 0)?;
