@@ -252,3 +252,33 @@ fn the_conntrack_index_outlives_a_restart_and_forgets_connections_that_ended() {
     assert_eq!((report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64()), (Some(2), Some(2)), "{report}");
     assert_eq!(transfers(), 0, "{}", topo.conntrack(&["-L"]));
 }
+
+/// An index an earlier version pinned with other layouts is not read as
+/// this version's: it starts again empty, and the router's next revocation
+/// fills it from one walk, as a new router's.
+#[test]
+fn a_conntrack_index_of_another_layout_starts_again_empty() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    let _tftp = TftpServer::start(&topo, Family::V4);
+    let revoke = |daemon: &Daemon| {
+        let id = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
+        assert!(tftp_get(&topo, Family::V4));
+        let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
+        (report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64())
+    };
+    assert_eq!(revoke(&daemon), (Some(2), Some(1)));
+    assert_eq!(revoke(&daemon), (Some(2), Some(0)));
+
+    // The namespaces map as another version made it: other key and value sizes.
+    daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    let pin = daemon.bpffs.join(enforcer_common::MAP_CT_NETNS);
+    std::fs::remove_file(&pin).unwrap();
+    aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap().pin(&pin).unwrap();
+    daemon.restart();
+    let log = daemon.log();
+    assert!(log.contains("made by another version: starting it again empty"), "{log}");
+    assert_eq!(revoke(&daemon), (Some(2), Some(1)), "filled again:\n{}", daemon.log());
+    assert_eq!(revoke(&daemon), (Some(2), Some(0)));
+}
