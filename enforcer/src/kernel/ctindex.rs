@@ -156,6 +156,9 @@ impl CtIndex {
         let config = CtConfig { offsets: kernel_offsets()?, slot_mask: layout.slot_mask, slot_shift: layout.slot_shift };
         drop_other_layout(dir)?;
         let mut ebpf = EbpfLoader::new()
+            // Nothing in this object is relocated by the kernel's types: its
+            // BTF is not parsed a second time at each start.
+            .btf(None)
             .default_map_pin_directory(dir)
             .map_max_entries(enforcer_common::MAP_CT_INDEX, capacity)
             .load(OBJECT)
