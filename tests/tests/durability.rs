@@ -421,6 +421,10 @@ fn an_upgrade_detaches_the_egress_program_of_an_earlier_release() {
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let netlink = daemon.cli(&["status", "-o", "json"]).ok().json()["attach"] == "netlink";
     let ns = std::path::PathBuf::from(topo.router.path());
+    // The upgrade happens with the daemon down: a running daemon that
+    // re-syncs the router (on a late interface event) would take the
+    // earlier release's pin away before the restart.
+    daemon.stop(Signal::SIGTERM);
 
     // What the earlier release left on r0's egress hook, as it left it.
     let maps = std::path::PathBuf::from("/sys/fs/bpf").join(enforcer_tests::unique("legacy"));
