@@ -142,7 +142,7 @@ fn offset(btf: &Btf, name: &str, path: &[&str]) -> Result<u32> {
 }
 
 /// The inode number of the namespace at `ns`, as the kernel names it.
-pub fn netns_inode(ns: &Path) -> Result<u32> {
+fn netns_inode(ns: &Path) -> Result<u32> {
     Ok(std::fs::metadata(ns).with_context(|| format!("reading {}", ns.display()))?.ino() as u32)
 }
 
