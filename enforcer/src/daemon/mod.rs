@@ -225,6 +225,9 @@ pub(super) struct GlueDone {
     /// Where the glue was found intact, or left by its install (none if
     /// another commit came between).
     intact_at: Option<glue::Generation>,
+    /// A router being added found no glue table in its namespace: none of
+    /// the namespace's connections carries a slot (see `bring_up`).
+    created: bool,
 }
 
 impl GlueJob {
@@ -233,20 +236,23 @@ impl GlueJob {
         let ns = netns::path(&self.netns);
         let install = || glue::install(&ns, &self.offered, &self.layout);
         let installed = |done: Result<glue::Installed>, added: Option<bool>| match done {
-            Ok(i) => (Ok(added.unwrap_or(i.added)), i.intact_at),
-            Err(e) => (Err(e), None),
+            Ok(i) => (Ok(added.unwrap_or(i.added)), i.intact_at, i.created),
+            Err(e) => (Err(e), None, false),
         };
-        let (added, intact_at) = match &self.check {
+        let (added, intact_at, created) = match &self.check {
             Some(c) => match glue::check(&ns, &c.reference, c.known) {
-                Ok(glue::Found { state: GlueState::Intact, intact_at }) => (Ok(false), intact_at),
+                Ok(glue::Found { state: GlueState::Intact, intact_at }) => (Ok(false), intact_at, false),
                 // Missing or altered: put back.
                 Ok(_) => installed(install(), Some(true)),
-                Err(e) => (Err(e), None),
+                Err(e) => (Err(e), None, false),
             },
             None if self.new_router => installed(glue::install_new(&ns, &self.offered, &self.layout), None),
             None => installed(install(), None),
         };
-        GlueDone { netns: self.netns, added: added.map_err(|e| format!("{e:#}")), took: start.elapsed(), intact_at }
+        // Only an add can tell: at start, a missing table may have been
+        // removed by hand with the connections it marked still there.
+        let created = created && self.new_router;
+        GlueDone { netns: self.netns, added: added.map_err(|e| format!("{e:#}")), took: start.elapsed(), intact_at, created }
     }
 }
 
@@ -412,6 +418,9 @@ impl Daemon {
         let known: BTreeSet<u32> = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| r.record.index).collect();
         for index in self.datapath.pinned_routers() {
             if !known.contains(&index) {
+                // Removed while the daemon was down, perhaps before its
+                // connections were flushed.
+                self.datapath.ct_leftovers(index);
                 self.datapath.detach_router(index, None)?;
                 self.life.started_with.orphan_routers_removed += 1;
             }
@@ -481,21 +490,24 @@ impl Daemon {
             datapath.detach_router(state.record.index, None)?;
         }
         let path = netns::path(&state.record.netns);
-        let glue_added = match glue {
+        let (glue_added, created) = match glue {
             Some(done) if done.netns == state.record.netns => {
                 verified.set(&done.netns, done.intact_at);
-                done.added.map_err(anyhow::Error::msg)?
+                (done.added.map_err(anyhow::Error::msg)?, done.created)
             }
             _ if fresh => {
                 let installed = glue::install(&path, offered, &layout);
                 verified.set(&state.record.netns, installed.as_ref().ok().and_then(|i| i.intact_at));
-                installed?.added
+                (installed?.added, false)
             }
             // Same namespace, glue in place (the glue check repairs it).
-            _ => false,
+            _ => (false, false),
         };
         let uuid = uuid::Uuid::parse_str(&state.record.id)?;
-        let (attachment, changes) = datapath.sync_router(&path, state.record.index, uuid)?;
+        // A namespace that never had enforcer's chain needs no walk of the
+        // conntrack table to know its index complete (the index is attached
+        // before the router has a rule that could tag a connection).
+        let (attachment, changes) = datapath.sync_router(&path, state.record.index, uuid, created)?;
         state.attachment = Some(attachment);
         state.netns_id = Some(ns_id);
         if fresh {

@@ -493,6 +493,7 @@ impl Daemon {
                 let report = self.flush_slot(id, slot, origin);
                 if let Some(e) = report.flush_error {
                     warn!(router = %id, slot, "{e}");
+                    self.datapath.ct_leftovers(index);
                 }
             }
         }

@@ -6,9 +6,11 @@
 //!
 //! The program sees connections start, not end: the daemon drops what it
 //! deletes, and `prune` drops what ended by itself. The index is trusted
-//! for a router only once known complete: entries made before its program
-//! ran (an earlier release, links lost) are brought in from one dump of the
-//! router's table (`seed`); an entry that found no room makes the router
+//! for a router only once known complete: a router added in a namespace
+//! that never had enforcer's chain is complete from its add; elsewhere
+//! entries made before its program ran (an earlier release, links lost, a
+//! removed router's failed flush) are brought in from one dump of the
+//! router's table (`seed`). An entry that found no room makes the router
 //! incomplete again, and its next revocation dumps.
 
 use std::{
@@ -57,6 +59,10 @@ pub struct CtIndex {
     /// Each registered router's namespace inode (the key of `netns`).
     inodes: std::collections::HashMap<RouterIndex, u32>,
 }
+
+/// The router of a namespace record that belongs to no router: one where
+/// connections carrying slots may be left (router indexes start at 1).
+const LEFTOVERS: RouterIndex = 0;
 
 /// Where the programs find what they read, from the running kernel's BTF.
 pub fn kernel_offsets() -> Result<CtOffsets> {
@@ -166,7 +172,7 @@ impl CtIndex {
         let mut settings: Array<MapData, CtConfig> = take(&mut ebpf, enforcer_common::MAP_CT_CONFIG)?;
         settings.set(0, config, 0).context("configuring the conntrack index")?;
         let netns: HashMap<MapData, u32, CtNetns> = take(&mut ebpf, enforcer_common::MAP_CT_NETNS)?;
-        let inodes = netns.iter().filter_map(|e| e.ok()).map(|(inode, v)| (v.router, inode)).collect();
+        let inodes = netns.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.router != LEFTOVERS).map(|(inode, v)| (v.router, inode)).collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             program: load_program(dir)?,
@@ -187,18 +193,22 @@ impl CtIndex {
     /// on: registers the namespace and attaches the program there, unless
     /// both are in place already (with `replace`, this start's program is
     /// attached anyway, before the earlier one goes, so nothing is missed).
-    /// A namespace the program did not watch all along is incomplete.
-    pub fn register(&mut self, ns: &Path, router: RouterIndex, replace: bool) -> Result<()> {
+    /// A namespace the program did not watch all along is incomplete,
+    /// unless `unmarked` says none of its connections carries a slot yet
+    /// and no router left any there (see `leftovers`).
+    pub fn register(&mut self, ns: &Path, router: RouterIndex, replace: bool, unmarked: bool) -> Result<()> {
         let inode = netns_inode(ns)?;
         let pins = self.link_pins(router);
         let linked = self.watched(router);
-        let same = self.netns.get(&inode, 0).is_ok_and(|v| v.router == router);
+        let known = self.netns.get(&inode, 0).ok();
+        let same = known.is_some_and(|v| v.router == router);
         if linked && same && !replace {
             return Ok(());
         }
         if !same {
             self.forget_router(router);
-            self.netns.insert(inode, CtNetns { router, complete: 0, missed: 0 }, 0).context("registering the router's namespace in the conntrack index")?;
+            let complete = (unmarked && known.is_none()) as u32;
+            self.netns.insert(inode, CtNetns { router, complete, missed: 0 }, 0).context("registering the router's namespace in the conntrack index")?;
             self.inodes.insert(router, inode);
         } else if !linked {
             let v = self.netns.get(&inode, 0)?;
@@ -227,6 +237,15 @@ impl CtIndex {
             let _ = self.netns.remove(&inode);
         }
         self.remove_where(|k, _| k.router == router);
+    }
+
+    /// Keeps router `router`'s namespace known as one where connections
+    /// carrying its slots may outlive it (its record stays, for no router;
+    /// the next router registered there replaces it).
+    pub fn leftovers(&mut self, router: RouterIndex) {
+        if let Some((inode, _)) = self.state(router) {
+            let _ = self.netns.insert(inode, CtNetns { router: LEFTOVERS, complete: 0, missed: 0 }, 0);
+        }
     }
 
     fn remove_where(&mut self, drop: impl Fn(&FlowKey, &IndexedCt) -> bool) {

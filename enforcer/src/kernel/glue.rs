@@ -306,6 +306,9 @@ pub fn check(ns: &Path, reference: &serde_json::Value, known: Option<Generation>
 pub struct Installed {
     /// The glue was missing.
     pub added: bool,
+    /// Its table did not exist before: no connection of the namespace
+    /// went through enforcer's chain yet, so none carries a slot.
+    pub created: bool,
     /// The generation its transaction made, if no other commit came
     /// between (see [`commit_at`]): the glue is known intact there, and the
     /// next check needs no listing while the ruleset stays at it.
@@ -320,7 +323,7 @@ pub fn install(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<Inst
     if missing {
         legacy::remove(ns).context("removing the iptables glue of an earlier version")?;
     }
-    Ok(Installed { added: missing, intact_at: apply_at(ns, &ruleset(offered, layout))? })
+    Ok(Installed { added: missing, created: missing, intact_at: apply_at(ns, &ruleset(offered, layout))? })
 }
 
 /// The glue of a router enforcer does not know yet, in one transaction
@@ -334,9 +337,9 @@ pub fn install_new(ns: &Path, offered: &Offered, layout: &MarkLayout) -> Result<
     // error. An nft that hangs or cannot start is not run twice.
     let (out, intact_at) = commit_at(ns, &ruleset_fresh(offered, layout))?;
     if out.status.success() {
-        return Ok(Installed { added: true, intact_at });
+        return Ok(Installed { added: true, created: true, intact_at });
     }
-    Ok(Installed { added: true, intact_at: apply_at(ns, &ruleset(offered, layout))? })
+    Ok(Installed { added: true, created: false, intact_at: apply_at(ns, &ruleset(offered, layout))? })
 }
 
 /// [`apply`], and where it left the ruleset (see [`commit_at`]).

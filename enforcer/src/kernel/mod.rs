@@ -317,8 +317,9 @@ impl Datapath {
 
     /// Makes the attachments of router `index` match the interfaces its
     /// namespace has now: tag (ingress) on each one, so that they outlive
-    /// the daemon (see `attach`). Idempotent.
-    pub fn sync_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid) -> Result<(Attachment, LinkChanges)> {
+    /// the daemon (see `attach`). Idempotent. `unmarked`: no connection of
+    /// the namespace can carry a slot yet (see `CtIndex::register`).
+    pub fn sync_router(&mut self, ns: &Path, index: RouterIndex, router: uuid::Uuid, unmarked: bool) -> Result<(Attachment, LinkChanges)> {
         // The directory also records, in netlink mode, which routers have
         // attachments (for orphans after a restart).
         let dir = self.link_dir(index);
@@ -338,7 +339,7 @@ impl Datapath {
                     })?;
                 if complete {
                     self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
-                    self.index_router(ns, index);
+                    self.index_router(ns, index, unmarked);
                     let interfaces = current.into_iter().map(|(name, _)| name).collect();
                     return Ok((Attachment { index, interfaces }, LinkChanges::default()));
                 }
@@ -371,16 +372,16 @@ impl Datapath {
             }
         };
         self.routers.insert(index, RouterValue { id: *router.as_bytes() }, 0).context("recording router in map")?;
-        self.index_router(ns, index);
+        self.index_router(ns, index, unmarked);
         let interfaces = current.into_iter().map(|(name, _)| name).collect();
         Ok((Attachment { index, interfaces }, changes))
     }
 
     /// Has the conntrack index keep router `index`'s entries (a failure
     /// leaves its revocations to dump the table).
-    fn index_router(&mut self, ns: &Path, index: RouterIndex) {
+    fn index_router(&mut self, ns: &Path, index: RouterIndex, unmarked: bool) {
         if let Some(ix) = &mut self.ctindex
-            && let Err(e) = ix.register(ns, index, self.replace_programs)
+            && let Err(e) = ix.register(ns, index, self.replace_programs, unmarked)
         {
             tracing::warn!(router = index, "{e:#}");
         }
@@ -414,6 +415,15 @@ impl Datapath {
     pub fn ct_forget(&mut self, index: RouterIndex, entries: &[conntrack::Entry]) {
         if let Some(ix) = &mut self.ctindex {
             ix.forget(index, entries);
+        }
+    }
+
+    /// Connections carrying slots of router `index` may outlive it in its
+    /// namespace (a flush failed, or it is an orphan): a router added there
+    /// later fills its conntrack index from a walk.
+    pub fn ct_leftovers(&mut self, index: RouterIndex) {
+        if let Some(ix) = &mut self.ctindex {
+            ix.leftovers(index);
         }
     }
 

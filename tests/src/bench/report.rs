@@ -263,9 +263,11 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          namespace (each of its 262,144 buckets: about 12 ms with the table empty, `strace` of the daemon). A revocation no longer dumps: \
          a netfilter program in each router namespace (prerouting, just after enforcer's chain) records every connection whose ct mark \
          carries a slot as it starts, control and RELATED alike, in the conntrack index; the revocation reads the rule's entries there, \
-         deletes each by its zone and tuple (a hash lookup) and reads the index again (`conntrack_dumps` 0 in every answer here but the \
-         router's first, which fills the index from one dump of the router's entries, as it must for connections from before its program \
-         ran: {:.1} ms). Until this run it walked the table twice: 22.4 ms and 79.4 ms for the two cases (run of commit 04fbe53), and four \
+         deletes each by its zone and tuple (a hash lookup) and reads the index again (`conntrack_dumps` 0 in every answer here, the \
+         router's first included, {:.1} ms: a router added in a namespace that never had enforcer's chain has no connection with a slot \
+         from before its program ran, so its index is complete from the add. One the chain was in before, after a restart that found the \
+         index of another version or lost links, or where a removed router's flush failed, fills it from one dump of its entries at its \
+         first revocation: 12.9 ms in the run of commit 0d8f5ee). Until the run of commit 0d8f5ee it walked the table twice: 22.4 ms and 79.4 ms for the two cases (run of commit 04fbe53), and four \
          times before that. The index costs every packet in a router one map read and one kernel read at prerouting (the packet cost in a \
          Neutron router, §6, includes it); tracing programs on conntrack's own functions would see connections end as well, and no \
          packet, but this kernel refuses fentry programs (EPERM) and has no kprobes, so ended connections are dropped from the index by a \
