@@ -10,6 +10,10 @@ use crate::catalogue::CATALOGUE;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/enforcer";
 
+/// Largest conntrack index accepted (its entries cost memory only once
+/// used: about 200 bytes each).
+const MAX_CT_INDEX: u32 = 1 << 24;
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -61,6 +65,10 @@ pub struct Config {
     /// How often the conntrack index drops the connections that ended by
     /// themselves (a lookup per indexed connection, without the lock).
     pub conntrack_index_prune_secs: u64,
+    /// Capacity of the conntrack index, all routers together; 0 turns it
+    /// off (no hook in router namespaces; every revocation with
+    /// connections walks the host's conntrack table).
+    pub conntrack_index_max: u32,
     /// Size at which the audit log is rotated (it and one rotated file are
     /// kept, so at most twice this on disk).
     pub audit_max_bytes: u64,
@@ -133,6 +141,7 @@ impl Default for Config {
             command_timeout_secs: 10,
             glue_check_secs: 10,
             conntrack_index_prune_secs: 60,
+            conntrack_index_max: enforcer_common::DEFAULT_CT_INDEX_CAPACITY,
             audit_max_bytes: 64 << 20,
             audit_refusals_per_sec: 10,
             neutron: None,
@@ -179,6 +188,9 @@ impl Config {
         }
         if self.max_rules == 0 {
             bail!("max_rules must be positive");
+        }
+        if self.conntrack_index_max > MAX_CT_INDEX {
+            bail!("conntrack_index_max ({}) must be at most {MAX_CT_INDEX} (0 turns the index off)", self.conntrack_index_max);
         }
         if self.max_connections == 0 || self.max_connections_per_uid == 0 || self.idle_timeout_secs == 0 || self.command_timeout_secs == 0
             || self.glue_check_secs == 0
@@ -234,6 +246,15 @@ mod tests {
             let c = Config { helper_mask: h, slot_mask: s, ..Config::default() };
             assert!(c.layout().is_err(), "{h:#x} {s:#x}");
         }
+    }
+
+    #[test]
+    fn the_conntrack_index_capacity_is_bounded_and_0_turns_it_off() {
+        for (max, ok) in [(0, true), (1, true), (MAX_CT_INDEX, true), (MAX_CT_INDEX + 1, false)] {
+            let c: Config = toml::from_str(&format!("conntrack_index_max = {max}\n")).unwrap();
+            assert_eq!(c.layout().is_ok(), ok, "{max}");
+        }
+        assert_eq!(Config::default().conntrack_index_max, enforcer_common::DEFAULT_CT_INDEX_CAPACITY);
     }
 
     #[test]

@@ -245,13 +245,16 @@ fn the_conntrack_index_outlives_a_restart_and_forgets_connections_that_ended() {
     assert_eq!(transfers(), 0, "{}", topo.conntrack(&["-L"]));
 }
 
-/// An index an earlier version pinned with other layouts is not read as
-/// this version's: it starts again empty, and the router's next revocation
-/// fills it from one walk.
+/// An index an earlier version pinned with other layouts, or one of
+/// another capacity, is not read as this start's: it starts again empty,
+/// and the router's next revocation fills it from one walk. A capacity of
+/// 0 turns the index off: its links leave the namespace and every
+/// revocation walks.
 #[test]
-fn a_conntrack_index_of_another_layout_starts_again_empty() {
+fn the_conntrack_index_starts_again_empty_when_its_layout_or_capacity_changes_and_0_turns_it_off() {
     let topo = Topology::new();
-    let mut daemon = Daemon::start();
+    let config = enforcer_tests::Scratch::file("cfg", "");
+    let mut daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
     let _tftp = TftpServer::start(&topo, Family::V4);
     let revoke = |daemon: &Daemon| {
@@ -260,6 +263,7 @@ fn a_conntrack_index_of_another_layout_starts_again_empty() {
         let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
         (report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64())
     };
+    let links = |daemon: &Daemon| daemon.pins().into_iter().filter(|p| p.contains("/ctindex/")).count();
     assert_eq!(revoke(&daemon), (Some(2), Some(0)));
 
     // The namespaces map as another version made it: other key and value sizes.
@@ -269,8 +273,24 @@ fn a_conntrack_index_of_another_layout_starts_again_empty() {
     aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap().pin(&pin).unwrap();
     daemon.restart();
     let log = daemon.log();
-    assert!(log.contains("made by another version: starting it again empty"), "{log}");
+    assert!(log.contains("made by another version or with another capacity: starting it again empty"), "{log}");
     assert_eq!(revoke(&daemon), (Some(2), Some(1)), "filled again:\n{}", daemon.log());
+    assert_eq!(revoke(&daemon), (Some(2), Some(0)));
+
+    // Off: the links go, and a revocation walks for the entries and the check.
+    std::fs::write(config.path(), "conntrack_index_max = 0\n").unwrap();
+    daemon.restart();
+    assert_eq!(links(&daemon), 0, "{:?}", daemon.pins());
+    assert!(!daemon.bpffs.join(enforcer_common::MAP_CT_INDEX).exists());
+    assert_eq!(revoke(&daemon), (Some(2), Some(2)));
+
+    // On again with another capacity: a new index, filled by one walk.
+    std::fs::write(config.path(), "conntrack_index_max = 4096\n").unwrap();
+    daemon.restart();
+    assert_eq!(links(&daemon), 2, "{:?}", daemon.pins());
+    let index = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_CT_INDEX)).unwrap();
+    assert_eq!(index.info().unwrap().max_entries(), 4096);
+    assert_eq!(revoke(&daemon), (Some(2), Some(1)));
     assert_eq!(revoke(&daemon), (Some(2), Some(0)));
 }
 

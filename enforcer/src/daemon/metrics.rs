@@ -79,6 +79,7 @@ struct Snapshot {
     revoked_capacity: u32,
     revoked_overflows: u64,
     ct_index_missed: Option<u64>,
+    ct_index_capacity: u32,
     repairs: [(&'static str, u64); 3],
     check_rounds: u64,
     changes: u64,
@@ -99,6 +100,7 @@ impl super::Daemon {
             revoked_capacity: self.config.revoked_flows_max,
             revoked_overflows: self.datapath.revoked_overflows(),
             ct_index_missed: self.datapath.ct_index_missed(),
+            ct_index_capacity: self.config.conntrack_index_max,
             repairs: [("glue", self.tally.glue_repairs), ("link", self.tally.link_repairs), ("map", self.tally.map_repairs)],
             check_rounds: self.tally.check_rounds,
             changes: self.tally.changes,
@@ -154,6 +156,7 @@ impl Collector for Scrape {
         counter(&mut e, "revocation_conntrack_dumps", "Walks of the host's whole conntrack table made by revocations (0 for each the conntrack index answered)", s.revocations.conntrack_dumps)?;
         gauge(&mut e, "conntrack_index", "1 if the conntrack index runs (revocations find connections without walking the conntrack table)", if s.ct_index_missed.is_some() { 1.0 } else { 0.0 })?;
         counter(&mut e, "conntrack_index_missed", "Connections that found no room in the conntrack index (their router's next revocation walks the table)", s.ct_index_missed.unwrap_or(0))?;
+        gauge(&mut e, "conntrack_index_capacity", "Capacity of the conntrack index, all routers together (conntrack_index_max)", s.ct_index_capacity as f64)?;
         gauge(&mut e, "revoked_flows", "Revoked flows the datapath keeps dropped now", s.revoked_flows as f64)?;
         gauge(&mut e, "revoked_flows_capacity", "Capacity of the revoked-flows map", s.revoked_capacity as f64)?;
         counter(&mut e, "revoked_flows_overflows", "Revoked flows that found no room in the revoked-flows map", s.revoked_overflows)?;

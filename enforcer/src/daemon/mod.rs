@@ -321,7 +321,7 @@ impl Daemon {
         // The programs are verified while nft probes the helpers and lists
         // the reference glue: neither needs the other.
         let (offered, glue_reference, datapath) = std::thread::scope(|s| {
-            let loading = s.spawn(|| Datapath::load(&config.bpffs, layout, config.max_rules, config.revoked_policy()));
+            let loading = s.spawn(|| Datapath::load_with_index(&config.bpffs, layout, config.max_rules, config.revoked_policy(), config.conntrack_index_max));
             let probing = Instant::now();
             let offered = crate::kernel::probe::probe()
                 .context("probing the kernel's conntrack helpers")
@@ -643,7 +643,9 @@ impl Daemon {
     /// The bpffs directory and the attached routers' (index, namespace),
     /// for pruning the conntrack index, if it runs.
     pub(super) fn indexed_namespaces(&self) -> Option<(std::path::PathBuf, Vec<(u32, std::path::PathBuf)>)> {
-        self.datapath.ct_index_missed()?;
+        if !self.datapath.ct_index_runs() {
+            return None;
+        }
         let namespaces = self.routers.values().filter(|r| r.attachment.is_some()).map(|r| (r.record.index, netns::path(&r.record.netns))).collect();
         Some((self.config.bpffs.clone(), namespaces))
     }

@@ -154,13 +154,22 @@ fn netns_inode(ns: &Path) -> Result<u32> {
 
 impl CtIndex {
     /// Loads the index program and its maps (pinned in `dir`, so the
-    /// index outlives the daemon), for the mark layout `layout`.
-    pub fn load(dir: &Path, layout: MarkLayout, capacity: u32) -> Result<Self> {
+    /// index outlives the daemon), for the mark layout `layout`, with room
+    /// for `capacity` connections. None with a capacity of 0: the index is
+    /// off, and what an earlier start pinned of it is removed (its hook
+    /// leaves every router namespace).
+    pub fn load(dir: &Path, layout: MarkLayout, capacity: u32) -> Result<Option<Self>> {
+        if capacity == 0 {
+            if unpin(dir)? {
+                tracing::info!("the conntrack index is off (conntrack_index_max = 0): its programs and maps are removed");
+            }
+            return Ok(None);
+        }
         if OBJECT.is_empty() {
             bail!("this binary was built without its eBPF programs");
         }
         let config = CtConfig { offsets: kernel_offsets()?, slot_mask: layout.slot_mask, slot_shift: layout.slot_shift };
-        drop_other_layout(dir)?;
+        drop_other_layout(dir, capacity)?;
         let mut ebpf = EbpfLoader::new()
             // Nothing in this object is relocated by the kernel's types: its
             // BTF is not parsed a second time at each start.
@@ -173,7 +182,7 @@ impl CtIndex {
         settings.set(0, config, 0).context("configuring the conntrack index")?;
         let netns: HashMap<MapData, u32, CtNetns> = take(&mut ebpf, enforcer_common::MAP_CT_NETNS)?;
         let inodes = netns.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.router != LEFTOVERS).map(|(inode, v)| (v.router, inode)).collect();
-        Ok(Self {
+        Ok(Some(Self {
             dir: dir.to_path_buf(),
             program: load_program(dir)?,
             entries: take(&mut ebpf, enforcer_common::MAP_CT_INDEX)?,
@@ -181,7 +190,7 @@ impl CtIndex {
             netns,
             missed: take(&mut ebpf, enforcer_common::MAP_CT_MISSED)?,
             inodes,
-        })
+        }))
     }
 
     /// Where router `router`'s links are pinned: one per family.
@@ -363,9 +372,8 @@ const PRUNE_AFTER_NS: u64 = 1_000_000_000;
 /// no longer has and that was not written again since it was read. Returns
 /// how many were dropped.
 pub fn prune(dir: &Path, namespaces: &[(RouterIndex, PathBuf)]) -> Result<usize> {
-    let path = dir.join(enforcer_common::MAP_CT_INDEX);
-    let all = read_all(&MapData::from_pin(&path).context("opening the conntrack index")?)?;
-    let map = MapData::from_pin(&path).context("opening the conntrack index")?;
+    let map = MapData::from_pin(dir.join(enforcer_common::MAP_CT_INDEX)).context("opening the conntrack index")?;
+    let all = read_all(&map)?;
     let mut index: HashMap<MapData, FlowKey, IndexedCt> = HashMap::try_from(aya::maps::Map::HashMap(map))?;
     let now = super::monotonic_ns()?;
     let mut by_router: std::collections::HashMap<RouterIndex, Vec<(FlowKey, IndexedCt)>> = Default::default();
@@ -388,34 +396,47 @@ pub fn prune(dir: &Path, namespaces: &[(RouterIndex, PathBuf)]) -> Result<usize>
     Ok(dropped)
 }
 
+/// The index's maps: name, key and value sizes.
+const MAPS: [(&str, usize, usize); 4] = [
+    (enforcer_common::MAP_CT_INDEX, size_of::<FlowKey>(), size_of::<IndexedCt>()),
+    (enforcer_common::MAP_CT_NETNS, size_of::<u32>(), size_of::<CtNetns>()),
+    (enforcer_common::MAP_CT_CONFIG, size_of::<u32>(), size_of::<CtConfig>()),
+    (enforcer_common::MAP_CT_MISSED, size_of::<u32>(), size_of::<u64>()),
+];
+
 /// Unpins the index (maps and links) if another version made it with
-/// other layouts: the index is only a cache of the conntrack table, so it
-/// starts again empty, and each router's next revocation fills it.
-fn drop_other_layout(dir: &Path) -> Result<()> {
-    use enforcer_common::{MAP_CT_CONFIG, MAP_CT_INDEX, MAP_CT_MISSED, MAP_CT_NETNS};
-    let sizes = [
-        (MAP_CT_INDEX, size_of::<FlowKey>(), size_of::<IndexedCt>()),
-        (MAP_CT_NETNS, size_of::<u32>(), size_of::<CtNetns>()),
-        (MAP_CT_CONFIG, size_of::<u32>(), size_of::<CtConfig>()),
-        (MAP_CT_MISSED, size_of::<u32>(), size_of::<u64>()),
-    ];
-    let other = sizes.iter().any(|(name, key, value)| {
+/// other layouts, or with a capacity other than `capacity`: the index is
+/// only a cache of the conntrack table, so it starts again empty, and each
+/// router's next revocation fills it.
+fn drop_other_layout(dir: &Path, capacity: u32) -> Result<()> {
+    let other = MAPS.iter().any(|(name, key, value)| {
         let path = dir.join(name);
         path.exists()
-            && MapData::from_pin(&path).and_then(|m| m.info()).is_ok_and(|i| (i.key_size() as usize, i.value_size() as usize) != (*key, *value))
+            && MapData::from_pin(&path).and_then(|m| m.info()).is_ok_and(|i| {
+                (i.key_size() as usize, i.value_size() as usize) != (*key, *value)
+                    || (*name == enforcer_common::MAP_CT_INDEX && i.max_entries() != capacity)
+            })
     });
-    if !other {
-        return Ok(());
+    if other {
+        tracing::info!("the conntrack index was made by another version or with another capacity: starting it again empty");
+        unpin(dir)?;
     }
-    tracing::info!("the conntrack index was made by another version: starting it again empty");
-    for (name, _, _) in sizes {
-        let _ = std::fs::remove_file(dir.join(name));
+    Ok(())
+}
+
+/// Removes the index's pins, maps and links (each link's pin is its only
+/// holder: its hook goes with it). Returns whether there were any.
+fn unpin(dir: &Path) -> Result<bool> {
+    let mut found = false;
+    for (name, _, _) in MAPS {
+        found |= std::fs::remove_file(dir.join(name)).is_ok();
     }
     let links = dir.join("ctindex");
     if links.exists() {
         std::fs::remove_dir_all(&links).with_context(|| format!("removing {}", links.display()))?;
+        found = true;
     }
-    Ok(())
+    Ok(found)
 }
 
 /// Every entry of the index, a few thousand per `bpf` call

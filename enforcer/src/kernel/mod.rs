@@ -184,8 +184,15 @@ fn is_bpffs(path: &Path) -> bool {
 
 impl Datapath {
     /// Creates (or reuses) the maps pinned in `dir`, so they outlive the
-    /// daemon and `maps dump` can read them, and verifies the programs.
+    /// daemon and `maps dump` can read them, and verifies the programs;
+    /// with a conntrack index of the default capacity.
     pub fn load(dir: &Path, layout: MarkLayout, max_rules: u32, revoked: RevokedPolicy) -> Result<Self> {
+        Self::load_with_index(dir, layout, max_rules, revoked, enforcer_common::DEFAULT_CT_INDEX_CAPACITY)
+    }
+
+    /// [`Datapath::load`] with a conntrack index of `ct_index_max` entries
+    /// (0: none, and an earlier one's pins are removed).
+    pub fn load_with_index(dir: &Path, layout: MarkLayout, max_rules: u32, revoked: RevokedPolicy, ct_index_max: u32) -> Result<Self> {
         mount_bpffs_if_needed(dir)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if !is_bpffs(dir) {
@@ -231,8 +238,8 @@ impl Datapath {
             replace_programs: false,
             ctindex: None,
         };
-        datapath.ctindex = match ctindex::CtIndex::load(dir, layout, enforcer_common::DEFAULT_CT_INDEX_CAPACITY) {
-            Ok(index) => Some(index),
+        datapath.ctindex = match ctindex::CtIndex::load(dir, layout, ct_index_max) {
+            Ok(index) => index,
             Err(e) => {
                 tracing::warn!("no conntrack index, every revocation with connections dumps the conntrack table: {e:#}");
                 None
@@ -425,6 +432,11 @@ impl Datapath {
         if let Some(ix) = &mut self.ctindex {
             ix.leftovers(index);
         }
+    }
+
+    /// Whether the conntrack index runs (it could be loaded).
+    pub fn ct_index_runs(&self) -> bool {
+        self.ctindex.is_some()
     }
 
     /// Entries that found no room in the conntrack index, all routers, if
