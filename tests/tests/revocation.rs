@@ -208,6 +208,9 @@ fn the_conntrack_index_outlives_a_restart_and_forgets_connections_that_ended() {
     let config = enforcer_tests::Scratch::file("cfg", "conntrack_index_prune_secs = 1\n");
     let mut daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
+    // A rule that stays: the router always has a slot in use, so its
+    // index is never parked.
+    daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     let _tftp = TftpServer::start(&topo, Family::V4);
     let delete = |daemon: &Daemon, id: &str| daemon.cli(&["helper", "delete", &topo.router_id, id, "-o", "json"]).ok().json();
     let transfers = || count(&topo.conntrack(&["-L"]), "dport=69");
@@ -323,4 +326,40 @@ fn a_router_added_where_an_orphan_left_connections_walks_once() {
     let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
     assert_eq!((report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64()), (Some(4), Some(1)), "{report}");
     assert_eq!(transfers(), 0, "{}", topo.conntrack(&["-L"]));
+}
+
+/// A router with no slot in use has no connection carrying one: its
+/// conntrack index program is taken off its namespace (parked), so its
+/// packets do not cross the hook, and attached again before its next rule
+/// goes in. The index stays complete throughout, also across a restart.
+#[test]
+fn the_conntrack_index_hook_leaves_a_router_without_rules_and_returns_before_its_next_rule() {
+    let topo = Topology::new();
+    let mut daemon = Daemon::start();
+    daemon.add_router(&topo.router_id);
+    let _tftp = TftpServer::start(&topo, Family::V4);
+    let links = |daemon: &Daemon| daemon.pins().into_iter().filter(|p| p.contains("/ctindex/")).count();
+    let parked = |daemon: &Daemon| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while links(daemon) != 0 {
+            assert!(std::time::Instant::now() < deadline, "still attached: {:?}", daemon.pins());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let revoke = |daemon: &Daemon| {
+        let id = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
+        assert_eq!(links(daemon), 2, "attached before the rule went in: {:?}", daemon.pins());
+        assert!(tftp_get(&topo, Family::V4));
+        let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
+        (report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64())
+    };
+    assert_eq!(links(&daemon), 0, "a new router has no rule yet: {:?}", daemon.pins());
+    assert_eq!(revoke(&daemon), (Some(2), Some(0)));
+    parked(&daemon);
+    assert_eq!(revoke(&daemon), (Some(2), Some(0)));
+    parked(&daemon);
+    daemon.restart();
+    assert_eq!(links(&daemon), 0, "parked across the restart: {:?}", daemon.pins());
+    assert_eq!(revoke(&daemon), (Some(2), Some(0)));
+    assert_eq!(count(&topo.conntrack(&["-L"]), "dport=69"), 0, "{}", topo.conntrack(&["-L"]));
 }

@@ -610,6 +610,13 @@ impl Daemon {
             warn!("audit: {e:#}");
         }
         self.cooled();
+        // A router without a slot in use needs no conntrack index meanwhile:
+        // its packets stop crossing the hook.
+        for state in self.routers.values().filter(|r| r.attachment.is_some() && !self.slots.in_use(&r.record.id)) {
+            if self.datapath.ct_park(state.record.index) {
+                tracing::debug!(router = %state.record.id, "conntrack index parked (no slot in use)");
+            }
+        }
         // Requests are handled on the runtime's blocking threads, and glibc
         // keeps what each thread frees in its own arena: handed back here,
         // so memory follows the state, not the busiest moment so far.

@@ -77,6 +77,12 @@ impl Slots {
         *self = fresh;
     }
 
+    /// Whether any slot of `router` is not free: a rule has it, or some
+    /// connection may still carry it.
+    pub(super) fn in_use(&self, router: &str) -> bool {
+        self.routers.get(router).is_some_and(|r| !r.states.is_empty())
+    }
+
     pub(super) fn state(&self, router: &str, slot: u16) -> Option<SlotState> {
         self.routers.get(router)?.states.get(&slot).copied()
     }

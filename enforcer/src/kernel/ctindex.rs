@@ -58,7 +58,20 @@ pub struct CtIndex {
     missed: Array<MapData, u64>,
     /// Each registered router's namespace inode (the key of `netns`).
     inodes: std::collections::HashMap<RouterIndex, u32>,
+    /// Each registered router's namespace (to attach a parked router).
+    namespaces: std::collections::HashMap<RouterIndex, PathBuf>,
+    /// Routers found incomplete with no slot in use: not parked (see
+    /// `park`) until a seed makes them complete.
+    unparkable: HashSet<RouterIndex>,
+    /// Parked routers (their records say PARKED): what a rule's insert
+    /// asks without a `bpf` call.
+    parked: HashSet<RouterIndex>,
 }
+
+/// `CtNetns::complete` of a parked router: complete, and no program
+/// watches, as it has no slot in use (no connection carries one, and none
+/// can get one before `watch` attaches the program again).
+const PARKED: u32 = 2;
 
 /// The router of a namespace record that belongs to no router: one where
 /// connections carrying slots may be left (router indexes start at 1).
@@ -181,7 +194,9 @@ impl CtIndex {
         let mut settings: Array<MapData, CtConfig> = take(&mut ebpf, enforcer_common::MAP_CT_CONFIG)?;
         settings.set(0, config, 0).context("configuring the conntrack index")?;
         let netns: HashMap<MapData, u32, CtNetns> = take(&mut ebpf, enforcer_common::MAP_CT_NETNS)?;
-        let inodes = netns.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.router != LEFTOVERS).map(|(inode, v)| (v.router, inode)).collect();
+        let records: Vec<(u32, CtNetns)> = netns.iter().filter_map(|e| e.ok()).filter(|(_, v)| v.router != LEFTOVERS).collect();
+        let inodes = records.iter().map(|(inode, v)| (v.router, *inode)).collect();
+        let parked = records.iter().filter(|(_, v)| v.complete == PARKED).map(|(_, v)| v.router).collect();
         Ok(Some(Self {
             dir: dir.to_path_buf(),
             program: load_program(dir)?,
@@ -190,6 +205,9 @@ impl CtIndex {
             netns,
             missed: take(&mut ebpf, enforcer_common::MAP_CT_MISSED)?,
             inodes,
+            namespaces: Default::default(),
+            unparkable: HashSet::new(),
+            parked,
         }))
     }
 
@@ -204,25 +222,50 @@ impl CtIndex {
     /// attached anyway, before the earlier one goes, so nothing is missed).
     /// A namespace the program did not watch all along is incomplete,
     /// unless `unmarked` says none of its connections carries a slot yet
-    /// and no router left any there (see `leftovers`).
+    /// and no router left any there (see `leftovers`): such a router is
+    /// parked from the start, as is one parked before.
     pub fn register(&mut self, ns: &Path, router: RouterIndex, replace: bool, unmarked: bool) -> Result<()> {
         let inode = netns_inode(ns)?;
-        let pins = self.link_pins(router);
+        self.namespaces.insert(router, ns.to_path_buf());
         let linked = self.watched(router);
         let known = self.netns.get(&inode, 0).ok();
         let same = known.is_some_and(|v| v.router == router);
+        let parked = same && known.is_some_and(|v| v.complete == PARKED);
+        if parked && !linked {
+            self.parked.insert(router);
+            return Ok(());
+        }
         if linked && same && !replace {
             return Ok(());
         }
         if !same {
             self.forget_router(router);
-            let complete = (unmarked && known.is_none()) as u32;
-            self.netns.insert(inode, CtNetns { router, complete, missed: 0 }, 0).context("registering the router's namespace in the conntrack index")?;
+            self.namespaces.insert(router, ns.to_path_buf());
             self.inodes.insert(router, inode);
+            let fresh = unmarked && known.is_none();
+            let complete = if fresh { PARKED } else { 0 };
+            self.netns.insert(inode, CtNetns { router, complete, missed: 0 }, 0).context("registering the router's namespace in the conntrack index")?;
+            if fresh {
+                self.parked.insert(router);
+                return Ok(());
+            }
         } else if !linked {
             let v = self.netns.get(&inode, 0)?;
             self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
+        } else if parked {
+            // Links left by a park cut short: watched, and still complete.
+            let v = self.netns.get(&inode, 0)?;
+            self.netns.insert(inode, CtNetns { complete: 1, ..v }, 0)?;
         }
+        self.unparkable.remove(&router);
+        self.parked.remove(&router);
+        self.attach(ns, router)
+    }
+
+    /// Attaches the program in `ns` for router `router`, one link per
+    /// family, pinned (the pin is the link's only holder).
+    fn attach(&self, ns: &Path, router: RouterIndex) -> Result<()> {
+        let pins = self.link_pins(router);
         std::fs::create_dir_all(&pins).with_context(|| format!("creating {}", pins.display()))?;
         let program = self.program.as_fd();
         let links = netns::run_in(ns, || [NFPROTO_IPV4, NFPROTO_IPV6].map(|pf| link_create(program, pf).map(|l| (pf, l))).into_iter().collect::<Result<Vec<_>>>())?;
@@ -236,10 +279,68 @@ impl CtIndex {
         Ok(())
     }
 
+    /// Attaches the program again for parked router `router`, which is
+    /// about to get a rule: its index stays complete. Nothing to do for a
+    /// router that is not parked. A failed attach leaves it incomplete (the
+    /// router's revocations dump, and its next sync attaches again).
+    pub fn watch(&mut self, router: RouterIndex) -> Result<()> {
+        if !self.parked.remove(&router) {
+            return Ok(());
+        }
+        let Some((inode, v)) = self.state(router).filter(|(_, v)| v.complete == PARKED) else { return Ok(()) };
+        let ns = self.namespaces.get(&router).cloned().ok_or_else(|| anyhow!("router {router} has no namespace known to the conntrack index"))?;
+        let missed_before = self.missed();
+        if let Err(e) = self.attach(&ns, router) {
+            let _ = std::fs::remove_dir_all(self.link_pins(router));
+            self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
+            return Err(e);
+        }
+        self.netns.insert(inode, CtNetns { complete: 1, ..v }, 0)?;
+        // A miss since the attach was overwritten: undone.
+        if self.missed() != missed_before {
+            self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the program off router `router`'s namespace while it has no
+    /// slot in use (the caller knows), so its packets no longer cross the
+    /// hook. Only a complete index is parked: an incomplete one may lack
+    /// connections a router left there before, whose slots a later rule of
+    /// this one may take. Returns whether it was parked now.
+    pub fn park(&mut self, router: RouterIndex) -> bool {
+        if self.parked.contains(&router) || self.unparkable.contains(&router) {
+            return false;
+        }
+        let Some((inode, v)) = self.state(router) else { return false };
+        match v.complete {
+            PARKED => false,
+            1 if self.watched(router) => {
+                // Unpinned first: a park cut short leaves the router
+                // complete and unwatched, which is trusted by nothing.
+                if std::fs::remove_dir_all(self.link_pins(router)).is_err() {
+                    return false;
+                }
+                let parked = self.netns.insert(inode, CtNetns { complete: PARKED, ..v }, 0).is_ok();
+                if parked {
+                    self.parked.insert(router);
+                }
+                parked
+            }
+            _ => {
+                self.unparkable.insert(router);
+                false
+            }
+        }
+    }
+
     /// Stops indexing router `router`'s namespace (its links go) and
     /// drops its entries.
     pub fn forget_router(&mut self, router: RouterIndex) {
         let _ = std::fs::remove_dir_all(self.link_pins(router));
+        self.namespaces.remove(&router);
+        self.unparkable.remove(&router);
+        self.parked.remove(&router);
         // Entries exist only for a registered namespace.
         let Some(inode) = self.inodes.remove(&router) else { return };
         if self.netns.get(&inode, 0).is_ok_and(|v| v.router == router) {
@@ -310,6 +411,8 @@ impl CtIndex {
         if self.missed() != missed_before {
             let after = self.netns.get(&inode, 0)?;
             self.netns.insert(inode, CtNetns { complete: 0, ..after }, 0)?;
+        } else {
+            self.unparkable.remove(&router);
         }
         Ok(())
     }

@@ -425,6 +425,23 @@ impl Datapath {
         }
     }
 
+    /// Takes the conntrack index's program off router `index`'s namespace,
+    /// which has no slot in use (see `CtIndex::park`); the next rule of
+    /// the router attaches it again before it goes in.
+    pub fn ct_park(&mut self, index: RouterIndex) -> bool {
+        self.ctindex.as_mut().is_some_and(|ix| ix.park(index))
+    }
+
+    /// Before a rule of router `index` goes in: its conntrack index watches
+    /// (a parked router's program is attached again).
+    fn watch(&mut self, index: RouterIndex) {
+        if let Some(ix) = &mut self.ctindex
+            && let Err(e) = ix.watch(index)
+        {
+            tracing::warn!(router = index, "{e:#}");
+        }
+    }
+
     /// Connections carrying slots of router `index` may outlive it in its
     /// namespace (a flush failed, or it is an orphan): a router added there
     /// later fills its conntrack index from a walk.
@@ -608,6 +625,7 @@ impl Datapath {
         }
         let rule = RuleKey::new(router, proto, port);
         let value = RuleValue { slot, helper, _pad: [0; 5] };
+        self.watch(router);
         // The rule's bit is set before the rule goes in, so its first packet
         // is looked up. A rule already there (found by the insert itself,
         // with no lookup first) is replaced and its bit stays counted once.
@@ -685,6 +703,9 @@ impl Datapath {
         // The bits of the rules to come are set first, and those of the
         // rules that go cleared only once they are gone.
         self.filter.rebuild(want.rules.keys().chain(rules_del.iter()).copied());
+        for router in rules_add.iter().map(|(k, _)| k.router).collect::<HashSet<_>>() {
+            self.watch(router);
+        }
         for (k, v) in rules_add {
             self.rules.insert(k, v, 0)?;
         }
