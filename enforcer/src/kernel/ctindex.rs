@@ -12,6 +12,10 @@
 //! removed router's failed flush) are brought in from one dump of the
 //! router's table (`seed`). An entry that found no room makes the router
 //! incomplete again, and its next revocation dumps.
+//!
+//! A complete router with no slot in use is parked: its program leaves the
+//! namespace (its packets skip the hook) and comes back before its next
+//! rule goes in (`park`, `watch`).
 
 use std::{
     collections::HashSet,

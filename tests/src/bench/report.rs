@@ -324,11 +324,12 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          helper id has to move from the skb mark into the ct mark before Neutron's mangle rules rewrite the mark. The \
          conntrack index (§4) adds a netfilter hook after the chain, whose program reads one map and one kernel word \
          per packet: in the run of commit 04fbe53, before it, the whole of enforcer measured 0.967 to 0.975, in the \
-         runs of this commit 0.952 to 0.957, so about 1.5% of this router's rate, mostly the hook's indirect calls \
+         run of commit 0d8f5ee 0.952 to 0.957, so about 1.5% of this router's rate, mostly the hook's indirect calls \
          (loading `skb->_nfct` directly instead of through a helper, its offset put in by the loader, measured no \
-         different: not kept). The way on is to attach the index only while a router has a slot in use (no slot \
-         in use means no connection carries one, so the index stays complete meanwhile); it must then be attached \
-         on every path that gives a router its first rule, before the rule goes in.\n\n\
+         different: not kept). Since the run after that, a router with no slot in use is parked: no connection \
+         carries one of its slots, so the index stays complete with its program off the namespace, and the program \
+         is attached again before the router's next rule goes into the maps. The 0 helpers row therefore has no \
+         index hook; the others have it.\n\n\
          In time per packet: this router spends {:.0} ns on a packet without enforcer, so 0.95 leaves enforcer {:.0} ns; \
          the table costs {:.0} ns, the hook {:.0} ns, the whole {:.0} ns. Earlier releases also had a `post` chain \
          (after NAT, to put the slot back into the skb mark) and an egress program that dropped the packets of \
