@@ -12,6 +12,20 @@ fn count(text: &str, needle: &str) -> usize {
     text.lines().filter(|l| l.contains(needle)).count()
 }
 
+/// A tftp rule on the router of `topo`, one transfer through it, and the
+/// rule's delete: (conntrack entries removed, walks of the table).
+fn revoke_a_transfer(daemon: &Daemon, topo: &Topology) -> (Option<u64>, Option<u64>) {
+    let id = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
+    assert!(tftp_get(topo, Family::V4));
+    let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
+    (report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64())
+}
+
+/// The conntrack index's links pinned for the daemon's routers.
+fn index_links(daemon: &Daemon) -> usize {
+    daemon.pins().into_iter().filter(|p| p.contains("/ctindex/")).count()
+}
+
 #[test]
 fn delete_leaves_no_trace_and_spares_other_rules_and_routers() {
     let a = Topology::new();
@@ -260,13 +274,7 @@ fn the_conntrack_index_starts_again_empty_when_its_layout_or_capacity_changes_an
     let mut daemon = Daemon::start_with(None, &["--config", config.path()]);
     daemon.add_router(&topo.router_id);
     let _tftp = TftpServer::start(&topo, Family::V4);
-    let revoke = |daemon: &Daemon| {
-        let id = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
-        assert!(tftp_get(&topo, Family::V4));
-        let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
-        (report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64())
-    };
-    let links = |daemon: &Daemon| daemon.pins().into_iter().filter(|p| p.contains("/ctindex/")).count();
+    let revoke = |daemon: &Daemon| revoke_a_transfer(daemon, &topo);
     assert_eq!(revoke(&daemon), (Some(2), Some(0)));
 
     // The namespaces map as another version made it: other key and value sizes.
@@ -283,14 +291,14 @@ fn the_conntrack_index_starts_again_empty_when_its_layout_or_capacity_changes_an
     // Off: the links go, and a revocation walks for the entries and the check.
     std::fs::write(config.path(), "conntrack_index_max = 0\n").unwrap();
     daemon.restart();
-    assert_eq!(links(&daemon), 0, "{:?}", daemon.pins());
+    assert_eq!(index_links(&daemon), 0, "{:?}", daemon.pins());
     assert!(!daemon.bpffs.join(enforcer_common::MAP_CT_INDEX).exists());
     assert_eq!(revoke(&daemon), (Some(2), Some(2)));
 
     // On again with another capacity: a new index, filled by one walk.
     std::fs::write(config.path(), "conntrack_index_max = 4096\n").unwrap();
     daemon.restart();
-    assert_eq!(links(&daemon), 2, "{:?}", daemon.pins());
+    assert_eq!(index_links(&daemon), 2, "{:?}", daemon.pins());
     let index = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_CT_INDEX)).unwrap();
     assert_eq!(index.info().unwrap().max_entries(), 4096);
     assert_eq!(revoke(&daemon), (Some(2), Some(1)));
@@ -338,28 +346,27 @@ fn the_conntrack_index_hook_leaves_a_router_without_rules_and_returns_before_its
     let mut daemon = Daemon::start();
     daemon.add_router(&topo.router_id);
     let _tftp = TftpServer::start(&topo, Family::V4);
-    let links = |daemon: &Daemon| daemon.pins().into_iter().filter(|p| p.contains("/ctindex/")).count();
     let parked = |daemon: &Daemon| {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while links(daemon) != 0 {
+        while index_links(daemon) != 0 {
             assert!(std::time::Instant::now() < deadline, "still attached: {:?}", daemon.pins());
             std::thread::sleep(Duration::from_millis(100));
         }
     };
     let revoke = |daemon: &Daemon| {
         let id = daemon.create_helper(&topo.router_id, "udp", 69, "tftp");
-        assert_eq!(links(daemon), 2, "attached before the rule went in: {:?}", daemon.pins());
+        assert_eq!(index_links(daemon), 2, "attached before the rule went in: {:?}", daemon.pins());
         assert!(tftp_get(&topo, Family::V4));
         let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
         (report["conntrack_entries_removed"].as_u64(), report["conntrack_dumps"].as_u64())
     };
-    assert_eq!(links(&daemon), 0, "a new router has no rule yet: {:?}", daemon.pins());
+    assert_eq!(index_links(&daemon), 0, "a new router has no rule yet: {:?}", daemon.pins());
     assert_eq!(revoke(&daemon), (Some(2), Some(0)));
     parked(&daemon);
     assert_eq!(revoke(&daemon), (Some(2), Some(0)));
     parked(&daemon);
     daemon.restart();
-    assert_eq!(links(&daemon), 0, "parked across the restart: {:?}", daemon.pins());
+    assert_eq!(index_links(&daemon), 0, "parked across the restart: {:?}", daemon.pins());
     assert_eq!(revoke(&daemon), (Some(2), Some(0)));
     assert_eq!(count(&topo.conntrack(&["-L"]), "dport=69"), 0, "{}", topo.conntrack(&["-L"]));
 }
