@@ -178,7 +178,8 @@ fn a_namespace_deleted_during_its_attach_leaves_nothing_behind() {
     let routers = daemon.cli(&["router", "list", "-o", "json"]).ok().json();
     assert!(!routers.to_string().contains(&id), "{routers}");
     // Router b's conntrack index program came with its first rule.
-    let b_index = pins_before.iter().find_map(|p| p.split_once("/routers/").and_then(|(_, r)| r.split('/').next())).expect("router b's pins").to_string();
+    let dump = daemon.dump();
+    let b_index = dump["slots"].as_array().unwrap().iter().find(|s| s["router_id"] == b.router_id.as_str()).expect("router b's rules")["router_index"].to_string();
     let new: Vec<String> = daemon.pins().into_iter().filter(|p| !pins_before.contains(p)).collect();
     assert!(new.iter().all(|p| p.contains(&format!("/ctindex/{b_index}/"))), "no pins of the failed router: {new:?}");
     // And the daemon is fine: b still takes changes.
