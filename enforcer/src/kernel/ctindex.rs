@@ -230,10 +230,14 @@ impl CtIndex {
     /// parked from the start, as is one parked before.
     pub fn register(&mut self, ns: &Path, router: RouterIndex, replace: bool, unmarked: bool) -> Result<()> {
         let inode = netns_inode(ns)?;
-        self.namespaces.insert(router, ns.to_path_buf());
-        let linked = self.watched(router);
         let known = self.netns.get(&inode, 0).ok();
         let same = known.is_some_and(|v| v.router == router);
+        if !same {
+            // Another namespace, or none yet: what the index held goes.
+            self.forget_router(router);
+        }
+        self.namespaces.insert(router, ns.to_path_buf());
+        let linked = self.watched(router);
         let parked = same && known.is_some_and(|v| v.complete == PARKED);
         if parked && !linked {
             self.parked.insert(router);
@@ -243,8 +247,6 @@ impl CtIndex {
             return Ok(());
         }
         if !same {
-            self.forget_router(router);
-            self.namespaces.insert(router, ns.to_path_buf());
             self.inodes.insert(router, inode);
             let fresh = unmarked && known.is_none();
             let complete = if fresh { PARKED } else { 0 };
@@ -299,10 +301,10 @@ impl CtIndex {
             self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
             return Err(e);
         }
-        self.netns.insert(inode, CtNetns { complete: 1, ..v }, 0)?;
-        // A miss since the attach was overwritten: undone.
-        if self.missed() != missed_before {
-            self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
+        // A miss since the attach leaves it incomplete.
+        if !self.set_complete(inode, missed_before)? {
+            let now = self.netns.get(&inode, 0)?;
+            self.netns.insert(inode, CtNetns { complete: 0, ..now }, 0)?;
         }
         Ok(())
     }
@@ -409,16 +411,28 @@ impl CtIndex {
         if self.missed() != missed_before || !self.watched(router) {
             return Ok(());
         }
+        if self.set_complete(inode, missed_before)? {
+            self.unparkable.remove(&router);
+        }
+        Ok(())
+    }
+
+    /// Records the namespace at `inode` complete, unless a connection (of
+    /// any router: the count is the one the program never loses) found no
+    /// room since the count was `missed_before`. Returns whether it is.
+    fn set_complete(&mut self, inode: u32, missed_before: u64) -> Result<bool> {
+        if self.missed() != missed_before {
+            return Ok(false);
+        }
         let now = self.netns.get(&inode, 0)?;
         self.netns.insert(inode, CtNetns { complete: 1, ..now }, 0)?;
         // A miss between the read and the write was overwritten: undone.
         if self.missed() != missed_before {
             let after = self.netns.get(&inode, 0)?;
             self.netns.insert(inode, CtNetns { complete: 0, ..after }, 0)?;
-        } else {
-            self.unparkable.remove(&router);
+            return Ok(false);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Drops the index entries of `slot` of router `router`: after a
