@@ -298,7 +298,8 @@ impl CtIndex {
         let missed_before = self.missed();
         if let Err(e) = self.attach(&ns, router) {
             let _ = std::fs::remove_dir_all(self.link_pins(router));
-            self.netns.insert(inode, CtNetns { complete: 0, ..v }, 0)?;
+            let now = self.netns.get(&inode, 0).unwrap_or(v);
+            self.netns.insert(inode, CtNetns { complete: 0, ..now }, 0)?;
             return Err(e);
         }
         // A miss since the attach leaves it incomplete.
