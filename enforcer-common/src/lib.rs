@@ -9,6 +9,18 @@ use bytemuck::{Pod, Zeroable};
 /// IP protocol numbers the datapath matches on.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// GRE: no rule names it, but a PPTP call's data flows are GRE
+/// connections RELATED to the control connection, revoked with it.
+pub const IPPROTO_GRE: u8 = 47;
+
+/// The ports of a flow key for (protocol, source port, destination port)
+/// as conntrack records a direction. An enhanced GRE packet (PPTP) carries
+/// only the receiver's call ID, conntrack's destination key (it finds the
+/// source key in a table of its own), so a GRE flow is keyed by that alone.
+#[inline(always)]
+pub const fn flow_ports(proto: u8, sport: u16, dport: u16) -> (u16, u16) {
+    if proto == IPPROTO_GRE { (0, dport) } else { (sport, dport) }
+}
 
 /// Names of the pinned maps (under the bpffs directory) and programs.
 pub const MAP_RULES: &str = "ENFORCER_RULES";

@@ -14,7 +14,7 @@
 use core::mem::{MaybeUninit, offset_of};
 
 use aya_ebpf::programs::TcContext;
-use enforcer_common::{IPPROTO_TCP, IPPROTO_UDP};
+use enforcer_common::{IPPROTO_GRE, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -27,6 +27,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// The payload type of enhanced GRE (version 1), as PPTP carries it.
+const GRE_PROTO_PPP: u16 = 0x880b;
 
 // TCP and UDP keep their ports at the same offsets: one read serves both.
 const _: () = assert!(offset_of!(TcpHdr, source) == 0 && offset_of!(UdpHdr, src) == 0);
@@ -72,7 +74,9 @@ fn be16(ctx: &TcContext, off: usize) -> Option<u16> {
     read::<u16>(ctx, off).map(u16::from_be)
 }
 
-/// Parses Ethernet (with up to two VLAN tags), IPv4 or IPv6, TCP or UDP.
+/// Parses Ethernet (with up to two VLAN tags), IPv4 or IPv6, TCP or UDP,
+/// or the enhanced GRE of a PPTP call (no rule matches it; it is parsed so
+/// that a revoked call's data flow is dropped).
 #[inline(always)]
 pub fn flow(ctx: &TcContext) -> Option<Flow> {
     let mut off = EthHdr::LEN;
@@ -90,6 +94,9 @@ pub fn flow(ctx: &TcContext) -> Option<Flow> {
         ETH_P_IPV6 => (6, ipv6(ctx, off)?),
         _ => return None,
     };
+    if l4proto == IPPROTO_GRE {
+        return gre(ctx, l4off, family, src, dst);
+    }
     if l4proto != IPPROTO_TCP && l4proto != IPPROTO_UDP {
         return None;
     }
@@ -98,6 +105,19 @@ pub fn flow(ctx: &TcContext) -> Option<Flow> {
     let dport = u16::from_be((ports >> 16) as u16);
     let sport = u16::from_be(ports as u16);
     Some(Flow { proto: l4proto, family, sport, dport, src, dst })
+}
+
+/// An enhanced GRE header (flags and version, payload type, payload length,
+/// call ID), as conntrack reads it: version 1 carrying PPP. Its only port is
+/// the receiver's call ID (see `enforcer_common::flow_ports`).
+#[inline(always)]
+fn gre(ctx: &TcContext, off: usize, family: u8, src: [u32; 4], dst: [u32; 4]) -> Option<Flow> {
+    let h = read::<[u8; 8]>(ctx, off)?;
+    if h[1] & 0x07 != 1 || u16::from_be_bytes([h[2], h[3]]) != GRE_PROTO_PPP {
+        return None;
+    }
+    let (sport, dport) = enforcer_common::flow_ports(IPPROTO_GRE, 0, u16::from_be_bytes([h[6], h[7]]));
+    Some(Flow { proto: IPPROTO_GRE, family, sport, dport, src, dst })
 }
 
 /// A byte of a header copied out as `MaybeUninit`, at `field`'s offset:

@@ -1,5 +1,7 @@
 //! Real protocol peers: pyftpdlib and ftplib for FTP, tftpd-hpa and tftp-hpa
-//! for TFTP (Debian packages that `cargo xtask setup` installs).
+//! for TFTP (Debian packages that `cargo xtask setup` installs), and the two
+//! ends of a PPTP call written for the tests (peers/pptp.py: this kernel has
+//! no PPP, so pptpd cannot run).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -173,6 +175,63 @@ impl TftpServer {
         );
         wait_listening(&topo.server, "udp", 69);
         Self { _process: process, files }
+    }
+}
+
+/// The server end of a PPTP call (peers/pptp.py `pac`), IPv4, port 1723.
+pub struct PptpServer {
+    _process: Process,
+}
+
+impl PptpServer {
+    pub fn start(topo: &Topology) -> Self {
+        let process = Process::spawn(
+            "pptp pac",
+            topo.server.cmd("/usr/bin/python3").arg(peers_dir().join("pptp.py")).args(["pac", Topology::SERVER_V4]),
+        );
+        wait_listening(&topo.server, "tcp", 1723);
+        Self { _process: process }
+    }
+}
+
+/// A PPTP call from the client (peers/pptp.py `pns`): its control
+/// connection set up, and its GRE data flow pinged on demand.
+pub struct PptpCall {
+    _process: Process,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl PptpCall {
+    /// Sets up a call to the server with the client's `call_id` (the
+    /// server's is that with the top bit flipped); panics if it fails.
+    pub fn start(topo: &Topology, call_id: u16) -> Self {
+        let mut process = Process::spawn(
+            "pptp pns",
+            topo.client
+                .cmd("/usr/bin/python3")
+                .arg(peers_dir().join("pptp.py"))
+                .args(["pns", Topology::SERVER_V4, "1", &call_id.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped()),
+        );
+        let stdin = process.child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(process.child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.contains("peer_call_id"), "the PPTP call was not set up: {line:?}");
+        Self { _process: process, stdin, stdout }
+    }
+
+    /// Whether one GRE packet of the call reached the server and its echo
+    /// came back (within a second).
+    pub fn ping(&mut self) -> bool {
+        writeln!(self.stdin, "ping").unwrap();
+        self.stdin.flush().unwrap();
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).unwrap();
+        let v: Value = serde_json::from_str(&answer).unwrap_or_else(|e| panic!("pptp client said {answer:?}: {e}"));
+        v["echo"] == true
     }
 }
 

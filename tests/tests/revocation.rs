@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use enforcer_tests::{
     Daemon, Family, Topology,
-    peers::{FtpClient, FtpRouter, FtpServer, TftpServer, tftp_get},
+    peers::{FtpClient, FtpRouter, FtpServer, PptpCall, PptpServer, TftpServer, tftp_get},
 };
 
 fn count(text: &str, needle: &str) -> usize {
@@ -111,6 +111,39 @@ fn revoked_connection_stays_dead_a_minute_later() {
     fresh.ok("noop");
     let ct = topo.conntrack(&["-L"]);
     assert_eq!(count(&ct, "helper=ftp"), 0, "{ct}");
+}
+
+/// A PPTP call's data is a GRE connection RELATED to its control
+/// connection, keyed by call IDs instead of ports: the revocation removes
+/// both and keeps the GRE flow dropped, whether it finds them in the
+/// conntrack index or, with the index off, in a walk of the table.
+#[test]
+fn a_pptp_call_s_gre_data_is_revoked_with_its_control_connection() {
+    // A router of its own each way: the first call's control connection,
+    // revoked, retransmits its close, which a new rule on the same port
+    // would take up again.
+    for (config, walks) in [("", 0), ("conntrack_index_max = 0\n", 2)] {
+        let topo = Topology::without_firewall();
+        let _pac = PptpServer::start(&topo);
+        let config = enforcer_tests::Scratch::file("cfg", config);
+        let daemon = Daemon::start_with(None, &["--config", config.path()]);
+        daemon.add_router(&topo.router_id);
+        let gre_entries = || count(&topo.conntrack(&["-L", "-p", "gre"]), "dstkey=");
+        let id = daemon.create_helper(&topo.router_id, "tcp", 1723, "pptp");
+        let mut call = PptpCall::start(&topo, 0x1101);
+        assert!(call.ping(), "the call's data passes while its helper is on");
+        let ct = topo.conntrack(&["-L"]);
+        assert_eq!(gre_entries(), 1, "the call's GRE connection:\n{ct}");
+        assert_eq!(count(&ct, "helper=pptp"), 1, "{ct}");
+
+        let report = daemon.cli(&["helper", "delete", &topo.router_id, &id, "-o", "json"]).ok().json();
+        assert_eq!(report["conntrack_entries_removed"], 2, "control and GRE: {report}");
+        assert_eq!(report["conntrack_dumps"], walks, "{report}");
+        assert_eq!(report["flows_kept_dead"], 4, "both directions of both: {report}");
+        assert_eq!(gre_entries(), 0, "{}", topo.conntrack(&["-L"]));
+        assert!(!call.ping(), "a GRE packet of the revoked call passed the router");
+        assert_eq!(gre_entries(), 0, "the dropped packet made no entry: {}", topo.conntrack(&["-L"]));
+    }
 }
 
 /// A UDP flow from port 5060 to port 5060 that never goes quiet, as SIP

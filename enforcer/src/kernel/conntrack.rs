@@ -61,8 +61,11 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
             Tuple::Proto(p) => {
                 for x in p {
                     match x {
-                        ProtoTuple::Protocol(Protocol::Tcp) => proto = Some(libc::IPPROTO_TCP as u8),
-                        ProtoTuple::Protocol(Protocol::Udp) => proto = Some(libc::IPPROTO_UDP as u8),
+                        // ICMP entries are named by type, code and id, not
+                        // ports, and never carry a slot: no rule matches
+                        // them and no helper makes them.
+                        ProtoTuple::Protocol(Protocol::Icmp | Protocol::Ipv6Icmp) => return None,
+                        ProtoTuple::Protocol(p) => proto = Some(u8::from(*p)),
                         ProtoTuple::SourcePort(p) => sport = *p,
                         ProtoTuple::DestinationPort(p) => dport = *p,
                         _ => {}
@@ -75,20 +78,20 @@ fn tuple(parts: &[Tuple]) -> Option<Tuple5> {
     Some(Tuple5 { proto: proto?, src: src?, dst: dst?, sport, dport })
 }
 
-/// The TCP and UDP entries whose mark matches `mark` under `mask`.
+/// The entries (TCP, UDP, GRE, ...: all but ICMP) whose mark matches
+/// `mark` under `mask`.
 pub fn entries_with_mark(mark: u32, mask: u32) -> Result<Vec<Entry>> {
     Ok(marked(mark, mask)?.into_iter().map(|(e, _)| e).collect())
 }
 
-/// The TCP and UDP entries with any bit of `mask` set in their mark, and
+/// The entries with any bit of `mask` set in their mark, and
 /// their marks. The kernel cannot filter on that: every entry of the
 /// namespace comes back.
 pub fn entries_marked_within(mask: u32) -> Result<Vec<(Entry, u32)>> {
     Ok(marked(0, 0)?.into_iter().filter(|(_, m)| m & mask != 0).collect())
 }
 
-/// The TCP and UDP entries whose mark matches `mark` under `mask`, with
-/// their marks.
+/// The entries whose mark matches `mark` under `mask`, with their marks.
 fn marked(mark: u32, mask: u32) -> Result<Vec<(Entry, u32)>> {
     let sock = netfilter()?;
     let filter = if mask == 0 { Vec::new() } else { mark_filter(mark, mask) };
@@ -140,11 +143,7 @@ pub fn delete_entries(entries: &[Entry]) -> Result<()> {
 fn by_tuple(e: &Entry) -> (NetfilterProtoFamily, Vec<ConntrackAttribute>) {
     let t = e.orig;
     let family = if t.src.is_ipv4() { NetfilterProtoFamily::IPv4 } else { NetfilterProtoFamily::IPv6 };
-    let protocol = match t.proto as i32 {
-        libc::IPPROTO_TCP => Protocol::Tcp,
-        libc::IPPROTO_UDP => Protocol::Udp,
-        other => Protocol::Other(other as u8),
-    };
+    let protocol = Protocol::from(t.proto);
     let tuple = vec![
         Tuple::Ip(vec![IPTuple::SourceAddress(t.src), IPTuple::DestinationAddress(t.dst)]),
         Tuple::Proto(vec![ProtoTuple::Protocol(protocol), ProtoTuple::SourcePort(t.sport), ProtoTuple::DestinationPort(t.dport)]),

@@ -741,7 +741,7 @@ impl Datapath {
                     done.overflowed += 1;
                     continue;
                 }
-                match self.revoked.insert(flow_key(router, &t), value, 0) {
+                match self.revoked.insert(revoked_key(router, &t), value, 0) {
                     Ok(()) => {
                         *held += 1;
                         done.kept += 1;
@@ -765,7 +765,7 @@ impl Datapath {
         let mut gone = 0;
         for e in entries {
             for t in [e.orig, e.reply] {
-                gone += usize::from(self.revoked.remove(&flow_key(router, &t)).is_ok());
+                gone += usize::from(self.revoked.remove(&revoked_key(router, &t)).is_ok());
             }
         }
         if let Some(n) = self.revoked_per_router.get_mut(&router) {
@@ -936,6 +936,15 @@ fn monotonic_ns() -> Result<u64> {
 }
 
 /// The key the ingress program builds for a packet of tuple `t`.
+/// The revoked-flows key of one direction of a connection: its flow as the
+/// datapath parses a packet of it (a GRE packet names one call ID).
+fn revoked_key(router: RouterIndex, t: &conntrack::Tuple5) -> FlowKey {
+    let (sport, dport) = enforcer_common::flow_ports(t.proto, t.sport, t.dport);
+    FlowKey { sport, dport, ..flow_key(router, t) }
+}
+
+/// The conntrack index's key of one direction of a connection: its whole
+/// tuple, which names the entry for a delete.
 fn flow_key(router: RouterIndex, t: &conntrack::Tuple5) -> FlowKey {
     fn words(ip: std::net::IpAddr) -> (u8, [u32; 4]) {
         let mut w = [0u32; 4];
