@@ -8,9 +8,8 @@ use tracing::{info, warn};
 
 use super::{Daemon, GlueCheck, GlueJob, NetnsId, netns_id};
 use crate::{
-    api::{ApiError, GlueState},
-    api::AuditEntry,
-    kernel::{LinkCheck, glue, netns},
+    api::{ApiError, AuditEntry, GlueState, MapDrift},
+    kernel::{LinkCheck, MapCheck, glue, netns},
 };
 
 /// One router's check of its glue and attachments, to run without the lock.
@@ -134,10 +133,30 @@ impl Daemon {
         self.record_repair(Some(&id), "glue_repair", serde_json::json!({ "glue": what }), serde_json::json!({ "glue": now }), repaired);
     }
 
+    /// The round's check of the maps, to run without the lock.
+    pub(super) fn map_check(&self) -> Option<MapCheck> {
+        match self.desired() {
+            Ok(want) => Some(self.datapath.map_check(want)),
+            Err(e) => {
+                warn!("checking the maps: {e:#}");
+                None
+            }
+        }
+    }
+
     /// Ends a round of checks: counted, and where the glue was found intact
-    /// kept for the next start.
-    pub(super) fn checks_done(&mut self, took: std::time::Duration) {
-        self.check_maps();
+    /// kept for the next start. The maps are checked again, and repaired,
+    /// under the lock only where the check without it (`maps`) found them
+    /// different or could not run.
+    pub(super) fn checks_done(&mut self, took: std::time::Duration, maps: Option<anyhow::Result<MapDrift>>) {
+        match maps {
+            Some(Ok(found)) if found.is_empty() => self.map_drift = found,
+            Some(Err(e)) => {
+                warn!("checking the maps without the lock: {e:#}; checking under it");
+                self.check_maps();
+            }
+            _ => self.check_maps(),
+        }
         self.tally.check_rounds += 1;
         self.tally.last_check = Some(took);
         self.save_verified();

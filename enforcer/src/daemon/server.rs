@@ -427,7 +427,11 @@ async fn verify(daemon: Shared, every: Duration) {
             let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
             with_daemon(&daemon, move |d| d.checked(checked)).await;
         }
-        with_daemon(&daemon, move |d| d.checks_done(start.elapsed())).await;
+        let maps = match with_daemon(&daemon, |d| d.map_check()).await {
+            Some(check) => tokio::task::spawn_blocking(move || check.run()).await.ok(),
+            None => None,
+        };
+        with_daemon(&daemon, move |d| d.checks_done(start.elapsed(), maps)).await;
     }
 }
 

@@ -37,6 +37,7 @@ use btf_rs::{Btf, Type};
 use enforcer_common::{CtConfig, CtNetns, CtOffsets, FlowKey, IndexedCt, MarkLayout, RouterIndex};
 
 use super::{
+    batch::sys_bpf,
     conntrack::{Entry, Tuple5},
     netns, take,
 };
@@ -561,36 +562,9 @@ fn unpin(dir: &Path) -> Result<bool> {
     Ok(found)
 }
 
-/// Every entry of the index, a few thousand per `bpf` call
-/// (BPF_MAP_LOOKUP_BATCH) where a walk key by key makes two per entry.
+/// Every entry of the index.
 fn read_all(map: &MapData) -> Result<Vec<(FlowKey, IndexedCt)>> {
-    const CHUNK: usize = 4096;
-    let mut out = Vec::new();
-    let (mut keys, mut values) = (vec![FlowKey::default(); CHUNK], vec![IndexedCt::default(); CHUNK]);
-    let (mut token, mut next) = (0u32, 0u32);
-    let mut first = true;
-    loop {
-        // SAFETY: all-zero is a valid bpf_attr.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        attr.batch.in_batch = if first { 0 } else { &raw const token as u64 };
-        attr.batch.out_batch = &raw mut next as u64;
-        attr.batch.keys = keys.as_mut_ptr() as u64;
-        attr.batch.values = values.as_mut_ptr() as u64;
-        attr.batch.count = CHUNK as u32;
-        attr.batch.map_fd = map.fd().as_fd().as_raw_fd() as u32;
-        let result = sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
-        // SAFETY: the kernel wrote back how many it read.
-        let read = unsafe { attr.batch.count } as usize;
-        out.extend(keys[..read].iter().copied().zip(values[..read].iter().copied()));
-        match result {
-            Ok(_) => {}
-            // ENOENT: the walk is over.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            Err(e) => return Err(e).context("reading the conntrack index"),
-        }
-        token = next;
-        first = false;
-    }
+    super::batch::read_all(map).context("reading the conntrack index")
 }
 
 fn pin_name(pf: u32) -> &'static str {
@@ -669,12 +643,6 @@ fn obj_pin(fd: std::os::fd::BorrowedFd, path: &Path) -> Result<()> {
     attr.__bindgen_anon_4.pathname = name.as_ptr() as u64;
     attr.__bindgen_anon_4.bpf_fd = fd.as_raw_fd() as u32;
     sys_bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(|_| ()).with_context(|| format!("pinning {}", path.display()))
-}
-
-fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
-    // SAFETY: the bpf syscall with a bpf_attr of the size given.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr as *mut bpf_attr, std::mem::size_of::<bpf_attr>()) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
 }
 
 /// A bpf command that answers with a new descriptor.

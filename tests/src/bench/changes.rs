@@ -31,6 +31,9 @@ pub struct Results {
     pub load_secs: f64,
     pub daemon_rss_mib: f64,
     pub map_memory_mib: f64,
+    /// Reads answered over a period with a check of the maps in it at
+    /// `loaded` helpers: (how many, p50 ms, longest ms).
+    pub reads_over_check: (usize, f64, f64),
     /// (helpers present, enforcer create+delete ms, Neutron delete ms, nft add ms, nft delete ms)
     pub at_n: Vec<(usize, f64, f64, f64, f64)>,
     /// Samples behind each median of `at_n`: enforcer's, the others'.
@@ -161,6 +164,18 @@ pub fn measure(scale: Scale) -> Results {
     out.daemon_rss_mib = daemon.rss_kib() as f64 / 1024.0;
     out.map_memory_mib = enforcer::kernel::map_memory(&daemon.bpffs).unwrap_or(0) as f64 / (1024.0 * 1024.0);
     eprintln!("bench: loaded {target} helpers in {:.1} s", out.load_secs);
+    // The daemon compares the maps with the store every glue_check_secs
+    // (10 s): reads for longer than that see one check at least.
+    let mut s = daemon.session();
+    let until = Instant::now() + std::time::Duration::from_secs(11);
+    let mut reads = Vec::new();
+    while Instant::now() < until {
+        let t = Instant::now();
+        s.request(&json!({"op": "router_list"})).expect("daemon answers");
+        reads.push(ms(t.elapsed()));
+    }
+    reads.sort_by(f64::total_cmp);
+    out.reads_over_check = (reads.len(), reads[reads.len() / 2], reads[reads.len() - 1]);
     drop(daemon);
 
     // One change with N helpers present, each way.

@@ -280,6 +280,12 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
 
     // 5. Memory.
     let _ = writeln!(md, "## 5. Memory at {} helpers\n\n- daemon resident memory: {:.1} MiB\n- BPF map memory (memlock of the pinned maps): {:.1} MiB\n", c.loaded, c.daemon_rss_mib, c.map_memory_mib);
+    let (reads, p50, longest) = c.reads_over_check;
+    let _ = writeln!(
+        md,
+        "With these {} helpers, {reads} reads (`router list`, one client) over 11 s, a periodic check of the maps against the store among them: p50 {p50:.2} ms, the longest {longest:.1} ms. The check reads and compares the maps without the daemon's lock (about 200 ms of work at 100,000 helpers); under it, it only takes what the store wants (and repairs where it found a difference). Until this run it did all of it under the lock: the longest read then waited 520 to 660 ms, one per check (measured by hand, 100,000 helpers, a check every 2 s).\n",
+        c.loaded
+    );
 
     // Fixed cost inside a Neutron router.
     let fc = &all.fixed_cost;
