@@ -1,4 +1,4 @@
-//! Whole hash maps read a few thousand entries per `bpf` call
+//! Whole maps read a few thousand entries per `bpf` call
 //! (BPF_MAP_LOOKUP_BATCH), where a walk key by key makes two calls per
 //! entry: at 100,000 rules the periodic check of the maps held the
 //! daemon's lock for about 600 ms walking them so.
@@ -14,8 +14,9 @@ use aya_obj::generated::{bpf_attr, bpf_cmd};
 /// Entries asked for per call.
 const CHUNK: usize = 4096;
 
-/// Every entry of the hash map `map`. An error where the kernel has no
-/// batch lookup (before 5.6) too: the caller may walk instead.
+/// Every entry of `map`, a hash map or an array (whose keys are then the
+/// indexes, `u32`). An error where the kernel has no batch lookup (before
+/// 5.6) too: the caller may walk instead.
 pub fn read_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     // SAFETY: the map's keys and values are plain data, valid all-zero.

@@ -1010,7 +1010,6 @@ fn monotonic_ns() -> Result<u64> {
     Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
-/// The key the ingress program builds for a packet of tuple `t`.
 /// The revoked-flows key of one direction of a connection: its flow as the
 /// datapath parses a packet of it (a GRE packet names one call ID).
 fn revoked_key(router: RouterIndex, t: &conntrack::Tuple5) -> FlowKey {
