@@ -299,15 +299,11 @@ impl CtIndex {
         let missed_before = self.missed();
         if let Err(e) = self.attach(&ns, router) {
             let _ = std::fs::remove_dir_all(self.link_pins(router));
-            let now = self.netns.get(&inode, 0).unwrap_or(v);
-            self.netns.insert(inode, CtNetns { complete: 0, ..now }, 0)?;
+            self.set_incomplete(inode, v)?;
             return Err(e);
         }
         // A miss since the attach leaves it incomplete.
-        if !self.set_complete(inode, missed_before)? {
-            let now = self.netns.get(&inode, 0)?;
-            self.netns.insert(inode, CtNetns { complete: 0, ..now }, 0)?;
-        }
+        self.set_complete(inode, missed_before)?;
         Ok(())
     }
 
@@ -421,20 +417,28 @@ impl CtIndex {
 
     /// Records the namespace at `inode` complete, unless a connection (of
     /// any router: the count is the one the program never loses) found no
-    /// room since the count was `missed_before`. Returns whether it is.
+    /// room since the count was `missed_before`: then incomplete. Returns
+    /// whether it is complete.
     fn set_complete(&mut self, inode: u32, missed_before: u64) -> Result<bool> {
+        let now = self.netns.get(&inode, 0)?;
         if self.missed() != missed_before {
+            self.set_incomplete(inode, now)?;
             return Ok(false);
         }
-        let now = self.netns.get(&inode, 0)?;
         self.netns.insert(inode, CtNetns { complete: 1, ..now }, 0)?;
         // A miss between the read and the write was overwritten: undone.
         if self.missed() != missed_before {
-            let after = self.netns.get(&inode, 0)?;
-            self.netns.insert(inode, CtNetns { complete: 0, ..after }, 0)?;
+            self.set_incomplete(inode, now)?;
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// Records the namespace at `inode` incomplete, the rest of its record
+    /// as it is now (as `known` where it cannot be read).
+    fn set_incomplete(&mut self, inode: u32, known: CtNetns) -> Result<()> {
+        let now = self.netns.get(&inode, 0).unwrap_or(known);
+        Ok(self.netns.insert(inode, CtNetns { complete: 0, ..now }, 0)?)
     }
 
     /// Drops the index entries of `slot` of router `router`: after a
