@@ -24,7 +24,11 @@ pub const fn flow_ports(proto: u8, sport: u16, dport: u16) -> (u16, u16) {
 
 /// Names of the pinned maps (under the bpffs directory) and programs.
 pub const MAP_RULES: &str = "ENFORCER_RULES";
-pub const MAP_COUNTERS: &str = "ENFORCER_SLOT_COUNTERS";
+/// The rule slots' counters: an array the daemon maps (see [`Counters`]).
+pub const MAP_COUNTERS: &str = "ENFORCER_RULE_COUNTERS";
+/// The counters of earlier releases, a hash map by [`SlotKey`], removed at
+/// start.
+pub const MAP_SLOT_COUNTERS: &str = "ENFORCER_SLOT_COUNTERS";
 /// The per-CPU counters of earlier releases, removed at start.
 pub const MAP_COUNTERS_PER_CPU: &str = "ENFORCER_COUNTERS";
 /// The live slots of earlier releases (a slot is live while a rule names
@@ -96,6 +100,22 @@ pub const FILTER_WORDS: u32 = 1 << (FILTER_BITS_LOG2 - 6);
 /// `BPF_F_MMAPABLE`): the daemon maps its words and changes a bit with a
 /// store instead of a system call.
 pub const FILTER_MAP_FLAGS: u32 = 1 << 10;
+/// `MAP_COUNTERS` is mappable too: the daemon reads a rule's counters (a
+/// delete's never-tagged check) and gives a slot its counters with loads
+/// and stores instead of system calls.
+pub const COUNTERS_MAP_FLAGS: u32 = FILTER_MAP_FLAGS;
+/// The daemon maps `MAP_COUNTERS` this many counters at a time (96 KiB,
+/// whole pages), as far as it uses them: all of it at a million rules would
+/// add 24 MiB to its resident memory.
+pub const COUNTERS_PER_CHUNK: u32 = 4096;
+/// Entries of `MAP_COUNTERS` for a rules map of `max_rules`: one per rule
+/// and counter 0. Slots revoked but still counted share the room.
+pub const fn counters_capacity(max_rules: u32) -> u32 {
+    max_rules.saturating_add(1)
+}
+/// Counter 0 is no slot's: rules an earlier release wrote name it until the
+/// daemon gives them their own.
+pub const NO_COUNTER: u32 = 0;
 
 /// Where a rule for (router, TCP or UDP, `port`) is in `MAP_RULE_FILTER`:
 /// (word, bit mask), by Fibonacci hashing of the three. Other protocols
@@ -149,7 +169,7 @@ impl RuleKey {
     }
 }
 
-/// Value of the rules map: what the tag carries.
+/// Value of the rules map: what the tag carries, and where it is counted.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RuleValue {
@@ -157,10 +177,18 @@ pub struct RuleValue {
     pub slot: u16,
     /// Catalogue id of the helper (1..=15).
     pub helper: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// The slot's entry in `MAP_COUNTERS` (the daemon fills it in).
+    pub counter: u32,
 }
 
-/// Key of the counters map: one rule slot of one router.
+impl RuleValue {
+    pub const fn new(slot: u16, helper: u8) -> Self {
+        Self { slot, helper, _pad: 0, counter: NO_COUNTER }
+    }
+}
+
+/// One rule slot of one router.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct SlotKey {
@@ -174,7 +202,9 @@ impl SlotKey {
     }
 }
 
-/// Counters of one rule slot, shared by all CPUs.
+/// An entry of `MAP_COUNTERS`: the counters of one rule slot, shared by
+/// all CPUs, and whose they are. A rule and a revoked flow name their
+/// entry, so a packet reaches it by index, not by a second hash lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Counters {
@@ -182,6 +212,9 @@ pub struct Counters {
     pub tagged: u64,
     /// Packets of the slot's revoked flows the ingress program dropped.
     pub dropped: u64,
+    pub router: RouterIndex,
+    /// 0 (never a rule's slot) while the entry is free.
+    pub slot: u32,
 }
 
 /// One direction of a connection at a router, as the ingress program sees
@@ -214,7 +247,8 @@ pub struct RevokedFlow {
     pub expires_ns: u64,
     /// The revoked rule's slot, whose counters count these drops.
     pub slot: u32,
-    pub _pad: u32,
+    /// That slot's entry in `MAP_COUNTERS`.
+    pub counter: u32,
 }
 
 /// Value of the routers map: which router an index belongs to.

@@ -32,8 +32,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use enforcer_common::{
-    Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout, FILTER_WORDS,
-    RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
+    COUNTERS_MAP_FLAGS, Counters, DEFAULT_MAX_RULES, DEFAULT_QUIET_NS, FlowKey, MAX_REVOKED_FLOWS, MarkLayout, FILTER_WORDS,
+    RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, counters_capacity,
 };
 
 /// BPF_F_NO_PREALLOC: entries cost memory only when they exist.
@@ -42,12 +42,13 @@ const NO_PREALLOC: u32 = 1;
 #[map(name = "ENFORCER_RULES")]
 static RULES: HashMap<RuleKey, RuleValue> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
 
-/// One entry shared by all CPUs, added to atomically: a per-CPU entry
-/// would cost every create a per-CPU allocation in the kernel (about 30 us,
-/// a quarter of a create), and a slot's packets are few (a helper's control
-/// connection, or drops) so the CPUs rarely meet on one entry.
-#[map(name = "ENFORCER_SLOT_COUNTERS")]
-static COUNTERS: HashMap<SlotKey, Counters> = HashMap::pinned(DEFAULT_MAX_RULES, NO_PREALLOC);
+/// Each slot's counters, at the index its rule (or revoked flow) names: an
+/// array read where a hash lookup was, and the daemon maps it (reads and
+/// resets a slot's counters without a system call). One entry shared by
+/// all CPUs, added to atomically: a slot's packets are few (a helper's
+/// control connection, or drops) so the CPUs rarely meet on one entry.
+#[map(name = "ENFORCER_RULE_COUNTERS")]
+static COUNTERS: Array<Counters> = Array::pinned(counters_capacity(DEFAULT_MAX_RULES), COUNTERS_MAP_FLAGS);
 
 /// The rules' bits (set by the daemon, see `filter_bit`): a packet whose
 /// bit is clear leaves after one array read, without hashing its key.
@@ -122,8 +123,8 @@ enum Count {
 }
 
 #[inline(always)]
-fn count(key: &SlotKey, what: Count) {
-    if let Some(c) = COUNTERS.get_ptr_mut(key) {
+fn count(counter: u32, what: Count) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter) {
         // SAFETY: a map value pointer, aligned for u64; every writer adds
         // atomically (BPF_ATOMIC_ADD; its result is not used).
         unsafe {
@@ -174,7 +175,7 @@ pub fn classify(ctx: TcContext) -> i32 {
     if let Some(rule) = unsafe { RULES.get(&key) } {
         let layout = layout();
         ctx.set_mark(layout.tag(mark(&ctx), rule.helper, rule.slot as u32));
-        count(&SlotKey::new(router, rule.slot as u32), Count::Tagged);
+        count(rule.counter, Count::Tagged);
     }
     NEXT
 }
@@ -218,7 +219,7 @@ fn revoked(ctx: &TcContext, router: RouterIndex, flow: &parse::Flow) -> bool {
         return false;
     }
     entry.last_seen_ns = now;
-    count(&SlotKey::new(router, entry.slot), Count::Dropped);
+    count(entry.counter, Count::Dropped);
     if debugging() {
         aya_log_ebpf::info!(
             ctx,

@@ -441,7 +441,7 @@ fn a_rule_has_its_bit_in_the_filter_and_the_filter_is_repaired() {
     assert_eq!(bed.tag(&ipv4(IPPROTO_UDP, 69, 0, 0), 0), 0);
     let mut want = enforcer::kernel::Desired::default();
     for (proto, port, helper, slot) in [(IPPROTO_TCP, 21, FTP, 9u16), (IPPROTO_UDP, 69, TFTP, 8)] {
-        want.rules.insert(enforcer_common::RuleKey::new(ROUTER, proto, port), enforcer_common::RuleValue { slot, helper, _pad: [0; 5] });
+        want.rules.insert(enforcer_common::RuleKey::new(ROUTER, proto, port), enforcer_common::RuleValue::new(slot, helper));
     }
     let drift = bed.dp.reconcile(&want, true).unwrap();
     assert_eq!(drift.filter_fixed, 1, "{drift:?}");

@@ -349,15 +349,14 @@ fn a_live_slot_whose_counters_were_lost_is_counted_as_having_tagged() {
     let topo = Topology::new();
     let (daemon, _config, id, _server, mut ftp) = ftp_in_use(&topo);
 
-    // The counters go behind the daemon's back (as after an upgrade from a
-    // release that kept them in another map): how many packets the slot
-    // tagged is unknown now.
+    // The counters go behind the daemon's back (their entry freed): how
+    // many packets the slot tagged is unknown now.
     let pin = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap();
-    let mut counters: aya::maps::HashMap<_, enforcer_common::SlotKey, enforcer_common::Counters> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pin)).unwrap();
-    let keys: Vec<_> = counters.keys().map(Result::unwrap).collect();
-    assert_eq!(keys.len(), 1, "one slot counted");
-    counters.remove(&keys[0]).unwrap();
+    let taken = enforcer::kernel::counters::scan(&pin).unwrap();
+    assert_eq!(taken.len(), 1, "one slot counted");
+    assert!(taken[0].1.tagged > 0, "{taken:?}");
+    let mut counters = aya::maps::Array::<_, enforcer_common::Counters>::try_from(aya::maps::Map::Array(pin)).unwrap();
+    counters.set(taken[0].0, enforcer_common::Counters::default(), 0).unwrap();
     let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
     eventually("the repair of the maps", || status()["map_repairs"] == 1);
 
@@ -374,17 +373,34 @@ fn the_maps_of_an_earlier_release_are_unpinned_at_start() {
     let mut daemon = Daemon::enforcing(&topo);
     daemon.create_helper(&topo.router_id, "tcp", 21, "ftp");
     // Any map pinned under an old name stands for the old one: the per-CPU
-    // counters, the live slots and the ports list.
-    let legacy = [enforcer_common::MAP_COUNTERS_PER_CPU, enforcer_common::MAP_SLOTS, enforcer_common::MAP_PORTS].map(|name| daemon.bpffs.join(name));
+    // counters, the counters by slot, the live slots and the ports list.
+    let legacy = [enforcer_common::MAP_COUNTERS_PER_CPU, enforcer_common::MAP_SLOT_COUNTERS, enforcer_common::MAP_SLOTS, enforcer_common::MAP_PORTS]
+        .map(|name| daemon.bpffs.join(name));
     for pin in &legacy {
         aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap().pin(pin).unwrap();
+    }
+    // And the rules as those releases wrote them: naming no counters, which
+    // this build's array does not hold yet.
+    daemon.stop(nix::sys::signal::Signal::SIGTERM);
+    std::fs::remove_file(daemon.bpffs.join(enforcer_common::MAP_COUNTERS)).unwrap();
+    let pin = aya::maps::MapData::from_pin(daemon.bpffs.join(enforcer_common::MAP_RULES)).unwrap();
+    let mut rules = aya::maps::HashMap::<_, enforcer_common::RuleKey, enforcer_common::RuleValue>::try_from(aya::maps::Map::HashMap(pin)).unwrap();
+    let old: Vec<_> = rules.iter().map(Result::unwrap).collect();
+    for (k, v) in &old {
+        rules.insert(k, enforcer_common::RuleValue::new(v.slot, v.helper), 0).unwrap();
     }
     daemon.restart();
     for pin in &legacy {
         assert!(!pin.exists(), "the old pin {} is gone", pin.display());
     }
     assert_eq!(daemon.live_ports(), vec![21], "enforcement goes on");
-    assert_eq!(daemon.dump()["slots"][0]["state"], "live", "a slot is live while its rule is there");
+    let slot = &daemon.dump()["slots"][0];
+    assert_eq!(slot["state"], "live", "a slot is live while its rule is there: {slot}");
+    // What the slot tagged before is unknown: counted as having tagged, so
+    // that its delete cleans conntrack.
+    assert_eq!(slot["tagged"], 1, "{slot}");
+    let new: Vec<_> = rules.iter().map(Result::unwrap).collect();
+    assert!(new.iter().all(|(_, v)| v.counter != enforcer_common::NO_COUNTER), "each rule names its counters: {new:?}");
 }
 
 #[test]

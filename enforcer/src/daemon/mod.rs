@@ -529,7 +529,7 @@ impl Daemon {
                 let kind = kind_of(&h.helper)?;
                 want.rules.insert(
                     RuleKey::new(state.record.index, h.helper.protocol.number(), h.helper.port),
-                    RuleValue { slot: h.slot, helper: kind.id, _pad: [0; 5] },
+                    RuleValue::new(h.slot, kind.id),
                 );
             }
         }

@@ -4,9 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
-use enforcer_common::{
-    Counters, MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
-};
+use enforcer_common::{MAP_COUNTERS, MAP_ROUTERS, MAP_RULES, RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey};
 
 use crate::{api::Protocol, catalogue};
 
@@ -21,7 +19,7 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
 
 pub fn read(dir: &Path) -> Result<Dump> {
     let rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(open(dir, MAP_RULES)?)?;
-    let counters: HashMap<_, SlotKey, Counters> = HashMap::try_from(open(dir, MAP_COUNTERS)?)?;
+    let counters = MapData::from_pin(dir.join(MAP_COUNTERS)).with_context(|| format!("opening pinned map {MAP_COUNTERS}"))?;
     let routers: HashMap<_, RouterIndex, RouterValue> = HashMap::try_from(open(dir, MAP_ROUTERS)?)?;
 
     let router_ids: std::collections::HashMap<RouterIndex, String> = routers
@@ -36,8 +34,8 @@ pub fn read(dir: &Path) -> Result<Dump> {
         .collect();
 
     let mut out = Vec::new();
-    for entry in counters.iter() {
-        let (key, counts) = entry.context("reading counters")?;
+    for (_, counts) in super::counters::scan(&counters)? {
+        let key = SlotKey::new(counts.router, counts.slot);
         // A slot is live while a rule names it.
         let rule = rule_of.get(&key);
         let helper_id = rule.map(|(_, v)| v.helper);

@@ -5,6 +5,7 @@
 pub mod attach;
 mod batch;
 pub mod conntrack;
+pub mod counters;
 pub mod ctindex;
 pub mod dump;
 pub mod exec;
@@ -30,8 +31,8 @@ use aya::{
 pub use attach::{AttachMode, AttachSetting};
 pub use crate::api::MapDrift;
 use enforcer_common::{
-    Counters, FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS, MAP_REVOKED,
-    MAP_ROUTERS, MAP_RULES, MarkLayout, PROG_LEGACY_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
+    FlowKey, GLOBAL_MARK_LAYOUT, GLOBAL_QUIET_NS, GLOBAL_ROUTER, MAP_COUNTERS, MAP_REVOKED,
+    MAP_ROUTERS, MAP_RULES, MarkLayout, NO_COUNTER, PROG_LEGACY_ENFORCE, PROG_TAG, RevokedFlow, RouterIndex,
     RouterValue, RuleKey, RuleValue, SlotKey,
 };
 
@@ -53,7 +54,7 @@ pub struct Datapath {
     control: Ebpf,
     rules: HashMap<MapData, RuleKey, RuleValue>,
     filter: filter::RuleFilter,
-    counters: HashMap<MapData, SlotKey, Counters>,
+    counters: counters::SlotCounters,
     routers: HashMap<MapData, RouterIndex, RouterValue>,
     revoked: HashMap<MapData, FlowKey, RevokedFlow>,
     revoked_active: aya::maps::Array<MapData, u32>,
@@ -221,7 +222,7 @@ impl Datapath {
         let mut datapath = Self {
             rules,
             filter,
-            counters: take(&mut control, MAP_COUNTERS)?,
+            counters: counters::SlotCounters::open(control.take_map(MAP_COUNTERS).ok_or_else(|| anyhow!("map {MAP_COUNTERS} missing"))?)?,
             routers: take(&mut control, MAP_ROUTERS)?,
             revoked: take(&mut control, MAP_REVOKED)?,
             revoked_active: take(&mut control, enforcer_common::MAP_REVOKED_ACTIVE)?,
@@ -567,23 +568,17 @@ impl Datapath {
     /// Removes every map entry of router `index`: rules, counters,
     /// revoked flows.
     pub fn forget_router_state(&mut self, index: RouterIndex) {
-        // The maps have different types; one macro keeps the sweeps alike.
-        macro_rules! remove_router_keys {
-            ($map:expr) => {
-                let keys: Vec<_> = $map.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
-                for k in keys {
-                    let _ = $map.remove(&k);
-                }
-            };
-        }
         let rules: Vec<RuleKey> = self.rules.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
         for k in rules {
             if self.rules.remove(&k).is_ok() {
                 self.filter.remove(&k);
             }
         }
-        remove_router_keys!(self.counters);
-        remove_router_keys!(self.revoked);
+        self.counters.forget_router(index);
+        let flows: Vec<FlowKey> = self.revoked.keys().filter_map(|k| k.ok()).filter(|k| k.router == index).collect();
+        for k in flows {
+            let _ = self.revoked.remove(&k);
+        }
         self.revoked_per_router.remove(&index);
         self.revoked_slots.retain(|k| k.router != index);
         let _ = self.routers.remove(&index);
@@ -608,24 +603,9 @@ impl Datapath {
     /// counters first, then the rule, so a tagged packet always finds its
     /// slot's counters. (The rule is what makes its slot live.)
     pub fn allow(&mut self, router: RouterIndex, proto: u8, port: u16, helper: u8, slot: u16) -> Result<()> {
-        let key = SlotKey::new(router, slot as u32);
-        // An entry of a map that is not preallocated comes from caches the
-        // kernel refills in the background: a burst of inserts can find
-        // them empty for a moment (ENOMEM) with memory to spare.
-        let mut wait = std::time::Duration::from_millis(1);
-        loop {
-            match self.counters.insert(key, Counters::default(), 0) {
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOMEM) && wait <= std::time::Duration::from_millis(32) =>
-                {
-                    std::thread::sleep(wait);
-                    wait *= 2;
-                }
-                other => break other.context("creating rule counters")?,
-            }
-        }
+        let counter = self.counters.take(SlotKey::new(router, slot as u32), 0)?;
         let rule = RuleKey::new(router, proto, port);
-        let value = RuleValue { slot, helper, _pad: [0; 5] };
+        let value = RuleValue { counter, ..RuleValue::new(slot, helper) };
         self.watch(router);
         // The rule's bit is set before the rule goes in, so its first packet
         // is looked up. A rule already there (found by the insert itself,
@@ -658,7 +638,7 @@ impl Datapath {
     /// Packets the rule in `slot` has tagged since it was allowed (an error
     /// if its counters are not there).
     pub fn tagged(&self, router: RouterIndex, slot: u16) -> Result<u64> {
-        Ok(self.counters.get(&SlotKey::new(router, slot as u32), 0).context("reading rule counters")?.tagged)
+        self.counters.tagged(&SlotKey::new(router, slot as u32)).ok_or_else(|| anyhow!("slot {slot} of router {router} has no counters"))
     }
 
     /// A check of the maps against `want`, to run without the daemon's
@@ -671,7 +651,10 @@ impl Datapath {
     /// the differences (drift). Adds in the order a packet needs them
     /// (counters, rules) and removes in the reverse order.
     pub fn reconcile(&mut self, want: &Desired, apply: bool) -> Result<MapDrift> {
-        let maps = Maps { rules: &self.rules, counters: &self.counters, routers: &self.routers };
+        // The counters array says which entries are taken; the daemon's
+        // table follows it.
+        self.counters.adopt(&counters::scan(self.counters.map())?)?;
+        let maps = Maps { rules: &self.rules, counters: self.counters.owners(), routers: &self.routers };
         let plan = Plan::of(want, &self.revoked_slots, maps, |word| self.filter.word(word))?;
         let Plan { drift, live, counters_add, counters_del, rules_add, rules_del, routers_add, routers_del, wanted_bits } = plan;
         if !apply {
@@ -686,7 +669,7 @@ impl Datapath {
             // lost, or kept by an earlier release in another map): counted
             // as having tagged, so that its delete cleans conntrack.
             let tagged = u64::from(live.contains(&key));
-            self.counters.insert(key, Counters { tagged, dropped: 0 }, 0)?;
+            self.counters.take(key, tagged)?;
         }
         // The bits of the rules to come are set first, and those of the
         // rules that go cleared only once they are gone.
@@ -694,7 +677,10 @@ impl Datapath {
         for router in rules_add.iter().map(|(k, _)| k.router).collect::<HashSet<_>>() {
             self.watch(router);
         }
-        for (k, v) in rules_add {
+        for (k, mut v) in rules_add {
+            if v.counter == UNCOUNTED {
+                v.counter = self.counters.get(&SlotKey::new(k.router, v.slot as u32)).unwrap_or(NO_COUNTER);
+            }
             self.rules.insert(k, v, 0)?;
         }
         for (k, v) in routers_add {
@@ -705,7 +691,7 @@ impl Datapath {
         }
         self.filter.rebuild(want.rules.keys().copied());
         for k in counters_del {
-            let _ = self.counters.remove(&k);
+            self.counters.forget(&k);
         }
         for k in routers_del {
             remove_if_present(&mut self.routers, &k)?;
@@ -719,7 +705,8 @@ impl Datapath {
     /// the rest: counted, never evicting another entry.
     pub fn remember_revoked(&mut self, router: RouterIndex, slot: u16, entries: &[conntrack::Entry]) -> Result<Remembered> {
         let now = monotonic_ns()?;
-        let value = RevokedFlow { last_seen_ns: now, expires_ns: now.saturating_add(self.revoked_policy.lifetime_ns), slot: slot as u32, _pad: 0 };
+        let counter = self.counters.get(&SlotKey::new(router, slot as u32)).unwrap_or(NO_COUNTER);
+        let value = RevokedFlow { last_seen_ns: now, expires_ns: now.saturating_add(self.revoked_policy.lifetime_ns), slot: slot as u32, counter };
         let mut done = Remembered::default();
         let share = self.revoked_policy.per_router as usize;
         for e in entries {
@@ -828,7 +815,7 @@ impl Datapath {
 
     /// Drops the counters of a slot that will never be seen again.
     pub fn forget_slot(&mut self, router: RouterIndex, slot: u16) {
-        let _ = self.counters.remove(&SlotKey::new(router, slot as u32));
+        self.counters.forget(&SlotKey::new(router, slot as u32));
     }
 }
 
@@ -918,12 +905,17 @@ pub struct Desired {
     pub quarantined: Vec<(RouterIndex, u16)>,
 }
 
-/// The three hash maps a check compares with the store.
+/// The maps a check compares with the store: the counters as the entry
+/// each counted slot has.
 struct Maps<'a> {
     rules: &'a HashMap<MapData, RuleKey, RuleValue>,
-    counters: &'a HashMap<MapData, SlotKey, Counters>,
+    counters: &'a StdHashMap<SlotKey, u32>,
     routers: &'a HashMap<MapData, RouterIndex, RouterValue>,
 }
+
+/// A wanted rule's counter while its slot has no entry yet: never what a
+/// map holds, so the rule is written once the entry is taken.
+const UNCOUNTED: u32 = u32::MAX;
 
 /// How the maps differ from what is wanted, and what would bring them in
 /// line.
@@ -956,10 +948,18 @@ impl Plan {
             .chain(want.quarantined.iter().map(|(r, s)| SlotKey::new(*r, *s as u32)))
             .chain(revoked_slots.iter().copied())
             .collect();
-        let have_counters: HashSet<SlotKey> = entries(maps.counters)?.into_iter().map(|(k, _)| k).collect();
-        let counters_add: Vec<SlotKey> = counted.difference(&have_counters).copied().collect();
-        let counters_del: Vec<SlotKey> = have_counters.difference(&counted).copied().collect();
-        let (rules_add, rules_del) = diff(maps.rules, &want.rules)?;
+        let counters_add: Vec<SlotKey> = counted.iter().filter(|k| !maps.counters.contains_key(k)).copied().collect();
+        let counters_del: Vec<SlotKey> = maps.counters.keys().filter(|k| !counted.contains(k)).copied().collect();
+        // Each rule names its slot's entry.
+        let want_rules: StdHashMap<RuleKey, RuleValue> = want
+            .rules
+            .iter()
+            .map(|(k, v)| {
+                let counter = maps.counters.get(&SlotKey::new(k.router, v.slot as u32)).copied().unwrap_or(UNCOUNTED);
+                (*k, RuleValue { counter, ..*v })
+            })
+            .collect();
+        let (rules_add, rules_del) = diff(maps.rules, &want_rules)?;
         let (routers_add, routers_del) = diff(maps.routers, &want_routers)?;
         let wanted_bits = filter::Wanted::of(want.rules.keys().copied());
         let drift = MapDrift {
@@ -995,7 +995,8 @@ impl MapCheck {
             Ok(HashMap::try_from(aya::maps::Map::HashMap(data))?)
         }
         let rules = open(&self.dir, MAP_RULES)?;
-        let counters = open(&self.dir, MAP_COUNTERS)?;
+        let counters = MapData::from_pin(self.dir.join(MAP_COUNTERS)).context("opening the counters map")?;
+        let counters = counters::owners(&counters::scan(&counters)?);
         let routers = open(&self.dir, MAP_ROUTERS)?;
         let filter = MapData::from_pin(self.dir.join(enforcer_common::MAP_RULE_FILTER)).context("opening the rule filter")?;
         let words: StdHashMap<u32, u64> = batch::read_all(&filter).context("reading the rule filter")?.into_iter().collect();
@@ -1093,7 +1094,7 @@ impl Loader {
             .override_global(GLOBAL_MARK_LAYOUT, layout, true)
             .override_global(GLOBAL_QUIET_NS, quiet, true)
             .map_max_entries(MAP_RULES, max_rules)
-            .map_max_entries(MAP_COUNTERS, max_rules)
+            .map_max_entries(MAP_COUNTERS, enforcer_common::counters_capacity(max_rules))
             .map_max_entries(MAP_REVOKED, revoked.capacity)
             // One log for every router's programs, read by the daemon.
             .map_pin_path(enforcer_common::MAP_LOGS, dir.join(enforcer_common::MAP_LOGS));

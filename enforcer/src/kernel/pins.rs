@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use aya::maps::{MapData, MapType};
 use enforcer_common::{
-    Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_RULE_FILTER, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS, RevokedFlow,
-    RouterIndex, RouterValue, RuleKey, RuleValue, SlotKey,
+    Counters, FlowKey, MAP_COUNTERS, MAP_COUNTERS_PER_CPU, MAP_DEBUG, MAP_LOGS, MAP_PORTS, MAP_REVOKED, MAP_RULE_FILTER, MAP_REVOKED_ACTIVE, MAP_ROUTERS, MAP_RULES, MAP_SLOTS,
+    MAP_SLOT_COUNTERS, RevokedFlow, RouterIndex, RouterValue, RuleKey, RuleValue, counters_capacity,
 };
 
 /// What a pinned map must be.
@@ -38,7 +38,7 @@ fn def<K, V>(map_type: MapType, max_entries: u32) -> Definition {
 pub fn expected(max_rules: u32, revoked_capacity: u32) -> [(&'static str, Definition); 7] {
     [
         (MAP_RULES, def::<RuleKey, RuleValue>(MapType::Hash, max_rules)),
-        (MAP_COUNTERS, def::<SlotKey, Counters>(MapType::Hash, max_rules)),
+        (MAP_COUNTERS, def::<u32, Counters>(MapType::Array, counters_capacity(max_rules))),
         (MAP_ROUTERS, def::<RouterIndex, RouterValue>(MapType::Hash, 65536)),
         (MAP_REVOKED, def::<FlowKey, RevokedFlow>(MapType::Hash, revoked_capacity)),
         (MAP_REVOKED_ACTIVE, def::<u32, u32>(MapType::Array, 1)),
@@ -84,7 +84,8 @@ pub fn check(dir: &Path, max_rules: u32, revoked_capacity: u32) -> Result<()> {
 }
 
 /// Removes the pins of maps that earlier releases made and this one does
-/// not use (the per-CPU counters, the live slots and the ports list), and a
+/// not use (the per-CPU counters, the counters by slot key, the live slots
+/// and the ports list), and a
 /// rule filter that is not the mappable array this build maps (an earlier
 /// build's, with the flags 0): the loader then makes it again, and the
 /// daemon fills it from the rules map before any program of this start
@@ -94,7 +95,7 @@ pub fn remove_legacy(dir: &Path) -> Result<()> {
     let filter = dir.join(MAP_RULE_FILTER);
     let stale_filter = filter.exists()
         && !MapData::from_pin(&filter).and_then(|m| m.info()).is_ok_and(|info| super::filter::mappable(&info));
-    let stale = [MAP_COUNTERS_PER_CPU, MAP_SLOTS, MAP_PORTS].map(|name| dir.join(name));
+    let stale = [MAP_COUNTERS_PER_CPU, MAP_SLOT_COUNTERS, MAP_SLOTS, MAP_PORTS].map(|name| dir.join(name));
     for path in stale.iter().chain(stale_filter.then_some(&filter)) {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => bail!("removing the pinned map {}: {e}", path.display()),
