@@ -18,12 +18,6 @@ const CHUNK: usize = 4096;
 /// indexes, `u32`). An error where the kernel has no batch lookup (before
 /// 5.6) too: the caller may walk instead.
 pub fn read_all<K: aya::Pod, V: aya::Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
-    read_where(map, |_| true)
-}
-
-/// The entries of `map` whose value `keep` accepts: an array of which few
-/// entries are in use is read without holding all of it at once.
-pub fn read_where<K: aya::Pod, V: aya::Pod>(map: &MapData, keep: impl Fn(&V) -> bool) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     // SAFETY: the map's keys and values are plain data, valid all-zero.
     let (mut keys, mut values) = unsafe { (vec![std::mem::zeroed::<K>(); CHUNK], vec![std::mem::zeroed::<V>(); CHUNK]) };
@@ -41,7 +35,7 @@ pub fn read_where<K: aya::Pod, V: aya::Pod>(map: &MapData, keep: impl Fn(&V) -> 
         let result = sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
         // SAFETY: the kernel wrote back how many it read.
         let read = unsafe { attr.batch.count } as usize;
-        out.extend(keys[..read].iter().copied().zip(values[..read].iter().copied()).filter(|(_, v)| keep(v)));
+        out.extend(keys[..read].iter().copied().zip(values[..read].iter().copied()));
         match result {
             Ok(_) => {}
             // ENOENT: the walk is over.

@@ -52,9 +52,23 @@ pub fn mappable(info: &MapInfo) -> bool {
     info.map_flags() & COUNTERS_MAP_FLAGS != 0 && info.value_size() == size_of::<Counters>() as u32
 }
 
-/// The taken entries of the counters array (read in batches, not mapped).
+/// The taken entries of the counters array, read through a mapping of a
+/// window at a time (a million entries in a few milliseconds, where
+/// batched `bpf` calls took a quarter of a second, without mapping 24 MiB
+/// at once).
 pub fn scan(map: &MapData) -> Result<Vec<(u32, Counters)>> {
-    super::batch::read_where(map, |c: &Counters| c.slot != 0).context("reading the counters map")
+    const WINDOW: u32 = 16 * COUNTERS_PER_CHUNK;
+    let capacity = map.info().context("reading the counters map's definition")?.max_entries();
+    let mut taken = Vec::new();
+    for first in (0..capacity).step_by(WINDOW as usize) {
+        let window = Chunk::map(map, first, (capacity - first).min(WINDOW), libc::PROT_READ)?;
+        for (i, cell) in window.cells().iter().enumerate() {
+            if cell.slot.load(Ordering::Relaxed) != 0 {
+                taken.push((first + i as u32, cell.read()));
+            }
+        }
+    }
+    Ok(taken)
 }
 
 /// Which entry counts each slot, of entries `scan` found.
@@ -64,6 +78,17 @@ pub fn owners(taken: &[(u32, Counters)]) -> HashMap<SlotKey, u32> {
         owners.entry(SlotKey::new(c.router, c.slot)).or_insert(*i);
     }
     owners
+}
+
+impl Cell {
+    fn read(&self) -> Counters {
+        Counters {
+            tagged: self.tagged.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            router: self.router.load(Ordering::Relaxed),
+            slot: self.slot.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl SlotCounters {
@@ -168,10 +193,7 @@ impl SlotCounters {
     }
 
     fn cell(&self, i: u32) -> Option<&Cell> {
-        let chunk = self.chunks.get((i / COUNTERS_PER_CHUNK) as usize)?.as_ref()?;
-        // SAFETY: the chunk maps its entries while `self` lives, aligned
-        // (pages, and entries of a multiple of 8 bytes).
-        Some(unsafe { &*chunk.start.as_ptr().add((i % COUNTERS_PER_CHUNK) as usize) })
+        self.chunks.get((i / COUNTERS_PER_CHUNK) as usize)?.as_ref()?.cells().get((i % COUNTERS_PER_CHUNK) as usize)
     }
 
     fn ensure_mapped(&mut self, i: u32) -> Result<()> {
@@ -180,16 +202,17 @@ impl SlotCounters {
         if chunk.is_none() {
             let first = n as u32 * COUNTERS_PER_CHUNK;
             let entries = (self.capacity - first).min(COUNTERS_PER_CHUNK);
-            *chunk = Some(Chunk::map(&self.map, first, entries)?);
+            *chunk = Some(Chunk::map(&self.map, first, entries, libc::PROT_READ | libc::PROT_WRITE)?);
         }
         Ok(())
     }
 }
 
-/// `COUNTERS_PER_CHUNK` entries of the array (fewer in the last chunk),
-/// mapped shared.
+/// Entries `first..first + entries` of the array, mapped shared (`first`
+/// a multiple of `COUNTERS_PER_CHUNK`, so the mapping starts at a page).
 struct Chunk {
     start: NonNull<Cell>,
+    entries: usize,
     bytes: usize,
 }
 
@@ -198,7 +221,7 @@ struct Chunk {
 unsafe impl Send for Chunk {}
 
 impl Chunk {
-    fn map(map: &MapData, first: u32, entries: u32) -> Result<Self> {
+    fn map(map: &MapData, first: u32, entries: u32, prot: libc::c_int) -> Result<Self> {
         let page = 4096;
         let bytes = (entries as usize * size_of::<Counters>()).div_ceil(page) * page;
         let offset = first as usize * size_of::<Counters>();
@@ -208,7 +231,7 @@ impl Chunk {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
                 offset as libc::off_t,
@@ -218,7 +241,13 @@ impl Chunk {
             return Err(std::io::Error::last_os_error()).with_context(|| format!("mapping counters {first} to {}", first + entries));
         }
         let start = NonNull::new(at.cast::<Cell>()).context("mapping the counters: no address")?;
-        Ok(Self { start, bytes })
+        Ok(Self { start, entries: entries as usize, bytes })
+    }
+
+    fn cells(&self) -> &[Cell] {
+        // SAFETY: `entries` aligned entries (pages, and entries of a
+        // multiple of 8 bytes), mapped while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.entries) }
     }
 }
 
