@@ -611,7 +611,7 @@ impl Datapath {
         // is looked up. A rule already there (found by the insert itself,
         // with no lookup first) is replaced and its bit stays counted once.
         self.filter.add(&rule);
-        let inserted = match self.rules.insert(rule, value, BPF_NOEXIST) {
+        let inserted = match insert_waiting(&mut self.rules, rule, value, BPF_NOEXIST) {
             Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 self.filter.remove(&rule);
                 return self.rules.insert(rule, value, 0).context("replacing rule");
@@ -1063,6 +1063,23 @@ where
     let add = want.iter().filter(|(k, v)| have.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
     let del = have.into_keys().filter(|k| !want.contains_key(k)).collect();
     Ok((add, del))
+}
+
+/// Inserts into a map that is not preallocated, whose entries come from
+/// caches the kernel refills in the background: a burst of inserts can
+/// find them empty for a moment (ENOMEM) with memory to spare, so it waits
+/// a little and tries again.
+fn insert_waiting<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: K, value: V, flags: u64) -> Result<(), aya::maps::MapError> {
+    let mut wait = std::time::Duration::from_millis(1);
+    loop {
+        match map.insert(key, value, flags) {
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOMEM) && wait <= std::time::Duration::from_millis(32) => {
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Removes `key`; a key that is already gone is not an error.

@@ -148,9 +148,10 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          the same port do not make it hash its key; with {} rules about 6% of the bits are set, and a miss whose bit \
          is set pays the hash lookup too. Until this run the filter was one bit per protocol and port for all \
          routers at once: a miss cost 46 ns at 1 rule and 68 ns at 1M (run of commit 03b9ac9), as the other \
-         routers' rules named every port. A hit costs two hash lookups (the rule and its slot's counters) and the \
-         parse, so it cannot come within 2x of one lookup alone; the way on is the tagged counter in the rule's own \
-         entry, which needs a way to read it after the rule is gone (the never-tagged check of a delete).\n",
+         routers' rules named every port. A hit costs one hash lookup (the rule) and the parse, and adds to its \
+         slot's counters at the index the rule names, in an array (until this run the counters were a second \
+         hash map, looked up by router and slot: a hit cost 94 to 121 ns against 63 to 81 now, measured back to \
+         back with the build before, `bench --only packet`).\n",
         label(first),
         label(last),
         label(last)
@@ -574,9 +575,13 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          client's change waits for a commit of its own: redb writes 22 KB in 9 writes per commit with 10 helpers \
          in the store and 35 KB in 12 with 1,000 (copy-on-write pages of the B-trees it touches, measured from the \
          daemon's I/O counters), which is why one client's create + delete grows from about 0.5 to 0.9 ms with N. \
-         The way on is less work per change: the counters in an array the daemon maps, indexed from the rule, so \
-         a create and a delete make one `bpf` call each; fewer allocations per change; a binary or batched wire form for bulk \
-clients. The per-change comparison with iptables-restore counts enforcer's create + \
+         The counters are now an array the daemon maps, whose entry the rule names, so a create and a delete \
+         make one `bpf` call each (a create made two, a delete three): 16 pipelining clients on one router, \
+         Python clients, three rounds each, builds alternated, medians by hand: creates 36,638 and 30,854 per \
+         second against 26,004 and 24,040 with the build before; deletes 26,419 and 28,914 against 27,746 and \
+         31,073, within the noise. 8 clients that do not pipeline: the same rate for both builds (5,000 to \
+         5,900 per second). The way on is less work per change: fewer allocations per change; a binary or \
+         batched wire form for bulk clients. The per-change comparison with iptables-restore counts enforcer's create + \
          delete halved; the Neutron delete grows with N (a whole-table save and restore) while enforcer's does not, \
          so the ratio grows with N ({:.0}x at the largest N measured). Chain costs derived from forwarding rates are \
          noisy on 2 vCPUs.",
