@@ -63,8 +63,9 @@ pub fn scan(map: &MapData) -> Result<Vec<(u32, Counters)>> {
     for first in (0..capacity).step_by(WINDOW as usize) {
         let window = Chunk::map(map, first, (capacity - first).min(WINDOW), libc::PROT_READ)?;
         for (i, cell) in window.cells().iter().enumerate() {
-            if cell.slot.load(Ordering::Relaxed) != 0 {
-                taken.push((first + i as u32, cell.read()));
+            let i = first + i as u32;
+            if cell.slot.load(Ordering::Relaxed) != 0 && i != NO_COUNTER {
+                taken.push((i, cell.read()));
             }
         }
     }
