@@ -4,9 +4,9 @@
 //! never-tagged check and a create's fresh counters cost no `bpf` call.
 //!
 //! The daemon hands the entries out. Each entry records its slot (slot 0,
-//! never a rule's, while free), so the array itself says which are taken: the daemon reads
-//! that at start and at every check of the maps, and `maps dump` reads it
-//! without the daemon.
+//! never a rule's, while free), so the array itself says which are taken:
+//! the daemon reads that at start and at every check of the maps, and
+//! `maps dump` reads it without the daemon.
 
 use std::{
     collections::HashMap,
