@@ -333,6 +333,38 @@ fn a_rule_removed_from_the_maps_is_put_back_by_the_check() {
     assert_eq!(repair["before"]["maps"]["rules_added"], 1, "{repair}");
 }
 
+/// Helpers created and deleted while a check reads the maps without the
+/// lock show there as drift: the check reads those entries again under the
+/// lock and finds them in line, without checking (or repairing) the whole
+/// maps there.
+#[test]
+fn changes_made_while_the_maps_are_checked_are_read_again_not_repaired() {
+    let topo = Topology::new();
+    let (daemon, _config) = checked_every_second(&topo);
+    // Enough rules that a check without the lock reads for a while.
+    let helpers: Vec<_> = (0..2000).map(|i| json!({"protocol": "udp", "port": 20_000 + i, "helper": "tftp"})).collect();
+    let set = daemon.session().request(&json!({"op": "helper_set", "router_id": topo.router_id, "helpers": helpers})).unwrap();
+    assert!(set.get("ok").is_some(), "{set}");
+    let status = || daemon.cli(&["status", "-o", "json"]).ok().json();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status()["map_rechecks"].as_u64().expect("map_rechecks in status") == 0 {
+        assert!(Instant::now() < deadline, "no check met a change in 60 s:\n{}\n{}", status(), daemon.log());
+        let router = topo.router_id.clone();
+        let created = daemon.pipelined(4, 250, move |c, i| {
+            json!({"op": "helper_create", "router_id": router, "protocol": "tcp", "port": 30_000 + c * 250 + i, "helper": "ftp"})
+        });
+        let ids: Vec<String> = created.iter().map(|(req, a)| a["ok"]["id"].as_str().unwrap_or_else(|| panic!("{req}: {a}")).to_string()).collect();
+        let (router, ids) = (topo.router_id.clone(), std::sync::Arc::new(ids));
+        for (req, a) in daemon.pipelined(4, 250, move |c, i| json!({"op": "helper_delete", "router_id": router, "helper_id": ids[(c * 250 + i) as usize]})) {
+            assert!(a.get("ok").is_some(), "{req}: {a}");
+        }
+    }
+    let now = status();
+    assert_eq!(now["map_repairs"], 0, "nothing differed from the store:\n{}", daemon.log());
+    assert!(now["drift"]["maps"].as_object().unwrap().values().all(|n| n == 0), "no drift left: {now}");
+    assert_eq!(daemon.live_ports().len(), 2000, "the set's rules, and no other");
+}
+
 /// A daemon checking every second and an FTP helper on port 21 that a
 /// session is using: (daemon, its configuration, helper id, server, session).
 fn ftp_in_use(topo: &Topology) -> (Daemon, enforcer_tests::Scratch, String, FtpServer, FtpClient) {

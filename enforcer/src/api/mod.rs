@@ -452,6 +452,11 @@ pub struct StatusReport {
     /// them back.
     #[serde(default)]
     pub map_repairs: u64,
+    /// Checks whose look at the maps without the daemon's lock met changes
+    /// made meanwhile, and found nothing else when it read those entries
+    /// again under the lock.
+    #[serde(default)]
+    pub map_rechecks: u64,
     /// Attachments found missing in the kernel and put back since start.
     #[serde(default)]
     pub link_repairs: u64,

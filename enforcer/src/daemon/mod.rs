@@ -176,6 +176,9 @@ struct Tally {
     link_repairs: u64,
     /// Rounds of the periodic check that had to repair maps.
     map_repairs: u64,
+    /// Rounds whose check of the maps without the lock found entries
+    /// changed meanwhile, and nothing else, when read again under it.
+    map_rechecks: u64,
     revocations: Revocations,
     /// Rounds of the periodic check done, and how long the last took.
     check_rounds: u64,

@@ -790,6 +790,7 @@ impl Daemon {
             neutron: self.sync_report(),
             glue_repairs: self.tally.glue_repairs,
             map_repairs: self.tally.map_repairs,
+            map_rechecks: self.tally.map_rechecks,
             link_repairs: self.tally.link_repairs,
             ready: self.life.ready.is_some(),
             ready_after_ms: self.life.ready.map(|d| d.as_millis() as u64),

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::{Daemon, GlueCheck, GlueJob, NetnsId, netns_id};
 use crate::{
     api::{ApiError, AuditEntry, GlueState, MapDrift},
-    kernel::{LinkCheck, MapCheck, glue, netns},
+    kernel::{LinkCheck, MapCheck, MapFindings, glue, netns},
 };
 
 /// One router's check of its glue and attachments, to run without the lock.
@@ -145,17 +145,30 @@ impl Daemon {
     }
 
     /// Ends a round of checks: counted, and where the glue was found intact
-    /// kept for the next start. The maps are checked again, and repaired,
-    /// under the lock only where the check without it (`maps`) found them
-    /// different or could not run.
-    pub(super) fn checks_done(&mut self, took: std::time::Duration, maps: Option<anyhow::Result<MapDrift>>) {
+    /// kept for the next start. Where the check of the maps without the
+    /// lock (`maps`) found them different, those entries are read again
+    /// under it (changes made meanwhile show as drift); the maps are
+    /// checked whole, and repaired, under the lock only where a difference
+    /// is still there or that check could not run.
+    pub(super) fn checks_done(&mut self, took: std::time::Duration, maps: Option<anyhow::Result<MapFindings>>) {
         match maps {
-            Some(Ok(found)) if found.is_empty() => self.map_drift = found,
+            Some(Ok(found)) if found.drift.is_empty() => self.map_drift = found.drift,
+            Some(Ok(found)) => match self.desired().and_then(|want| self.datapath.still_drifts(&want, &found)) {
+                Ok(false) => {
+                    self.tally.map_rechecks += 1;
+                    self.map_drift = MapDrift::default();
+                }
+                Ok(true) => self.check_maps(),
+                Err(e) => {
+                    warn!("checking the maps again: {e:#}; checking them whole");
+                    self.check_maps();
+                }
+            },
             Some(Err(e)) => {
                 warn!("checking the maps without the lock: {e:#}; checking under it");
                 self.check_maps();
             }
-            _ => self.check_maps(),
+            None => self.check_maps(),
         }
         self.tally.check_rounds += 1;
         self.tally.last_check = Some(took);

@@ -193,6 +193,13 @@ impl SlotCounters {
         }
     }
 
+    /// Whether entry `i` counts `key`; None where the daemon does not map
+    /// it.
+    pub fn holds(&self, i: u32, key: &SlotKey) -> Option<bool> {
+        let cell = self.cell(i)?;
+        Some(cell.router.load(Ordering::SeqCst) == key.router && cell.slot.load(Ordering::SeqCst) == key.slot)
+    }
+
     fn cell(&self, i: u32) -> Option<&Cell> {
         self.chunks.get((i / COUNTERS_PER_CHUNK) as usize)?.as_ref()?.cells().get((i % COUNTERS_PER_CHUNK) as usize)
     }

@@ -39,7 +39,7 @@ impl RuleFilter {
     /// as it is) and no other.
     pub fn new(map: Map, rules: impl IntoIterator<Item = RuleKey>) -> Result<Self> {
         let Map::Array(map) = map else { bail!("the rule filter is not an array map") };
-        let mut filter = Self { words: Mapped::new(map)?, rules: HashMap::new() };
+        let mut filter = Self { words: Mapped::new(map, libc::PROT_READ | libc::PROT_WRITE)?, rules: HashMap::new() };
         filter.rebuild(rules);
         Ok(filter)
     }
@@ -101,8 +101,13 @@ pub struct Wanted {
 
 impl Wanted {
     /// Words needed whose value (`word` reads it) differs.
-    pub fn drift(&self, word: impl Fn(u32) -> u64) -> usize {
-        self.words.iter().filter(|&(&w, &want)| word(w) != want).count()
+    pub fn differing(&self, word: impl Fn(u32) -> u64) -> Vec<u32> {
+        self.words.iter().filter(|&(&w, &want)| word(w) != want).map(|(&w, _)| w).collect()
+    }
+
+    /// The value word `word` needs.
+    pub fn word(&self, word: u32) -> u64 {
+        self.words.get(&word).copied().unwrap_or(0)
     }
 
     pub fn of(rules: impl IntoIterator<Item = RuleKey>) -> Self {
@@ -124,6 +129,21 @@ pub fn mappable(info: &MapInfo) -> bool {
     info.map_flags() & FILTER_MAP_FLAGS != 0 && info.max_entries() == FILTER_WORDS && info.value_size() == size_of::<u64>() as u32
 }
 
+/// The words of a pinned filter, mapped read-only, for a check that runs
+/// without the daemon's `RuleFilter` (read with `bpf` calls, they filled a
+/// table of 12 MiB, whatever the rules, that stayed with the daemon).
+pub struct Words(Mapped);
+
+impl Words {
+    pub fn open(map: MapData) -> Result<Self> {
+        Ok(Self(Mapped::new(map, libc::PROT_READ)?))
+    }
+
+    pub fn word(&self, word: u32) -> u64 {
+        self.0.word(word).load(Ordering::SeqCst)
+    }
+}
+
 /// The filter map's words, mapped into the daemon for as long as it runs.
 struct Mapped {
     start: NonNull<AtomicU64>,
@@ -138,15 +158,13 @@ unsafe impl Send for Mapped {}
 impl Mapped {
     const BYTES: usize = FILTER_WORDS as usize * size_of::<u64>();
 
-    fn new(map: MapData) -> Result<Self> {
+    fn new(map: MapData, prot: libc::c_int) -> Result<Self> {
         if !mappable(&map.info().context("reading the rule filter's definition")?) {
             bail!("the rule filter map is not the mappable array of {FILTER_WORDS} words this daemon makes");
         }
         // SAFETY: a shared mapping of the whole map (its size checked
         // above), at offset 0 as the kernel requires; unmapped on drop.
-        let at = unsafe {
-            libc::mmap(std::ptr::null_mut(), Self::BYTES, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0)
-        };
+        let at = unsafe { libc::mmap(std::ptr::null_mut(), Self::BYTES, prot, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd(), 0) };
         if at == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mapping the rule filter");
         }
