@@ -284,7 +284,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
     let (reads, p50, longest) = c.reads_over_check;
     let _ = writeln!(
         md,
-        "With these {} helpers, {reads} reads (`router list`, one client) over 11 s, a periodic check of the maps against the store among them: p50 {p50:.2} ms, the longest {longest:.1} ms. The check reads and compares the maps without the daemon's lock (about 200 ms of work at 100,000 helpers); under it, it only takes what the store wants (and repairs where it found a difference). Until this run it did all of it under the lock: the longest read then waited 520 to 660 ms, one per check (measured by hand, 100,000 helpers, a check every 2 s).\n",
+        "With these {} helpers, {reads} reads (`router list`, one client) over 11 s, a periodic check of the maps against the store among them: p50 {p50:.2} ms, the longest {longest:.1} ms. The check reads and compares the maps without the daemon's lock (about 200 ms of work at 100,000 helpers); under it, it only takes what the store wants, and where it found a difference reads those entries again (a change made while it ran shows as one) and checks the maps whole, and repairs them, only if one is still there. Before the run of commit b36923f it did all of it under the lock: the longest read then waited 520 to 660 ms, one per check (measured by hand, 100,000 helpers, a check every 2 s). The check maps the rule filter read-only; until this run it read its 262,144 words with `bpf` calls into a table of about 12 MiB, whatever the number of rules, which stayed with the daemon after the first check (durability.rs: 10,000 helper creates and deletes grew the daemon from 32 to 45 MiB).\n",
         c.loaded
     );
 
