@@ -172,7 +172,11 @@ impl Audit {
     }
 
     pub fn now() -> String {
-        humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+        use std::fmt::Write;
+        // Its final size at once ("2026-01-02T03:04:05.123456Z").
+        let mut now = String::with_capacity(27);
+        let _ = write!(now, "{}", humantime::format_rfc3339_micros(SystemTime::now()));
+        now
     }
 
     /// Appends one entry and syncs. A refusal beyond its uid's allowance is
@@ -202,11 +206,11 @@ impl Audit {
 
     /// Appends staged entries. `journaled`: the store holds them (the
     /// group committed), so the log is synced later; else now.
-    pub fn append(&mut self, staged: Staged, journaled: bool) -> Result<()> {
+    pub fn append(&mut self, staged: &Staged, journaled: bool) -> Result<()> {
         // The group's lines go out in one write (one more per rotation): a
         // write per line cost each change a system call.
         log(&staged.entries);
-        self.write_lines(&staged)?;
+        self.write_lines(staged)?;
         if !journaled {
             self.sync()?;
         }
@@ -651,7 +655,7 @@ mod tests {
         let staged = audit.stage((0..3).map(|_| entry(&Audit::now(), "ok", 2)).collect()).unwrap();
         let journal: Vec<(u64, Vec<u8>)> = staged.journal().map(|(seq, line)| (seq, line.to_vec())).collect();
         assert_eq!(journal.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [2, 3, 4]);
-        audit.append(staged, true).unwrap();
+        audit.append(&staged, true).unwrap();
         assert_eq!(audit.synced(), 1, "the group's entries wait for the periodic sync");
         drop(audit);
         // A power loss: the last two lines never reached the disk, the one

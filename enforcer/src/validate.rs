@@ -27,7 +27,9 @@ pub fn uuid(field: &str, value: &str) -> Result<String, ApiError> {
     Uuid::parse_str(value)
         .ok()
         .filter(|_| value.len() == 36)
-        .map(|u| u.hyphenated().to_string())
+        // Encoded into a buffer and copied once (through `Display` the
+        // string grew three times).
+        .map(|u| u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned())
         .ok_or_else(|| {
             ApiError::invalid(field, format!("{field} {}: must be a UUID like 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", shown(value)))
         })

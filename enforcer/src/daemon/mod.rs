@@ -83,7 +83,11 @@ impl Index {
     fn add(&mut self, h: &HelperRecord) {
         let r = &h.helper.router_id;
         self.ids.insert(h.helper.id.clone(), r.clone());
-        self.tuples.entry(r.clone()).or_default().insert((h.helper.protocol, h.helper.port), h.helper.id.clone());
+        let tuple = (h.helper.protocol, h.helper.port);
+        match self.tuples.get_mut(r) {
+            Some(tuples) => drop(tuples.insert(tuple, h.helper.id.clone())),
+            None => drop(self.tuples.insert(r.clone(), [(tuple, h.helper.id.clone())].into())),
+        }
     }
 
     fn remove(&mut self, h: &HelperRecord) {
@@ -565,7 +569,7 @@ impl Daemon {
             }
         }
         let changes: Vec<Change> =
-            free.iter().map(|(router_id, slot)| Change::Release { router_id: router_id.clone(), slot: *slot }).collect();
+            free.iter().map(|(router_id, slot)| Change::Release { router_id, slot: *slot }).collect();
         if changes.is_empty() {
             return 0;
         }

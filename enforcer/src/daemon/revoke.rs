@@ -167,14 +167,14 @@ fn flush_kept(steps: &mut KernelFlush, ns: &Path, mut report: RevokeReport, mut 
 /// visited, so such a delete costs no more with a big conntrack table. A
 /// packet tagged in the instant before the rule went is caught by the
 /// re-check after the cooling time (see `cooled`).
-pub(super) fn revoke_rule(
+pub(super) fn revoke_rule<'a>(
     datapath: &mut Datapath,
     ns: &Path,
     index: u32,
-    h: &HelperRecord,
+    h: &'a HelperRecord,
     mark: (u32, u32),
     quiet_secs: u64,
-) -> anyhow::Result<(RevokeReport, Vec<Change>)> {
+) -> anyhow::Result<(RevokeReport, Vec<Change<'a>>)> {
     let mut report = RevokeReport { quiet_secs, ..Default::default() };
     let mut kept = Kept::default();
     // The entries found before the rule went: the flush starts from them.
@@ -204,7 +204,7 @@ pub(super) fn revoke_rule(
         }
     }
     let report = flush_kept(&mut KernelFlush::new(datapath, index, h.slot, mark), ns, report, kept, found);
-    let more = if report.slot_released { Vec::new() } else { vec![Change::Quarantine { router_id: h.helper.router_id.clone(), slot: h.slot }] };
+    let more = if report.slot_released { Vec::new() } else { vec![Change::Quarantine { router_id: &h.helper.router_id, slot: h.slot }] };
     Ok((report, more))
 }
 
@@ -247,7 +247,7 @@ impl Daemon {
                 continue;
             }
             warn!(router = %router, slot, "a packet was tagged as the rule went: cleaning conntrack of its slot");
-            if let Err(e) = self.store.apply(&[Change::Quarantine { router_id: router.clone(), slot }], || Ok(())) {
+            if let Err(e) = self.store.apply(&[Change::Quarantine { router_id: &router, slot }], || Ok(())) {
                 warn!(router = %router, slot, "quarantining: {e}");
             }
             self.slots.quarantine(&router, slot);
@@ -301,7 +301,7 @@ impl Daemon {
         let mark = self.slot_mark(slot);
         let mut report = flush(&mut self.datapath, &path, index, slot, mark, self.config.revoked_quiet_secs);
         if report.slot_released
-            && let Err(e) = self.store.apply(&[Change::Release { router_id: router_id.to_string(), slot }], || Ok(())) {
+            && let Err(e) = self.store.apply(&[Change::Release { router_id, slot }], || Ok(())) {
                 report.slot_released = false;
                 report.flush_error = Some(format!("{e}"));
             }

@@ -364,11 +364,13 @@ impl Changes {
                     }
                 }
                 let (requests, answers): (Vec<_>, Vec<_>) = group.into_iter().map(|q| ((q.origin, q.caller, q.req), q.answer)).unzip();
-                let results = on_daemon(&daemon, move |d| d.handle_group(requests)).await;
-                let results = results.unwrap_or_else(|e| answers.iter().map(|_| Err(ApiError::internal(format!("applying the change: {e}")))).collect());
+                let handled = on_daemon(&daemon, move |d| d.handle_group(requests)).await;
+                let (results, spent) = handled.unwrap_or_else(|e| (answers.iter().map(|_| Err(ApiError::internal(format!("applying the change: {e}")))).collect(), None));
                 for (answer, result) in answers.into_iter().zip(results) {
                     let _ = answer.send(result);
                 }
+                // Freed beside the next group, not before it.
+                tokio::spawn(async move { drop(spent) });
             }
         });
         Self(tx)

@@ -134,8 +134,8 @@ impl Daemon {
         }
         let revoked: Vec<HelperRecord> = gone.iter().cloned().chain(put.iter().filter(|(o, n)| new_rule(o, n)).filter_map(|(o, _)| o.clone())).collect();
         let mut changes: Vec<Change> =
-            gone.iter().map(|h| Change::DeleteHelper { router_id: router.clone(), helper_id: h.helper.id.clone() }).collect();
-        changes.extend(put.iter().map(|(_, new)| Change::PutHelper(new.clone())));
+            gone.iter().map(|h| Change::DeleteHelper { router_id: &router, helper_id: &h.helper.id }).collect();
+        changes.extend(put.iter().map(|(_, new)| Change::PutHelper(new)));
         if changes.is_empty() {
             report.helpers = self.helpers_of(&router).map(|h| h.helper.clone()).collect();
             return Ok(Reply::HelperSet(report));

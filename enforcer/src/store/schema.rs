@@ -9,6 +9,8 @@
 //!    out when local, and absent altogether before the Neutron sync.
 //! 2. The version is recorded; every router states its owner.
 
+use std::borrow::Cow;
+
 use anyhow::{Context, Result, bail};
 use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
@@ -44,23 +46,25 @@ enum StoredProtocol {
     Udp,
 }
 
+/// Records borrow the daemon's strings to be written (no copy per change)
+/// and own them when read.
 #[derive(Debug, Serialize, Deserialize)]
-pub(super) struct StoredRouter {
-    id: String,
+pub(super) struct StoredRouter<'a> {
+    id: Cow<'a, str>,
     index: u32,
-    project_id: String,
-    netns: String,
+    project_id: Cow<'a, str>,
+    netns: Cow<'a, str>,
     owner: StoredOwner,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub(super) struct StoredHelper {
-    id: String,
-    router_id: String,
-    project_id: String,
+pub(super) struct StoredHelper<'a> {
+    id: Cow<'a, str>,
+    router_id: Cow<'a, str>,
+    project_id: Cow<'a, str>,
     protocol: StoredProtocol,
     port: u16,
-    helper: String,
+    helper: Cow<'a, str>,
     slot: u16,
 }
 
@@ -75,44 +79,51 @@ struct RouterV1 {
     owner: Option<StoredOwner>,
 }
 
-impl From<&RouterRecord> for StoredRouter {
-    fn from(r: &RouterRecord) -> Self {
+impl<'a> From<&'a RouterRecord> for StoredRouter<'a> {
+    fn from(r: &'a RouterRecord) -> Self {
         let owner = match r.owner {
             Owner::Local => StoredOwner::Local,
             Owner::Neutron => StoredOwner::Neutron,
         };
-        Self { id: r.id.clone(), index: r.index, project_id: r.project_id.clone(), netns: r.netns.clone(), owner }
+        Self { id: r.id.as_str().into(), index: r.index, project_id: r.project_id.as_str().into(), netns: r.netns.as_str().into(), owner }
     }
 }
 
-impl From<StoredRouter> for RouterRecord {
-    fn from(r: StoredRouter) -> Self {
+impl From<StoredRouter<'_>> for RouterRecord {
+    fn from(r: StoredRouter<'_>) -> Self {
         let owner = match r.owner {
             StoredOwner::Local => Owner::Local,
             StoredOwner::Neutron => Owner::Neutron,
         };
-        Self { id: r.id, index: r.index, project_id: r.project_id, netns: r.netns, owner }
+        Self { id: r.id.into_owned(), index: r.index, project_id: r.project_id.into_owned(), netns: r.netns.into_owned(), owner }
     }
 }
 
-impl From<&HelperRecord> for StoredHelper {
-    fn from(h: &HelperRecord) -> Self {
+impl<'a> From<&'a HelperRecord> for StoredHelper<'a> {
+    fn from(h: &'a HelperRecord) -> Self {
         let protocol = match h.helper.protocol {
             Protocol::Tcp => StoredProtocol::Tcp,
             Protocol::Udp => StoredProtocol::Udp,
         };
-        let Helper { id, router_id, project_id, port, helper, .. } = h.helper.clone();
-        Self { id, router_id, project_id, protocol, port, helper, slot: h.slot }
+        let Helper { id, router_id, project_id, port, helper, .. } = &h.helper;
+        Self { id: id.into(), router_id: router_id.into(), project_id: project_id.into(), protocol, port: *port, helper: helper.into(), slot: h.slot }
     }
 }
 
-impl From<StoredHelper> for HelperRecord {
-    fn from(h: StoredHelper) -> Self {
+impl From<StoredHelper<'_>> for HelperRecord {
+    fn from(h: StoredHelper<'_>) -> Self {
         let protocol = match h.protocol {
             StoredProtocol::Tcp => Protocol::Tcp,
             StoredProtocol::Udp => Protocol::Udp,
         };
-        let helper = Helper { id: h.id, router_id: h.router_id, project_id: h.project_id, protocol, port: h.port, helper: h.helper };
+        let helper = Helper {
+            id: h.id.into_owned(),
+            router_id: h.router_id.into_owned(),
+            project_id: h.project_id.into_owned(),
+            protocol,
+            port: h.port,
+            helper: h.helper.into_owned(),
+        };
         Self { helper, slot: h.slot }
     }
 }
@@ -168,7 +179,7 @@ fn routers_state_their_owner(txn: &redb::WriteTransaction) -> Result<()> {
     for row in table.iter()? {
         let (key, value) = row?;
         let old: RouterV1 = serde_json::from_str(value.value()).with_context(|| format!("corrupt router record {}", key.value()))?;
-        let new = StoredRouter { id: old.id, index: old.index, project_id: old.project_id, netns: old.netns, owner: old.owner.unwrap_or(StoredOwner::Local) };
+        let new = StoredRouter { id: old.id.into(), index: old.index, project_id: old.project_id.into(), netns: old.netns.into(), owner: old.owner.unwrap_or(StoredOwner::Local) };
         rewritten.push((key.value().to_string(), encode(&new)?));
     }
     for (key, value) in rewritten {
