@@ -19,6 +19,8 @@ pub(super) struct Check {
     glue: GlueCheck,
     repair: GlueJob,
     links: LinkCheck,
+    /// The router's glue and links were last found intact.
+    was_intact: bool,
 }
 
 /// What a check found, and what putting it back did.
@@ -30,6 +32,11 @@ pub(super) struct Checked {
     repaired: Option<Result<(), String>>,
     /// (missing, stale) attachments.
     links: Result<(usize, usize), String>,
+    /// Something the daemon does not know yet: without it the daemon is
+    /// not asked to take note (a check of a thousand routers waited for
+    /// its turn at the daemon a thousand times, behind every group of
+    /// changes: 0.4 s idle, 5 to 8 s during changes).
+    pub(super) news: bool,
 }
 
 impl Check {
@@ -45,7 +52,12 @@ impl Check {
             _ => None,
         };
         let links = self.links.drift().map_err(|e| format!("{e:#}"));
-        Checked { id: self.id, netns, netns_id: self.netns_id, found, repaired, links }
+        // Still intact, at the very generation last recorded.
+        let same = self.was_intact
+            && repaired.is_none()
+            && links.as_ref().is_ok_and(|drift| *drift == (0, 0))
+            && found.as_ref().is_ok_and(|f| f.state == GlueState::Intact && f.intact_at.is_some() && f.intact_at == self.glue.known);
+        Checked { id: self.id, netns, netns_id: self.netns_id, found, repaired, links, news: !same }
     }
 }
 
@@ -61,6 +73,7 @@ impl Daemon {
                 glue: self.glue_check(&r.record.netns),
                 repair: self.glue_job(&r.record.netns),
                 links: self.datapath.link_check(&netns::path(&r.record.netns), r.record.index),
+                was_intact: r.glue == GlueState::Intact && r.links == (0, 0),
             })
             .collect()
     }
@@ -89,7 +102,7 @@ impl Daemon {
     /// repair the counter and an audit entry; attachments found missing
     /// are put back.
     pub(super) fn checked(&mut self, checked: Checked) {
-        let Checked { id, netns, netns_id: checked_ns, found, repaired, links } = checked;
+        let Checked { id, netns, netns_id: checked_ns, found, repaired, links, .. } = checked;
         let Some(state) = self.routers.get_mut(&id).filter(|r| r.attachment.is_some() && r.netns_id == checked_ns) else {
             // Removed while the check ran: glue put back in a namespace no
             // router enforces any more goes again.

@@ -370,7 +370,9 @@ impl Changes {
                     let _ = answer.send(result);
                 }
                 // Freed beside the next group, not before it.
-                tokio::spawn(async move { drop(spent) });
+                if let Some(spent) = spent {
+                    tokio::spawn(async move { drop(spent) });
+                }
             }
         });
         Self(tx)
@@ -427,7 +429,9 @@ async fn verify(daemon: Shared, every: Duration) {
         for check in with_daemon(&daemon, |d| d.checks()).await {
             let _turn = netns_turn(Some(check.netns())).await;
             let Ok(checked) = tokio::task::spawn_blocking(move || check.run()).await else { continue };
-            with_daemon(&daemon, move |d| d.checked(checked)).await;
+            if checked.news {
+                with_daemon(&daemon, move |d| d.checked(checked)).await;
+            }
         }
         let maps = match with_daemon(&daemon, |d| d.map_check()).await {
             Some(check) => tokio::task::spawn_blocking(move || check.run()).await.ok(),
