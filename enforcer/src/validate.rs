@@ -22,14 +22,18 @@ fn shown(value: &str) -> String {
     format!("{cut:?}{more}")
 }
 
+/// A UUID in lowercase hyphenated form, encoded into a buffer and copied
+/// once (through `Display` the string grew three times).
+pub fn uuid_text(u: Uuid) -> String {
+    u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()
+}
+
 /// A router or helper id: a UUID, normalised to lowercase hyphenated form.
 pub fn uuid(field: &str, value: &str) -> Result<String, ApiError> {
     Uuid::parse_str(value)
         .ok()
         .filter(|_| value.len() == 36)
-        // Encoded into a buffer and copied once (through `Display` the
-        // string grew three times).
-        .map(|u| u.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned())
+        .map(uuid_text)
         .ok_or_else(|| {
             ApiError::invalid(field, format!("{field} {}: must be a UUID like 0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", shown(value)))
         })

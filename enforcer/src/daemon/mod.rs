@@ -83,10 +83,12 @@ impl Index {
     fn add(&mut self, h: &HelperRecord) {
         let r = &h.helper.router_id;
         self.ids.insert(h.helper.id.clone(), r.clone());
-        let tuple = (h.helper.protocol, h.helper.port);
-        match self.tuples.get_mut(r) {
-            Some(tuples) => drop(tuples.insert(tuple, h.helper.id.clone())),
-            None => drop(self.tuples.insert(r.clone(), [(tuple, h.helper.id.clone())].into())),
+        // The router's name is copied only for its first helper.
+        if !self.tuples.contains_key(r) {
+            self.tuples.insert(r.clone(), Default::default());
+        }
+        if let Some(tuples) = self.tuples.get_mut(r) {
+            tuples.insert((h.helper.protocol, h.helper.port), h.helper.id.clone());
         }
     }
 

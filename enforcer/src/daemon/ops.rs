@@ -99,7 +99,7 @@ fn names(req: &Request) -> (Option<String>, Option<String>) {
 /// its commit rewrites a few pages, not one page per helper (random ids
 /// made creates slow down as the table grew).
 pub(super) fn new_helper_id() -> String {
-    uuid::Uuid::now_v7().hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer()).to_owned()
+    validate::uuid_text(uuid::Uuid::now_v7())
 }
 
 /// Cut to a sane length for the audit log (inputs are attacker-controlled).

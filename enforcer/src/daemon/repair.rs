@@ -52,13 +52,16 @@ impl Check {
             _ => None,
         };
         let links = self.links.drift().map_err(|e| format!("{e:#}"));
-        // Still intact, at the very generation last recorded.
-        let same = self.was_intact
-            && repaired.is_none()
-            && links.as_ref().is_ok_and(|drift| *drift == (0, 0))
-            && found.as_ref().is_ok_and(|f| f.state == GlueState::Intact && f.intact_at.is_some() && f.intact_at == self.glue.known);
+        let same = self.was_intact && repaired.is_none() && as_recorded(&found, &links, self.glue.known);
         Checked { id: self.id, netns, netns_id: self.netns_id, found, repaired, links, news: !same }
     }
+}
+
+/// Whether a check found the glue intact at the very generation last
+/// recorded, and every link in place.
+fn as_recorded(found: &Result<glue::Found, String>, links: &Result<(usize, usize), String>, known: Option<glue::Generation>) -> bool {
+    links.as_ref().is_ok_and(|drift| *drift == (0, 0))
+        && found.as_ref().is_ok_and(|f| f.state == GlueState::Intact && f.intact_at.is_some() && f.intact_at == known)
 }
 
 impl Daemon {
@@ -214,5 +217,28 @@ impl Daemon {
         if let Err(e) = self.audit.record(&entry) {
             warn!("audit: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_router_found_as_recorded_is_left_unnoted() {
+        let at = |id| glue::Generation { netns: 7, id };
+        let found = |state, intact_at| Ok(glue::Found { state, intact_at });
+        let whole = Ok((0, 0));
+        assert!(as_recorded(&found(GlueState::Intact, Some(at(3))), &whole, Some(at(3))));
+        // The ruleset moved on, though the glue is still intact: recorded anew.
+        assert!(!as_recorded(&found(GlueState::Intact, Some(at(4))), &whole, Some(at(3))));
+        // No generation to compare (a kernel that refuses the query).
+        assert!(!as_recorded(&found(GlueState::Intact, None), &whole, None));
+        assert!(!as_recorded(&found(GlueState::Missing, None), &whole, Some(at(3))));
+        assert!(!as_recorded(&found(GlueState::Altered, None), &whole, Some(at(3))));
+        assert!(!as_recorded(&Err("nft failed".into()), &whole, Some(at(3))));
+        assert!(!as_recorded(&found(GlueState::Intact, Some(at(3))), &Ok((1, 0)), Some(at(3))));
+        assert!(!as_recorded(&found(GlueState::Intact, Some(at(3))), &Ok((0, 1)), Some(at(3))));
+        assert!(!as_recorded(&found(GlueState::Intact, Some(at(3))), &Err("no netns".into()), Some(at(3))));
     }
 }
