@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod memory;
 pub mod neutron;
 pub mod store;
 pub mod validate;

@@ -2,6 +2,10 @@ mod cli;
 
 use clap::Parser;
 
+/// See `enforcer::memory`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Whether standard error is the journal's stream: systemd sets
 /// JOURNAL_STREAM to its device and inode, so a stderr redirected elsewhere
 /// under systemd still gets text.

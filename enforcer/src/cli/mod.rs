@@ -389,7 +389,7 @@ fn print_error(err: &ApiError, output: Output) {
 }
 
 fn run_daemon(args: DaemonArgs, socket: PathBuf) -> Result<()> {
-    one_malloc_arena();
+    enforcer::memory::configure();
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -407,20 +407,6 @@ fn run_daemon(args: DaemonArgs, socket: PathBuf) -> Result<()> {
     }
     let socket = config.socket.clone();
     let daemon = Daemon::start(config).context("starting the daemon")?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).on_thread_park(enforcer::memory::idle).enable_all().build()?;
     rt.block_on(daemon::serve(daemon, &socket))
-}
-
-/// One malloc arena for the daemon, set before any thread starts (set
-/// later, the start-up checks' threads had already made two more). glibc
-/// gives threads arenas of their own, up to eight per core, and memory freed
-/// into one is not reused by another; the daemon's work is serialized by
-/// its lock, so its threads seldom contend for the one.
-fn one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets an allocator parameter, before the daemon
-    // starts any thread.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
 }

@@ -628,11 +628,8 @@ impl Daemon {
                 tracing::debug!(router = %state.record.id, "conntrack index parked (no slot in use)");
             }
         }
-        // Requests are handled on the runtime's blocking threads, and glibc
-        // keeps what each thread frees in its own arena: handed back here,
-        // so memory follows the state, not the busiest moment so far.
-        // SAFETY: malloc_trim only releases free memory.
-        unsafe { libc::malloc_trim(0) };
+        // Memory follows the state, not the busiest moment so far.
+        crate::memory::release();
         let referenced = match self.datapath.sweep_revoked() {
             Ok(r) => r,
             Err(e) => return warn!("sweeping revoked flows: {e:#}"),

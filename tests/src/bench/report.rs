@@ -557,9 +557,20 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          router's table with `nft`, 13% of the samples during the changes in `nft` processes. An install now \
          records the nftables generation its own transaction made (when no other commit came between), and the \
          checks after it list nothing (faults.rs): with 300 routers, 50,000 to 53,000 creates and deletes per \
-         second (four alternating runs, by hand). A longer malloc cache per thread (glibc's tcache_count at 1,024) measured within the noise, and mimalloc, measured again now that the daemon keeps no thread per \
-         router, up to about 15% more changes per second for three times the resident memory (84 to 98 MiB \
-         with 300 routers, against 36): not taken. \
+         second (four alternating runs, by hand). A longer malloc cache per thread (glibc's tcache_count at 1,024) measured within the noise. \
+         The allocator is now mimalloc (v3): a change is parsed on a runtime worker and applied on the thread \
+         that holds the daemon, so much of what one thread allocates another frees, and glibc's malloc took those \
+         frees under its arena's lock (malloc, free and the lock's futex about a quarter of the daemon's samples, \
+         the futex alone an eighth, `perf`); mimalloc frees to the owning page without a lock. Against glibc, one \
+         router, 16 pipelining clients, three alternating runs of eight rounds, by hand: the daemon's CPU per \
+         change 18 to 19 us against 24 to 27 (task clock, `perf stat`), creates 50,000 to 58,500 per second \
+         against 37,500 to 43,500, deletes 51,000 to 66,500 against 40,000 to 44,500. With its defaults it kept \
+         freed pages with the thread that freed them for a second or more (80 MiB after the start of a daemon \
+         with one router, 126 MiB after a burst of changes; an earlier try, v2 with a thread per router then, \
+         84 to 98 MiB at 300 routers): it now purges after 10 ms, each runtime worker collects its pages when it \
+         goes idle (at most once a second), and housekeeping forces a purge every second as it called \
+         malloc_trim before: 34 to 36 MiB after the start and 58 to 61 MiB four seconds after the burst, against \
+         31 and 55 to 58 with glibc. \
          The disk's sync is not what limits it: 7% of the group loop's time \
          (p50 1.1 ms per commit of about 480 changes, `perf trace`). A group's audit lines go to the file in one \
          write. Helper ids the daemon makes are time-ordered (UUIDv7), so a group's inserts land in a few pages of \
@@ -660,7 +671,8 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          threads had made arenas already; it is now set before any thread starts. 300 routers, restart and two \
          churn rounds, measured by hand: 30.4, 36.8, 36.6 MiB before, 30.7, 32.3, 32.3 MiB after. Earlier tries (a \
          fixed mmap threshold, redb's cache at 2 MiB, jemalloc, which grew it 52 to 117 MiB, and mimalloc, 202 to \
-         1,645 MiB with the threads still there) were aimed at the allocator."
+         1,645 MiB with the threads still there) were aimed at the allocator. The daemon now runs on mimalloc for \
+         the changes' sake (above), its free pages purged after 10 ms and collected every second."
     );
     std::fs::write(dir.join("results.md"), md)
 }
