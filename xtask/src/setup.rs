@@ -17,6 +17,7 @@ mod toolchain;
 /// tests and the demo use.
 const PACKAGES: &[(&str, &str)] = &[
     ("rust-web-src", "standard library source for build-std of the eBPF crate"),
+    ("gcc", "compiles mimalloc, the daemon's allocator"),
     ("iproute2", "ip netns, veth"),
     ("util-linux", "nsenter"),
     ("iptables", "removing the iptables glue of earlier versions; Neutron's rules in tests"),
