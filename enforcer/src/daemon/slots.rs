@@ -294,7 +294,7 @@ mod tests {
         let mut x = 7u32;
         for _ in 0..20_000 {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-            if (x >> 16) % 3 != 0 {
+            if !(x >> 16).is_multiple_of(3) {
                 let hint = s.routers.get("r").map_or(1, |r| r.hint.clamp(1, max));
                 let walk = (hint..=max).chain(1..hint).find(|slot| !held.contains(slot));
                 assert_eq!(s.take("r", max), walk, "held {held:?}");
