@@ -571,6 +571,10 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          goes idle (at most once a second), and housekeeping forces a purge every second as it called \
          malloc_trim before: 34 to 36 MiB after the start and 58 to 61 MiB four seconds after the burst, against \
          31 and 55 to 58 with glibc. \
+         The run of commit 88e92fb came in a slow phase of the host: its changes section alone, run right \
+         after it with each build in turn, read 105,600 and 111,900 times in 11 s with the build before the \
+         allocator and 111,600 and 134,500 with 88e92fb, where the run before read 167,700; that build's rounds at 1,000 routers, with the churn before them, measured by hand at the same time, had medians of \
+         47,500 creates and 46,000 deletes per second. \
          The disk's sync is not what limits it: 7% of the group loop's time \
          (p50 1.1 ms per commit of about 480 changes, `perf trace`). A group's audit lines go to the file in one \
          write. Helper ids the daemon makes are time-ordered (UUIDv7), so a group's inserts land in a few pages of \
@@ -672,7 +676,11 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          churn rounds, measured by hand: 30.4, 36.8, 36.6 MiB before, 30.7, 32.3, 32.3 MiB after. Earlier tries (a \
          fixed mmap threshold, redb's cache at 2 MiB, jemalloc, which grew it 52 to 117 MiB, and mimalloc, 202 to \
          1,645 MiB with the threads still there) were aimed at the allocator. The daemon now runs on mimalloc for \
-         the changes' sake (above), its free pages purged after 10 ms and collected every second."
+         the changes' sake (above), its free pages purged after 10 ms and collected every second. \
+         It costs memory after a restart: mimalloc gives each thread pages of its own, and the start-up's \
+         steps run on many threads, so what they keep is spread thinly over more pages (300 routers of 10 \
+         helpers, by hand: 47 MiB 13 s after the restart was ready, against 34 with glibc; the run of commit 88e92fb: 64.4 MiB after a restart at 1,000 routers, against 46.7 in the run before). The way to win it back is to \
+         make the start-up's records on fewer threads."
     );
     std::fs::write(dir.join("results.md"), md)
 }
