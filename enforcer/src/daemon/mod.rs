@@ -628,8 +628,6 @@ impl Daemon {
                 tracing::debug!(router = %state.record.id, "conntrack index parked (no slot in use)");
             }
         }
-        // Memory follows the state, not the busiest moment so far.
-        crate::memory::release();
         let referenced = match self.datapath.sweep_revoked() {
             Ok(r) => r,
             Err(e) => return warn!("sweeping revoked flows: {e:#}"),

@@ -397,6 +397,9 @@ async fn housekeeping(daemon: Shared) {
     loop {
         tick.tick().await;
         with_daemon(&daemon, |d| d.housekeeping()).await;
+        // Memory follows the state, not the busiest moment so far; the purge
+        // is process-wide, so it needs no lock.
+        let _ = tokio::task::spawn_blocking(crate::memory::release).await;
     }
 }
 

@@ -48,11 +48,26 @@ impl RouterSlots {
         if self.states.insert(slot, state).is_none() {
             self.runs.insert(slot);
         }
+        debug_assert!(self.runs_agree_at(slot), "slot runs drifted from the slots at {slot}");
     }
 
     fn remove(&mut self, slot: u16) {
         if self.states.remove(&slot).is_some() {
             self.runs.remove(slot);
+        }
+        debug_assert!(self.runs_agree_at(slot), "slot runs drifted from the slots at {slot}");
+    }
+
+    /// Whether the run around `slot` is the maximal run of held slots there
+    /// (checked after every change in debug builds, so drift shows where it
+    /// starts).
+    fn runs_agree_at(&self, slot: u16) -> bool {
+        let held = |s: Option<u16>| s.is_some_and(|s| self.states.contains_key(&s));
+        match self.runs.around(slot) {
+            Some((first, last)) => {
+                held(Some(slot)) && held(Some(first)) && held(Some(last)) && !held(first.checked_sub(1)) && !held(last.checked_add(1))
+            }
+            None => !held(Some(slot)),
         }
     }
 }
