@@ -84,9 +84,15 @@ fn timed(f: impl FnOnce()) -> f64 {
     ms(start.elapsed())
 }
 
+/// The daemon's resident memory once the step before has settled: what the
+/// step freed is handed back within a second (housekeeping), and a reading
+/// taken at once counted a restart's passing garbage as its state.
 fn rss(daemon: &Daemon) -> f64 {
+    std::thread::sleep(SETTLE);
     daemon.rss_kib() as f64 / 1024.0
 }
+
+const SETTLE: Duration = Duration::from_secs(3);
 
 /// Ten helpers, as a router with many might have.
 fn ten_helpers() -> Value {

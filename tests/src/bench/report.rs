@@ -429,7 +429,7 @@ pub fn write(all: &All, dir: &Path) -> std::io::Result<()> {
          | restart: until the API answers / until the state is verified and repaired | {:.0} ms / {:.0} ms |\n\
          | the same without the record of where each glue was last verified (every glue listed by `nft`) | {:.0} ms / {:.0} ms |\n\
          | the Neutron way's resync of the same routers (iptables-save + iptables-restore of each raw table) | {:.0} ms |\n\
-         | daemon memory: empty / with {n} routers / after a restart / after every router removed and added again | {:.1} / {:.1} / {:.1} / {:.1} MiB |\n\
+         | daemon memory, each 3 s after its step: empty / with {n} routers / after a restart / after every router removed and added again | {:.1} / {:.1} / {:.1} / {:.1} MiB |\n\
          | helper creates from {} clients at once on one router, each pipelining its requests, median of {rounds} rounds of 1,000 per client (group commit: {:.1} changes per commit) | {:.0} per second |\n\
          | deletes of them the same way, median of {} rounds | {:.0} per second |\n\
          | one helper set request of {} helpers | {:.0} ms ({:.0} helpers per second) |\n\
