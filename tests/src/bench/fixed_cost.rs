@@ -12,6 +12,7 @@ use std::{collections::BTreeMap, time::Duration};
 use super::{
     Scale,
     baselines::feed,
+    empty::EmptyProgram,
     forwarding::{Blaster, enforce},
     median, percentile,
 };
@@ -185,37 +186,17 @@ impl Drop for PinnedTo {
 }
 
 /// `baseline_empty` attached with tcx at the hook enforcer uses (ingress) of
-/// each router interface, on maps of its own.
+/// each router interface. The links go before the program.
 struct EmptyPrograms {
-    pins: std::path::PathBuf,
     _links: Vec<aya::programs::tc::SchedClassifierLink>,
-    _ebpf: aya::Ebpf,
-    _datapath: enforcer::kernel::Datapath,
+    _program: EmptyProgram,
 }
 
 impl EmptyPrograms {
     fn attach(topo: &crate::Topology) -> Self {
-        use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions};
-        let pins = std::path::PathBuf::from("/sys/fs/bpf").join(crate::unique("empty"));
-        let datapath = enforcer::kernel::Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, 1_000, Default::default()).expect("maps");
-        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).expect("programs");
-        let prog: &mut SchedClassifier = ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).expect("baseline").try_into().expect("classifier");
-        prog.load().expect("verifying the empty program");
-        let mut links = Vec::new();
-        for iface in [&topo.client_if, &topo.server_if] {
-            let link = enforcer::kernel::netns::run_in(std::path::Path::new(&topo.router.path()), || {
-                let id = prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))?;
-                Ok(prog.take_link(id)?)
-            })
-            .expect("attaching the empty program");
-            links.push(link);
-        }
-        Self { pins, _links: links, _ebpf: ebpf, _datapath: datapath }
-    }
-}
-
-impl Drop for EmptyPrograms {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pins);
+        let mut program = EmptyProgram::load();
+        let ns = std::path::PathBuf::from(topo.router.path());
+        let links = [&topo.client_if, &topo.server_if].into_iter().map(|iface| program.attach(&ns, iface)).collect();
+        Self { _links: links, _program: program }
     }
 }

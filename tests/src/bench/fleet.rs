@@ -4,11 +4,14 @@
 //! against the Neutron way's per-router resync (iptables-save and
 //! iptables-restore of each router's raw table) on the same routers.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use serde_json::{Value, json};
 
-use super::{Scale, baselines::install_neutron, median, ms};
+use super::{Scale, baselines::install_neutron, empty::EmptyProgram, median, ms};
 use crate::{Daemon, Netns, daemon::Session};
 
 #[derive(Debug, Clone, Default)]
@@ -26,6 +29,9 @@ pub struct Results {
     /// if they could not be measured, and why).
     pub add_expedited_ms: Vec<f64>,
     pub expedited_unmeasured: Option<String>,
+    /// The kernel alone: the empty program attached with tcx to both links
+    /// of a fresh veth pair, without enforcer (ms per pair).
+    pub bare_tcx_ms: Vec<f64>,
     /// Setting each router's helpers with one request (ms).
     pub set_ms: Vec<f64>,
     /// `status` with every router (median ms).
@@ -41,11 +47,10 @@ pub struct Results {
     /// The Neutron way's resync of all routers (ms).
     pub neutron_resync_ms: f64,
     /// Daemon resident memory (MiB): empty, with every router, after a
-    /// restart, and before and after churn (every router removed and added).
+    /// restart, and after churn (every router removed and added again).
     pub rss_empty: f64,
     pub rss_full: f64,
     pub rss_restarted: f64,
-    pub rss_before_churn: f64,
     pub rss_after_churn: f64,
     /// Helper creates per second from many clients on one router, each
     /// pipelining its requests (the median of [`ROUNDS`] rounds), deletes of
@@ -62,6 +67,10 @@ pub struct Results {
     /// how long it took (ms).
     pub bulk_set: (usize, f64),
 }
+
+/// The daemon's memory budget per router beyond its first 64 MiB, as the
+/// README states it: a router of ten helpers measured about 17 KiB.
+pub const KIB_PER_ROUTER: f64 = 32.0;
 
 /// A router namespace with one veth pair, as a Neutron router has ports.
 fn router_ns(id: &str) -> Netns {
@@ -108,6 +117,7 @@ fn field(line: &str, name: &str) -> Option<f64> {
 pub fn measure(scale: Scale) -> Results {
     let n = scale.pick(50, 1000);
     let mut out = Results { routers: n, helpers_per_router: 10, clients: 16, ..Default::default() };
+    out.bare_tcx_ms = bare_tcx_pairs(scale.pick(20, 200));
     out.add_netlink_ms = netlink_adds(n);
     match expedited_adds(n) {
         Ok(adds) => out.add_expedited_ms = adds,
@@ -153,7 +163,6 @@ pub fn measure(scale: Scale) -> Results {
     out.rss_restarted = rss(&daemon);
 
     // Churn: every router removed and added again.
-    out.rss_before_churn = rss(&daemon);
     for id in &ids {
         call(&mut s, json!({"op": "router_remove", "router_id": id}));
         call(&mut s, json!({"op": "router_add", "router_id": id}));
@@ -181,6 +190,28 @@ pub fn measure(scale: Scale) -> Results {
     eprintln!("bench: fleet done");
     drop(namespaces);
     out
+}
+
+/// The kernel's own time for the links a router add makes with tcx: the
+/// empty program attached to both links of each of `n` fresh veth pairs,
+/// without enforcer (ms per pair). Each attach waits for an RCU grace
+/// period under the RTNL lock, and so does each detach: the links are let
+/// go while the kernel expedites grace periods, so that the teardown does
+/// not hold the lock through the next section.
+fn bare_tcx_pairs(n: usize) -> Vec<f64> {
+    let mut program = EmptyProgram::load();
+    let namespaces: Vec<Netns> = (0..n).map(|_| router_ns(&uuid::Uuid::new_v4().to_string())).collect();
+    let mut links = Vec::new();
+    let pairs = namespaces
+        .iter()
+        .map(|ns| timed(|| links.extend(["qr-a", "qg-a"].map(|iface| program.attach(Path::new(&ns.path()), iface)))))
+        .collect();
+    let expedited = Expedited::on();
+    if let Err(e) = &expedited {
+        eprintln!("bench: tearing down {} tcx links without expedited grace periods ({e})", links.len());
+    }
+    drop(links);
+    pairs
 }
 
 /// Router adds with netlink filters (ms), on `n` routers of their own. Run

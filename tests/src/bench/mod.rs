@@ -4,6 +4,7 @@
 
 pub mod baselines;
 pub mod changes;
+pub mod empty;
 pub mod fixed_cost;
 pub mod fleet;
 pub mod forwarding;
