@@ -204,13 +204,24 @@ fn steward() -> &'static std::sync::mpsc::Sender<Step> {
     })
 }
 
-/// A daemon step that panicked (its panic is logged where it happened).
+/// A daemon step that panicked, with the panic's message (also logged
+/// where it happened); None if the daemon's thread is gone.
 #[derive(Debug)]
-pub(super) struct StepPanicked;
+pub(super) struct StepPanicked(Option<String>);
+
+impl StepPanicked {
+    fn from_payload(payload: Box<dyn std::any::Any + Send>) -> Self {
+        let message = payload.downcast_ref::<&str>().map(|m| m.to_string()).or_else(|| payload.downcast_ref::<String>().cloned());
+        Self(Some(message.unwrap_or_else(|| "no message".into())))
+    }
+}
 
 impl std::fmt::Display for StepPanicked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the daemon's step panicked")
+        match &self.0 {
+            Some(message) => write!(f, "the daemon's step panicked: {message}"),
+            None => f.write_str("the daemon's thread is gone"),
+        }
     }
 }
 
@@ -222,8 +233,8 @@ async fn on_steward<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -
         // taken back as it was (`lock`).
         let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
     });
-    steward().send(step).map_err(|_| StepPanicked)?;
-    result.await.map_err(|_| StepPanicked)?.map_err(|_| StepPanicked)
+    steward().send(step).map_err(|_| StepPanicked(None))?;
+    result.await.map_err(|_| StepPanicked(None))?.map_err(StepPanicked::from_payload)
 }
 
 /// Runs `f` on the daemon, off the async runtime, in its turn.
@@ -802,8 +813,8 @@ mod tests {
     #[tokio::test]
     async fn steps_run_on_one_thread_and_a_panic_fails_only_its_own() {
         let first = on_steward(|| std::thread::current().id()).await.expect("a step runs");
-        let panicked = on_steward(|| -> u32 { panic!("a step's bug") }).await;
-        assert!(panicked.is_err());
+        let panicked = on_steward(|| -> u32 { panic!("a step's bug {}", 7) }).await.expect_err("a panic is an error");
+        assert_eq!(panicked.to_string(), "the daemon's step panicked: a step's bug 7");
         let steps: Vec<_> = (0..8).map(|_| tokio::spawn(on_steward(|| std::thread::current().id()))).collect();
         for step in steps {
             assert_eq!(step.await.expect("a task").expect("the thread outlives a panic"), first);
