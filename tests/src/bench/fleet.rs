@@ -69,7 +69,7 @@ pub struct Results {
 }
 
 /// The daemon's memory budget per router beyond its first 64 MiB, as the
-/// README states it: a router of ten helpers measured about 17 KiB.
+/// README states it: a router of ten helpers measured 17 to 20 KiB.
 pub const KIB_PER_ROUTER: f64 = 32.0;
 
 /// A router namespace with one veth pair, as a Neutron router has ports.
