@@ -17,17 +17,21 @@ impl EmptyProgram {
     pub fn load() -> Self {
         let pins = PathBuf::from("/sys/fs/bpf").join(crate::unique("empty"));
         let datapath = enforcer::kernel::Datapath::load(&pins, enforcer_common::MarkLayout::DEFAULT, 1_000, Default::default()).expect("maps");
-        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).expect("programs");
-        let prog: &mut SchedClassifier = ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).expect("baseline").try_into().expect("classifier");
-        prog.load().expect("verifying the empty program");
-        Self { pins, ebpf, _datapath: datapath }
+        let ebpf = aya::EbpfLoader::new().default_map_pin_directory(&pins).load(enforcer::kernel::PROGRAMS).expect("programs");
+        let mut empty = Self { pins, ebpf, _datapath: datapath };
+        empty.program().load().expect("verifying the empty program");
+        empty
+    }
+
+    fn program(&mut self) -> &mut SchedClassifier {
+        self.ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).expect("baseline").try_into().expect("classifier")
     }
 
     /// Attaches it last on the ingress of `iface` in the namespace at `ns`,
     /// with tcx, as enforcer attaches its `tag`; the link lives as long as
     /// what is returned.
     pub fn attach(&mut self, ns: &Path, iface: &str) -> SchedClassifierLink {
-        let prog: &mut SchedClassifier = self.ebpf.program_mut(enforcer_common::PROG_BASELINE_EMPTY).expect("baseline").try_into().expect("classifier");
+        let prog = self.program();
         enforcer::kernel::netns::run_in(ns, || {
             let id = prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))?;
             Ok(prog.take_link(id)?)
